@@ -1,0 +1,129 @@
+//! Reverse-mode automatic differentiation on a define-by-run tape.
+//!
+//! Reading guide (the whole engine is this file):
+//! - A [`Tape`] records, in order, every value computed (`values`) and, for each op whose
+//!   inputs need gradients, a [`Step`]: which vars went in, which came out, and a closure
+//!   holding the op's backward rule together with whatever the forward saved for it.
+//! - A [`Var`] is just an index into `values`. Leaves (parameters, inputs) are added with
+//!   [`Tape::leaf`]; ops add their output with [`Tape::record`].
+//! - [`Tape::backward`] walks the steps in reverse. Each rule receives the gradient of its
+//!   output and returns one gradient per input; the engine adds them into a store keyed by
+//!   var id ([`Gradients`]). Gradients of intermediates are freed as soon as they are used.
+//!
+//! Ops themselves live in `ops/`, one file each, forward and backward side by side.
+
+use crate::tensor::{Float, Tensor};
+
+/// A handle to a value on a tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+impl Var {
+    pub fn id(self) -> usize {
+        self.0
+    }
+}
+
+/// An op's backward rule: given the gradient of the output and which inputs need a
+/// gradient, return the gradient of each input (`None` where not needed).
+pub type BackwardRule<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>>>;
+
+struct Step<T: Float> {
+    inputs: Vec<Var>,
+    output: Var,
+    rule: BackwardRule<T>,
+}
+
+pub struct Tape<T: Float> {
+    values: Vec<Tensor<T>>,
+    requires_grad: Vec<bool>,
+    steps: Vec<Step<T>>,
+    grad_enabled: bool,
+}
+
+impl<T: Float> Default for Tape<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Float> Tape<T> {
+    /// A tape that records backward rules.
+    pub fn new() -> Self {
+        Tape { values: Vec::new(), requires_grad: Vec::new(), steps: Vec::new(), grad_enabled: true }
+    }
+
+    /// A tape for inference: ops compute values but record no backward rules.
+    pub fn inference() -> Self {
+        Tape { grad_enabled: false, ..Self::new() }
+    }
+
+    /// Adds a leaf value: a parameter (`requires_grad`) or a constant input.
+    pub fn leaf(&mut self, value: Tensor<T>, requires_grad: bool) -> Var {
+        self.values.push(value);
+        self.requires_grad.push(requires_grad && self.grad_enabled);
+        Var(self.values.len() - 1)
+    }
+
+    pub fn value(&self, var: Var) -> &Tensor<T> {
+        &self.values[var.0]
+    }
+
+    pub fn requires_grad(&self, var: Var) -> bool {
+        self.requires_grad[var.0]
+    }
+
+    /// Adds the output of an op computed from `inputs`, with the rule that differentiates it.
+    /// The rule is kept only if some input needs a gradient.
+    pub fn record(&mut self, output: Tensor<T>, inputs: &[Var], rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static) -> Var {
+        let needs_grad = inputs.iter().any(|v| self.requires_grad[v.0]);
+        self.values.push(output);
+        self.requires_grad.push(needs_grad);
+        let var = Var(self.values.len() - 1);
+        if needs_grad {
+            self.steps.push(Step { inputs: inputs.to_vec(), output: var, rule: Box::new(rule) });
+        }
+        var
+    }
+
+    /// Gradients of the scalar `loss` with respect to every leaf that requires them.
+    /// Consumes the tape: activations are released as the walk passes them.
+    pub fn backward(mut self, loss: Var) -> Gradients<T> {
+        assert_eq!(self.values[loss.0].len(), 1, "backward needs a scalar loss");
+        let mut grads: Vec<Option<Tensor<T>>> = vec![None; self.values.len()];
+        grads[loss.0] = Some(Tensor::full(self.values[loss.0].shape(), T::one()));
+        while let Some(step) = self.steps.pop() {
+            // Free the output's value: nothing later in the walk reads it.
+            self.values[step.output.0] = Tensor::zeros(&[0]);
+            let Some(grad_output) = grads[step.output.0].take() else { continue };
+            let needs: Vec<bool> = step.inputs.iter().map(|v| self.requires_grad[v.0]).collect();
+            let input_grads = (step.rule)(&grad_output, &needs);
+            assert_eq!(input_grads.len(), step.inputs.len(), "a backward rule returned the wrong number of gradients");
+            for ((input, grad), need) in step.inputs.iter().zip(input_grads).zip(needs) {
+                let Some(grad) = grad.filter(|_| need) else { continue };
+                assert_eq!(grad.shape(), self.values[input.0].shape(), "gradient shape differs from its input's");
+                match &mut grads[input.0] {
+                    Some(total) => total.add_assign(&grad),
+                    slot => *slot = Some(grad),
+                }
+            }
+        }
+        Gradients { grads }
+    }
+}
+
+/// Gradients keyed by var id, as [`Tape::backward`] leaves them (leaves only).
+pub struct Gradients<T: Float> {
+    grads: Vec<Option<Tensor<T>>>,
+}
+
+impl<T: Float> Gradients<T> {
+    pub fn get(&self, var: Var) -> Option<&Tensor<T>> {
+        self.grads.get(var.0).and_then(Option::as_ref)
+    }
+
+    /// Moves a gradient out of the store.
+    pub fn take(&mut self, var: Var) -> Option<Tensor<T>> {
+        self.grads.get_mut(var.0).and_then(Option::take)
+    }
+}

@@ -1,0 +1,101 @@
+//! AdamW with PyTorch's semantics (`torch.optim.AdamW`, decoupled weight decay):
+//! `p ← p·(1 − lr·wd)`, `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
+//! `p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`   (docs/math.md, eq. A1)
+
+use crate::tensor::Float;
+
+/// The constants of one update, shared by every parameter tensor of a step.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1-based step count, for bias correction.
+    pub t: u64,
+}
+
+impl AdamWStep {
+    fn bias_corrections(&self) -> (f64, f64) {
+        (1.0 - self.beta1.powi(self.t as i32), 1.0 - self.beta2.powi(self.t as i32))
+    }
+}
+
+pub fn update_scalar<T: Float>(params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T], step: &AdamWStep) {
+    let (bc1, bc2) = step.bias_corrections();
+    let (b1, b2) = (T::of(step.beta1), T::of(step.beta2));
+    let (one, decay, lr, eps) = (T::one(), T::of(1.0 - step.lr * step.weight_decay), T::of(step.lr), T::of(step.eps));
+    let (bc1, bc2_sqrt) = (T::of(bc1), T::of(bc2.sqrt()));
+    for i in 0..params.len() {
+        let g = grads[i];
+        m[i] = b1 * m[i] + (one - b1) * g;
+        v[i] = b2 * v[i] + (one - b2) * g * g;
+        let denom = v[i].sqrt() / bc2_sqrt + eps;
+        params[i] = params[i] * decay - lr * (m[i] / bc1) / denom;
+    }
+}
+
+pub fn update_f32(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd_available() {
+        // SAFETY: AVX2 and FMA were detected above.
+        return unsafe { update_avx2(params, grads, m, v, step) };
+    }
+    update_scalar(params, grads, m, v, step)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn update_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
+    use std::arch::x86_64::*;
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n);
+    let (bc1, bc2) = step.bias_corrections();
+    let b1 = _mm256_set1_ps(step.beta1 as f32);
+    let b2 = _mm256_set1_ps(step.beta2 as f32);
+    let one_b1 = _mm256_set1_ps((1.0 - step.beta1) as f32);
+    let one_b2 = _mm256_set1_ps((1.0 - step.beta2) as f32);
+    let decay = _mm256_set1_ps((1.0 - step.lr * step.weight_decay) as f32);
+    let lr = _mm256_set1_ps(step.lr as f32);
+    let eps = _mm256_set1_ps(step.eps as f32);
+    let bc1 = _mm256_set1_ps(bc1 as f32);
+    let bc2_sqrt = _mm256_set1_ps(bc2.sqrt() as f32);
+    let lanes = n / 8 * 8;
+    for i in (0..lanes).step_by(8) {
+        let g = _mm256_loadu_ps(grads.as_ptr().add(i));
+        let mi = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m.as_ptr().add(i))), _mm256_mul_ps(one_b1, g));
+        let vi = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v.as_ptr().add(i))), _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g));
+        _mm256_storeu_ps(m.as_mut_ptr().add(i), mi);
+        _mm256_storeu_ps(v.as_mut_ptr().add(i), vi);
+        let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
+        let update = _mm256_div_ps(_mm256_mul_ps(lr, _mm256_div_ps(mi, bc1)), denom);
+        let p = _mm256_mul_ps(_mm256_loadu_ps(params.as_ptr().add(i)), decay);
+        _mm256_storeu_ps(params.as_mut_ptr().add(i), _mm256_sub_ps(p, update));
+    }
+    update_scalar(&mut params[lanes..], &grads[lanes..], &mut m[lanes..], &mut v[lanes..], step);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Rng;
+
+    #[test]
+    fn simd_adamw_agrees_with_scalar_reference() {
+        let mut rng = Rng::new(4);
+        let n = 1001;
+        let gen = |rng: &mut Rng, s: f64| (0..n).map(|_| (rng.normal() * s) as f32).collect::<Vec<f32>>();
+        let (p, g, m) = (gen(&mut rng, 1.0), gen(&mut rng, 0.1), gen(&mut rng, 0.01));
+        let v: Vec<f32> = gen(&mut rng, 0.01).iter().map(|x| x * x).collect();
+        let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
+        let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        update_f32(&mut p1, &g, &mut m1, &mut v1, &step);
+        update_scalar(&mut p2, &g, &mut m2, &mut v2, &step);
+        for (a, b) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
+            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs() / y.abs().max(1e-3)).fold(0.0, f32::max);
+            assert!(worst < 1e-5, "adamw differs by {worst}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! CPU inner loops. Each hot loop has a plain scalar reference (`*_scalar`, generic, used for
+//! f64) and an `f32` version that runs AVX2+FMA code when the CPU has it, detected at run
+//! time. Tests in each file check that the two agree.
+
+pub mod adamw;
+pub mod gelu;
+pub mod gemm;
+pub mod layernorm;
+pub mod softmax;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+/// True when the AVX2+FMA loops can run on this CPU.
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

@@ -1,0 +1,78 @@
+//! Softmax of one row, in place: `p_j = exp(x_j − max x) / Σ_k exp(x_k − max x)`.
+
+use crate::tensor::Float;
+
+pub fn softmax_row_scalar<T: Float>(row: &mut [T]) {
+    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+    let mut sum = T::zero();
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = T::one() / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+pub fn softmax_row_f32(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd_available() {
+        // SAFETY: AVX2 and FMA were detected above.
+        return unsafe { softmax_row_avx2(row) };
+    }
+    softmax_row_scalar(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    use super::simd;
+    use std::arch::x86_64::*;
+    let lanes = row.len() / 8 * 8;
+    let ptr = row.as_mut_ptr();
+    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..lanes).step_by(8) {
+        vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(ptr.add(i)));
+    }
+    let max = row[lanes..].iter().copied().fold(simd::hmax(vmax), f32::max);
+    let vm = _mm256_set1_ps(max);
+    let mut vsum = _mm256_setzero_ps();
+    for i in (0..lanes).step_by(8) {
+        let e = simd::exp(_mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), vm));
+        _mm256_storeu_ps(ptr.add(i), e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    let mut sum = simd::hsum(vsum);
+    for x in row[lanes..].iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = _mm256_set1_ps(1.0 / sum);
+    for i in (0..lanes).step_by(8) {
+        _mm256_storeu_ps(ptr.add(i), _mm256_mul_ps(_mm256_loadu_ps(ptr.add(i)), inv));
+    }
+    for x in row[lanes..].iter_mut() {
+        *x /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Rng;
+
+    #[test]
+    fn simd_softmax_agrees_with_scalar_reference() {
+        let mut rng = Rng::new(2);
+        for len in [1, 7, 8, 9, 64, 131] {
+            let x: Vec<f32> = (0..len).map(|_| (rng.normal() * 5.0) as f32).collect();
+            let (mut fast, mut reference) = (x.clone(), x.clone());
+            softmax_row_f32(&mut fast);
+            softmax_row_scalar(&mut reference);
+            let worst = fast.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst < 1e-6, "softmax of length {len} differs by {worst}");
+            assert!((fast.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+}

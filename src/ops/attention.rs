@@ -1,0 +1,187 @@
+//! Causal multi-head self-attention as one op, from the fused `qkv` projection.
+//!
+//! For each batch row b and head h, with q, k, v the head's (T, hs) slices of qkv:
+//! forward:  `S = q kᵀ / √hs` (j ≤ i only), `P = softmax_rows(S)`, `out = P v`   (docs/math.md, eq. AT1)
+//! backward: `dP = dout vᵀ`, `dv = Pᵀ dout`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`,
+//!           `dq = dS k / √hs`, `dk = dSᵀ q / √hs`   (eq. AT2)
+//!
+//! Rows are processed in blocks of `BLOCK`: block [r0, r1) only ever needs keys 0..r1, so the
+//! masked upper triangle is (mostly) never computed. The probabilities P are kept for backward.
+
+use rayon::prelude::*;
+
+use super::SharedMut;
+use crate::autograd::{Tape, Var};
+use crate::tensor::{Float, Tensor};
+
+const BLOCK: usize = 64;
+
+/// The row blocks `[r0, r1)` of a length-`t` sequence.
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
+}
+
+/// Strided view of one head's q, k or v inside qkv (B·T, 3C), or of its slice of out (B·T, C).
+#[derive(Clone, Copy)]
+struct HeadLayout {
+    seq: usize,
+    width: usize,
+    head_size: usize,
+}
+
+impl HeadLayout {
+    /// Offset of element (t, 0) of `part` (0 = q, 1 = k, 2 = v) of head h, batch row b, in qkv.
+    fn qkv_offset(&self, b: usize, h: usize, part: usize, t: usize) -> usize {
+        (b * self.seq + t) * 3 * self.width + part * self.width + h * self.head_size
+    }
+
+    /// Offset of element (t, 0) of head h, batch row b, in out (B·T, C).
+    fn out_offset(&self, b: usize, h: usize, t: usize) -> usize {
+        (b * self.seq + t) * self.width + h * self.head_size
+    }
+}
+
+/// `c (m,n) = alpha · a (m,k) · b (k,n) + beta · c` on raw strided operands, one thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<T: Float>(m: usize, k: usize, n: usize, alpha: T, a: (*const T, usize, usize), b: (*const T, usize, usize), beta: T, c: (*mut T, usize)) {
+    T::gemm_raw(m, k, n, alpha, a.0, a.1 as isize, a.2 as isize, b.0, b.1 as isize, b.2 as isize, beta, c.0, c.1 as isize, 1);
+}
+
+/// qkv (B·T, 3C) with `seq = T` → out (B·T, C)
+pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize, n_head: usize) -> Var {
+    let input = tape.value(qkv).clone();
+    let width = input.shape()[input.shape().len() - 1] / 3;
+    let batch = input.len() / (seq * 3 * width);
+    assert_eq!(width % n_head, 0, "attention: width {width} is not divisible by {n_head} heads");
+    let layout = HeadLayout { seq, width, head_size: width / n_head };
+    let scale = T::one() / T::of(layout.head_size as f64).sqrt();
+    let hs = layout.head_size;
+
+    // probs (B, H, T, T): row i holds P[i, 0..=i], zeros after.
+    let mut probs = vec![T::zero(); batch * n_head * seq * seq];
+    let mut out = vec![T::zero(); batch * seq * width];
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let x = input.data().as_ptr() as usize;
+    probs.par_chunks_mut(seq * seq).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / n_head, bh % n_head);
+        let x = x as *const T;
+        let out_ptr = out_ptr;
+        for (r0, r1) in row_blocks(seq) {
+            // SAFETY: offsets stay inside qkv/out/probs; each (b, h) writes only its own head's columns.
+            unsafe {
+                let q = (x.add(layout.qkv_offset(b, h, 0, r0)), 3 * width, 1);
+                let k_t = (x.add(layout.qkv_offset(b, h, 1, 0)), 1, 3 * width);
+                gemm(r1 - r0, hs, r1, scale, q, k_t, T::zero(), (p.as_mut_ptr().add(r0 * seq), seq));
+            }
+            for i in r0..r1 {
+                let row = &mut p[i * seq..(i + 1) * seq];
+                T::softmax_row(&mut row[..=i]);
+                row[i + 1..].fill(T::zero());
+            }
+            unsafe {
+                let v = (x.add(layout.qkv_offset(b, h, 2, 0)), 3 * width, 1);
+                let p_block = (p.as_ptr().add(r0 * seq) as *const T, seq, 1);
+                gemm(r1 - r0, r1, hs, T::one(), p_block, v, T::zero(), (out_ptr.0.add(layout.out_offset(b, h, r0)), width));
+            }
+        }
+    });
+
+    let out = Tensor::from_vec(&[batch * seq, width], out);
+    tape.record(out, &[qkv], move |grad, _| {
+        let mut dqkv = vec![T::zero(); input.len()];
+        let d_ptr = SharedMut(dqkv.as_mut_ptr());
+        let x = input.data().as_ptr() as usize;
+        let g = grad.data().as_ptr() as usize;
+        probs.par_chunks(seq * seq).enumerate().for_each(|(bh, p)| {
+            let (b, h) = (bh / n_head, bh % n_head);
+            let (x, g, d) = (x as *const T, g as *const T, d_ptr);
+            let mut dscores = vec![T::zero(); seq * seq];
+            for (r0, r1) in row_blocks(seq) {
+                let rows = r1 - r0;
+                // SAFETY: as in the forward pass; each (b, h) writes only its own head's columns of dqkv.
+                unsafe {
+                    let dout = (g.add(layout.out_offset(b, h, r0)), width, 1);
+                    let v_t = (x.add(layout.qkv_offset(b, h, 2, 0)), 1, 3 * width);
+                    let ds = dscores.as_mut_ptr().add(r0 * seq);
+                    // dP = dout · vᵀ
+                    gemm(rows, hs, r1, T::one(), dout, v_t, T::zero(), (ds, seq));
+                    // dv += Pᵀ · dout
+                    let p_t = (p.as_ptr().add(r0 * seq), 1, seq);
+                    gemm(r1, rows, hs, T::one(), p_t, dout, T::one(), (d.0.add(layout.qkv_offset(b, h, 2, 0)), 3 * width));
+                }
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the 1/√hs of the forward
+                for i in r0..r1 {
+                    let (p_row, ds_row) = (&p[i * seq..=i * seq + i], &mut dscores[i * seq..=i * seq + i]);
+                    let dot: T = p_row.iter().zip(ds_row.iter()).map(|(&a, &b)| a * b).sum();
+                    for (ds, &pj) in ds_row.iter_mut().zip(p_row) {
+                        *ds = pj * (*ds - dot) * scale;
+                    }
+                    dscores[i * seq + i + 1..(i + 1) * seq].fill(T::zero());
+                }
+                unsafe {
+                    let ds = (dscores.as_ptr().add(r0 * seq), seq, 1);
+                    let k = (x.add(layout.qkv_offset(b, h, 1, 0)), 3 * width, 1);
+                    // dq = dS · k
+                    gemm(rows, r1, hs, T::one(), ds, k, T::one(), (d.0.add(layout.qkv_offset(b, h, 0, r0)), 3 * width));
+                    // dk += dSᵀ · q
+                    let ds_t = (dscores.as_ptr().add(r0 * seq), 1, seq);
+                    let q = (x.add(layout.qkv_offset(b, h, 0, r0)), 3 * width, 1);
+                    gemm(r1, rows, hs, T::one(), ds_t, q, T::one(), (d.0.add(layout.qkv_offset(b, h, 1, 0)), 3 * width));
+                }
+            }
+        });
+        vec![Some(Tensor::from_vec(input.shape(), dqkv))]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_op;
+    use crate::tensor::Rng;
+
+    /// Plain attention, one (b, h, i) at a time, straight from the definition.
+    fn naive_attention(qkv: &[f64], batch: usize, seq: usize, width: usize, n_head: usize) -> Vec<f64> {
+        let hs = width / n_head;
+        let mut out = vec![0.0; batch * seq * width];
+        let at = |b: usize, t: usize, part: usize, h: usize, d: usize| qkv[(b * seq + t) * 3 * width + part * width + h * hs + d];
+        for b in 0..batch {
+            for h in 0..n_head {
+                for i in 0..seq {
+                    let scores: Vec<f64> = (0..=i).map(|j| (0..hs).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>() / (hs as f64).sqrt()).collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for d in 0..hs {
+                        out[(b * seq + i) * width + h * hs + d] = (0..=i).map(|j| weights[j] / total * at(b, j, 2, h, d)).sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_the_definition_across_row_blocks() {
+        let (batch, seq, width, n_head) = (2, 70, 8, 2); // 70 > BLOCK: two row blocks
+        let qkv = Tensor::randn(&[batch * seq, 3 * width], 1.0, &mut Rng::new(3));
+        let mut tape = Tape::inference();
+        let x = tape.leaf(qkv.clone(), false);
+        let out = causal_self_attention(&mut tape, x, seq, n_head);
+        let expected = naive_attention(qkv.data(), batch, seq, width, n_head);
+        let worst = tape.value(out).data().iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "attention differs from the definition by {worst}");
+    }
+
+    #[test]
+    fn attention_gradient_matches_finite_differences() {
+        let qkv = Tensor::randn(&[2 * 5, 3 * 6], 1.0, &mut Rng::new(1));
+        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 5, 2)).max_relative_error < 1e-6);
+    }
+
+    #[test]
+    fn attention_gradient_matches_finite_differences_across_row_blocks() {
+        let qkv = Tensor::randn(&[67, 3 * 4], 0.5, &mut Rng::new(2));
+        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 67, 2)).max_relative_error < 1e-6);
+    }
+}

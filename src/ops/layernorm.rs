@@ -1,0 +1,101 @@
+//! LayerNorm over the last dimension, with weight and bias (eps = 1e-5).
+//!
+//! forward:  `out = norm · w + b`, `norm = (x − mean) · rstd`   (docs/math.md, eq. LN1)
+//! backward: `dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))`, `dnorm = dout · w`,
+//!           `dw = Σ_rows dout · norm`, `db = Σ_rows dout`   (eq. LN2)
+
+use rayon::prelude::*;
+
+use super::ROWS_PER_TASK;
+use crate::autograd::{Tape, Var};
+use crate::tensor::{Float, Tensor};
+
+/// x (N, C), weight (C), bias (C) → out (N, C)
+pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Var {
+    let input = tape.value(x).clone();
+    let (w, b) = (tape.value(weight).clone(), tape.value(bias).clone());
+    let c = w.len();
+    assert_eq!(input.shape().last(), Some(&c), "layernorm: weight width differs from x's");
+    let rows = input.len() / c;
+    let mut out = vec![T::zero(); input.len()];
+    // mean and rstd of each row, kept for the backward pass
+    let mut stats = vec![(T::zero(), T::zero()); rows];
+    out.par_chunks_mut(c)
+        .zip(input.data().par_chunks(c))
+        .zip(stats.par_iter_mut())
+        .for_each(|((o, xr), s)| *s = T::layernorm_row(xr, w.data(), b.data(), o));
+    let out = Tensor::from_vec(input.shape(), out);
+    tape.record(out, &[x, weight, bias], move |grad, _| {
+        let mut dx = vec![T::zero(); input.len()];
+        let inv_c = T::one() / T::of(c as f64);
+        // Each task: dx for its rows, and its partial sums of dw and db.
+        let partials: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(input.data().par_chunks(c * ROWS_PER_TASK))
+            .zip(grad.data().par_chunks(c * ROWS_PER_TASK))
+            .zip(stats.par_chunks(ROWS_PER_TASK))
+            .map(|(((dx_block, x_block), g_block), stat_block)| {
+                let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
+                let mut norm = vec![T::zero(); c];
+                for (((dx_row, x_row), g_row), &(mean, rstd)) in
+                    dx_block.chunks_mut(c).zip(x_block.chunks(c)).zip(g_block.chunks(c)).zip(stat_block)
+                {
+                    let (mut dnorm_mean, mut dnorm_norm_mean) = (T::zero(), T::zero());
+                    for j in 0..c {
+                        norm[j] = (x_row[j] - mean) * rstd;
+                        let dnorm = g_row[j] * w.data()[j];
+                        dnorm_mean += dnorm;
+                        dnorm_norm_mean += dnorm * norm[j];
+                        dw[j] += g_row[j] * norm[j];
+                        db[j] += g_row[j];
+                    }
+                    dnorm_mean *= inv_c;
+                    dnorm_norm_mean *= inv_c;
+                    for j in 0..c {
+                        let dnorm = g_row[j] * w.data()[j];
+                        dx_row[j] = rstd * (dnorm - dnorm_mean - norm[j] * dnorm_norm_mean);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
+        for (pw, pb) in partials {
+            for j in 0..c {
+                dw[j] += pw[j];
+                db[j] += pb[j];
+            }
+        }
+        vec![Some(Tensor::from_vec(input.shape(), dx)), Some(Tensor::from_vec(&[c], dw)), Some(Tensor::from_vec(&[c], db))]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_op;
+    use crate::tensor::Rng;
+
+    #[test]
+    fn layernorm_gradient_matches_finite_differences() {
+        let mut rng = Rng::new(1);
+        let x = Tensor::randn(&[5, 8], 1.5, &mut rng);
+        let w = Tensor::randn(&[8], 1.0, &mut rng);
+        let b = Tensor::randn(&[8], 1.0, &mut rng);
+        assert!(check_op(&[x, w, b], |tape, v| layernorm(tape, v[0], v[1], v[2])).max_relative_error < 1e-6);
+    }
+
+    #[test]
+    fn layernorm_rows_have_zero_mean_and_unit_variance_before_the_affine() {
+        let mut tape = Tape::<f64>::inference();
+        let x = tape.leaf(Tensor::randn(&[3, 16], 3.0, &mut Rng::new(2)), false);
+        let w = tape.leaf(Tensor::full(&[16], 1.0), false);
+        let b = tape.leaf(Tensor::zeros(&[16]), false);
+        let out = layernorm(&mut tape, x, w, b);
+        for row in tape.value(out).data().chunks(16) {
+            let mean: f64 = row.iter().sum::<f64>() / 16.0;
+            let var: f64 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / 16.0;
+            assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-4, "mean {mean} var {var}");
+        }
+    }
+}
