@@ -1,1 +1,85 @@
-fn main(){}
+//! Criterion benches of the hot ops at the `small` preset's training shapes
+//! (B = 8, T = 256, C = 256, H = 4, V = 4096; N = B·T = 2048 rows).
+//!
+//! cargo bench --bench ops
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use multitoken::autograd::Tape;
+use multitoken::kernels::gemm::{matmul, Layout};
+use multitoken::ops;
+use multitoken::tensor::{Rng, Tensor};
+
+const N: usize = 2048;
+const C: usize = 256;
+const V: usize = 4096;
+const T: usize = 256;
+const H: usize = 4;
+
+fn gemm_shapes(c: &mut Criterion) {
+    let mut rng = Rng::new(0);
+    let mut group = c.benchmark_group("matmul");
+    // (name, m, k, n, a layout, b layout): forward, dx and dW products of the small model
+    let shapes = [
+        ("qkv fwd x·W", N, C, 3 * C, Layout::Normal, Layout::Normal),
+        ("qkv dx dout·Wᵀ", N, 3 * C, C, Layout::Normal, Layout::Transposed),
+        ("qkv dW xᵀ·dout", C, N, 3 * C, Layout::Transposed, Layout::Normal),
+        ("unembed h·wteᵀ", N, C, V, Layout::Normal, Layout::Transposed),
+        ("unembed dwte dlᵀ·h", V, N, C, Layout::Transposed, Layout::Normal),
+    ];
+    for (name, m, k, n, la, lb) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let mut out = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        group.bench_function(name, |bench| bench.iter(|| matmul(&a, la, &b, lb, &mut out, m, k, n, false)));
+    }
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let qkv = Tensor::<f32>::randn(&[N, 3 * C], 1.0, &mut Rng::new(1));
+    let weights = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(2));
+    c.bench_function("attention forward+backward", |bench| {
+        bench.iter(|| {
+            let mut tape = Tape::new();
+            let x = tape.leaf(qkv.clone(), true);
+            let out = ops::causal_self_attention(&mut tape, x, T, H);
+            let loss = ops::weighted_sum(&mut tape, out, &weights);
+            tape.backward(loss)
+        })
+    });
+}
+
+fn elementwise(c: &mut Criterion) {
+    let x = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(3));
+    let w = Tensor::<f32>::full(&[C], 1.0);
+    let b = Tensor::<f32>::zeros(&[C]);
+    let weights = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(4));
+    c.bench_function("layernorm forward+backward", |bench| {
+        bench.iter(|| {
+            let mut tape = Tape::new();
+            let (xv, wv, bv) = (tape.leaf(x.clone(), true), tape.leaf(w.clone(), true), tape.leaf(b.clone(), true));
+            let out = ops::layernorm(&mut tape, xv, wv, bv);
+            let loss = ops::weighted_sum(&mut tape, out, &weights);
+            tape.backward(loss)
+        })
+    });
+    let x4 = Tensor::<f32>::randn(&[N, 4 * C], 1.0, &mut Rng::new(5));
+    let weights4 = Tensor::<f32>::randn(&[N, 4 * C], 1.0, &mut Rng::new(6));
+    c.bench_function("gelu forward+backward", |bench| {
+        bench.iter(|| {
+            let mut tape = Tape::new();
+            let xv = tape.leaf(x4.clone(), true);
+            let out = ops::gelu(&mut tape, xv);
+            let loss = ops::weighted_sum(&mut tape, out, &weights4);
+            tape.backward(loss)
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
+    targets = gemm_shapes, attention, elementwise
+}
+criterion_main!(benches);

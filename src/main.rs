@@ -1,1 +1,385 @@
-fn main(){}
+//! The `multitoken` command line: parses arguments, calls the library, prints the result
+//! (one JSON object on stdout with `--json`; progress and logs on stderr).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use multitoken::data::{self, tokenizer};
+use multitoken::decode::{self, SamplingConfig};
+use multitoken::error::Error;
+use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
+
+/// Training allocates and frees the same large activation buffers every step; mimalloc hands
+/// them back without the page faults that the system allocator's fresh mappings cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "multitoken", version, about = "GPT-2 with a rank-r CP multi-token head: train, evaluate, decode")]
+struct Cli {
+    /// Print exactly one JSON object on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    /// Worker threads (default: all cores)
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenizers
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Token files
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a model (writes a checkpoint directory)
+    Train(TrainArgs),
+    /// Losses of a checkpoint on a text file
+    Eval(EvalArgs),
+    /// Generate text from a checkpoint
+    Sample(SampleArgs),
+    /// Benchmarks
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer
+    Train {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize a corpus into train.bin and val.bin
+    Prepare {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.05)]
+        val_fraction: f64,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Directory written by `data prepare`
+    #[arg(long)]
+    data: PathBuf,
+    /// Checkpoint directory to write
+    #[arg(long)]
+    out: PathBuf,
+    /// Model preset: tiny, small or base [default: small]
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokens predicted per position, n [default: 1]
+    #[arg(long)]
+    horizon: Option<usize>,
+    /// Mixture components of the CP head, r [default: 1]
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Load-balancing coefficient λ [default: 0.01]
+    #[arg(long)]
+    aux_coef: Option<f64>,
+    /// Training steps [default: 1000]
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Rows per batch, B [default: 8]
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Sequence length, T [default: the model's n_positions]
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Peak learning rate [default: 1e-3]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps [default: min(100, steps/10)]
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Validate every K steps [default: 100]
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Write the checkpoint every K steps (0: only at the end) [default: 250]
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Start from this checkpoint's backbone
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Train only the head (W, G, g); needs --init-from
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// Continue the run whose checkpoint is in --out
+    #[arg(long)]
+    resume: bool,
+    /// Random seed [default: 1337]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// cpu (cuda needs a build with the cuda feature)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    text_file: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Always take the most likely token
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    greedy: bool,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0: all)
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1: off)
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplingConfig {
+        SamplingConfig { greedy: self.greedy, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
+    }
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Self-speculative decoding with the multi-token head
+    #[arg(long)]
+    speculative: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time full training steps on random tokens
+    Train {
+        #[arg(long, default_value = "small")]
+        model: String,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 1)]
+        horizon: usize,
+        #[arg(long, default_value_t = 1)]
+        rank: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed steps (after 3 warm-up steps)
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn check_device(device: &str) -> Result<()> {
+    match device {
+        "cpu" => Ok(()),
+        "cuda" => anyhow::bail!("--device cuda: this build has no CUDA support (use --device cpu)"),
+        other => anyhow::bail!("unknown --device '{other}' (use cpu or cuda)"),
+    }
+}
+
+fn load_checkpoint_with_tokenizer(dir: &std::path::Path) -> Result<(checkpoint::Checkpoint, tokenizers::Tokenizer)> {
+    let ckpt = checkpoint::load(dir)?;
+    let json = ckpt.tokenizer_json.as_deref().ok_or_else(|| Error::bad_file(dir, "has no tokenizer.json; copy the tokenizer the model was trained with into it"))?;
+    let tok = tokenizer::from_json(json, &dir.join(checkpoint::TOKENIZER_FILE))?;
+    Ok((ckpt, tok))
+}
+
+/// Runs a command; returns its JSON result and a human-readable rendering.
+fn run(cli: &Cli) -> Result<(Value, String)> {
+    match &cli.command {
+        Command::Tokenizer(TokenizerCommand::Train { input, vocab_size, out }) => {
+            let summary = tokenizer::train(input, *vocab_size, out, !cli.json)?;
+            let text = format!("tokenizer: {} tokens, {:.3} bytes per token → {}", summary.vocab_size, summary.bytes_per_token, out.display());
+            Ok((serde_json::to_value(summary)?, text))
+        }
+        Command::Data(DataCommand::Prepare { tokenizer, input, out, val_fraction }) => {
+            let summary = data::prepare(tokenizer, input, out, *val_fraction)?;
+            let text = format!("data: {} train tokens, {} validation tokens → {}", summary.train_tokens, summary.val_tokens, out.display());
+            Ok((serde_json::to_value(summary)?, text))
+        }
+        Command::Train(args) => {
+            check_device(&args.device)?;
+            let explicit = [
+                ("--model", args.model.is_some()),
+                ("--horizon", args.horizon.is_some()),
+                ("--rank", args.rank.is_some()),
+                ("--aux-coef", args.aux_coef.is_some()),
+                ("--steps", args.steps.is_some()),
+                ("--batch", args.batch.is_some()),
+                ("--seq", args.seq.is_some()),
+                ("--lr", args.lr.is_some()),
+                ("--warmup", args.warmup.is_some()),
+                ("--eval-every", args.eval_every.is_some()),
+                ("--save-every", args.save_every.is_some()),
+                ("--init-from", args.init_from.is_some()),
+                ("--freeze-backbone", args.freeze_backbone),
+                ("--seed", args.seed.is_some()),
+            ];
+            if args.resume {
+                if let Some((flag, _)) = explicit.iter().find(|(_, given)| *given) {
+                    anyhow::bail!("{flag} cannot be set with --resume: the run continues with the settings saved in its checkpoint");
+                }
+            }
+            let d = TrainSettings::default();
+            let settings = TrainSettings {
+                model: args.model.clone().unwrap_or(d.model),
+                horizon: args.horizon.unwrap_or(d.horizon),
+                rank: args.rank.unwrap_or(d.rank),
+                aux_coef: args.aux_coef.unwrap_or(d.aux_coef),
+                steps: args.steps.unwrap_or(d.steps),
+                batch: args.batch.unwrap_or(d.batch),
+                seq: args.seq.unwrap_or(d.seq),
+                lr: args.lr.unwrap_or(d.lr),
+                warmup_steps: args.warmup.unwrap_or(d.warmup_steps),
+                eval_every: args.eval_every.unwrap_or(d.eval_every),
+                save_every: args.save_every.unwrap_or(d.save_every),
+                seed: args.seed.unwrap_or(d.seed),
+                init_from: args.init_from.clone(),
+                freeze_backbone: args.freeze_backbone,
+                ..d
+            };
+            ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+            let summary = train::train(&args.data, &args.out, settings, args.resume, true)?;
+            let text = format!(
+                "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",
+                summary.steps,
+                summary.train_loss,
+                summary.val_joint_loss,
+                summary.val_ntp_loss,
+                summary.tokens_per_s,
+                summary.checkpoint.display()
+            );
+            Ok((serde_json::to_value(summary)?, text))
+        }
+        Command::Eval(args) => {
+            check_device(&args.device)?;
+            let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
+            let text = tokenizer::read_text(&args.text_file)?;
+            let ids = tokenizer::encode(&tok, &text)?;
+            if ids.len() <= ckpt.config.horizon {
+                anyhow::bail!("{}: the text has {} tokens, too few to score with horizon {} (give a longer text)", args.text_file.display(), ids.len(), ckpt.config.horizon);
+            }
+            let losses = evaluate::evaluate_tokens(&ckpt.config, &ckpt.params, &ids);
+            let text = format!("joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions", losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens);
+            Ok((serde_json::to_value(losses)?, text))
+        }
+        Command::Sample(args) => {
+            check_device(&args.device)?;
+            if args.speculative {
+                anyhow::bail!("--speculative: self-speculative decoding is not available yet; drop the flag");
+            }
+            let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
+            let prompt = tokenizer::encode(&tok, &args.prompt)?;
+            let generation = decode::generate(&ckpt.config, &ckpt.params, &prompt, args.max_new_tokens, &args.sampling.config(), args.sampling.seed)?;
+            let continuation = tokenizer::decode(&tok, &generation.tokens)?;
+            let value = json!({
+                "text": continuation,
+                "prompt": args.prompt,
+                "tokens": generation.tokens,
+                "tokens_per_s": generation.tokens_per_s(),
+                "forward_passes": generation.forward_passes,
+                "mean_accepted": generation.mean_accepted(),
+            });
+            let text = format!("{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes]", args.prompt, continuation, generation.tokens.len(), generation.tokens_per_s(), generation.forward_passes);
+            Ok((value, text))
+        }
+        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device }) => {
+            check_device(device)?;
+            let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps)?;
+            if multitoken::autograd::profiling_enabled() {
+                eprint!("{}", multitoken::autograd::profile_report());
+            }
+            let text = format!(
+                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq}: {:.0} tokens/s, {:.1} ms/step, peak RSS {:.0} MiB ({} threads)",
+                result.tokens_per_s,
+                result.step_ms,
+                result.peak_rss_bytes as f64 / (1 << 20) as f64,
+                result.threads
+            );
+            Ok((serde_json::to_value(result)?, text))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string().replace('\n', " ");
+        eprintln!("error: internal error ({message}); please report it");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+            let _ = e.print();
+            return if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+        Err(e) => {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("error: bad arguments").trim_end();
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(threads) = cli.threads {
+        if threads == 0 || rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() {
+            eprintln!("error: --threads must be a positive number");
+            return ExitCode::from(2);
+        }
+    }
+    match run(&cli) {
+        Ok((value, text)) => {
+            if cli.json {
+                println!("{value}");
+            } else {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let interrupted = matches!(e.downcast_ref::<Error>(), Some(Error::Interrupted { .. }));
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::from(if interrupted { 130 } else { 1 })
+        }
+    }
+}

@@ -12,6 +12,12 @@
 //!
 //! Ops themselves live in `ops/`, one file each, forward and backward side by side.
 
+mod profile;
+
+pub use profile::{profile_report, profiling_enabled};
+
+use std::time::Instant;
+
 use crate::tensor::{Float, Tensor};
 
 /// A handle to a value on a tape.
@@ -29,6 +35,7 @@ impl Var {
 pub type BackwardRule<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>>>;
 
 struct Step<T: Float> {
+    op: &'static str,
     inputs: Vec<Var>,
     output: Var,
     rule: BackwardRule<T>,
@@ -39,6 +46,8 @@ pub struct Tape<T: Float> {
     requires_grad: Vec<bool>,
     steps: Vec<Step<T>>,
     grad_enabled: bool,
+    /// when profiling (MULTITOKEN_PROFILE=1): the end of the previous op, so the time since is this op's forward
+    last_op_end: Option<Instant>,
 }
 
 impl<T: Float> Default for Tape<T> {
@@ -50,7 +59,7 @@ impl<T: Float> Default for Tape<T> {
 impl<T: Float> Tape<T> {
     /// A tape that records backward rules.
     pub fn new() -> Self {
-        Tape { values: Vec::new(), requires_grad: Vec::new(), steps: Vec::new(), grad_enabled: true }
+        Tape { values: Vec::new(), requires_grad: Vec::new(), steps: Vec::new(), grad_enabled: true, last_op_end: profiling_enabled().then(Instant::now) }
     }
 
     /// A tape for inference: ops compute values but record no backward rules.
@@ -62,6 +71,9 @@ impl<T: Float> Tape<T> {
     pub fn leaf(&mut self, value: Tensor<T>, requires_grad: bool) -> Var {
         self.values.push(value);
         self.requires_grad.push(requires_grad && self.grad_enabled);
+        if self.last_op_end.is_some() {
+            self.last_op_end = Some(Instant::now());
+        }
         Var(self.values.len() - 1)
     }
 
@@ -73,15 +85,19 @@ impl<T: Float> Tape<T> {
         self.requires_grad[var.0]
     }
 
-    /// Adds the output of an op computed from `inputs`, with the rule that differentiates it.
-    /// The rule is kept only if some input needs a gradient.
-    pub fn record(&mut self, output: Tensor<T>, inputs: &[Var], rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static) -> Var {
+    /// Adds the output of the op named `op`, computed from `inputs`, with the rule that
+    /// differentiates it. The rule is kept only if some input needs a gradient.
+    pub fn record(&mut self, op: &'static str, output: Tensor<T>, inputs: &[Var], rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static) -> Var {
+        if let Some(start) = self.last_op_end {
+            profile::add_forward(op, start.elapsed());
+            self.last_op_end = Some(Instant::now());
+        }
         let needs_grad = inputs.iter().any(|v| self.requires_grad[v.0]);
         self.values.push(output);
         self.requires_grad.push(needs_grad);
         let var = Var(self.values.len() - 1);
         if needs_grad {
-            self.steps.push(Step { inputs: inputs.to_vec(), output: var, rule: Box::new(rule) });
+            self.steps.push(Step { op, inputs: inputs.to_vec(), output: var, rule: Box::new(rule) });
         }
         var
     }
@@ -90,18 +106,27 @@ impl<T: Float> Tape<T> {
     /// Consumes the tape: activations are released as the walk passes them.
     pub fn backward(mut self, loss: Var) -> Gradients<T> {
         assert_eq!(self.values[loss.0].len(), 1, "backward needs a scalar loss");
+        // Release the tape's hold on intermediate values: rules keep what they need, and
+        // nothing else is read again. Leaves are kept (parameters, inputs).
+        let produced: Vec<usize> = self.steps.iter().map(|s| s.output.0).collect();
+        for id in produced {
+            if id != loss.0 {
+                self.values[id] = Tensor::zeros(&[0]);
+            }
+        }
         let mut grads: Vec<Option<Tensor<T>>> = vec![None; self.values.len()];
         grads[loss.0] = Some(Tensor::full(self.values[loss.0].shape(), T::one()));
         while let Some(step) = self.steps.pop() {
-            // Free the output's value: nothing later in the walk reads it.
-            self.values[step.output.0] = Tensor::zeros(&[0]);
             let Some(grad_output) = grads[step.output.0].take() else { continue };
             let needs: Vec<bool> = step.inputs.iter().map(|v| self.requires_grad[v.0]).collect();
+            let start = self.last_op_end.map(|_| Instant::now());
             let input_grads = (step.rule)(&grad_output, &needs);
+            if let Some(start) = start {
+                profile::add_backward(step.op, start.elapsed());
+            }
             assert_eq!(input_grads.len(), step.inputs.len(), "a backward rule returned the wrong number of gradients");
             for ((input, grad), need) in step.inputs.iter().zip(input_grads).zip(needs) {
                 let Some(grad) = grad.filter(|_| need) else { continue };
-                assert_eq!(grad.shape(), self.values[input.0].shape(), "gradient shape differs from its input's");
                 match &mut grads[input.0] {
                     Some(total) => total.add_assign(&grad),
                     slot => *slot = Some(grad),

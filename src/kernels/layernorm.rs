@@ -1,5 +1,7 @@
 //! One LayerNorm row: `out = (x − mean) · rstd · weight + bias`,
-//! `rstd = 1 / √(var + 1e-5)` with the biased variance (docs/math.md, eq. LN1).
+//! `rstd = 1 / √(var + 1e-5)` with the biased variance (docs/math.md, eq. LN1), and its backward:
+//! `dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))`, `dnorm = dout · weight`,
+//! `dweight += dout · norm`, `dbias += dout`   (eq. LN2)
 
 use crate::tensor::Float;
 
@@ -59,6 +61,69 @@ unsafe fn forward_row_avx2(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
     (mean, rstd)
 }
 
+#[allow(clippy::too_many_arguments)]
+pub fn backward_row_scalar<T: Float>(x: &[T], dout: &[T], weight: &[T], mean: T, rstd: T, dx: &mut [T], dweight: &mut [T], dbias: &mut [T]) {
+    let c = x.len();
+    let (mut dnorm_mean, mut dnorm_norm_mean) = (T::zero(), T::zero());
+    for j in 0..c {
+        let norm = (x[j] - mean) * rstd;
+        let dnorm = dout[j] * weight[j];
+        dnorm_mean += dnorm;
+        dnorm_norm_mean += dnorm * norm;
+        dweight[j] += dout[j] * norm;
+        dbias[j] += dout[j];
+    }
+    let inv_c = T::one() / T::of(c as f64);
+    dnorm_mean *= inv_c;
+    dnorm_norm_mean *= inv_c;
+    for j in 0..c {
+        let norm = (x[j] - mean) * rstd;
+        let dnorm = dout[j] * weight[j];
+        dx[j] = rstd * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward_row_f32(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd_available() && x.len() % 8 == 0 {
+        // SAFETY: AVX2 and FMA were detected above.
+        return unsafe { backward_row_avx2(x, dout, weight, mean, rstd, dx, dweight, dbias) };
+    }
+    backward_row_scalar(x, dout, weight, mean, rstd, dx, dweight, dbias)
+}
+
+/// Rows whose width is a multiple of 8 (every preset's C).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_row_avx2(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+    use super::simd;
+    use std::arch::x86_64::*;
+    let c = x.len();
+    assert!(c % 8 == 0 && dout.len() == c && weight.len() == c && dx.len() == c && dweight.len() == c && dbias.len() == c);
+    let (vmean, vrstd) = (_mm256_set1_ps(mean), _mm256_set1_ps(rstd));
+    let (mut sum_dnorm, mut sum_dnorm_norm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for j in (0..c).step_by(8) {
+        let norm = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), vmean), vrstd);
+        let g = _mm256_loadu_ps(dout.as_ptr().add(j));
+        let dnorm = _mm256_mul_ps(g, _mm256_loadu_ps(weight.as_ptr().add(j)));
+        sum_dnorm = _mm256_add_ps(sum_dnorm, dnorm);
+        sum_dnorm_norm = _mm256_fmadd_ps(dnorm, norm, sum_dnorm_norm);
+        _mm256_storeu_ps(dweight.as_mut_ptr().add(j), _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))));
+        _mm256_storeu_ps(dbias.as_mut_ptr().add(j), _mm256_add_ps(g, _mm256_loadu_ps(dbias.as_ptr().add(j))));
+    }
+    let inv_c = 1.0 / c as f32;
+    let dnorm_mean = _mm256_set1_ps(simd::hsum(sum_dnorm) * inv_c);
+    let dnorm_norm_mean = _mm256_set1_ps(simd::hsum(sum_dnorm_norm) * inv_c);
+    for j in (0..c).step_by(8) {
+        let norm = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), vmean), vrstd);
+        let dnorm = _mm256_mul_ps(_mm256_loadu_ps(dout.as_ptr().add(j)), _mm256_loadu_ps(weight.as_ptr().add(j)));
+        let centered = _mm256_fnmadd_ps(norm, dnorm_norm_mean, _mm256_sub_ps(dnorm, dnorm_mean));
+        _mm256_storeu_ps(dx.as_mut_ptr().add(j), _mm256_mul_ps(vrstd, centered));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +141,23 @@ mod tests {
             assert!((m1 - m2).abs() < 1e-5 && (r1 - r2).abs() < 1e-5 * r2);
             let worst = fast.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(worst < 1e-5, "layernorm of width {c} differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn simd_layernorm_backward_agrees_with_scalar_reference() {
+        let mut rng = Rng::new(4);
+        let c = 64;
+        let gen = |rng: &mut Rng| (0..c).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        let (x, g, w) = (gen(&mut rng), gen(&mut rng), gen(&mut rng));
+        let (mean, rstd) = forward_row_scalar(&x, &w, &w, &mut vec![0.0; c]);
+        let (mut dx1, mut dw1, mut db1) = (vec![0.0; c], vec![0.5; c], vec![0.5; c]);
+        let (mut dx2, mut dw2, mut db2) = (vec![0.0; c], vec![0.5; c], vec![0.5; c]);
+        backward_row_f32(&x, &g, &w, mean, rstd, &mut dx1, &mut dw1, &mut db1);
+        backward_row_scalar(&x, &g, &w, mean, rstd, &mut dx2, &mut dw2, &mut db2);
+        for (a, b) in [(&dx1, &dx2), (&dw1, &dw2), (&db1, &db2)] {
+            let worst = a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            assert!(worst < 1e-5, "layernorm backward differs by {worst}");
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Softmax of one row, in place: `p_j = exp(x_j − max x) / Σ_k exp(x_k − max x)`.
+//! Returns the row's log-sum-exp, `max x + ln Σ_k exp(x_k − max x)`, which losses need.
 
 use crate::tensor::Float;
 
-pub fn softmax_row_scalar<T: Float>(row: &mut [T]) {
+pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
     let mut sum = T::zero();
     for x in row.iter_mut() {
@@ -13,9 +14,10 @@ pub fn softmax_row_scalar<T: Float>(row: &mut [T]) {
     for x in row.iter_mut() {
         *x *= inv;
     }
+    max + sum.ln()
 }
 
-pub fn softmax_row_f32(row: &mut [f32]) {
+pub fn softmax_row_f32(row: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
         // SAFETY: AVX2 and FMA were detected above.
@@ -26,7 +28,7 @@ pub fn softmax_row_f32(row: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32]) {
+unsafe fn softmax_row_avx2(row: &mut [f32]) -> f32 {
     use super::simd;
     use std::arch::x86_64::*;
     let lanes = row.len() / 8 * 8;
@@ -55,6 +57,7 @@ unsafe fn softmax_row_avx2(row: &mut [f32]) {
     for x in row[lanes..].iter_mut() {
         *x /= sum;
     }
+    max + sum.ln()
 }
 
 #[cfg(test)]
@@ -68,8 +71,9 @@ mod tests {
         for len in [1, 7, 8, 9, 64, 131] {
             let x: Vec<f32> = (0..len).map(|_| (rng.normal() * 5.0) as f32).collect();
             let (mut fast, mut reference) = (x.clone(), x.clone());
-            softmax_row_f32(&mut fast);
-            softmax_row_scalar(&mut reference);
+            let lse_fast = softmax_row_f32(&mut fast);
+            let lse_reference = softmax_row_scalar(&mut reference);
+            assert!((lse_fast - lse_reference).abs() < 1e-5);
             let worst = fast.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(worst < 1e-6, "softmax of length {len} differs by {worst}");
             assert!((fast.iter().sum::<f32>() - 1.0).abs() < 1e-5);

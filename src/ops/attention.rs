@@ -87,7 +87,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
     });
 
     let out = Tensor::from_vec(&[batch * seq, width], out);
-    tape.record(out, &[qkv], move |grad, _| {
+    tape.record("attention", out, &[qkv], move |grad, _| {
         let mut dqkv = vec![T::zero(); input.len()];
         let d_ptr = SharedMut(dqkv.as_mut_ptr());
         let x = input.data().as_ptr() as usize;

@@ -1,17 +1,15 @@
 //! Mean cross-entropy from logits: `loss = mean_i (logsumexp(ℓ_i) − ℓ_i[y_i])`.
 //!
 //! backward: `dℓ_i = (softmax(ℓ_i) − onehot(y_i)) · dloss / N`   (docs/math.md, eq. X1)
+//!
+//! As in llm.c's fused classifier, the forward pass already computes `softmax(ℓ) − onehot(y)`
+//! (it needs the softmax anyway) and keeps that instead of the logits: one pass over the
+//! N×V matrix instead of two, and the same memory.
 
 use rayon::prelude::*;
 
 use crate::autograd::{Tape, Var};
 use crate::tensor::{Float, Tensor};
-
-/// logsumexp of one row, stable.
-pub(crate) fn logsumexp<T: Float>(row: &[T]) -> T {
-    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-    max + row.iter().map(|&x| (x - max).exp()).sum::<T>().ln()
-}
 
 /// logits (N, V), targets (N) → scalar mean loss
 pub fn cross_entropy<T: Float>(tape: &mut Tape<T>, logits: Var, targets: &[u32]) -> Var {
@@ -19,20 +17,25 @@ pub fn cross_entropy<T: Float>(tape: &mut Tape<T>, logits: Var, targets: &[u32])
     let v = *scores.shape().last().unwrap();
     let n = scores.len() / v;
     assert_eq!(targets.len(), n, "cross_entropy: one target per row");
-    let lse: Vec<T> = scores.data().par_chunks(v).map(logsumexp).collect();
-    let total: f64 = scores.data().chunks(v).zip(&lse).zip(targets).map(|((row, &l), &y)| (l - row[y as usize]).as_f64()).sum();
-    let loss = Tensor::scalar(T::of(total / n as f64));
-    let targets = targets.to_vec();
-    tape.record(loss, &[logits], move |grad, _| {
+    // d = softmax(ℓ) − onehot(y), row by row; the loss of row i is lse_i − ℓ_i[y_i]
+    let mut d = scores.data().to_vec();
+    let row_losses: Vec<f64> = d
+        .par_chunks_mut(v)
+        .zip(scores.data().par_chunks(v))
+        .zip(targets.par_iter())
+        .map(|((drow, row), &y)| {
+            let lse = T::softmax_row(drow);
+            drow[y as usize] -= T::one();
+            (lse - row[y as usize]).as_f64()
+        })
+        .collect();
+    let loss = Tensor::scalar(T::of(row_losses.iter().sum::<f64>() / n as f64));
+    let shape = scores.shape().to_vec();
+    drop(scores);
+    tape.record("cross_entropy", loss, &[logits], move |grad, _| {
         let scale = grad.item() / T::of(n as f64);
-        let mut d = vec![T::zero(); scores.len()];
-        d.par_chunks_mut(v).zip(scores.data().par_chunks(v)).zip(lse.par_iter().zip(targets.par_iter())).for_each(|((drow, row), (&l, &y))| {
-            for (dj, &x) in drow.iter_mut().zip(row) {
-                *dj = (x - l).exp() * scale;
-            }
-            drow[y as usize] -= scale;
-        });
-        vec![Some(Tensor::from_vec(scores.shape(), d))]
+        d.par_chunks_mut(1 << 14).for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= scale));
+        vec![Some(Tensor::from_vec(&shape, d))]
     })
 }
 
@@ -41,6 +44,11 @@ mod tests {
     use super::*;
     use crate::gradcheck::{gradcheck, GradcheckOptions};
     use crate::tensor::Rng;
+
+    fn logsumexp(row: &[f64]) -> f64 {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
+    }
 
     #[test]
     fn cross_entropy_gradient_matches_finite_differences() {
@@ -55,5 +63,16 @@ mod tests {
         let logits = tape.leaf(Tensor::zeros(&[3, 10]), false);
         let loss = cross_entropy(&mut tape, logits, &[1, 2, 9]);
         assert!((tape.value(loss).item() - 10f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_sum_exp_definition() {
+        let logits = Tensor::<f64>::randn(&[3, 5], 3.0, &mut Rng::new(2));
+        let targets = [4, 0, 2];
+        let expected: f64 = logits.data().chunks(5).zip(targets).map(|(row, y)| logsumexp(row) - row[y as usize]).sum::<f64>() / 3.0;
+        let mut tape = Tape::inference();
+        let l = tape.leaf(logits, false);
+        let loss = cross_entropy(&mut tape, l, &targets);
+        assert!((tape.value(loss).item() - expected).abs() < 1e-12);
     }
 }

@@ -24,7 +24,7 @@ pub fn embedding<T: Float>(tape: &mut Tape<T>, wte: Var, wpe: Var, tokens: &[u32
         }
     }
     let tokens = tokens.to_vec();
-    tape.record(Tensor::from_vec(&[tokens.len(), c], out), &[wte, wpe], move |grad, needs| {
+    tape.record("embedding", Tensor::from_vec(&[tokens.len(), c], out), &[wte, wpe], move |grad, needs| {
         let (mut dwte, mut dwpe) = (needs[0].then(|| vec![T::zero(); table.len()]), needs[1].then(|| vec![T::zero(); positions.len()]));
         for (i, (g, &token)) in grad.data().chunks(c).zip(&tokens).enumerate() {
             if let Some(dwte) = &mut dwte {

@@ -12,7 +12,7 @@ pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
     let mut out = vec![T::zero(); input.len()];
     out.par_chunks_mut(CHUNK).zip(input.data().par_chunks(CHUNK)).for_each(|(o, i)| T::gelu_forward(i, o));
     let out = Tensor::from_vec(input.shape(), out);
-    tape.record(out, &[x], move |grad, _| {
+    tape.record("gelu", out, &[x], move |grad, _| {
         // dx = dout · gelu'(x)   (docs/math.md, eq. G2)
         let mut dx = vec![T::zero(); input.len()];
         dx.par_chunks_mut(CHUNK)

@@ -25,9 +25,8 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
         .zip(stats.par_iter_mut())
         .for_each(|((o, xr), s)| *s = T::layernorm_row(xr, w.data(), b.data(), o));
     let out = Tensor::from_vec(input.shape(), out);
-    tape.record(out, &[x, weight, bias], move |grad, _| {
+    tape.record("layernorm", out, &[x, weight, bias], move |grad, _| {
         let mut dx = vec![T::zero(); input.len()];
-        let inv_c = T::one() / T::of(c as f64);
         // Each task: dx for its rows, and its partial sums of dw and db.
         let partials: Vec<(Vec<T>, Vec<T>)> = dx
             .par_chunks_mut(c * ROWS_PER_TASK)
@@ -36,25 +35,8 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
             .zip(stats.par_chunks(ROWS_PER_TASK))
             .map(|(((dx_block, x_block), g_block), stat_block)| {
                 let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
-                let mut norm = vec![T::zero(); c];
-                for (((dx_row, x_row), g_row), &(mean, rstd)) in
-                    dx_block.chunks_mut(c).zip(x_block.chunks(c)).zip(g_block.chunks(c)).zip(stat_block)
-                {
-                    let (mut dnorm_mean, mut dnorm_norm_mean) = (T::zero(), T::zero());
-                    for j in 0..c {
-                        norm[j] = (x_row[j] - mean) * rstd;
-                        let dnorm = g_row[j] * w.data()[j];
-                        dnorm_mean += dnorm;
-                        dnorm_norm_mean += dnorm * norm[j];
-                        dw[j] += g_row[j] * norm[j];
-                        db[j] += g_row[j];
-                    }
-                    dnorm_mean *= inv_c;
-                    dnorm_norm_mean *= inv_c;
-                    for j in 0..c {
-                        let dnorm = g_row[j] * w.data()[j];
-                        dx_row[j] = rstd * (dnorm - dnorm_mean - norm[j] * dnorm_norm_mean);
-                    }
+                for (((dx_row, x_row), g_row), &(mean, rstd)) in dx_block.chunks_mut(c).zip(x_block.chunks(c)).zip(g_block.chunks(c)).zip(stat_block) {
+                    T::layernorm_backward_row(x_row, g_row, w.data(), mean, rstd, dx_row, &mut dw, &mut db);
                 }
                 (dw, db)
             })

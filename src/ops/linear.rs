@@ -26,7 +26,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Va
     let out = Tensor::from_vec(&out_shape, out);
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    tape.record(out, &inputs, move |grad, needs| {
+    tape.record("linear", out, &inputs, move |grad, needs| {
         let dx = needs[0].then(|| {
             let mut dx = vec![T::zero(); n * c_in];
             matmul(grad.data(), Layout::Normal, w.data(), Layout::Transposed, &mut dx, n, c_out, c_in, false);

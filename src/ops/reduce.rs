@@ -9,7 +9,7 @@ pub fn weighted_sum<T: Float>(tape: &mut Tape<T>, x: Var, weights: &Tensor<T>) -
     assert_eq!(value.shape(), weights.shape(), "weighted_sum: weights must match x");
     let total: T = value.data().iter().zip(weights.data()).map(|(&a, &b)| a * b).sum();
     let weights = weights.clone();
-    tape.record(Tensor::scalar(total), &[x], move |grad, _| {
+    tape.record("reduce", Tensor::scalar(total), &[x], move |grad, _| {
         // d/dx_i (Σ x w) = w_i
         let g = grad.item();
         let dx: Vec<T> = weights.data().iter().map(|&w| w * g).collect();

@@ -1,12 +1,12 @@
 //! Residual connection: `out = a + b` (same shape).
 
 use crate::autograd::{Tape, Var};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::Float;
 
 pub fn add<T: Float>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     let mut out = tape.value(a).clone();
     out.add_assign(tape.value(b));
-    tape.record(out, &[a, b], |grad, _| {
+    tape.record("residual", out, &[a, b], |grad, _| {
         // out = a + b  ⇒  da = db = dout
         vec![Some(grad.clone()), Some(grad.clone())]
     })
@@ -15,6 +15,7 @@ pub fn add<T: Float>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Tensor;
     use crate::ops::testing::check_op;
     use crate::tensor::Rng;
 

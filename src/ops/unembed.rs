@@ -14,7 +14,7 @@ pub fn unembed<T: Float>(tape: &mut Tape<T>, h: Var, wte: Var) -> Var {
     let n = hidden.len() / c;
     let mut logits = vec![T::zero(); n * v];
     matmul(hidden.data(), Layout::Normal, table.data(), Layout::Transposed, &mut logits, n, c, v, false);
-    tape.record(Tensor::from_vec(&[n, v], logits), &[h, wte], move |grad, needs| {
+    tape.record("unembed", Tensor::from_vec(&[n, v], logits), &[h, wte], move |grad, needs| {
         let dh = needs[0].then(|| {
             let mut dh = vec![T::zero(); n * c];
             matmul(grad.data(), Layout::Normal, table.data(), Layout::Normal, &mut dh, n, v, c, false);

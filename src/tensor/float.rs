@@ -66,14 +66,20 @@ pub trait Float:
         kernels::gelu::backward_scalar(x, dout, dx)
     }
 
-    /// In place: each row of length `n` becomes its softmax; see `kernels::softmax`.
-    fn softmax_row(row: &mut [Self]) {
+    /// In place: the row becomes its softmax; returns its log-sum-exp; see `kernels::softmax`.
+    fn softmax_row(row: &mut [Self]) -> Self {
         kernels::softmax::softmax_row_scalar(row)
     }
 
     /// One LayerNorm row; returns `(mean, rstd)`; see `kernels::layernorm`.
     fn layernorm_row(x: &[Self], weight: &[Self], bias: &[Self], out: &mut [Self]) -> (Self, Self) {
         kernels::layernorm::forward_row_scalar(x, weight, bias, out)
+    }
+
+    /// One LayerNorm row backward: writes `dx`, adds into `dweight` and `dbias`; see `kernels::layernorm`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_row(x: &[Self], dout: &[Self], weight: &[Self], mean: Self, rstd: Self, dx: &mut [Self], dweight: &mut [Self], dbias: &mut [Self]) {
+        kernels::layernorm::backward_row_scalar(x, dout, weight, mean, rstd, dx, dweight, dbias)
     }
 
     /// One AdamW update over a parameter slice; see `kernels::adamw`.
@@ -151,12 +157,16 @@ impl Float for f32 {
         kernels::gelu::backward_f32(x, dout, dx)
     }
 
-    fn softmax_row(row: &mut [f32]) {
+    fn softmax_row(row: &mut [f32]) -> f32 {
         kernels::softmax::softmax_row_f32(row)
     }
 
     fn layernorm_row(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) -> (f32, f32) {
         kernels::layernorm::forward_row_f32(x, weight, bias, out)
+    }
+
+    fn layernorm_backward_row(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+        kernels::layernorm::backward_row_f32(x, dout, weight, mean, rstd, dx, dweight, dbias)
     }
 
     fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &kernels::adamw::AdamWStep) {

@@ -1,0 +1,86 @@
+"""Times full training steps of the PyTorch twin, as `multitoken bench train` does for the Rust
+model: random tokens, forward + backward + clip_grad_norm_(1.0) + AdamW, median step time
+after 3 warm-up steps. Prints one JSON object.
+
+python reference/bench_train.py --model small --vocab-size 4096 --horizon 1 --rank 1 --batch 8 --seq 256 --threads 2
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from model import Config, Model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--horizon", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--tf32", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = Config.preset(args.model, args.vocab_size, args.horizon, args.rank)
+    model = Model(cfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    losses = torch.compile(model.losses) if args.compile else model.losses
+    n = cfg.horizon
+
+    def step():
+        rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + n), device=device)
+        idx = rows[:, : args.seq]
+        targets = torch.stack([rows[:, 1 + s : 1 + s + args.seq] for s in range(n)], dim=-1)
+        objective, *_ = losses(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(3 + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1e3)
+    step_ms = statistics.median(times)
+    out = {
+        "tokens_per_s": args.batch * args.seq / (step_ms / 1e3),
+        "step_ms": step_ms,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "step_ms_all": times,
+    }
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

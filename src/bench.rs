@@ -1,0 +1,85 @@
+//! `multitoken bench train`: full training steps (forward, backward, clipping, AdamW) on
+//! random tokens, timed after warm-up steps. Speed and memory are measured here, never in tests.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::invalid;
+use crate::model::{gpt2, Batch, ModelConfig};
+use crate::tensor::{Rng, Tensor};
+use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::train_step;
+
+pub const WARMUP_STEPS: usize = 3;
+
+#[derive(Debug, Serialize)]
+pub struct BenchTrainResult {
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    /// the process's peak resident memory (VmHWM), model and all
+    pub peak_rss_bytes: u64,
+    pub model: String,
+    pub vocab_size: usize,
+    pub horizon: usize,
+    pub rank: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub threads: usize,
+    pub step_ms_all: Vec<f64>,
+}
+
+/// The process's peak resident set size in bytes (Linux), or 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(model: &str, vocab_size: usize, horizon: usize, rank: usize, batch: usize, seq: usize, steps: usize) -> Result<BenchTrainResult> {
+    let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
+    if config.has_head() {
+        return invalid!("--horizon {horizon} --rank {rank}: the multi-token head is not supported yet");
+    }
+    if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
+        return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
+    }
+    let mut rng = Rng::new(0);
+    let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    let mut times = Vec::new();
+    for step in 0..WARMUP_STEPS + steps {
+        let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
+        let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let data = Batch::from_rows(&row_refs, seq, horizon);
+        let tick = Instant::now();
+        train_step(&config, &mut params, &mut optimizer, &data, 1e-4, 1.0, &|_| true);
+        if step >= WARMUP_STEPS {
+            times.push(tick.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_ms = sorted[sorted.len() / 2];
+    Ok(BenchTrainResult {
+        tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
+        step_ms,
+        peak_rss_bytes: peak_rss_bytes(),
+        model: model.into(),
+        vocab_size,
+        horizon,
+        rank,
+        batch,
+        seq,
+        steps,
+        threads: rayon::current_num_threads(),
+        step_ms_all: times,
+    })
+}

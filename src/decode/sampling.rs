@@ -1,0 +1,135 @@
+//! Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
+
+use crate::error::Result;
+use crate::invalid;
+use crate::tensor::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingConfig {
+    pub greedy: bool,
+    /// > 0; divides the logits
+    pub temperature: f64,
+    /// keep the k most likely tokens (0: all)
+    pub top_k: usize,
+    /// keep the smallest set of most likely tokens whose probability reaches p (1: all)
+    pub top_p: f64,
+}
+
+impl SamplingConfig {
+    pub fn greedy() -> Self {
+        SamplingConfig { greedy: true, temperature: 1.0, top_k: 0, top_p: 1.0 }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return invalid!("--temperature must be a positive number (use --greedy for argmax decoding)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid!("--top-p must be in (0, 1]");
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The distribution a sampler draws from: softmax(logits / temperature), restricted to the
+/// top-k and then the top-p nucleus, renormalised. For greedy decoding, a point mass on the argmax.
+pub fn distribution(logits: &[f32], config: &SamplingConfig) -> Vec<f64> {
+    let mut probs = vec![0.0; logits.len()];
+    if config.greedy {
+        probs[argmax(logits) as usize] = 1.0;
+        return probs;
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    for (p, &x) in probs.iter_mut().zip(logits) {
+        *p = ((x as f64 - max) / config.temperature).exp();
+    }
+    if config.top_k > 0 || config.top_p < 1.0 {
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let total: f64 = probs.iter().sum();
+        let keep_k = if config.top_k > 0 { config.top_k.min(order.len()) } else { order.len() };
+        let (mut kept, mut mass) = (0, 0.0);
+        for &i in &order[..keep_k] {
+            kept += 1;
+            mass += probs[i] / total;
+            if mass >= config.top_p {
+                break;
+            }
+        }
+        for &i in &order[kept..] {
+            probs[i] = 0.0;
+        }
+    }
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    probs
+}
+
+/// Draws an index from a normalised distribution.
+pub fn draw(probs: &[f64], rng: &mut Rng) -> u32 {
+    let u = rng.uniform();
+    let mut cumulative = 0.0;
+    for (i, &p) in probs.iter().enumerate() {
+        cumulative += p;
+        if u < cumulative {
+            return i as u32;
+        }
+    }
+    // rounding left u above the total: the last token with mass
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f64, top_k: usize, top_p: f64) -> SamplingConfig {
+        SamplingConfig { greedy: false, temperature, top_k, top_p }
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_the_k_most_likely_tokens() {
+        let probs = distribution(&[1.0, 3.0, 2.0, 0.0], &sampling(1.0, 2, 1.0));
+        assert_eq!(probs[0], 0.0);
+        assert_eq!(probs[3], 0.0);
+        assert!((probs[1] + probs[2] - 1.0).abs() < 1e-12 && probs[1] > probs[2]);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus_reaching_p() {
+        // softmax of ln(0.5), ln(0.3), ln(0.2): nucleus for p = 0.7 is {0, 1}
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let probs = distribution(&logits, &sampling(1.0, 0, 0.7));
+        assert!((probs[0] - 0.625).abs() < 1e-6 && (probs[1] - 0.375).abs() < 1e-6 && probs[2] == 0.0);
+    }
+
+    #[test]
+    fn low_temperature_approaches_greedy() {
+        let probs = distribution(&[1.0, 1.5, 0.2], &sampling(0.01, 0, 1.0));
+        assert!(probs[1] > 0.999);
+    }
+
+    #[test]
+    fn draws_follow_the_distribution() {
+        let mut rng = Rng::new(7);
+        let probs = [0.1, 0.6, 0.3];
+        let mut counts = [0usize; 3];
+        for _ in 0..30_000 {
+            counts[draw(&probs, &mut rng) as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip(probs) {
+            assert!((*c as f64 / 30_000.0 - p).abs() < 0.01, "{counts:?}");
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! The library's error type. Every variant is something a user can cause and fix; messages
+//! are one line and say what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error("training stopped: the loss became {value} at step {step}; the last good checkpoint was kept (try a lower --lr)")]
+    NonFiniteLoss { step: u64, value: f64 },
+    #[error("interrupted at step {step}; checkpoint written to {path} (continue with --resume)")]
+    Interrupted { step: u64, path: PathBuf },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::BadFile { path: path.into(), message: message.into() }
+    }
+}
+
+/// `Err(Error::Invalid(..))` with a formatted message.
+#[macro_export]
+macro_rules! invalid {
+    ($($arg:tt)*) => { Err($crate::error::Error::Invalid(format!($($arg)*))) };
+}

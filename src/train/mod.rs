@@ -1,0 +1,343 @@
+//! Training: AdamW, the schedule, the loop, checkpoints, metrics and the loss plot.
+
+pub mod adamw;
+pub mod checkpoint;
+pub mod evaluate;
+pub mod plot;
+pub mod schedule;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use self::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use self::checkpoint::{Checkpoint, ResumeState};
+use crate::autograd::Tape;
+use crate::data::{self, batches, tokens};
+use crate::error::{Error, Result};
+use crate::invalid;
+use crate::model::{gpt2, model_loss, Batch, ModelConfig, ModelParams};
+use crate::tensor::{Rng, Tensor};
+
+/// Set by a Ctrl-C or SIGTERM handler: the loop finishes its step, saves and stops.
+pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Everything that determines a run; saved in train_state.json so `--resume` continues it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainSettings {
+    pub model: String,
+    pub horizon: usize,
+    pub rank: usize,
+    pub aux_coef: f64,
+    pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    pub grad_clip: f64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub save_every: u64,
+    pub seed: u64,
+    pub init_from: Option<PathBuf>,
+    pub freeze_backbone: bool,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            model: "small".into(),
+            horizon: 1,
+            rank: 1,
+            aux_coef: 0.01,
+            steps: 1000,
+            batch: 8,
+            seq: 0,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 0,
+            grad_clip: 1.0,
+            eval_every: 100,
+            eval_batches: 8,
+            save_every: 250,
+            seed: 1337,
+            init_from: None,
+            freeze_backbone: false,
+        }
+    }
+}
+
+/// What `train` reports (SPEC.md section 5 names the first five keys).
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub train_loss: f64,
+    pub val_joint_loss: f64,
+    pub val_ntp_loss: f64,
+    pub tokens_per_s: f64,
+    pub val_head_losses: Vec<f64>,
+    pub elapsed_s: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// The training split, the validation split and the tokenizer of a `data prepare` directory.
+pub struct Dataset {
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+    pub vocab_size: usize,
+    pub tokenizer_json: String,
+}
+
+impl Dataset {
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::bad_file(dir, "no such data directory (make one with `multitoken data prepare`)"));
+        }
+        let train = tokens::read(&dir.join(data::TRAIN_FILE))?;
+        let val = tokens::read(&dir.join(data::VAL_FILE))?;
+        if train.vocab_size != val.vocab_size {
+            return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
+        }
+        let tokenizer_path = dir.join(data::TOKENIZER_FILE);
+        let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        Ok(Dataset { train: train.tokens, val: val.tokens, vocab_size: train.vocab_size as usize, tokenizer_json })
+    }
+}
+
+/// Runs one training step: forward, backward, clipping, AdamW. Returns (objective, grad norm).
+pub fn train_step(
+    config: &ModelConfig,
+    params: &mut ModelParams<Tensor<f32>>,
+    optimizer: &mut AdamW<f32>,
+    batch: &Batch,
+    lr: f64,
+    grad_clip: f64,
+    trainable: &dyn Fn(&str) -> bool,
+) -> (f64, f64) {
+    let mut tape = Tape::new();
+    let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
+    let out = model_loss(&mut tape, config, &vars, batch);
+    let objective = tape.value(out.objective).item() as f64;
+    if !objective.is_finite() {
+        return (objective, f64::NAN);
+    }
+    let mut grads = tape.backward(out.objective);
+    let mut grad_list: Vec<Option<Tensor<f32>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
+    let norm = clip_grad_norm(&mut grad_list, grad_clip);
+    if norm.is_finite() {
+        let grad_refs: Vec<Option<&Tensor<f32>>> = grad_list.iter().map(Option::as_ref).collect();
+        optimizer.step(&mut params.values_mut(), &grad_refs, lr);
+    }
+    (objective, norm)
+}
+
+/// A run in progress: model, optimizer, settings and the metrics logged so far.
+struct Run {
+    out_dir: PathBuf,
+    settings: TrainSettings,
+    config: ModelConfig,
+    params: ModelParams<Tensor<f32>>,
+    optimizer: AdamW<f32>,
+    tokenizer_json: String,
+    metrics: Vec<Value>,
+    step: u64,
+}
+
+impl Run {
+    fn log(&mut self, row: Value) {
+        let path = self.out_dir.join("metrics.jsonl");
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "{row}");
+        }
+        self.metrics.push(row);
+    }
+
+    fn plot(&self) -> String {
+        let curve = |key: &str| -> Vec<(f64, f64)> {
+            self.metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
+        };
+        let curves = vec![
+            ("train loss".to_string(), curve("train_loss")),
+            ("val joint loss".to_string(), curve("val_joint_loss")),
+            ("val next-token loss".to_string(), curve("val_ntp_loss")),
+        ];
+        let title = format!("{} n={} r={}", self.settings.model, self.config.horizon, self.config.rank);
+        plot::loss_curves_svg(&title, &curves)
+    }
+
+    fn save(&self) -> Result<()> {
+        let metrics: String = self.metrics.iter().map(|r| format!("{r}\n")).collect();
+        let checkpoint = Checkpoint {
+            config: self.config.clone(),
+            params: self.params.clone(),
+            tokenizer_json: Some(self.tokenizer_json.clone()),
+            resume: Some(ResumeState { optimizer: self.optimizer.clone(), train_state: json!({ "step": self.step, "settings": self.settings }) }),
+        };
+        let extra = vec![("metrics.jsonl".to_string(), metrics.into_bytes()), ("loss.svg".to_string(), self.plot().into_bytes())];
+        checkpoint::save(&self.out_dir, &checkpoint, &extra)
+    }
+}
+
+fn check_settings(s: &TrainSettings) -> Result<()> {
+    if s.steps == 0 || s.batch == 0 {
+        return invalid!("--steps and --batch must be at least 1");
+    }
+    if !(s.lr > 0.0 && s.lr.is_finite()) {
+        return invalid!("--lr must be a positive number");
+    }
+    if s.horizon != 1 || s.rank != 1 {
+        return invalid!("--horizon {} --rank {}: the multi-token head is not supported yet; train with --horizon 1 --rank 1", s.horizon, s.rank);
+    }
+    if s.freeze_backbone && s.init_from.is_none() {
+        return invalid!("--freeze-backbone trains only the head; pass --init-from CKPT with a trained backbone");
+    }
+    Ok(())
+}
+
+/// Starts a run: fresh, from `--init-from`, or resumed from the checkpoint in `out_dir`.
+fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bool) -> Result<Run> {
+    if resume {
+        if !checkpoint::exists(out_dir) {
+            return Err(Error::bad_file(out_dir, "no checkpoint to resume (start a run without --resume)"));
+        }
+        let saved = checkpoint::load(out_dir)?;
+        let Some(state) = saved.resume else {
+            return Err(Error::bad_file(out_dir, "this checkpoint has no optimizer state, so it cannot be resumed (use it with --init-from)"));
+        };
+        let settings: TrainSettings = serde_json::from_value(state.train_state["settings"].clone())
+            .map_err(|e| Error::bad_file(out_dir.join(checkpoint::TRAIN_STATE_FILE), format!("bad settings ({e})")))?;
+        let step = state.train_state["step"].as_u64().unwrap_or(0);
+        if saved.config.vocab_size != data.vocab_size {
+            return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
+        }
+        // Keep the metrics up to the checkpoint's step: later rows belong to steps being redone.
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let metrics: Vec<Value> = std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step))
+            .collect();
+        let text: String = metrics.iter().map(|r| format!("{r}\n")).collect();
+        data::write_atomically(&metrics_path, text.as_bytes())?;
+        let tokenizer_json = saved.tokenizer_json.unwrap_or_else(|| data.tokenizer_json.clone());
+        return Ok(Run { out_dir: out_dir.into(), settings, config: saved.config, params: saved.params, optimizer: state.optimizer, tokenizer_json, metrics, step });
+    }
+    check_settings(&settings)?;
+    if checkpoint::exists(out_dir) {
+        return Err(Error::bad_file(out_dir, "already holds a checkpoint; pass --resume to continue it, or choose another --out"));
+    }
+    if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
+    }
+    let mut config = ModelConfig::preset(&settings.model, data.vocab_size, settings.horizon, settings.rank)?;
+    let mut rng = Rng::new(settings.seed);
+    let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+    if let Some(init_from) = &settings.init_from {
+        let init = checkpoint::load(init_from)?;
+        if init.config.vocab_size != data.vocab_size {
+            return invalid!("--init-from has a vocabulary of {}, the data {}; prepare the data with that checkpoint's tokenizer", init.config.vocab_size, data.vocab_size);
+        }
+        config = ModelConfig { horizon: settings.horizon, rank: settings.rank, ..init.config.clone() };
+        params = gpt2::init_params::<f32>(&config, &mut rng);
+        let head = params.head.take();
+        params = ModelParams { head, ..init.params };
+    }
+    let effective_seq = if settings.seq == 0 { config.n_positions } else { settings.seq };
+    if effective_seq > config.n_positions {
+        return invalid!("--seq {effective_seq} exceeds the model's n_positions {}", config.n_positions);
+    }
+    let settings = TrainSettings { seq: effective_seq, ..settings };
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    Ok(Run { out_dir: out_dir.into(), settings, config, params, optimizer, tokenizer_json: data.tokenizer_json.clone(), metrics: Vec::new(), step: 0 })
+}
+
+/// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
+pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: bool, show_progress: bool) -> Result<TrainSummary> {
+    let data = Dataset::load(data_dir)?;
+    let mut run = start_run(&data, out_dir, settings, resume)?;
+    let s = run.settings.clone();
+    let n = run.config.horizon;
+    let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
+    batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
+    let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
+    let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
+
+    let bar = progress_bar(s.steps, run.step, show_progress);
+    let started = Instant::now();
+    let (mut step_time, mut steps_timed) = (Duration::ZERO, 0u64);
+    let mut train_loss = f64::NAN;
+    let mut last_val = None;
+    while run.step < s.steps {
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            bar.abandon();
+            run.save()?;
+            return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
+        }
+        let step = run.step;
+        let lr = schedule::learning_rate(step, s.steps, warmup, s.lr, s.min_lr_ratio);
+        let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
+        let tick = Instant::now();
+        let (loss, grad_norm) = train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, lr, s.grad_clip, &trainable);
+        step_time += tick.elapsed();
+        steps_timed += 1;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            bar.abandon();
+            return Err(Error::NonFiniteLoss { step: step + 1, value: if loss.is_finite() { grad_norm } else { loss } });
+        }
+        run.step += 1;
+        train_loss = loss;
+        let tokens_per_s = (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64();
+        bar.set_position(run.step);
+        bar.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s"));
+        let last = run.step == s.steps;
+        if run.step % 10 == 0 || last {
+            run.log(json!({ "step": run.step, "lr": lr, "train_loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s }));
+        }
+        if run.step % s.eval_every.max(1) == 0 || last {
+            let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches);
+            bar.println(format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss));
+            run.log(json!({ "step": run.step, "val_joint_loss": val.joint_loss, "val_ntp_loss": val.ntp_loss, "val_head_losses": val.head_losses }));
+            last_val = Some(val);
+        }
+        if (s.save_every > 0 && run.step % s.save_every == 0) || last {
+            run.save()?;
+        }
+    }
+    bar.finish_and_clear();
+    let val = match last_val {
+        Some(v) => v,
+        None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
+    };
+    let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
+    Ok(TrainSummary {
+        steps: run.step,
+        train_loss,
+        val_joint_loss: val.joint_loss,
+        val_ntp_loss: val.ntp_loss,
+        tokens_per_s,
+        val_head_losses: val.head_losses,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        checkpoint: out_dir.into(),
+    })
+}
+
+fn progress_bar(total: u64, position: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total).with_position(position);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps | {msg} | eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
