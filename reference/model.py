@@ -143,7 +143,7 @@ class Model(nn.Module):
         if self.mtp is None:
             logits = h @ wte.T
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets[..., 0].reshape(-1))
-            return loss, loss, loss.view(1), torch.zeros(())
+            return loss, loss, loss.view(1), torch.zeros((), dtype=h.dtype)
         cfg = self.cfg
         # z[b,t,α,s,:] = W[α,s] h[b,t]  (out = W · h)
         z = torch.einsum("asij,btj->btasi", self.mtp.expand.weight, h)

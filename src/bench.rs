@@ -42,7 +42,15 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn bench_train(model: &str, vocab_size: usize, horizon: usize, rank: usize, batch: usize, seq: usize, steps: usize) -> Result<BenchTrainResult> {
+pub fn bench_train(
+    model: &str,
+    vocab_size: usize,
+    horizon: usize,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+) -> Result<BenchTrainResult> {
     let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
     if config.has_head() {
         return invalid!("--horizon {horizon} --rank {rank}: the multi-token head is not supported yet");
@@ -56,7 +64,9 @@ pub fn bench_train(model: &str, vocab_size: usize, horizon: usize, rank: usize, 
     let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
     let mut times = Vec::new();
     for step in 0..WARMUP_STEPS + steps {
-        let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
+        let rows: Vec<Vec<u32>> = (0..batch)
+            .map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect())
+            .collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let data = Batch::from_rows(&row_refs, seq, horizon);
         let tick = Instant::now();

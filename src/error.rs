@@ -11,7 +11,7 @@ pub enum Error {
     Invalid(String),
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
-    #[error("training stopped: the loss became {value} at step {step}; the last good checkpoint was kept (try a lower --lr)")]
+    #[error("training stopped: the loss became {value} at step {step}; checkpoints written before it are kept (try a lower --lr)")]
     NonFiniteLoss { step: u64, value: f64 },
     #[error("interrupted at step {step}; checkpoint written to {path} (continue with --resume)")]
     Interrupted { step: u64, path: PathBuf },
@@ -25,7 +25,10 @@ impl Error {
     }
 
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::BadFile { path: path.into(), message: message.into() }
+        Error::BadFile {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 

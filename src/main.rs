@@ -19,7 +19,11 @@ use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "multitoken", version, about = "GPT-2 with a rank-r CP multi-token head: train, evaluate, decode")]
+#[command(
+    name = "multitoken",
+    version,
+    about = "GPT-2 with a rank-r CP multi-token head: train, evaluate, decode"
+)]
 struct Cli {
     /// Print exactly one JSON object on stdout
     #[arg(long, global = true)]
@@ -134,6 +138,9 @@ struct TrainArgs {
     /// cpu (cuda needs a build with the cuda feature)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Act as if interrupted after this many steps (for testing --resume)
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<u64>,
 }
 
 #[derive(Args)]
@@ -165,7 +172,12 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn config(&self) -> SamplingConfig {
-        SamplingConfig { greedy: self.greedy, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
+        SamplingConfig {
+            greedy: self.greedy,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
     }
 }
 
@@ -220,7 +232,10 @@ fn check_device(device: &str) -> Result<()> {
 
 fn load_checkpoint_with_tokenizer(dir: &std::path::Path) -> Result<(checkpoint::Checkpoint, tokenizers::Tokenizer)> {
     let ckpt = checkpoint::load(dir)?;
-    let json = ckpt.tokenizer_json.as_deref().ok_or_else(|| Error::bad_file(dir, "has no tokenizer.json; copy the tokenizer the model was trained with into it"))?;
+    let json = ckpt
+        .tokenizer_json
+        .as_deref()
+        .ok_or_else(|| Error::bad_file(dir, "has no tokenizer.json; copy the tokenizer the model was trained with into it"))?;
     let tok = tokenizer::from_json(json, &dir.join(checkpoint::TOKENIZER_FILE))?;
     Ok((ckpt, tok))
 }
@@ -230,12 +245,27 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
     match &cli.command {
         Command::Tokenizer(TokenizerCommand::Train { input, vocab_size, out }) => {
             let summary = tokenizer::train(input, *vocab_size, out, !cli.json)?;
-            let text = format!("tokenizer: {} tokens, {:.3} bytes per token → {}", summary.vocab_size, summary.bytes_per_token, out.display());
+            let text = format!(
+                "tokenizer: {} tokens, {:.3} bytes per token → {}",
+                summary.vocab_size,
+                summary.bytes_per_token,
+                out.display()
+            );
             Ok((serde_json::to_value(summary)?, text))
         }
-        Command::Data(DataCommand::Prepare { tokenizer, input, out, val_fraction }) => {
+        Command::Data(DataCommand::Prepare {
+            tokenizer,
+            input,
+            out,
+            val_fraction,
+        }) => {
             let summary = data::prepare(tokenizer, input, out, *val_fraction)?;
-            let text = format!("data: {} train tokens, {} validation tokens → {}", summary.train_tokens, summary.val_tokens, out.display());
+            let text = format!(
+                "data: {} train tokens, {} validation tokens → {}",
+                summary.train_tokens,
+                summary.val_tokens,
+                out.display()
+            );
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Train(args) => {
@@ -279,8 +309,14 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 freeze_backbone: args.freeze_backbone,
                 ..d
             };
-            ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
-            let summary = train::train(&args.data, &args.out, settings, args.resume, true)?;
+            ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
+                .context("installing the Ctrl-C handler")?;
+            let options = train::RunOptions {
+                resume: args.resume,
+                show_progress: true,
+                stop_after_steps: args.stop_after_steps,
+            };
+            let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",
                 summary.steps,
@@ -298,10 +334,18 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let text = tokenizer::read_text(&args.text_file)?;
             let ids = tokenizer::encode(&tok, &text)?;
             if ids.len() <= ckpt.config.horizon {
-                anyhow::bail!("{}: the text has {} tokens, too few to score with horizon {} (give a longer text)", args.text_file.display(), ids.len(), ckpt.config.horizon);
+                anyhow::bail!(
+                    "{}: the text has {} tokens, too few to score with horizon {} (give a longer text)",
+                    args.text_file.display(),
+                    ids.len(),
+                    ckpt.config.horizon
+                );
             }
             let losses = evaluate::evaluate_tokens(&ckpt.config, &ckpt.params, &ids);
-            let text = format!("joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions", losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens);
+            let text = format!(
+                "joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions",
+                losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens
+            );
             Ok((serde_json::to_value(losses)?, text))
         }
         Command::Sample(args) => {
@@ -311,7 +355,14 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             }
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
-            let generation = decode::generate(&ckpt.config, &ckpt.params, &prompt, args.max_new_tokens, &args.sampling.config(), args.sampling.seed)?;
+            let generation = decode::generate(
+                &ckpt.config,
+                &ckpt.params,
+                &prompt,
+                args.max_new_tokens,
+                &args.sampling.config(),
+                args.sampling.seed,
+            )?;
             let continuation = tokenizer::decode(&tok, &generation.tokens)?;
             let value = json!({
                 "text": continuation,
@@ -321,10 +372,26 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 "forward_passes": generation.forward_passes,
                 "mean_accepted": generation.mean_accepted(),
             });
-            let text = format!("{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes]", args.prompt, continuation, generation.tokens.len(), generation.tokens_per_s(), generation.forward_passes);
+            let text = format!(
+                "{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes]",
+                args.prompt,
+                continuation,
+                generation.tokens.len(),
+                generation.tokens_per_s(),
+                generation.forward_passes
+            );
             Ok((value, text))
         }
-        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device }) => {
+        Command::Bench(BenchCommand::Train {
+            model,
+            vocab_size,
+            horizon,
+            rank,
+            batch,
+            seq,
+            steps,
+            device,
+        }) => {
             check_device(device)?;
             let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps)?;
             if multitoken::autograd::profiling_enabled() {
@@ -349,9 +416,20 @@ fn main() -> ExitCode {
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
             let _ = e.print();
-            return if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
         Err(e) => {
             let rendered = e.to_string();

@@ -59,12 +59,21 @@ impl<T: Float> Default for Tape<T> {
 impl<T: Float> Tape<T> {
     /// A tape that records backward rules.
     pub fn new() -> Self {
-        Tape { values: Vec::new(), requires_grad: Vec::new(), steps: Vec::new(), grad_enabled: true, last_op_end: profiling_enabled().then(Instant::now) }
+        Tape {
+            values: Vec::new(),
+            requires_grad: Vec::new(),
+            steps: Vec::new(),
+            grad_enabled: true,
+            last_op_end: profiling_enabled().then(Instant::now),
+        }
     }
 
     /// A tape for inference: ops compute values but record no backward rules.
     pub fn inference() -> Self {
-        Tape { grad_enabled: false, ..Self::new() }
+        Tape {
+            grad_enabled: false,
+            ..Self::new()
+        }
     }
 
     /// Adds a leaf value: a parameter (`requires_grad`) or a constant input.
@@ -87,7 +96,13 @@ impl<T: Float> Tape<T> {
 
     /// Adds the output of the op named `op`, computed from `inputs`, with the rule that
     /// differentiates it. The rule is kept only if some input needs a gradient.
-    pub fn record(&mut self, op: &'static str, output: Tensor<T>, inputs: &[Var], rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static) -> Var {
+    pub fn record(
+        &mut self,
+        op: &'static str,
+        output: Tensor<T>,
+        inputs: &[Var],
+        rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static,
+    ) -> Var {
         if let Some(start) = self.last_op_end {
             profile::add_forward(op, start.elapsed());
             self.last_op_end = Some(Instant::now());
@@ -97,7 +112,12 @@ impl<T: Float> Tape<T> {
         self.requires_grad.push(needs_grad);
         let var = Var(self.values.len() - 1);
         if needs_grad {
-            self.steps.push(Step { op, inputs: inputs.to_vec(), output: var, rule: Box::new(rule) });
+            self.steps.push(Step {
+                op,
+                inputs: inputs.to_vec(),
+                output: var,
+                rule: Box::new(rule),
+            });
         }
         var
     }
@@ -124,7 +144,11 @@ impl<T: Float> Tape<T> {
             if let Some(start) = start {
                 profile::add_backward(step.op, start.elapsed());
             }
-            assert_eq!(input_grads.len(), step.inputs.len(), "a backward rule returned the wrong number of gradients");
+            assert_eq!(
+                input_grads.len(),
+                step.inputs.len(),
+                "a backward rule returned the wrong number of gradients"
+            );
             for ((input, grad), need) in step.inputs.iter().zip(input_grads).zip(needs) {
                 let Some(grad) = grad.filter(|_| need) else { continue };
                 match &mut grads[input.0] {

@@ -44,7 +44,14 @@ pub fn next_token_logits(config: &ModelConfig, params: &ModelParams<Tensor<f32>>
 }
 
 /// Generates `max_new_tokens` after `prompt`.
-pub fn generate(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt: &[u32], max_new_tokens: usize, sampling: &SamplingConfig, seed: u64) -> Result<Generation> {
+pub fn generate(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<f32>>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: &SamplingConfig,
+    seed: u64,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return invalid!("the prompt is empty: give at least one character of text");
     }
@@ -55,8 +62,16 @@ pub fn generate(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt:
     for _ in 0..max_new_tokens {
         let context = &sequence[sequence.len().saturating_sub(config.n_positions)..];
         let logits = next_token_logits(config, params, context);
-        let next = if sampling.greedy { sampling::argmax(&logits) } else { sampling::draw(&sampling::distribution(&logits, sampling), &mut rng) };
+        let next = if sampling.greedy {
+            sampling::argmax(&logits)
+        } else {
+            sampling::draw(&sampling::distribution(&logits, sampling), &mut rng)
+        };
         sequence.push(next);
     }
-    Ok(Generation { tokens: sequence[prompt.len()..].to_vec(), forward_passes: max_new_tokens, elapsed_s: started.elapsed().as_secs_f64() })
+    Ok(Generation {
+        tokens: sequence[prompt.len()..].to_vec(),
+        forward_passes: max_new_tokens,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
 }

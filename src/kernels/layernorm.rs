@@ -62,7 +62,16 @@ unsafe fn forward_row_avx2(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn backward_row_scalar<T: Float>(x: &[T], dout: &[T], weight: &[T], mean: T, rstd: T, dx: &mut [T], dweight: &mut [T], dbias: &mut [T]) {
+pub fn backward_row_scalar<T: Float>(
+    x: &[T],
+    dout: &[T],
+    weight: &[T],
+    mean: T,
+    rstd: T,
+    dx: &mut [T],
+    dweight: &mut [T],
+    dbias: &mut [T],
+) {
     let c = x.len();
     let (mut dnorm_mean, mut dnorm_norm_mean) = (T::zero(), T::zero());
     for j in 0..c {
@@ -84,7 +93,16 @@ pub fn backward_row_scalar<T: Float>(x: &[T], dout: &[T], weight: &[T], mean: T,
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn backward_row_f32(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+pub fn backward_row_f32(
+    x: &[f32],
+    dout: &[f32],
+    weight: &[f32],
+    mean: f32,
+    rstd: f32,
+    dx: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if super::simd_available() && x.len() % 8 == 0 {
         // SAFETY: AVX2 and FMA were detected above.
@@ -97,7 +115,16 @@ pub fn backward_row_f32(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn backward_row_avx2(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+unsafe fn backward_row_avx2(
+    x: &[f32],
+    dout: &[f32],
+    weight: &[f32],
+    mean: f32,
+    rstd: f32,
+    dx: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+) {
     use super::simd;
     use std::arch::x86_64::*;
     let c = x.len();
@@ -110,7 +137,10 @@ unsafe fn backward_row_avx2(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, 
         let dnorm = _mm256_mul_ps(g, _mm256_loadu_ps(weight.as_ptr().add(j)));
         sum_dnorm = _mm256_add_ps(sum_dnorm, dnorm);
         sum_dnorm_norm = _mm256_fmadd_ps(dnorm, norm, sum_dnorm_norm);
-        _mm256_storeu_ps(dweight.as_mut_ptr().add(j), _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))));
+        _mm256_storeu_ps(
+            dweight.as_mut_ptr().add(j),
+            _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))),
+        );
         _mm256_storeu_ps(dbias.as_mut_ptr().add(j), _mm256_add_ps(g, _mm256_loadu_ps(dbias.as_ptr().add(j))));
     }
     let inv_c = 1.0 / c as f32;

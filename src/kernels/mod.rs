@@ -6,9 +6,9 @@ pub mod adamw;
 pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
-pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod softmax;
 
 /// True when the AVX2+FMA loops can run on this CPU.
 pub fn simd_available() -> bool {

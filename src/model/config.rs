@@ -24,7 +24,8 @@ pub struct ModelConfig {
 }
 
 /// The presets of SPEC.md section 5: (name, C, L, H, n_positions).
-pub const PRESETS: [(&str, usize, usize, usize, usize); 3] = [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
+pub const PRESETS: [(&str, usize, usize, usize, usize); 3] =
+    [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
 
 impl ModelConfig {
     pub fn preset(name: &str, vocab_size: usize, horizon: usize, rank: usize) -> Result<Self> {
@@ -32,7 +33,15 @@ impl ModelConfig {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
             return invalid!("unknown model preset '{name}' (choose one of {})", names.join(", "));
         };
-        let config = ModelConfig { vocab_size, n_positions, n_embd, n_layer, n_head, horizon, rank };
+        let config = ModelConfig {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            horizon,
+            rank,
+        };
         config.validate()?;
         Ok(config)
     }

@@ -30,7 +30,12 @@ impl Batch {
                 targets.extend_from_slice(&row[t + 1..t + 1 + horizon]);
             }
         }
-        Batch { inputs, targets, seq, horizon }
+        Batch {
+            inputs,
+            targets,
+            seq,
+            horizon,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -66,5 +71,9 @@ pub fn head_loss<T: Float>(tape: &mut Tape<T>, config: &ModelConfig, params: &Mo
     let logits = gpt2::next_token_logits(tape, params, h);
     let objective = ops::cross_entropy(tape, logits, targets);
     let loss = tape.value(objective).item().as_f64();
-    LossOutput { objective, joint_loss: loss, head_losses: vec![loss] }
+    LossOutput {
+        objective,
+        joint_loss: loss,
+        head_losses: vec![loss],
+    }
 }

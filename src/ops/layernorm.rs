@@ -35,7 +35,9 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
             .zip(stats.par_chunks(ROWS_PER_TASK))
             .map(|(((dx_block, x_block), g_block), stat_block)| {
                 let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
-                for (((dx_row, x_row), g_row), &(mean, rstd)) in dx_block.chunks_mut(c).zip(x_block.chunks(c)).zip(g_block.chunks(c)).zip(stat_block) {
+                for (((dx_row, x_row), g_row), &(mean, rstd)) in
+                    dx_block.chunks_mut(c).zip(x_block.chunks(c)).zip(g_block.chunks(c)).zip(stat_block)
+                {
                     T::layernorm_backward_row(x_row, g_row, w.data(), mean, rstd, dx_row, &mut dw, &mut db);
                 }
                 (dw, db)
@@ -48,7 +50,11 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
                 db[j] += pb[j];
             }
         }
-        vec![Some(Tensor::from_vec(input.shape(), dx)), Some(Tensor::from_vec(&[c], dw)), Some(Tensor::from_vec(&[c], db))]
+        vec![
+            Some(Tensor::from_vec(input.shape(), dx)),
+            Some(Tensor::from_vec(&[c], dw)),
+            Some(Tensor::from_vec(&[c], db)),
+        ]
     })
 }
 

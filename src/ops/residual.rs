@@ -15,9 +15,9 @@ pub fn add<T: Float>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Tensor;
     use crate::ops::testing::check_op;
     use crate::tensor::Rng;
+    use crate::tensor::Tensor;
 
     #[test]
     fn add_gradient_matches_finite_differences() {

@@ -12,18 +12,7 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 use crate::kernels;
 
 pub trait Float:
-    num_traits::Float
-    + AddAssign
-    + SubAssign
-    + MulAssign
-    + DivAssign
-    + Sum
-    + Send
-    + Sync
-    + Debug
-    + Display
-    + Default
-    + 'static
+    num_traits::Float + AddAssign + SubAssign + MulAssign + DivAssign + Sum + Send + Sync + Debug + Display + Default + 'static
 {
     /// The safetensors / PyTorch name of the type.
     const DTYPE: &'static str;
@@ -78,7 +67,16 @@ pub trait Float:
 
     /// One LayerNorm row backward: writes `dx`, adds into `dweight` and `dbias`; see `kernels::layernorm`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward_row(x: &[Self], dout: &[Self], weight: &[Self], mean: Self, rstd: Self, dx: &mut [Self], dweight: &mut [Self], dbias: &mut [Self]) {
+    fn layernorm_backward_row(
+        x: &[Self],
+        dout: &[Self],
+        weight: &[Self],
+        mean: Self,
+        rstd: Self,
+        dx: &mut [Self],
+        dweight: &mut [Self],
+        dbias: &mut [Self],
+    ) {
         kernels::layernorm::backward_row_scalar(x, dout, weight, mean, rstd, dx, dweight, dbias)
     }
 
@@ -165,7 +163,16 @@ impl Float for f32 {
         kernels::layernorm::forward_row_f32(x, weight, bias, out)
     }
 
-    fn layernorm_backward_row(x: &[f32], dout: &[f32], weight: &[f32], mean: f32, rstd: f32, dx: &mut [f32], dweight: &mut [f32], dbias: &mut [f32]) {
+    fn layernorm_backward_row(
+        x: &[f32],
+        dout: &[f32],
+        weight: &[f32],
+        mean: f32,
+        rstd: f32,
+        dx: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+    ) {
         kernels::layernorm::backward_row_f32(x, dout, weight, mean, rstd, dx, dweight, dbias)
     }
 

@@ -87,7 +87,10 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     let get = |key: &str, default: usize| -> Result<usize> {
         match value.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| bad(format!("'{key}' must be a non-negative integer"))),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("'{key}' must be a non-negative integer"))),
         }
     };
     if let Some(t) = value.get("model_type").and_then(Value::as_str) {
@@ -97,7 +100,9 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     }
     let activation = value.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
     if !matches!(activation, "gelu_new" | "gelu_pytorch_tanh") {
-        return Err(bad(format!("activation_function '{activation}' is not supported (GPT-2 uses gelu_new)")));
+        return Err(bad(format!(
+            "activation_function '{activation}' is not supported (GPT-2 uses gelu_new)"
+        )));
     }
     let eps = value.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5);
     if (eps - 1e-5).abs() > 1e-12 {
@@ -109,7 +114,10 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     let n_embd = get("n_embd", 768)?;
     if let Some(inner) = value.get("n_inner").and_then(Value::as_u64) {
         if inner as usize != 4 * n_embd {
-            return Err(bad(format!("n_inner {inner} is not supported (GPT-2 uses 4·n_embd = {})", 4 * n_embd)));
+            return Err(bad(format!(
+                "n_inner {inner} is not supported (GPT-2 uses 4·n_embd = {})",
+                4 * n_embd
+            )));
         }
     }
     let config = ModelConfig {
@@ -130,10 +138,18 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 }
 
 fn safetensors_bytes(tensors: &[(String, &Tensor<f32>)], path: &Path) -> Result<Vec<u8>> {
-    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(t.data()))).collect();
+    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(t.data())))
+        .collect();
     let views: Vec<(String, TensorView)> = buffers
         .iter()
-        .map(|(name, shape, bytes)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| Error::bad_file(path, e.to_string()))?)))
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| Error::bad_file(path, e.to_string()))?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize(views, metadata).map_err(|e| Error::bad_file(path, e.to_string()))
@@ -148,10 +164,24 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(Error::bad_file(path, format!("tensor {name} has dtype {other:?}; expected a float type"))),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("tensor {name} has dtype {other:?}; expected a float type"),
+                ))
+            }
         };
         out.insert(name, Tensor::from_vec(view.shape(), data));
     }
@@ -160,15 +190,31 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
 
 /// Takes each parameter of `config`'s layout out of `tensors`, checking shapes. Names may lack
 /// the `transformer.` prefix (as in some Hugging Face GPT-2 files).
-fn params_from_tensors(config: &ModelConfig, tensors: &mut HashMap<String, Tensor<f32>>, path: &Path, prefix: &str) -> Result<ModelParams<Tensor<f32>>> {
+fn params_from_tensors(
+    config: &ModelConfig,
+    tensors: &mut HashMap<String, Tensor<f32>>,
+    path: &Path,
+    prefix: &str,
+) -> Result<ModelParams<Tensor<f32>>> {
     ModelParams::build(config, |spec| {
         let key = format!("{prefix}{}", spec.name);
         let tensor = tensors
             .remove(&key)
-            .or_else(|| spec.name.strip_prefix("transformer.").and_then(|short| tensors.remove(&format!("{prefix}{short}"))))
+            .or_else(|| {
+                spec.name
+                    .strip_prefix("transformer.")
+                    .and_then(|short| tensors.remove(&format!("{prefix}{short}")))
+            })
             .ok_or_else(|| Error::bad_file(path, format!("tensor '{key}' is missing (does config.json match this file?)")))?;
         if tensor.shape() != spec.shape {
-            return Err(Error::bad_file(path, format!("tensor '{key}' has shape {:?}, but config.json implies {:?}", tensor.shape(), spec.shape)));
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "tensor '{key}' has shape {:?}, but config.json implies {:?}",
+                    tensor.shape(),
+                    spec.shape
+                ),
+            ));
         }
         Ok(tensor)
     })
@@ -202,7 +248,10 @@ pub fn exists(dir: &Path) -> bool {
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     recover_interrupted_save(dir);
     if !dir.is_dir() {
-        return Err(Error::bad_file(dir, "no such checkpoint directory (train one with `multitoken train`)"));
+        return Err(Error::bad_file(
+            dir,
+            "no such checkpoint directory (train one with `multitoken train`)",
+        ));
     }
     let config_path = dir.join(CONFIG_FILE);
     let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -211,27 +260,56 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let mut tensors = read_safetensors(&model_path)?;
     let params = params_from_tensors(&config, &mut tensors, &model_path, "")?;
     let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer_json = if tokenizer_path.is_file() { Some(std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?) } else { None };
-    let (optimizer_path, state_path) = (dir.join(OPTIMIZER_FILE), dir.join(TRAIN_STATE_FILE));
-    let resume = if optimizer_path.is_file() && state_path.is_file() {
-        let state_text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let train_state: Value = serde_json::from_str(&state_text).map_err(|e| Error::bad_file(&state_path, format!("not valid JSON ({e})")))?;
-        let mut moments = read_safetensors(&optimizer_path)?;
-        let m = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg.")?;
-        let v = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg_sq.")?;
-        let t = train_state.get("optimizer_steps").and_then(Value::as_u64).ok_or_else(|| Error::bad_file(&state_path, "missing 'optimizer_steps'"))?;
-        let adam_config = serde_json::from_value(train_state.get("adamw").cloned().unwrap_or(Value::Null))
-            .map_err(|e| Error::bad_file(&state_path, format!("bad 'adamw' settings ({e})")))?;
-        let collect = |p: &ModelParams<Tensor<f32>>| p.named().into_iter().map(|(_, t)| t.clone()).collect();
-        Some(ResumeState { optimizer: AdamW { config: adam_config, m: collect(&m), v: collect(&v), t }, train_state })
+    let tokenizer_json = if tokenizer_path.is_file() {
+        Some(std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?)
     } else {
         None
     };
-    Ok(Checkpoint { config, params, tokenizer_json, resume })
+    let (optimizer_path, state_path) = (dir.join(OPTIMIZER_FILE), dir.join(TRAIN_STATE_FILE));
+    let resume = if optimizer_path.is_file() && state_path.is_file() {
+        let state_text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let train_state: Value =
+            serde_json::from_str(&state_text).map_err(|e| Error::bad_file(&state_path, format!("not valid JSON ({e})")))?;
+        let mut moments = read_safetensors(&optimizer_path)?;
+        let m = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg.")?;
+        let v = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg_sq.")?;
+        let t = train_state
+            .get("optimizer_steps")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::bad_file(&state_path, "missing 'optimizer_steps'"))?;
+        let adam_config = serde_json::from_value(train_state.get("adamw").cloned().unwrap_or(Value::Null))
+            .map_err(|e| Error::bad_file(&state_path, format!("bad 'adamw' settings ({e})")))?;
+        let collect = |p: &ModelParams<Tensor<f32>>| p.named().into_iter().map(|(_, t)| t.clone()).collect();
+        Some(ResumeState {
+            optimizer: AdamW {
+                config: adam_config,
+                m: collect(&m),
+                v: collect(&v),
+                t,
+            },
+            train_state,
+        })
+    } else {
+        None
+    };
+    Ok(Checkpoint {
+        config,
+        params,
+        tokenizer_json,
+        resume,
+    })
 }
 
 /// Files a checkpoint directory may hold; `save` replaces only directories made of these.
-pub const CHECKPOINT_FILES: [&str; 7] = [CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, "metrics.jsonl", "loss.svg"];
+pub const CHECKPOINT_FILES: [&str; 7] = [
+    CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    OPTIMIZER_FILE,
+    TRAIN_STATE_FILE,
+    "metrics.jsonl",
+    "loss.svg",
+];
 
 fn holds_only_checkpoint_files(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
@@ -251,7 +329,11 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     let write = |name: &str, bytes: &[u8]| crate::data::write_atomically(&staging.join(name), bytes);
 
-    let end_of_text = checkpoint.tokenizer_json.as_deref().and_then(|j| crate::data::tokenizer::from_json(j, dir).ok()).and_then(|t| crate::data::tokenizer::end_of_text_id(&t));
+    let end_of_text = checkpoint
+        .tokenizer_json
+        .as_deref()
+        .and_then(|j| crate::data::tokenizer::from_json(j, dir).ok())
+        .and_then(|t| crate::data::tokenizer::end_of_text_id(&t));
     let config = serde_json::to_string_pretty(&hf_config_json(&checkpoint.config, end_of_text)).expect("json");
     write(CONFIG_FILE, config.as_bytes())?;
     write(MODEL_FILE, &safetensors_bytes(&checkpoint.params.named(), &dir.join(MODEL_FILE))?)?;
@@ -280,7 +362,10 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     let _ = std::fs::remove_dir_all(&backup);
     if dir.exists() && !holds_only_checkpoint_files(dir) {
         let _ = std::fs::remove_dir_all(&staging);
-        return Err(Error::bad_file(dir, "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)"));
+        return Err(Error::bad_file(
+            dir,
+            "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)",
+        ));
     }
     if dir.exists() {
         std::fs::rename(dir, &backup).map_err(|e| Error::io(dir, e))?;

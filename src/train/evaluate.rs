@@ -37,7 +37,12 @@ impl Mean {
     fn finish(self) -> Losses {
         let n = self.count.max(1) as f64;
         let head_losses: Vec<f64> = self.heads.iter().map(|h| h / n).collect();
-        Losses { joint_loss: self.joint / n, ntp_loss: head_losses.first().copied().unwrap_or(f64::NAN), head_losses, tokens: self.count }
+        Losses {
+            joint_loss: self.joint / n,
+            ntp_loss: head_losses.first().copied().unwrap_or(f64::NAN),
+            head_losses,
+            tokens: self.count,
+        }
     }
 }
 
@@ -72,7 +77,9 @@ pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, 
         let c = config.n_embd;
         let rows = Tensor::from_vec(&[scored, c], tape.value(h).data()[..scored * c].to_vec());
         let h = tape.leaf(rows, false);
-        let targets: Vec<u32> = (start..start + scored).flat_map(|t| tokens[t + 1..t + 1 + n].iter().copied()).collect();
+        let targets: Vec<u32> = (start..start + scored)
+            .flat_map(|t| tokens[t + 1..t + 1 + n].iter().copied())
+            .collect();
         let out = head_loss(&mut tape, config, &vars, h, &targets);
         mean.add(out.joint_loss, &out.head_losses, scored);
     }

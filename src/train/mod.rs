@@ -21,7 +21,7 @@ use crate::data::{self, batches, tokens};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::model::{gpt2, model_loss, Batch, ModelConfig, ModelParams};
-use crate::tensor::{Rng, Tensor};
+use crate::tensor::{Float, Rng, Tensor};
 
 /// Set by a Ctrl-C or SIGTERM handler: the loop finishes its step, saves and stops.
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -96,24 +96,35 @@ pub struct Dataset {
 impl Dataset {
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::bad_file(dir, "no such data directory (make one with `multitoken data prepare`)"));
+            return Err(Error::bad_file(
+                dir,
+                "no such data directory (make one with `multitoken data prepare`)",
+            ));
         }
         let train = tokens::read(&dir.join(data::TRAIN_FILE))?;
         let val = tokens::read(&dir.join(data::VAL_FILE))?;
         if train.vocab_size != val.vocab_size {
-            return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
+            return Err(Error::bad_file(
+                dir,
+                "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again",
+            ));
         }
         let tokenizer_path = dir.join(data::TOKENIZER_FILE);
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        Ok(Dataset { train: train.tokens, val: val.tokens, vocab_size: train.vocab_size as usize, tokenizer_json })
+        Ok(Dataset {
+            train: train.tokens,
+            val: val.tokens,
+            vocab_size: train.vocab_size as usize,
+            tokenizer_json,
+        })
     }
 }
 
 /// Runs one training step: forward, backward, clipping, AdamW. Returns (objective, grad norm).
-pub fn train_step(
+pub fn train_step<T: Float>(
     config: &ModelConfig,
-    params: &mut ModelParams<Tensor<f32>>,
-    optimizer: &mut AdamW<f32>,
+    params: &mut ModelParams<Tensor<T>>,
+    optimizer: &mut AdamW<T>,
     batch: &Batch,
     lr: f64,
     grad_clip: f64,
@@ -122,15 +133,15 @@ pub fn train_step(
     let mut tape = Tape::new();
     let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
     let out = model_loss(&mut tape, config, &vars, batch);
-    let objective = tape.value(out.objective).item() as f64;
+    let objective = tape.value(out.objective).item().as_f64();
     if !objective.is_finite() {
         return (objective, f64::NAN);
     }
     let mut grads = tape.backward(out.objective);
-    let mut grad_list: Vec<Option<Tensor<f32>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
+    let mut grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
     let norm = clip_grad_norm(&mut grad_list, grad_clip);
     if norm.is_finite() {
-        let grad_refs: Vec<Option<&Tensor<f32>>> = grad_list.iter().map(Option::as_ref).collect();
+        let grad_refs: Vec<Option<&Tensor<T>>> = grad_list.iter().map(Option::as_ref).collect();
         optimizer.step(&mut params.values_mut(), &grad_refs, lr);
     }
     (objective, norm)
@@ -159,7 +170,10 @@ impl Run {
 
     fn plot(&self) -> String {
         let curve = |key: &str| -> Vec<(f64, f64)> {
-            self.metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
+            self.metrics
+                .iter()
+                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
+                .collect()
         };
         let curves = vec![
             ("train loss".to_string(), curve("train_loss")),
@@ -170,15 +184,36 @@ impl Run {
         plot::loss_curves_svg(&title, &curves)
     }
 
-    fn save(&self) -> Result<()> {
+    /// Writes the checkpoint, unless the weights have diverged: a checkpoint is written only if
+    /// `probe` (a validation batch) still has a finite loss under its weights, so the last one
+    /// on disk is always usable.
+    fn save(&self, probe: &Batch) -> Result<()> {
+        let finite = self.params.named().iter().all(|(_, t)| t.data().iter().all(|x| x.is_finite()));
+        let probe_loss = if finite {
+            evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe)).joint_loss
+        } else {
+            f64::NAN
+        };
+        if !probe_loss.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.step,
+                value: probe_loss,
+            });
+        }
         let metrics: String = self.metrics.iter().map(|r| format!("{r}\n")).collect();
         let checkpoint = Checkpoint {
             config: self.config.clone(),
             params: self.params.clone(),
             tokenizer_json: Some(self.tokenizer_json.clone()),
-            resume: Some(ResumeState { optimizer: self.optimizer.clone(), train_state: json!({ "step": self.step, "settings": self.settings }) }),
+            resume: Some(ResumeState {
+                optimizer: self.optimizer.clone(),
+                train_state: json!({ "step": self.step, "settings": self.settings }),
+            }),
         };
-        let extra = vec![("metrics.jsonl".to_string(), metrics.into_bytes()), ("loss.svg".to_string(), self.plot().into_bytes())];
+        let extra = vec![
+            ("metrics.jsonl".to_string(), metrics.into_bytes()),
+            ("loss.svg".to_string(), self.plot().into_bytes()),
+        ];
         checkpoint::save(&self.out_dir, &checkpoint, &extra)
     }
 }
@@ -191,7 +226,11 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
         return invalid!("--lr must be a positive number");
     }
     if s.horizon != 1 || s.rank != 1 {
-        return invalid!("--horizon {} --rank {}: the multi-token head is not supported yet; train with --horizon 1 --rank 1", s.horizon, s.rank);
+        return invalid!(
+            "--horizon {} --rank {}: the multi-token head is not supported yet; train with --horizon 1 --rank 1",
+            s.horizon,
+            s.rank
+        );
     }
     if s.freeze_backbone && s.init_from.is_none() {
         return invalid!("--freeze-backbone trains only the head; pass --init-from CKPT with a trained backbone");
@@ -207,13 +246,20 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         }
         let saved = checkpoint::load(out_dir)?;
         let Some(state) = saved.resume else {
-            return Err(Error::bad_file(out_dir, "this checkpoint has no optimizer state, so it cannot be resumed (use it with --init-from)"));
+            return Err(Error::bad_file(
+                out_dir,
+                "this checkpoint has no optimizer state, so it cannot be resumed (use it with --init-from)",
+            ));
         };
         let settings: TrainSettings = serde_json::from_value(state.train_state["settings"].clone())
             .map_err(|e| Error::bad_file(out_dir.join(checkpoint::TRAIN_STATE_FILE), format!("bad settings ({e})")))?;
         let step = state.train_state["step"].as_u64().unwrap_or(0);
         if saved.config.vocab_size != data.vocab_size {
-            return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
+            return invalid!(
+                "the checkpoint's vocabulary ({}) differs from the data's ({})",
+                saved.config.vocab_size,
+                data.vocab_size
+            );
         }
         // Keep the metrics up to the checkpoint's step: later rows belong to steps being redone.
         let metrics_path = out_dir.join("metrics.jsonl");
@@ -226,11 +272,23 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         let text: String = metrics.iter().map(|r| format!("{r}\n")).collect();
         data::write_atomically(&metrics_path, text.as_bytes())?;
         let tokenizer_json = saved.tokenizer_json.unwrap_or_else(|| data.tokenizer_json.clone());
-        return Ok(Run { out_dir: out_dir.into(), settings, config: saved.config, params: saved.params, optimizer: state.optimizer, tokenizer_json, metrics, step });
+        return Ok(Run {
+            out_dir: out_dir.into(),
+            settings,
+            config: saved.config,
+            params: saved.params,
+            optimizer: state.optimizer,
+            tokenizer_json,
+            metrics,
+            step,
+        });
     }
     check_settings(&settings)?;
     if checkpoint::exists(out_dir) {
-        return Err(Error::bad_file(out_dir, "already holds a checkpoint; pass --resume to continue it, or choose another --out"));
+        return Err(Error::bad_file(
+            out_dir,
+            "already holds a checkpoint; pass --resume to continue it, or choose another --out",
+        ));
     }
     if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
@@ -241,9 +299,17 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     if let Some(init_from) = &settings.init_from {
         let init = checkpoint::load(init_from)?;
         if init.config.vocab_size != data.vocab_size {
-            return invalid!("--init-from has a vocabulary of {}, the data {}; prepare the data with that checkpoint's tokenizer", init.config.vocab_size, data.vocab_size);
+            return invalid!(
+                "--init-from has a vocabulary of {}, the data {}; prepare the data with that checkpoint's tokenizer",
+                init.config.vocab_size,
+                data.vocab_size
+            );
         }
-        config = ModelConfig { horizon: settings.horizon, rank: settings.rank, ..init.config.clone() };
+        config = ModelConfig {
+            horizon: settings.horizon,
+            rank: settings.rank,
+            ..init.config.clone()
+        };
         params = gpt2::init_params::<f32>(&config, &mut rng);
         let head = params.head.take();
         params = ModelParams { head, ..init.params };
@@ -252,15 +318,38 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     if effective_seq > config.n_positions {
         return invalid!("--seq {effective_seq} exceeds the model's n_positions {}", config.n_positions);
     }
-    let settings = TrainSettings { seq: effective_seq, ..settings };
+    let settings = TrainSettings {
+        seq: effective_seq,
+        ..settings
+    };
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let optimizer = AdamW::new(AdamWConfig::default(), &refs);
-    Ok(Run { out_dir: out_dir.into(), settings, config, params, optimizer, tokenizer_json: data.tokenizer_json.clone(), metrics: Vec::new(), step: 0 })
+    Ok(Run {
+        out_dir: out_dir.into(),
+        settings,
+        config,
+        params,
+        optimizer,
+        tokenizer_json: data.tokenizer_json.clone(),
+        metrics: Vec::new(),
+        step: 0,
+    })
+}
+
+/// How a run is driven, apart from its settings.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// continue the checkpoint in the output directory
+    pub resume: bool,
+    pub show_progress: bool,
+    /// Behave as if interrupted once this many steps are done (tests of `--resume` use it).
+    pub stop_after_steps: Option<u64>,
 }
 
 /// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
-pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: bool, show_progress: bool) -> Result<TrainSummary> {
+pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<TrainSummary> {
+    let (resume, show_progress) = (options.resume, options.show_progress);
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, resume)?;
     let s = run.settings.clone();
@@ -268,7 +357,11 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: b
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
     batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
-    let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
+    let warmup = if s.warmup_steps == 0 {
+        (s.steps / 10).min(100)
+    } else {
+        s.warmup_steps
+    };
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();
@@ -276,21 +369,35 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: b
     let mut train_loss = f64::NAN;
     let mut last_val = None;
     while run.step < s.steps {
-        if STOP_REQUESTED.load(Ordering::SeqCst) {
+        if STOP_REQUESTED.load(Ordering::SeqCst) || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
-            run.save()?;
-            return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
+            run.save(&val_batches[0])?;
+            return Err(Error::Interrupted {
+                step: run.step,
+                path: out_dir.into(),
+            });
         }
         let step = run.step;
         let lr = schedule::learning_rate(step, s.steps, warmup, s.lr, s.min_lr_ratio);
         let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
         let tick = Instant::now();
-        let (loss, grad_norm) = train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, lr, s.grad_clip, &trainable);
+        let (loss, grad_norm) = train_step(
+            &run.config,
+            &mut run.params,
+            &mut run.optimizer,
+            &batch,
+            lr,
+            s.grad_clip,
+            &trainable,
+        );
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
             bar.abandon();
-            return Err(Error::NonFiniteLoss { step: step + 1, value: if loss.is_finite() { grad_norm } else { loss } });
+            return Err(Error::NonFiniteLoss {
+                step: step + 1,
+                value: if loss.is_finite() { grad_norm } else { loss },
+            });
         }
         run.step += 1;
         train_loss = loss;
@@ -303,12 +410,20 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: b
         }
         if run.step % s.eval_every.max(1) == 0 || last {
             let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches);
-            bar.println(format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss));
+            let line = format!(
+                "step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}",
+                run.step, val.joint_loss, val.ntp_loss
+            );
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
             run.log(json!({ "step": run.step, "val_joint_loss": val.joint_loss, "val_ntp_loss": val.ntp_loss, "val_head_losses": val.head_losses }));
             last_val = Some(val);
         }
         if (s.save_every > 0 && run.step % s.save_every == 0) || last {
-            run.save()?;
+            run.save(&val_batches[0]).inspect_err(|_| bar.abandon())?;
         }
     }
     bar.finish_and_clear();
@@ -316,7 +431,11 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, resume: b
         Some(v) => v,
         None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
     };
-    let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
+    let tokens_per_s = if steps_timed > 0 {
+        (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64()
+    } else {
+        0.0
+    };
     Ok(TrainSummary {
         steps: run.step,
         train_loss,

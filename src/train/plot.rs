@@ -16,7 +16,11 @@ pub fn loss_curves_svg(title: &str, curves: &[Curve]) -> String {
     svg
 }
 
-fn draw<'a>(root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, title: &str, curves: &[Curve]) -> Result<(), Box<dyn std::error::Error + 'a>> {
+fn draw<'a>(
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    title: &str,
+    curves: &[Curve],
+) -> Result<(), Box<dyn std::error::Error + 'a>> {
     root.fill(&WHITE)?;
     let points = curves.iter().flat_map(|(_, c)| c.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -44,6 +48,10 @@ fn draw<'a>(root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, title: &
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }

@@ -1,0 +1,385 @@
+//! The command line as a user drives it: the whole pipeline on a small synthetic corpus,
+//! `--resume` bit for bit, signals, and one-line errors for bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::temp_dir;
+use multitoken::tensor::Rng;
+use serde_json::Value;
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_multitoken"))
+}
+
+fn run(args: &[&str]) -> Output {
+    binary().args(args).output().expect("runs")
+}
+
+/// Runs a command that must succeed with `--json`; returns its JSON object.
+fn run_json(args: &[&str]) -> Value {
+    let out = binary().args(args).arg("--json").output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "--json prints one line: {stdout}");
+    serde_json::from_str(stdout.trim()).expect("stdout is one JSON object")
+}
+
+/// Runs a command that must fail; returns its stderr, checked to be one line without a panic.
+fn run_error(args: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{args:?} panicked: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected a one-line error, got: {stderr}");
+    assert!(lines[0].starts_with("error"), "{stderr}");
+    lines[0].to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Pseudo-English with some structure to learn: about 60 KB.
+fn write_corpus(path: &Path) {
+    let words = [
+        "the", "whale", "ship", "sea", "captain", "white", "ocean", "harpoon", "sailor", "deck", "wind", "storm", "and", "of", "to", "a",
+        "in", "was", "he", "his", "that", "with", "old", "man", "boat", "water", "night", "day", "called", "me",
+    ];
+    let mut rng = Rng::new(42);
+    let mut text = String::new();
+    while text.len() < 60_000 {
+        let n = 5 + rng.below(10);
+        let sentence: Vec<&str> = (0..n)
+            .map(|i| if i % 3 == 0 { "the" } else { words[rng.below(words.len())] })
+            .collect();
+        text += &sentence.join(" ");
+        text += if rng.below(5) == 0 { ".\n" } else { ". " };
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+struct Workspace {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    corpus: PathBuf,
+    data: PathBuf,
+}
+
+/// A corpus, a tokenizer of 300 tokens and a prepared data directory.
+fn workspace(tag: &str) -> Workspace {
+    let dir = temp_dir(tag);
+    let root = dir.path().to_path_buf();
+    let corpus = root.join("corpus.txt");
+    write_corpus(&corpus);
+    let tokenizer = root.join("tokenizer.json");
+    let summary = run_json(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&tokenizer),
+    ]);
+    assert_eq!(summary["vocab_size"], 300);
+    assert!(summary["bytes_per_token"].as_f64().unwrap() > 1.0);
+    let data = root.join("data");
+    let prepared = run_json(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tokenizer),
+        "--input",
+        s(&corpus),
+        "--out",
+        s(&data),
+    ]);
+    assert!(prepared["train_tokens"].as_u64().unwrap() > 10 * prepared["val_tokens"].as_u64().unwrap());
+    Workspace {
+        _dir: dir,
+        root,
+        corpus,
+        data,
+    }
+}
+
+const TINY: [&str; 10] = [
+    "--model",
+    "tiny",
+    "--batch",
+    "4",
+    "--seq",
+    "32",
+    "--eval-every",
+    "4",
+    "--threads",
+    "2",
+];
+
+fn train_args<'a>(ws: &'a Workspace, out: &'a Path, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--data", s(&ws.data), "--out", s(out), "--steps", steps];
+    args.extend(TINY);
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
+    let ws = workspace("pipeline");
+    let ckpt = ws.root.join("ckpt");
+    let summary = run_json(&train_args(&ws, &ckpt, "30", &["--lr", "3e-3"]));
+    for key in ["steps", "train_loss", "val_joint_loss", "val_ntp_loss", "tokens_per_s"] {
+        assert!(summary.get(key).is_some(), "train JSON lacks {key}: {summary}");
+    }
+    assert_eq!(summary["steps"], 30);
+    // 300-way uniform guessing costs ln 300 = 5.70 nats; the structured corpus is far easier
+    assert!(summary["val_ntp_loss"].as_f64().unwrap() < 4.5, "{summary}");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "train_state.json",
+        "metrics.jsonl",
+        "loss.svg",
+    ] {
+        assert!(ckpt.join(file).is_file(), "checkpoint lacks {file}");
+    }
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["activation_function"], "gelu_new");
+    assert_eq!((config["mtp_horizon"].as_u64(), config["mtp_rank"].as_u64()), (Some(1), Some(1)));
+
+    let eval = run_json(&["eval", "--checkpoint", s(&ckpt), "--text-file", s(&ws.corpus)]);
+    for key in ["joint_loss", "ntp_loss", "head_losses", "tokens"] {
+        assert!(eval.get(key).is_some(), "eval JSON lacks {key}");
+    }
+    assert_eq!(eval["joint_loss"], eval["ntp_loss"]);
+
+    let sample = run_json(&[
+        "sample",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+    ]);
+    for key in ["text", "tokens", "tokens_per_s", "forward_passes", "mean_accepted"] {
+        assert!(sample.get(key).is_some(), "sample JSON lacks {key}");
+    }
+    assert_eq!(sample["tokens"].as_array().unwrap().len(), 12);
+    let again = run_json(&[
+        "sample",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+    ]);
+    assert_eq!(sample["tokens"], again["tokens"], "greedy decoding is deterministic");
+    let seeded = |seed: &str| {
+        run_json(&[
+            "sample",
+            "--checkpoint",
+            s(&ckpt),
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "8",
+            "--top-k",
+            "20",
+            "--seed",
+            seed,
+        ])["tokens"]
+            .clone()
+    };
+    assert_eq!(seeded("5"), seeded("5"), "a seed fixes sampling");
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn resume_after_an_interruption_ends_bit_for_bit_like_an_uninterrupted_run() {
+    let ws = workspace("resume");
+    let straight = ws.root.join("straight");
+    let resumed = ws.root.join("resumed");
+    run_json(&train_args(&ws, &straight, "12", &[]));
+    let out = binary()
+        .args(train_args(&ws, &resumed, "12", &["--stop-after-steps", "6"]))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "an interrupted run exits non-zero");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(resumed.join("train_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+    run_json(&["train", "--data", s(&ws.data), "--out", s(&resumed), "--resume", "--threads", "2"]);
+    assert!(
+        read(&straight.join("model.safetensors")) == read(&resumed.join("model.safetensors")),
+        "weights differ after resuming"
+    );
+    assert!(
+        read(&straight.join("optimizer.safetensors")) == read(&resumed.join("optimizer.safetensors")),
+        "optimizer state differs after resuming"
+    );
+    let metrics = |dir: &Path| {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("val_"))
+            .count()
+    };
+    assert_eq!(metrics(&straight), metrics(&resumed), "resumed metrics log repeats or loses rows");
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_kill_9_resumes_from_the_last_one() {
+    let ws = workspace("signals");
+    let straight = ws.root.join("straight");
+    run_json(&train_args(&ws, &straight, "40", &["--save-every", "5"]));
+
+    let killed = ws.root.join("killed");
+    let wait_for_step = |dir: &Path, at_least: u64| {
+        for _ in 0..600 {
+            let step = std::fs::read_to_string(dir.join("train_state.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| s >= at_least) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("training never reached step {at_least}");
+    };
+    // SIGTERM: the run finishes its step, saves and exits non-zero
+    let mut child = binary()
+        .args(train_args(&ws, &killed, "40", &["--save-every", "5"]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_step(&killed, 5);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "SIGTERM must exit non-zero");
+    assert!(killed.join("model.safetensors").is_file());
+    // kill -9 during a later stretch: resume continues from the last checkpoint written
+    let mut child = binary()
+        .args(["train", "--data", s(&ws.data), "--out", s(&killed), "--resume", "--threads", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_step(&killed, 15);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run_json(&["train", "--data", s(&ws.data), "--out", s(&killed), "--resume", "--threads", "2"]);
+    assert!(
+        read(&straight.join("model.safetensors")) == read(&killed.join("model.safetensors")),
+        "weights differ after SIGTERM and kill -9"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
+    let ws = workspace("errors");
+    let ckpt = ws.root.join("ckpt");
+    run_json(&train_args(&ws, &ckpt, "2", &[]));
+    let weights = read(&ckpt.join("model.safetensors"));
+
+    // bad flags and values
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", "x", "--bogus"]).contains("--bogus"));
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", "x", "--steps", "many"]).contains("many"));
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("y")), "--model", "huge"]).contains("preset"));
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("z")), "--device", "tpu"]).contains("device"));
+    // missing files
+    assert!(run_error(&["train", "--data", s(&ws.root.join("nowhere")), "--out", s(&ws.root.join("w"))]).contains("data prepare"));
+    assert!(run_error(&["eval", "--checkpoint", s(&ws.root.join("nowhere")), "--text-file", s(&ws.corpus)]).contains("no such checkpoint"));
+    assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", s(&ws.root.join("missing.txt"))]).contains("missing.txt"));
+    // an existing checkpoint is not overwritten by a new run
+    assert!(run_error(&train_args(&ws, &ckpt, "2", &[])).contains("--resume"));
+    assert_eq!(read(&ckpt.join("model.safetensors")), weights);
+    // --resume cannot change settings
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--lr", "1"]).contains("--lr"));
+
+    // empty corpus
+    let empty = ws.root.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    assert!(run_error(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&empty),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&ws.root.join("t.json"))
+    ])
+    .contains("empty"));
+    assert!(run_error(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&ckpt.join("tokenizer.json")),
+        "--input",
+        s(&empty),
+        "--out",
+        s(&ws.root.join("d"))
+    ])
+    .contains("tokens"));
+
+    // token ids outside the vocabulary
+    let bad_data = ws.root.join("bad-data");
+    std::fs::create_dir_all(&bad_data).unwrap();
+    for f in ["train.bin", "val.bin", "tokenizer.json"] {
+        std::fs::copy(ws.data.join(f), bad_data.join(f)).unwrap();
+    }
+    let mut tokens = read(&bad_data.join("train.bin"));
+    tokens[16..18].copy_from_slice(&999u16.to_le_bytes());
+    std::fs::write(bad_data.join("train.bin"), tokens).unwrap();
+    assert!(run_error(&["train", "--data", s(&bad_data), "--out", s(&ws.root.join("v"))]).contains("outside the vocabulary"));
+
+    // corrupt checkpoint, and one whose shapes disagree with its config
+    let corrupt = ws.root.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(ckpt.join(f), corrupt.join(f)).unwrap();
+    }
+    std::fs::write(corrupt.join("model.safetensors"), b"not safetensors").unwrap();
+    assert!(run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]).contains("safetensors"));
+    std::fs::copy(ckpt.join("model.safetensors"), corrupt.join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(ckpt.join("config.json"))
+        .unwrap()
+        .replace("\"n_embd\": 64", "\"n_embd\": 32");
+    std::fs::write(corrupt.join("config.json"), config).unwrap();
+    assert!(run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]).contains("shape"));
+
+    // a loss that blows up: stop, name the step, keep the last good checkpoint
+    let blown = ws.root.join("blown");
+    let message = run_error(&train_args(
+        &ws,
+        &blown,
+        "30",
+        &["--lr", "1e6", "--warmup", "10", "--save-every", "1"],
+    ));
+    assert!(message.contains("at step"), "{message}");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(blown.join("train_state.json")).unwrap()).unwrap();
+    assert!(state["step"].as_u64().unwrap() >= 1, "a checkpoint from before the blow-up is kept");
+    let reloaded = run_json(&["eval", "--checkpoint", s(&blown), "--text-file", s(&ws.corpus)]);
+    assert!(
+        reloaded["ntp_loss"].as_f64().unwrap().is_finite(),
+        "the kept checkpoint is a good one"
+    );
+}
