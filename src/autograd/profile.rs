@@ -35,7 +35,7 @@ pub fn profile_report() -> String {
     let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<(&str, OpTimes)> = times.iter().map(|(k, v)| (*k, *v)).collect();
     times.clear();
-    rows.sort_by(|a, b| (b.1.forward + b.1.backward).cmp(&(a.1.forward + a.1.backward)));
+    rows.sort_by_key(|(_, t)| std::cmp::Reverse(t.forward + t.backward));
     let total: f64 = rows.iter().map(|(_, t)| (t.forward + t.backward).as_secs_f64()).sum();
     let mut out = format!(
         "{:<16} {:>8} {:>12} {:>12} {:>7}\n",

@@ -55,7 +55,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<TokenFile> {
         return Err(bad(format!("token width {width} bytes (expected 2 or 4)")));
     }
     let body = &bytes[HEADER_LEN..];
-    if body.len() % width as usize != 0 {
+    if !body.len().is_multiple_of(width as usize) {
         return Err(bad("truncated: the file ends inside a token".into()));
     }
     let tokens: Vec<u32> = if width == 2 {

@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::SharedMut;
 use crate::tensor::Float;
 
 /// How an operand is laid out in memory.
@@ -31,12 +32,6 @@ impl Layout {
 /// Work below which splitting across threads costs more than it saves.
 const PARALLEL_MIN_FLOPS: usize = 1 << 21;
 
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint output blocks to worker threads.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-
 /// `c (m,n) = a (m,k) · b (k,n)`, or `c += a · b` when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c: &mut [T], m: usize, k: usize, n: usize, accumulate: bool) {
@@ -51,7 +46,7 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
     let beta = if accumulate { T::one() } else { T::zero() };
     let threads = rayon::current_num_threads();
     let flops = 2 * m * n * k;
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_ptr = SharedMut::new(c.as_mut_ptr());
     // Split the longer output dimension into blocks, a few per thread.
     let split_rows = m >= n;
     let extent = if split_rows { m } else { n };
@@ -63,7 +58,6 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
     let block = extent.div_ceil(blocks);
     let run = |start: usize| {
         let end = (start + block).min(extent);
-        let c_ptr = c_ptr;
         // SAFETY: strides describe the slices checked above; blocks write disjoint parts of c.
         unsafe {
             if split_rows {
@@ -79,7 +73,7 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
                     rsb,
                     csb,
                     beta,
-                    c_ptr.0.add(start * n),
+                    c_ptr.get().add(start * n),
                     n as isize,
                     1,
                 );
@@ -96,7 +90,7 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
                     rsb,
                     csb,
                     beta,
-                    c_ptr.0.add(start),
+                    c_ptr.get().add(start),
                     n as isize,
                     1,
                 );

@@ -104,7 +104,7 @@ pub fn backward_row_f32(
     dbias: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd_available() && x.len() % 8 == 0 {
+    if super::simd_available() && x.len().is_multiple_of(8) {
         // SAFETY: AVX2 and FMA were detected above.
         return unsafe { backward_row_avx2(x, dout, weight, mean, rstd, dx, dweight, dbias) };
     }
@@ -128,7 +128,7 @@ unsafe fn backward_row_avx2(
     use super::simd;
     use std::arch::x86_64::*;
     let c = x.len();
-    assert!(c % 8 == 0 && dout.len() == c && weight.len() == c && dx.len() == c && dweight.len() == c && dbias.len() == c);
+    assert!(c.is_multiple_of(8) && dout.len() == c && weight.len() == c && dx.len() == c && dweight.len() == c && dbias.len() == c);
     let (vmean, vrstd) = (_mm256_set1_ps(mean), _mm256_set1_ps(rstd));
     let (mut sum_dnorm, mut sum_dnorm_norm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for j in (0..c).step_by(8) {

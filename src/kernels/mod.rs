@@ -10,6 +10,25 @@ pub mod layernorm;
 mod simd;
 pub mod softmax;
 
+/// A raw pointer that may cross threads; used where parallel tasks write disjoint,
+/// non-contiguous parts of one buffer (GEMM blocks, attention heads).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(*mut T);
+// SAFETY: every user writes disjoint elements from each task.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    pub(crate) fn new(ptr: *mut T) -> Self {
+        SharedMut(ptr)
+    }
+
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// True when the AVX2+FMA loops can run on this CPU.
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]

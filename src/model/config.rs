@@ -56,7 +56,7 @@ impl ModelConfig {
         if self.n_embd == 0 || self.n_layer == 0 || self.n_head == 0 || self.n_positions == 0 {
             return invalid!("n_embd, n_layer, n_head and n_positions must all be positive");
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return invalid!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head);
         }
         if self.horizon == 0 || self.rank == 0 {

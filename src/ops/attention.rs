@@ -10,8 +10,8 @@
 
 use rayon::prelude::*;
 
-use super::SharedMut;
 use crate::autograd::{Tape, Var};
+use crate::kernels::SharedMut;
 use crate::tensor::{Float, Tensor};
 
 const BLOCK: usize = 64;
@@ -88,12 +88,11 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
     // probs (B, H, T, T): row i holds P[i, 0..=i], zeros after.
     let mut probs = vec![T::zero(); batch * n_head * seq * seq];
     let mut out = vec![T::zero(); batch * seq * width];
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
     let x = input.data().as_ptr() as usize;
     probs.par_chunks_mut(seq * seq).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / n_head, bh % n_head);
         let x = x as *const T;
-        let out_ptr = out_ptr;
         for (r0, r1) in row_blocks(seq) {
             // SAFETY: offsets stay inside qkv/out/probs; each (b, h) writes only its own head's columns.
             unsafe {
@@ -108,7 +107,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
             }
             unsafe {
                 let v = (x.add(layout.qkv_offset(b, h, 2, 0)), 3 * width, 1);
-                let p_block = (p.as_ptr().add(r0 * seq) as *const T, seq, 1);
+                let p_block = (p.as_ptr().add(r0 * seq), seq, 1);
                 gemm(
                     r1 - r0,
                     r1,
@@ -117,7 +116,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                     p_block,
                     v,
                     T::zero(),
-                    (out_ptr.0.add(layout.out_offset(b, h, r0)), width),
+                    (out_ptr.get().add(layout.out_offset(b, h, r0)), width),
                 );
             }
         }
@@ -126,7 +125,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
     let out = Tensor::from_vec(&[batch * seq, width], out);
     tape.record("attention", out, &[qkv], move |grad, _| {
         let mut dqkv = vec![T::zero(); input.len()];
-        let d_ptr = SharedMut(dqkv.as_mut_ptr());
+        let d_ptr = SharedMut::new(dqkv.as_mut_ptr());
         let x = input.data().as_ptr() as usize;
         let g = grad.data().as_ptr() as usize;
         probs.par_chunks(seq * seq).enumerate().for_each(|(bh, p)| {
@@ -152,7 +151,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                         p_t,
                         dout,
                         T::one(),
-                        (d.0.add(layout.qkv_offset(b, h, 2, 0)), 3 * width),
+                        (d.get().add(layout.qkv_offset(b, h, 2, 0)), 3 * width),
                     );
                 }
                 // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the 1/√hs of the forward
@@ -176,7 +175,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                         ds,
                         k,
                         T::one(),
-                        (d.0.add(layout.qkv_offset(b, h, 0, r0)), 3 * width),
+                        (d.get().add(layout.qkv_offset(b, h, 0, r0)), 3 * width),
                     );
                     // dk += dSᵀ · q
                     let ds_t = (dscores.as_ptr().add(r0 * seq), 1, seq);
@@ -189,7 +188,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                         ds_t,
                         q,
                         T::one(),
-                        (d.0.add(layout.qkv_offset(b, h, 1, 0)), 3 * width),
+                        (d.get().add(layout.qkv_offset(b, h, 1, 0)), 3 * width),
                     );
                 }
             }

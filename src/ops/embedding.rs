@@ -11,7 +11,11 @@ use crate::tensor::{Float, Tensor};
 pub fn embedding<T: Float>(tape: &mut Tape<T>, wte: Var, wpe: Var, tokens: &[u32], seq: usize, position_offset: usize) -> Var {
     let (table, positions) = (tape.value(wte).clone(), tape.value(wpe).clone());
     let (v, c) = (table.shape()[0], table.shape()[1]);
-    assert!(tokens.len() % seq == 0, "embedding: {} tokens are not rows of {seq}", tokens.len());
+    assert!(
+        tokens.len().is_multiple_of(seq),
+        "embedding: {} tokens are not rows of {seq}",
+        tokens.len()
+    );
     assert!(
         position_offset + seq <= positions.shape()[0],
         "embedding: position beyond n_positions"

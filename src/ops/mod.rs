@@ -55,14 +55,6 @@ pub(crate) fn column_sums<T: Float>(x: &[T], cols: usize) -> Vec<T> {
     total
 }
 
-/// A raw pointer that may cross threads; used where parallel tasks write disjoint,
-/// non-contiguous parts of one buffer (attention heads are columns of the same rows).
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut<T>(pub *mut T);
-// SAFETY: every user writes disjoint elements from each task.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
 #[cfg(test)]
 pub(crate) mod testing {
     //! Helpers for the per-op gradient checks.
