@@ -143,7 +143,7 @@ class Model(nn.Module):
         if self.mtp is None:
             logits = h @ wte.T
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets[..., 0].reshape(-1))
-            return loss, loss, loss.view(1), torch.zeros((), dtype=h.dtype)
+            return loss, loss, loss.view(1), torch.ones((), dtype=h.dtype)  # aux ≡ 1 for r = 1
         cfg = self.cfg
         # z[b,t,α,s,:] = W[α,s] h[b,t]  (out = W · h)
         z = torch.einsum("asij,btj->btasi", self.mtp.expand.weight, h)
@@ -159,6 +159,8 @@ class Model(nn.Module):
         w = log_w.exp()
         f = F.one_hot(w.argmax(-1), cfg.rank).to(w.dtype).mean(dim=(0, 1))
         aux = cfg.rank * (f * w.mean(dim=(0, 1))).sum()
+        if cfg.rank == 1:  # aux ≡ 1: a constant, left out of the objective
+            return joint, joint, heads, aux
         return joint + aux_coef * aux, joint, heads, aux
 
     def next_token_logits(self, idx):

@@ -10,7 +10,7 @@ use crate::invalid;
 use crate::model::{gpt2, Batch, ModelConfig};
 use crate::tensor::{Rng, Tensor};
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::train_step;
+use crate::train::{train_step, StepConfig};
 
 pub const WARMUP_STEPS: usize = 3;
 
@@ -52,9 +52,6 @@ pub fn bench_train(
     steps: usize,
 ) -> Result<BenchTrainResult> {
     let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
-    if config.has_head() {
-        return invalid!("--horizon {horizon} --rank {rank}: the multi-token head is not supported yet");
-    }
     if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
         return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
     }
@@ -64,13 +61,11 @@ pub fn bench_train(
     let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
     let mut times = Vec::new();
     for step in 0..WARMUP_STEPS + steps {
-        let rows: Vec<Vec<u32>> = (0..batch)
-            .map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect())
-            .collect();
+        let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let data = Batch::from_rows(&row_refs, seq, horizon);
         let tick = Instant::now();
-        train_step(&config, &mut params, &mut optimizer, &data, 1e-4, 1.0, &|_| true);
+        train_step(&config, &mut params, &mut optimizer, &data, StepConfig { lr: 1e-4, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true);
         if step >= WARMUP_STEPS {
             times.push(tick.elapsed().as_secs_f64() * 1e3);
         }

@@ -25,10 +25,7 @@ impl Error {
     }
 
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::BadFile {
-            path: path.into(),
-            message: message.into(),
-        }
+        Error::BadFile { path: path.into(), message: message.into() }
     }
 }
 

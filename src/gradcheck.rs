@@ -39,12 +39,7 @@ pub struct GradcheckOptions {
 
 impl Default for GradcheckOptions {
     fn default() -> Self {
-        GradcheckOptions {
-            eps: 1e-3,
-            max_coordinates_per_input: 0,
-            seed: 0,
-            floor: 1e-4,
-        }
+        GradcheckOptions { eps: 1e-3, max_coordinates_per_input: 0, seed: 0, floor: 1e-4 }
     }
 }
 

@@ -19,11 +19,7 @@ use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "multitoken",
-    version,
-    about = "GPT-2 with a rank-r CP multi-token head: train, evaluate, decode"
-)]
+#[command(name = "multitoken", version, about = "GPT-2 with a rank-r CP multi-token head: train, evaluate, decode")]
 struct Cli {
     /// Print exactly one JSON object on stdout
     #[arg(long, global = true)]
@@ -172,12 +168,7 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn config(&self) -> SamplingConfig {
-        SamplingConfig {
-            greedy: self.greedy,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-        }
+        SamplingConfig { greedy: self.greedy, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
     }
 }
 
@@ -245,27 +236,13 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
     match &cli.command {
         Command::Tokenizer(TokenizerCommand::Train { input, vocab_size, out }) => {
             let summary = tokenizer::train(input, *vocab_size, out, !cli.json)?;
-            let text = format!(
-                "tokenizer: {} tokens, {:.3} bytes per token → {}",
-                summary.vocab_size,
-                summary.bytes_per_token,
-                out.display()
-            );
+            let text =
+                format!("tokenizer: {} tokens, {:.3} bytes per token → {}", summary.vocab_size, summary.bytes_per_token, out.display());
             Ok((serde_json::to_value(summary)?, text))
         }
-        Command::Data(DataCommand::Prepare {
-            tokenizer,
-            input,
-            out,
-            val_fraction,
-        }) => {
+        Command::Data(DataCommand::Prepare { tokenizer, input, out, val_fraction }) => {
             let summary = data::prepare(tokenizer, input, out, *val_fraction)?;
-            let text = format!(
-                "data: {} train tokens, {} validation tokens → {}",
-                summary.train_tokens,
-                summary.val_tokens,
-                out.display()
-            );
+            let text = format!("data: {} train tokens, {} validation tokens → {}", summary.train_tokens, summary.val_tokens, out.display());
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Train(args) => {
@@ -311,11 +288,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
-            let options = train::RunOptions {
-                resume: args.resume,
-                show_progress: true,
-                stop_after_steps: args.stop_after_steps,
-            };
+            let options = train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps };
             let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",
@@ -355,14 +328,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             }
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
-            let generation = decode::generate(
-                &ckpt.config,
-                &ckpt.params,
-                &prompt,
-                args.max_new_tokens,
-                &args.sampling.config(),
-                args.sampling.seed,
-            )?;
+            let generation =
+                decode::generate(&ckpt.config, &ckpt.params, &prompt, args.max_new_tokens, &args.sampling.config(), args.sampling.seed)?;
             let continuation = tokenizer::decode(&tok, &generation.tokens)?;
             let value = json!({
                 "text": continuation,
@@ -382,16 +349,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             );
             Ok((value, text))
         }
-        Command::Bench(BenchCommand::Train {
-            model,
-            vocab_size,
-            horizon,
-            rank,
-            batch,
-            seq,
-            steps,
-            device,
-        }) => {
+        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device }) => {
             check_device(device)?;
             let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps)?;
             if multitoken::autograd::profiling_enabled() {

@@ -33,10 +33,7 @@ fn run_error(args: &[&str]) -> String {
     let out = run(args);
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success(), "{args:?} should fail");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
-        "{args:?} panicked: {stderr}"
-    );
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{args:?} panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected a one-line error, got: {stderr}");
     assert!(lines[0].starts_with("error"), "{stderr}");
@@ -57,9 +54,7 @@ fn write_corpus(path: &Path) {
     let mut text = String::new();
     while text.len() < 60_000 {
         let n = 5 + rng.below(10);
-        let sentence: Vec<&str> = (0..n)
-            .map(|i| if i % 3 == 0 { "the" } else { words[rng.below(words.len())] })
-            .collect();
+        let sentence: Vec<&str> = (0..n).map(|i| if i % 3 == 0 { "the" } else { words[rng.below(words.len())] }).collect();
         text += &sentence.join(" ");
         text += if rng.below(5) == 0 { ".\n" } else { ". " };
     }
@@ -80,50 +75,16 @@ fn workspace(tag: &str) -> Workspace {
     let corpus = root.join("corpus.txt");
     write_corpus(&corpus);
     let tokenizer = root.join("tokenizer.json");
-    let summary = run_json(&[
-        "tokenizer",
-        "train",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&tokenizer),
-    ]);
+    let summary = run_json(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300", "--out", s(&tokenizer)]);
     assert_eq!(summary["vocab_size"], 300);
     assert!(summary["bytes_per_token"].as_f64().unwrap() > 1.0);
     let data = root.join("data");
-    let prepared = run_json(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tokenizer),
-        "--input",
-        s(&corpus),
-        "--out",
-        s(&data),
-    ]);
+    let prepared = run_json(&["data", "prepare", "--tokenizer", s(&tokenizer), "--input", s(&corpus), "--out", s(&data)]);
     assert!(prepared["train_tokens"].as_u64().unwrap() > 10 * prepared["val_tokens"].as_u64().unwrap());
-    Workspace {
-        _dir: dir,
-        root,
-        corpus,
-        data,
-    }
+    Workspace { _dir: dir, root, corpus, data }
 }
 
-const TINY: [&str; 10] = [
-    "--model",
-    "tiny",
-    "--batch",
-    "4",
-    "--seq",
-    "32",
-    "--eval-every",
-    "4",
-    "--threads",
-    "2",
-];
+const TINY: [&str; 10] = ["--model", "tiny", "--batch", "4", "--seq", "32", "--eval-every", "4", "--threads", "2"];
 
 fn train_args<'a>(ws: &'a Workspace, out: &'a Path, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train", "--data", s(&ws.data), "--out", s(out), "--steps", steps];
@@ -143,15 +104,9 @@ fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
     assert_eq!(summary["steps"], 30);
     // 300-way uniform guessing costs ln 300 = 5.70 nats; the structured corpus is far easier
     assert!(summary["val_ntp_loss"].as_f64().unwrap() < 4.5, "{summary}");
-    for file in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "optimizer.safetensors",
-        "train_state.json",
-        "metrics.jsonl",
-        "loss.svg",
-    ] {
+    for file in
+        ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "train_state.json", "metrics.jsonl", "loss.svg"]
+    {
         assert!(ckpt.join(file).is_file(), "checkpoint lacks {file}");
     }
     let config: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
@@ -165,45 +120,16 @@ fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
     }
     assert_eq!(eval["joint_loss"], eval["ntp_loss"]);
 
-    let sample = run_json(&[
-        "sample",
-        "--checkpoint",
-        s(&ckpt),
-        "--prompt",
-        "the whale",
-        "--max-new-tokens",
-        "12",
-        "--greedy",
-    ]);
+    let sample = run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "12", "--greedy"]);
     for key in ["text", "tokens", "tokens_per_s", "forward_passes", "mean_accepted"] {
         assert!(sample.get(key).is_some(), "sample JSON lacks {key}");
     }
     assert_eq!(sample["tokens"].as_array().unwrap().len(), 12);
-    let again = run_json(&[
-        "sample",
-        "--checkpoint",
-        s(&ckpt),
-        "--prompt",
-        "the whale",
-        "--max-new-tokens",
-        "12",
-        "--greedy",
-    ]);
+    let again = run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "12", "--greedy"]);
     assert_eq!(sample["tokens"], again["tokens"], "greedy decoding is deterministic");
     let seeded = |seed: &str| {
-        run_json(&[
-            "sample",
-            "--checkpoint",
-            s(&ckpt),
-            "--prompt",
-            "the",
-            "--max-new-tokens",
-            "8",
-            "--top-k",
-            "20",
-            "--seed",
-            seed,
-        ])["tokens"]
+        run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the", "--max-new-tokens", "8", "--top-k", "20", "--seed", seed])
+            ["tokens"]
             .clone()
     };
     assert_eq!(seeded("5"), seeded("5"), "a seed fixes sampling");
@@ -219,29 +145,17 @@ fn resume_after_an_interruption_ends_bit_for_bit_like_an_uninterrupted_run() {
     let straight = ws.root.join("straight");
     let resumed = ws.root.join("resumed");
     run_json(&train_args(&ws, &straight, "12", &[]));
-    let out = binary()
-        .args(train_args(&ws, &resumed, "12", &["--stop-after-steps", "6"]))
-        .output()
-        .unwrap();
+    let out = binary().args(train_args(&ws, &resumed, "12", &["--stop-after-steps", "6"])).output().unwrap();
     assert_eq!(out.status.code(), Some(130), "an interrupted run exits non-zero");
     let state: Value = serde_json::from_str(&std::fs::read_to_string(resumed.join("train_state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 6);
     run_json(&["train", "--data", s(&ws.data), "--out", s(&resumed), "--resume", "--threads", "2"]);
-    assert!(
-        read(&straight.join("model.safetensors")) == read(&resumed.join("model.safetensors")),
-        "weights differ after resuming"
-    );
+    assert!(read(&straight.join("model.safetensors")) == read(&resumed.join("model.safetensors")), "weights differ after resuming");
     assert!(
         read(&straight.join("optimizer.safetensors")) == read(&resumed.join("optimizer.safetensors")),
         "optimizer state differs after resuming"
     );
-    let metrics = |dir: &Path| {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("val_"))
-            .count()
-    };
+    let metrics = |dir: &Path| std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("val_")).count();
     assert_eq!(metrics(&straight), metrics(&resumed), "resumed metrics log repeats or loses rows");
 }
 
@@ -266,11 +180,8 @@ fn sigterm_writes_a_checkpoint_and_kill_9_resumes_from_the_last_one() {
         panic!("training never reached step {at_least}");
     };
     // SIGTERM: the run finishes its step, saves and exits non-zero
-    let mut child = binary()
-        .args(train_args(&ws, &killed, "40", &["--save-every", "5"]))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        binary().args(train_args(&ws, &killed, "40", &["--save-every", "5"])).stderr(std::process::Stdio::null()).spawn().unwrap();
     wait_for_step(&killed, 5);
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();
@@ -317,17 +228,8 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     // empty corpus
     let empty = ws.root.join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    assert!(run_error(&[
-        "tokenizer",
-        "train",
-        "--input",
-        s(&empty),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&ws.root.join("t.json"))
-    ])
-    .contains("empty"));
+    assert!(run_error(&["tokenizer", "train", "--input", s(&empty), "--vocab-size", "300", "--out", s(&ws.root.join("t.json"))])
+        .contains("empty"));
     assert!(run_error(&[
         "data",
         "prepare",
@@ -360,26 +262,16 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     std::fs::write(corrupt.join("model.safetensors"), b"not safetensors").unwrap();
     assert!(run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]).contains("safetensors"));
     std::fs::copy(ckpt.join("model.safetensors"), corrupt.join("model.safetensors")).unwrap();
-    let config = std::fs::read_to_string(ckpt.join("config.json"))
-        .unwrap()
-        .replace("\"n_embd\": 64", "\"n_embd\": 32");
+    let config = std::fs::read_to_string(ckpt.join("config.json")).unwrap().replace("\"n_embd\": 64", "\"n_embd\": 32");
     std::fs::write(corrupt.join("config.json"), config).unwrap();
     assert!(run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]).contains("shape"));
 
     // a loss that blows up: stop, name the step, keep the last good checkpoint
     let blown = ws.root.join("blown");
-    let message = run_error(&train_args(
-        &ws,
-        &blown,
-        "30",
-        &["--lr", "1e6", "--warmup", "10", "--save-every", "1"],
-    ));
+    let message = run_error(&train_args(&ws, &blown, "30", &["--lr", "1e6", "--warmup", "10", "--save-every", "1"]));
     assert!(message.contains("at step"), "{message}");
     let state: Value = serde_json::from_str(&std::fs::read_to_string(blown.join("train_state.json")).unwrap()).unwrap();
     assert!(state["step"].as_u64().unwrap() >= 1, "a checkpoint from before the blow-up is kept");
     let reloaded = run_json(&["eval", "--checkpoint", s(&blown), "--text-file", s(&ws.corpus)]);
-    assert!(
-        reloaded["ntp_loss"].as_f64().unwrap().is_finite(),
-        "the kept checkpoint is a good one"
-    );
+    assert!(reloaded["ntp_loss"].as_f64().unwrap().is_finite(), "the kept checkpoint is a good one");
 }

@@ -70,10 +70,7 @@ impl<T: Float> Tape<T> {
 
     /// A tape for inference: ops compute values but record no backward rules.
     pub fn inference() -> Self {
-        Tape {
-            grad_enabled: false,
-            ..Self::new()
-        }
+        Tape { grad_enabled: false, ..Self::new() }
     }
 
     /// Adds a leaf value: a parameter (`requires_grad`) or a constant input.
@@ -112,12 +109,7 @@ impl<T: Float> Tape<T> {
         self.requires_grad.push(needs_grad);
         let var = Var(self.values.len() - 1);
         if needs_grad {
-            self.steps.push(Step {
-                op,
-                inputs: inputs.to_vec(),
-                output: var,
-                rule: Box::new(rule),
-            });
+            self.steps.push(Step { op, inputs: inputs.to_vec(), output: var, rule: Box::new(rule) });
         }
         var
     }
@@ -144,11 +136,7 @@ impl<T: Float> Tape<T> {
             if let Some(start) = start {
                 profile::add_backward(step.op, start.elapsed());
             }
-            assert_eq!(
-                input_grads.len(),
-                step.inputs.len(),
-                "a backward rule returned the wrong number of gradients"
-            );
+            assert_eq!(input_grads.len(), step.inputs.len(), "a backward rule returned the wrong number of gradients");
             for ((input, grad), need) in step.inputs.iter().zip(input_grads).zip(needs) {
                 let Some(grad) = grad.filter(|_| need) else { continue };
                 match &mut grads[input.0] {

@@ -37,17 +37,10 @@ pub fn profile_report() -> String {
     times.clear();
     rows.sort_by_key(|(_, t)| std::cmp::Reverse(t.forward + t.backward));
     let total: f64 = rows.iter().map(|(_, t)| (t.forward + t.backward).as_secs_f64()).sum();
-    let mut out = format!(
-        "{:<16} {:>8} {:>12} {:>12} {:>7}\n",
-        "op", "calls", "forward ms", "backward ms", "share"
-    );
+    let mut out = format!("{:<16} {:>8} {:>12} {:>12} {:>7}\n", "op", "calls", "forward ms", "backward ms", "share");
     for (op, t) in rows {
         let (f, b) = (t.forward.as_secs_f64() * 1e3, t.backward.as_secs_f64() * 1e3);
-        out += &format!(
-            "{op:<16} {:>8} {f:>12.1} {b:>12.1} {:>6.1}%\n",
-            t.calls,
-            100.0 * (f + b) / 1e3 / total.max(1e-12)
-        );
+        out += &format!("{op:<16} {:>8} {f:>12.1} {b:>12.1} {:>6.1}%\n", t.calls, 100.0 * (f + b) / 1e3 / total.max(1e-12));
     }
     out
 }

@@ -26,20 +26,14 @@ pub fn training_batch(tokens: &[u32], batch: usize, seq: usize, horizon: usize, 
     check_length(tokens, seq, horizon, "the training split")?;
     let mut rng = Rng::for_stream(seed, BATCH_STREAM, step);
     let starts = tokens.len() - (seq + horizon) + 1;
-    let rows: Vec<&[u32]> = (0..batch)
-        .map(|_| rng.below(starts))
-        .map(|o| &tokens[o..o + seq + horizon])
-        .collect();
+    let rows: Vec<&[u32]> = (0..batch).map(|_| rng.below(starts)).map(|o| &tokens[o..o + seq + horizon]).collect();
     Ok(Batch::from_rows(&rows, seq, horizon))
 }
 
 /// Fixed validation batches: consecutive rows (stride T) from the start, at most `max_batches`.
 pub fn validation_batches(tokens: &[u32], batch: usize, seq: usize, horizon: usize, max_batches: usize) -> Result<Vec<Batch>> {
     check_length(tokens, seq, horizon, "the validation split")?;
-    let offsets: Vec<usize> = (0..=tokens.len() - (seq + horizon))
-        .step_by(seq)
-        .take(batch * max_batches)
-        .collect();
+    let offsets: Vec<usize> = (0..=tokens.len() - (seq + horizon)).step_by(seq).take(batch * max_batches).collect();
     Ok(offsets
         .chunks(batch)
         .map(|chunk| {

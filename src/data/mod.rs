@@ -65,10 +65,7 @@ pub fn prepare(tokenizer_path: &Path, inputs: &[PathBuf], out_dir: &Path, val_fr
     }
     let min_tokens = 64;
     if tokens.len() < min_tokens {
-        return invalid!(
-            "the corpus has {} tokens; need at least {min_tokens} (the input files are empty or nearly so)",
-            tokens.len()
-        );
+        return invalid!("the corpus has {} tokens; need at least {min_tokens} (the input files are empty or nearly so)", tokens.len());
     }
     let val_tokens = ((tokens.len() as f64 * val_fraction).round() as usize).clamp(1, tokens.len() - 1);
     let split = tokens.len() - val_tokens;
@@ -78,9 +75,5 @@ pub fn prepare(tokenizer_path: &Path, inputs: &[PathBuf], out_dir: &Path, val_fr
     tokens::write(&out_dir.join(VAL_FILE), vocab_size, &tokens[split..])?;
     let json = std::fs::read(tokenizer_path).map_err(|e| Error::io(tokenizer_path, e))?;
     write_atomically(&out_dir.join(TOKENIZER_FILE), &json)?;
-    Ok(PrepareSummary {
-        train_tokens: split,
-        val_tokens,
-        vocab_size: vocab_size as usize,
-    })
+    Ok(PrepareSummary { train_tokens: split, val_tokens, vocab_size: vocab_size as usize })
 }

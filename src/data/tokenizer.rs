@@ -46,10 +46,7 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
     let input_bytes = check_inputs(inputs)?;
     let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
     if vocab_size < alphabet.len() + 1 {
-        return invalid!(
-            "--vocab-size {vocab_size} is too small: a byte-level vocabulary needs at least {}",
-            alphabet.len() + 1
-        );
+        return invalid!("--vocab-size {vocab_size} is too small: a byte-level vocabulary needs at least {}", alphabet.len() + 1);
     }
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(show_progress)
@@ -67,16 +64,12 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
         .build()
         .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))?;
     let files: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-    tokenizer
-        .train_from_files(&mut trainer, files)
-        .map_err(|e| Error::Invalid(format!("training the tokenizer: {e}")))?;
+    tokenizer.train_from_files(&mut trainer, files).map_err(|e| Error::Invalid(format!("training the tokenizer: {e}")))?;
     let tokenizer: Tokenizer = tokenizer.into();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let json = tokenizer
-        .to_string(true)
-        .map_err(|e| Error::Invalid(format!("serialising the tokenizer: {e}")))?;
+    let json = tokenizer.to_string(true).map_err(|e| Error::Invalid(format!("serialising the tokenizer: {e}")))?;
     crate::data::write_atomically(out, json.as_bytes())?;
     let mut input_tokens = 0;
     for path in inputs {
@@ -92,17 +85,13 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
 
 pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
-        return Err(Error::bad_file(
-            path,
-            "no such tokenizer file (make one with `multitoken tokenizer train`)",
-        ));
+        return Err(Error::bad_file(path, "no such tokenizer file (make one with `multitoken tokenizer train`)"));
     }
     Tokenizer::from_file(path).map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
 }
 
 pub fn from_json(json: &str, path: &Path) -> Result<Tokenizer> {
-    json.parse::<Tokenizer>()
-        .map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
+    json.parse::<Tokenizer>().map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
 }
 
 pub fn read_text(path: &Path) -> Result<String> {
@@ -130,16 +119,12 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         pieces.push(&text[start..end]);
         start = end;
     }
-    let encodings = tokenizer
-        .encode_batch(pieces, false)
-        .map_err(|e| Error::Invalid(format!("tokenizing: {e}")))?;
+    let encodings = tokenizer.encode_batch(pieces, false).map_err(|e| Error::Invalid(format!("tokenizing: {e}")))?;
     Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
 }
 
 pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .decode(ids, false)
-        .map_err(|e| Error::Invalid(format!("detokenizing: {e}")))
+    tokenizer.decode(ids, false).map_err(|e| Error::Invalid(format!("detokenizing: {e}")))
 }
 
 /// The id of `<|endoftext|>`, if the tokenizer has it.

@@ -9,6 +9,7 @@ use crate::autograd::Tape;
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{gpt2, ModelConfig, ModelParams};
+use crate::ops::cp_head;
 use crate::tensor::{Rng, Tensor};
 
 #[derive(Clone, Debug)]
@@ -31,16 +32,16 @@ impl Generation {
     }
 }
 
-/// Next-token logits at the last position of `context`.
-pub fn next_token_logits(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, context: &[u32]) -> Vec<f32> {
+/// Next-token log-probabilities (the head's horizon-0 marginal) at the last position of `context`.
+pub fn next_token_log_probs(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, context: &[u32]) -> Vec<f32> {
     let mut tape = Tape::inference();
     let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
     let h = gpt2::hidden_states(&mut tape, config, &vars, context, context.len());
     let c = config.n_embd;
-    let last = Tensor::from_vec(&[1, c], tape.value(h).data()[(context.len() - 1) * c..].to_vec());
-    let last = tape.leaf(last, false);
-    let logits = gpt2::next_token_logits(&mut tape, &vars, last);
-    tape.value(logits).data().to_vec()
+    let last = &tape.value(h).data()[(context.len() - 1) * c..];
+    let head = params.head.as_ref();
+    let gate = head.filter(|_| config.rank > 1).map(|p| (&p.gate_weight, &p.gate_bias));
+    cp_head::next_token_log_probs(last, &params.wte, head.map(|p| &p.expand_weight), gate, config.horizon, config.rank)
 }
 
 /// Generates `max_new_tokens` after `prompt`.
@@ -61,17 +62,10 @@ pub fn generate(
     let started = Instant::now();
     for _ in 0..max_new_tokens {
         let context = &sequence[sequence.len().saturating_sub(config.n_positions)..];
-        let logits = next_token_logits(config, params, context);
-        let next = if sampling.greedy {
-            sampling::argmax(&logits)
-        } else {
-            sampling::draw(&sampling::distribution(&logits, sampling), &mut rng)
-        };
+        let logits = next_token_log_probs(config, params, context);
+        let next =
+            if sampling.greedy { sampling::argmax(&logits) } else { sampling::draw(&sampling::distribution(&logits, sampling), &mut rng) };
         sequence.push(next);
     }
-    Ok(Generation {
-        tokens: sequence[prompt.len()..].to_vec(),
-        forward_passes: max_new_tokens,
-        elapsed_s: started.elapsed().as_secs_f64(),
-    })
+    Ok(Generation { tokens: sequence[prompt.len()..].to_vec(), forward_passes: max_new_tokens, elapsed_s: started.elapsed().as_secs_f64() })
 }

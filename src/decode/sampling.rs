@@ -17,12 +17,7 @@ pub struct SamplingConfig {
 
 impl SamplingConfig {
     pub fn greedy() -> Self {
-        SamplingConfig {
-            greedy: true,
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        }
+        SamplingConfig { greedy: true, temperature: 1.0, top_k: 0, top_p: 1.0 }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -63,11 +58,7 @@ pub fn distribution(logits: &[f32], config: &SamplingConfig) -> Vec<f64> {
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
         let total: f64 = probs.iter().sum();
-        let keep_k = if config.top_k > 0 {
-            config.top_k.min(order.len())
-        } else {
-            order.len()
-        };
+        let keep_k = if config.top_k > 0 { config.top_k.min(order.len()) } else { order.len() };
         let (mut kept, mut mass) = (0, 0.0);
         for &i in &order[..keep_k] {
             kept += 1;
@@ -104,12 +95,7 @@ mod tests {
     use super::*;
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> SamplingConfig {
-        SamplingConfig {
-            greedy: false,
-            temperature,
-            top_k,
-            top_p,
-        }
+        SamplingConfig { greedy: false, temperature, top_k, top_p }
     }
 
     #[test]

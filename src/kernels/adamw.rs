@@ -65,10 +65,7 @@ unsafe fn update_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut 
     for i in (0..lanes).step_by(8) {
         let g = _mm256_loadu_ps(grads.as_ptr().add(i));
         let mi = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m.as_ptr().add(i))), _mm256_mul_ps(one_b1, g));
-        let vi = _mm256_add_ps(
-            _mm256_mul_ps(b2, _mm256_loadu_ps(v.as_ptr().add(i))),
-            _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g),
-        );
+        let vi = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v.as_ptr().add(i))), _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g));
         _mm256_storeu_ps(m.as_mut_ptr().add(i), mi);
         _mm256_storeu_ps(v.as_mut_ptr().add(i), vi);
         let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
@@ -91,24 +88,13 @@ mod tests {
         let gen = |rng: &mut Rng, s: f64| (0..n).map(|_| (rng.normal() * s) as f32).collect::<Vec<f32>>();
         let (p, g, m) = (gen(&mut rng, 1.0), gen(&mut rng, 0.1), gen(&mut rng, 0.01));
         let v: Vec<f32> = gen(&mut rng, 0.01).iter().map(|x| x * x).collect();
-        let step = AdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            t: 7,
-        };
+        let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
         let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
         let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
         update_f32(&mut p1, &g, &mut m1, &mut v1, &step);
         update_scalar(&mut p2, &g, &mut m2, &mut v2, &step);
         for (a, b) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
-            let worst = a
-                .iter()
-                .zip(b.iter())
-                .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
-                .fold(0.0, f32::max);
+            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs() / y.abs().max(1e-3)).fold(0.0, f32::max);
             assert!(worst < 1e-5, "adamw differs by {worst}");
         }
     }

@@ -49,21 +49,13 @@ unsafe fn forward_avx2(x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     assert_eq!(x.len(), out.len());
     let lanes = x.len() / 8 * 8;
-    let (s, c, half, one) = (
-        _mm256_set1_ps(SQRT_2_OVER_PI as f32),
-        _mm256_set1_ps(CUBIC as f32),
-        _mm256_set1_ps(0.5),
-        _mm256_set1_ps(1.0),
-    );
+    let (s, c, half, one) = (_mm256_set1_ps(SQRT_2_OVER_PI as f32), _mm256_set1_ps(CUBIC as f32), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
     for i in (0..lanes).step_by(8) {
         let xi = _mm256_loadu_ps(x.as_ptr().add(i));
         let x3 = _mm256_mul_ps(_mm256_mul_ps(xi, xi), xi);
         let u = _mm256_mul_ps(s, _mm256_fmadd_ps(c, x3, xi));
         let t = super::simd::tanh(u);
-        _mm256_storeu_ps(
-            out.as_mut_ptr().add(i),
-            _mm256_mul_ps(_mm256_mul_ps(half, xi), _mm256_add_ps(one, t)),
-        );
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_mul_ps(half, xi), _mm256_add_ps(one, t)));
     }
     forward_scalar(&x[lanes..], &mut out[lanes..]);
 }
@@ -88,11 +80,7 @@ unsafe fn backward_avx2(x: &[f32], dout: &[f32], dx: &mut [f32]) {
         let t = super::simd::tanh(u);
         let sech2 = _mm256_fnmadd_ps(t, t, one);
         let du = _mm256_mul_ps(s, _mm256_fmadd_ps(c3, x2, one));
-        let local = _mm256_fmadd_ps(
-            _mm256_mul_ps(_mm256_mul_ps(half, xi), sech2),
-            du,
-            _mm256_mul_ps(half, _mm256_add_ps(one, t)),
-        );
+        let local = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, xi), sech2), du, _mm256_mul_ps(half, _mm256_add_ps(one, t)));
         let g = _mm256_loadu_ps(dout.as_ptr().add(i));
         let d = _mm256_loadu_ps(dx.as_ptr().add(i));
         _mm256_storeu_ps(dx.as_mut_ptr().add(i), _mm256_fmadd_ps(g, local, d));

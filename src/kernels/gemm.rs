@@ -50,11 +50,7 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
     // Split the longer output dimension into blocks, a few per thread.
     let split_rows = m >= n;
     let extent = if split_rows { m } else { n };
-    let blocks = if threads > 1 && flops >= PARALLEL_MIN_FLOPS {
-        (threads * 2).min(extent.div_ceil(32)).max(1)
-    } else {
-        1
-    };
+    let blocks = if threads > 1 && flops >= PARALLEL_MIN_FLOPS { (threads * 2).min(extent.div_ceil(32)).max(1) } else { 1 };
     let block = extent.div_ceil(blocks);
     let run = |start: usize| {
         let end = (start + block).min(extent);

@@ -137,10 +137,7 @@ unsafe fn backward_row_avx2(
         let dnorm = _mm256_mul_ps(g, _mm256_loadu_ps(weight.as_ptr().add(j)));
         sum_dnorm = _mm256_add_ps(sum_dnorm, dnorm);
         sum_dnorm_norm = _mm256_fmadd_ps(dnorm, norm, sum_dnorm_norm);
-        _mm256_storeu_ps(
-            dweight.as_mut_ptr().add(j),
-            _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))),
-        );
+        _mm256_storeu_ps(dweight.as_mut_ptr().add(j), _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))));
         _mm256_storeu_ps(dbias.as_mut_ptr().add(j), _mm256_add_ps(g, _mm256_loadu_ps(dbias.as_ptr().add(j))));
     }
     let inv_c = 1.0 / c as f32;

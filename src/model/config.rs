@@ -33,15 +33,7 @@ impl ModelConfig {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
             return invalid!("unknown model preset '{name}' (choose one of {})", names.join(", "));
         };
-        let config = ModelConfig {
-            vocab_size,
-            n_positions,
-            n_embd,
-            n_layer,
-            n_head,
-            horizon,
-            rank,
-        };
+        let config = ModelConfig { vocab_size, n_positions, n_embd, n_layer, n_head, horizon, rank };
         config.validate()?;
         Ok(config)
     }

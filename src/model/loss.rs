@@ -1,10 +1,10 @@
-//! The training objective on a batch: backbone, then the head's losses (SPEC.md section 2).
+//! The training objective on a batch: backbone, then the multi-token head (SPEC.md section 2).
 
 use super::config::ModelConfig;
 use super::gpt2;
 use super::params::ModelParams;
 use crate::autograd::{Tape, Var};
-use crate::ops;
+use crate::ops::{self, CpHeadStats, CpHeadVars};
 use crate::tensor::Float;
 
 /// A batch of B rows: inputs x_0..x_{T−1} and, for each position t, its n targets x_{t+1..t+n}.
@@ -30,12 +30,7 @@ impl Batch {
                 targets.extend_from_slice(&row[t + 1..t + 1 + horizon]);
             }
         }
-        Batch {
-            inputs,
-            targets,
-            seq,
-            horizon,
-        }
+        Batch { inputs, targets, seq, horizon }
     }
 
     pub fn rows(&self) -> usize {
@@ -45,35 +40,51 @@ impl Batch {
 
 /// What one evaluation of the objective gives.
 pub struct LossOutput {
-    /// The scalar that training minimises: `joint_loss + λ·aux`.
+    /// The scalar that training minimises: `joint_loss + λ·aux` (just `joint_loss` when r = 1).
     pub objective: Var,
-    /// mean −log p(y_0..y_{n−1})
-    pub joint_loss: f64,
-    /// mean −log p(y_s), s = 0..n−1; `head_losses[0]` is the next-token loss
-    pub head_losses: Vec<f64>,
+    /// joint, per-horizon and load-balancing numbers
+    pub stats: CpHeadStats,
 }
 
 impl LossOutput {
+    pub fn joint_loss(&self) -> f64 {
+        self.stats.joint_loss
+    }
+
+    /// −log p(y_0): the next-token loss
     pub fn ntp_loss(&self) -> f64 {
-        self.head_losses[0]
+        self.stats.head_losses[0]
     }
 }
 
 /// The whole model's objective on a batch.
-pub fn model_loss<T: Float>(tape: &mut Tape<T>, config: &ModelConfig, params: &ModelParams<Var>, batch: &Batch) -> LossOutput {
+pub fn model_loss<T: Float>(
+    tape: &mut Tape<T>,
+    config: &ModelConfig,
+    params: &ModelParams<Var>,
+    batch: &Batch,
+    aux_coef: f64,
+) -> LossOutput {
     let h = gpt2::hidden_states(tape, config, params, &batch.inputs, batch.seq);
-    head_loss(tape, config, params, h, &batch.targets)
+    head_loss(tape, config, params, h, &batch.targets, aux_coef)
 }
 
 /// The head's objective from hidden states h (N, C) and targets (N, n).
-pub fn head_loss<T: Float>(tape: &mut Tape<T>, config: &ModelConfig, params: &ModelParams<Var>, h: Var, targets: &[u32]) -> LossOutput {
-    assert!(!config.has_head(), "the multi-token head is not built yet");
-    let logits = gpt2::next_token_logits(tape, params, h);
-    let objective = ops::cross_entropy(tape, logits, targets);
-    let loss = tape.value(objective).item().as_f64();
-    LossOutput {
-        objective,
-        joint_loss: loss,
-        head_losses: vec![loss],
-    }
+pub fn head_loss<T: Float>(
+    tape: &mut Tape<T>,
+    config: &ModelConfig,
+    params: &ModelParams<Var>,
+    h: Var,
+    targets: &[u32],
+    aux_coef: f64,
+) -> LossOutput {
+    let head = params.head.as_ref();
+    let vars = CpHeadVars {
+        hidden: h,
+        wte: params.wte,
+        expand: head.map(|p| p.expand_weight),
+        gate: head.filter(|_| config.rank > 1).map(|p| (p.gate_weight, p.gate_bias)),
+    };
+    let (objective, stats) = ops::cp_head(tape, vars, targets, config.horizon, config.rank, aux_coef);
+    LossOutput { objective, stats }
 }

@@ -108,22 +108,12 @@ impl<P> ModelParams<P> {
         } else {
             None
         };
-        Ok(ModelParams {
-            wte,
-            wpe,
-            blocks,
-            ln_f_weight,
-            ln_f_bias,
-            head,
-        })
+        Ok(ModelParams { wte, wpe, blocks, ln_f_weight, ln_f_bias, head })
     }
 
     /// Every parameter with its name, in the order of `build`.
     pub fn named(&self) -> Vec<(String, &P)> {
-        let mut out = vec![
-            ("transformer.wte.weight".to_string(), &self.wte),
-            ("transformer.wpe.weight".to_string(), &self.wpe),
-        ];
+        let mut out = vec![("transformer.wte.weight".to_string(), &self.wte), ("transformer.wpe.weight".to_string(), &self.wpe)];
         for (i, b) in self.blocks.iter().enumerate() {
             let fields = [
                 ("ln_1.weight", &b.ln_1_weight),

@@ -53,22 +53,7 @@ unsafe fn gemm<T: Float>(
     beta: T,
     c: (*mut T, usize),
 ) {
-    T::gemm_raw(
-        m,
-        k,
-        n,
-        alpha,
-        a.0,
-        a.1 as isize,
-        a.2 as isize,
-        b.0,
-        b.1 as isize,
-        b.2 as isize,
-        beta,
-        c.0,
-        c.1 as isize,
-        1,
-    );
+    T::gemm_raw(m, k, n, alpha, a.0, a.1 as isize, a.2 as isize, b.0, b.1 as isize, b.2 as isize, beta, c.0, c.1 as isize, 1);
 }
 
 /// qkv (B·T, 3C) with `seq = T` → out (B·T, C)
@@ -77,11 +62,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
     let width = input.shape()[input.shape().len() - 1] / 3;
     let batch = input.len() / (seq * 3 * width);
     assert_eq!(width % n_head, 0, "attention: width {width} is not divisible by {n_head} heads");
-    let layout = HeadLayout {
-        seq,
-        width,
-        head_size: width / n_head,
-    };
+    let layout = HeadLayout { seq, width, head_size: width / n_head };
     let scale = T::one() / T::of(layout.head_size as f64).sqrt();
     let hs = layout.head_size;
 
@@ -108,16 +89,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
             unsafe {
                 let v = (x.add(layout.qkv_offset(b, h, 2, 0)), 3 * width, 1);
                 let p_block = (p.as_ptr().add(r0 * seq), seq, 1);
-                gemm(
-                    r1 - r0,
-                    r1,
-                    hs,
-                    T::one(),
-                    p_block,
-                    v,
-                    T::zero(),
-                    (out_ptr.get().add(layout.out_offset(b, h, r0)), width),
-                );
+                gemm(r1 - r0, r1, hs, T::one(), p_block, v, T::zero(), (out_ptr.get().add(layout.out_offset(b, h, r0)), width));
             }
         }
     });
@@ -143,16 +115,7 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                     gemm(rows, hs, r1, T::one(), dout, v_t, T::zero(), (ds, seq));
                     // dv += Pᵀ · dout
                     let p_t = (p.as_ptr().add(r0 * seq), 1, seq);
-                    gemm(
-                        r1,
-                        rows,
-                        hs,
-                        T::one(),
-                        p_t,
-                        dout,
-                        T::one(),
-                        (d.get().add(layout.qkv_offset(b, h, 2, 0)), 3 * width),
-                    );
+                    gemm(r1, rows, hs, T::one(), p_t, dout, T::one(), (d.get().add(layout.qkv_offset(b, h, 2, 0)), 3 * width));
                 }
                 // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the 1/√hs of the forward
                 for i in r0..r1 {
@@ -167,29 +130,11 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                     let ds = (dscores.as_ptr().add(r0 * seq), seq, 1);
                     let k = (x.add(layout.qkv_offset(b, h, 1, 0)), 3 * width, 1);
                     // dq = dS · k
-                    gemm(
-                        rows,
-                        r1,
-                        hs,
-                        T::one(),
-                        ds,
-                        k,
-                        T::one(),
-                        (d.get().add(layout.qkv_offset(b, h, 0, r0)), 3 * width),
-                    );
+                    gemm(rows, r1, hs, T::one(), ds, k, T::one(), (d.get().add(layout.qkv_offset(b, h, 0, r0)), 3 * width));
                     // dk += dSᵀ · q
                     let ds_t = (dscores.as_ptr().add(r0 * seq), 1, seq);
                     let q = (x.add(layout.qkv_offset(b, h, 0, r0)), 3 * width, 1);
-                    gemm(
-                        r1,
-                        rows,
-                        hs,
-                        T::one(),
-                        ds_t,
-                        q,
-                        T::one(),
-                        (d.get().add(layout.qkv_offset(b, h, 1, 0)), 3 * width),
-                    );
+                    gemm(r1, rows, hs, T::one(), ds_t, q, T::one(), (d.get().add(layout.qkv_offset(b, h, 1, 0)), 3 * width));
                 }
             }
         });
@@ -211,9 +156,8 @@ mod tests {
         for b in 0..batch {
             for h in 0..n_head {
                 for i in 0..seq {
-                    let scores: Vec<f64> = (0..=i)
-                        .map(|j| (0..hs).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>() / (hs as f64).sqrt())
-                        .collect();
+                    let scores: Vec<f64> =
+                        (0..=i).map(|j| (0..hs).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>() / (hs as f64).sqrt()).collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = weights.iter().sum();
@@ -234,13 +178,7 @@ mod tests {
         let x = tape.leaf(qkv.clone(), false);
         let out = causal_self_attention(&mut tape, x, seq, n_head);
         let expected = naive_attention(qkv.data(), batch, seq, width, n_head);
-        let worst = tape
-            .value(out)
-            .data()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let worst = tape.value(out).data().iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-12, "attention differs from the definition by {worst}");
     }
 

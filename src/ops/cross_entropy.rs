@@ -34,8 +34,7 @@ pub fn cross_entropy<T: Float>(tape: &mut Tape<T>, logits: Var, targets: &[u32])
     drop(scores);
     tape.record("cross_entropy", loss, &[logits], move |grad, _| {
         let scale = grad.item() / T::of(n as f64);
-        d.par_chunks_mut(1 << 14)
-            .for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= scale));
+        d.par_chunks_mut(1 << 14).for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= scale));
         vec![Some(Tensor::from_vec(&shape, d))]
     })
 }
@@ -54,11 +53,7 @@ mod tests {
     #[test]
     fn cross_entropy_gradient_matches_finite_differences() {
         let logits = Tensor::randn(&[4, 6], 2.0, &mut Rng::new(1));
-        let report = gradcheck(
-            &[logits],
-            |tape, v| cross_entropy(tape, v[0], &[0, 5, 3, 3]),
-            &GradcheckOptions::default(),
-        );
+        let report = gradcheck(&[logits], |tape, v| cross_entropy(tape, v[0], &[0, 5, 3, 3]), &GradcheckOptions::default());
         assert!(report.max_relative_error < 1e-6, "{report}");
     }
 
@@ -74,13 +69,7 @@ mod tests {
     fn cross_entropy_matches_log_sum_exp_definition() {
         let logits = Tensor::<f64>::randn(&[3, 5], 3.0, &mut Rng::new(2));
         let targets = [4, 0, 2];
-        let expected: f64 = logits
-            .data()
-            .chunks(5)
-            .zip(targets)
-            .map(|(row, y)| logsumexp(row) - row[y as usize])
-            .sum::<f64>()
-            / 3.0;
+        let expected: f64 = logits.data().chunks(5).zip(targets).map(|(row, y)| logsumexp(row) - row[y as usize]).sum::<f64>() / 3.0;
         let mut tape = Tape::inference();
         let l = tape.leaf(logits, false);
         let loss = cross_entropy(&mut tape, l, &targets);

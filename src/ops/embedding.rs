@@ -11,15 +11,8 @@ use crate::tensor::{Float, Tensor};
 pub fn embedding<T: Float>(tape: &mut Tape<T>, wte: Var, wpe: Var, tokens: &[u32], seq: usize, position_offset: usize) -> Var {
     let (table, positions) = (tape.value(wte).clone(), tape.value(wpe).clone());
     let (v, c) = (table.shape()[0], table.shape()[1]);
-    assert!(
-        tokens.len().is_multiple_of(seq),
-        "embedding: {} tokens are not rows of {seq}",
-        tokens.len()
-    );
-    assert!(
-        position_offset + seq <= positions.shape()[0],
-        "embedding: position beyond n_positions"
-    );
+    assert!(tokens.len().is_multiple_of(seq), "embedding: {} tokens are not rows of {seq}", tokens.len());
+    assert!(position_offset + seq <= positions.shape()[0], "embedding: position beyond n_positions");
     let mut out = vec![T::zero(); tokens.len() * c];
     for (i, (row, &token)) in out.chunks_mut(c).zip(tokens).enumerate() {
         let token = token as usize;
@@ -31,33 +24,22 @@ pub fn embedding<T: Float>(tape: &mut Tape<T>, wte: Var, wpe: Var, tokens: &[u32
         }
     }
     let tokens = tokens.to_vec();
-    tape.record(
-        "embedding",
-        Tensor::from_vec(&[tokens.len(), c], out),
-        &[wte, wpe],
-        move |grad, needs| {
-            let (mut dwte, mut dwpe) = (
-                needs[0].then(|| vec![T::zero(); table.len()]),
-                needs[1].then(|| vec![T::zero(); positions.len()]),
-            );
-            for (i, (g, &token)) in grad.data().chunks(c).zip(&tokens).enumerate() {
-                if let Some(dwte) = &mut dwte {
-                    for (d, &gj) in dwte[token as usize * c..][..c].iter_mut().zip(g) {
-                        *d += gj;
-                    }
-                }
-                if let Some(dwpe) = &mut dwpe {
-                    for (d, &gj) in dwpe[(position_offset + i % seq) * c..][..c].iter_mut().zip(g) {
-                        *d += gj;
-                    }
+    tape.record("embedding", Tensor::from_vec(&[tokens.len(), c], out), &[wte, wpe], move |grad, needs| {
+        let (mut dwte, mut dwpe) = (needs[0].then(|| vec![T::zero(); table.len()]), needs[1].then(|| vec![T::zero(); positions.len()]));
+        for (i, (g, &token)) in grad.data().chunks(c).zip(&tokens).enumerate() {
+            if let Some(dwte) = &mut dwte {
+                for (d, &gj) in dwte[token as usize * c..][..c].iter_mut().zip(g) {
+                    *d += gj;
                 }
             }
-            vec![
-                dwte.map(|d| Tensor::from_vec(table.shape(), d)),
-                dwpe.map(|d| Tensor::from_vec(positions.shape(), d)),
-            ]
-        },
-    )
+            if let Some(dwpe) = &mut dwpe {
+                for (d, &gj) in dwpe[(position_offset + i % seq) * c..][..c].iter_mut().zip(g) {
+                    *d += gj;
+                }
+            }
+        }
+        vec![dwte.map(|d| Tensor::from_vec(table.shape(), d)), dwpe.map(|d| Tensor::from_vec(positions.shape(), d))]
+    })
 }
 
 #[cfg(test)]

@@ -10,9 +10,7 @@ const CHUNK: usize = 1 << 14;
 pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
     let input = tape.value(x).clone();
     let mut out = vec![T::zero(); input.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(input.data().par_chunks(CHUNK))
-        .for_each(|(o, i)| T::gelu_forward(i, o));
+    out.par_chunks_mut(CHUNK).zip(input.data().par_chunks(CHUNK)).for_each(|(o, i)| T::gelu_forward(i, o));
     let out = Tensor::from_vec(input.shape(), out);
     tape.record("gelu", out, &[x], move |grad, _| {
         // dx = dout · gelu'(x)   (docs/math.md, eq. G2)

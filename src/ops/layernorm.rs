@@ -50,11 +50,7 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
                 db[j] += pb[j];
             }
         }
-        vec![
-            Some(Tensor::from_vec(input.shape(), dx)),
-            Some(Tensor::from_vec(&[c], dw)),
-            Some(Tensor::from_vec(&[c], db)),
-        ]
+        vec![Some(Tensor::from_vec(input.shape(), dx)), Some(Tensor::from_vec(&[c], dw)), Some(Tensor::from_vec(&[c], db))]
     })
 }
 

@@ -12,11 +12,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Va
     let input = tape.value(x).clone();
     let w = tape.value(weight).clone();
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
-    assert_eq!(
-        input.shape().last(),
-        Some(&c_in),
-        "linear: x width differs from the weight's input size"
-    );
+    assert_eq!(input.shape().last(), Some(&c_in), "linear: x width differs from the weight's input size");
     let n = input.len() / c_in;
     let mut out = vec![T::zero(); n * c_out];
     if let Some(bias) = bias {
@@ -24,17 +20,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Va
             row.copy_from_slice(tape.value(bias).data());
         }
     }
-    matmul(
-        input.data(),
-        Layout::Normal,
-        w.data(),
-        Layout::Normal,
-        &mut out,
-        n,
-        c_in,
-        c_out,
-        bias.is_some(),
-    );
+    matmul(input.data(), Layout::Normal, w.data(), Layout::Normal, &mut out, n, c_in, c_out, bias.is_some());
     let mut out_shape = input.shape().to_vec();
     *out_shape.last_mut().unwrap() = c_out;
     let out = Tensor::from_vec(&out_shape, out);
@@ -43,32 +29,12 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Va
     tape.record("linear", out, &inputs, move |grad, needs| {
         let dx = needs[0].then(|| {
             let mut dx = vec![T::zero(); n * c_in];
-            matmul(
-                grad.data(),
-                Layout::Normal,
-                w.data(),
-                Layout::Transposed,
-                &mut dx,
-                n,
-                c_out,
-                c_in,
-                false,
-            );
+            matmul(grad.data(), Layout::Normal, w.data(), Layout::Transposed, &mut dx, n, c_out, c_in, false);
             Tensor::from_vec(input.shape(), dx)
         });
         let dw = needs[1].then(|| {
             let mut dw = vec![T::zero(); c_in * c_out];
-            matmul(
-                input.data(),
-                Layout::Transposed,
-                grad.data(),
-                Layout::Normal,
-                &mut dw,
-                c_in,
-                n,
-                c_out,
-                false,
-            );
+            matmul(input.data(), Layout::Transposed, grad.data(), Layout::Normal, &mut dw, c_in, n, c_out, false);
             Tensor::from_vec(&[c_in, c_out], dw)
         });
         let mut grads = vec![dx, dw];

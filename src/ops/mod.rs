@@ -5,6 +5,7 @@
 //! Activations are 2-D `(N, C)` with `N = B·T` rows, unless a comment says otherwise.
 
 pub mod attention;
+pub mod cp_head;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod gelu;
@@ -15,6 +16,7 @@ pub mod residual;
 pub mod unembed;
 
 pub use attention::causal_self_attention;
+pub use cp_head::{cp_head, CpHeadStats, CpHeadVars};
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
 pub use gelu::gelu;

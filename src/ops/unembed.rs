@@ -13,17 +13,7 @@ pub fn unembed<T: Float>(tape: &mut Tape<T>, h: Var, wte: Var) -> Var {
     let (v, c) = (table.shape()[0], table.shape()[1]);
     let n = hidden.len() / c;
     let mut logits = vec![T::zero(); n * v];
-    matmul(
-        hidden.data(),
-        Layout::Normal,
-        table.data(),
-        Layout::Transposed,
-        &mut logits,
-        n,
-        c,
-        v,
-        false,
-    );
+    matmul(hidden.data(), Layout::Normal, table.data(), Layout::Transposed, &mut logits, n, c, v, false);
     tape.record("unembed", Tensor::from_vec(&[n, v], logits), &[h, wte], move |grad, needs| {
         let dh = needs[0].then(|| {
             let mut dh = vec![T::zero(); n * c];
@@ -32,17 +22,7 @@ pub fn unembed<T: Float>(tape: &mut Tape<T>, h: Var, wte: Var) -> Var {
         });
         let dwte = needs[1].then(|| {
             let mut dwte = vec![T::zero(); v * c];
-            matmul(
-                grad.data(),
-                Layout::Transposed,
-                hidden.data(),
-                Layout::Normal,
-                &mut dwte,
-                v,
-                n,
-                c,
-                false,
-            );
+            matmul(grad.data(), Layout::Transposed, hidden.data(), Layout::Normal, &mut dwte, v, n, c, false);
             Tensor::from_vec(&[v, c], dwte)
         });
         vec![dh, dwte]

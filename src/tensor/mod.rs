@@ -73,15 +73,8 @@ impl<T: Float> Tensor<T> {
 
     /// The same elements under another shape of equal size (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            self.len(),
-            "reshape {:?} to {shape:?}",
-            self.shape()
-        );
-        Tensor {
-            array: self.array.clone().into_shape_with_order(IxDyn(shape)).expect("contiguous reshape"),
-        }
+        assert_eq!(shape.iter().product::<usize>(), self.len(), "reshape {:?} to {shape:?}", self.shape());
+        Tensor { array: self.array.clone().into_shape_with_order(IxDyn(shape)).expect("contiguous reshape") }
     }
 
     /// The single element of a one-element tensor.
@@ -111,10 +104,6 @@ impl<T: Float> Tensor<T> {
     /// The largest absolute elementwise difference to `other`.
     pub fn max_abs_diff(&self, other: &Tensor<T>) -> f64 {
         assert_eq!(self.shape(), other.shape(), "max_abs_diff shapes");
-        self.data()
-            .iter()
-            .zip(other.data())
-            .map(|(&a, &b)| (a.as_f64() - b.as_f64()).abs())
-            .fold(0.0, f64::max)
+        self.data().iter().zip(other.data()).map(|(&a, &b)| (a.as_f64() - b.as_f64()).abs()).fold(0.0, f64::max)
     }
 }

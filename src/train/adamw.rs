@@ -16,12 +16,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -42,12 +37,7 @@ const CHUNK: usize = 1 << 14;
 impl<T: Float> AdamW<T> {
     pub fn new(config: AdamWConfig, params: &[&Tensor<T>]) -> Self {
         let zeros = || params.iter().map(|p| Tensor::zeros(p.shape())).collect();
-        AdamW {
-            config,
-            m: zeros(),
-            v: zeros(),
-            t: 0,
-        }
+        AdamW { config, m: zeros(), v: zeros(), t: 0 }
     }
 
     /// One update. Parameters without a gradient (frozen) are left alone. Weight decay applies
@@ -57,24 +47,12 @@ impl<T: Float> AdamW<T> {
         for (i, (param, grad)) in params.iter_mut().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
             let weight_decay = if param.shape().len() >= 2 { self.config.weight_decay } else { 0.0 };
-            let step = AdamWStep {
-                lr,
-                beta1: self.config.beta1,
-                beta2: self.config.beta2,
-                eps: self.config.eps,
-                weight_decay,
-                t: self.t,
-            };
+            let step = AdamWStep { lr, beta1: self.config.beta1, beta2: self.config.beta2, eps: self.config.eps, weight_decay, t: self.t };
             param
                 .data_mut()
                 .par_chunks_mut(CHUNK)
                 .zip(grad.data().par_chunks(CHUNK))
-                .zip(
-                    self.m[i]
-                        .data_mut()
-                        .par_chunks_mut(CHUNK)
-                        .zip(self.v[i].data_mut().par_chunks_mut(CHUNK)),
-                )
+                .zip(self.m[i].data_mut().par_chunks_mut(CHUNK).zip(self.v[i].data_mut().par_chunks_mut(CHUNK)))
                 .for_each(|((p, g), (m, v))| T::adamw_update(p, g, m, v, &step));
         }
     }

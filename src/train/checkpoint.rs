@@ -87,10 +87,7 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     let get = |key: &str, default: usize| -> Result<usize> {
         match value.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| bad(format!("'{key}' must be a non-negative integer"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| bad(format!("'{key}' must be a non-negative integer"))),
         }
     };
     if let Some(t) = value.get("model_type").and_then(Value::as_str) {
@@ -100,9 +97,7 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     }
     let activation = value.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
     if !matches!(activation, "gelu_new" | "gelu_pytorch_tanh") {
-        return Err(bad(format!(
-            "activation_function '{activation}' is not supported (GPT-2 uses gelu_new)"
-        )));
+        return Err(bad(format!("activation_function '{activation}' is not supported (GPT-2 uses gelu_new)")));
     }
     let eps = value.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5);
     if (eps - 1e-5).abs() > 1e-12 {
@@ -114,10 +109,7 @@ pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     let n_embd = get("n_embd", 768)?;
     if let Some(inner) = value.get("n_inner").and_then(Value::as_u64) {
         if inner as usize != 4 * n_embd {
-            return Err(bad(format!(
-                "n_inner {inner} is not supported (GPT-2 uses 4·n_embd = {})",
-                4 * n_embd
-            )));
+            return Err(bad(format!("n_inner {inner} is not supported (GPT-2 uses 4·n_embd = {})", 4 * n_embd)));
         }
     }
     let config = ModelConfig {
@@ -138,17 +130,12 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 }
 
 fn safetensors_bytes(tensors: &[(String, &Tensor<f32>)], path: &Path) -> Result<Vec<u8>> {
-    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(t.data())))
-        .collect();
+    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(t.data()))).collect();
     let views: Vec<(String, TensorView)> = buffers
         .iter()
         .map(|(name, shape, bytes)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| Error::bad_file(path, e.to_string()))?,
-            ))
+            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| Error::bad_file(path, e.to_string()))?))
         })
         .collect::<Result<_>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -164,24 +151,10 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::bad_file(
-                    path,
-                    format!("tensor {name} has dtype {other:?}; expected a float type"),
-                ))
-            }
+            Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => return Err(Error::bad_file(path, format!("tensor {name} has dtype {other:?}; expected a float type"))),
         };
         out.insert(name, Tensor::from_vec(view.shape(), data));
     }
@@ -200,20 +173,12 @@ fn params_from_tensors(
         let key = format!("{prefix}{}", spec.name);
         let tensor = tensors
             .remove(&key)
-            .or_else(|| {
-                spec.name
-                    .strip_prefix("transformer.")
-                    .and_then(|short| tensors.remove(&format!("{prefix}{short}")))
-            })
+            .or_else(|| spec.name.strip_prefix("transformer.").and_then(|short| tensors.remove(&format!("{prefix}{short}"))))
             .ok_or_else(|| Error::bad_file(path, format!("tensor '{key}' is missing (does config.json match this file?)")))?;
         if tensor.shape() != spec.shape {
             return Err(Error::bad_file(
                 path,
-                format!(
-                    "tensor '{key}' has shape {:?}, but config.json implies {:?}",
-                    tensor.shape(),
-                    spec.shape
-                ),
+                format!("tensor '{key}' has shape {:?}, but config.json implies {:?}", tensor.shape(), spec.shape),
             ));
         }
         Ok(tensor)
@@ -248,10 +213,7 @@ pub fn exists(dir: &Path) -> bool {
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     recover_interrupted_save(dir);
     if !dir.is_dir() {
-        return Err(Error::bad_file(
-            dir,
-            "no such checkpoint directory (train one with `multitoken train`)",
-        ));
+        return Err(Error::bad_file(dir, "no such checkpoint directory (train one with `multitoken train`)"));
     }
     let config_path = dir.join(CONFIG_FILE);
     let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -280,36 +242,16 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         let adam_config = serde_json::from_value(train_state.get("adamw").cloned().unwrap_or(Value::Null))
             .map_err(|e| Error::bad_file(&state_path, format!("bad 'adamw' settings ({e})")))?;
         let collect = |p: &ModelParams<Tensor<f32>>| p.named().into_iter().map(|(_, t)| t.clone()).collect();
-        Some(ResumeState {
-            optimizer: AdamW {
-                config: adam_config,
-                m: collect(&m),
-                v: collect(&v),
-                t,
-            },
-            train_state,
-        })
+        Some(ResumeState { optimizer: AdamW { config: adam_config, m: collect(&m), v: collect(&v), t }, train_state })
     } else {
         None
     };
-    Ok(Checkpoint {
-        config,
-        params,
-        tokenizer_json,
-        resume,
-    })
+    Ok(Checkpoint { config, params, tokenizer_json, resume })
 }
 
 /// Files a checkpoint directory may hold; `save` replaces only directories made of these.
-pub const CHECKPOINT_FILES: [&str; 7] = [
-    CONFIG_FILE,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    OPTIMIZER_FILE,
-    TRAIN_STATE_FILE,
-    "metrics.jsonl",
-    "loss.svg",
-];
+pub const CHECKPOINT_FILES: [&str; 7] =
+    [CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, "metrics.jsonl", "loss.svg"];
 
 fn holds_only_checkpoint_files(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
@@ -362,10 +304,7 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     let _ = std::fs::remove_dir_all(&backup);
     if dir.exists() && !holds_only_checkpoint_files(dir) {
         let _ = std::fs::remove_dir_all(&staging);
-        return Err(Error::bad_file(
-            dir,
-            "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)",
-        ));
+        return Err(Error::bad_file(dir, "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)"));
     }
     if dir.exists() {
         std::fs::rename(dir, &backup).map_err(|e| Error::io(dir, e))?;

@@ -96,28 +96,27 @@ pub struct Dataset {
 impl Dataset {
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::bad_file(
-                dir,
-                "no such data directory (make one with `multitoken data prepare`)",
-            ));
+            return Err(Error::bad_file(dir, "no such data directory (make one with `multitoken data prepare`)"));
         }
         let train = tokens::read(&dir.join(data::TRAIN_FILE))?;
         let val = tokens::read(&dir.join(data::VAL_FILE))?;
         if train.vocab_size != val.vocab_size {
-            return Err(Error::bad_file(
-                dir,
-                "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again",
-            ));
+            return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
         }
         let tokenizer_path = dir.join(data::TOKENIZER_FILE);
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        Ok(Dataset {
-            train: train.tokens,
-            val: val.tokens,
-            vocab_size: train.vocab_size as usize,
-            tokenizer_json,
-        })
+        Ok(Dataset { train: train.tokens, val: val.tokens, vocab_size: train.vocab_size as usize, tokenizer_json })
     }
+}
+
+/// The knobs of one optimisation step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepConfig {
+    pub lr: f64,
+    /// global gradient-norm limit
+    pub grad_clip: f64,
+    /// λ, the load-balancing coefficient
+    pub aux_coef: f64,
 }
 
 /// Runs one training step: forward, backward, clipping, AdamW. Returns (objective, grad norm).
@@ -126,23 +125,22 @@ pub fn train_step<T: Float>(
     params: &mut ModelParams<Tensor<T>>,
     optimizer: &mut AdamW<T>,
     batch: &Batch,
-    lr: f64,
-    grad_clip: f64,
+    step: StepConfig,
     trainable: &dyn Fn(&str) -> bool,
 ) -> (f64, f64) {
     let mut tape = Tape::new();
     let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
-    let out = model_loss(&mut tape, config, &vars, batch);
+    let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef);
     let objective = tape.value(out.objective).item().as_f64();
     if !objective.is_finite() {
         return (objective, f64::NAN);
     }
     let mut grads = tape.backward(out.objective);
     let mut grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
-    let norm = clip_grad_norm(&mut grad_list, grad_clip);
+    let norm = clip_grad_norm(&mut grad_list, step.grad_clip);
     if norm.is_finite() {
         let grad_refs: Vec<Option<&Tensor<T>>> = grad_list.iter().map(Option::as_ref).collect();
-        optimizer.step(&mut params.values_mut(), &grad_refs, lr);
+        optimizer.step(&mut params.values_mut(), &grad_refs, step.lr);
     }
     (objective, norm)
 }
@@ -170,10 +168,7 @@ impl Run {
 
     fn plot(&self) -> String {
         let curve = |key: &str| -> Vec<(f64, f64)> {
-            self.metrics
-                .iter()
-                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
-                .collect()
+            self.metrics.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
         };
         let curves = vec![
             ("train loss".to_string(), curve("train_loss")),
@@ -189,16 +184,10 @@ impl Run {
     /// on disk is always usable.
     fn save(&self, probe: &Batch) -> Result<()> {
         let finite = self.params.named().iter().all(|(_, t)| t.data().iter().all(|x| x.is_finite()));
-        let probe_loss = if finite {
-            evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe)).joint_loss
-        } else {
-            f64::NAN
-        };
+        let probe_loss =
+            if finite { evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe)).joint_loss } else { f64::NAN };
         if !probe_loss.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: self.step,
-                value: probe_loss,
-            });
+            return Err(Error::NonFiniteLoss { step: self.step, value: probe_loss });
         }
         let metrics: String = self.metrics.iter().map(|r| format!("{r}\n")).collect();
         let checkpoint = Checkpoint {
@@ -210,10 +199,7 @@ impl Run {
                 train_state: json!({ "step": self.step, "settings": self.settings }),
             }),
         };
-        let extra = vec![
-            ("metrics.jsonl".to_string(), metrics.into_bytes()),
-            ("loss.svg".to_string(), self.plot().into_bytes()),
-        ];
+        let extra = vec![("metrics.jsonl".to_string(), metrics.into_bytes()), ("loss.svg".to_string(), self.plot().into_bytes())];
         checkpoint::save(&self.out_dir, &checkpoint, &extra)
     }
 }
@@ -225,15 +211,14 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
     if !(s.lr > 0.0 && s.lr.is_finite()) {
         return invalid!("--lr must be a positive number");
     }
-    if s.horizon != 1 || s.rank != 1 {
-        return invalid!(
-            "--horizon {} --rank {}: the multi-token head is not supported yet; train with --horizon 1 --rank 1",
-            s.horizon,
-            s.rank
-        );
+    if !(s.aux_coef >= 0.0 && s.aux_coef.is_finite()) {
+        return invalid!("--aux-coef must be a non-negative number");
     }
     if s.freeze_backbone && s.init_from.is_none() {
         return invalid!("--freeze-backbone trains only the head; pass --init-from CKPT with a trained backbone");
+    }
+    if s.freeze_backbone && s.horizon == 1 && s.rank == 1 {
+        return invalid!("--freeze-backbone trains only the head, and n = r = 1 has none; pass --horizon or --rank above 1");
     }
     Ok(())
 }
@@ -255,11 +240,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
             .map_err(|e| Error::bad_file(out_dir.join(checkpoint::TRAIN_STATE_FILE), format!("bad settings ({e})")))?;
         let step = state.train_state["step"].as_u64().unwrap_or(0);
         if saved.config.vocab_size != data.vocab_size {
-            return invalid!(
-                "the checkpoint's vocabulary ({}) differs from the data's ({})",
-                saved.config.vocab_size,
-                data.vocab_size
-            );
+            return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
         }
         // Keep the metrics up to the checkpoint's step: later rows belong to steps being redone.
         let metrics_path = out_dir.join("metrics.jsonl");
@@ -285,10 +266,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     }
     check_settings(&settings)?;
     if checkpoint::exists(out_dir) {
-        return Err(Error::bad_file(
-            out_dir,
-            "already holds a checkpoint; pass --resume to continue it, or choose another --out",
-        ));
+        return Err(Error::bad_file(out_dir, "already holds a checkpoint; pass --resume to continue it, or choose another --out"));
     }
     if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
@@ -305,11 +283,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
                 data.vocab_size
             );
         }
-        config = ModelConfig {
-            horizon: settings.horizon,
-            rank: settings.rank,
-            ..init.config.clone()
-        };
+        config = ModelConfig { horizon: settings.horizon, rank: settings.rank, ..init.config.clone() };
         params = gpt2::init_params::<f32>(&config, &mut rng);
         let head = params.head.take();
         params = ModelParams { head, ..init.params };
@@ -318,10 +292,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     if effective_seq > config.n_positions {
         return invalid!("--seq {effective_seq} exceeds the model's n_positions {}", config.n_positions);
     }
-    let settings = TrainSettings {
-        seq: effective_seq,
-        ..settings
-    };
+    let settings = TrainSettings { seq: effective_seq, ..settings };
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let optimizer = AdamW::new(AdamWConfig::default(), &refs);
@@ -357,11 +328,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
     batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
-    let warmup = if s.warmup_steps == 0 {
-        (s.steps / 10).min(100)
-    } else {
-        s.warmup_steps
-    };
+    let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();
@@ -372,32 +339,19 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         if STOP_REQUESTED.load(Ordering::SeqCst) || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
             run.save(&val_batches[0])?;
-            return Err(Error::Interrupted {
-                step: run.step,
-                path: out_dir.into(),
-            });
+            return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
         }
         let step = run.step;
         let lr = schedule::learning_rate(step, s.steps, warmup, s.lr, s.min_lr_ratio);
         let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
         let tick = Instant::now();
-        let (loss, grad_norm) = train_step(
-            &run.config,
-            &mut run.params,
-            &mut run.optimizer,
-            &batch,
-            lr,
-            s.grad_clip,
-            &trainable,
-        );
+        let step_config = StepConfig { lr, grad_clip: s.grad_clip, aux_coef: s.aux_coef };
+        let (loss, grad_norm) = train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, step_config, &trainable);
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
             bar.abandon();
-            return Err(Error::NonFiniteLoss {
-                step: step + 1,
-                value: if loss.is_finite() { grad_norm } else { loss },
-            });
+            return Err(Error::NonFiniteLoss { step: step + 1, value: if loss.is_finite() { grad_norm } else { loss } });
         }
         run.step += 1;
         train_loss = loss;
@@ -410,16 +364,22 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         }
         if run.step % s.eval_every.max(1) == 0 || last {
             let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches);
-            let line = format!(
-                "step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}",
-                run.step, val.joint_loss, val.ntp_loss
-            );
+            let line = format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss);
             if bar.is_hidden() {
                 eprintln!("{line}");
             } else {
                 bar.println(line);
             }
-            run.log(json!({ "step": run.step, "val_joint_loss": val.joint_loss, "val_ntp_loss": val.ntp_loss, "val_head_losses": val.head_losses }));
+            run.log(json!({
+                "step": run.step,
+                "val_joint_loss": val.joint_loss,
+                "val_ntp_loss": val.ntp_loss,
+                "val_head_losses": val.head_losses,
+                "gate_entropy": val.gate_entropy,
+                "expert_fraction": val.expert_fraction,
+                "expert_weight": val.expert_weight,
+                "aux": val.aux,
+            }));
             last_val = Some(val);
         }
         if (s.save_every > 0 && run.step % s.save_every == 0) || last {
@@ -431,11 +391,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         Some(v) => v,
         None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
     };
-    let tokens_per_s = if steps_timed > 0 {
-        (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64()
-    } else {
-        0.0
-    };
+    let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
     Ok(TrainSummary {
         steps: run.step,
         train_loss,

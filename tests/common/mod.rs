@@ -16,9 +16,7 @@ pub struct Fixture {
 }
 
 pub fn fixture_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(format!("{name}.safetensors"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.safetensors"))
 }
 
 pub fn load_fixture(name: &str) -> Fixture {
@@ -35,10 +33,7 @@ pub fn load_fixture(name: &str) -> Fixture {
                 tensors.insert(name, Tensor::from_vec(view.shape(), data));
             }
             Dtype::I64 => {
-                let data = raw
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-                    .collect();
+                let data = raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
                 ids.insert(name, (view.shape().to_vec(), data));
             }
             other => panic!("unexpected dtype {other:?} for {name}"),
@@ -64,10 +59,7 @@ impl Fixture {
     /// The parameters stored under `prefix` + name.
     pub fn params(&self, prefix: &str) -> ModelParams<Tensor<f64>> {
         let result: Result<_, String> = ModelParams::build(&self.config(), |spec| {
-            self.tensors
-                .get(&format!("{prefix}{}", spec.name))
-                .cloned()
-                .ok_or(format!("missing {prefix}{}", spec.name))
+            self.tensors.get(&format!("{prefix}{}", spec.name)).cloned().ok_or(format!("missing {prefix}{}", spec.name))
         });
         result.unwrap()
     }

@@ -1,0 +1,533 @@
+//! The rank-r canonical (CP) multi-token head as one fused op (SPEC.md section 2,
+//! docs/math.md section "The CP head"): expanders, tied unembedding, gate, joint and marginal
+//! log-likelihoods and the load-balancing term, with a hand-derived backward.
+//!
+//! Per position t with hidden state h (C), targets y_0..y_{n−1}:
+//! ```text
+//! z[α,s] = W[α,s] h                                  (H1)   α < r, s < n
+//! ℓ[α,s] = wte · z[α,s],  A[α,s] = ℓ[α,s][y_s] − lse(ℓ[α,s])    (H2)  log P[α,s](y_s)
+//! log w = log_softmax(G h + g)        (r = 1: log w = 0)        (H3)
+//! joint  = −lse_α(log w[α] + Σ_s A[α,s])                        (H4)
+//! head_s = −lse_α(log w[α] + A[α,s])                            (H5)
+//! aux = r Σ_α f[α] m[α]                                        (H6)
+//! objective = mean_t joint + λ·aux   (r = 1: aux ≡ 1 is dropped)
+//! ```
+//! Backward, with π = softmax_α(log w + Σ_s A) the posterior over components and N positions:
+//! ```text
+//! dℓ[α,s] = π[α]/N · (P[α,s] − onehot(y_s))                     (H7)
+//! dz[α,s] = wteᵀ dℓ[α,s],   dwte += Σ dℓ[α,s] z[α,s]ᵀ             (H8)
+//! dW[α,s] += dz[α,s] hᵀ,    dh += Σ W[α,s]ᵀ dz[α,s]               (H9)
+//! da = (w − π)/N + λ·w ⊙ (u − ⟨w, u⟩),  u[α] = r f[α]/N          (H10)
+//! dG += da hᵀ,  dg += da,  dh += Gᵀ da                             (H11)
+//! ```
+//! The vocabulary-sized work goes block by block over positions (about `BLOCK_ROWS` rows of
+//! (t, α, s) at a time): a block's logits are computed, turned into probabilities, then into
+//! dℓ in place, and consumed by the two backward products before the next block. The op never
+//! holds more than one block of B·T·r·n·V. Since the objective is the last op, the forward pass
+//! computes the gradients for an upstream gradient of 1; the backward rule only scales them.
+
+use rayon::prelude::*;
+
+use super::column_sums;
+use crate::autograd::{Tape, Var};
+use crate::kernels::gemm::{matmul, Layout};
+use crate::tensor::{Float, Tensor};
+
+/// Rows (t, α, s) of logits per block: 1024 × V floats at a time.
+const BLOCK_ROWS: usize = 1024;
+
+/// The head's inputs on a tape. `expand` is absent for n = r = 1 (z = h); `gate` for r = 1.
+#[derive(Clone, Copy, Debug)]
+pub struct CpHeadVars {
+    /// h (N, C)
+    pub hidden: Var,
+    /// wte (V, C)
+    pub wte: Var,
+    /// W (r, n, C, C)
+    pub expand: Option<Var>,
+    /// G (r, C) and g (r)
+    pub gate: Option<(Var, Var)>,
+}
+
+/// What the head reports besides its objective (means over the N positions).
+#[derive(Clone, Debug, Default)]
+pub struct CpHeadStats {
+    pub joint_loss: f64,
+    /// −log p(y_s) for s = 0..n−1; index 0 is the next-token loss
+    pub head_losses: Vec<f64>,
+    /// the load-balancing term (1 when perfectly balanced)
+    pub aux: f64,
+    /// mean entropy of the gate w, in nats
+    pub gate_entropy: f64,
+    /// f[α]: fraction of positions whose most weighted component is α
+    pub expert_fraction: Vec<f64>,
+    /// m[α]: mean gate weight of component α
+    pub expert_weight: Vec<f64>,
+}
+
+/// `log_softmax` of each row of a (rows, r) matrix, in place.
+fn log_softmax_rows<T: Float>(x: &mut [T], r: usize) {
+    for row in x.chunks_mut(r) {
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<T>().ln();
+        row.iter_mut().for_each(|v| *v -= lse);
+    }
+}
+
+/// For one position: `lse_α(log_w[α] + Σ_s A[α,s])` and, if asked, the posterior π into `posterior`.
+/// `a` is A[α,s] laid out (r, n).
+fn joint_log_likelihood<T: Float>(a: &[T], log_w: &[T], n: usize, posterior: Option<&mut [T]>) -> T {
+    let r = log_w.len();
+    let mut scores = [T::zero(); 64];
+    let scores = if r <= 64 { &mut scores[..r] } else { return joint_log_likelihood_large(a, log_w, n, posterior) };
+    for alpha in 0..r {
+        scores[alpha] = log_w[alpha] + a[alpha * n..(alpha + 1) * n].iter().copied().sum::<T>();
+    }
+    let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
+    let lse = max + scores.iter().map(|&s| (s - max).exp()).sum::<T>().ln();
+    if let Some(post) = posterior {
+        for alpha in 0..r {
+            post[alpha] = (scores[alpha] - lse).exp();
+        }
+    }
+    lse
+}
+
+fn joint_log_likelihood_large<T: Float>(a: &[T], log_w: &[T], n: usize, posterior: Option<&mut [T]>) -> T {
+    let scores: Vec<T> = (0..log_w.len()).map(|alpha| log_w[alpha] + a[alpha * n..(alpha + 1) * n].iter().copied().sum::<T>()).collect();
+    let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
+    let lse = max + scores.iter().map(|&s| (s - max).exp()).sum::<T>().ln();
+    if let Some(post) = posterior {
+        for (p, &s) in post.iter_mut().zip(&scores) {
+            *p = (s - lse).exp();
+        }
+    }
+    lse
+}
+
+/// The fused head. targets (N, n) → (objective var, statistics).
+pub fn cp_head<T: Float>(
+    tape: &mut Tape<T>,
+    vars: CpHeadVars,
+    targets: &[u32],
+    horizon: usize,
+    rank: usize,
+    aux_coef: f64,
+) -> (Var, CpHeadStats) {
+    let hidden = tape.value(vars.hidden).clone();
+    let wte = tape.value(vars.wte).clone();
+    let (v, c) = (wte.shape()[0], wte.shape()[1]);
+    let (r, n) = (rank, horizon);
+    let rn = r * n;
+    let positions = hidden.len() / c;
+    assert_eq!(targets.len(), positions * n, "cp_head: need n targets per position");
+    assert_eq!(vars.expand.is_some(), rn > 1, "cp_head: expanders exist exactly when n·r > 1");
+    assert_eq!(vars.gate.is_some(), r > 1, "cp_head: the gate exists exactly when r > 1");
+    let expand = vars.expand.map(|w| tape.value(w).clone());
+    let gate = vars.gate.map(|(g, b)| (tape.value(g).clone(), tape.value(b).clone()));
+    let needs = |var: Var| tape.requires_grad(var);
+    let need_wte = needs(vars.wte);
+    let need_hidden = needs(vars.hidden);
+    let need_expand = vars.expand.is_some_and(needs);
+    let need_gate = vars.gate.is_some_and(|(g, b)| needs(g) || needs(b));
+    let need_dz = need_wte || need_hidden || need_expand;
+    let inv_n = T::one() / T::of(positions as f64);
+
+    // (H1) z (N, r·n·C): rows (t, α, s) of C once reshaped; z = h when there are no expanders.
+    let z_owned = expand.as_ref().map(|w| {
+        let mut z = vec![T::zero(); positions * rn * c];
+        matmul(hidden.data(), Layout::Normal, w.data(), Layout::Transposed, &mut z, positions, c, rn * c, false);
+        z
+    });
+    let z: &[T] = z_owned.as_deref().unwrap_or(hidden.data());
+
+    // (H3) log w (N, r)
+    let log_w: Vec<T> = match &gate {
+        Some((g_weight, g_bias)) => {
+            let mut a = vec![T::zero(); positions * r];
+            for row in a.chunks_mut(r) {
+                row.copy_from_slice(g_bias.data());
+            }
+            matmul(hidden.data(), Layout::Normal, g_weight.data(), Layout::Transposed, &mut a, positions, c, r, true);
+            log_softmax_rows(&mut a, r);
+            a
+        }
+        None => vec![T::zero(); positions],
+    };
+
+    // (H2) block by block: A for every row, and (H7, H8) the gradient products.
+    let mut log_p = vec![T::zero(); positions * rn]; // A[t, α, s]
+    let mut dz = if need_dz { vec![T::zero(); positions * rn * c] } else { Vec::new() };
+    let mut dwte = if need_wte { vec![T::zero(); v * c] } else { Vec::new() };
+    let mut posterior = vec![T::zero(); positions * r];
+    let positions_per_block = (BLOCK_ROWS / rn).max(1);
+    let mut logits = vec![T::zero(); positions_per_block.min(positions) * rn * v];
+    for t0 in (0..positions).step_by(positions_per_block) {
+        let t1 = (t0 + positions_per_block).min(positions);
+        let rows = (t1 - t0) * rn;
+        let block = &mut logits[..rows * v];
+        let z_block = &z[t0 * rn * c..t1 * rn * c];
+        matmul(z_block, Layout::Normal, wte.data(), Layout::Transposed, block, rows, c, v, false);
+        // each row becomes P[α,s] (softmax), and A = ℓ[y] − lse
+        let target_of = |row: usize| targets[(row / rn) * n + row % n] as usize;
+        block.par_chunks_mut(v).zip(log_p[t0 * rn..t1 * rn].par_iter_mut()).enumerate().for_each(|(i, (row, a))| {
+            let y = target_of(t0 * rn + i);
+            let logit_y = row[y];
+            *a = logit_y - T::softmax_row(row);
+        });
+        for t in t0..t1 {
+            joint_log_likelihood(&log_p[t * rn..(t + 1) * rn], &log_w[t * r..(t + 1) * r], n, Some(&mut posterior[t * r..(t + 1) * r]));
+        }
+        if !need_dz {
+            continue;
+        }
+        // (H7) dℓ = π[α]/N · (P − onehot(y)), in place
+        block.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+            let global = t0 * rn + i;
+            let (t, alpha) = (global / rn, (global % rn) / n);
+            let coef = posterior[t * r + alpha] * inv_n;
+            row.iter_mut().for_each(|p| *p *= coef);
+            row[target_of(global)] -= coef;
+        });
+        // (H8) dz = dℓ · wte ; dwte += dℓᵀ · z
+        matmul(block, Layout::Normal, wte.data(), Layout::Normal, &mut dz[t0 * rn * c..t1 * rn * c], rows, v, c, false);
+        if need_wte {
+            matmul(block, Layout::Transposed, z_block, Layout::Normal, &mut dwte, v, rows, c, true);
+        }
+    }
+    drop(logits);
+
+    // statistics: (H4) joint, (H5) marginals, (H6) load balance
+    let mut stats =
+        CpHeadStats { head_losses: vec![0.0; n], expert_fraction: vec![0.0; r], expert_weight: vec![0.0; r], ..Default::default() };
+    let mut joint_total = 0.0;
+    for t in 0..positions {
+        let (a, lw) = (&log_p[t * rn..(t + 1) * rn], &log_w[t * r..(t + 1) * r]);
+        joint_total -= joint_log_likelihood(a, lw, n, None).as_f64();
+        for s in 0..n {
+            let terms: Vec<f64> = (0..r).map(|alpha| (lw[alpha] + a[alpha * n + s]).as_f64()).collect();
+            let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            stats.head_losses[s] -= max + terms.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        }
+        let weights: Vec<f64> = lw.iter().map(|x| x.as_f64().exp()).collect();
+        let top = (0..r).fold(0, |best, alpha| if weights[alpha] > weights[best] { alpha } else { best });
+        stats.expert_fraction[top] += 1.0;
+        for alpha in 0..r {
+            stats.expert_weight[alpha] += weights[alpha];
+            if weights[alpha] > 0.0 {
+                stats.gate_entropy -= weights[alpha] * weights[alpha].ln();
+            }
+        }
+    }
+    let count = positions as f64;
+    stats.joint_loss = joint_total / count;
+    stats.head_losses.iter_mut().for_each(|x| *x /= count);
+    stats.expert_fraction.iter_mut().for_each(|x| *x /= count);
+    stats.expert_weight.iter_mut().for_each(|x| *x /= count);
+    stats.gate_entropy /= count;
+    stats.aux = r as f64 * stats.expert_fraction.iter().zip(&stats.expert_weight).map(|(f, m)| f * m).sum::<f64>();
+    let objective = stats.joint_loss + if r > 1 { aux_coef * stats.aux } else { 0.0 };
+
+    let mut inputs = vec![vars.hidden, vars.wte];
+    inputs.extend(vars.expand);
+    if let Some((g, b)) = vars.gate {
+        inputs.extend([g, b]);
+    }
+    if !(need_dz || need_gate) {
+        return (tape.record("cp_head", Tensor::scalar(T::of(objective)), &inputs, |_, needs| vec![None; needs.len()]), stats);
+    }
+
+    // (H9) dh = dz · W (or dz itself) ; dW = dzᵀ · h
+    let mut dhidden = if need_hidden {
+        match &expand {
+            Some(w) => {
+                let mut dh = vec![T::zero(); positions * c];
+                matmul(&dz, Layout::Normal, w.data(), Layout::Normal, &mut dh, positions, rn * c, c, false);
+                dh
+            }
+            None => dz.clone(),
+        }
+    } else {
+        Vec::new()
+    };
+    let dexpand = need_expand.then(|| {
+        let mut dw = vec![T::zero(); rn * c * c];
+        matmul(&dz, Layout::Transposed, hidden.data(), Layout::Normal, &mut dw, rn * c, positions, c, false);
+        Tensor::from_vec(&[r, n, c, c], dw)
+    });
+    drop(dz);
+    // (H10, H11) the gate
+    let dgate = gate.as_ref().filter(|_| need_gate || need_hidden).map(|(g_weight, _)| {
+        let u: Vec<T> = stats.expert_fraction.iter().map(|&f| T::of(r as f64 * f / count)).collect();
+        let lambda = T::of(aux_coef);
+        let mut da = vec![T::zero(); positions * r];
+        for t in 0..positions {
+            let w: Vec<T> = log_w[t * r..(t + 1) * r].iter().map(|x| x.exp()).collect();
+            let w_dot_u: T = w.iter().zip(&u).map(|(&a, &b)| a * b).sum();
+            for alpha in 0..r {
+                da[t * r + alpha] = (w[alpha] - posterior[t * r + alpha]) * inv_n + lambda * w[alpha] * (u[alpha] - w_dot_u);
+            }
+        }
+        if need_hidden {
+            matmul(&da, Layout::Normal, g_weight.data(), Layout::Normal, &mut dhidden, positions, r, c, true);
+        }
+        let mut dg = vec![T::zero(); r * c];
+        matmul(&da, Layout::Transposed, hidden.data(), Layout::Normal, &mut dg, r, positions, c, false);
+        (Tensor::from_vec(&[r, c], dg), Tensor::from_vec(&[r], column_sums(&da, r)))
+    });
+
+    let hidden_shape = hidden.shape().to_vec();
+    drop(hidden);
+    let mut grads: Vec<Option<Tensor<T>>> =
+        vec![need_hidden.then(|| Tensor::from_vec(&hidden_shape, dhidden)), need_wte.then(|| Tensor::from_vec(&[v, c], dwte))];
+    if vars.expand.is_some() {
+        grads.push(dexpand);
+    }
+    if let Some((dg, db)) = dgate {
+        grads.extend([Some(dg), Some(db)]);
+    }
+    let var = tape.record("cp_head", Tensor::scalar(T::of(objective)), &inputs, move |grad, _| {
+        // the gradients above are for an upstream gradient of 1
+        let scale = grad.item();
+        if scale != T::one() {
+            for g in grads.iter_mut().flatten() {
+                g.data_mut().iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+        grads
+    });
+    (var, stats)
+}
+
+/// The head's next-token distribution at one position: `log Σ_α w[α] P[α,0](v)` for every v,
+/// the horizon-0 marginal (SPEC.md section 2). h (C) → (V)
+pub fn next_token_log_probs<T: Float>(
+    hidden: &[T],
+    wte: &Tensor<T>,
+    expand: Option<&Tensor<T>>,
+    gate: Option<(&Tensor<T>, &Tensor<T>)>,
+    horizon: usize,
+    rank: usize,
+) -> Vec<T> {
+    let (v, c) = (wte.shape()[0], wte.shape()[1]);
+    let log_w: Vec<T> = match gate {
+        Some((g_weight, g_bias)) => {
+            let mut a: Vec<T> = (0..rank)
+                .map(|alpha| g_bias.data()[alpha] + (0..c).map(|j| g_weight.data()[alpha * c + j] * hidden[j]).sum::<T>())
+                .collect();
+            log_softmax_rows(&mut a, rank);
+            a
+        }
+        None => vec![T::zero()],
+    };
+    let mut out = vec![T::neg_infinity(); v];
+    for (alpha, &lw) in log_w.iter().enumerate() {
+        // z[α,0] = W[α,0] h
+        let z: Vec<T> = match expand {
+            Some(w) => {
+                let matrix = &w.data()[alpha * horizon * c * c..][..c * c];
+                matrix.chunks(c).map(|row| row.iter().zip(hidden).map(|(&a, &b)| a * b).sum()).collect()
+            }
+            None => hidden.to_vec(),
+        };
+        let mut logits = vec![T::zero(); v];
+        matmul(&z, Layout::Normal, wte.data(), Layout::Transposed, &mut logits, 1, c, v, false);
+        let lse = T::softmax_row(&mut logits.clone());
+        for (o, &l) in out.iter_mut().zip(&logits) {
+            let term = lw + l - lse;
+            let max = o.max(term);
+            *o = if max == T::neg_infinity() { max } else { max + ((*o - max).exp() + (term - max).exp()).ln() };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{gradcheck, GradcheckOptions};
+    use crate::ops;
+    use crate::tensor::Rng;
+
+    struct Setup {
+        inputs: Vec<Tensor<f64>>,
+        targets: Vec<u32>,
+        n: usize,
+        r: usize,
+    }
+
+    fn setup(positions: usize, c: usize, v: usize, n: usize, r: usize, seed: u64) -> Setup {
+        let mut rng = Rng::new(seed);
+        let mut inputs = vec![Tensor::randn(&[positions, c], 1.0, &mut rng), Tensor::randn(&[v, c], 0.7, &mut rng)];
+        if n * r > 1 {
+            inputs.push(Tensor::randn(&[r, n, c, c], 0.5, &mut rng));
+        }
+        if r > 1 {
+            inputs.push(Tensor::randn(&[r, c], 0.8, &mut rng));
+            inputs.push(Tensor::randn(&[r], 0.5, &mut rng));
+        }
+        let targets = (0..positions * n).map(|_| rng.below(v) as u32).collect();
+        Setup { inputs, targets, n, r }
+    }
+
+    fn head_vars(vars: &[Var], n: usize, r: usize) -> CpHeadVars {
+        let expand = (n * r > 1).then(|| vars[2]);
+        let gate = (r > 1).then(|| (vars[3], vars[4]));
+        CpHeadVars { hidden: vars[0], wte: vars[1], expand, gate }
+    }
+
+    fn run(s: &Setup, aux_coef: f64) -> (f64, CpHeadStats) {
+        let mut tape = Tape::inference();
+        let vars: Vec<Var> = s.inputs.iter().map(|t| tape.leaf(t.clone(), false)).collect();
+        let (out, stats) = cp_head(&mut tape, head_vars(&vars, s.n, s.r), &s.targets, s.n, s.r, aux_coef);
+        (tape.value(out).item(), stats)
+    }
+
+    #[test]
+    fn cp_head_gradient_matches_finite_differences_for_every_input() {
+        for (n, r, aux_coef) in [(2, 3, 0.3), (3, 1, 0.0), (1, 2, 0.1), (1, 1, 0.0)] {
+            let s = setup(5, 4, 7, n, r, 1 + n as u64 * 10 + r as u64);
+            let report = gradcheck(
+                &s.inputs,
+                |tape, vars| cp_head(tape, head_vars(vars, n, r), &s.targets, n, r, aux_coef).0,
+                &GradcheckOptions::default(),
+            );
+            println!("n={n} r={r}: {report}");
+            assert!(report.max_relative_error < 1e-6, "n={n} r={r}: {report}");
+        }
+    }
+
+    #[test]
+    fn blocks_of_positions_give_the_same_result_as_one_block() {
+        // 300 positions × r·n = 4 rows → two blocks of BLOCK_ROWS
+        let s = setup(300, 4, 9, 2, 2, 3);
+        let report = gradcheck(
+            &s.inputs,
+            |tape, vars| cp_head(tape, head_vars(vars, 2, 2), &s.targets, 2, 2, 0.05).0,
+            &GradcheckOptions { max_coordinates_per_input: 20, ..Default::default() },
+        );
+        assert!(report.max_relative_error < 1e-6, "{report}");
+    }
+
+    /// Every joint probability, by brute force over all V^n target tuples.
+    fn brute_force_joint(s: &Setup, position: usize, v: usize) -> Vec<f64> {
+        let (n, r) = (s.n, s.r);
+        let c = s.inputs[0].shape()[1];
+        let h = &s.inputs[0].data()[position * c..(position + 1) * c];
+        let w = s.inputs.get(2);
+        let log_w: Vec<f64> = if r > 1 {
+            let (g, b) = (&s.inputs[3], &s.inputs[4]);
+            let mut a: Vec<f64> = (0..r).map(|al| b.data()[al] + (0..c).map(|j| g.data()[al * c + j] * h[j]).sum::<f64>()).collect();
+            log_softmax_rows(&mut a, r);
+            a
+        } else {
+            vec![0.0]
+        };
+        // P[α][s][v]
+        let probs: Vec<Vec<Vec<f64>>> = (0..r)
+            .map(|al| {
+                (0..n)
+                    .map(|st| {
+                        let z: Vec<f64> = match w {
+                            Some(w) => (0..c).map(|i| (0..c).map(|j| w.data()[((al * n + st) * c + i) * c + j] * h[j]).sum()).collect(),
+                            None => h.to_vec(),
+                        };
+                        let mut logits: Vec<f64> = (0..v).map(|k| (0..c).map(|j| s.inputs[1].data()[k * c + j] * z[j]).sum()).collect();
+                        crate::kernels::softmax::softmax_row_scalar(&mut logits);
+                        logits
+                    })
+                    .collect()
+            })
+            .collect();
+        (0..v.pow(n as u32))
+            .map(|mut index| {
+                let tuple: Vec<usize> = (0..n)
+                    .map(|_| {
+                        let y = index % v;
+                        index /= v;
+                        y
+                    })
+                    .collect();
+                (0..r).map(|al| log_w[al].exp() * tuple.iter().enumerate().map(|(st, &y)| probs[al][st][y]).product::<f64>()).sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_joint_over_all_target_tuples_sums_to_one_and_matches_the_fused_op() {
+        let (v, n, r) = (5, 3, 4);
+        let mut s = setup(1, 3, v, n, r, 9);
+        let joint = brute_force_joint(&s, 0, v);
+        assert!((joint.iter().sum::<f64>() - 1.0).abs() < 1e-12, "the joint sums to {}", joint.iter().sum::<f64>());
+        for index in [0, 17, 63, 124] {
+            s.targets = vec![(index % v) as u32, ((index / v) % v) as u32, (index / v / v) as u32];
+            let (_, stats) = run(&s, 0.0);
+            assert!(((-stats.joint_loss).exp() - joint[index]).abs() < 1e-12, "tuple {index}");
+        }
+    }
+
+    #[test]
+    fn rank_one_joint_is_the_sum_of_independent_cross_entropies() {
+        let s = setup(6, 4, 8, 3, 1, 5);
+        let (objective, stats) = run(&s, 0.5);
+        assert!((objective - stats.joint_loss).abs() < 1e-12, "r = 1 has no aux term");
+        assert!((stats.joint_loss - stats.head_losses.iter().sum::<f64>()).abs() < 1e-10);
+        // head s equals cross-entropy of the logits wte · W[0,s] h
+        for st in 0..3 {
+            let mut tape = Tape::inference();
+            let h = tape.leaf(s.inputs[0].clone(), false);
+            let w_s = Tensor::from_vec(&[4, 4], s.inputs[2].data()[st * 16..(st + 1) * 16].to_vec());
+            let w_t = tape.leaf(transpose(&w_s), false);
+            let z = ops::linear(&mut tape, h, w_t, None);
+            let wte = tape.leaf(s.inputs[1].clone(), false);
+            let logits = ops::unembed(&mut tape, z, wte);
+            let targets: Vec<u32> = (0..6).map(|t| s.targets[t * 3 + st]).collect();
+            let ce = ops::cross_entropy(&mut tape, logits, &targets);
+            assert!((tape.value(ce).item() - stats.head_losses[st]).abs() < 1e-12, "head {st}");
+        }
+    }
+
+    fn transpose(t: &Tensor<f64>) -> Tensor<f64> {
+        let (rows, cols) = (t.shape()[0], t.shape()[1]);
+        Tensor::from_vec(&[cols, rows], (0..rows * cols).map(|i| t.data()[(i % rows) * cols + i / rows]).collect())
+    }
+
+    #[test]
+    fn horizon_one_rank_one_is_gpt2_cross_entropy() {
+        let s = setup(6, 4, 8, 1, 1, 6);
+        let (objective, stats) = run(&s, 0.01);
+        let mut tape = Tape::inference();
+        let h = tape.leaf(s.inputs[0].clone(), false);
+        let wte = tape.leaf(s.inputs[1].clone(), false);
+        let logits = ops::unembed(&mut tape, h, wte);
+        let ce = ops::cross_entropy(&mut tape, logits, &s.targets);
+        assert!((tape.value(ce).item() - objective).abs() < 1e-12);
+        assert_eq!(stats.head_losses.len(), 1);
+    }
+
+    #[test]
+    fn the_next_token_marginal_is_normalised_and_matches_the_horizon_zero_loss() {
+        let (v, n, r) = (6, 2, 3);
+        let s = setup(1, 4, v, n, r, 8);
+        let gate = Some((&s.inputs[3], &s.inputs[4]));
+        let log_probs = next_token_log_probs(s.inputs[0].data(), &s.inputs[1], Some(&s.inputs[2]), gate, n, r);
+        assert!((log_probs.iter().map(|x| x.exp()).sum::<f64>() - 1.0).abs() < 1e-12);
+        let (_, stats) = run(&s, 0.0);
+        let y0 = s.targets[0] as usize;
+        assert!((-log_probs[y0] - stats.head_losses[0]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn load_balancing_term_is_one_when_balanced_and_r_when_collapsed() {
+        let mut s = setup(8, 4, 5, 2, 4, 2);
+        // G = 0, g = 0: every weight is 1/r, argmax ties go to component 0 → f = (1,0,0,0), m = 1/r
+        s.inputs[3] = Tensor::zeros(&[4, 4]);
+        s.inputs[4] = Tensor::zeros(&[4]);
+        let (_, stats) = run(&s, 0.0);
+        assert!((stats.aux - 1.0).abs() < 1e-12 && (stats.gate_entropy - 4f64.ln()).abs() < 1e-12);
+        // a huge bias on component 2: all weight there, aux = r
+        s.inputs[4] = Tensor::from_vec(&[4], vec![0.0, 0.0, 50.0, 0.0]);
+        let (_, stats) = run(&s, 0.0);
+        assert!((stats.aux - 4.0).abs() < 1e-9 && stats.expert_fraction[2] == 1.0);
+    }
+}
