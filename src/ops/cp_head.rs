@@ -212,10 +212,10 @@ pub fn cp_head<T: Float>(
         let weights: Vec<f64> = lw.iter().map(|x| x.as_f64().exp()).collect();
         let top = (0..r).fold(0, |best, alpha| if weights[alpha] > weights[best] { alpha } else { best });
         stats.expert_fraction[top] += 1.0;
-        for alpha in 0..r {
-            stats.expert_weight[alpha] += weights[alpha];
-            if weights[alpha] > 0.0 {
-                stats.gate_entropy -= weights[alpha] * weights[alpha].ln();
+        for (mean, &w) in stats.expert_weight.iter_mut().zip(&weights) {
+            *mean += w;
+            if w > 0.0 {
+                stats.gate_entropy -= w * w.ln();
             }
         }
     }
