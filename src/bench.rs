@@ -88,3 +88,71 @@ pub fn bench_train(
         step_ms_all: times,
     })
 }
+
+/// What `multitoken bench decode` reports: autoregressive decoding with a KV cache against
+/// self-speculative decoding, same model, same prompt, same sampling settings.
+#[derive(Debug, Serialize)]
+pub struct BenchDecodeResult {
+    pub ar_tokens_per_s: f64,
+    pub spec_tokens_per_s: f64,
+    pub speedup: f64,
+    pub mean_accepted: f64,
+    /// acceptance rate at draft positions s = 1..n−1
+    pub acceptance_rates: Vec<f64>,
+    pub forward_passes: usize,
+    pub max_new_tokens: usize,
+    /// greedy only: whether both decoders produced the same tokens (they must)
+    pub identical_output: Option<bool>,
+    /// cost of one speculative pass over one autoregressive pass
+    pub step_cost_ratio: f64,
+    pub ar_timing: crate::decode::generate::Timing,
+    pub spec_timing: crate::decode::generate::Timing,
+    pub repeats: usize,
+    pub threads: usize,
+}
+
+/// Times both decoders `repeats` times, alternating, and reports the medians.
+pub fn bench_decode(
+    config: &crate::model::ModelConfig,
+    params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: &crate::decode::SamplingConfig,
+    seed: u64,
+    repeats: usize,
+) -> Result<BenchDecodeResult> {
+    use crate::decode::{decode, DecodeRequest, Generation};
+    let run = |speculative: bool| -> Result<Generation> {
+        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {} };
+        decode(config, params, request, speculative)
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut ar_runs, mut spec_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        ar_runs.push(run(false)?);
+        spec_runs.push(run(true)?);
+    }
+    let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
+    let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
+    let (ar, spec) = (&ar_runs[0], &spec_runs[0]);
+    let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
+    let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
+    Ok(BenchDecodeResult {
+        ar_tokens_per_s,
+        spec_tokens_per_s,
+        speedup: spec_tokens_per_s / ar_tokens_per_s,
+        mean_accepted: spec.mean_accepted(),
+        acceptance_rates: spec.acceptance_rates(),
+        forward_passes: spec.forward_passes,
+        max_new_tokens,
+        identical_output: sampling.greedy.then(|| ar.tokens == spec.tokens),
+        step_cost_ratio: spec_step / ar_step,
+        ar_timing: ar.timing.clone(),
+        spec_timing: spec.timing.clone(),
+        repeats: repeats.max(1),
+        threads: rayon::current_num_threads(),
+    })
+}

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use multitoken::data::{self, tokenizer};
-use multitoken::decode::{self, SamplingConfig};
+use multitoken::decode::{self, DecodeRequest, SamplingConfig};
 use multitoken::error::Error;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 
@@ -182,7 +182,7 @@ struct SampleArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Self-speculative decoding with the multi-token head
+    /// Self-speculative decoding with the multi-token head (several tokens per pass)
     #[arg(long)]
     speculative: bool,
     #[arg(long, default_value = "cpu")]
@@ -211,6 +211,32 @@ enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Autoregressive against self-speculative decoding on a checkpoint
+    Decode {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Runs of each decoder; medians are reported
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+/// A progress bar on stderr with a live tokens/s readout, for long generations.
+fn live_readout(total: usize) -> indicatif::ProgressBar {
+    if total < 64 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tokens | {per_sec} | eta {eta}").expect("valid template"));
+    bar
 }
 
 fn check_device(device: &str) -> Result<()> {
@@ -323,13 +349,19 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Sample(args) => {
             check_device(&args.device)?;
-            if args.speculative {
-                anyhow::bail!("--speculative: self-speculative decoding is not available yet; drop the flag");
-            }
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
-            let generation =
-                decode::generate(&ckpt.config, &ckpt.params, &prompt, args.max_new_tokens, &args.sampling.config(), args.sampling.seed)?;
+            let bar = live_readout(args.max_new_tokens);
+            let sampling = args.sampling.config();
+            let request = DecodeRequest {
+                prompt: &prompt,
+                max_new_tokens: args.max_new_tokens,
+                sampling: &sampling,
+                seed: args.sampling.seed,
+                progress: &mut |done| bar.set_position(done as u64),
+            };
+            let generation = decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?;
+            bar.finish_and_clear();
             let continuation = tokenizer::decode(&tok, &generation.tokens)?;
             let value = json!({
                 "text": continuation,
@@ -338,9 +370,12 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 "tokens_per_s": generation.tokens_per_s(),
                 "forward_passes": generation.forward_passes,
                 "mean_accepted": generation.mean_accepted(),
+                "acceptance_rates": generation.acceptance_rates(),
+                "speculative": args.speculative,
             });
+            let mode = if args.speculative { format!(", {:.2} tokens per pass", generation.mean_accepted()) } else { String::new() };
             let text = format!(
-                "{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes]",
+                "{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes{mode}]",
                 args.prompt,
                 continuation,
                 generation.tokens.len(),
@@ -348,6 +383,33 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 generation.forward_passes
             );
             Ok((value, text))
+        }
+        Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
+            check_device(device)?;
+            let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
+            let ids = tokenizer::encode(&tok, prompt)?;
+            let result = multitoken::bench::bench_decode(
+                &ckpt.config,
+                &ckpt.params,
+                &ids,
+                *max_new_tokens,
+                &sampling.config(),
+                sampling.seed,
+                *repeats,
+            )?;
+            let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
+            let text = format!(
+                "autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes",
+                result.ar_tokens_per_s,
+                result.spec_tokens_per_s,
+                result.speedup,
+                result.mean_accepted,
+                ckpt.config.horizon,
+                ckpt.config.rank,
+                rates.join(", "),
+                result.step_cost_ratio
+            );
+            Ok((serde_json::to_value(result)?, text))
         }
         Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device }) => {
             check_device(device)?;

@@ -1,24 +1,44 @@
-//! Plain autoregressive generation: each new token runs the backbone over the whole context
-//! (the last n_positions tokens). Simple and obviously correct; the reference that faster
-//! decoders are compared against.
+//! Generation: the plain reference decoder, autoregressive decoding with a KV cache, and
+//! self-speculative decoding with the multi-token head (SPEC.md section 3).
 
 use std::time::Instant;
 
+use serde::Serialize;
+
+use super::context::context_start;
+use super::head::{Head, HeadState};
+use super::kv_cache::CachedBackbone;
 use super::sampling::{self, SamplingConfig};
 use crate::autograd::Tape;
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{gpt2, ModelConfig, ModelParams};
-use crate::ops::cp_head;
-use crate::tensor::{Rng, Tensor};
+use crate::tensor::{Float, Rng, Tensor};
 
-#[derive(Clone, Debug)]
+/// Where decoding time went, in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timing {
+    /// backbone passes over new tokens (the decoding passes)
+    pub backbone_s: f64,
+    /// the head's target distributions at the states of those tokens (verification)
+    pub target_s: f64,
+    /// the head's other horizons at S and the draft conditionals
+    pub draft_s: f64,
+    /// prompt prefill and cache rebuilds when the window moves
+    pub prefill_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     /// the new token ids
     pub tokens: Vec<u32>,
     /// backbone passes spent on decoding (prefill not counted)
     pub forward_passes: usize,
     pub elapsed_s: f64,
+    /// for draft position s = 1..n−1: steps whose drafting reached it, and drafts accepted there
+    pub drafted: Vec<usize>,
+    pub accepted: Vec<usize>,
+    pub timing: Timing,
 }
 
 impl Generation {
@@ -30,42 +50,265 @@ impl Generation {
     pub fn mean_accepted(&self) -> f64 {
         self.tokens.len() as f64 / self.forward_passes.max(1) as f64
     }
+
+    /// Acceptance rate at each draft position s = 1..n−1.
+    pub fn acceptance_rates(&self) -> Vec<f64> {
+        self.drafted.iter().zip(&self.accepted).map(|(&d, &a)| if d == 0 { 0.0 } else { a as f64 / d as f64 }).collect()
+    }
 }
 
-/// Next-token log-probabilities (the head's horizon-0 marginal) at the last position of `context`.
-pub fn next_token_log_probs(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, context: &[u32]) -> Vec<f32> {
-    let mut tape = Tape::inference();
-    let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
-    let h = gpt2::hidden_states(&mut tape, config, &vars, context, context.len());
-    let c = config.n_embd;
-    let last = &tape.value(h).data()[(context.len() - 1) * c..];
-    let head = params.head.as_ref();
-    let gate = head.filter(|_| config.rank > 1).map(|p| (&p.gate_weight, &p.gate_bias));
-    cp_head::next_token_log_probs(last, &params.wte, head.map(|p| &p.expand_weight), gate, config.horizon, config.rank)
+fn check_prompt(config: &ModelConfig, prompt: &[u32], sampling: &SamplingConfig) -> Result<()> {
+    if prompt.is_empty() {
+        return invalid!("the prompt is empty: give at least one character of text");
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+        return invalid!(
+            "prompt token {bad} is outside the model's vocabulary of {}; does the tokenizer belong to this checkpoint?",
+            config.vocab_size
+        );
+    }
+    sampling.validate()
 }
 
-/// Generates `max_new_tokens` after `prompt`.
-pub fn generate(
+/// The next token from a next-token log-distribution.
+fn choose<T: Float>(log_probs: &[T], sampling: &SamplingConfig, rng: &mut Rng) -> u32 {
+    if sampling.greedy {
+        sampling::argmax(log_probs)
+    } else {
+        sampling::draw(&sampling::distribution(log_probs, sampling), rng)
+    }
+}
+
+/// Reference decoder: every token runs the backbone over its whole window, no cache.
+/// Slow and plain; the decoders below must agree with it.
+pub fn generate_reference<T: Float>(
     config: &ModelConfig,
-    params: &ModelParams<Tensor<f32>>,
+    params: &ModelParams<Tensor<T>>,
     prompt: &[u32],
     max_new_tokens: usize,
     sampling: &SamplingConfig,
     seed: u64,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return invalid!("the prompt is empty: give at least one character of text");
-    }
-    sampling.validate()?;
+    check_prompt(config, prompt, sampling)?;
     let mut rng = Rng::new(seed);
     let mut sequence = prompt.to_vec();
     let started = Instant::now();
+    let head = Head::new(config, params);
     for _ in 0..max_new_tokens {
-        let context = &sequence[sequence.len().saturating_sub(config.n_positions)..];
-        let logits = next_token_log_probs(config, params, context);
-        let next =
-            if sampling.greedy { sampling::argmax(&logits) } else { sampling::draw(&sampling::distribution(&logits, sampling), &mut rng) };
-        sequence.push(next);
+        let t = sequence.len();
+        let window = &sequence[context_start(t, config.n_positions)..t];
+        let mut tape = Tape::inference();
+        let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
+        let h = gpt2::hidden_states(&mut tape, config, &vars, window, window.len());
+        let last = &tape.value(h).data()[(window.len() - 1) * config.n_embd..];
+        let state = head.states(last, 1).remove(0);
+        sequence.push(choose(&state.next_token_log_probs(), sampling, &mut rng));
     }
-    Ok(Generation { tokens: sequence[prompt.len()..].to_vec(), forward_passes: max_new_tokens, elapsed_s: started.elapsed().as_secs_f64() })
+    let elapsed_s = started.elapsed().as_secs_f64();
+    Ok(Generation {
+        tokens: sequence[prompt.len()..].to_vec(),
+        forward_passes: max_new_tokens,
+        elapsed_s,
+        drafted: vec![],
+        accepted: vec![],
+        timing: Timing::default(),
+    })
+}
+
+/// What a decoder needs besides the model: how many tokens, how to choose them, and a callback
+/// told the number of new tokens after every step (for a live readout).
+pub struct DecodeRequest<'a> {
+    pub prompt: &'a [u32],
+    pub max_new_tokens: usize,
+    pub sampling: &'a SamplingConfig,
+    pub seed: u64,
+    pub progress: &'a mut dyn FnMut(usize),
+}
+
+/// How sampled drafts are accepted. Only `Exact` is correct; the other exists so that the
+/// exactness test can show it catches a wrong rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptanceRule {
+    /// accept d with probability min(1, p(d)/q(d)); on rejection draw from normalise(max(0, p − q))
+    Exact,
+    /// accept every draft (wrong: the output then follows the drafts' distribution)
+    AlwaysAccept,
+    /// the exact acceptance test, but a rejection draws from p instead of the residual (wrong:
+    /// a common slip that over-weights what the draft already proposed)
+    ResampleFromTarget,
+}
+
+/// Self-speculative decoding (SPEC.md section 3). With `speculative = false`, the same loop
+/// drafts nothing and runs one token per pass: autoregressive decoding with a KV cache.
+pub fn decode<T: Float>(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<T>>,
+    request: DecodeRequest,
+    speculative: bool,
+) -> Result<Generation> {
+    decode_with_rule(config, params, request, speculative, AcceptanceRule::Exact)
+}
+
+/// [`decode`] with a choice of acceptance rule for sampled drafts (for tests).
+pub fn decode_with_rule<T: Float>(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<T>>,
+    request: DecodeRequest,
+    speculative: bool,
+    rule: AcceptanceRule,
+) -> Result<Generation> {
+    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress } = request;
+    check_prompt(config, prompt, sampling)?;
+    let (n, positions) = (if speculative { config.horizon } else { 1 }, config.n_positions);
+    let mut rng = Rng::new(seed);
+    let mut backbone = CachedBackbone::new(config, params);
+    let head = Head::new(config, params);
+    let mut sequence = prompt.to_vec();
+    let mut generation = Generation {
+        tokens: vec![],
+        forward_passes: 0,
+        elapsed_s: 0.0,
+        drafted: vec![0; n.saturating_sub(1)],
+        accepted: vec![0; n.saturating_sub(1)],
+        timing: Timing::default(),
+    };
+    let started = Instant::now();
+    let mut window_start = usize::MAX;
+    // S: the head at the state of the token before the pending one, once known
+    let mut head_at_s: Option<HeadState<T>> = None;
+    while sequence.len() - prompt.len() < max_new_tokens {
+        let length = sequence.len();
+        let pending = sequence[length - 1];
+        let start = context_start(length, positions);
+        if start != window_start {
+            // (re)build the cache over the window, all but the pending token
+            let tick = Instant::now();
+            backbone.truncate(0);
+            window_start = start;
+            head_at_s = (length - 1 > start).then(|| {
+                let h = backbone.forward(&sequence[start..length - 1]);
+                head.states(&h[h.len() - config.n_embd..], 1).remove(0)
+            });
+            generation.timing.prefill_s += tick.elapsed().as_secs_f64();
+        }
+        // tokens this pass runs: targets at indices length.. must share the window, and no
+        // more are needed than remain to be emitted
+        let remaining = max_new_tokens - (length - prompt.len());
+        let mut run_length = 1;
+        while head_at_s.is_some() && run_length < n.min(remaining) && context_start(length + run_length, positions) == start {
+            run_length += 1;
+        }
+
+        // 1. draft d_1..d_{m−1} from the head at S, conditioned on the pending token
+        let tick = Instant::now();
+        let (drafts, draft_probs) = match head_at_s.as_mut() {
+            Some(s_state) if run_length > 1 => {
+                head.fill(&mut [s_state], n);
+                draft(s_state, pending, run_length - 1, sampling, &mut rng)
+            }
+            _ => (vec![], vec![]),
+        };
+        generation.timing.draft_s += tick.elapsed().as_secs_f64();
+
+        // 2. one backbone pass over c, d_1, …, d_{m−1}
+        let tick = Instant::now();
+        let mut run = vec![pending];
+        run.extend(&drafts);
+        let cache_before = backbone.len();
+        let hidden = backbone.forward(&run);
+        generation.forward_passes += 1;
+        generation.timing.backbone_s += tick.elapsed().as_secs_f64();
+
+        // 3. verify against the next-token marginal at each state
+        let tick = Instant::now();
+        let mut states = head.states(&hidden, 1);
+        let mut kept = 0;
+        let mut next = None;
+        for (j, &d) in drafts.iter().enumerate() {
+            generation.drafted[j] += 1;
+            let target = states[j].next_token_log_probs();
+            if sampling.greedy {
+                let best = sampling::argmax(&target);
+                if best != d {
+                    next = Some(best);
+                    break;
+                }
+            } else {
+                let p = sampling::distribution(&target, sampling);
+                let q = &draft_probs[j];
+                let (pd, qd) = (p[d as usize], q[d as usize]);
+                let accept = match rule {
+                    AcceptanceRule::AlwaysAccept => true,
+                    _ => rng.uniform() < (pd / qd).min(1.0),
+                };
+                if !accept {
+                    // rejected: draw from normalise(max(0, p − q))
+                    let residual: Vec<f64> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+                    let total: f64 = residual.iter().sum();
+                    let residual =
+                        if total > 0.0 && rule == AcceptanceRule::Exact { residual.iter().map(|x| x / total).collect() } else { p };
+                    next = Some(sampling::draw(&residual, &mut rng));
+                    break;
+                }
+            }
+            generation.accepted[j] += 1;
+            kept += 1;
+        }
+        let next = match next {
+            Some(token) => token,
+            None => choose(&states[kept].next_token_log_probs(), sampling, &mut rng),
+        };
+        generation.timing.target_s += tick.elapsed().as_secs_f64();
+
+        // 4. keep c, d_1..d_k in the cache; the new S is the state of d_k
+        backbone.truncate(cache_before + 1 + kept);
+        sequence.extend(&drafts[..kept]);
+        sequence.push(next);
+        head_at_s = Some(states.swap_remove(kept));
+        progress((sequence.len() - prompt.len()).min(max_new_tokens));
+    }
+    sequence.truncate(prompt.len() + max_new_tokens);
+    generation.tokens = sequence[prompt.len()..].to_vec();
+    generation.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(generation)
+}
+
+/// Drafts `count` tokens after the pending token c from the head at S (SPEC.md section 3, step 1):
+/// `π[α] ∝ w[α] P[α,0](c)`, then `q_s(v) ∝ Σ_α π[α] Π_{1≤j<s} P[α,j](d_j) · P[α,s](v)`.
+/// Returns the drafts and, when sampling, the distribution each was drawn from.
+fn draft<T: Float>(
+    state: &HeadState<T>,
+    pending: u32,
+    count: usize,
+    sampling: &SamplingConfig,
+    rng: &mut Rng,
+) -> (Vec<u32>, Vec<Vec<f64>>) {
+    let r = state.log_w.len();
+    let mut log_posterior: Vec<f64> = (0..r).map(|alpha| (state.log_w[alpha] + state.log_p(alpha, 0)[pending as usize]).as_f64()).collect();
+    let (mut drafts, mut used) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let mut log_q = vec![0.0f64; state.vocab];
+    let mut terms = vec![0.0f64; r];
+    for s in 1..=count {
+        let lse = super::head::log_sum_exp(&log_posterior);
+        log_posterior.iter_mut().for_each(|x| *x -= lse);
+        for (token, q) in log_q.iter_mut().enumerate() {
+            for (alpha, term) in terms.iter_mut().enumerate() {
+                *term = log_posterior[alpha] + state.log_p(alpha, s)[token].as_f64();
+            }
+            *q = super::head::log_sum_exp(&terms);
+        }
+        let d = if sampling.greedy {
+            sampling::argmax(&log_q)
+        } else {
+            let q = sampling::distribution(&log_q, sampling);
+            let d = sampling::draw(&q, rng);
+            used.push(q);
+            d
+        };
+        for (alpha, lp) in log_posterior.iter_mut().enumerate() {
+            *lp += state.log_p(alpha, s)[d as usize].as_f64();
+        }
+        drafts.push(d);
+    }
+    (drafts, used)
 }

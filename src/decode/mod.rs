@@ -1,7 +1,11 @@
-//! Decoding: choosing tokens and generating text.
+//! Decoding: the KV cache, the head's distributions, sampling, and generation — plain,
+//! autoregressive with a cache, and self-speculative (SPEC.md section 3).
 
+pub mod context;
 pub mod generate;
+pub mod head;
+pub mod kv_cache;
 pub mod sampling;
 
-pub use generate::{generate, Generation};
+pub use generate::{decode, generate_reference, DecodeRequest, Generation};
 pub use sampling::SamplingConfig;

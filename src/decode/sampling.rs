@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::invalid;
-use crate::tensor::Rng;
+use crate::tensor::{Float, Rng};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingConfig {
@@ -32,7 +32,7 @@ impl SamplingConfig {
 }
 
 /// Index of the largest logit (the first one on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax<T: Float>(logits: &[T]) -> u32 {
     let mut best = 0;
     for (i, &x) in logits.iter().enumerate() {
         if x > logits[best] {
@@ -44,15 +44,15 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The distribution a sampler draws from: softmax(logits / temperature), restricted to the
 /// top-k and then the top-p nucleus, renormalised. For greedy decoding, a point mass on the argmax.
-pub fn distribution(logits: &[f32], config: &SamplingConfig) -> Vec<f64> {
+pub fn distribution<T: Float>(logits: &[T], config: &SamplingConfig) -> Vec<f64> {
     let mut probs = vec![0.0; logits.len()];
     if config.greedy {
         probs[argmax(logits) as usize] = 1.0;
         return probs;
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = logits.iter().copied().fold(T::neg_infinity(), T::max).as_f64();
     for (p, &x) in probs.iter_mut().zip(logits) {
-        *p = ((x as f64 - max) / config.temperature).exp();
+        *p = ((x.as_f64() - max) / config.temperature).exp();
     }
     if config.top_k > 0 || config.top_p < 1.0 {
         let mut order: Vec<usize> = (0..probs.len()).collect();
@@ -100,7 +100,7 @@ mod tests {
 
     #[test]
     fn top_k_keeps_exactly_the_k_most_likely_tokens() {
-        let probs = distribution(&[1.0, 3.0, 2.0, 0.0], &sampling(1.0, 2, 1.0));
+        let probs = distribution(&[1.0f32, 3.0, 2.0, 0.0], &sampling(1.0, 2, 1.0));
         assert_eq!(probs[0], 0.0);
         assert_eq!(probs[3], 0.0);
         assert!((probs[1] + probs[2] - 1.0).abs() < 1e-12 && probs[1] > probs[2]);
@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn low_temperature_approaches_greedy() {
-        let probs = distribution(&[1.0, 1.5, 0.2], &sampling(0.01, 0, 1.0));
+        let probs = distribution(&[1.0f32, 1.5, 0.2], &sampling(0.01, 0, 1.0));
         assert!(probs[1] > 0.999);
     }
 

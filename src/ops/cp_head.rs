@@ -299,49 +299,6 @@ pub fn cp_head<T: Float>(
     (var, stats)
 }
 
-/// The head's next-token distribution at one position: `log Σ_α w[α] P[α,0](v)` for every v,
-/// the horizon-0 marginal (SPEC.md section 2). h (C) → (V)
-pub fn next_token_log_probs<T: Float>(
-    hidden: &[T],
-    wte: &Tensor<T>,
-    expand: Option<&Tensor<T>>,
-    gate: Option<(&Tensor<T>, &Tensor<T>)>,
-    horizon: usize,
-    rank: usize,
-) -> Vec<T> {
-    let (v, c) = (wte.shape()[0], wte.shape()[1]);
-    let log_w: Vec<T> = match gate {
-        Some((g_weight, g_bias)) => {
-            let mut a: Vec<T> = (0..rank)
-                .map(|alpha| g_bias.data()[alpha] + (0..c).map(|j| g_weight.data()[alpha * c + j] * hidden[j]).sum::<T>())
-                .collect();
-            log_softmax_rows(&mut a, rank);
-            a
-        }
-        None => vec![T::zero()],
-    };
-    let mut out = vec![T::neg_infinity(); v];
-    for (alpha, &lw) in log_w.iter().enumerate() {
-        // z[α,0] = W[α,0] h
-        let z: Vec<T> = match expand {
-            Some(w) => {
-                let matrix = &w.data()[alpha * horizon * c * c..][..c * c];
-                matrix.chunks(c).map(|row| row.iter().zip(hidden).map(|(&a, &b)| a * b).sum()).collect()
-            }
-            None => hidden.to_vec(),
-        };
-        let mut logits = vec![T::zero(); v];
-        matmul(&z, Layout::Normal, wte.data(), Layout::Transposed, &mut logits, 1, c, v, false);
-        let lse = T::softmax_row(&mut logits.clone());
-        for (o, &l) in out.iter_mut().zip(&logits) {
-            let term = lw + l - lse;
-            let max = o.max(term);
-            *o = if max == T::neg_infinity() { max } else { max + ((*o - max).exp() + (term - max).exp()).ln() };
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,18 +460,6 @@ mod tests {
         let ce = ops::cross_entropy(&mut tape, logits, &s.targets);
         assert!((tape.value(ce).item() - objective).abs() < 1e-12);
         assert_eq!(stats.head_losses.len(), 1);
-    }
-
-    #[test]
-    fn the_next_token_marginal_is_normalised_and_matches_the_horizon_zero_loss() {
-        let (v, n, r) = (6, 2, 3);
-        let s = setup(1, 4, v, n, r, 8);
-        let gate = Some((&s.inputs[3], &s.inputs[4]));
-        let log_probs = next_token_log_probs(s.inputs[0].data(), &s.inputs[1], Some(&s.inputs[2]), gate, n, r);
-        assert!((log_probs.iter().map(|x| x.exp()).sum::<f64>() - 1.0).abs() < 1e-12);
-        let (_, stats) = run(&s, 0.0);
-        let y0 = s.targets[0] as usize;
-        assert!((-log_probs[y0] - stats.head_losses[0]).abs() < 1e-12);
     }
 
     #[test]

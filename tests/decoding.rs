@@ -1,0 +1,182 @@
+//! Decoding: the KV cache, greedy speculative decoding against greedy autoregressive decoding,
+//! and the exactness of speculative sampling (a chi-square test that can fail, and does for a
+//! wrong acceptance rule).
+
+use multitoken::decode::generate::AcceptanceRule;
+use multitoken::decode::{decode, generate_reference, DecodeRequest, Generation, SamplingConfig};
+use multitoken::model::{gpt2, Batch, ModelConfig, ModelParams};
+use multitoken::tensor::{Rng, Tensor};
+use multitoken::train::adamw::{AdamW, AdamWConfig};
+use multitoken::train::{train_step, StepConfig};
+
+fn config(n: usize, r: usize, vocab: usize, positions: usize) -> ModelConfig {
+    ModelConfig { vocab_size: vocab, n_positions: positions, n_embd: 32, n_layer: 2, n_head: 4, horizon: n, rank: r }
+}
+
+fn run(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<f32>>,
+    prompt: &[u32],
+    new: usize,
+    sampling: &SamplingConfig,
+    seed: u64,
+    speculative: bool,
+) -> Generation {
+    let request = DecodeRequest { prompt, max_new_tokens: new, sampling, seed, progress: &mut |_| {} };
+    decode(config, params, request, speculative).unwrap()
+}
+
+/// A model trained for a few seconds on a noisy periodic stream, so drafts are often right.
+fn trained_model(n: usize, r: usize) -> (ModelConfig, ModelParams<Tensor<f32>>) {
+    let config = config(n, r, 24, 32);
+    let mut rng = Rng::new(5);
+    let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+    let stream: Vec<u32> = (0..4000).map(|i| if rng.below(10) == 0 { rng.below(24) as u32 } else { (i * 7 % 24) as u32 }).collect();
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    for _ in 0..150 {
+        let rows: Vec<&[u32]> = (0..8).map(|_| rng.below(stream.len() - 40)).map(|o| &stream[o..o + 24 + n]).collect();
+        let batch = Batch::from_rows(&rows, 24, n);
+        train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true);
+    }
+    (config, params)
+}
+
+#[test]
+fn greedy_speculative_output_equals_greedy_autoregressive_output() {
+    let greedy = SamplingConfig::greedy();
+    let mut rng = Rng::new(1);
+    let mut accepted_somewhere = false;
+    for (n, r) in [(2, 1), (3, 4), (4, 2), (4, 1), (1, 3)] {
+        let (config, params) = trained_model(n, r);
+        for prompt_length in [1, 2, 5, 17] {
+            let prompt: Vec<u32> = (0..prompt_length).map(|_| rng.below(24) as u32).collect();
+            let ar = run(&config, &params, &prompt, 40, &greedy, 0, false);
+            let spec = run(&config, &params, &prompt, 40, &greedy, 0, true);
+            assert_eq!(ar.tokens, spec.tokens, "n={n} r={r} prompt {prompt:?}");
+            assert_eq!(ar.forward_passes, 40);
+            assert!(spec.forward_passes <= 40 && spec.mean_accepted() <= n as f64);
+            accepted_somewhere |= spec.accepted.iter().sum::<usize>() > 0;
+        }
+    }
+    assert!(accepted_somewhere, "no draft was ever accepted: the test would not exercise acceptance");
+}
+
+#[test]
+fn decoders_agree_with_the_reference_across_the_end_of_the_context() {
+    // n_positions 16: 60 new tokens cross several window moves
+    let greedy = SamplingConfig::greedy();
+    for (n, r) in [(3, 2), (4, 1)] {
+        let config = config(n, r, 20, 16);
+        let params = gpt2::init_params::<f32>(&config, &mut Rng::new(9));
+        for prompt_length in [3, 14, 16, 30] {
+            let prompt: Vec<u32> = (0..prompt_length).map(|i| (i * 3 % 20) as u32).collect();
+            let reference = generate_reference(&config, &params, &prompt, 60, &greedy, 0).unwrap();
+            let ar = run(&config, &params, &prompt, 60, &greedy, 0, false);
+            let spec = run(&config, &params, &prompt, 60, &greedy, 0, true);
+            assert_eq!(reference.tokens, ar.tokens, "cached autoregressive decoding, prompt of {prompt_length}");
+            assert_eq!(reference.tokens, spec.tokens, "speculative decoding, prompt of {prompt_length}");
+        }
+    }
+}
+
+/// Exact probabilities of the first two new tokens, by enumeration with the reference decoder.
+fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt: &[u32]) -> Vec<f64> {
+    use multitoken::decode::head::Head;
+    let v = config.vocab_size;
+    let next = |context: &[u32]| -> Vec<f64> {
+        let mut backbone = multitoken::decode::kv_cache::CachedBackbone::new(config, params);
+        let h = backbone.forward(context);
+        let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).remove(0);
+        state.next_token_log_probs().iter().map(|&x| (x as f64).exp()).collect()
+    };
+    let first = next(prompt);
+    let mut joint = vec![0.0; v * v];
+    for a in 0..v {
+        let mut context = prompt.to_vec();
+        context.push(a as u32);
+        for (b, p) in next(&context).iter().enumerate() {
+            joint[a * v + b] = first[a] * p;
+        }
+    }
+    joint
+}
+
+/// Pearson's statistic of observed counts against expected probabilities, cells with expected
+/// count under 5 pooled; returns (statistic, degrees of freedom).
+fn chi_square(counts: &[usize], probs: &[f64]) -> (f64, usize) {
+    let total: usize = counts.iter().sum();
+    let (mut statistic, mut cells) = (0.0, 0);
+    let (mut pooled_observed, mut pooled_expected) = (0.0, 0.0);
+    for (&c, &p) in counts.iter().zip(probs) {
+        let expected = p * total as f64;
+        if expected < 5.0 {
+            pooled_observed += c as f64;
+            pooled_expected += expected;
+        } else {
+            statistic += (c as f64 - expected).powi(2) / expected;
+            cells += 1;
+        }
+    }
+    if pooled_expected > 0.0 {
+        statistic += (pooled_observed - pooled_expected).powi(2) / pooled_expected.max(1e-9);
+        cells += 1;
+    }
+    (statistic, cells - 1)
+}
+
+/// The chi-square critical value at significance 0.001 (Wilson–Hilferty approximation).
+fn critical_value(df: usize) -> f64 {
+    let (k, z) = (df as f64, 3.090);
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+fn sample_pairs(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<f32>>,
+    prompt: &[u32],
+    runs: usize,
+    rule: Option<AcceptanceRule>,
+) -> Vec<usize> {
+    let sampling = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let v = config.vocab_size;
+    let mut counts = vec![0; v * v];
+    for seed in 0..runs as u64 {
+        let generation = match rule {
+            None => run(config, params, prompt, 3, &sampling, seed, false),
+            Some(rule) => {
+                let request = DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {} };
+                multitoken::decode::generate::decode_with_rule(config, params, request, true, rule).unwrap()
+            }
+        };
+        counts[generation.tokens[0] as usize * v + generation.tokens[1] as usize] += 1;
+    }
+    counts
+}
+
+#[test]
+fn speculative_sampling_is_exact_and_a_wrong_acceptance_rule_is_caught() {
+    // a small vocabulary and a peaked random model: 64 cells, drafts often wrong
+    let config = config(3, 3, 8, 16);
+    let mut params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
+    let mut wte = params.wte.clone();
+    wte.data_mut().iter_mut().for_each(|x| *x *= 3.0);
+    params.wte = wte;
+    let prompt = [1, 5, 2];
+    let exact = exact_pair_distribution(&config, &params, &prompt);
+    assert!((exact.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+    let runs = 3000;
+    let cases = [
+        ("autoregressive", None, true),
+        ("speculative", Some(AcceptanceRule::Exact), true),
+        ("always-accept", Some(AcceptanceRule::AlwaysAccept), false),
+        ("resample-from-target", Some(AcceptanceRule::ResampleFromTarget), false),
+    ];
+    for (name, rule, must_pass) in cases {
+        let counts = sample_pairs(&config, &params, &prompt, runs, rule);
+        let (statistic, df) = chi_square(&counts, &exact);
+        let critical = critical_value(df);
+        println!("{name}: chi-square {statistic:.1} on {df} degrees of freedom, critical value {critical:.1} at 0.001");
+        assert_eq!(statistic <= critical, must_pass, "{name}: chi-square {statistic:.1}, critical {critical:.1}");
+    }
+}
