@@ -36,6 +36,24 @@ fn gemm_shapes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Decoding's products: one token (m = 1) and a speculative pass (m = 4) through the
+/// `small` model's MLP weight and its tied unembedding.
+fn decode_shapes(c: &mut Criterion) {
+    let mut rng = Rng::new(7);
+    let mut group = c.benchmark_group("decode matmul");
+    for (name, k, n, lb) in [("x·W_fc 256→1024", C, 4 * C, Layout::Normal), ("z·wteᵀ 256→4096", C, V, Layout::Transposed)] {
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        for m in [1, 4, 16] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let mut out = vec![0.0f32; m * n];
+            group.bench_function(format!("{name} m={m}"), |bench| {
+                bench.iter(|| matmul(&a, Layout::Normal, &b, lb, &mut out, m, k, n, false))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let qkv = Tensor::<f32>::randn(&[N, 3 * C], 1.0, &mut Rng::new(1));
     let weights = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(2));
@@ -80,6 +98,6 @@ fn elementwise(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = gemm_shapes, attention, elementwise
+    targets = gemm_shapes, decode_shapes, attention, elementwise
 }
 criterion_main!(benches);

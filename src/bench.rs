@@ -137,7 +137,7 @@ pub fn bench_decode(
     }
     let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
     let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
-    let (ar, spec) = (&ar_runs[0], &spec_runs[0]);
+    let (ar, spec) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
     let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     Ok(BenchDecodeResult {

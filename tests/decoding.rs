@@ -57,6 +57,11 @@ fn greedy_speculative_output_equals_greedy_autoregressive_output() {
             assert_eq!(ar.forward_passes, 40);
             assert!(spec.forward_passes <= 40 && spec.mean_accepted() <= n as f64);
             accepted_somewhere |= spec.accepted.iter().sum::<usize>() > 0;
+            println!(
+                "n={n} r={r} prompt of {prompt_length}: mean accepted {:.2}, acceptance {:?}",
+                spec.mean_accepted(),
+                spec.acceptance_rates()
+            );
         }
     }
     assert!(accepted_somewhere, "no draft was ever accepted: the test would not exercise acceptance");
@@ -88,7 +93,7 @@ fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32
         let mut backbone = multitoken::decode::kv_cache::CachedBackbone::new(config, params);
         let h = backbone.forward(context);
         let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).remove(0);
-        state.next_token_log_probs().iter().map(|&x| (x as f64).exp()).collect()
+        state.next_token_probs().iter().map(|&x| x as f64).collect()
     };
     let first = next(prompt);
     let mut joint = vec![0.0; v * v];

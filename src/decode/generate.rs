@@ -70,12 +70,12 @@ fn check_prompt(config: &ModelConfig, prompt: &[u32], sampling: &SamplingConfig)
     sampling.validate()
 }
 
-/// The next token from a next-token log-distribution.
-fn choose<T: Float>(log_probs: &[T], sampling: &SamplingConfig, rng: &mut Rng) -> u32 {
+/// The next token from a next-token distribution.
+fn choose<T: Float>(probs: &[T], sampling: &SamplingConfig, rng: &mut Rng) -> u32 {
     if sampling.greedy {
-        sampling::argmax(log_probs)
+        sampling::argmax(probs)
     } else {
-        sampling::draw(&sampling::distribution(log_probs, sampling), rng)
+        sampling::draw(&sampling::distribution_from_probs(probs, sampling), rng)
     }
 }
 
@@ -102,7 +102,7 @@ pub fn generate_reference<T: Float>(
         let h = gpt2::hidden_states(&mut tape, config, &vars, window, window.len());
         let last = &tape.value(h).data()[(window.len() - 1) * config.n_embd..];
         let state = head.states(last, 1).remove(0);
-        sequence.push(choose(&state.next_token_log_probs(), sampling, &mut rng));
+        sequence.push(choose(&state.next_token_probs(), sampling, &mut rng));
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     Ok(Generation {
@@ -219,14 +219,16 @@ pub fn decode_with_rule<T: Float>(
         generation.forward_passes += 1;
         generation.timing.backbone_s += tick.elapsed().as_secs_f64();
 
-        // 3. verify against the next-token marginal at each state
+        // 3. verify against the next-token marginal at each state, computing a state's target
+        //    only once every draft before it was accepted
         let tick = Instant::now();
-        let mut states = head.states(&hidden, 1);
+        let mut states: Vec<HeadState<T>> = Vec::with_capacity(run.len());
         let mut kept = 0;
         let mut next = None;
         for (j, &d) in drafts.iter().enumerate() {
             generation.drafted[j] += 1;
-            let target = states[j].next_token_log_probs();
+            states.extend(head.states(&hidden[j * config.n_embd..(j + 1) * config.n_embd], 1));
+            let target = states[j].next_token_probs();
             if sampling.greedy {
                 let best = sampling::argmax(&target);
                 if best != d {
@@ -234,7 +236,7 @@ pub fn decode_with_rule<T: Float>(
                     break;
                 }
             } else {
-                let p = sampling::distribution(&target, sampling);
+                let p = sampling::distribution_from_probs(&target, sampling);
                 let q = &draft_probs[j];
                 let (pd, qd) = (p[d as usize], q[d as usize]);
                 let accept = match rule {
@@ -256,7 +258,10 @@ pub fn decode_with_rule<T: Float>(
         }
         let next = match next {
             Some(token) => token,
-            None => choose(&states[kept].next_token_log_probs(), sampling, &mut rng),
+            None => {
+                states.extend(head.states(&hidden[kept * config.n_embd..(kept + 1) * config.n_embd], 1));
+                choose(&states[kept].next_token_probs(), sampling, &mut rng)
+            }
         };
         generation.timing.target_s += tick.elapsed().as_secs_f64();
 
@@ -283,30 +288,32 @@ fn draft<T: Float>(
     sampling: &SamplingConfig,
     rng: &mut Rng,
 ) -> (Vec<u32>, Vec<Vec<f64>>) {
-    let r = state.log_w.len();
-    let mut log_posterior: Vec<f64> = (0..r).map(|alpha| (state.log_w[alpha] + state.log_p(alpha, 0)[pending as usize]).as_f64()).collect();
+    let r = state.weights.len();
+    // the posterior over components, kept normalised, in f64
+    let mut posterior: Vec<f64> = (0..r).map(|alpha| (state.weights[alpha] * state.prob(alpha, 0)[pending as usize]).as_f64()).collect();
     let (mut drafts, mut used) = (Vec::with_capacity(count), Vec::with_capacity(count));
-    let mut log_q = vec![0.0f64; state.vocab];
-    let mut terms = vec![0.0f64; r];
+    let mut q = vec![T::zero(); state.vocab];
     for s in 1..=count {
-        let lse = super::head::log_sum_exp(&log_posterior);
-        log_posterior.iter_mut().for_each(|x| *x -= lse);
-        for (token, q) in log_q.iter_mut().enumerate() {
-            for (alpha, term) in terms.iter_mut().enumerate() {
-                *term = log_posterior[alpha] + state.log_p(alpha, s)[token].as_f64();
-            }
-            *q = super::head::log_sum_exp(&terms);
+        let total: f64 = posterior.iter().sum();
+        if total > 0.0 {
+            posterior.iter_mut().for_each(|x| *x /= total);
+        } else {
+            posterior.iter_mut().for_each(|x| *x = 1.0 / r as f64);
+        }
+        q.iter_mut().for_each(|x| *x = T::zero());
+        for (alpha, &weight) in posterior.iter().enumerate() {
+            T::axpy(T::of(weight), state.prob(alpha, s), &mut q);
         }
         let d = if sampling.greedy {
-            sampling::argmax(&log_q)
+            sampling::argmax(&q)
         } else {
-            let q = sampling::distribution(&log_q, sampling);
-            let d = sampling::draw(&q, rng);
-            used.push(q);
+            let distribution = sampling::distribution_from_probs(&q, sampling);
+            let d = sampling::draw(&distribution, rng);
+            used.push(distribution);
             d
         };
-        for (alpha, lp) in log_posterior.iter_mut().enumerate() {
-            *lp += state.log_p(alpha, s)[d as usize].as_f64();
+        for (alpha, weight) in posterior.iter_mut().enumerate() {
+            *weight *= state.prob(alpha, s)[d as usize].as_f64();
         }
         drafts.push(d);
     }

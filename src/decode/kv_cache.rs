@@ -106,16 +106,12 @@ fn block_forward<T: Float>(config: &ModelConfig, block: &BlockParams<Tensor<T>>,
             let keys = p0 + i + 1;
             let q = &qkv[i * 3 * c + h * hs..][..hs];
             for (j, s) in scores[..keys].iter_mut().enumerate() {
-                let k = &cache.keys[j * c + h * hs..][..hs];
-                *s = q.iter().zip(k).map(|(&a, &b)| a * b).sum::<T>() * scale;
+                *s = T::dot(q, &cache.keys[j * c + h * hs..][..hs]) * scale;
             }
             T::softmax_row(&mut scores[..keys]);
             let out = &mut attended[i * c + h * hs..][..hs];
             for (j, &p) in scores[..keys].iter().enumerate() {
-                let v = &cache.values[j * c + h * hs..][..hs];
-                for (o, &vd) in out.iter_mut().zip(v) {
-                    *o += p * vd;
-                }
+                T::axpy(p, &cache.values[j * c + h * hs..][..hs], out);
             }
         }
     }

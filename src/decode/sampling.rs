@@ -76,6 +76,16 @@ pub fn distribution<T: Float>(logits: &[T], config: &SamplingConfig) -> Vec<f64>
     probs
 }
 
+/// [`distribution`] from probabilities instead of logits (zeros stay zero).
+pub fn distribution_from_probs<T: Float>(probs: &[T], config: &SamplingConfig) -> Vec<f64> {
+    if config.greedy || config.temperature != 1.0 || config.top_k > 0 || config.top_p < 1.0 {
+        let logits: Vec<f64> = probs.iter().map(|p| p.as_f64().ln()).collect();
+        return distribution(&logits, config);
+    }
+    let total: f64 = probs.iter().map(|p| p.as_f64()).sum();
+    probs.iter().map(|p| p.as_f64() / total).collect()
+}
+
 /// Draws an index from a normalised distribution.
 pub fn draw(probs: &[f64], rng: &mut Rng) -> u32 {
     let u = rng.uniform();

@@ -41,6 +41,9 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
     if m == 0 || n == 0 {
         return;
     }
+    if m <= FEW_ROWS && a_layout == Layout::Normal {
+        return few_rows(a, b, b_layout, c, m, k, n, accumulate);
+    }
     let (rsa, csa) = a_layout.strides(m, k);
     let (rsb, csb) = b_layout.strides(k, n);
     let beta = if accumulate { T::one() } else { T::zero() };
@@ -100,6 +103,39 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
     }
 }
 
+/// At most this many rows of A take the vector path (decoding's products).
+const FEW_ROWS: usize = 16;
+
+/// Output columns per parallel task on the vector path.
+const COLUMNS_PER_TASK: usize = 256;
+
+/// `c (m,n) (+)= a (m,k) · b (k,n)` for a few rows: each output element is a dot product with a
+/// row of b (b transposed) or a sum of scaled rows of b (b normal); every element of b is read
+/// once per call, as memory-bound decoding wants. Deterministic under any thread count.
+#[allow(clippy::too_many_arguments)]
+fn few_rows<T: Float>(a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize, k: usize, n: usize, accumulate: bool) {
+    if !accumulate {
+        c.iter_mut().for_each(|x| *x = T::zero());
+    }
+    let c_ptr = SharedMut::new(c.as_mut_ptr());
+    let tasks: Vec<usize> = (0..n).step_by(COLUMNS_PER_TASK).collect();
+    let work = |&j0: &usize| {
+        let j1 = (j0 + COLUMNS_PER_TASK).min(n);
+        // SAFETY: tasks write disjoint column ranges [j0, j1) of c's rows.
+        let mut out: Vec<&mut [T]> =
+            (0..m).map(|i| unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(i * n + j0), j1 - j0) }).collect();
+        match b_layout {
+            Layout::Transposed => T::rows_times_transposed(a, k, b, j0, &mut out),
+            Layout::Normal => T::rows_times_normal(a, k, b, n, j0, &mut out),
+        }
+    };
+    if tasks.len() > 1 && 2 * m * n * k >= PARALLEL_MIN_FLOPS / 8 {
+        tasks.par_iter().for_each(work);
+    } else {
+        tasks.iter().for_each(work);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +164,7 @@ mod tests {
     #[test]
     fn matmul_matches_naive_product_for_every_layout_and_split() {
         let mut rng = Rng::new(5);
-        for (m, k, n) in [(3, 4, 5), (200, 70, 300), (17, 300, 600)] {
+        for (m, k, n) in [(3, 4, 5), (200, 70, 300), (17, 300, 600), (1, 256, 1000), (4, 64, 700)] {
             let a: Vec<f64> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f64> = (0..k * n).map(|_| rng.normal()).collect();
             let expected = naive(&a, &b, m, k, n);

@@ -9,6 +9,7 @@ pub mod layernorm;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 pub mod softmax;
+pub mod vector;
 
 /// A raw pointer that may cross threads; used where parallel tasks write disjoint,
 /// non-contiguous parts of one buffer (GEMM blocks, attention heads).

@@ -80,6 +80,26 @@ pub trait Float:
         kernels::layernorm::backward_row_scalar(x, dout, weight, mean, rstd, dx, dweight, dbias)
     }
 
+    /// `Σ a_i b_i`; see `kernels::vector`.
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        kernels::vector::dot_scalar(a, b)
+    }
+
+    /// `y += alpha · x`; see `kernels::vector`.
+    fn axpy(alpha: Self, x: &[Self], y: &mut [Self]) {
+        kernels::vector::axpy_scalar(alpha, x, y)
+    }
+
+    /// `out[i][j] += Σ_p a[i,p] b[p, j0+j]` for a few rows; see `kernels::vector`.
+    fn rows_times_normal(a: &[Self], k: usize, b: &[Self], n: usize, j0: usize, out: &mut [&mut [Self]]) {
+        kernels::vector::rows_times_normal_scalar(a, k, b, n, j0, out)
+    }
+
+    /// `out[i][j] += dot(a[i,:], b[j0+j,:])` for a few rows; see `kernels::vector`.
+    fn rows_times_transposed(a: &[Self], k: usize, b: &[Self], j0: usize, out: &mut [&mut [Self]]) {
+        kernels::vector::rows_times_transposed_scalar(a, k, b, j0, out)
+    }
+
     /// One AdamW update over a parameter slice; see `kernels::adamw`.
     fn adamw_update(params: &mut [Self], grads: &[Self], m: &mut [Self], v: &mut [Self], step: &kernels::adamw::AdamWStep) {
         kernels::adamw::update_scalar(params, grads, m, v, step)
@@ -174,6 +194,22 @@ impl Float for f32 {
         dbias: &mut [f32],
     ) {
         kernels::layernorm::backward_row_f32(x, dout, weight, mean, rstd, dx, dweight, dbias)
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        kernels::vector::dot_f32(a, b)
+    }
+
+    fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        kernels::vector::axpy_f32(alpha, x, y)
+    }
+
+    fn rows_times_normal(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
+        kernels::vector::rows_times_normal_f32(a, k, b, n, j0, out)
+    }
+
+    fn rows_times_transposed(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
+        kernels::vector::rows_times_transposed_f32(a, k, b, j0, out)
     }
 
     fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &kernels::adamw::AdamWStep) {
