@@ -54,6 +54,29 @@ fn decode_shapes(c: &mut Criterion) {
     group.finish();
 }
 
+/// One decoding pass of the `small` backbone over 1 and 4 new tokens after 100 cached ones.
+fn decode_backbone(c: &mut Criterion) {
+    use multitoken::decode::kv_cache::CachedBackbone;
+    use multitoken::model::{gpt2, ModelConfig};
+    let config = ModelConfig::preset("small", V, 4, 4).unwrap();
+    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(3));
+    let prompt: Vec<u32> = (0..100).map(|i| (i * 37 % V) as u32).collect();
+    let mut group = c.benchmark_group("decode backbone");
+    for m in [1, 4] {
+        let mut backbone = CachedBackbone::new(&config, &params);
+        backbone.forward(&prompt);
+        let tokens: Vec<u32> = (0..m as u32).collect();
+        group.bench_function(format!("m={m}"), |bench| {
+            bench.iter(|| {
+                let h = backbone.forward(&tokens);
+                backbone.truncate(100);
+                h
+            })
+        });
+    }
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let qkv = Tensor::<f32>::randn(&[N, 3 * C], 1.0, &mut Rng::new(1));
     let weights = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(2));
@@ -98,6 +121,6 @@ fn elementwise(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = gemm_shapes, decode_shapes, attention, elementwise
+    targets = gemm_shapes, decode_shapes, decode_backbone, attention, elementwise
 }
 criterion_main!(benches);

@@ -458,13 +458,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(threads) = cli.threads {
-        if threads == 0 || rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() {
-            eprintln!("error: --threads must be a positive number");
-            return ExitCode::from(2);
-        }
+    if cli.threads == Some(0) {
+        eprintln!("error: --threads must be a positive number");
+        return ExitCode::from(2);
     }
-    match run(&cli) {
+    // Everything runs on a worker of the pool: parallel loops started from a worker share the
+    // work with it instead of handing it over and sleeping, which costs more than the many small
+    // loops of decoding take.
+    let pool = match rayon::ThreadPoolBuilder::new().num_threads(cli.threads.unwrap_or(0)).build() {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("error: could not start the worker threads ({e})");
+            return ExitCode::from(1);
+        }
+    };
+    match pool.install(|| run(&cli)) {
         Ok((value, text)) => {
             if cli.json {
                 println!("{value}");

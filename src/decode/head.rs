@@ -25,11 +25,21 @@ pub struct HeadState<T> {
 pub struct Head<'a, T: Float> {
     pub config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
+    /// the expanders regrouped by horizon: for each s, the (r·C, C) matrix of W[α,s] for all α,
+    /// so that every z[α,s] of a state comes out of one product
+    expand_by_horizon: Vec<Vec<T>>,
 }
 
 impl<'a, T: Float> Head<'a, T> {
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
-        Head { config, params }
+        let (c, r, n) = (config.n_embd, config.rank, config.horizon);
+        let expand_by_horizon = match &params.head {
+            Some(head) => (0..n)
+                .map(|s| (0..r).flat_map(|alpha| head.expand_weight.data()[(alpha * n + s) * c * c..][..c * c].iter().copied()).collect())
+                .collect(),
+            None => Vec::new(),
+        };
+        Head { config, params, expand_by_horizon }
     }
 
     /// States for each row of `hidden` (m, C), with horizons 0..`horizons` filled.
@@ -44,32 +54,40 @@ impl<'a, T: Float> Head<'a, T> {
 
     /// Fills every horizon below `horizons` that a state lacks, in one batched pass.
     pub fn fill(&self, states: &mut [&mut HeadState<T>], horizons: usize) {
-        let (c, v, r, n) = (self.config.n_embd, self.config.vocab_size, self.config.rank, self.config.horizon);
+        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
         // (state, s) pairs still missing; each needs r rows (α = 0..r)
         let missing: Vec<(usize, usize)> =
             (0..horizons).flat_map(|s| (0..states.len()).map(move |i| (i, s))).filter(|&(i, s)| states[i].probs[s].is_none()).collect();
         if missing.is_empty() {
             return;
         }
-        // z rows, ordered (pair, α): z[α,s] = W[α,s] h, or h itself without expanders
+        // z rows, ordered (pair, α): z[α,s] = W[α,s] h, or h itself without expanders.
+        // Pairs come grouped by s, so each horizon is one product over its states.
         let mut z = vec![T::zero(); missing.len() * r * c];
-        for (rows, &(i, s)) in z.chunks_mut(r * c).zip(&missing) {
-            for (alpha, row) in rows.chunks_mut(c).enumerate() {
-                match &self.params.head {
-                    Some(head) => {
-                        let w = &head.expand_weight.data()[(alpha * n + s) * c * c..][..c * c];
-                        matmul(&states[i].hidden, Layout::Normal, w, Layout::Transposed, row, 1, c, c, false);
-                    }
-                    None => row.copy_from_slice(&states[i].hidden),
-                }
+        let mut first = 0;
+        while first < missing.len() {
+            let s = missing[first].1;
+            let count = missing[first..].iter().take_while(|p| p.1 == s).count();
+            let hidden: Vec<T> = missing[first..first + count].iter().flat_map(|&(i, _)| states[i].hidden.iter().copied()).collect();
+            let out = &mut z[first * r * c..(first + count) * r * c];
+            match self.expand_by_horizon.get(s) {
+                Some(w) => matmul(&hidden, Layout::Normal, w, Layout::Transposed, out, count, c, r * c, false),
+                None => out.copy_from_slice(&hidden),
             }
+            first += count;
         }
         let rows = missing.len() * r;
         let mut logits = vec![T::zero(); rows * v];
         matmul(&z, Layout::Normal, self.params.wte.data(), Layout::Transposed, &mut logits, rows, c, v, false);
-        logits.par_chunks_mut(v).for_each(|row| {
-            T::softmax_row(row);
-        });
+        if rows * v >= 1 << 16 {
+            logits.par_chunks_mut(v).for_each(|row| {
+                T::softmax_row(row);
+            });
+        } else {
+            logits.chunks_mut(v).for_each(|row| {
+                T::softmax_row(row);
+            });
+        }
         for (block, &(i, s)) in logits.chunks(r * v).zip(&missing) {
             states[i].probs[s] = Some(block.to_vec());
         }

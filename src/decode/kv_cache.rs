@@ -6,7 +6,8 @@ use crate::model::params::BlockParams;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
 
-/// Keys and values of one layer: (n_positions, C) each, rows 0..len filled.
+/// Keys and values of one layer, head by head: (H, n_positions, hs) each, so that a head's keys
+/// form one contiguous matrix; positions 0..len are filled.
 struct LayerCache<T> {
     keys: Vec<T>,
     values: Vec<T>,
@@ -15,18 +16,37 @@ struct LayerCache<T> {
 pub struct CachedBackbone<'a, T: Float> {
     config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
+    /// each block's four weight matrices, transposed to (out, in)
+    weights: Vec<[Linear<T>; 4]>,
     layers: Vec<LayerCache<T>>,
     /// positions filled
     len: usize,
 }
 
-/// `out (m, n_out) = x (m, n_in) · W + b`
-fn affine<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Vec<T> {
-    let (n_in, n_out) = (weight.shape()[0], weight.shape()[1]);
-    let m = x.len() / n_in;
-    let mut out: Vec<T> = bias.data().iter().copied().cycle().take(m * n_out).collect();
-    matmul(x, Layout::Normal, weight.data(), Layout::Normal, &mut out, m, n_in, n_out, true);
-    out
+/// A weight matrix stored (out, in): decoding multiplies a few rows by it, and then each output
+/// is a dot product over a contiguous row, read front to back. The checkpoint's Conv1D layout
+/// (in, out) would make every step of that product jump a whole row ahead in memory.
+struct Linear<T> {
+    transposed: Vec<T>,
+    n_in: usize,
+    n_out: usize,
+}
+
+impl<T: Float> Linear<T> {
+    fn new(weight: &Tensor<T>) -> Self {
+        let (n_in, n_out) = (weight.shape()[0], weight.shape()[1]);
+        let w = weight.data();
+        let transposed = (0..n_out * n_in).map(|i| w[(i % n_in) * n_out + i / n_in]).collect();
+        Linear { transposed, n_in, n_out }
+    }
+
+    /// `out (m, n_out) = x (m, n_in) · W + b`
+    fn apply(&self, x: &[T], bias: &Tensor<T>) -> Vec<T> {
+        let m = x.len() / self.n_in;
+        let mut out: Vec<T> = bias.data().iter().copied().cycle().take(m * self.n_out).collect();
+        matmul(x, Layout::Normal, &self.transposed, Layout::Transposed, &mut out, m, self.n_in, self.n_out, true);
+        out
+    }
 }
 
 fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Vec<T> {
@@ -42,7 +62,19 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
         let size = config.n_positions * config.n_embd;
         let layers = (0..config.n_layer).map(|_| LayerCache { keys: vec![T::zero(); size], values: vec![T::zero(); size] }).collect();
-        CachedBackbone { config, params, layers, len: 0 }
+        let weights = params
+            .blocks
+            .iter()
+            .map(|b| {
+                [
+                    Linear::new(&b.attn_c_attn_weight),
+                    Linear::new(&b.attn_c_proj_weight),
+                    Linear::new(&b.mlp_c_fc_weight),
+                    Linear::new(&b.mlp_c_proj_weight),
+                ]
+            })
+            .collect();
+        CachedBackbone { config, params, weights, layers, len: 0 }
     }
 
     /// Positions held in the cache.
@@ -78,8 +110,8 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 row[j] = te[j] + pe[j];
             }
         }
-        for (block, cache) in self.params.blocks.iter().zip(self.layers.iter_mut()) {
-            block_forward(self.config, block, cache, &mut x, p0);
+        for ((block, weights), cache) in self.params.blocks.iter().zip(&self.weights).zip(self.layers.iter_mut()) {
+            block_forward(self.config, block, weights, cache, &mut x, p0);
         }
         self.len += m;
         layernorm_rows(&x, &self.params.ln_f_weight, &self.params.ln_f_bias)
@@ -87,41 +119,61 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
 }
 
 /// One transformer block over m new rows at positions p0.., in place on x (m, C).
-fn block_forward<T: Float>(config: &ModelConfig, block: &BlockParams<Tensor<T>>, cache: &mut LayerCache<T>, x: &mut [T], p0: usize) {
+fn block_forward<T: Float>(
+    config: &ModelConfig,
+    block: &BlockParams<Tensor<T>>,
+    weights: &[Linear<T>; 4],
+    cache: &mut LayerCache<T>,
+    x: &mut [T],
+    p0: usize,
+) {
+    let [attn, attn_proj, fc, fc_proj] = weights;
     let (c, hs) = (config.n_embd, config.head_size());
     let m = x.len() / c;
     let a = layernorm_rows(x, &block.ln_1_weight, &block.ln_1_bias);
-    let qkv = affine(&a, &block.attn_c_attn_weight, &block.attn_c_attn_bias);
+    let qkv = attn.apply(&a, &block.attn_c_attn_bias);
+    let positions = config.n_positions;
     for i in 0..m {
         let row = &qkv[i * 3 * c..(i + 1) * 3 * c];
-        cache.keys[(p0 + i) * c..(p0 + i + 1) * c].copy_from_slice(&row[c..2 * c]);
-        cache.values[(p0 + i) * c..(p0 + i + 1) * c].copy_from_slice(&row[2 * c..]);
+        for h in 0..config.n_head {
+            let at = (h * positions + p0 + i) * hs;
+            cache.keys[at..at + hs].copy_from_slice(&row[c + h * hs..c + (h + 1) * hs]);
+            cache.values[at..at + hs].copy_from_slice(&row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+        }
     }
     // attention of each new row i (position p0 + i) over positions 0..=p0 + i
     let scale = T::one() / T::of(hs as f64).sqrt();
+    let keys = p0 + m;
     let mut attended = vec![T::zero(); m * c];
-    let mut scores = vec![T::zero(); p0 + m];
+    let mut queries = vec![T::zero(); m * hs];
+    let mut scores = vec![T::zero(); m * keys];
+    let mut head_out = vec![T::zero(); m * hs];
     for h in 0..config.n_head {
         for i in 0..m {
-            let keys = p0 + i + 1;
-            let q = &qkv[i * 3 * c + h * hs..][..hs];
-            for (j, s) in scores[..keys].iter_mut().enumerate() {
-                *s = T::dot(q, &cache.keys[j * c + h * hs..][..hs]) * scale;
-            }
-            T::softmax_row(&mut scores[..keys]);
-            let out = &mut attended[i * c + h * hs..][..hs];
-            for (j, &p) in scores[..keys].iter().enumerate() {
-                T::axpy(p, &cache.values[j * c + h * hs..][..hs], out);
-            }
+            queries[i * hs..(i + 1) * hs].copy_from_slice(&qkv[i * 3 * c + h * hs..][..hs]);
+        }
+        let head_keys = &cache.keys[h * positions * hs..(h * positions + keys) * hs];
+        let head_values = &cache.values[h * positions * hs..(h * positions + keys) * hs];
+        // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
+        matmul(&queries, Layout::Normal, head_keys, Layout::Transposed, &mut scores, m, hs, keys, false);
+        for (i, row) in scores.chunks_mut(keys).enumerate() {
+            let visible = p0 + i + 1;
+            row[..visible].iter_mut().for_each(|x| *x *= scale);
+            T::softmax_row(&mut row[..visible]);
+            row[visible..].fill(T::zero());
+        }
+        matmul(&scores, Layout::Normal, head_values, Layout::Normal, &mut head_out, m, keys, hs, false);
+        for i in 0..m {
+            attended[i * c + h * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
         }
     }
-    let projected = affine(&attended, &block.attn_c_proj_weight, &block.attn_c_proj_bias);
+    let projected = attn_proj.apply(&attended, &block.attn_c_proj_bias);
     x.iter_mut().zip(&projected).for_each(|(a, &b)| *a += b);
     let normed = layernorm_rows(x, &block.ln_2_weight, &block.ln_2_bias);
-    let hidden = affine(&normed, &block.mlp_c_fc_weight, &block.mlp_c_fc_bias);
+    let hidden = fc.apply(&normed, &block.mlp_c_fc_bias);
     let mut activated = vec![T::zero(); hidden.len()];
     T::gelu_forward(&hidden, &mut activated);
-    let projected = affine(&activated, &block.mlp_c_proj_weight, &block.mlp_c_proj_bias);
+    let projected = fc_proj.apply(&activated, &block.mlp_c_proj_bias);
     x.iter_mut().zip(&projected).for_each(|(a, &b)| *a += b);
 }
 

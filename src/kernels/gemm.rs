@@ -129,7 +129,7 @@ fn few_rows<T: Float>(a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize,
             Layout::Normal => T::rows_times_normal(a, k, b, n, j0, &mut out),
         }
     };
-    if tasks.len() > 1 && 2 * m * n * k >= PARALLEL_MIN_FLOPS / 8 {
+    if tasks.len() > 1 && 2 * m * n * k >= PARALLEL_MIN_FLOPS / 2 {
         tasks.par_iter().for_each(work);
     } else {
         tasks.iter().for_each(work);

@@ -182,20 +182,23 @@ unsafe fn normal_block<const R: usize>(a: &[f32], k: usize, b: &[f32], n: usize,
     }
 }
 
-/// Register-blocked: 4 columns of b against 2 rows of a at a time, 8 lanes of each of the 8 dot
-/// products in a register, reduced at the end (the same reduction whatever the row count).
+/// Register-blocked: a few columns of b against up to 4 rows of a at a time (4 × 2 or 2 × 4
+/// dot products, 8 lanes each, in registers), so each row of b is read from memory once per
+/// group of 4 rows. Each dot product is reduced the same way whatever the row count.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_times_transposed_avx2(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
     let width = out[0].len();
     let mut i0 = 0;
     while i0 < out.len() {
-        let rows = (out.len() - i0).min(2);
+        let rows = (out.len() - i0).min(4);
         let a_rows = &a[i0 * k..(i0 + rows) * k];
         let group = &mut out[i0..i0 + rows];
         match rows {
-            1 => transposed_block::<1>(a_rows, k, b, j0, width, group),
-            _ => transposed_block::<2>(a_rows, k, b, j0, width, group),
+            1 => transposed_block::<1, 4>(a_rows, k, b, j0, width, group),
+            2 => transposed_block::<2, 4>(a_rows, k, b, j0, width, group),
+            3 => transposed_block::<3, 2>(a_rows, k, b, j0, width, group),
+            _ => transposed_block::<4, 2>(a_rows, k, b, j0, width, group),
         }
         i0 += rows;
     }
@@ -203,27 +206,38 @@ unsafe fn rows_times_transposed_avx2(a: &[f32], k: usize, b: &[f32], j0: usize, 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transposed_block<const R: usize>(a: &[f32], k: usize, b: &[f32], j0: usize, width: usize, out: &mut [&mut [f32]]) {
+unsafe fn transposed_block<const R: usize, const CB: usize>(
+    a: &[f32],
+    k: usize,
+    b: &[f32],
+    j0: usize,
+    width: usize,
+    out: &mut [&mut [f32]],
+) {
     use std::arch::x86_64::*;
     let lanes = k / 8 * 8;
-    let finish = |acc: __m256, row: &[f32], column: &[f32]| super::simd::hsum(acc) + dot_scalar(&row[lanes..], &column[lanes..]);
-    let blocked = width / 4 * 4;
-    for j in (0..blocked).step_by(4) {
-        let columns: [&[f32]; 4] = std::array::from_fn(|c| &b[(j0 + j + c) * k..(j0 + j + c + 1) * k]);
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let blocked = width / CB * CB;
+    for j in (0..blocked).step_by(CB) {
+        // no closures here: they would not inherit the AVX2 target feature and stay calls
+        let column_start = b.as_ptr().add((j0 + j) * k);
+        let mut acc = [[_mm256_setzero_ps(); CB]; R];
         for p in (0..lanes).step_by(8) {
-            let bv: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(columns[c].as_ptr().add(p)));
+            let mut bv = [_mm256_setzero_ps(); CB];
+            for (c, v) in bv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(column_start.add(c * k + p));
+            }
             for (r, row_acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_loadu_ps(a.as_ptr().add(r * k + p));
-                for c in 0..4 {
+                for c in 0..CB {
                     row_acc[c] = _mm256_fmadd_ps(x, bv[c], row_acc[c]);
                 }
             }
         }
         for (r, row_acc) in acc.iter().enumerate() {
             let row = &a[r * k..(r + 1) * k];
-            for c in 0..4 {
-                out[r][j + c] += finish(row_acc[c], row, columns[c]);
+            for (c, &lane_sums) in row_acc.iter().enumerate() {
+                let column = &b[(j0 + j + c) * k..(j0 + j + c + 1) * k];
+                out[r][j + c] += super::simd::hsum(lane_sums) + dot_scalar(&row[lanes..], &column[lanes..]);
             }
         }
     }
@@ -235,7 +249,7 @@ unsafe fn transposed_block<const R: usize>(a: &[f32], k: usize, b: &[f32], j0: u
             for p in (0..lanes).step_by(8) {
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(p)), _mm256_loadu_ps(column.as_ptr().add(p)), acc);
             }
-            row_out[j] += finish(acc, row, column);
+            row_out[j] += super::simd::hsum(acc) + dot_scalar(&row[lanes..], &column[lanes..]);
         }
     }
 }

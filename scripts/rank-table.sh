@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The rank table of docs/results.md, rerun with one command: prose (Moby-Dick) and code (the
+# Python standard library), the same token budget for every run. Defaults finish in about
+# 20 minutes on 2 cores; more steps give better models and higher acceptance.
+# Usage: scripts/rank-table.sh [STEPS=600] [MODEL=tiny] [VOCAB=1024]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps="${1:-600}"; model="${2:-tiny}"; vocab="${3:-1024}"
+seq=128; batch=16
+run=runs/rank-table
+scripts/fetch-data.sh data/corpora moby-dick python-stdlib
+cargo build --release --quiet --example rank_table
+bin=target/release/multitoken
+mkdir -p "$run"
+for corpus in moby-dick python-stdlib; do
+  if [ ! -f "$run/$corpus/train.bin" ]; then
+    "$bin" tokenizer train --input "data/corpora/$corpus.txt" --vocab-size "$vocab" --out "$run/$corpus-tokenizer.json"
+    "$bin" data prepare --tokenizer "$run/$corpus-tokenizer.json" --input "data/corpora/$corpus.txt" --out "$run/$corpus"
+  fi
+done
+target/release/examples/rank_table "$run" "$steps" "$model" "$seq" "$batch" "prose=$run/moby-dick" "code=$run/python-stdlib"
