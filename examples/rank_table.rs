@@ -9,6 +9,7 @@
 //! fetches the corpora and prepares the data first.
 //!
 //! cargo run --release --example rank_table -- RUN_DIR STEPS MODEL SEQ BATCH CORPUS=DATA_DIR...
+//! (with RANK_TABLE_RENDER_ONLY=1 it only redraws from RUN_DIR/results.jsonl)
 
 use std::path::{Path, PathBuf};
 
@@ -37,7 +38,13 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     std::fs::create_dir_all(&run_dir)?;
     let mut rows = Vec::new();
-    for (corpus, data) in &corpora {
+    if std::env::var("RANK_TABLE_RENDER_ONLY").is_ok_and(|v| v == "1") {
+        // redraw the table and plot from an earlier run's results
+        let text = std::fs::read_to_string(run_dir.join("results.jsonl"))?;
+        rows = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    }
+    let render_only = !rows.is_empty();
+    for (corpus, data) in corpora.iter().filter(|_| !render_only) {
         let base = TrainSettings {
             model: model.clone(),
             steps,
@@ -154,7 +161,11 @@ fn plot(rows: &[Value]) -> String {
     {
         let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
         let _ = root.fill(&WHITE);
-        let top = rows.iter().filter_map(|r| r["greedy_mean_accepted"].as_f64()).fold(1.0f64, f64::max).max(2.0);
+        let top = rows
+            .iter()
+            .flat_map(|r| [r["greedy_mean_accepted"].as_f64(), r["sampled_mean_accepted"].as_f64()])
+            .flatten()
+            .fold(2.0f64, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption("Mean accepted tokens per forward pass (n = 4)", ("sans-serif", 20))
             .margin(12)

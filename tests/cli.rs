@@ -135,6 +135,41 @@ fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
     assert_eq!(seeded("5"), seeded("5"), "a seed fixes sampling");
 }
 
+#[test]
+fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() {
+    let ws = workspace("foreign");
+    let ckpt = ws.root.join("ckpt");
+    run_json(&train_args(&ws, &ckpt, "4", &["--horizon", "3", "--rank", "2"]));
+    // what another program writes: config, weights, tokenizer; no optimizer state, no metrics
+    for extra in ["optimizer.safetensors", "train_state.json", "metrics.jsonl", "loss.svg"] {
+        std::fs::remove_file(ckpt.join(extra)).unwrap();
+    }
+    let spec =
+        run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "20", "--greedy", "--speculative"]);
+    let plain = run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "20", "--greedy"]);
+    assert_eq!(spec["tokens"], plain["tokens"], "greedy speculative output equals greedy autoregressive output");
+    let mean_accepted = spec["mean_accepted"].as_f64().unwrap();
+    assert!((1.0..=3.0).contains(&mean_accepted), "{mean_accepted}");
+    let bench = run_json(&[
+        "bench",
+        "decode",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "20",
+        "--greedy",
+        "--repeats",
+        "1",
+    ]);
+    for key in ["ar_tokens_per_s", "spec_tokens_per_s", "speedup", "mean_accepted"] {
+        assert!(bench.get(key).is_some(), "bench decode JSON lacks {key}");
+    }
+    assert_eq!(bench["identical_output"], true);
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume"]).contains("no optimizer state"));
+}
+
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
