@@ -77,23 +77,6 @@ fn log_softmax_rows<T: Float>(x: &mut [T], r: usize) {
 /// For one position: `lse_α(log_w[α] + Σ_s A[α,s])` and, if asked, the posterior π into `posterior`.
 /// `a` is A[α,s] laid out (r, n).
 fn joint_log_likelihood<T: Float>(a: &[T], log_w: &[T], n: usize, posterior: Option<&mut [T]>) -> T {
-    let r = log_w.len();
-    let mut scores = [T::zero(); 64];
-    let scores = if r <= 64 { &mut scores[..r] } else { return joint_log_likelihood_large(a, log_w, n, posterior) };
-    for alpha in 0..r {
-        scores[alpha] = log_w[alpha] + a[alpha * n..(alpha + 1) * n].iter().copied().sum::<T>();
-    }
-    let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
-    let lse = max + scores.iter().map(|&s| (s - max).exp()).sum::<T>().ln();
-    if let Some(post) = posterior {
-        for alpha in 0..r {
-            post[alpha] = (scores[alpha] - lse).exp();
-        }
-    }
-    lse
-}
-
-fn joint_log_likelihood_large<T: Float>(a: &[T], log_w: &[T], n: usize, posterior: Option<&mut [T]>) -> T {
     let scores: Vec<T> = (0..log_w.len()).map(|alpha| log_w[alpha] + a[alpha * n..(alpha + 1) * n].iter().copied().sum::<T>()).collect();
     let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
     let lse = max + scores.iter().map(|&s| (s - max).exp()).sum::<T>().ln();
