@@ -170,6 +170,32 @@ fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() 
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume"]).contains("no optimizer state"));
 }
 
+/// Every tensor of a safetensors file, as raw bytes by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = read(path);
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect()
+}
+
+#[test]
+fn head_only_fine_tuning_trains_the_head_and_leaves_the_backbone_untouched() {
+    let ws = workspace("finetune");
+    let base = ws.root.join("base");
+    run_json(&train_args(&ws, &base, "6", &[]));
+    let tuned = ws.root.join("tuned");
+    let summary = run_json(&train_args(&ws, &tuned, "6", &["--init-from", s(&base), "--freeze-backbone", "--horizon", "3", "--rank", "2"]));
+    assert_eq!(summary["val_head_losses"].as_array().unwrap().len(), 3);
+    let (before, after) = (tensors(&base.join("model.safetensors")), tensors(&tuned.join("model.safetensors")));
+    for (name, bytes) in &before {
+        assert_eq!(Some(bytes), after.get(name), "{name} changed during head-only fine-tuning");
+    }
+    let initial_gate_bias = vec![0u8; 2 * 4]; // g starts at zero
+    assert!(after.contains_key("mtp.expand.weight") && after.contains_key("mtp.gate.weight"));
+    assert_ne!(after["mtp.gate.bias"], initial_gate_bias, "the gate was trained");
+    // without --init-from, freezing makes no sense
+    assert!(run_error(&train_args(&ws, &ws.root.join("x"), "2", &["--freeze-backbone", "--horizon", "2"])).contains("--init-from"));
+}
+
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -257,6 +283,12 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     // an existing checkpoint is not overwritten by a new run
     assert!(run_error(&train_args(&ws, &ckpt, "2", &[])).contains("--resume"));
     assert_eq!(read(&ckpt.join("model.safetensors")), weights);
+    // a directory holding other files is never used as a checkpoint directory
+    let occupied = ws.root.join("occupied");
+    std::fs::create_dir_all(&occupied).unwrap();
+    std::fs::write(occupied.join("notes.txt"), "mine").unwrap();
+    assert!(run_error(&train_args(&ws, &occupied, "2", &[])).contains("not empty"));
+    assert_eq!(std::fs::read_to_string(occupied.join("notes.txt")).unwrap(), "mine");
     // --resume cannot change settings
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--lr", "1"]).contains("--lr"));
 

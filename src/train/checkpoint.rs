@@ -313,3 +313,45 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     let _ = std::fs::remove_dir_all(&backup);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt2;
+    use crate::tensor::Rng;
+
+    fn tiny_checkpoint(seed: u64) -> Checkpoint {
+        let config = ModelConfig { vocab_size: 16, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 2, rank: 2 };
+        let params = gpt2::init_params::<f32>(&config, &mut Rng::new(seed));
+        Checkpoint { config, params, tokenizer_json: None, resume: None }
+    }
+
+    #[test]
+    fn a_crash_between_the_two_renames_is_recovered_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt");
+        save(&path, &tiny_checkpoint(1), &vec![]).unwrap();
+        let written = std::fs::read(path.join(MODEL_FILE)).unwrap();
+        // the state a crash after the first rename leaves: only the hidden backup exists,
+        // next to an abandoned staging directory
+        std::fs::rename(&path, backup_path(&path).unwrap()).unwrap();
+        std::fs::create_dir_all(sibling(&path, "staging-999").unwrap()).unwrap();
+        assert!(exists(&path), "the backup is put back");
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.config.horizon, 2);
+        assert_eq!(std::fs::read(path.join(MODEL_FILE)).unwrap(), written);
+    }
+
+    #[test]
+    fn saving_again_replaces_the_whole_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt");
+        save(&path, &tiny_checkpoint(1), &vec![("metrics.jsonl".into(), b"{}".to_vec())]).unwrap();
+        save(&path, &tiny_checkpoint(2), &vec![]).unwrap();
+        let loaded = load(&path).unwrap();
+        let expected = tiny_checkpoint(2);
+        assert_eq!(loaded.params.wte.data(), expected.params.wte.data());
+        assert!(!path.join("metrics.jsonl").exists(), "no file of the old checkpoint survives");
+        assert!(!backup_path(&path).unwrap().exists());
+    }
+}
