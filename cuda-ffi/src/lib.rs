@@ -6,8 +6,8 @@
 //! - Kernels live in `kernels/*.cu` and are compiled at run time by NVRTC, once per process.
 //! - [`Gpu::matmul`] is a row-major matrix product through cuBLAS (f32, or TF32 on request).
 //!
-//! Status: the device layer (context, memory, NVRTC kernels, cuBLAS) with GELU as the first
-//! kernel, each checked against the CPU on a GPU machine. The ops, the fused CP head and
+//! Status: the device layer (context, memory, NVRTC kernels, cuBLAS) with GELU, LayerNorm and
+//! AdamW kernels, each checked against the CPU on a GPU machine. The ops, the fused CP head and
 //! `--device cuda` in the main crate come next (docs/results.md, "CUDA").
 
 use std::sync::Arc;
@@ -17,7 +17,8 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 /// The kernel sources, compiled at run time.
-const ELEMENTWISE_SRC: &str = include_str!("../kernels/elementwise.cu");
+const KERNEL_SOURCES: [&str; 3] =
+    [include_str!("../kernels/elementwise.cu"), include_str!("../kernels/layernorm.cu"), include_str!("../kernels/adamw.cu")];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -46,6 +47,20 @@ pub fn driver_present() -> bool {
 struct Kernels {
     gelu_forward: CudaFunction,
     gelu_backward: CudaFunction,
+    layernorm_forward: CudaFunction,
+    layernorm_backward: CudaFunction,
+    adamw_update: CudaFunction,
+}
+
+/// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub t: u32,
 }
 
 /// An open device: context, stream, cuBLAS, compiled kernels.
@@ -62,6 +77,11 @@ fn launch_config(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// One warp per row, 8 rows per block of 256 threads.
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 impl Gpu {
     /// Opens device `ordinal`; [`CudaError::NoDriver`] where no driver is installed.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -71,10 +91,18 @@ impl Gpu {
         let context = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(ordinal, e.to_string()))?;
         let stream = context.default_stream();
         let blas = CudaBlas::new(stream.clone())?;
-        let ptx = cudarc::nvrtc::compile_ptx(ELEMENTWISE_SRC).map_err(|e| CudaError::Compile(e.to_string()))?;
-        let module = context.load_module(ptx)?;
-        let kernels =
-            Kernels { gelu_forward: module.load_function("gelu_forward")?, gelu_backward: module.load_function("gelu_backward")? };
+        let mut modules = Vec::new();
+        for source in KERNEL_SOURCES {
+            let ptx = cudarc::nvrtc::compile_ptx(source).map_err(|e| CudaError::Compile(e.to_string()))?;
+            modules.push(context.load_module(ptx)?);
+        }
+        let kernels = Kernels {
+            gelu_forward: modules[0].load_function("gelu_forward")?,
+            gelu_backward: modules[0].load_function("gelu_backward")?,
+            layernorm_forward: modules[1].load_function("layernorm_forward")?,
+            layernorm_backward: modules[1].load_function("layernorm_backward")?,
+            adamw_update: modules[2].load_function("adamw_update")?,
+        };
         Ok(Gpu { stream, blas, kernels, tf32: false })
     }
 
@@ -153,6 +181,88 @@ impl Gpu {
         launch.arg(x).arg(dout).arg(dx).arg(&n);
         // SAFETY: the kernel touches elements 0..n of buffers that hold n elements.
         unsafe { launch.launch(launch_config(x.len())) }?;
+        Ok(())
+    }
+
+    /// LayerNorm of each row of x (rows, c); writes out and each row's mean and rstd.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        if x.len() != rows * c || out.len() != rows * c || weight.len() != c || bias.len() != c || mean.len() != rows || rstd.len() != rows
+        {
+            return Err(CudaError::Shape(format!("layernorm_forward: buffers do not fit {rows} rows of {c}")));
+        }
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_forward);
+        launch.arg(x).arg(weight).arg(bias).arg(out).arg(mean).arg(rstd).arg(&rows_i).arg(&c_i);
+        // SAFETY: sizes checked above; one warp per row, 8 rows per block.
+        unsafe { launch.launch(rows_config(rows)) }?;
+        Ok(())
+    }
+
+    /// LayerNorm backward: writes dx, adds into dweight and dbias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dweight: &mut CudaSlice<f32>,
+        dbias: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        if x.len() != rows * c
+            || dout.len() != rows * c
+            || dx.len() != rows * c
+            || weight.len() != c
+            || dweight.len() != c
+            || dbias.len() != c
+        {
+            return Err(CudaError::Shape(format!("layernorm_backward: buffers do not fit {rows} rows of {c}")));
+        }
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_backward);
+        launch.arg(x).arg(dout).arg(weight).arg(mean).arg(rstd).arg(dx).arg(dweight).arg(dbias).arg(&rows_i).arg(&c_i);
+        // SAFETY: sizes checked above.
+        unsafe { launch.launch(rows_config(rows)) }?;
+        Ok(())
+    }
+
+    /// One AdamW update of a parameter buffer in place.
+    pub fn adamw_update(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        step: AdamWStep,
+    ) -> Result<()> {
+        let n = params.len();
+        if grads.len() != n || m.len() != n || v.len() != n {
+            return Err(CudaError::Shape("adamw_update: parameter, gradient and moments differ in length".into()));
+        }
+        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
+        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
+        let n_i = n as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.adamw_update);
+        launch.arg(params).arg(grads).arg(m).arg(v).arg(&n_i);
+        launch.arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps).arg(&step.weight_decay);
+        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
+        // SAFETY: all four buffers hold n elements.
+        unsafe { launch.launch(launch_config(n)) }?;
         Ok(())
     }
 

@@ -87,3 +87,59 @@ fn gelu_kernels_match_the_cpu() {
     println!("gelu backward: relative error {error:.2e}");
     assert!(error < 1e-5);
 }
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+#[test]
+fn layernorm_kernels_match_the_cpu_op() {
+    use multitoken::kernels::layernorm::{backward_row_scalar, forward_row_scalar};
+    let Some(gpu) = gpu_or_skip("layernorm") else { return };
+    let (rows, c) = (333, 256);
+    let (x, w, b, dout) = (random(rows * c, 6), random(c, 7), random(c, 8), random(rows * c, 9));
+    // CPU reference in f64, row by row
+    let (xw, ww, bw, gw) = (widen(&x), widen(&w), widen(&b), widen(&dout));
+    let (mut out_ref, mut dx_ref, mut dw_ref, mut db_ref) = (vec![0.0; rows * c], vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
+    for row in 0..rows {
+        let range = row * c..(row + 1) * c;
+        let (mean, rstd) = forward_row_scalar(&xw[range.clone()], &ww, &bw, &mut out_ref[range.clone()]);
+        backward_row_scalar(&xw[range.clone()], &gw[range.clone()], &ww, mean, rstd, &mut dx_ref[range], &mut dw_ref, &mut db_ref);
+    }
+    let (dx, dw, db) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap());
+    let mut out = gpu.upload(&vec![f32::NAN; rows * c]).unwrap();
+    let (mut mean, mut rstd) = (gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
+    gpu.layernorm_forward(&dx, &dw, &db, &mut out, &mut mean, &mut rstd, rows, c).unwrap();
+    let error = relative_error(&gpu.download(&out).unwrap(), &out_ref);
+    println!("layernorm forward: relative error {error:.2e}");
+    assert!(error < 1e-5);
+    let ddout = gpu.upload(&dout).unwrap();
+    let mut ddx = gpu.upload(&vec![f32::NAN; rows * c]).unwrap();
+    let (mut ddw, mut ddb) = (gpu.zeros(c).unwrap(), gpu.zeros(c).unwrap());
+    gpu.layernorm_backward(&dx, &ddout, &dw, &mean, &rstd, &mut ddx, &mut ddw, &mut ddb, rows, c).unwrap();
+    for (name, ours, reference) in [("dx", &ddx, &dx_ref), ("dweight", &ddw, &dw_ref), ("dbias", &ddb, &db_ref)] {
+        let error = relative_error(&gpu.download(ours).unwrap(), reference);
+        println!("layernorm backward {name}: relative error {error:.2e}");
+        assert!(error < 1e-5, "{name}");
+    }
+}
+
+#[test]
+fn adamw_kernel_matches_the_cpu_optimizer() {
+    use multitoken::kernels::adamw::{update_scalar, AdamWStep as CpuStep};
+    let Some(gpu) = gpu_or_skip("adamw") else { return };
+    let n = 50_001;
+    let (p, g, m) = (random(n, 10), random(n, 11), random(n, 12));
+    let v: Vec<f32> = random(n, 13).iter().map(|x| x * x).collect();
+    let step = multitoken_cuda::AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
+    let cpu_step = CpuStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
+    let (mut pr, mut mr, mut vr) = (widen(&p), widen(&m), widen(&v));
+    update_scalar(&mut pr, &widen(&g), &mut mr, &mut vr, &cpu_step);
+    let (mut dp, dg, mut dm, mut dv) = (gpu.upload(&p).unwrap(), gpu.upload(&g).unwrap(), gpu.upload(&m).unwrap(), gpu.upload(&v).unwrap());
+    gpu.adamw_update(&mut dp, &dg, &mut dm, &mut dv, step).unwrap();
+    for (name, ours, reference) in [("param", &dp, &pr), ("exp_avg", &dm, &mr), ("exp_avg_sq", &dv, &vr)] {
+        let error = relative_error(&gpu.download(ours).unwrap(), reference);
+        println!("adamw {name}: relative error {error:.2e}");
+        assert!(error < 1e-5, "{name}");
+    }
+}
