@@ -99,17 +99,13 @@ impl<'a, T: Float> Head<'a, T> {
         match &self.params.head {
             Some(head) if r > 1 => {
                 let mut a: Vec<T> =
-                    (0..r).map(|alpha| head.gate_bias.data()[alpha] + dot(&head.gate_weight.data()[alpha * c..][..c], h)).collect();
+                    (0..r).map(|alpha| head.gate_bias.data()[alpha] + T::dot(&head.gate_weight.data()[alpha * c..][..c], h)).collect();
                 T::softmax_row(&mut a);
                 a
             }
             _ => vec![T::one()],
         }
     }
-}
-
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
 impl<T: Float> HeadState<T> {
