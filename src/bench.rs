@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::device::{Device, Precision};
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{gpt2, Batch, ModelConfig};
@@ -29,6 +30,13 @@ pub struct BenchTrainResult {
     pub steps: usize,
     pub threads: usize,
     pub step_ms_all: Vec<f64>,
+    pub device: Device,
+    pub precision: Precision,
+    /// CUDA: the most bytes held in device buffers at once (as PyTorch's `max_memory_allocated`)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
 }
 
 /// The process's peak resident set size in bytes (Linux), or 0 where unknown.
@@ -50,7 +58,9 @@ pub fn bench_train(
     batch: usize,
     seq: usize,
     steps: usize,
-) -> Result<BenchTrainResult> {
+    device: Device,
+    precision: Precision,
+) -> Result<(BenchTrainResult, Option<String>)> {
     let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
     if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
         return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
@@ -59,13 +69,30 @@ pub fn bench_train(
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    #[cfg(feature = "cuda")]
+    let mut gpu_model = match device {
+        Device::Cuda => Some(crate::cuda::GpuModel::new(crate::device::open_gpu(precision)?, &config, &params, None)?),
+        Device::Cpu => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    if device == Device::Cuda {
+        return invalid!("--device cuda: this build has no CUDA support (use --device cpu)");
+    }
+    let step_config = StepConfig { lr: 1e-4, grad_clip: 1.0, aux_coef: 0.01 };
     let mut times = Vec::new();
     for step in 0..WARMUP_STEPS + steps {
         let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let data = Batch::from_rows(&row_refs, seq, horizon);
         let tick = Instant::now();
-        train_step(&config, &mut params, &mut optimizer, &data, StepConfig { lr: 1e-4, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true);
+        #[cfg(feature = "cuda")]
+        if let Some(model) = gpu_model.as_mut() {
+            model.train_step(&data, step_config, &|_| true)?; // ends by reading the gradient norm: synchronised
+        } else {
+            train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true);
+        }
+        #[cfg(not(feature = "cuda"))]
+        train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true);
         if step >= WARMUP_STEPS {
             times.push(tick.elapsed().as_secs_f64() * 1e3);
         }
@@ -73,7 +100,11 @@ pub fn bench_train(
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let step_ms = sorted[sorted.len() / 2];
-    Ok(BenchTrainResult {
+    #[cfg(feature = "cuda")]
+    let gpu_profile = gpu_model.as_ref().map(|m| m.profile.report());
+    #[cfg(not(feature = "cuda"))]
+    let gpu_profile = None;
+    let result = BenchTrainResult {
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
         step_ms,
         peak_rss_bytes: peak_rss_bytes(),
@@ -86,7 +117,18 @@ pub fn bench_train(
         steps,
         threads: rayon::current_num_threads(),
         step_ms_all: times,
-    })
+        device,
+        precision,
+        #[cfg(feature = "cuda")]
+        peak_gpu_bytes: gpu_model.as_ref().map(|m| m.gpu.peak_allocated_bytes() as u64),
+        #[cfg(not(feature = "cuda"))]
+        peak_gpu_bytes: None,
+        #[cfg(feature = "cuda")]
+        gpu: gpu_model.as_ref().map(|m| m.gpu.name().to_string()),
+        #[cfg(not(feature = "cuda"))]
+        gpu: None,
+    };
+    Ok((result, gpu_profile))
 }
 
 /// What `multitoken bench decode` reports: autoregressive decoding with a KV cache against

@@ -10,7 +10,10 @@ pub mod ops; // differentiable ops, forward and backward side by side
 pub mod gradcheck; // central finite differences in f64
 pub mod model; // config, parameters by name, GPT-2 backbone, the loss
 pub mod data; // tokenizer, token files, corpus preparation, batches
+pub mod device; // --device cpu|cuda, --precision f32|tf32
 pub mod train; // AdamW, schedule, the training loop, checkpoints
 pub mod decode; // sampling and generation
+#[cfg(feature = "cuda")]
+pub mod cuda; // the training step on one NVIDIA GPU, written out by hand (llm.c style)
 pub mod bench; // `multitoken bench`: timed training steps
 pub mod experiments; // checks against known ground truth

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use multitoken::data::{self, tokenizer};
 use multitoken::decode::{self, DecodeRequest, SamplingConfig};
+use multitoken::device::{Device, Precision};
 use multitoken::error::Error;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 
@@ -40,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// Train a model (writes a checkpoint directory)
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Losses of a checkpoint on a text file
     Eval(EvalArgs),
     /// Generate text from a checkpoint
@@ -131,9 +132,12 @@ struct TrainArgs {
     /// Random seed [default: 1337]
     #[arg(long)]
     seed: Option<u64>,
-    /// cpu (cuda needs a build with the cuda feature)
+    /// cpu or cuda (one NVIDIA GPU)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or tf32 (CUDA matrix products on tensor cores)
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Act as if interrupted after this many steps (for testing --resume)
     #[arg(long, hide = true)]
     stop_after_steps: Option<u64>,
@@ -208,8 +212,12 @@ enum BenchCommand {
         /// Timed steps (after 3 warm-up steps)
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// cpu or cuda
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// f32, or tf32 (CUDA only)
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Autoregressive against self-speculative decoding on a checkpoint
     Decode {
@@ -239,11 +247,11 @@ fn live_readout(total: usize) -> indicatif::ProgressBar {
     bar
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        "cuda" => anyhow::bail!("--device cuda: this build has no CUDA support (use --device cpu)"),
-        other => anyhow::bail!("unknown --device '{other}' (use cpu or cuda)"),
+/// The device of a command that runs on the CPU only, so far.
+fn cpu_only(device: &str, command: &str) -> Result<()> {
+    match Device::parse(device)? {
+        Device::Cpu => Ok(()),
+        Device::Cuda => anyhow::bail!("{command} runs on the CPU only so far (decoding on the GPU is not built yet); use --device cpu"),
     }
 }
 
@@ -272,7 +280,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Train(args) => {
-            check_device(&args.device)?;
+            let device = Device::parse(&args.device)?;
+            let precision = Precision::parse(&args.precision, device)?;
             let explicit = [
                 ("--model", args.model.is_some()),
                 ("--horizon", args.horizon.is_some()),
@@ -314,7 +323,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
-            let options = train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps };
+            let options =
+                train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps, device, precision };
             let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",
@@ -328,7 +338,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Eval(args) => {
-            check_device(&args.device)?;
+            let device = Device::parse(&args.device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let text = tokenizer::read_text(&args.text_file)?;
             let ids = tokenizer::encode(&tok, &text)?;
@@ -340,7 +350,16 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     ckpt.config.horizon
                 );
             }
-            let losses = evaluate::evaluate_tokens(&ckpt.config, &ckpt.params, &ids);
+            let losses = match device {
+                Device::Cpu => evaluate::evaluate_tokens(&ckpt.config, &ckpt.params, &ids),
+                #[cfg(feature = "cuda")]
+                Device::Cuda => {
+                    let gpu = multitoken::device::open_gpu(Precision::F32)?;
+                    multitoken::cuda::GpuModel::new(gpu, &ckpt.config, &ckpt.params, None)?.evaluate_tokens(&ids)?
+                }
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+            };
             let text = format!(
                 "joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions",
                 losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens
@@ -348,7 +367,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(losses)?, text))
         }
         Command::Sample(args) => {
-            check_device(&args.device)?;
+            cpu_only(&args.device, "sample")?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
             let bar = live_readout(args.max_new_tokens);
@@ -385,7 +404,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((value, text))
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
-            check_device(device)?;
+            cpu_only(device, "bench decode")?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
             let ids = tokenizer::encode(&tok, prompt)?;
             let result = multitoken::bench::bench_decode(
@@ -411,18 +430,21 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             );
             Ok((serde_json::to_value(result)?, text))
         }
-        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device }) => {
-            check_device(device)?;
-            let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps)?;
+        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device, precision }) => {
+            let device = Device::parse(device)?;
+            let precision = Precision::parse(precision, device)?;
+            let (result, gpu_profile) =
+                multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device, precision)?;
             if multitoken::autograd::profiling_enabled() {
-                eprint!("{}", multitoken::autograd::profile_report());
+                eprint!("{}", gpu_profile.unwrap_or_else(multitoken::autograd::profile_report));
             }
+            let memory = match (result.peak_gpu_bytes, &result.gpu) {
+                (Some(bytes), Some(gpu)) => format!("peak GPU memory {:.0} MiB on {gpu}", bytes as f64 / (1 << 20) as f64),
+                _ => format!("peak RSS {:.0} MiB ({} threads)", result.peak_rss_bytes as f64 / (1 << 20) as f64, result.threads),
+            };
             let text = format!(
-                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq}: {:.0} tokens/s, {:.1} ms/step, peak RSS {:.0} MiB ({} threads)",
-                result.tokens_per_s,
-                result.step_ms,
-                result.peak_rss_bytes as f64 / (1 << 20) as f64,
-                result.threads
+                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq}: {:.0} tokens/s, {:.1} ms/step, {memory}",
+                result.tokens_per_s, result.step_ms
             );
             Ok((serde_json::to_value(result)?, text))
         }

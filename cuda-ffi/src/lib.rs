@@ -1,24 +1,37 @@
-//! `multitoken-cuda`: the CUDA layer of multitoken.
+//! `multitoken-cuda`: the CUDA layer of multitoken, thin by design.
 //!
 //! - [`Gpu::new`] opens a device: a CUDA context, a stream and a cuBLAS handle. The driver,
 //!   cuBLAS and NVRTC are loaded at run time, so this crate builds anywhere; where no driver is
 //!   installed, opening a device returns [`CudaError::NoDriver`] instead of panicking.
-//! - Kernels live in `kernels/*.cu` and are compiled at run time by NVRTC, once per process.
-//! - [`Gpu::matmul`] is a row-major matrix product through cuBLAS (f32, or TF32 on request).
-//!
-//! Status: the device layer (context, memory, NVRTC kernels, cuBLAS) with GELU, LayerNorm and
-//! AdamW kernels, each checked against the CPU on a GPU machine. The ops, the fused CP head and
-//! `--device cuda` in the main crate come next (docs/results.md, "CUDA").
+//! - Kernels live in `kernels/*.cu` and are compiled by NVRTC for the device's architecture
+//!   when the device is opened, once per process.
+//! - Memory is a [`Buffer`] (an owned allocation) and [`View`]s into it: a device pointer and
+//!   a length, `Copy`, as in C. The model code in the main crate slices one flat parameter
+//!   buffer into many views, which Rust's borrow rules for `&mut` slices would not allow; in
+//!   exchange every launcher checks the lengths of the views it is given.
+//! - Everything runs in order on the one stream; only downloads wait for it.
 
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{result as driver, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// The kernel sources, compiled at run time.
-const KERNEL_SOURCES: [&str; 3] =
-    [include_str!("../kernels/elementwise.cu"), include_str!("../kernels/layernorm.cu"), include_str!("../kernels/adamw.cu")];
+const KERNEL_SOURCES: [(&str, &str); 6] = [
+    ("elementwise", include_str!("../kernels/elementwise.cu")),
+    ("layernorm", include_str!("../kernels/layernorm.cu")),
+    ("adamw", include_str!("../kernels/adamw.cu")),
+    ("embedding", include_str!("../kernels/embedding.cu")),
+    ("attention", include_str!("../kernels/attention.cu")),
+    ("head", include_str!("../kernels/head.cu")),
+];
+
+/// Limits of the head kernels (their per-thread arrays).
+pub const MAX_HORIZON: usize = 16;
+pub const MAX_RANK: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -30,6 +43,8 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS error: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("cuBLASLt error: {0}")]
+    BlasLt(#[from] cudarc::cublaslt::result::CublasError),
     #[error("compiling the CUDA kernels failed: {0}")]
     Compile(String),
     #[error("{0}")]
@@ -44,12 +59,142 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Whether NVRTC (the run-time compiler) can be loaded on this machine.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only probes whether the shared library can be opened.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
+    let options = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={architecture}")], ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu: {e}")))
+}
+
+/// Compiles every kernel for `architecture` (such as `compute_90`) without a device: NVRTC
+/// alone, so that a machine without a GPU can check the kernels' source.
+pub fn compile_all_kernels(architecture: &str) -> Result<()> {
+    for (module, source) in KERNEL_SOURCES {
+        compile(module, source, architecture)?;
+    }
+    Ok(())
+}
+
+fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(CudaError::Shape(what()))
+    }
+}
+
+/// A device pointer and a length in elements: a window into a [`Buffer`].
+#[derive(Debug)]
+pub struct View<T> {
+    ptr: u64,
+    len: usize,
+    _element: PhantomData<T>,
+}
+
+impl<T> Clone for View<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for View<T> {}
+
+impl<T> View<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements `offset..offset + len`. Panics when that is out of range (a programming error).
+    pub fn slice(self, offset: usize, len: usize) -> View<T> {
+        assert!(offset + len <= self.len, "view slice {offset}..{} out of 0..{}", offset + len, self.len);
+        View { ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64, len, _element: PhantomData }
+    }
+
+    /// The first `len` elements.
+    pub fn prefix(self, len: usize) -> View<T> {
+        self.slice(0, len)
+    }
+
+    fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+}
+
+/// Bytes held in [`Buffer`]s now, and the most held at once (as PyTorch's
+/// `max_memory_allocated`: the allocations, not the context or cuBLAS workspaces).
+#[derive(Default)]
+struct MemoryCounter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// An owned device allocation of `len` elements, freed on drop.
+pub struct Buffer<T> {
+    view: View<T>,
+    context: Arc<CudaContext>,
+    memory: Arc<MemoryCounter>,
+}
+
+impl<T> Buffer<T> {
+    pub fn view(&self) -> View<T> {
+        self.view
+    }
+
+    pub fn len(&self) -> usize {
+        self.view.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.view.len == 0
+    }
+}
+
+impl<T> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        if self.view.len > 0 && self.context.bind_to_thread().is_ok() {
+            // SAFETY: the pointer came from malloc_sync and is freed once; the device is
+            // synchronised first so that no queued kernel still uses it.
+            unsafe {
+                let _ = driver::ctx::synchronize();
+                let _ = driver::free_sync(self.view.ptr);
+            }
+            self.memory.live.fetch_sub(self.view.bytes(), Ordering::Relaxed);
+        }
+    }
+}
+
 struct Kernels {
     gelu_forward: CudaFunction,
     gelu_backward: CudaFunction,
+    add: CudaFunction,
+    broadcast_rows: CudaFunction,
+    column_sums_add: CudaFunction,
+    sum_of_squares: CudaFunction,
     layernorm_forward: CudaFunction,
     layernorm_backward: CudaFunction,
     adamw_update: CudaFunction,
+    embedding_forward: CudaFunction,
+    embedding_backward_tokens: CudaFunction,
+    embedding_backward_positions: CudaFunction,
+    qkv_to_heads: CudaFunction,
+    heads_to_qkv: CudaFunction,
+    heads_rows: CudaFunction,
+    causal_softmax_forward: CudaFunction,
+    causal_softmax_backward: CudaFunction,
+    head_row_softmax: CudaFunction,
+    head_posterior: CudaFunction,
+    head_dlogits: CudaFunction,
+    gate_log_softmax: CudaFunction,
+    head_statistics: CudaFunction,
+    gate_gradient: CudaFunction,
 }
 
 /// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).
@@ -61,25 +206,98 @@ pub struct AdamWStep {
     pub eps: f32,
     pub weight_decay: f32,
     pub t: u32,
+    /// the gradient is multiplied by this first (global-norm clipping; 1 for none)
+    pub grad_scale: f32,
 }
+
+/// One operand of a matrix product: its view, and whether it is stored transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    pub data: View<f32>,
+    pub transposed: bool,
+    /// elements between consecutive matrices of a batch (0 for a single matrix)
+    pub batch_stride: usize,
+}
+
+impl Operand {
+    pub fn normal(data: View<f32>) -> Self {
+        Operand { data, transposed: false, batch_stride: 0 }
+    }
+
+    pub fn transposed(data: View<f32>) -> Self {
+        Operand { data, transposed: true, batch_stride: 0 }
+    }
+
+    pub fn strided(self, batch_stride: usize) -> Self {
+        Operand { batch_stride, ..self }
+    }
+}
+
+/// Which cuBLAS entry point single matrix products go through (batched products always use
+/// `cublasSgemmStridedBatched`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmRoute {
+    /// `cublasSgemm`
+    Blas,
+    /// `cublasLtMatmul` with its heuristic's first choice (what PyTorch's `addmm` uses)
+    BlasLt,
+}
+
+/// The cuBLASLt handle and its workspace.
+struct BlasLt {
+    handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    workspace: Buffer<u8>,
+}
+
+impl Drop for BlasLt {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by create_handle and is destroyed once.
+        unsafe {
+            let _ = cudarc::cublaslt::result::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// Bytes of cuBLAS and cuBLASLt workspace (NVIDIA's recommendation for Hopper).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// An open device: context, stream, cuBLAS, compiled kernels.
 pub struct Gpu {
+    context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    blas_lt: BlasLt,
+    /// cuBLAS's workspace, kept alive while the handle lives (fields drop in order)
+    _blas_workspace: Buffer<u8>,
+    /// the entry point of single matrix products
+    pub gemm_route: GemmRoute,
     kernels: Kernels,
     /// use TF32 tensor cores in matmul (`--precision tf32`)
     pub tf32: bool,
+    name: String,
+    memory: Arc<MemoryCounter>,
 }
 
-fn launch_config(n: usize) -> LaunchConfig {
-    const THREADS: u32 = 256;
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+const THREADS: u32 = 256;
+/// Rows per block in the LayerNorm backward kernel (its `ROWS_PER_BLOCK`).
+const LAYERNORM_ROWS_PER_BLOCK: u32 = 32;
+/// The widest LayerNorm whose backward partial sums (2·c floats) fit in 48 KiB of shared memory.
+pub const MAX_LAYERNORM_WIDTH: usize = 6144;
+/// Rows per block in the column-sum kernel (its `COLUMN_SUM_CHUNK`).
+const COLUMN_SUM_CHUNK: u32 = 256;
+
+fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u64).div_ceil(THREADS as u64) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// One warp per row, 8 rows per block of 256 threads.
-fn rows_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+fn warp_per_row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of 256 threads per row.
+fn block_per_row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 impl Gpu {
@@ -91,182 +309,684 @@ impl Gpu {
         let context = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(ordinal, e.to_string()))?;
         let stream = context.default_stream();
         let blas = CudaBlas::new(stream.clone())?;
-        let mut modules = Vec::new();
-        for source in KERNEL_SOURCES {
-            let ptx = cudarc::nvrtc::compile_ptx(source).map_err(|e| CudaError::Compile(e.to_string()))?;
-            modules.push(context.load_module(ptx)?);
+        let (major, minor) = context.compute_capability()?;
+        let name = context.name().unwrap_or_else(|_| "CUDA device".into());
+        let mut modules = std::collections::HashMap::new();
+        for (module, source) in KERNEL_SOURCES {
+            let options =
+                cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}")], ..Default::default() };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu: {e}")))?;
+            modules.insert(module, context.load_module(ptx)?);
         }
+        let f = |module: &str, name: &str| modules[module].load_function(name);
         let kernels = Kernels {
-            gelu_forward: modules[0].load_function("gelu_forward")?,
-            gelu_backward: modules[0].load_function("gelu_backward")?,
-            layernorm_forward: modules[1].load_function("layernorm_forward")?,
-            layernorm_backward: modules[1].load_function("layernorm_backward")?,
-            adamw_update: modules[2].load_function("adamw_update")?,
+            gelu_forward: f("elementwise", "gelu_forward")?,
+            gelu_backward: f("elementwise", "gelu_backward")?,
+            add: f("elementwise", "add")?,
+            broadcast_rows: f("elementwise", "broadcast_rows")?,
+            column_sums_add: f("elementwise", "column_sums_add")?,
+            sum_of_squares: f("elementwise", "sum_of_squares")?,
+            layernorm_forward: f("layernorm", "layernorm_forward")?,
+            layernorm_backward: f("layernorm", "layernorm_backward")?,
+            adamw_update: f("adamw", "adamw_update")?,
+            embedding_forward: f("embedding", "embedding_forward")?,
+            embedding_backward_tokens: f("embedding", "embedding_backward_tokens")?,
+            embedding_backward_positions: f("embedding", "embedding_backward_positions")?,
+            qkv_to_heads: f("attention", "qkv_to_heads")?,
+            heads_to_qkv: f("attention", "heads_to_qkv")?,
+            heads_rows: f("attention", "heads_rows")?,
+            causal_softmax_forward: f("attention", "causal_softmax_forward")?,
+            causal_softmax_backward: f("attention", "causal_softmax_backward")?,
+            head_row_softmax: f("head", "head_row_softmax")?,
+            head_posterior: f("head", "head_posterior")?,
+            head_dlogits: f("head", "head_dlogits")?,
+            gate_log_softmax: f("head", "gate_log_softmax")?,
+            head_statistics: f("head", "head_statistics")?,
+            gate_gradient: f("head", "gate_gradient")?,
         };
-        Ok(Gpu { stream, blas, kernels, tf32: false })
+        let memory = Arc::new(MemoryCounter::default());
+        let allocate = |bytes: usize| -> Result<Buffer<u8>> {
+            context.bind_to_thread()?;
+            // SAFETY: a fresh allocation, only ever handed to cuBLAS as scratch space.
+            let ptr = unsafe { driver::malloc_sync(bytes)? };
+            Ok(Buffer { view: View { ptr, len: bytes, _element: PhantomData }, context: context.clone(), memory: memory.clone() })
+        };
+        let blas_workspace = allocate(BLAS_WORKSPACE_BYTES)?;
+        // SAFETY: the workspace outlives the handle (both live in the Gpu; the handle drops first).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace.view.ptr as *mut _, BLAS_WORKSPACE_BYTES).result()?;
+        }
+        let blas_lt = BlasLt { handle: cudarc::cublaslt::result::create_handle()?, workspace: allocate(BLAS_WORKSPACE_BYTES)? };
+        Ok(Gpu {
+            context,
+            stream,
+            blas,
+            blas_lt,
+            _blas_workspace: blas_workspace,
+            gemm_route: GemmRoute::BlasLt,
+            kernels,
+            tf32: false,
+            name,
+            memory,
+        })
     }
 
-    pub fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        Ok(self.stream.clone_htod(host)?)
+    /// The device's name, as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    pub fn download(&self, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        let mut host = vec![0.0f32; device.len()];
-        self.stream.memcpy_dtoh(device, &mut host)?;
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.context.bind_to_thread()?;
+        Ok(driver::mem_get_info()?)
+    }
+
+    /// A zero-filled allocation of `len` elements.
+    pub fn zeros<T>(&self, len: usize) -> Result<Buffer<T>> {
+        self.context.bind_to_thread()?;
+        let bytes = len * std::mem::size_of::<T>();
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: a fresh allocation, zeroed before anyone reads it.
+            unsafe {
+                let ptr = driver::malloc_sync(bytes)?;
+                driver::memset_d8_sync(ptr, 0, bytes)?;
+                ptr
+            }
+        };
+        let live = self.memory.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.memory.peak.fetch_max(live, Ordering::Relaxed);
+        Ok(Buffer { view: View { ptr, len, _element: PhantomData }, context: self.context.clone(), memory: self.memory.clone() })
+    }
+
+    /// Bytes held in buffers now.
+    pub fn allocated_bytes(&self) -> usize {
+        self.memory.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held in buffers at once since the device was opened.
+    pub fn peak_allocated_bytes(&self) -> usize {
+        self.memory.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buffer<T>> {
+        let buffer = self.zeros::<T>(host.len())?;
+        self.write(buffer.view(), host)?;
+        Ok(buffer)
+    }
+
+    /// Copies `host` into `target` (same length), after the work already queued.
+    pub fn write<T: DeviceRepr>(&self, target: View<T>, host: &[T]) -> Result<()> {
+        check(target.len == host.len(), || format!("write: {} elements into a view of {}", host.len(), target.len))?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.synchronize()?;
+        // SAFETY: lengths checked; the stream is idle, so no kernel reads the target meanwhile.
+        unsafe { driver::memcpy_htod_sync(target.ptr, host)? };
+        Ok(())
+    }
+
+    /// Waits for the queued work, then copies `source` to the host.
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, source: View<T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); source.len];
+        if host.is_empty() {
+            return Ok(host);
+        }
+        self.synchronize()?;
+        // SAFETY: the host vector holds exactly source.len elements.
+        unsafe { driver::memcpy_dtoh_sync(&mut host, source.ptr)? };
         Ok(host)
     }
 
-    pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.stream.alloc_zeros::<f32>(len)?)
-    }
-
-    /// `c (m,n) = a (m,k) · b (k,n)`, all row-major; `a_transposed`/`b_transposed` say that the
-    /// operand is stored as its transpose, as in the CPU `matmul`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
-        &self,
-        a: &CudaSlice<f32>,
-        a_transposed: bool,
-        b: &CudaSlice<f32>,
-        b_transposed: bool,
-        c: &mut CudaSlice<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-            return Err(CudaError::Shape(format!("matmul: operands are not {m}×{k} · {k}×{n}")));
-        }
-        // cuBLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let config = GemmConfig {
-            transa: op(b_transposed),
-            transb: op(a_transposed),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: if b_transposed { k as i32 } else { n as i32 },
-            ldb: if a_transposed { m as i32 } else { k as i32 },
-            beta: 0.0f32,
-            ldc: n as i32,
-        };
-        let math_mode = if self.tf32 {
-            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-        } else {
-            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-        };
-        // SAFETY: the handle is ours; the sizes were checked above.
-        unsafe {
-            cudarc::cublas::sys::cublasSetMathMode(*self.blas.handle(), math_mode).result()?;
-            self.blas.gemm(config, b, a, c)?;
+    /// Sets every element of `target` to zero (queued).
+    pub fn fill_zero<T>(&self, target: View<T>) -> Result<()> {
+        if target.len > 0 {
+            self.context.bind_to_thread()?;
+            // SAFETY: the view lies inside a live allocation.
+            unsafe { driver::memset_d8_async(target.ptr, 0, target.bytes(), self.stream.cu_stream())? };
         }
         Ok(())
     }
 
-    /// `out = gelu(x)`, elementwise.
-    pub fn gelu_forward(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
-        let n = x.len() as i32;
-        let mut launch = self.stream.launch_builder(&self.kernels.gelu_forward);
-        launch.arg(x).arg(out).arg(&n);
-        // SAFETY: the kernel reads x[0..n] and writes out[0..n]; both hold n elements.
-        unsafe { launch.launch(launch_config(x.len())) }?;
-        Ok(())
-    }
-
-    /// `dx += dout · gelu'(x)`, elementwise.
-    pub fn gelu_backward(&self, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
-        let n = x.len() as i32;
-        let mut launch = self.stream.launch_builder(&self.kernels.gelu_backward);
-        launch.arg(x).arg(dout).arg(dx).arg(&n);
-        // SAFETY: the kernel touches elements 0..n of buffers that hold n elements.
-        unsafe { launch.launch(launch_config(x.len())) }?;
-        Ok(())
-    }
-
-    /// LayerNorm of each row of x (rows, c); writes out and each row's mean and rstd.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_forward(
-        &self,
-        x: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        if x.len() != rows * c || out.len() != rows * c || weight.len() != c || bias.len() != c || mean.len() != rows || rstd.len() != rows
-        {
-            return Err(CudaError::Shape(format!("layernorm_forward: buffers do not fit {rows} rows of {c}")));
+    /// Copies `source` into `target` on the device (queued).
+    pub fn copy<T>(&self, source: View<T>, target: View<T>) -> Result<()> {
+        check(source.len == target.len, || format!("copy: {} elements into a view of {}", source.len, target.len))?;
+        if source.len > 0 {
+            self.context.bind_to_thread()?;
+            // SAFETY: equal lengths inside live allocations.
+            unsafe { driver::memcpy_dtod_async(target.ptr, source.ptr, source.bytes(), self.stream.cu_stream())? };
         }
-        let (rows_i, c_i) = (rows as i32, c as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_forward);
-        launch.arg(x).arg(weight).arg(bias).arg(out).arg(mean).arg(rstd).arg(&rows_i).arg(&c_i);
-        // SAFETY: sizes checked above; one warp per row, 8 rows per block.
-        unsafe { launch.launch(rows_config(rows)) }?;
-        Ok(())
-    }
-
-    /// LayerNorm backward: writes dx, adds into dweight and dbias.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward(
-        &self,
-        x: &CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
-        dweight: &mut CudaSlice<f32>,
-        dbias: &mut CudaSlice<f32>,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        if x.len() != rows * c
-            || dout.len() != rows * c
-            || dx.len() != rows * c
-            || weight.len() != c
-            || dweight.len() != c
-            || dbias.len() != c
-        {
-            return Err(CudaError::Shape(format!("layernorm_backward: buffers do not fit {rows} rows of {c}")));
-        }
-        let (rows_i, c_i) = (rows as i32, c as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_backward);
-        launch.arg(x).arg(dout).arg(weight).arg(mean).arg(rstd).arg(dx).arg(dweight).arg(dbias).arg(&rows_i).arg(&c_i);
-        // SAFETY: sizes checked above.
-        unsafe { launch.launch(rows_config(rows)) }?;
-        Ok(())
-    }
-
-    /// One AdamW update of a parameter buffer in place.
-    pub fn adamw_update(
-        &self,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        step: AdamWStep,
-    ) -> Result<()> {
-        let n = params.len();
-        if grads.len() != n || m.len() != n || v.len() != n {
-            return Err(CudaError::Shape("adamw_update: parameter, gradient and moments differ in length".into()));
-        }
-        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
-        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
-        let n_i = n as i32;
-        let mut launch = self.stream.launch_builder(&self.kernels.adamw_update);
-        launch.arg(params).arg(grads).arg(m).arg(v).arg(&n_i);
-        launch.arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps).arg(&step.weight_decay);
-        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
-        // SAFETY: all four buffers hold n elements.
-        unsafe { launch.launch(launch_config(n)) }?;
         Ok(())
     }
 
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// `c (m,n) = a (m,k) · b (k,n)` (plus c itself when `accumulate`), row-major, for `batch`
+    /// matrices at the operands' batch strides. Through cuBLAS: f32, or TF32 when `self.tf32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_batched(
+        &self,
+        a: Operand,
+        b: Operand,
+        c: View<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        batch: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let c_stride = if batch > 1 { m * n } else { 0 };
+        let fits = |op: &Operand, rows: usize, cols: usize| op.data.len >= op.batch_stride * (batch - 1) + rows * cols;
+        check(batch >= 1 && fits(&a, m, k) && fits(&b, k, n) && c.len == batch * m * n, || {
+            format!("matmul: operands do not hold {batch} products {m}×{k} · {k}×{n} (a {}, b {}, c {})", a.data.len, b.data.len, c.len)
+        })?;
+        // cuBLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let math = if self.tf32 { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        let handle = *self.blas.handle();
+        let (lda, ldb) = (if b.transposed { k } else { n } as i32, if a.transposed { m } else { k } as i32);
+        // SAFETY: the handle is ours and bound to our stream; the sizes were checked above.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(handle, math).result()?;
+            let (b_ptr, a_ptr, c_ptr) = (b.data.ptr as *const f32, a.data.ptr as *const f32, c.ptr as *mut f32);
+            let (op_b, op_a) = (op(b.transposed), op(a.transposed));
+            if batch == 1 && self.gemm_route == GemmRoute::BlasLt {
+                self.lt_matmul(op_b, op_a, n, m, k, b_ptr, lda, a_ptr, ldb, beta, c_ptr)?;
+            } else if batch == 1 {
+                cudarc::cublas::sys::cublasSgemm_v2(
+                    handle, op_b, op_a, n as i32, m as i32, k as i32, &alpha, b_ptr, lda, a_ptr, ldb, &beta, c_ptr, n as i32,
+                )
+                .result()?;
+            } else {
+                cudarc::cublas::sys::cublasSgemmStridedBatched(
+                    handle,
+                    op_b,
+                    op_a,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha,
+                    b_ptr,
+                    lda,
+                    b.batch_stride as i64,
+                    a_ptr,
+                    ldb,
+                    a.batch_stride as i64,
+                    &beta,
+                    c_ptr,
+                    n as i32,
+                    c_stride as i64,
+                    batch as i32,
+                )
+                .result()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Column-major `C (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C` through cuBLASLt.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lt_matmul(
+        &self,
+        op_a: cublasOperation_t,
+        op_b: cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: i32,
+        b: *const f32,
+        ldb: i32,
+        beta: f32,
+        c: *mut f32,
+    ) -> Result<()> {
+        use cudarc::cublaslt::{result as lt, sys as lt_sys};
+        let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
+        let compute = if self.tf32 {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let transposed = |op: cublasOperation_t| op == cublasOperation_t::CUBLAS_OP_T;
+        let (a_rows, a_cols) = if transposed(op_a) { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if transposed(op_b) { (n, k) } else { (k, n) };
+        let a_layout = lt::create_matrix_layout(f32_type, a_rows as u64, a_cols as u64, lda as i64)?;
+        let b_layout = lt::create_matrix_layout(f32_type, b_rows as u64, b_cols as u64, ldb as i64)?;
+        let c_layout = lt::create_matrix_layout(f32_type, m as u64, n as u64, m as i64)?;
+        let desc = lt::create_matmul_desc(compute, f32_type)?;
+        let set_op = |attribute, op: cublasOperation_t| {
+            let value = op as i32;
+            lt::set_matmul_desc_attribute(desc, attribute, (&value) as *const i32 as *const _, std::mem::size_of::<i32>())
+        };
+        set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, op_a)?;
+        set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, op_b)?;
+        let preference = lt::create_matmul_pref()?;
+        let workspace_bytes = self.blas_lt.workspace.len();
+        lt::set_matmul_pref_attribute(
+            preference,
+            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_bytes) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )?;
+        let outcome = lt::get_matmul_algo_heuristic(self.blas_lt.handle, desc, a_layout, b_layout, c_layout, c_layout, preference)
+            .and_then(|heuristic| {
+                let alpha = 1.0f32;
+                lt::matmul(
+                    self.blas_lt.handle,
+                    desc,
+                    (&alpha) as *const f32 as *const _,
+                    (&beta) as *const f32 as *const _,
+                    a as *const _,
+                    a_layout,
+                    b as *const _,
+                    b_layout,
+                    c as *const _,
+                    c_layout,
+                    c as *mut _,
+                    c_layout,
+                    (&heuristic.algo) as *const _,
+                    self.blas_lt.workspace.view.ptr as *mut _,
+                    workspace_bytes,
+                    self.stream.cu_stream() as *mut _,
+                )
+            });
+        lt::destroy_matmul_pref(preference)?;
+        lt::destroy_matmul_desc(desc)?;
+        for layout in [a_layout, b_layout, c_layout] {
+            lt::destroy_matrix_layout(layout)?;
+        }
+        Ok(outcome?)
+    }
+
+    /// `c (m,n) = a (m,k) · b (k,n)` (plus c when `accumulate`); see [`Gpu::matmul_batched`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, a: Operand, b: Operand, c: View<f32>, m: usize, k: usize, n: usize, accumulate: bool) -> Result<()> {
+        self.matmul_batched(a, b, c, m, k, n, 1, accumulate)
+    }
+
+    /// `out = gelu(x)`, elementwise.
+    pub fn gelu_forward(&self, x: View<f32>, out: View<f32>) -> Result<()> {
+        check(x.len == out.len, || "gelu_forward: x and out differ in length".into())?;
+        let n = x.len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.gelu_forward);
+        launch.arg(&x.ptr).arg(&out.ptr).arg(&n);
+        // SAFETY: the kernel touches elements 0..n of both views.
+        unsafe { launch.launch(elementwise_config(x.len)) }?;
+        Ok(())
+    }
+
+    /// `dx = dout · gelu'(x)`, elementwise.
+    pub fn gelu_backward(&self, x: View<f32>, dout: View<f32>, dx: View<f32>) -> Result<()> {
+        check(x.len == dout.len && x.len == dx.len, || "gelu_backward: buffers differ in length".into())?;
+        let n = x.len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.gelu_backward);
+        launch.arg(&x.ptr).arg(&dout.ptr).arg(&dx.ptr).arg(&n);
+        // SAFETY: the kernel touches elements 0..n of views that hold n elements.
+        unsafe { launch.launch(elementwise_config(x.len)) }?;
+        Ok(())
+    }
+
+    /// `out = a + b`, elementwise (the residual connection).
+    pub fn add(&self, a: View<f32>, b: View<f32>, out: View<f32>) -> Result<()> {
+        check(a.len == b.len && a.len == out.len, || "add: buffers differ in length".into())?;
+        let n = a.len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.add);
+        launch.arg(&a.ptr).arg(&b.ptr).arg(&out.ptr).arg(&n);
+        // SAFETY: elements 0..n of three views of n elements.
+        unsafe { launch.launch(elementwise_config(a.len)) }?;
+        Ok(())
+    }
+
+    /// Every row of `out` (rows, bias.len()) becomes `bias`.
+    pub fn broadcast_rows(&self, bias: View<f32>, out: View<f32>) -> Result<()> {
+        let cols = bias.len;
+        check(cols > 0 && out.len.is_multiple_of(cols), || "broadcast_rows: out is not whole rows of the bias".into())?;
+        let (rows, cols_i) = ((out.len / cols) as i64, cols as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.broadcast_rows);
+        launch.arg(&bias.ptr).arg(&out.ptr).arg(&rows).arg(&cols_i);
+        // SAFETY: writes out[0..rows·cols], reads bias[0..cols]; one block per row.
+        unsafe { launch.launch(block_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// `sums[j] += Σ_rows x[row, j]` for x (rows, sums.len()).
+    pub fn column_sums_add(&self, x: View<f32>, sums: View<f32>) -> Result<()> {
+        let cols = sums.len;
+        check(cols > 0 && x.len.is_multiple_of(cols), || "column_sums_add: x is not whole rows".into())?;
+        let (rows, cols_i) = ((x.len / cols) as i32, cols as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.column_sums_add);
+        launch.arg(&x.ptr).arg(&sums.ptr).arg(&rows).arg(&cols_i);
+        let chunks = (rows as u32).div_ceil(COLUMN_SUM_CHUNK).max(1);
+        let config = LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), chunks, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
+        // SAFETY: reads x[0..rows·cols], updates sums[0..cols].
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// `total[0] += Σ x²`, accumulated in f64 (queued).
+    pub fn sum_of_squares(&self, x: View<f32>, total: View<f64>) -> Result<()> {
+        check(total.len == 1, || "sum_of_squares: total holds one f64".into())?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let n = x.len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.sum_of_squares);
+        launch.arg(&x.ptr).arg(&n).arg(&total.ptr);
+        let blocks = (x.len as u64).div_ceil(THREADS as u64).min(1024) as u32;
+        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: grid-stride loop over x[0..n]; one f64 updated atomically.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// LayerNorm of each row of x (rows, c); writes out and each row's mean and rstd.
+    pub fn layernorm_forward(
+        &self,
+        x: View<f32>,
+        weight: View<f32>,
+        bias: View<f32>,
+        out: View<f32>,
+        mean: View<f32>,
+        rstd: View<f32>,
+    ) -> Result<()> {
+        let (c, rows) = (weight.len, mean.len);
+        check(x.len == rows * c && out.len == rows * c && bias.len == c && rstd.len == rows, || {
+            format!("layernorm_forward: buffers do not fit {rows} rows of {c}")
+        })?;
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_forward);
+        launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows_i).arg(&c_i);
+        // SAFETY: sizes checked above; one warp per row.
+        unsafe { launch.launch(warp_per_row_config(rows)) }?;
+        Ok(())
+    }
+
+    /// LayerNorm backward: adds into dx (the residual stream's gradient), dweight and dbias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        x: View<f32>,
+        dout: View<f32>,
+        weight: View<f32>,
+        mean: View<f32>,
+        rstd: View<f32>,
+        dx: View<f32>,
+        dweight: View<f32>,
+        dbias: View<f32>,
+    ) -> Result<()> {
+        let (c, rows) = (weight.len, mean.len);
+        check(c <= MAX_LAYERNORM_WIDTH, || format!("layernorm_backward: width {c} above {MAX_LAYERNORM_WIDTH}"))?;
+        check(
+            x.len == rows * c && dout.len == rows * c && dx.len == rows * c && rstd.len == rows && dweight.len == c && dbias.len == c,
+            || format!("layernorm_backward: buffers do not fit {rows} rows of {c}"),
+        )?;
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.layernorm_backward);
+        launch.arg(&x.ptr).arg(&dout.ptr).arg(&weight.ptr).arg(&mean.ptr).arg(&rstd.ptr);
+        launch.arg(&dx.ptr).arg(&dweight.ptr).arg(&dbias.ptr).arg(&rows_i).arg(&c_i);
+        let config = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(LAYERNORM_ROWS_PER_BLOCK), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (2 * c * std::mem::size_of::<f32>()) as u32,
+        };
+        // SAFETY: sizes checked above; the shared memory holds the block's 2·c partial sums.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// One AdamW update of a parameter view in place.
+    pub fn adamw_update(&self, params: View<f32>, grads: View<f32>, m: View<f32>, v: View<f32>, step: AdamWStep) -> Result<()> {
+        let n = params.len;
+        check(grads.len == n && m.len == n && v.len == n, || "adamw_update: parameter, gradient and moments differ in length".into())?;
+        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
+        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
+        let n_i = n as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.adamw_update);
+        launch.arg(&params.ptr).arg(&grads.ptr).arg(&m.ptr).arg(&v.ptr).arg(&n_i).arg(&step.grad_scale);
+        launch.arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps).arg(&step.weight_decay);
+        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
+        // SAFETY: all four views hold n elements.
+        unsafe { launch.launch(elementwise_config(n)) }?;
+        Ok(())
+    }
+
+    /// `out[b,t] = wte[idx[b,t]] + wpe[t]` for idx (rows) with rows a multiple of `seq`.
+    pub fn embedding_forward(&self, idx: View<u32>, wte: View<f32>, wpe: View<f32>, out: View<f32>, seq: usize, c: usize) -> Result<()> {
+        let rows = idx.len;
+        check(out.len == rows * c && wpe.len >= seq * c && wte.len.is_multiple_of(c) && seq > 0 && rows.is_multiple_of(seq), || {
+            format!("embedding_forward: buffers do not fit {rows} rows of {c} with seq {seq}")
+        })?;
+        let (rows_i, seq_i, c_i) = (rows as i32, seq as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.embedding_forward);
+        launch.arg(&idx.ptr).arg(&wte.ptr).arg(&wpe.ptr).arg(&out.ptr).arg(&rows_i).arg(&seq_i).arg(&c_i);
+        // SAFETY: token ids are checked against the vocabulary by the caller; sizes above.
+        unsafe { launch.launch(elementwise_config(rows * c)) }?;
+        Ok(())
+    }
+
+    /// `dwte[idx[row]] += dout[row]`, `dwpe[t] += Σ_b dout[b,t]`.
+    pub fn embedding_backward(
+        &self,
+        idx: View<u32>,
+        dout: View<f32>,
+        dwte: View<f32>,
+        dwpe: View<f32>,
+        seq: usize,
+        c: usize,
+    ) -> Result<()> {
+        let rows = idx.len;
+        check(dout.len == rows * c && dwpe.len >= seq * c && dwte.len.is_multiple_of(c) && seq > 0 && rows.is_multiple_of(seq), || {
+            format!("embedding_backward: buffers do not fit {rows} rows of {c}")
+        })?;
+        let (rows_i, seq_i, c_i, batch_i) = (rows as i32, seq as i32, c as i32, (rows / seq) as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.embedding_backward_tokens);
+        launch.arg(&idx.ptr).arg(&dout.ptr).arg(&dwte.ptr).arg(&rows_i).arg(&c_i);
+        // SAFETY: as in the forward pass.
+        unsafe { launch.launch(elementwise_config(rows * c)) }?;
+        let mut launch = self.stream.launch_builder(&self.kernels.embedding_backward_positions);
+        launch.arg(&dout.ptr).arg(&dwpe.ptr).arg(&batch_i).arg(&seq_i).arg(&c_i);
+        // SAFETY: writes dwpe[0..seq·c], reads dout[0..rows·c].
+        unsafe { launch.launch(elementwise_config(seq * c)) }?;
+        Ok(())
+    }
+
+    fn attention_shape_check(&self, what: &str, len: usize, shape: AttentionShape, factor: usize) -> Result<()> {
+        check(len == factor * shape.batch * shape.seq * shape.n_head * shape.head_size, || {
+            format!(
+                "{what}: buffer of {len} does not fit {factor} × (B={}, T={}, H={}, hs={})",
+                shape.batch, shape.seq, shape.n_head, shape.head_size
+            )
+        })
+    }
+
+    /// qkv (B, T, 3C) → q, k, v (B, H, T, hs) one after the other in `heads`; `inverse` goes back.
+    pub fn qkv_heads(&self, qkv: View<f32>, heads: View<f32>, shape: AttentionShape, inverse: bool) -> Result<()> {
+        self.attention_shape_check("qkv_heads", qkv.len, shape, 3)?;
+        self.attention_shape_check("qkv_heads", heads.len, shape, 3)?;
+        let kernel = if inverse { &self.kernels.heads_to_qkv } else { &self.kernels.qkv_to_heads };
+        let (source, target) = if inverse { (heads, qkv) } else { (qkv, heads) };
+        let dims = shape.dims();
+        let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&source.ptr).arg(&target.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        // SAFETY: both views hold 3·B·T·C elements.
+        unsafe { launch.launch(elementwise_config(qkv.len)) }?;
+        Ok(())
+    }
+
+    /// heads (B, H, T, hs) → rows (B, T, C) when `to_rows`, else rows → heads.
+    pub fn heads_rows(&self, heads: View<f32>, rows: View<f32>, shape: AttentionShape, to_rows: bool) -> Result<()> {
+        self.attention_shape_check("heads_rows", heads.len, shape, 1)?;
+        self.attention_shape_check("heads_rows", rows.len, shape, 1)?;
+        let dims = shape.dims();
+        let direction = i32::from(to_rows);
+        let mut launch = self.stream.launch_builder(&self.kernels.heads_rows);
+        launch.arg(&heads.ptr).arg(&rows.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&direction);
+        // SAFETY: both views hold B·T·C elements.
+        unsafe { launch.launch(elementwise_config(heads.len)) }?;
+        Ok(())
+    }
+
+    /// In place over rows (B·H·T) of T scores: the causal softmax of `scale`·scores.
+    pub fn causal_softmax_forward(&self, scores: View<f32>, seq: usize, scale: f32) -> Result<()> {
+        check(seq > 0 && scores.len.is_multiple_of(seq * seq), || "causal_softmax_forward: not whole T×T matrices".into())?;
+        let (rows, seq_i) = ((scores.len / seq) as i32, seq as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax_forward);
+        launch.arg(&scores.ptr).arg(&rows).arg(&seq_i).arg(&scale);
+        // SAFETY: rows·T elements.
+        unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// In place: the gradient d of the attention weights becomes that of the unscaled scores.
+    pub fn causal_softmax_backward(&self, att: View<f32>, d: View<f32>, seq: usize, scale: f32) -> Result<()> {
+        check(seq > 0 && att.len == d.len && att.len.is_multiple_of(seq * seq), || {
+            "causal_softmax_backward: not whole T×T matrices".into()
+        })?;
+        let (rows, seq_i) = ((att.len / seq) as i32, seq as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax_backward);
+        launch.arg(&att.ptr).arg(&d.ptr).arg(&rows).arg(&seq_i).arg(&scale);
+        // SAFETY: rows·T elements in both.
+        unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// (H2) For a block of rows (t, α, s) of V logits: in place to probabilities, and
+    /// `log_p[row] = ℓ[y] − lse(ℓ)`. `targets` (positions of the block, n).
+    pub fn head_row_softmax(&self, logits: View<f32>, targets: View<u32>, log_p: View<f32>, v: usize, shape: HeadShape) -> Result<()> {
+        let rows = log_p.len;
+        check(logits.len == rows * v && rows.is_multiple_of(shape.rn()) && targets.len == rows / shape.rank, || {
+            format!("head_row_softmax: {rows} rows of {v} do not fit the block")
+        })?;
+        let (v_i, n_i, rn_i) = (v as i32, shape.horizon as i32, shape.rn() as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head_row_softmax);
+        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_p.ptr).arg(&v_i).arg(&n_i).arg(&rn_i);
+        // SAFETY: one block per row; targets are < v (checked by the caller).
+        unsafe { launch.launch(block_per_row_config(rows)) }?;
+        Ok(())
+    }
+
+    /// π = softmax_α(log w + Σ_s log_p) for each position.
+    pub fn head_posterior(&self, log_p: View<f32>, log_w: View<f32>, posterior: View<f32>, shape: HeadShape) -> Result<()> {
+        let positions = posterior.len / shape.rank;
+        check(log_w.len == posterior.len && log_p.len == positions * shape.rn() && shape.fits_kernels(), || {
+            "head_posterior: buffers do not fit".into()
+        })?;
+        let (p_i, r_i, n_i) = (positions as i32, shape.rank as i32, shape.horizon as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head_posterior);
+        launch.arg(&log_p.ptr).arg(&log_w.ptr).arg(&posterior.ptr).arg(&p_i).arg(&r_i).arg(&n_i);
+        // SAFETY: one thread per position.
+        unsafe { launch.launch(elementwise_config(positions)) }?;
+        Ok(())
+    }
+
+    /// (H7) In place: probabilities → dℓ = π[α]·inv_count·(P − onehot(y)).
+    pub fn head_dlogits(
+        &self,
+        probs: View<f32>,
+        targets: View<u32>,
+        posterior: View<f32>,
+        v: usize,
+        shape: HeadShape,
+        inv_count: f32,
+    ) -> Result<()> {
+        let positions = posterior.len / shape.rank;
+        let rows = positions * shape.rn();
+        check(probs.len == rows * v && targets.len == positions * shape.horizon, || "head_dlogits: buffers do not fit".into())?;
+        let (v_i, n_i, r_i) = (v as i32, shape.horizon as i32, shape.rank as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head_dlogits);
+        launch.arg(&probs.ptr).arg(&targets.ptr).arg(&posterior.ptr).arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count);
+        // SAFETY: one block per row.
+        unsafe { launch.launch(block_per_row_config(rows)) }?;
+        Ok(())
+    }
+
+    /// log_softmax of each row of r gate logits, in place.
+    pub fn gate_log_softmax(&self, logits: View<f32>, rank: usize) -> Result<()> {
+        check(rank > 0 && logits.len.is_multiple_of(rank), || "gate_log_softmax: not whole rows".into())?;
+        let (p_i, r_i) = ((logits.len / rank) as i32, rank as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.gate_log_softmax);
+        launch.arg(&logits.ptr).arg(&p_i).arg(&r_i);
+        // SAFETY: one thread per row.
+        unsafe { launch.launch(elementwise_config(logits.len / rank)) }?;
+        Ok(())
+    }
+
+    /// (H4–H6) Sums over positions into `out` (2 + n + 2r f64s): Σ joint NLL, Σ gate entropy,
+    /// Σ NLL per horizon, top-component counts, Σ gate weights.
+    pub fn head_statistics(&self, log_p: View<f32>, log_w: View<f32>, out: View<f64>, shape: HeadShape) -> Result<()> {
+        let positions = log_w.len / shape.rank;
+        check(log_p.len == positions * shape.rn() && out.len == 2 + shape.horizon + 2 * shape.rank && shape.fits_kernels(), || {
+            "head_statistics: buffers do not fit".into()
+        })?;
+        let (p_i, r_i, n_i) = (positions as i32, shape.rank as i32, shape.horizon as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head_statistics);
+        launch.arg(&log_p.ptr).arg(&log_w.ptr).arg(&out.ptr).arg(&p_i).arg(&r_i).arg(&n_i);
+        let config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block; sizes checked.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// (H10) The gradient of the objective with respect to the gate logits, (positions, r).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_gradient(
+        &self,
+        log_w: View<f32>,
+        posterior: View<f32>,
+        top_count: View<f64>,
+        da: View<f32>,
+        rank: usize,
+        inv_count: f32,
+        aux_coef: f32,
+    ) -> Result<()> {
+        let positions = log_w.len / rank;
+        check(posterior.len == log_w.len && da.len == log_w.len && top_count.len == rank && rank <= MAX_RANK, || {
+            "gate_gradient: buffers do not fit".into()
+        })?;
+        let (p_i, r_i) = (positions as i32, rank as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.gate_gradient);
+        launch.arg(&log_w.ptr).arg(&posterior.ptr).arg(&top_count.ptr).arg(&da.ptr).arg(&p_i).arg(&r_i).arg(&inv_count).arg(&aux_coef);
+        // SAFETY: one thread per position.
+        unsafe { launch.launch(elementwise_config(positions)) }?;
+        Ok(())
+    }
+}
+
+/// The dimensions of a batch of attention: B, T, H and the head size.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_head: usize,
+    pub head_size: usize,
+}
+
+impl AttentionShape {
+    fn dims(&self) -> [i32; 4] {
+        [self.batch as i32, self.seq as i32, self.n_head as i32, self.head_size as i32]
+    }
+}
+
+/// The multi-token head's horizon n and rank r.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadShape {
+    pub horizon: usize,
+    pub rank: usize,
+}
+
+impl HeadShape {
+    pub fn rn(&self) -> usize {
+        self.rank * self.horizon
+    }
+
+    /// Whether the head kernels' fixed-size arrays hold this n and r.
+    pub fn fits_kernels(&self) -> bool {
+        self.horizon <= MAX_HORIZON && self.rank <= MAX_RANK
     }
 }

@@ -27,7 +27,7 @@ pub struct Losses {
 
 /// Accumulates position-weighted means of the head's statistics.
 #[derive(Default)]
-struct Mean {
+pub(crate) struct Mean {
     joint: f64,
     heads: Vec<f64>,
     entropy: f64,
@@ -44,7 +44,7 @@ fn add_weighted(total: &mut Vec<f64>, values: &[f64], weight: f64) {
 }
 
 impl Mean {
-    fn add(&mut self, stats: &CpHeadStats, count: usize) {
+    pub(crate) fn add(&mut self, stats: &CpHeadStats, count: usize) {
         let weight = count as f64;
         self.joint += stats.joint_loss * weight;
         self.entropy += stats.gate_entropy * weight;
@@ -54,7 +54,7 @@ impl Mean {
         self.count += count;
     }
 
-    fn finish(self) -> Losses {
+    pub(crate) fn finish(self) -> Losses {
         let n = self.count.max(1) as f64;
         let mean = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| x / n).collect() };
         let head_losses = mean(self.heads);

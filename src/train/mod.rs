@@ -18,6 +18,7 @@ use self::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use self::checkpoint::{Checkpoint, ResumeState};
 use crate::autograd::Tape;
 use crate::data::{self, batches, tokens};
+use crate::device::{Device, Precision};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::model::{gpt2, model_loss, Batch, ModelConfig, ModelParams};
@@ -316,6 +317,64 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// Behave as if interrupted once this many steps are done (tests of `--resume` use it).
     pub stop_after_steps: Option<u64>,
+    pub device: Device,
+    pub precision: Precision,
+}
+
+/// What runs the steps: the CPU on the host copy of the run, or a GPU holding its own copy,
+/// brought back to the host before each checkpoint.
+enum Engine {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::GpuModel>),
+}
+
+impl Engine {
+    fn open(device: Device, precision: Precision, run: &Run) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Engine::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let gpu = crate::device::open_gpu(precision)?;
+                Ok(Engine::Cuda(Box::new(crate::cuda::GpuModel::new(gpu, &run.config, &run.params, Some(&run.optimizer))?)))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                let _ = (precision, run);
+                invalid!("--device cuda: this build has no CUDA support (use --device cpu)")
+            }
+        }
+    }
+
+    fn step(&mut self, run: &mut Run, batch: &Batch, step: StepConfig, trainable: &dyn Fn(&str) -> bool) -> Result<(f64, f64)> {
+        match self {
+            Engine::Cpu => Ok(train_step(&run.config, &mut run.params, &mut run.optimizer, batch, step, trainable)),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(model) => model.train_step(batch, step, trainable),
+        }
+    }
+
+    fn evaluate(&mut self, run: &Run, batches: &[Batch]) -> Result<evaluate::Losses> {
+        match self {
+            Engine::Cpu => Ok(evaluate::evaluate_batches(&run.config, &run.params, batches)),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(model) => model.evaluate_batches(batches),
+        }
+    }
+
+    /// Brings the parameters and optimizer state into the host copy `run` (before a checkpoint).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn sync(&self, run: &mut Run) -> Result<()> {
+        match self {
+            Engine::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(model) => {
+                run.params = model.download_params()?;
+                run.optimizer = model.download_optimizer()?;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
@@ -323,6 +382,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let (resume, show_progress) = (options.resume, options.show_progress);
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, resume)?;
+    let mut engine = Engine::open(options.device, options.precision, &run)?;
     let s = run.settings.clone();
     let n = run.config.horizon;
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
@@ -338,6 +398,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     while run.step < s.steps {
         if STOP_REQUESTED.load(Ordering::SeqCst) || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
+            engine.sync(&mut run)?;
             run.save(&val_batches[0])?;
             return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
         }
@@ -346,7 +407,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
         let tick = Instant::now();
         let step_config = StepConfig { lr, grad_clip: s.grad_clip, aux_coef: s.aux_coef };
-        let (loss, grad_norm) = train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, step_config, &trainable);
+        let (loss, grad_norm) = engine.step(&mut run, &batch, step_config, &trainable).inspect_err(|_| bar.abandon())?;
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -363,7 +424,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             run.log(json!({ "step": run.step, "lr": lr, "train_loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s }));
         }
         if run.step % s.eval_every.max(1) == 0 || last {
-            let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches);
+            let val = engine.evaluate(&run, &val_batches)?;
             let line = format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss);
             if bar.is_hidden() {
                 eprintln!("{line}");
@@ -383,13 +444,14 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             last_val = Some(val);
         }
         if (s.save_every > 0 && run.step % s.save_every == 0) || last {
+            engine.sync(&mut run)?;
             run.save(&val_batches[0]).inspect_err(|_| bar.abandon())?;
         }
     }
     bar.finish_and_clear();
     let val = match last_val {
         Some(v) => v,
-        None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
+        None => engine.evaluate(&run, &val_batches)?,
     };
     let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
     Ok(TrainSummary {

@@ -1,0 +1,54 @@
+//! Times single matrix products of the model's shapes through each cuBLAS entry point, in
+//! TFLOP/s, to choose `GemmRoute` (docs/results.md, "CUDA"). Needs a GPU.
+//! `cargo run --release --example gemm_probe`
+#[cfg(feature = "cuda")]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use multitoken_cuda::{GemmRoute, Gpu, Operand};
+    let mut gpu = Gpu::new(0)?;
+    println!("{}", gpu.name());
+    // (m, k, n, a transposed, b transposed): base at B·T = 8192 — c_attn, c_proj, c_fc, mlp c_proj
+    // forward; their weight and input gradients; the head's logits and backward products
+    let shapes = [
+        (8192, 768, 2304, false, false),
+        (8192, 768, 768, false, false),
+        (8192, 768, 3072, false, false),
+        (8192, 3072, 768, false, false),
+        (768, 8192, 2304, true, false),
+        (8192, 2304, 768, false, true),
+        (16384, 768, 8192, false, true),
+        (16384, 8192, 768, false, false),
+        (8192, 16384, 768, true, false),
+    ];
+    for tf32 in [false, true] {
+        gpu.tf32 = tf32;
+        for &(m, k, n, a_t, b_t) in &shapes {
+            // random operands: the time of a GEMM on zeros is not the time on data
+            let mut rng = multitoken::tensor::Rng::new(1);
+            let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };
+            let (a, b, c) = (gpu.upload(&random(m * k))?, gpu.upload(&random(k * n))?, gpu.upload(&random(m * n))?);
+            let operand = |view, t: bool| if t { Operand::transposed(view) } else { Operand::normal(view) };
+            let mut line = format!("tf32={tf32:<5} {m:>5}×{k:>5}·{k:>5}×{n:>5} a_t={a_t:<5} b_t={b_t:<5}");
+            for route in [GemmRoute::Blas, GemmRoute::BlasLt] {
+                gpu.gemm_route = route;
+                let run = || gpu.matmul(operand(a.view(), a_t), operand(b.view(), b_t), c.view(), m, k, n, true);
+                run()?;
+                gpu.synchronize()?;
+                let repeats = 20;
+                let start = std::time::Instant::now();
+                for _ in 0..repeats {
+                    run()?;
+                }
+                gpu.synchronize()?;
+                let seconds = start.elapsed().as_secs_f64() / repeats as f64;
+                line += &format!(" | {route:?} {:6.1} TFLOP/s", 2.0 * (m * k * n) as f64 / seconds / 1e12);
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("gemm_probe needs the cuda feature");
+}

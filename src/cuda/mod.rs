@@ -1,0 +1,656 @@
+//! Training and evaluation on one NVIDIA GPU (`--device cuda`), llm.c style.
+//!
+//! The CPU path builds its backward pass from the tape; this path writes forward and backward
+//! out by hand, layer by layer, over activations kept in device buffers. Each piece is a
+//! kernel or a cuBLAS call of the `multitoken-cuda` crate, checked against the CPU op of the
+//! same name (`tests/cuda_ops.rs`), and the whole step against the CPU step (`tests/cuda_step.rs`).
+//! Parameters, gradients and AdamW moments are single flat device buffers in the order of
+//! [`ModelParams::build`]; the host sees the loss and the head's statistics, never activations.
+
+mod workspace;
+
+use multitoken_cuda::{AdamWStep, AttentionShape, Buffer, HeadShape, Operand, View};
+pub use multitoken_cuda::{CudaError, Gpu};
+
+use self::workspace::Workspace;
+use crate::error::{Error, Result};
+use crate::model::{Batch, ModelConfig, ModelParams};
+use crate::ops::CpHeadStats;
+use crate::tensor::Tensor;
+use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::evaluate::{Losses, Mean};
+use crate::train::StepConfig;
+
+/// With `MULTITOKEN_PROFILE=1`, the GPU pass waits for the device after each phase and adds
+/// its wall time to a table (printed by `bench train`); otherwise nothing is measured.
+#[derive(Default)]
+pub struct PhaseProfile {
+    enabled: bool,
+    last: std::cell::Cell<Option<std::time::Instant>>,
+    totals: std::cell::RefCell<Vec<(&'static str, f64, usize)>>,
+}
+
+impl PhaseProfile {
+    fn from_env() -> Self {
+        PhaseProfile { enabled: crate::autograd::profiling_enabled(), ..Default::default() }
+    }
+
+    /// Ends the phase that started at the previous mark (or at `start`).
+    fn mark(&self, gpu: &Gpu, label: &'static str) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        gpu.synchronize()?;
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last.replace(Some(now)) {
+            let seconds = (now - last).as_secs_f64();
+            let mut totals = self.totals.borrow_mut();
+            match totals.iter_mut().find(|(l, _, _)| *l == label) {
+                Some(entry) => {
+                    entry.1 += seconds;
+                    entry.2 += 1;
+                }
+                None => totals.push((label, seconds, 1)),
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&self, gpu: &Gpu) -> Result<()> {
+        if self.enabled {
+            gpu.synchronize()?;
+            self.last.set(Some(std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// The table of phases: total milliseconds, calls, share.
+    pub fn report(&self) -> String {
+        let totals = self.totals.borrow();
+        let all: f64 = totals.iter().map(|(_, s, _)| s).sum();
+        let mut out = format!("{:<28} {:>10} {:>7} {:>6}\n", "GPU phase", "total ms", "calls", "share");
+        for (label, seconds, calls) in totals.iter() {
+            out += &format!("{label:<28} {:>10.1} {calls:>7} {:>5.1}%\n", seconds * 1e3, 100.0 * seconds / all.max(1e-12));
+        }
+        out
+    }
+}
+
+/// Rows (t, α, s) of logits per block of the head: 16384 × V floats at a time.
+const HEAD_BLOCK_ROWS: usize = 16384;
+
+impl From<CudaError> for Error {
+    fn from(e: CudaError) -> Self {
+        Error::Invalid(e.to_string())
+    }
+}
+
+/// A model, its gradients and its optimizer state on the GPU.
+pub struct GpuModel {
+    pub gpu: Gpu,
+    config: ModelConfig,
+    /// each parameter's (name, shape) in canonical order
+    shapes: Vec<(String, Vec<usize>)>,
+    params_buffer: Buffer<f32>,
+    grads_buffer: Buffer<f32>,
+    m_buffer: Buffer<f32>,
+    v_buffer: Buffer<f32>,
+    params: ModelParams<View<f32>>,
+    grads: ModelParams<View<f32>>,
+    optimizer_config: AdamWConfig,
+    /// AdamW updates taken so far
+    optimizer_steps: u64,
+    /// one f64 for the gradient norm
+    norm_accumulator: Buffer<f64>,
+    workspace: Option<Workspace>,
+    pub profile: PhaseProfile,
+}
+
+/// Views of a flat buffer laid out as the model's parameters.
+fn param_views(config: &ModelConfig, flat: View<f32>) -> ModelParams<View<f32>> {
+    let mut offset = 0;
+    let result: std::result::Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
+        let len: usize = spec.shape.iter().product();
+        let view = flat.slice(offset, len);
+        offset += len;
+        Ok(view)
+    });
+    match result {
+        Ok(params) => params,
+        Err(never) => match never {},
+    }
+}
+
+impl GpuModel {
+    /// Uploads the parameters (and the optimizer state, when resuming).
+    pub fn new(gpu: Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>, optimizer: Option<&AdamW<f32>>) -> Result<Self> {
+        let head = HeadShape { horizon: config.horizon, rank: config.rank };
+        if !head.fits_kernels() {
+            return crate::invalid!("--device cuda supports horizon and rank up to {}", multitoken_cuda::MAX_RANK);
+        }
+        let named = params.named();
+        let shapes: Vec<(String, Vec<usize>)> = named.iter().map(|(name, t)| (name.clone(), t.shape().to_vec())).collect();
+        let flat = |tensors: Vec<&Tensor<f32>>| -> Vec<f32> { tensors.into_iter().flat_map(|t| t.data().iter().copied()).collect() };
+        let params_host = flat(named.iter().map(|(_, t)| *t).collect());
+        let total = params_host.len();
+        let params_buffer = gpu.upload(&params_host)?;
+        let (m_buffer, v_buffer, optimizer_config, optimizer_steps) = match optimizer {
+            Some(opt) => (gpu.upload(&flat(opt.m.iter().collect()))?, gpu.upload(&flat(opt.v.iter().collect()))?, opt.config, opt.t),
+            None => (gpu.zeros(total)?, gpu.zeros(total)?, AdamWConfig::default(), 0),
+        };
+        let grads_buffer = gpu.zeros(total)?;
+        let norm_accumulator = gpu.zeros(1)?;
+        Ok(GpuModel {
+            params: param_views(config, params_buffer.view()),
+            grads: param_views(config, grads_buffer.view()),
+            gpu,
+            config: config.clone(),
+            shapes,
+            params_buffer,
+            grads_buffer,
+            m_buffer,
+            v_buffer,
+            optimizer_config,
+            optimizer_steps,
+            norm_accumulator,
+            workspace: None,
+            profile: PhaseProfile::from_env(),
+        })
+    }
+
+    fn to_tensors(&self, flat: View<f32>) -> Result<Vec<Tensor<f32>>> {
+        let host = self.gpu.download(flat)?;
+        let mut offset = 0;
+        Ok(self
+            .shapes
+            .iter()
+            .map(|(_, shape)| {
+                let len: usize = shape.iter().product();
+                offset += len;
+                Tensor::from_vec(shape, host[offset - len..offset].to_vec())
+            })
+            .collect())
+    }
+
+    /// The parameters, copied back to the host.
+    pub fn download_params(&self) -> Result<ModelParams<Tensor<f32>>> {
+        let mut tensors = self.to_tensors(self.params_buffer.view())?.into_iter();
+        let result: std::result::Result<_, std::convert::Infallible> =
+            ModelParams::build(&self.config, |_| Ok(tensors.next().expect("one tensor per parameter")));
+        match result {
+            Ok(params) => Ok(params),
+            Err(never) => match never {},
+        }
+    }
+
+    /// The optimizer state, copied back to the host.
+    pub fn download_optimizer(&self) -> Result<AdamW<f32>> {
+        Ok(AdamW {
+            config: self.optimizer_config,
+            m: self.to_tensors(self.m_buffer.view())?,
+            v: self.to_tensors(self.v_buffer.view())?,
+            t: self.optimizer_steps,
+        })
+    }
+
+    /// The gradients of the last `loss_and_gradients`, copied back to the host (for tests).
+    pub fn download_grads(&self) -> Result<Vec<(String, Tensor<f32>)>> {
+        let tensors = self.to_tensors(self.grads_buffer.view())?;
+        Ok(self.shapes.iter().map(|(name, _)| name.clone()).zip(tensors).collect())
+    }
+
+    fn workspace_for(&mut self, batch: usize, seq: usize) -> Result<()> {
+        if self.workspace.as_ref().is_some_and(|w| w.batch == batch && w.seq == seq) {
+            return Ok(());
+        }
+        self.workspace = None; // free the old buffers before taking new ones
+        self.workspace = Some(Workspace::new(&self.gpu, &self.config, batch, seq, HEAD_BLOCK_ROWS)?);
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            Some(t) => crate::invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size),
+            None => Ok(()),
+        }
+    }
+
+    /// The objective's statistics on a batch; with `gradients`, also fills the gradient buffer
+    /// (zeroed first) for an upstream gradient of 1 on `joint + λ·aux`.
+    pub fn loss_and_gradients(&mut self, batch: &Batch, aux_coef: f64, gradients: bool) -> Result<CpHeadStats> {
+        self.loss_on_prefix(batch, batch.inputs.len(), aux_coef, gradients)
+    }
+
+    /// As [`GpuModel::loss_and_gradients`], scoring only the first `scored` positions.
+    fn loss_on_prefix(&mut self, batch: &Batch, scored: usize, aux_coef: f64, gradients: bool) -> Result<CpHeadStats> {
+        let seq = batch.seq;
+        if seq == 0 || seq > self.config.n_positions || !batch.inputs.len().is_multiple_of(seq) || batch.inputs.is_empty() {
+            return crate::invalid!("a batch needs rows of 1 to {} tokens", self.config.n_positions);
+        }
+        self.check_tokens(&batch.inputs)?;
+        self.check_tokens(&batch.targets)?;
+        self.workspace_for(batch.inputs.len() / seq, seq)?;
+        if gradients {
+            self.gpu.fill_zero(self.grads_buffer.view())?;
+        }
+        let ws = self.workspace.as_ref().expect("allocated above");
+        let pass = Pass { gpu: &self.gpu, config: &self.config, p: &self.params, g: &self.grads, ws, profile: &self.profile };
+        self.profile.start(&self.gpu)?;
+        self.gpu.write(ws.inputs.view(), &batch.inputs)?;
+        self.gpu.write(ws.targets.view().prefix(scored * self.config.horizon), &batch.targets[..scored * self.config.horizon])?;
+        pass.backbone_forward()?;
+        let stats = pass.head(scored, aux_coef, gradients)?;
+        if gradients {
+            pass.backbone_backward()?;
+        }
+        Ok(stats)
+    }
+
+    /// Whether a parameter receives a gradient: with r = 1 the gate is unused (w = 1), and as on
+    /// the CPU it is left alone rather than decayed.
+    fn has_gradient(&self, name: &str) -> bool {
+        self.config.rank > 1 || !name.starts_with("mtp.gate")
+    }
+
+    /// One training step: forward, backward, global-norm clipping, AdamW on the parameters that
+    /// `trainable` names. Returns (objective, gradient norm before clipping), as the CPU step.
+    pub fn train_step(&mut self, batch: &Batch, step: StepConfig, trainable: &dyn Fn(&str) -> bool) -> Result<(f64, f64)> {
+        let stats = self.loss_and_gradients(batch, step.aux_coef, true)?;
+        let objective = stats.joint_loss + if self.config.rank > 1 { step.aux_coef * stats.aux } else { 0.0 };
+        if !objective.is_finite() {
+            return Ok((objective, f64::NAN));
+        }
+        let grads = self.grads.named();
+        let accumulator = self.norm_accumulator.view();
+        self.gpu.fill_zero(accumulator)?;
+        for (name, grad) in &grads {
+            if trainable(name) && self.has_gradient(name) {
+                self.gpu.sum_of_squares(**grad, accumulator)?;
+            }
+        }
+        let norm = self.gpu.download(accumulator)?[0].sqrt();
+        if !norm.is_finite() {
+            return Ok((objective, norm));
+        }
+        let factor = step.grad_clip / (norm + 1e-6);
+        let grad_scale = if factor < 1.0 { factor as f32 } else { 1.0 };
+        self.optimizer_steps += 1;
+        let c = &self.optimizer_config;
+        let params = self.params.named();
+        let (m_all, v_all) = (self.m_buffer.view(), self.v_buffer.view());
+        let mut offset = 0;
+        for (((name, param), (_, grad)), (_, shape)) in params.iter().zip(&grads).zip(&self.shapes) {
+            let len = param.len();
+            if trainable(name) && self.has_gradient(name) {
+                let weight_decay = if shape.len() >= 2 { c.weight_decay } else { 0.0 };
+                let adam = AdamWStep {
+                    lr: step.lr as f32,
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    eps: c.eps as f32,
+                    weight_decay: weight_decay as f32,
+                    t: self.optimizer_steps as u32,
+                    grad_scale,
+                };
+                self.gpu.adamw_update(**param, **grad, m_all.slice(offset, len), v_all.slice(offset, len), adam)?;
+            }
+            offset += len;
+        }
+        self.profile.mark(&self.gpu, "clip + AdamW")?;
+        Ok((objective, norm))
+    }
+
+    /// Mean losses over batches, as `train::evaluate::evaluate_batches` computes them on the CPU.
+    pub fn evaluate_batches(&mut self, batches: &[Batch]) -> Result<Losses> {
+        let mut mean = Mean::default();
+        for batch in batches {
+            let stats = self.loss_and_gradients(batch, 0.0, false)?;
+            mean.add(&stats, batch.inputs.len());
+        }
+        Ok(mean.finish())
+    }
+
+    /// `eval` on a token stream, as `train::evaluate::evaluate_tokens` on the CPU.
+    pub fn evaluate_tokens(&mut self, tokens: &[u32]) -> Result<Losses> {
+        let (n, window) = (self.config.horizon, self.config.n_positions);
+        let mut mean = Mean::default();
+        let total = tokens.len();
+        if total <= n {
+            return Ok(mean.finish());
+        }
+        let last_scored = total - 1 - n;
+        for start in (0..=last_scored).step_by(window) {
+            let end = (start + window).min(total);
+            let scored = (last_scored + 1 - start).min(end - start);
+            let inputs = tokens[start..end].to_vec();
+            let mut targets: Vec<u32> = (start..start + scored).flat_map(|t| tokens[t + 1..t + 1 + n].iter().copied()).collect();
+            targets.resize(inputs.len() * n, 0); // rows past `scored` are not scored
+            let batch = Batch { inputs, targets, seq: end - start, horizon: n };
+            let stats = self.loss_on_prefix(&batch, scored, 0.0, false)?;
+            mean.add(&stats, scored);
+        }
+        Ok(mean.finish())
+    }
+}
+
+/// One forward (and backward) pass: the model's views and the workspace.
+struct Pass<'a> {
+    gpu: &'a Gpu,
+    config: &'a ModelConfig,
+    p: &'a ModelParams<View<f32>>,
+    g: &'a ModelParams<View<f32>>,
+    ws: &'a Workspace,
+    profile: &'a PhaseProfile,
+}
+
+impl Pass<'_> {
+    fn rows(&self) -> usize {
+        self.ws.batch * self.ws.seq
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        let (c, h) = (self.config.n_embd, self.config.n_head);
+        AttentionShape { batch: self.ws.batch, seq: self.ws.seq, n_head: h, head_size: c / h }
+    }
+
+    /// `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias` (Conv1D layout).
+    fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        let (rows, n_out) = (self.rows(), bias.len());
+        self.gpu.broadcast_rows(bias, out)?;
+        self.gpu.matmul(Operand::normal(x), Operand::normal(weight), out, rows, x.len() / rows, n_out, true)?;
+        Ok(())
+    }
+
+    /// Backward of `linear`: dweight += xᵀ dout, dbias += Σ dout, dx = dout · weightᵀ.
+    fn linear_backward(
+        &self,
+        x: View<f32>,
+        weight: View<f32>,
+        dout: View<f32>,
+        dx: View<f32>,
+        dweight: View<f32>,
+        dbias: View<f32>,
+    ) -> Result<()> {
+        let rows = self.rows();
+        let (n_in, n_out) = (x.len() / rows, dout.len() / rows);
+        self.gpu.matmul(Operand::transposed(x), Operand::normal(dout), dweight, n_in, rows, n_out, true)?;
+        self.gpu.column_sums_add(dout, dbias)?;
+        self.gpu.matmul(Operand::normal(dout), Operand::transposed(weight), dx, rows, n_out, n_in, false)?;
+        Ok(())
+    }
+
+    fn backbone_forward(&self) -> Result<()> {
+        let (gpu, ws, p) = (self.gpu, self.ws, self.p);
+        let (c, seq) = (self.config.n_embd, ws.seq);
+        let shape = self.attention_shape();
+        let (t, hs, bh) = (seq, shape.head_size, ws.batch * shape.n_head);
+        let scale = 1.0 / (hs as f32).sqrt();
+        gpu.embedding_forward(ws.inputs.view(), p.wte, p.wpe, ws.residual[0].view(), seq, c)?;
+        self.profile.mark(gpu, "forward: embedding")?;
+        for (l, (block, acts)) in p.blocks.iter().zip(&ws.layers).enumerate() {
+            let x = ws.residual[l].view();
+            gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, acts.ln_1.view(), acts.ln_1_mean.view(), acts.ln_1_rstd.view())?;
+            self.profile.mark(gpu, "forward: ln_1")?;
+            self.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, ws.qkv.view())?;
+            self.profile.mark(gpu, "forward: c_attn")?;
+            gpu.qkv_heads(ws.qkv.view(), acts.qkv_heads.view(), shape, false)?;
+            self.profile.mark(gpu, "forward: qkv → heads")?;
+            let (q, k, v) = acts.q_k_v();
+            // scores (B·H, T, T) = q kᵀ; att = causal softmax; y (B·H, T, hs) = att v
+            let att = acts.att.view();
+            gpu.matmul_batched(Operand::normal(q).strided(t * hs), Operand::transposed(k).strided(t * hs), att, t, hs, t, bh, false)?;
+            gpu.causal_softmax_forward(att, t, scale)?;
+            gpu.matmul_batched(
+                Operand::normal(att).strided(t * t),
+                Operand::normal(v).strided(t * hs),
+                ws.y_heads.view(),
+                t,
+                t,
+                hs,
+                bh,
+                false,
+            )?;
+            gpu.heads_rows(ws.y_heads.view(), acts.att_y.view(), shape, true)?;
+            self.profile.mark(gpu, "forward: attention core")?;
+            let x_mid = acts.x_mid.view();
+            self.linear(acts.att_y.view(), block.attn_c_proj_weight, block.attn_c_proj_bias, x_mid)?;
+            gpu.add(x_mid, x, x_mid)?;
+            self.profile.mark(gpu, "forward: attn c_proj")?;
+            gpu.layernorm_forward(
+                x_mid,
+                block.ln_2_weight,
+                block.ln_2_bias,
+                acts.ln_2.view(),
+                acts.ln_2_mean.view(),
+                acts.ln_2_rstd.view(),
+            )?;
+            self.linear(acts.ln_2.view(), block.mlp_c_fc_weight, block.mlp_c_fc_bias, acts.fc.view())?;
+            gpu.gelu_forward(acts.fc.view(), acts.fc_gelu.view())?;
+            self.profile.mark(gpu, "forward: ln_2 + c_fc + gelu")?;
+            let x_out = ws.residual[l + 1].view();
+            self.linear(acts.fc_gelu.view(), block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_out)?;
+            gpu.add(x_out, x_mid, x_out)?;
+            self.profile.mark(gpu, "forward: mlp c_proj")?;
+        }
+        let last = ws.residual[self.config.n_layer].view();
+        gpu.layernorm_forward(last, p.ln_f_weight, p.ln_f_bias, ws.hidden.view(), ws.ln_f_mean.view(), ws.ln_f_rstd.view())?;
+        self.profile.mark(gpu, "forward: ln_f")?;
+        Ok(())
+    }
+
+    /// The CP head over the first `positions` rows of the hidden states: statistics, and with
+    /// `gradients` the head's gradients and dh (in `ws.d_hidden`). docs/math.md H1–H11.
+    fn head(&self, positions: usize, aux_coef: f64, gradients: bool) -> Result<CpHeadStats> {
+        let (gpu, ws, p, g) = (self.gpu, self.ws, self.p, self.g);
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let shape = HeadShape { horizon: self.config.horizon, rank: self.config.rank };
+        let (n, r, rn) = (shape.horizon, shape.rank, shape.rn());
+        let hidden = ws.hidden.view().prefix(positions * c);
+        let inv_count = 1.0 / positions as f32;
+        // (H1) z (positions, r·n·C) = h Wᵀ; z = h when there are no expanders
+        let z = match &p.head {
+            Some(head) => {
+                let z = ws.z.view().prefix(positions * rn * c);
+                gpu.matmul(Operand::normal(hidden), Operand::transposed(head.expand_weight), z, positions, c, rn * c, false)?;
+                z
+            }
+            None => hidden,
+        };
+        // (H3) log w (positions, r)
+        let log_w = ws.log_w.view().prefix(positions * r);
+        match p.head.as_ref().filter(|_| r > 1) {
+            Some(head) => {
+                gpu.broadcast_rows(head.gate_bias, log_w)?;
+                gpu.matmul(Operand::normal(hidden), Operand::transposed(head.gate_weight), log_w, positions, c, r, true)?;
+                gpu.gate_log_softmax(log_w, r)?;
+            }
+            None => gpu.fill_zero(log_w)?,
+        }
+        self.profile.mark(gpu, "head: expanders + gate")?;
+        let dz = match &p.head {
+            Some(_) => ws.dz.view().prefix(positions * rn * c),
+            None => ws.d_hidden.view().prefix(positions * c),
+        };
+        let (log_p, posterior) = (ws.log_p.view().prefix(positions * rn), ws.posterior.view().prefix(positions * r));
+        let targets = ws.targets.view();
+        let per_block = (HEAD_BLOCK_ROWS / rn).max(1);
+        for t0 in (0..positions).step_by(per_block) {
+            let count = per_block.min(positions - t0);
+            let rows = count * rn;
+            let logits = ws.logits.view().prefix(rows * v);
+            let z_block = z.slice(t0 * rn * c, rows * c);
+            let block_targets = targets.slice(t0 * n, count * n);
+            // (H2) logits → probabilities, log P[α,s](y_s)
+            gpu.matmul(Operand::normal(z_block), Operand::transposed(p.wte), logits, rows, c, v, false)?;
+            gpu.head_row_softmax(logits, block_targets, log_p.slice(t0 * rn, rows), v, shape)?;
+            self.profile.mark(gpu, "head: logits + softmax")?;
+            if !gradients {
+                continue;
+            }
+            // (H7) dℓ in place; (H8) dz = dℓ wte, dwte += dℓᵀ z
+            let block_posterior = posterior.slice(t0 * r, count * r);
+            gpu.head_posterior(log_p.slice(t0 * rn, rows), log_w.slice(t0 * r, count * r), block_posterior, shape)?;
+            gpu.head_dlogits(logits, block_targets, block_posterior, v, shape, inv_count)?;
+            gpu.matmul(Operand::normal(logits), Operand::normal(p.wte), dz.slice(t0 * rn * c, rows * c), rows, v, c, false)?;
+            gpu.matmul(Operand::transposed(logits), Operand::normal(z_block), g.wte, v, rows, c, true)?;
+            self.profile.mark(gpu, "head: dℓ, dz, dwte")?;
+        }
+        // (H4–H6)
+        let sums_view = ws.statistics.view();
+        gpu.head_statistics(log_p, log_w, sums_view, shape)?;
+        let sums = gpu.download(sums_view)?;
+        self.profile.mark(gpu, "head: statistics")?;
+        let count = positions as f64;
+        let mut stats = CpHeadStats {
+            joint_loss: sums[0] / count,
+            gate_entropy: sums[1] / count,
+            head_losses: sums[2..2 + n].iter().map(|x| x / count).collect(),
+            expert_fraction: sums[2 + n..2 + n + r].iter().map(|x| x / count).collect(),
+            expert_weight: sums[2 + n + r..].iter().map(|x| x / count).collect(),
+            aux: 0.0,
+        };
+        stats.aux = r as f64 * stats.expert_fraction.iter().zip(&stats.expert_weight).map(|(f, m)| f * m).sum::<f64>();
+        if !gradients {
+            return Ok(stats);
+        }
+        let d_hidden = ws.d_hidden.view().prefix(positions * c);
+        if let (Some(head), Some(head_grads)) = (&p.head, &g.head) {
+            // (H9) dh = dz W ; dW += dzᵀ h
+            gpu.matmul(Operand::normal(dz), Operand::normal(head.expand_weight), d_hidden, positions, rn * c, c, false)?;
+            gpu.matmul(Operand::transposed(dz), Operand::normal(hidden), head_grads.expand_weight, rn * c, positions, c, true)?;
+            if r > 1 {
+                // (H10, H11) the gate
+                let da = ws.d_gate.view().prefix(positions * r);
+                gpu.gate_gradient(log_w, posterior, sums_view.slice(2 + n, r), da, r, inv_count, aux_coef as f32)?;
+                gpu.matmul(Operand::normal(da), Operand::normal(head.gate_weight), d_hidden, positions, r, c, true)?;
+                gpu.matmul(Operand::transposed(da), Operand::normal(hidden), head_grads.gate_weight, r, positions, c, true)?;
+                gpu.column_sums_add(da, head_grads.gate_bias)?;
+            }
+        }
+        self.profile.mark(gpu, "head: dh, dW, gate")?;
+        Ok(stats)
+    }
+
+    fn backbone_backward(&self) -> Result<()> {
+        let (gpu, ws, p, g) = (self.gpu, self.ws, self.p, self.g);
+        let (c, seq) = (self.config.n_embd, ws.seq);
+        let shape = self.attention_shape();
+        let (t, hs, bh) = (seq, shape.head_size, ws.batch * shape.n_head);
+        let scale = 1.0 / (hs as f32).sqrt();
+        let d_residual = ws.d_residual.view();
+        gpu.fill_zero(d_residual)?;
+        let last = ws.residual[self.config.n_layer].view();
+        gpu.layernorm_backward(
+            last,
+            ws.d_hidden.view(),
+            p.ln_f_weight,
+            ws.ln_f_mean.view(),
+            ws.ln_f_rstd.view(),
+            d_residual,
+            g.ln_f_weight,
+            g.ln_f_bias,
+        )?;
+        self.profile.mark(gpu, "backward: ln_f")?;
+        for l in (0..self.config.n_layer).rev() {
+            let (block, grads, acts) = (&p.blocks[l], &g.blocks[l], &ws.layers[l]);
+            // MLP: x_out = x_mid + gelu(ln_2(x_mid) W_fc + b_fc) W_proj + b_proj
+            let d_fc = ws.d_fc.view();
+            self.linear_backward(
+                acts.fc_gelu.view(),
+                block.mlp_c_proj_weight,
+                d_residual,
+                ws.d_fc_gelu.view(),
+                grads.mlp_c_proj_weight,
+                grads.mlp_c_proj_bias,
+            )?;
+            self.profile.mark(gpu, "backward: mlp c_proj")?;
+            gpu.gelu_backward(acts.fc.view(), ws.d_fc_gelu.view(), d_fc)?;
+            self.linear_backward(
+                acts.ln_2.view(),
+                block.mlp_c_fc_weight,
+                d_fc,
+                ws.d_ln.view(),
+                grads.mlp_c_fc_weight,
+                grads.mlp_c_fc_bias,
+            )?;
+            let (mean, rstd) = (acts.ln_2_mean.view(), acts.ln_2_rstd.view());
+            gpu.layernorm_backward(
+                acts.x_mid.view(),
+                ws.d_ln.view(),
+                block.ln_2_weight,
+                mean,
+                rstd,
+                d_residual,
+                grads.ln_2_weight,
+                grads.ln_2_bias,
+            )?;
+            self.profile.mark(gpu, "backward: gelu + c_fc + ln_2")?;
+            // attention: x_mid = x + attn(ln_1(x)) W_proj + b_proj
+            let d_y = ws.d_att_y.view();
+            self.linear_backward(
+                acts.att_y.view(),
+                block.attn_c_proj_weight,
+                d_residual,
+                d_y,
+                grads.attn_c_proj_weight,
+                grads.attn_c_proj_bias,
+            )?;
+            self.profile.mark(gpu, "backward: attn c_proj")?;
+            let d_y_heads = ws.y_heads.view();
+            gpu.heads_rows(d_y_heads, d_y, shape, false)?;
+            let (q, k, v) = acts.q_k_v();
+            let (dq, dk, dv) = ws.d_q_k_v();
+            let (att, d_att) = (acts.att.view(), ws.d_att.view());
+            // y = att v: d_att = dy vᵀ, dv = attᵀ dy
+            gpu.matmul_batched(
+                Operand::normal(d_y_heads).strided(t * hs),
+                Operand::transposed(v).strided(t * hs),
+                d_att,
+                t,
+                hs,
+                t,
+                bh,
+                false,
+            )?;
+            gpu.matmul_batched(
+                Operand::transposed(att).strided(t * t),
+                Operand::normal(d_y_heads).strided(t * hs),
+                dv,
+                t,
+                t,
+                hs,
+                bh,
+                false,
+            )?;
+            gpu.causal_softmax_backward(att, d_att, t, scale)?;
+            // scores = q kᵀ: dq = d_scores k, dk = d_scoresᵀ q
+            gpu.matmul_batched(Operand::normal(d_att).strided(t * t), Operand::normal(k).strided(t * hs), dq, t, t, hs, bh, false)?;
+            gpu.matmul_batched(Operand::transposed(d_att).strided(t * t), Operand::normal(q).strided(t * hs), dk, t, t, hs, bh, false)?;
+            gpu.qkv_heads(ws.qkv.view(), ws.d_qkv_heads.view(), shape, true)?;
+            self.profile.mark(gpu, "backward: attention core")?;
+            self.linear_backward(
+                acts.ln_1.view(),
+                block.attn_c_attn_weight,
+                ws.qkv.view(),
+                ws.d_ln.view(),
+                grads.attn_c_attn_weight,
+                grads.attn_c_attn_bias,
+            )?;
+            let (mean, rstd) = (acts.ln_1_mean.view(), acts.ln_1_rstd.view());
+            gpu.layernorm_backward(
+                ws.residual[l].view(),
+                ws.d_ln.view(),
+                block.ln_1_weight,
+                mean,
+                rstd,
+                d_residual,
+                grads.ln_1_weight,
+                grads.ln_1_bias,
+            )?;
+            self.profile.mark(gpu, "backward: c_attn + ln_1")?;
+        }
+        gpu.embedding_backward(ws.inputs.view(), d_residual, g.wte, g.wpe, seq, c)?;
+        self.profile.mark(gpu, "backward: embedding")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,265 @@
+//! The CUDA path against the CPU path (feature `cuda`). Every test is written with
+//! `cuda_test!`: on a machine with a CUDA driver it runs on the GPU; elsewhere it prints
+//! "skipped" and passes, so CI (no GPU) builds and runs this file without a device.
+//!
+//! Per op: the kernel against the CPU's scalar reference in f64, relative error printed.
+//! Whole model: the GPU's gradients against the CPU tape's, and 50 training steps of `small`
+//! n = 4, r = 4 on both, loss curves compared.
+#![cfg(feature = "cuda")]
+
+use multitoken::cuda::{CudaError, Gpu, GpuModel};
+use multitoken::model::{gpt2, loss::model_loss, Batch, ModelConfig};
+use multitoken::tensor::{Rng, Tensor};
+use multitoken::train::adamw::{AdamW, AdamWConfig};
+use multitoken::train::{train_step, StepConfig};
+use multitoken_cuda::{driver_present, AdamWStep, GemmRoute, Operand};
+
+/// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
+macro_rules! cuda_test {
+    ($name:ident, |$gpu:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            if !driver_present() {
+                println!("{}: skipped (no CUDA driver on this machine)", stringify!($name));
+                return;
+            }
+            #[allow(unused_mut)]
+            let mut $gpu = Gpu::new(0).expect("a driver is present, so device 0 opens");
+            $body
+        }
+    };
+}
+
+/// A deterministic pseudo-random vector in [-2, 2).
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| (rng.uniform() * 4.0 - 2.0) as f32).collect()
+}
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn relative_error(ours: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let norm = reference.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+    ours.iter().zip(reference).map(|(&a, &b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt() / norm
+}
+
+fn report(op: &str, error: f64, tolerance: f64) {
+    println!("{op}: relative error {error:.2e}");
+    assert!(error < tolerance, "{op}: relative error {error:e} above {tolerance:e}");
+}
+
+#[test]
+fn without_a_driver_opening_a_device_is_a_typed_error_not_a_panic() {
+    match Gpu::new(0) {
+        Err(CudaError::NoDriver) => assert!(!driver_present()),
+        Ok(_) => assert!(driver_present()),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+/// Needs only NVRTC (no GPU): CI fetches it, so kernel source errors show up there too.
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    if !multitoken_cuda::nvrtc_present() {
+        println!("every_kernel_compiles_with_nvrtc: skipped (NVRTC not found; scripts/fetch-nvrtc.sh fetches it)");
+        return;
+    }
+    for architecture in ["compute_80", "compute_90"] {
+        if let Err(e) = multitoken_cuda::compile_all_kernels(architecture) {
+            panic!("{architecture}: {e}");
+        }
+    }
+}
+
+cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gpu| {
+    let (m, k, n) = (129, 257, 67);
+    for (tf32, route, batch) in
+        [false, true].into_iter().flat_map(|t| [(GemmRoute::Blas, 1), (GemmRoute::BlasLt, 1), (GemmRoute::Blas, 3)].map(|(r, b)| (t, r, b)))
+    {
+        gpu.tf32 = tf32;
+        gpu.gemm_route = route;
+        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (a, b, c0) = (random(batch * m * k, 1), random(batch * k * n, 2), random(batch * m * n, 3));
+            let at = |q: usize, i: usize, p: usize| if a_t { a[q * m * k + p * m + i] } else { a[q * m * k + i * k + p] } as f64;
+            let bt = |q: usize, p: usize, j: usize| if b_t { b[q * k * n + j * k + p] } else { b[q * k * n + p * n + j] } as f64;
+            let reference: Vec<f64> = (0..batch * m * n)
+                .map(|idx| {
+                    let (q, i, j) = (idx / (m * n), (idx / n) % m, idx % n);
+                    c0[idx] as f64 + (0..k).map(|p| at(q, i, p) * bt(q, p, j)).sum::<f64>()
+                })
+                .collect();
+            let (da, db, dc) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&c0).unwrap());
+            let operand = |view, t: bool, stride| if t { Operand::transposed(view) } else { Operand::normal(view) }.strided(stride);
+            gpu.matmul_batched(operand(da.view(), a_t, m * k), operand(db.view(), b_t, k * n), dc.view(), m, k, n, batch, true).unwrap();
+            let tolerance = if tf32 { 1e-2 } else { 1e-5 };
+            report(
+                &format!("matmul {route:?} batch={batch} a_t={a_t} b_t={b_t} tf32={tf32}"),
+                relative_error(&gpu.download(dc.view()).unwrap(), &reference),
+                tolerance,
+            );
+        }
+    }
+});
+
+cuda_test!(gelu_matches_the_cpu_kernel, |gpu| {
+    use multitoken::kernels::gelu::{backward_scalar, forward_scalar};
+    let n = 100_003;
+    let (x, dout) = (random(n, 3), random(n, 4));
+    let (mut forward, mut backward) = (vec![0.0; n], vec![0.0; n]);
+    forward_scalar(&widen(&x), &mut forward);
+    backward_scalar(&widen(&x), &widen(&dout), &mut backward);
+    let (dx, dd, out, grad) = (gpu.upload(&x).unwrap(), gpu.upload(&dout).unwrap(), gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+    gpu.gelu_forward(dx.view(), out.view()).unwrap();
+    report("gelu forward", relative_error(&gpu.download(out.view()).unwrap(), &forward), 1e-5);
+    gpu.gelu_backward(dx.view(), dd.view(), grad.view()).unwrap();
+    report("gelu backward", relative_error(&gpu.download(grad.view()).unwrap(), &backward), 1e-5);
+});
+
+cuda_test!(residual_bias_and_column_sums_match_the_cpu, |gpu| {
+    let (rows, cols) = (1031, 77);
+    let (a, b, bias, sums0) = (random(rows * cols, 5), random(rows * cols, 6), random(cols, 7), random(cols, 8));
+    let (da, db, out) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.zeros(rows * cols).unwrap());
+    gpu.add(da.view(), db.view(), out.view()).unwrap();
+    let sum: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
+    report("residual add", relative_error(&gpu.download(out.view()).unwrap(), &sum), 1e-6);
+    let dbias = gpu.upload(&bias).unwrap();
+    gpu.broadcast_rows(dbias.view(), out.view()).unwrap();
+    let rows_of_bias: Vec<f64> = (0..rows * cols).map(|i| bias[i % cols] as f64).collect();
+    report("bias broadcast", relative_error(&gpu.download(out.view()).unwrap(), &rows_of_bias), 1e-7);
+    let dsums = gpu.upload(&sums0).unwrap();
+    gpu.column_sums_add(da.view(), dsums.view()).unwrap();
+    let column_sums: Vec<f64> = (0..cols).map(|j| sums0[j] as f64 + (0..rows).map(|i| a[i * cols + j] as f64).sum::<f64>()).collect();
+    report("column sums (bias gradient)", relative_error(&gpu.download(dsums.view()).unwrap(), &column_sums), 1e-5);
+    let total = gpu.zeros::<f64>(1).unwrap();
+    gpu.sum_of_squares(da.view(), total.view()).unwrap();
+    let squares: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum();
+    let error = (gpu.download(total.view()).unwrap()[0] - squares).abs() / squares;
+    report("sum of squares (gradient norm)", error, 1e-6);
+});
+
+cuda_test!(layernorm_matches_the_cpu_kernel, |gpu| {
+    use multitoken::kernels::layernorm::{backward_row_scalar, forward_row_scalar};
+    let (rows, c) = (333, 256);
+    let (x, w, b, dout, dx0) = (random(rows * c, 6), random(c, 7), random(c, 8), random(rows * c, 9), random(rows * c, 10));
+    let (xw, ww, bw, gw) = (widen(&x), widen(&w), widen(&b), widen(&dout));
+    let (mut out_ref, mut dx_ref, mut dw_ref, mut db_ref) = (vec![0.0; rows * c], widen(&dx0), vec![0.0; c], vec![0.0; c]);
+    for row in 0..rows {
+        let range = row * c..(row + 1) * c;
+        let (mean, rstd) = forward_row_scalar(&xw[range.clone()], &ww, &bw, &mut out_ref[range.clone()]);
+        let mut dx_row = vec![0.0; c];
+        backward_row_scalar(&xw[range.clone()], &gw[range.clone()], &ww, mean, rstd, &mut dx_row, &mut dw_ref, &mut db_ref);
+        dx_ref[range].iter_mut().zip(dx_row).for_each(|(d, r)| *d += r);
+    }
+    let (dxv, dwv, dbv) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap());
+    let (out, mean, rstd) = (gpu.zeros(rows * c).unwrap(), gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
+    gpu.layernorm_forward(dxv.view(), dwv.view(), dbv.view(), out.view(), mean.view(), rstd.view()).unwrap();
+    report("layernorm forward", relative_error(&gpu.download(out.view()).unwrap(), &out_ref), 1e-5);
+    let (ddout, ddx, ddw, ddb) = (gpu.upload(&dout).unwrap(), gpu.upload(&dx0).unwrap(), gpu.zeros(c).unwrap(), gpu.zeros(c).unwrap());
+    gpu.layernorm_backward(dxv.view(), ddout.view(), dwv.view(), mean.view(), rstd.view(), ddx.view(), ddw.view(), ddb.view()).unwrap();
+    for (name, ours, reference) in [("dx", &ddx, &dx_ref), ("dweight", &ddw, &dw_ref), ("dbias", &ddb, &db_ref)] {
+        report(&format!("layernorm backward {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
+    }
+});
+
+cuda_test!(adamw_matches_the_cpu_optimizer, |gpu| {
+    use multitoken::kernels::adamw::{update_scalar, AdamWStep as CpuStep};
+    let n = 50_001;
+    let (p, g, m) = (random(n, 10), random(n, 11), random(n, 12));
+    let v: Vec<f32> = random(n, 13).iter().map(|x| x * x).collect();
+    let grad_scale = 0.5f32;
+    let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7, grad_scale };
+    let cpu_step = CpuStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
+    let scaled: Vec<f64> = g.iter().map(|&x| (x * grad_scale) as f64).collect();
+    let (mut pr, mut mr, mut vr) = (widen(&p), widen(&m), widen(&v));
+    update_scalar(&mut pr, &scaled, &mut mr, &mut vr, &cpu_step);
+    let (dp, dg, dm, dv) = (gpu.upload(&p).unwrap(), gpu.upload(&g).unwrap(), gpu.upload(&m).unwrap(), gpu.upload(&v).unwrap());
+    gpu.adamw_update(dp.view(), dg.view(), dm.view(), dv.view(), step).unwrap();
+    for (name, ours, reference) in [("param", &dp, &pr), ("exp_avg", &dm, &mr), ("exp_avg_sq", &dv, &vr)] {
+        report(&format!("adamw {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
+    }
+});
+
+fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) -> Batch {
+    let data: Vec<Vec<u32>> = (0..rows).map(|_| (0..seq + config.horizon).map(|_| rng.below(config.vocab_size) as u32).collect()).collect();
+    let refs: Vec<&[u32]> = data.iter().map(Vec::as_slice).collect();
+    Batch::from_rows(&refs, seq, config.horizon)
+}
+
+/// The GPU's loss and every parameter's gradient against the CPU tape in f64: this checks the
+/// embedding, attention, MLP, LayerNorm, CP head and cross-entropy kernels composed.
+fn compare_gradients(gpu: Gpu, model: &str, vocab: usize, horizon: usize, rank: usize, batch_rows: usize, seq: usize) {
+    let config = ModelConfig::preset(model, vocab, horizon, rank).unwrap();
+    let mut rng = Rng::new(5);
+    let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+    for tensor in params.values_mut() {
+        if tensor.shape().len() == 1 {
+            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.1, &mut rng));
+        }
+    }
+    let batch = random_batch(&config, batch_rows, seq, &mut rng);
+    let aux_coef = 0.05;
+    let params64 = params.map(&config, |_, t| t.cast::<f64>());
+    let mut tape = multitoken::autograd::Tape::new();
+    let vars = gpt2::params_on_tape(&mut tape, &config, &params64, |_| true);
+    let out = model_loss(&mut tape, &config, &vars, &batch, aux_coef);
+    let mut grads = tape.backward(out.objective);
+    let mut gpu_model = GpuModel::new(gpu, &config, &params, None).unwrap();
+    let stats = gpu_model.loss_and_gradients(&batch, aux_coef, true).unwrap();
+    let label = format!("{model} n={horizon} r={rank}");
+    let loss_error = (stats.joint_loss - out.stats.joint_loss).abs() / out.stats.joint_loss.abs();
+    report(&format!("{label} joint loss"), loss_error, 1e-5);
+    for (s, (ours, reference)) in stats.head_losses.iter().zip(&out.stats.head_losses).enumerate() {
+        report(&format!("{label} head loss {s}"), (ours - reference).abs() / reference.abs(), 1e-5);
+    }
+    for ((name, ours), (_, var)) in gpu_model.download_grads().unwrap().into_iter().zip(vars.named()) {
+        let Some(reference) = grads.take(*var) else {
+            // unused parameters (the gate when r = 1) get no gradient on the CPU, zeros here
+            assert!(ours.data().iter().all(|&x| x == 0.0), "{name} has no gradient on the CPU but a nonzero one on the GPU");
+            println!("{label} d {name}: unused, zero");
+            continue;
+        };
+        report(&format!("{label} d {name}"), relative_error(ours.data(), reference.data()), 1e-4);
+    }
+}
+
+cuda_test!(next_token_model_gradients_match_the_cpu, |gpu| {
+    compare_gradients(gpu, "tiny", 97, 1, 1, 3, 37);
+});
+
+cuda_test!(cp_head_model_gradients_match_the_cpu, |gpu| {
+    compare_gradients(gpu, "tiny", 97, 3, 4, 3, 37);
+});
+
+cuda_test!(independent_heads_model_gradients_match_the_cpu, |gpu| {
+    compare_gradients(gpu, "tiny", 97, 2, 1, 2, 64);
+});
+
+cuda_test!(fifty_training_steps_of_small_agree_with_the_cpu, |gpu| {
+    // a corpus with structure, so that the loss falls: a noisy repeating pattern
+    let config = ModelConfig::preset("small", 512, 4, 4).unwrap();
+    let mut rng = Rng::new(9);
+    let stream: Vec<u32> = (0..20_000).map(|i| if rng.uniform() < 0.2 { rng.below(512) as u32 } else { (i * 7 % 61) as u32 }).collect();
+    let (rows, seq) = (8, 128);
+    let mut params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    let mut model = GpuModel::new(gpu, &config, &params, None).unwrap();
+    let mut worst: f64 = 0.0;
+    for step in 0..50 {
+        let starts: Vec<usize> = (0..rows).map(|_| rng.below(stream.len() - seq - config.horizon)).collect();
+        let row_refs: Vec<&[u32]> = starts.iter().map(|&s| &stream[s..s + seq + config.horizon]).collect();
+        let batch = Batch::from_rows(&row_refs, seq, config.horizon);
+        let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
+        let (cpu_loss, _) = train_step(&config, &mut params, &mut optimizer, &batch, step_config, &|_| true);
+        let (gpu_loss, _) = model.train_step(&batch, step_config, &|_| true).unwrap();
+        let error = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+        worst = worst.max(error);
+        if step % 10 == 0 || step == 49 {
+            println!("step {:>2}: cpu {cpu_loss:.6} cuda {gpu_loss:.6} relative difference {error:.2e}", step + 1);
+        }
+    }
+    report("50 steps of small n=4 r=4, loss curves", worst, 1e-4);
+});
