@@ -4,20 +4,25 @@
 # (n = 1, r = 1) and the CP head (n = 4, r = 4), in f32 and TF32, PyTorch eager and compiled.
 # Prints one JSON line per comparison. Needs python3 with torch and CUDA; no Rust toolchain:
 # pass the release binary built elsewhere as MULTITOKEN_BIN (default target/release/multitoken).
-# Usage: scripts/bench-gpu.sh [ROUNDS] [--compile] [--tf32]   (extra flags choose the variants)
+# Usage: scripts/bench-gpu.sh [ROUNDS] [--f32] [--tf32] [--compile] [--tf32-compile]
+#   (the flags choose the variants: f32 or TF32 matrix products, PyTorch eager or torch.compile;
+#   default --f32, eager)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${MULTITOKEN_BIN:-$root/target/release/multitoken}"
 rounds=2
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then rounds="$1"; shift; fi
-variants=("f32 eager")
+variants=()
 for flag in "$@"; do
   case "$flag" in
+    --f32) variants+=("f32 eager") ;;
     --tf32) variants+=("tf32 eager") ;;
     --compile) variants+=("f32 compile") ;;
+    --tf32-compile) variants+=("tf32 compile") ;;
     *) echo "unknown flag $flag" >&2; exit 2 ;;
   esac
 done
+[ ${#variants[@]} -eq 0 ] && variants=("f32 eager")
 shape=(--model base --vocab-size 8192 --batch 16 --seq 512 --steps 8)
 out="$(mktemp -d)"
 for variant in "${variants[@]}"; do

@@ -84,6 +84,10 @@ pub fn bench_train(
         let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let data = Batch::from_rows(&row_refs, seq, horizon);
+        #[cfg(feature = "cuda")]
+        if let (Some(model), WARMUP_STEPS) = (gpu_model.as_ref(), step) {
+            model.profile.reset();
+        }
         let tick = Instant::now();
         #[cfg(feature = "cuda")]
         if let Some(model) = gpu_model.as_mut() {

@@ -42,6 +42,16 @@ impl Precision {
     }
 }
 
+/// Fails early, before anything is written, when `device` cannot run on this machine.
+pub fn check_available(device: Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if device == Device::Cuda && !multitoken_cuda::driver_present() {
+        return Err(multitoken_cuda::CudaError::NoDriver.into());
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Opens GPU 0 with the precision asked for.
 #[cfg(feature = "cuda")]
 pub fn open_gpu(precision: Precision) -> Result<crate::cuda::Gpu> {

@@ -40,6 +40,14 @@ fn run_error(args: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// Whether this machine has a CUDA driver (then `--device cuda` runs instead of failing).
+fn multitoken_cuda_driver_present() -> bool {
+    #[cfg(feature = "cuda")]
+    return multitoken_cuda::driver_present();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -276,6 +284,14 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", "x", "--steps", "many"]).contains("many"));
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("y")), "--model", "huge"]).contains("preset"));
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("z")), "--device", "tpu"]).contains("device"));
+    assert!(run_error(&["bench", "train", "--precision", "tf32", "--steps", "1"]).contains("--device cuda"));
+    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--device", "cuda"]).contains("--device cpu"));
+    if !cfg!(feature = "cuda") || !multitoken_cuda_driver_present() {
+        // no GPU here: --device cuda is refused with a one-line error, and nothing is written
+        let out = ws.root.join("gpu-run");
+        assert!(run_error(&train_args(&ws, &out, "2", &["--device", "cuda"])).contains("--device cpu"));
+        assert!(!out.exists());
+    }
     // missing files
     assert!(run_error(&["train", "--data", s(&ws.root.join("nowhere")), "--out", s(&ws.root.join("w"))]).contains("data prepare"));
     assert!(run_error(&["eval", "--checkpoint", s(&ws.root.join("nowhere")), "--text-file", s(&ws.corpus)]).contains("no such checkpoint"));

@@ -104,6 +104,26 @@ cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gp
     }
 });
 
+cuda_test!(linear_with_bias_matches_the_cpu_on_both_routes, |gpu| {
+    let (rows, n_in, n_out) = (333, 96, 80);
+    let (x, w, b) = (random(rows * n_in, 21), random(n_in * n_out, 22), random(n_out, 23));
+    let reference: Vec<f64> = (0..rows * n_out)
+        .map(|i| b[i % n_out] as f64 + (0..n_in).map(|p| x[(i / n_out) * n_in + p] as f64 * w[p * n_out + i % n_out] as f64).sum::<f64>())
+        .collect();
+    let (dx, dw, db) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap());
+    for route in [GemmRoute::Blas, GemmRoute::BlasLt] {
+        gpu.gemm_route = route;
+        let out = gpu.upload(&vec![f32::NAN; rows * n_out]).unwrap(); // poisoned: every element must be written
+        gpu.linear(dx.view(), dw.view(), db.view(), out.view()).unwrap();
+        report(&format!("linear with bias, {route:?}"), relative_error(&gpu.download(out.view()).unwrap(), &reference), 1e-5);
+        let residual = random(rows * n_out, 24);
+        let dresidual = gpu.upload(&residual).unwrap();
+        let plus: Vec<f64> = reference.iter().zip(&residual).map(|(&a, &b)| a + b as f64).collect();
+        gpu.linear_residual(dx.view(), dw.view(), db.view(), dresidual.view(), out.view()).unwrap();
+        report(&format!("linear with bias on a residual, {route:?}"), relative_error(&gpu.download(out.view()).unwrap(), &plus), 1e-5);
+    }
+});
+
 cuda_test!(gelu_matches_the_cpu_kernel, |gpu| {
     use multitoken::kernels::gelu::{backward_scalar, forward_scalar};
     let n = 100_003;
@@ -179,6 +199,22 @@ cuda_test!(adamw_matches_the_cpu_optimizer, |gpu| {
     gpu.adamw_update(dp.view(), dg.view(), dm.view(), dv.view(), step).unwrap();
     for (name, ours, reference) in [("param", &dp, &pr), ("exp_avg", &dm, &mr), ("exp_avg_sq", &dv, &vr)] {
         report(&format!("adamw {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
+    }
+    // one launch over three parameters: decayed, not decayed, frozen
+    let (starts, flags) = (vec![0i64, 1000, 30_000, n as i64], vec![3u32, 1, 0]);
+    let (mut pr, mut mr, mut vr) = (widen(&p), widen(&m), widen(&v));
+    for (segment, &flag) in flags.iter().enumerate() {
+        let range = starts[segment] as usize..starts[segment + 1] as usize;
+        if flag & 1 == 1 {
+            let step = CpuStep { weight_decay: if flag & 2 == 2 { 0.1 } else { 0.0 }, ..cpu_step };
+            update_scalar(&mut pr[range.clone()], &scaled[range.clone()], &mut mr[range.clone()], &mut vr[range], &step);
+        }
+    }
+    let (dp, dm, dv) = (gpu.upload(&p).unwrap(), gpu.upload(&m).unwrap(), gpu.upload(&v).unwrap());
+    let (dstarts, dflags) = (gpu.upload(&starts).unwrap(), gpu.upload(&flags).unwrap());
+    gpu.adamw_update_segments(dp.view(), dg.view(), dm.view(), dv.view(), dstarts.view(), dflags.view(), step).unwrap();
+    for (name, ours, reference) in [("param", &dp, &pr), ("exp_avg", &dm, &mr), ("exp_avg_sq", &dv, &vr)] {
+        report(&format!("adamw by segments {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
     }
 });
 

@@ -5,48 +5,39 @@
 // NVRTC has no math.h, so no INFINITY
 #define NEG_INF __int_as_float(0xff800000)
 
-// qkv (B, T, 3C) → q, k, v, each (B, H, T, hs), stored one after the other in `heads`.
-// Index arithmetic is in 32 bits (64-bit division is slow on the GPU): buffers stay below 2^31.
-extern "C" __global__ void qkv_to_heads(const float* qkv, float* heads, int batch, int seq, int n_head, int hs) {
+// qkv (B, T, 3C) ↔ q, k, v, each (B, H, T, hs), stored one after the other in `heads`.
+// One block per row (b, t): the row is read (or written) whole, the heads in runs of hs.
+// Index arithmetic is in 32 bits where it can be (64-bit division is slow on the GPU).
+__device__ long head_index(int j, int row, int batch, int seq, int n_head, int hs) {
     int c = n_head * hs;
-    int per = batch * seq * c;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= 3 * per) return;
-    int which = i / per;
-    int rest = i - which * per;  // index into (B, H, T, hs)
-    int d = rest % hs;
-    int t = (rest / hs) % seq;
-    int h = (rest / (hs * seq)) % n_head;
-    int b = rest / (hs * seq * n_head);
-    heads[i] = qkv[(b * seq + t) * 3 * c + which * c + h * hs + d];
+    int which = j / c;
+    int rest = j - which * c;
+    int h = rest / hs;
+    int d = rest - h * hs;
+    int b = row / seq, t = row - (row / seq) * seq;
+    return which * ((long)batch * seq * c) + (((long)b * n_head + h) * seq + t) * hs + d;
 }
 
-// the inverse: dq, dk, dv (B, H, T, hs) → dqkv (B, T, 3C)
+extern "C" __global__ void qkv_to_heads(const float* qkv, float* heads, int batch, int seq, int n_head, int hs) {
+    int row = blockIdx.x, width = 3 * n_head * hs;
+    const float* source = qkv + (long)row * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) heads[head_index(j, row, batch, seq, n_head, hs)] = source[j];
+}
+
 extern "C" __global__ void heads_to_qkv(const float* heads, float* qkv, int batch, int seq, int n_head, int hs) {
-    int c = n_head * hs;
-    int per = batch * seq * c;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= 3 * per) return;
-    int which = i / per;
-    int rest = i - which * per;
-    int d = rest % hs;
-    int t = (rest / hs) % seq;
-    int h = (rest / (hs * seq)) % n_head;
-    int b = rest / (hs * seq * n_head);
-    qkv[(b * seq + t) * 3 * c + which * c + h * hs + d] = heads[i];
+    int row = blockIdx.x, width = 3 * n_head * hs;
+    float* target = qkv + (long)row * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) target[j] = heads[head_index(j, row, batch, seq, n_head, hs)];
 }
 
 // heads (B, H, T, hs) → rows (B, T, C) when to_rows is 1; rows → heads when it is 0.
 extern "C" __global__ void heads_rows(float* heads, float* rows, int batch, int seq, int n_head, int hs, int to_rows) {
-    int total = batch * seq * n_head * hs;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    int d = i % hs;
-    int t = (i / hs) % seq;
-    int h = (i / (hs * seq)) % n_head;
-    int b = i / (hs * seq * n_head);
-    int r = (b * seq + t) * n_head * hs + h * hs + d;
-    if (to_rows) rows[r] = heads[i]; else heads[i] = rows[r];
+    int row = blockIdx.x, width = n_head * hs;
+    float* r = rows + (long)row * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+        long i = head_index(j, row, batch, seq, n_head, hs);
+        if (to_rows) r[j] = heads[i]; else heads[i] = r[j];
+    }
 }
 
 __device__ float warp_max(float v) {

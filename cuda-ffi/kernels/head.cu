@@ -25,52 +25,64 @@ __device__ float block_reduce(float v, bool take_max, float* shared) {
     return v;
 }
 
-// (H2) In place, each row of V logits becomes its probabilities P; log_p[i] = ℓ[y] − lse(ℓ),
-// y the row's target. One block of 256 threads per row.
-extern "C" __global__ void head_row_softmax(float* logits, const unsigned int* targets, float* log_p, int v, int n, int rn) {
+// (H2, H7) One block of 256 threads per position t of the block, over its r·n rows of V
+// logits: log_p[t, α, s] = ℓ[y_s] − lse(ℓ); with `gradient`, also the posterior π (H7's
+// weights) and, in place, dℓ = π[α]/N · (P − onehot(y_s)). Two passes over the logits: one
+// for each row's max and sum (online), one to write dℓ.
+extern "C" __global__ void head_position(float* logits, const unsigned int* targets, const float* log_w, float* log_p, float* posterior,
+                                         int v, int n, int r, float inv_count, int gradient) {
     __shared__ float shared[THREADS / 32];
-    long i = blockIdx.x;
-    float* row = logits + i * v;
-    unsigned int y = targets[(i / rn) * n + i % n];
-    float logit_y = row[y];
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < v; j += THREADS) m = fmaxf(m, row[j]);
-    m = block_reduce(m, true, shared);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += THREADS) s += expf(row[j] - m);
-    s = block_reduce(s, false, shared);
-    float inv = 1.0f / s;
-    for (int j = threadIdx.x; j < v; j += THREADS) row[j] = expf(row[j] - m) * inv;
-    if (threadIdx.x == 0) log_p[i] = logit_y - (m + logf(s));
-}
-
-// The posterior over components of each position: π = softmax_α(log w[α] + Σ_s log_p[α,s]).
-extern "C" __global__ void head_posterior(const float* log_p, const float* log_w, float* posterior, int positions, int r, int n) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= positions) return;
-    float score[MAX_RANK];
-    float m = NEG_INF;
-    for (int a = 0; a < r; a++) {
-        float s = log_w[t * r + a];
-        for (int h = 0; h < n; h++) s += log_p[((long)t * r + a) * n + h];
-        score[a] = s;
-        m = fmaxf(m, s);
-    }
-    float sum = 0.0f;
-    for (int a = 0; a < r; a++) sum += expf(score[a] - m);
-    for (int a = 0; a < r; a++) posterior[t * r + a] = expf(score[a] - m) / sum;
-}
-
-// (H7) In place: dℓ = π[α]/N · (P − onehot(y)).
-extern "C" __global__ void head_dlogits(float* probs, const unsigned int* targets, const float* posterior, int v, int n, int r, float inv_count) {
-    long i = blockIdx.x;
+    __shared__ float row_lse[MAX_RANK * MAX_HORIZON];
+    __shared__ float row_coef[MAX_RANK];
+    long t = blockIdx.x;
     int rn = r * n;
-    long t = i / rn;
-    int alpha = (i % rn) / n;
-    unsigned int y = targets[t * n + i % n];
-    float coef = posterior[t * r + alpha] * inv_count;
-    float* row = probs + i * v;
-    for (int j = threadIdx.x; j < v; j += THREADS) row[j] = row[j] * coef - (j == y ? coef : 0.0f);
+    float* rows = logits + t * rn * v;
+    for (int k = 0; k < rn; k++) {
+        const float* row = rows + (long)k * v;
+        float m = NEG_INF, s = 0.0f;
+        for (int j = threadIdx.x; j < v; j += THREADS) {
+            float x = row[j];
+            if (x > m) {
+                s = s * expf(m - x) + 1.0f;
+                m = x;
+            } else {
+                s += expf(x - m);
+            }
+        }
+        float block_max = block_reduce(m, true, shared);
+        float block_sum = block_reduce(s * expf(m - block_max), false, shared);
+        if (threadIdx.x == 0) {
+            float lse = block_max + logf(block_sum);
+            row_lse[k] = lse;
+            log_p[t * rn + k] = row[targets[t * n + k % n]] - lse;
+        }
+    }
+    if (!gradient) return;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float score[MAX_RANK];
+        float m = NEG_INF;
+        for (int a = 0; a < r; a++) {
+            float sum = log_w[t * r + a];
+            for (int h = 0; h < n; h++) sum += log_p[t * rn + a * n + h];
+            score[a] = sum;
+            m = fmaxf(m, sum);
+        }
+        float total = 0.0f;
+        for (int a = 0; a < r; a++) total += expf(score[a] - m);
+        for (int a = 0; a < r; a++) {
+            float pi = expf(score[a] - m) / total;
+            posterior[t * r + a] = pi;
+            row_coef[a] = pi * inv_count;
+        }
+    }
+    __syncthreads();
+    for (int k = 0; k < rn; k++) {
+        float* row = rows + (long)k * v;
+        float coef = row_coef[k / n], lse = row_lse[k];
+        unsigned int y = targets[t * n + k % n];
+        for (int j = threadIdx.x; j < v; j += THREADS) row[j] = coef * expf(row[j] - lse) - (j == y ? coef : 0.0f);
+    }
 }
 
 // (H3) log_softmax of each position's r gate logits, in place.

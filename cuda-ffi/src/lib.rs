@@ -1,7 +1,7 @@
 //! `multitoken-cuda`: the CUDA layer of multitoken, thin by design.
 //!
-//! - [`Gpu::new`] opens a device: a CUDA context, a stream and a cuBLAS handle. The driver,
-//!   cuBLAS and NVRTC are loaded at run time, so this crate builds anywhere; where no driver is
+//! - [`Gpu::new`] opens a device: a CUDA context, a stream, cuBLAS and cuBLASLt handles. The driver,
+//!   the BLAS libraries and NVRTC load at run time, so this crate builds anywhere; where no driver is
 //!   installed, opening a device returns [`CudaError::NoDriver`] instead of panicking.
 //! - Kernels live in `kernels/*.cu` and are compiled by NVRTC for the device's architecture
 //!   when the device is opened, once per process.
@@ -181,6 +181,7 @@ struct Kernels {
     layernorm_forward: CudaFunction,
     layernorm_backward: CudaFunction,
     adamw_update: CudaFunction,
+    adamw_update_segments: CudaFunction,
     embedding_forward: CudaFunction,
     embedding_backward_tokens: CudaFunction,
     embedding_backward_positions: CudaFunction,
@@ -189,9 +190,7 @@ struct Kernels {
     heads_rows: CudaFunction,
     causal_softmax_forward: CudaFunction,
     causal_softmax_backward: CudaFunction,
-    head_row_softmax: CudaFunction,
-    head_posterior: CudaFunction,
-    head_dlogits: CudaFunction,
+    head_position: CudaFunction,
     gate_log_softmax: CudaFunction,
     head_statistics: CudaFunction,
     gate_gradient: CudaFunction,
@@ -217,15 +216,32 @@ pub struct Operand {
     pub transposed: bool,
     /// elements between consecutive matrices of a batch (0 for a single matrix)
     pub batch_stride: usize,
+    /// elements between consecutive stored rows (0: the stored row length, a dense matrix);
+    /// larger when the matrix is a block of columns of a wider one
+    pub leading: usize,
 }
 
 impl Operand {
     pub fn normal(data: View<f32>) -> Self {
-        Operand { data, transposed: false, batch_stride: 0 }
+        Operand { data, transposed: false, batch_stride: 0, leading: 0 }
     }
 
     pub fn transposed(data: View<f32>) -> Self {
-        Operand { data, transposed: true, batch_stride: 0 }
+        Operand { data, transposed: true, batch_stride: 0, leading: 0 }
+    }
+
+    /// Stored rows are `leading` elements apart.
+    pub fn leading(self, leading: usize) -> Self {
+        Operand { leading, ..self }
+    }
+
+    /// The stored row length and the leading dimension of a logical (rows, cols) matrix, after
+    /// checking that `batch` of them fit in the view.
+    fn layout(&self, rows: usize, cols: usize, batch: usize) -> Option<usize> {
+        let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        let leading = if self.leading == 0 { stored_cols } else { self.leading };
+        let needed = self.batch_stride * (batch - 1) + (stored_rows - 1) * leading + stored_cols;
+        (leading >= stored_cols && self.data.len >= needed).then_some(leading)
     }
 
     pub fn strided(self, batch_stride: usize) -> Self {
@@ -329,6 +345,7 @@ impl Gpu {
             layernorm_forward: f("layernorm", "layernorm_forward")?,
             layernorm_backward: f("layernorm", "layernorm_backward")?,
             adamw_update: f("adamw", "adamw_update")?,
+            adamw_update_segments: f("adamw", "adamw_update_segments")?,
             embedding_forward: f("embedding", "embedding_forward")?,
             embedding_backward_tokens: f("embedding", "embedding_backward_tokens")?,
             embedding_backward_positions: f("embedding", "embedding_backward_positions")?,
@@ -337,9 +354,7 @@ impl Gpu {
             heads_rows: f("attention", "heads_rows")?,
             causal_softmax_forward: f("attention", "causal_softmax_forward")?,
             causal_softmax_backward: f("attention", "causal_softmax_backward")?,
-            head_row_softmax: f("head", "head_row_softmax")?,
-            head_posterior: f("head", "head_posterior")?,
-            head_dlogits: f("head", "head_dlogits")?,
+            head_position: f("head", "head_position")?,
             gate_log_softmax: f("head", "gate_log_softmax")?,
             head_statistics: f("head", "head_statistics")?,
             gate_gradient: f("head", "gate_gradient")?,
@@ -480,27 +495,52 @@ impl Gpu {
         batch: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let c_stride = if batch > 1 { m * n } else { 0 };
-        let fits = |op: &Operand, rows: usize, cols: usize| op.data.len >= op.batch_stride * (batch - 1) + rows * cols;
-        check(batch >= 1 && fits(&a, m, k) && fits(&b, k, n) && c.len == batch * m * n, || {
-            format!("matmul: operands do not hold {batch} products {m}×{k} · {k}×{n} (a {}, b {}, c {})", a.data.len, b.data.len, c.len)
-        })?;
+        check(c.len == batch * m * n, || format!("matmul: c holds {}, not {batch} × {m}×{n}", c.len))?;
+        let c = Operand::normal(c).strided(if batch > 1 { m * n } else { 0 });
+        self.matmul_general(a, b, c, m, k, n, batch, accumulate)
+    }
+
+    /// As [`Gpu::matmul_batched`], with `c` given as an operand too (its own batch stride and
+    /// leading dimension; not transposed): products written into blocks of larger matrices.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_general(
+        &self,
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        m: usize,
+        k: usize,
+        n: usize,
+        batch: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shapes = (batch >= 1 && m > 0 && k > 0 && n > 0 && !c.transposed)
+            .then(|| Some((a.layout(m, k, batch)?, b.layout(k, n, batch)?, c.layout(m, n, batch)?)))
+            .flatten();
+        let Some((a_leading, b_leading, c_leading)) = shapes else {
+            return Err(CudaError::Shape(format!(
+                "matmul: operands do not hold {batch} products {m}×{k} · {k}×{n} (a {}, b {}, c {})",
+                a.data.len, b.data.len, c.data.len
+            )));
+        };
+        let dense = a.leading == 0 && b.leading == 0 && c.leading == 0;
+        let (c_stride, c) = (c.batch_stride, c.data);
         // cuBLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let math = if self.tf32 { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
         let handle = *self.blas.handle();
-        let (lda, ldb) = (if b.transposed { k } else { n } as i32, if a.transposed { m } else { k } as i32);
+        let (lda, ldb, ldc) = (b_leading as i32, a_leading as i32, c_leading as i32);
         // SAFETY: the handle is ours and bound to our stream; the sizes were checked above.
         unsafe {
             cudarc::cublas::sys::cublasSetMathMode(handle, math).result()?;
             let (b_ptr, a_ptr, c_ptr) = (b.data.ptr as *const f32, a.data.ptr as *const f32, c.ptr as *mut f32);
             let (op_b, op_a) = (op(b.transposed), op(a.transposed));
-            if batch == 1 && self.gemm_route == GemmRoute::BlasLt {
-                self.lt_matmul(op_b, op_a, n, m, k, b_ptr, lda, a_ptr, ldb, beta, c_ptr)?;
+            if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
+                self.lt_matmul(op_b, op_a, n, m, k, b_ptr, lda, a_ptr, ldb, beta, c_ptr, c_ptr, None)?;
             } else if batch == 1 {
                 cudarc::cublas::sys::cublasSgemm_v2(
-                    handle, op_b, op_a, n as i32, m as i32, k as i32, &alpha, b_ptr, lda, a_ptr, ldb, &beta, c_ptr, n as i32,
+                    handle, op_b, op_a, n as i32, m as i32, k as i32, &alpha, b_ptr, lda, a_ptr, ldb, &beta, c_ptr, ldc,
                 )
                 .result()?;
             } else {
@@ -520,7 +560,7 @@ impl Gpu {
                     a.batch_stride as i64,
                     &beta,
                     c_ptr,
-                    n as i32,
+                    ldc,
                     c_stride as i64,
                     batch as i32,
                 )
@@ -544,7 +584,9 @@ impl Gpu {
         b: *const f32,
         ldb: i32,
         beta: f32,
-        c: *mut f32,
+        c: *const f32,
+        d: *mut f32,
+        bias: Option<View<f32>>,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
@@ -566,6 +608,22 @@ impl Gpu {
         };
         set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, op_a)?;
         set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, op_b)?;
+        if let Some(bias) = bias {
+            // D = op(A)·op(B) + bias, the bias added to every column (a row of the row-major result)
+            let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            lt::set_matmul_desc_attribute(
+                desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                (&epilogue) as *const _ as *const _,
+                std::mem::size_of_val(&epilogue),
+            )?;
+            lt::set_matmul_desc_attribute(
+                desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bias.ptr) as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )?;
+        }
         let preference = lt::create_matmul_pref()?;
         let workspace_bytes = self.blas_lt.workspace.len();
         lt::set_matmul_pref_attribute(
@@ -588,7 +646,7 @@ impl Gpu {
                     b_layout,
                     c as *const _,
                     c_layout,
-                    c as *mut _,
+                    d as *mut _,
                     c_layout,
                     (&heuristic.algo) as *const _,
                     self.blas_lt.workspace.view.ptr as *mut _,
@@ -602,6 +660,58 @@ impl Gpu {
             lt::destroy_matrix_layout(layout)?;
         }
         Ok(outcome?)
+    }
+
+    /// A linear layer: `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias`, the
+    /// bias added by the matrix product's epilogue (cuBLASLt) or, on the plain cuBLAS route, by
+    /// filling `out` with it first.
+    pub fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        self.linear_plus(x, weight, bias, None, out)
+    }
+
+    /// A linear layer on a residual stream: `out = residual + x · weight + bias`, the residual
+    /// added by the product itself (cuBLASLt reads it as C with β = 1 and writes D = out).
+    pub fn linear_residual(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: View<f32>, out: View<f32>) -> Result<()> {
+        check(residual.len == out.len, || "linear_residual: residual and out differ in length".into())?;
+        self.linear_plus(x, weight, bias, Some(residual), out)
+    }
+
+    fn linear_plus(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
+        let n_out = bias.len;
+        check(n_out > 0 && out.len.is_multiple_of(n_out) && weight.len.is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
+        let (rows, n_in) = (out.len / n_out, weight.len / n_out);
+        check(x.len == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.len))?;
+        if self.gemm_route == GemmRoute::Blas {
+            self.broadcast_rows(bias, out)?;
+            self.matmul(Operand::normal(x), Operand::normal(weight), out, rows, n_in, n_out, true)?;
+            return match residual {
+                Some(residual) => self.add(out, residual, out),
+                None => Ok(()),
+            };
+        }
+        let op_n = cublasOperation_t::CUBLAS_OP_N;
+        let (beta, c) = match residual {
+            Some(residual) => (1.0, residual.ptr as *const f32),
+            None => (0.0, out.ptr as *const f32),
+        };
+        // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
+        unsafe {
+            self.lt_matmul(
+                op_n,
+                op_n,
+                n_out,
+                rows,
+                n_in,
+                weight.ptr as *const f32,
+                n_out as i32,
+                x.ptr as *const f32,
+                n_in as i32,
+                beta,
+                c,
+                out.ptr as *mut f32,
+                Some(bias),
+            )
+        }
     }
 
     /// `c (m,n) = a (m,k) · b (k,n)` (plus c when `accumulate`); see [`Gpu::matmul_batched`].
@@ -756,6 +866,36 @@ impl Gpu {
         Ok(())
     }
 
+    /// AdamW over a flat buffer of parameters in one launch: parameter s spans
+    /// `starts[s]..starts[s + 1]` (`starts` has one more entry than `flags`); `flags[s]` bit 0
+    /// says whether to update it, bit 1 whether to decay it (then with `step.weight_decay`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_update_segments(
+        &self,
+        params: View<f32>,
+        grads: View<f32>,
+        m: View<f32>,
+        v: View<f32>,
+        starts: View<i64>,
+        flags: View<u32>,
+        step: AdamWStep,
+    ) -> Result<()> {
+        let n = params.len;
+        check(grads.len == n && m.len == n && v.len == n && starts.len == flags.len + 1 && !flags.is_empty(), || {
+            "adamw_update_segments: buffers differ in length".into()
+        })?;
+        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
+        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
+        let (n_i, segments) = (n as i64, flags.len as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.adamw_update_segments);
+        launch.arg(&params.ptr).arg(&grads.ptr).arg(&m.ptr).arg(&v.ptr).arg(&n_i).arg(&starts.ptr).arg(&flags.ptr).arg(&segments);
+        launch.arg(&step.grad_scale).arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps).arg(&step.weight_decay);
+        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
+        // SAFETY: all four views hold n elements; the starts are increasing offsets below n.
+        unsafe { launch.launch(elementwise_config(n)) }?;
+        Ok(())
+    }
+
     /// `out[b,t] = wte[idx[b,t]] + wpe[t]` for idx (rows) with rows a multiple of `seq`.
     pub fn embedding_forward(&self, idx: View<u32>, wte: View<f32>, wpe: View<f32>, out: View<f32>, seq: usize, c: usize) -> Result<()> {
         let rows = idx.len;
@@ -814,8 +954,8 @@ impl Gpu {
         let dims = shape.dims();
         let mut launch = self.stream.launch_builder(kernel);
         launch.arg(&source.ptr).arg(&target.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
-        // SAFETY: both views hold 3·B·T·C elements.
-        unsafe { launch.launch(elementwise_config(qkv.len)) }?;
+        // SAFETY: both views hold 3·B·T·C elements; one block per row (b, t).
+        unsafe { launch.launch(block_per_row_config(shape.batch * shape.seq)) }?;
         Ok(())
     }
 
@@ -827,8 +967,8 @@ impl Gpu {
         let direction = i32::from(to_rows);
         let mut launch = self.stream.launch_builder(&self.kernels.heads_rows);
         launch.arg(&heads.ptr).arg(&rows.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&direction);
-        // SAFETY: both views hold B·T·C elements.
-        unsafe { launch.launch(elementwise_config(heads.len)) }?;
+        // SAFETY: both views hold B·T·C elements; one block per row (b, t).
+        unsafe { launch.launch(block_per_row_config(shape.batch * shape.seq)) }?;
         Ok(())
     }
 
@@ -856,53 +996,37 @@ impl Gpu {
         Ok(())
     }
 
-    /// (H2) For a block of rows (t, α, s) of V logits: in place to probabilities, and
-    /// `log_p[row] = ℓ[y] − lse(ℓ)`. `targets` (positions of the block, n).
-    pub fn head_row_softmax(&self, logits: View<f32>, targets: View<u32>, log_p: View<f32>, v: usize, shape: HeadShape) -> Result<()> {
-        let rows = log_p.len;
-        check(logits.len == rows * v && rows.is_multiple_of(shape.rn()) && targets.len == rows / shape.rank, || {
-            format!("head_row_softmax: {rows} rows of {v} do not fit the block")
-        })?;
-        let (v_i, n_i, rn_i) = (v as i32, shape.horizon as i32, shape.rn() as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.head_row_softmax);
-        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_p.ptr).arg(&v_i).arg(&n_i).arg(&rn_i);
-        // SAFETY: one block per row; targets are < v (checked by the caller).
-        unsafe { launch.launch(block_per_row_config(rows)) }?;
-        Ok(())
-    }
-
-    /// π = softmax_α(log w + Σ_s log_p) for each position.
-    pub fn head_posterior(&self, log_p: View<f32>, log_w: View<f32>, posterior: View<f32>, shape: HeadShape) -> Result<()> {
-        let positions = posterior.len / shape.rank;
-        check(log_w.len == posterior.len && log_p.len == positions * shape.rn() && shape.fits_kernels(), || {
-            "head_posterior: buffers do not fit".into()
-        })?;
-        let (p_i, r_i, n_i) = (positions as i32, shape.rank as i32, shape.horizon as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.head_posterior);
-        launch.arg(&log_p.ptr).arg(&log_w.ptr).arg(&posterior.ptr).arg(&p_i).arg(&r_i).arg(&n_i);
-        // SAFETY: one thread per position.
-        unsafe { launch.launch(elementwise_config(positions)) }?;
-        Ok(())
-    }
-
-    /// (H7) In place: probabilities → dℓ = π[α]·inv_count·(P − onehot(y)).
-    pub fn head_dlogits(
+    /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
+    /// r·n) = log P[α,s](y_s); with `gradient`, also the posterior π (positions, r) and, in place,
+    /// dℓ = π[α]·inv_count·(P − onehot(y)). `targets` (positions, n); `log_w` (positions, r).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_position(
         &self,
-        probs: View<f32>,
+        logits: View<f32>,
         targets: View<u32>,
+        log_w: View<f32>,
+        log_p: View<f32>,
         posterior: View<f32>,
         v: usize,
         shape: HeadShape,
         inv_count: f32,
+        gradient: bool,
     ) -> Result<()> {
-        let positions = posterior.len / shape.rank;
-        let rows = positions * shape.rn();
-        check(probs.len == rows * v && targets.len == positions * shape.horizon, || "head_dlogits: buffers do not fit".into())?;
-        let (v_i, n_i, r_i) = (v as i32, shape.horizon as i32, shape.rank as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.head_dlogits);
-        launch.arg(&probs.ptr).arg(&targets.ptr).arg(&posterior.ptr).arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count);
-        // SAFETY: one block per row.
-        unsafe { launch.launch(block_per_row_config(rows)) }?;
+        let positions = log_w.len / shape.rank;
+        check(
+            shape.fits_kernels()
+                && logits.len == positions * shape.rn() * v
+                && targets.len == positions * shape.horizon
+                && log_p.len == positions * shape.rn()
+                && posterior.len == log_w.len,
+            || format!("head_position: buffers do not fit {positions} positions of r·n = {} rows of {v}", shape.rn()),
+        )?;
+        let (v_i, n_i, r_i, gradient_i) = (v as i32, shape.horizon as i32, shape.rank as i32, i32::from(gradient));
+        let mut launch = self.stream.launch_builder(&self.kernels.head_position);
+        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
+        launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i);
+        // SAFETY: sizes checked; targets are < v (checked by the caller). One block per position.
+        unsafe { launch.launch(block_per_row_config(positions)) }?;
         Ok(())
     }
 

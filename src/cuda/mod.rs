@@ -64,6 +64,11 @@ impl PhaseProfile {
         Ok(())
     }
 
+    /// Forgets what was measured so far (after warm-up steps, which load kernels lazily).
+    pub fn reset(&self) {
+        self.totals.borrow_mut().clear();
+    }
+
     /// The table of phases: total milliseconds, calls, share.
     pub fn report(&self) -> String {
         let totals = self.totals.borrow();
@@ -103,6 +108,8 @@ pub struct GpuModel {
     /// one f64 for the gradient norm
     norm_accumulator: Buffer<f64>,
     workspace: Option<Workspace>,
+    /// the AdamW segment table on the device, and the flags it was built for
+    optimizer_segments: Option<(Vec<u32>, Buffer<i64>, Buffer<u32>)>,
     pub profile: PhaseProfile,
 }
 
@@ -154,6 +161,7 @@ impl GpuModel {
             optimizer_steps,
             norm_accumulator,
             workspace: None,
+            optimizer_segments: None,
             profile: PhaseProfile::from_env(),
         })
     }
@@ -263,9 +271,14 @@ impl GpuModel {
         let grads = self.grads.named();
         let accumulator = self.norm_accumulator.view();
         self.gpu.fill_zero(accumulator)?;
-        for (name, grad) in &grads {
-            if trainable(name) && self.has_gradient(name) {
-                self.gpu.sum_of_squares(**grad, accumulator)?;
+        if grads.iter().all(|(name, _)| trainable(name)) {
+            // gradients of unused parameters are zero, so one pass over the whole buffer will do
+            self.gpu.sum_of_squares(self.grads_buffer.view(), accumulator)?;
+        } else {
+            for (name, grad) in &grads {
+                if trainable(name) && self.has_gradient(name) {
+                    self.gpu.sum_of_squares(**grad, accumulator)?;
+                }
             }
         }
         let norm = self.gpu.download(accumulator)?[0].sqrt();
@@ -275,27 +288,40 @@ impl GpuModel {
         let factor = step.grad_clip / (norm + 1e-6);
         let grad_scale = if factor < 1.0 { factor as f32 } else { 1.0 };
         self.optimizer_steps += 1;
-        let c = &self.optimizer_config;
-        let params = self.params.named();
-        let (m_all, v_all) = (self.m_buffer.view(), self.v_buffer.view());
-        let mut offset = 0;
-        for (((name, param), (_, grad)), (_, shape)) in params.iter().zip(&grads).zip(&self.shapes) {
-            let len = param.len();
-            if trainable(name) && self.has_gradient(name) {
-                let weight_decay = if shape.len() >= 2 { c.weight_decay } else { 0.0 };
-                let adam = AdamWStep {
-                    lr: step.lr as f32,
-                    beta1: c.beta1 as f32,
-                    beta2: c.beta2 as f32,
-                    eps: c.eps as f32,
-                    weight_decay: weight_decay as f32,
-                    t: self.optimizer_steps as u32,
-                    grad_scale,
-                };
-                self.gpu.adamw_update(**param, **grad, m_all.slice(offset, len), v_all.slice(offset, len), adam)?;
+        // which parameters to update and to decay (matrices only, as on the CPU)
+        let flags: Vec<u32> = self
+            .shapes
+            .iter()
+            .map(|(name, shape)| u32::from(trainable(name) && self.has_gradient(name)) | (u32::from(shape.len() >= 2) << 1))
+            .collect();
+        if self.optimizer_segments.as_ref().is_none_or(|(cached, _, _)| *cached != flags) {
+            let mut starts = vec![0i64];
+            for (_, shape) in &self.shapes {
+                starts.push(starts.last().copied().unwrap_or(0) + shape.iter().product::<usize>() as i64);
             }
-            offset += len;
+            self.optimizer_segments = Some((flags.clone(), self.gpu.upload(&starts)?, self.gpu.upload(&flags)?));
         }
+        let (_, starts, flag_buffer) = self.optimizer_segments.as_ref().expect("built above");
+        let c = &self.optimizer_config;
+        let adam = AdamWStep {
+            lr: step.lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+            t: self.optimizer_steps as u32,
+            grad_scale,
+        };
+        let (params, grads) = (self.params_buffer.view(), self.grads_buffer.view());
+        self.gpu.adamw_update_segments(
+            params,
+            grads,
+            self.m_buffer.view(),
+            self.v_buffer.view(),
+            starts.view(),
+            flag_buffer.view(),
+            adam,
+        )?;
         self.profile.mark(&self.gpu, "clip + AdamW")?;
         Ok((objective, norm))
     }
@@ -333,6 +359,20 @@ impl GpuModel {
     }
 }
 
+/// Attention dimensions: T, the head size, B·H matrices, and the causal query chunks.
+struct CausalChunks {
+    t: usize,
+    hs: usize,
+    bh: usize,
+    chunks: usize,
+    chunk: usize,
+}
+
+/// Rows `first..` of each of a batch of (T, width) matrices, as a view that starts there.
+fn chunk_rows(x: View<f32>, first: usize, width: usize) -> View<f32> {
+    x.slice(first * width, x.len() - first * width)
+}
+
 /// One forward (and backward) pass: the model's views and the workspace.
 struct Pass<'a> {
     gpu: &'a Gpu,
@@ -355,10 +395,7 @@ impl Pass<'_> {
 
     /// `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias` (Conv1D layout).
     fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
-        let (rows, n_out) = (self.rows(), bias.len());
-        self.gpu.broadcast_rows(bias, out)?;
-        self.gpu.matmul(Operand::normal(x), Operand::normal(weight), out, rows, x.len() / rows, n_out, true)?;
-        Ok(())
+        Ok(self.gpu.linear(x, weight, bias, out)?)
     }
 
     /// Backward of `linear`: dweight += xᵀ dout, dbias += Σ dout, dx = dout · weightᵀ.
@@ -379,12 +416,72 @@ impl Pass<'_> {
         Ok(())
     }
 
+    /// The attention's dimensions and its query chunks: chunk i of T/S queries needs only the
+    /// first (i + 1)·T/S keys, so the products skip (S − 1)/2S of the work above the diagonal.
+    fn causal_chunks(&self) -> CausalChunks {
+        let shape = self.attention_shape();
+        let t = self.ws.seq;
+        let chunks = [4, 2].into_iter().find(|&s| t.is_multiple_of(s) && t / s >= 32).unwrap_or(1);
+        CausalChunks { t, hs: shape.head_size, bh: self.ws.batch * shape.n_head, chunks, chunk: t / chunks }
+    }
+
+    /// Causal attention of q, k, v (B·H, T, hs): att (B·H, T, T) the weights, y (B·H, T, hs).
+    fn attention_forward(&self, q: View<f32>, k: View<f32>, v: View<f32>, att: View<f32>, y: View<f32>) -> Result<()> {
+        let (gpu, CausalChunks { t, hs, bh, chunks, chunk }) = (self.gpu, self.causal_chunks());
+        let rows = |x: View<f32>, i: usize, width: usize| chunk_rows(x, i * chunk, width);
+        for i in 0..chunks {
+            // scores[chunk i, ..keys] = q_i k[..keys]ᵀ
+            let (q_i, scores_i) = (rows(q, i, hs), rows(att, i, t));
+            let (a, b) = (Operand::normal(q_i).strided(t * hs), Operand::transposed(k).strided(t * hs));
+            gpu.matmul_general(a, b, Operand::normal(scores_i).strided(t * t).leading(t), chunk, hs, (i + 1) * chunk, bh, false)?;
+        }
+        gpu.causal_softmax_forward(att, t, 1.0 / (hs as f32).sqrt())?;
+        for i in 0..chunks {
+            // y_i = att[chunk i, ..keys] v[..keys]
+            let (att_i, y_i) = (rows(att, i, t), rows(y, i, hs));
+            let (a, b) = (Operand::normal(att_i).strided(t * t).leading(t), Operand::normal(v).strided(t * hs));
+            gpu.matmul_general(a, b, Operand::normal(y_i).strided(t * hs), chunk, (i + 1) * chunk, hs, bh, false)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of `attention_forward` from dy (B·H, T, hs); `d_att` is scratch of att's size.
+    fn attention_backward(
+        &self,
+        (q, k, v): (View<f32>, View<f32>, View<f32>),
+        (dq, dk, dv): (View<f32>, View<f32>, View<f32>),
+        att: View<f32>,
+        d_att: View<f32>,
+        dy: View<f32>,
+    ) -> Result<()> {
+        let (gpu, CausalChunks { t, hs, bh, chunks, chunk }) = (self.gpu, self.causal_chunks());
+        let rows = |x: View<f32>, i: usize, width: usize| chunk_rows(x, i * chunk, width);
+        let heads = |x: View<f32>| Operand::normal(x).strided(t * hs);
+        let scores =
+            |x: View<f32>, transposed: bool| if transposed { Operand::transposed(x) } else { Operand::normal(x) }.strided(t * t).leading(t);
+        // the last chunk reaches every key: it writes dk and dv whole, the others add to a prefix
+        for i in (0..chunks).rev() {
+            let (keys, first) = ((i + 1) * chunk, i + 1 == chunks);
+            let (dy_i, att_i, d_att_i) = (rows(dy, i, hs), rows(att, i, t), rows(d_att, i, t));
+            // y = att v: d_att = dy vᵀ, dv += attᵀ dy
+            gpu.matmul_general(heads(dy_i), Operand::transposed(v).strided(t * hs), scores(d_att_i, false), chunk, hs, keys, bh, false)?;
+            gpu.matmul_general(scores(att_i, true), heads(dy_i), heads(dv), keys, chunk, hs, bh, !first)?;
+        }
+        gpu.causal_softmax_backward(att, d_att, t, 1.0 / (hs as f32).sqrt())?;
+        for i in (0..chunks).rev() {
+            let (keys, first) = ((i + 1) * chunk, i + 1 == chunks);
+            let (q_i, dq_i, d_scores_i) = (rows(q, i, hs), rows(dq, i, hs), rows(d_att, i, t));
+            // scores = q kᵀ: dq = d_scores k, dk += d_scoresᵀ q
+            gpu.matmul_general(scores(d_scores_i, false), heads(k), heads(dq_i), chunk, keys, hs, bh, false)?;
+            gpu.matmul_general(scores(d_scores_i, true), heads(q_i), heads(dk), keys, chunk, hs, bh, !first)?;
+        }
+        Ok(())
+    }
+
     fn backbone_forward(&self) -> Result<()> {
         let (gpu, ws, p) = (self.gpu, self.ws, self.p);
         let (c, seq) = (self.config.n_embd, ws.seq);
         let shape = self.attention_shape();
-        let (t, hs, bh) = (seq, shape.head_size, ws.batch * shape.n_head);
-        let scale = 1.0 / (hs as f32).sqrt();
         gpu.embedding_forward(ws.inputs.view(), p.wte, p.wpe, ws.residual[0].view(), seq, c)?;
         self.profile.mark(gpu, "forward: embedding")?;
         for (l, (block, acts)) in p.blocks.iter().zip(&ws.layers).enumerate() {
@@ -396,25 +493,11 @@ impl Pass<'_> {
             gpu.qkv_heads(ws.qkv.view(), acts.qkv_heads.view(), shape, false)?;
             self.profile.mark(gpu, "forward: qkv → heads")?;
             let (q, k, v) = acts.q_k_v();
-            // scores (B·H, T, T) = q kᵀ; att = causal softmax; y (B·H, T, hs) = att v
-            let att = acts.att.view();
-            gpu.matmul_batched(Operand::normal(q).strided(t * hs), Operand::transposed(k).strided(t * hs), att, t, hs, t, bh, false)?;
-            gpu.causal_softmax_forward(att, t, scale)?;
-            gpu.matmul_batched(
-                Operand::normal(att).strided(t * t),
-                Operand::normal(v).strided(t * hs),
-                ws.y_heads.view(),
-                t,
-                t,
-                hs,
-                bh,
-                false,
-            )?;
+            self.attention_forward(q, k, v, acts.att.view(), ws.y_heads.view())?;
             gpu.heads_rows(ws.y_heads.view(), acts.att_y.view(), shape, true)?;
             self.profile.mark(gpu, "forward: attention core")?;
             let x_mid = acts.x_mid.view();
-            self.linear(acts.att_y.view(), block.attn_c_proj_weight, block.attn_c_proj_bias, x_mid)?;
-            gpu.add(x_mid, x, x_mid)?;
+            gpu.linear_residual(acts.att_y.view(), block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
             self.profile.mark(gpu, "forward: attn c_proj")?;
             gpu.layernorm_forward(
                 x_mid,
@@ -428,8 +511,7 @@ impl Pass<'_> {
             gpu.gelu_forward(acts.fc.view(), acts.fc_gelu.view())?;
             self.profile.mark(gpu, "forward: ln_2 + c_fc + gelu")?;
             let x_out = ws.residual[l + 1].view();
-            self.linear(acts.fc_gelu.view(), block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_out)?;
-            gpu.add(x_out, x_mid, x_out)?;
+            gpu.linear_residual(acts.fc_gelu.view(), block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x_out)?;
             self.profile.mark(gpu, "forward: mlp c_proj")?;
         }
         let last = ws.residual[self.config.n_layer].view();
@@ -480,17 +562,16 @@ impl Pass<'_> {
             let logits = ws.logits.view().prefix(rows * v);
             let z_block = z.slice(t0 * rn * c, rows * c);
             let block_targets = targets.slice(t0 * n, count * n);
-            // (H2) logits → probabilities, log P[α,s](y_s)
+            // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
             gpu.matmul(Operand::normal(z_block), Operand::transposed(p.wte), logits, rows, c, v, false)?;
-            gpu.head_row_softmax(logits, block_targets, log_p.slice(t0 * rn, rows), v, shape)?;
+            let (block_log_w, block_posterior) = (log_w.slice(t0 * r, count * r), posterior.slice(t0 * r, count * r));
+            let block_log_p = log_p.slice(t0 * rn, rows);
+            gpu.head_position(logits, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradients)?;
             self.profile.mark(gpu, "head: logits + softmax")?;
             if !gradients {
                 continue;
             }
-            // (H7) dℓ in place; (H8) dz = dℓ wte, dwte += dℓᵀ z
-            let block_posterior = posterior.slice(t0 * r, count * r);
-            gpu.head_posterior(log_p.slice(t0 * rn, rows), log_w.slice(t0 * r, count * r), block_posterior, shape)?;
-            gpu.head_dlogits(logits, block_targets, block_posterior, v, shape, inv_count)?;
+            // (H8) dz = dℓ wte, dwte += dℓᵀ z
             gpu.matmul(Operand::normal(logits), Operand::normal(p.wte), dz.slice(t0 * rn * c, rows * c), rows, v, c, false)?;
             gpu.matmul(Operand::transposed(logits), Operand::normal(z_block), g.wte, v, rows, c, true)?;
             self.profile.mark(gpu, "head: dℓ, dz, dwte")?;
@@ -535,8 +616,6 @@ impl Pass<'_> {
         let (gpu, ws, p, g) = (self.gpu, self.ws, self.p, self.g);
         let (c, seq) = (self.config.n_embd, ws.seq);
         let shape = self.attention_shape();
-        let (t, hs, bh) = (seq, shape.head_size, ws.batch * shape.n_head);
-        let scale = 1.0 / (hs as f32).sqrt();
         let d_residual = ws.d_residual.view();
         gpu.fill_zero(d_residual)?;
         let last = ws.residual[self.config.n_layer].view();
@@ -598,34 +677,7 @@ impl Pass<'_> {
             self.profile.mark(gpu, "backward: attn c_proj")?;
             let d_y_heads = ws.y_heads.view();
             gpu.heads_rows(d_y_heads, d_y, shape, false)?;
-            let (q, k, v) = acts.q_k_v();
-            let (dq, dk, dv) = ws.d_q_k_v();
-            let (att, d_att) = (acts.att.view(), ws.d_att.view());
-            // y = att v: d_att = dy vᵀ, dv = attᵀ dy
-            gpu.matmul_batched(
-                Operand::normal(d_y_heads).strided(t * hs),
-                Operand::transposed(v).strided(t * hs),
-                d_att,
-                t,
-                hs,
-                t,
-                bh,
-                false,
-            )?;
-            gpu.matmul_batched(
-                Operand::transposed(att).strided(t * t),
-                Operand::normal(d_y_heads).strided(t * hs),
-                dv,
-                t,
-                t,
-                hs,
-                bh,
-                false,
-            )?;
-            gpu.causal_softmax_backward(att, d_att, t, scale)?;
-            // scores = q kᵀ: dq = d_scores k, dk = d_scoresᵀ q
-            gpu.matmul_batched(Operand::normal(d_att).strided(t * t), Operand::normal(k).strided(t * hs), dq, t, t, hs, bh, false)?;
-            gpu.matmul_batched(Operand::transposed(d_att).strided(t * t), Operand::normal(q).strided(t * hs), dk, t, t, hs, bh, false)?;
+            self.attention_backward(acts.q_k_v(), ws.d_q_k_v(), acts.att.view(), ws.d_att.view(), d_y_heads)?;
             gpu.qkv_heads(ws.qkv.view(), ws.d_qkv_heads.view(), shape, true)?;
             self.profile.mark(gpu, "backward: attention core")?;
             self.linear_backward(

@@ -380,6 +380,7 @@ impl Engine {
 /// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
 pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<TrainSummary> {
     let (resume, show_progress) = (options.resume, options.show_progress);
+    crate::device::check_available(options.device)?;
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, resume)?;
     let mut engine = Engine::open(options.device, options.precision, &run)?;
