@@ -155,9 +155,11 @@ pub struct BenchDecodeResult {
     pub spec_timing: crate::decode::generate::Timing,
     pub repeats: usize,
     pub threads: usize,
+    pub device: Device,
 }
 
 /// Times both decoders `repeats` times, alternating, and reports the medians.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_decode(
     config: &crate::model::ModelConfig,
     params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>,
@@ -166,10 +168,29 @@ pub fn bench_decode(
     sampling: &crate::decode::SamplingConfig,
     seed: u64,
     repeats: usize,
+    device: Device,
 ) -> Result<BenchDecodeResult> {
     use crate::decode::{decode, DecodeRequest, Generation};
-    let run = |speculative: bool| -> Result<Generation> {
+    #[cfg(feature = "cuda")]
+    let gpu = match device {
+        Device::Cuda => Some(crate::device::open_gpu(Precision::F32)?),
+        Device::Cpu => None,
+    };
+    #[cfg(feature = "cuda")]
+    let mut gpu_decoder = match &gpu {
+        Some(gpu) => Some(crate::cuda::decode::GpuDecoder::new(gpu, config, params)?),
+        None => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    if device == Device::Cuda {
+        return invalid!("--device cuda: this build has no CUDA support (use --device cpu)");
+    }
+    let mut run = |speculative: bool| -> Result<Generation> {
         let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {} };
+        #[cfg(feature = "cuda")]
+        if let Some(decoder) = gpu_decoder.as_mut() {
+            return decoder.decode(params, request, speculative);
+        }
         decode(config, params, request, speculative)
     };
     let median = |mut v: Vec<f64>| {
@@ -200,5 +221,6 @@ pub fn bench_decode(
         spec_timing: spec.timing.clone(),
         repeats: repeats.max(1),
         threads: rayon::current_num_threads(),
+        device,
     })
 }

@@ -247,14 +247,6 @@ fn live_readout(total: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// The device of a command that runs on the CPU only, so far.
-fn cpu_only(device: &str, command: &str) -> Result<()> {
-    match Device::parse(device)? {
-        Device::Cpu => Ok(()),
-        Device::Cuda => anyhow::bail!("{command} runs on the CPU only so far (decoding on the GPU is not built yet); use --device cpu"),
-    }
-}
-
 fn load_checkpoint_with_tokenizer(dir: &std::path::Path) -> Result<(checkpoint::Checkpoint, tokenizers::Tokenizer)> {
     let ckpt = checkpoint::load(dir)?;
     let json = ckpt
@@ -367,7 +359,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(losses)?, text))
         }
         Command::Sample(args) => {
-            cpu_only(&args.device, "sample")?;
+            let device = Device::parse(&args.device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
             let bar = live_readout(args.max_new_tokens);
@@ -379,7 +371,17 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 seed: args.sampling.seed,
                 progress: &mut |done| bar.set_position(done as u64),
             };
-            let generation = decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?;
+            let generation = match device {
+                Device::Cpu => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
+                #[cfg(feature = "cuda")]
+                Device::Cuda => {
+                    let gpu = multitoken::device::open_gpu(Precision::F32)?;
+                    let mut decoder = multitoken::cuda::decode::GpuDecoder::new(&gpu, &ckpt.config, &ckpt.params)?;
+                    decoder.decode(&ckpt.params, request, args.speculative)?
+                }
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+            };
             bar.finish_and_clear();
             let continuation = tokenizer::decode(&tok, &generation.tokens)?;
             let value = json!({
@@ -404,7 +406,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((value, text))
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
-            cpu_only(device, "bench decode")?;
+            let device = Device::parse(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
             let ids = tokenizer::encode(&tok, prompt)?;
             let result = multitoken::bench::bench_decode(
@@ -415,6 +417,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 &sampling.config(),
                 sampling.seed,
                 *repeats,
+                device,
             )?;
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
             let text = format!(

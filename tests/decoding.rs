@@ -92,7 +92,7 @@ fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32
     let next = |context: &[u32]| -> Vec<f64> {
         let mut backbone = multitoken::decode::kv_cache::CachedBackbone::new(config, params);
         let h = backbone.forward(context);
-        let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).remove(0);
+        let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).unwrap().remove(0);
         state.next_token_probs().iter().map(|&x| x as f64).collect()
     };
     let first = next(prompt);

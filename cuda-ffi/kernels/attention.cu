@@ -50,21 +50,22 @@ __device__ float warp_add(float v) {
     return v;
 }
 
-// In place, each row (b, h, t) of T scores: att[j] = softmax_j≤t(scale·s[j]), 0 for j > t.
-// One warp per row.
-extern "C" __global__ void causal_softmax_forward(float* scores, int rows, int seq, float scale) {
+// In place, each row of `keys` scores: rows come in matrices of `queries` rows, query t of a
+// matrix sees keys j ≤ t + keys − queries (the cache before it, then the causal part):
+// att[j] = softmax(scale·s[j]) there, 0 beyond. Training has queries = keys = T. One warp per row.
+extern "C" __global__ void causal_softmax_forward(float* scores, int rows, int queries, int keys, float scale) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
-    int t = row % seq;
-    float* s = scores + (long)row * seq;
+    int last = row % queries + keys - queries;
+    float* s = scores + (long)row * keys;
     float m = NEG_INF;
-    for (int j = lane; j <= t; j += 32) m = fmaxf(m, scale * s[j]);
+    for (int j = lane; j <= last; j += 32) m = fmaxf(m, scale * s[j]);
     m = warp_max(m);
     float sum = 0.0f;
-    for (int j = lane; j <= t; j += 32) sum += expf(scale * s[j] - m);
+    for (int j = lane; j <= last; j += 32) sum += expf(scale * s[j] - m);
     float inv = 1.0f / warp_add(sum);
-    for (int j = lane; j < seq; j += 32) s[j] = j <= t ? expf(scale * s[j] - m) * inv : 0.0f;
+    for (int j = lane; j < keys; j += 32) s[j] = j <= last ? expf(scale * s[j] - m) * inv : 0.0f;
 }
 
 // In place: d[j] ← scale · att[j] · (d[j] − Σ_k att[k] d[k]) for j ≤ t, 0 above the diagonal:
@@ -80,4 +81,17 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
     for (int j = lane; j <= t; j += 32) dot += a[j] * g[j];
     dot = warp_add(dot);
     for (int j = lane; j < seq; j += 32) g[j] = j <= t ? scale * a[j] * (g[j] - dot) : 0.0f;
+}
+
+// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), and their keys and values appended to the
+// cache (H, positions, hs) at positions start..start + m. One block per new row.
+extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions, int start) {
+    int j = blockIdx.x, c = n_head * hs;
+    const float* row = qkv + (long)j * 3 * c;
+    for (int i = threadIdx.x; i < 3 * c; i += blockDim.x) {
+        int which = i / c, rest = i - (i / c) * c;
+        int h = rest / hs, d = rest - (rest / hs) * hs;
+        if (which == 0) q[((long)h * m + j) * hs + d] = row[i];
+        else (which == 1 ? keys : values)[((long)h * positions + start + j) * hs + d] = row[i];
+    }
 }

@@ -162,3 +162,16 @@ extern "C" __global__ void gate_gradient(const float* log_w, const float* poster
     }
     for (int k = 0; k < r; k++) da[t * r + k] = (w[k] - posterior[t * r + k]) * inv_count + lambda * w[k] * (u[k] - w_dot_u);
 }
+
+// Decoding: each row of V logits becomes its probabilities, in place. One block per row.
+extern "C" __global__ void softmax_rows(float* logits, int v) {
+    __shared__ float shared[THREADS / 32];
+    float* row = logits + (long)blockIdx.x * v;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < v; j += THREADS) m = fmaxf(m, row[j]);
+    m = block_reduce(m, true, shared);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += THREADS) s += expf(row[j] - m);
+    float inv = 1.0f / block_reduce(s, false, shared);
+    for (int j = threadIdx.x; j < v; j += THREADS) row[j] = expf(row[j] - m) * inv;
+}

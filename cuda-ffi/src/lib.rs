@@ -191,6 +191,8 @@ struct Kernels {
     causal_softmax_forward: CudaFunction,
     causal_softmax_backward: CudaFunction,
     head_position: CudaFunction,
+    softmax_rows: CudaFunction,
+    append_kv: CudaFunction,
     gate_log_softmax: CudaFunction,
     head_statistics: CudaFunction,
     gate_gradient: CudaFunction,
@@ -355,6 +357,8 @@ impl Gpu {
             causal_softmax_forward: f("attention", "causal_softmax_forward")?,
             causal_softmax_backward: f("attention", "causal_softmax_backward")?,
             head_position: f("head", "head_position")?,
+            softmax_rows: f("head", "softmax_rows")?,
+            append_kv: f("attention", "append_kv")?,
             gate_log_softmax: f("head", "gate_log_softmax")?,
             head_statistics: f("head", "head_statistics")?,
             gate_gradient: f("head", "gate_gradient")?,
@@ -972,14 +976,56 @@ impl Gpu {
         Ok(())
     }
 
-    /// In place over rows (B·H·T) of T scores: the causal softmax of `scale`·scores.
-    pub fn causal_softmax_forward(&self, scores: View<f32>, seq: usize, scale: f32) -> Result<()> {
-        check(seq > 0 && scores.len.is_multiple_of(seq * seq), || "causal_softmax_forward: not whole T×T matrices".into())?;
-        let (rows, seq_i) = ((scores.len / seq) as i32, seq as i32);
+    /// In place over matrices of (`queries`, `keys`) scores: the causal softmax of
+    /// `scale`·scores, query t seeing keys up to t + keys − queries (training: queries = keys).
+    pub fn causal_softmax_forward(&self, scores: View<f32>, queries: usize, keys: usize, scale: f32) -> Result<()> {
+        check(queries > 0 && queries <= keys && scores.len.is_multiple_of(queries * keys), || {
+            "causal_softmax_forward: not whole queries×keys matrices".into()
+        })?;
+        let (rows, queries_i, keys_i) = ((scores.len / keys) as i32, queries as i32, keys as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.causal_softmax_forward);
-        launch.arg(&scores.ptr).arg(&rows).arg(&seq_i).arg(&scale);
-        // SAFETY: rows·T elements.
+        launch.arg(&scores.ptr).arg(&rows).arg(&queries_i).arg(&keys_i).arg(&scale);
+        // SAFETY: rows·keys elements.
         unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
+    /// caches (H, positions, hs) at `start..start + m`.
+    pub fn append_kv(
+        &self,
+        qkv: View<f32>,
+        q: View<f32>,
+        keys: View<f32>,
+        values: View<f32>,
+        shape: AttentionShape,
+        start: usize,
+    ) -> Result<()> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let positions = keys.len / (h * hs).max(1);
+        check(
+            shape.batch == 1 && qkv.len == 3 * m * h * hs && q.len == m * h * hs && values.len == keys.len && start + m <= positions,
+            || format!("append_kv: {m} rows at {start} do not fit a cache of {positions} positions"),
+        )?;
+        let dims = [m as i32, h as i32, hs as i32, positions as i32, start as i32];
+        let mut launch = self.stream.launch_builder(&self.kernels.append_kv);
+        launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
+        for d in &dims {
+            launch.arg(d);
+        }
+        // SAFETY: sizes checked; one block per new row.
+        unsafe { launch.launch(block_per_row_config(m)) }?;
+        Ok(())
+    }
+
+    /// Each row of V logits (rows, v) becomes its probabilities, in place.
+    pub fn softmax_rows(&self, logits: View<f32>, v: usize) -> Result<()> {
+        check(v > 0 && logits.len.is_multiple_of(v), || "softmax_rows: not whole rows".into())?;
+        let v_i = v as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.softmax_rows);
+        launch.arg(&logits.ptr).arg(&v_i);
+        // SAFETY: one block per row of v elements.
+        unsafe { launch.launch(block_per_row_config(logits.len / v)) }?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! Parameters, gradients and AdamW moments are single flat device buffers in the order of
 //! [`ModelParams::build`]; the host sees the loss and the head's statistics, never activations.
 
+pub mod decode;
 mod workspace;
 
 use multitoken_cuda::{AdamWStep, AttentionShape, Buffer, HeadShape, Operand, View};
@@ -114,7 +115,7 @@ pub struct GpuModel {
 }
 
 /// Views of a flat buffer laid out as the model's parameters.
-fn param_views(config: &ModelConfig, flat: View<f32>) -> ModelParams<View<f32>> {
+pub(crate) fn param_views(config: &ModelConfig, flat: View<f32>) -> ModelParams<View<f32>> {
     let mut offset = 0;
     let result: std::result::Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
         let len: usize = spec.shape.iter().product();
@@ -435,7 +436,7 @@ impl Pass<'_> {
             let (a, b) = (Operand::normal(q_i).strided(t * hs), Operand::transposed(k).strided(t * hs));
             gpu.matmul_general(a, b, Operand::normal(scores_i).strided(t * t).leading(t), chunk, hs, (i + 1) * chunk, bh, false)?;
         }
-        gpu.causal_softmax_forward(att, t, 1.0 / (hs as f32).sqrt())?;
+        gpu.causal_softmax_forward(att, t, t, 1.0 / (hs as f32).sqrt())?;
         for i in 0..chunks {
             // y_i = att[chunk i, ..keys] v[..keys]
             let (att_i, y_i) = (rows(att, i, t), rows(y, i, hs));

@@ -101,7 +101,7 @@ pub fn generate_reference<T: Float>(
         let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
         let h = gpt2::hidden_states(&mut tape, config, &vars, window, window.len());
         let last = &tape.value(h).data()[(window.len() - 1) * config.n_embd..];
-        let state = head.states(last, 1).remove(0);
+        let state = head.states(last, 1)?.remove(0);
         sequence.push(choose(&state.next_token_probs(), sampling, &mut rng));
     }
     let elapsed_s = started.elapsed().as_secs_f64();
@@ -113,6 +113,15 @@ pub fn generate_reference<T: Float>(
         accepted: vec![],
         timing: Timing::default(),
     })
+}
+
+/// A backbone with a KV cache: new tokens in, their hidden states (m, C) out; rollback by
+/// truncation. On the CPU `kv_cache::CachedBackbone`, on the GPU `cuda::decode`.
+pub trait Backbone<T> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>>;
+    fn truncate(&mut self, len: usize);
+    /// positions in the cache
+    fn positions(&self) -> usize;
 }
 
 /// What a decoder needs besides the model: how many tokens, how to choose them, and a callback
@@ -157,12 +166,23 @@ pub fn decode_with_rule<T: Float>(
     speculative: bool,
     rule: AcceptanceRule,
 ) -> Result<Generation> {
+    let mut backbone = CachedBackbone::new(config, params);
+    decode_loop(config, &mut backbone, &Head::new(config, params), request, speculative, rule)
+}
+
+/// The decoding loop over any backbone and head (SPEC.md section 3, steps 1–4).
+pub fn decode_loop<T: Float>(
+    config: &ModelConfig,
+    backbone: &mut dyn Backbone<T>,
+    head: &Head<T>,
+    request: DecodeRequest,
+    speculative: bool,
+    rule: AcceptanceRule,
+) -> Result<Generation> {
     let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress } = request;
     check_prompt(config, prompt, sampling)?;
     let (n, positions) = (if speculative { config.horizon } else { 1 }, config.n_positions);
     let mut rng = Rng::new(seed);
-    let mut backbone = CachedBackbone::new(config, params);
-    let head = Head::new(config, params);
     let mut sequence = prompt.to_vec();
     let mut generation = Generation {
         tokens: vec![],
@@ -185,10 +205,12 @@ pub fn decode_with_rule<T: Float>(
             let tick = Instant::now();
             backbone.truncate(0);
             window_start = start;
-            head_at_s = (length - 1 > start).then(|| {
-                let h = backbone.forward(&sequence[start..length - 1]);
-                head.states(&h[h.len() - config.n_embd..], 1).remove(0)
-            });
+            head_at_s = if length - 1 > start {
+                let h = backbone.forward(&sequence[start..length - 1])?;
+                Some(head.states(&h[h.len() - config.n_embd..], 1)?.remove(0))
+            } else {
+                None
+            };
             generation.timing.prefill_s += tick.elapsed().as_secs_f64();
         }
         // tokens this pass runs: targets at indices length.. must share the window, and no
@@ -203,7 +225,7 @@ pub fn decode_with_rule<T: Float>(
         let tick = Instant::now();
         let (drafts, draft_probs) = match head_at_s.as_mut() {
             Some(s_state) if run_length > 1 => {
-                head.fill(&mut [s_state], n);
+                head.fill(&mut [s_state], n)?;
                 draft(s_state, pending, run_length - 1, sampling, &mut rng)
             }
             _ => (vec![], vec![]),
@@ -214,20 +236,24 @@ pub fn decode_with_rule<T: Float>(
         let tick = Instant::now();
         let mut run = vec![pending];
         run.extend(&drafts);
-        let cache_before = backbone.len();
-        let hidden = backbone.forward(&run);
+        let cache_before = backbone.positions();
+        let hidden = backbone.forward(&run)?;
         generation.forward_passes += 1;
         generation.timing.backbone_s += tick.elapsed().as_secs_f64();
 
         // 3. verify against the next-token marginal at each state, computing a state's target
         //    only once every draft before it was accepted
         let tick = Instant::now();
-        let mut states: Vec<HeadState<T>> = Vec::with_capacity(run.len());
+        let c = config.n_embd;
+        // on a device, every state's target in one round trip; on the CPU, lazily
+        let mut states: Vec<HeadState<T>> = if head.on_device() { head.states(&hidden, 1)? } else { Vec::with_capacity(run.len()) };
         let mut kept = 0;
         let mut next = None;
         for (j, &d) in drafts.iter().enumerate() {
             generation.drafted[j] += 1;
-            states.extend(head.states(&hidden[j * config.n_embd..(j + 1) * config.n_embd], 1));
+            if states.len() <= j {
+                states.extend(head.states(&hidden[j * c..(j + 1) * c], 1)?);
+            }
             let target = states[j].next_token_probs();
             if sampling.greedy {
                 let best = sampling::argmax(&target);
@@ -259,7 +285,9 @@ pub fn decode_with_rule<T: Float>(
         let next = match next {
             Some(token) => token,
             None => {
-                states.extend(head.states(&hidden[kept * config.n_embd..(kept + 1) * config.n_embd], 1));
+                if states.len() <= kept {
+                    states.extend(head.states(&hidden[kept * c..(kept + 1) * c], 1)?);
+                }
                 choose(&states[kept].next_token_probs(), sampling, &mut rng)
             }
         };

@@ -3,9 +3,17 @@
 
 use rayon::prelude::*;
 
+use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
+
+/// The vocabulary-sized part of the head, wherever it runs: for requests (hidden row h (C),
+/// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (requests, r, V).
+/// The CPU computes it in [`Head`]; `cuda::decode` on the GPU, all requests in one round trip.
+pub trait HeadProducts<T> {
+    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<T>>;
+}
 
 /// The head's distributions at one hidden state h.
 #[derive(Clone, Debug)]
@@ -28,6 +36,8 @@ pub struct Head<'a, T: Float> {
     /// the expanders regrouped by horizon: for each s, the (r·C, C) matrix of W[α,s] for all α,
     /// so that every z[α,s] of a state comes out of one product
     expand_by_horizon: Vec<Vec<T>>,
+    /// the products on another device, when not on the CPU
+    device: Option<&'a dyn HeadProducts<T>>,
 }
 
 impl<'a, T: Float> Head<'a, T> {
@@ -39,27 +49,46 @@ impl<'a, T: Float> Head<'a, T> {
                 .collect(),
             None => Vec::new(),
         };
-        Head { config, params, expand_by_horizon }
+        Head { config, params, expand_by_horizon, device: None }
+    }
+
+    /// A head whose vocabulary-sized products run on `device` (the gate stays on the host).
+    pub fn with_device(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>, device: &'a dyn HeadProducts<T>) -> Self {
+        Head { config, params, expand_by_horizon: Vec::new(), device: Some(device) }
+    }
+
+    /// Whether the products run on another device, where one batched round trip beats several
+    /// small ones even if some of its rows go unused.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
     }
 
     /// States for each row of `hidden` (m, C), with horizons 0..`horizons` filled.
-    pub fn states(&self, hidden: &[T], horizons: usize) -> Vec<HeadState<T>> {
+    pub fn states(&self, hidden: &[T], horizons: usize) -> Result<Vec<HeadState<T>>> {
         let (c, v, n) = (self.config.n_embd, self.config.vocab_size, self.config.horizon);
         let mut states: Vec<HeadState<T>> =
             hidden.chunks(c).map(|h| HeadState { hidden: h.to_vec(), weights: self.gate(h), probs: vec![None; n], vocab: v }).collect();
         let mut refs: Vec<&mut HeadState<T>> = states.iter_mut().collect();
-        self.fill(&mut refs, horizons);
-        states
+        self.fill(&mut refs, horizons)?;
+        Ok(states)
     }
 
     /// Fills every horizon below `horizons` that a state lacks, in one batched pass.
-    pub fn fill(&self, states: &mut [&mut HeadState<T>], horizons: usize) {
+    pub fn fill(&self, states: &mut [&mut HeadState<T>], horizons: usize) -> Result<()> {
         let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
         // (state, s) pairs still missing; each needs r rows (α = 0..r)
         let missing: Vec<(usize, usize)> =
             (0..horizons).flat_map(|s| (0..states.len()).map(move |i| (i, s))).filter(|&(i, s)| states[i].probs[s].is_none()).collect();
         if missing.is_empty() {
-            return;
+            return Ok(());
+        }
+        if let Some(device) = self.device {
+            let requests: Vec<(&[T], usize)> = missing.iter().map(|&(i, s)| (states[i].hidden.as_slice(), s)).collect();
+            let probs = device.probabilities(&requests)?;
+            for (block, &(i, s)) in probs.chunks(r * v).zip(&missing) {
+                states[i].probs[s] = Some(block.to_vec());
+            }
+            return Ok(());
         }
         // z rows, ordered (pair, α): z[α,s] = W[α,s] h, or h itself without expanders.
         // Pairs come grouped by s, so each horizon is one product over its states.
@@ -91,6 +120,7 @@ impl<'a, T: Float> Head<'a, T> {
         for (block, &(i, s)) in logits.chunks(r * v).zip(&missing) {
             states[i].probs[s] = Some(block.to_vec());
         }
+        Ok(())
     }
 
     /// w = softmax(G h + g); [1] when r = 1.
@@ -142,7 +172,7 @@ mod tests {
             t.add_assign(&noise);
         }
         let hidden = Tensor::randn(&[1, 8], 1.0, &mut rng);
-        let state = Head::new(&config, &params).states(hidden.data(), 3).remove(0);
+        let state = Head::new(&config, &params).states(hidden.data(), 3).unwrap().remove(0);
         let marginal = state.next_token_probs();
         assert!((marginal.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         // −log p(y_0) from the training op at the same hidden state

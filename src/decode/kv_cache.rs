@@ -177,6 +177,20 @@ fn block_forward<T: Float>(
     x.iter_mut().zip(&projected).for_each(|(a, &b)| *a += b);
 }
 
+impl<T: Float> super::generate::Backbone<T> for CachedBackbone<'_, T> {
+    fn forward(&mut self, tokens: &[u32]) -> crate::error::Result<Vec<T>> {
+        Ok(CachedBackbone::forward(self, tokens))
+    }
+
+    fn truncate(&mut self, len: usize) {
+        CachedBackbone::truncate(self, len);
+    }
+
+    fn positions(&self) -> usize {
+        CachedBackbone::len(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,251 @@
+//! Decoding on the GPU (`sample` and `bench decode` with `--device cuda`): the KV cache and the
+//! backbone passes run on the device, and so do the head's vocabulary-sized products. The
+//! decoding loop itself (drafts, verification, acceptance, sampling) is
+//! `decode::generate::decode_loop` on the host, the same code as on the CPU; per step it moves
+//! only hidden states (C floats a token) and the probabilities it reads (r·V floats a horizon).
+
+use multitoken_cuda::{AttentionShape, Buffer, Operand, View};
+
+use super::{param_views, Gpu};
+use crate::decode::generate::{decode_loop, AcceptanceRule, Backbone};
+use crate::decode::head::{Head, HeadProducts, HeadState};
+use crate::decode::{DecodeRequest, Generation};
+use crate::error::Result;
+use crate::invalid;
+use crate::model::{ModelConfig, ModelParams};
+use crate::tensor::Tensor;
+
+/// The model on the GPU, ready to decode: weights, the KV cache and the scratch buffers.
+pub struct GpuDecoder<'a> {
+    config: ModelConfig,
+    /// the weights' allocation, which the views in `backbone` and `head` point into
+    _weights: Buffer<f32>,
+    backbone: GpuBackbone<'a>,
+    head: GpuHead<'a>,
+}
+
+impl<'a> GpuDecoder<'a> {
+    pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
+        let flat: Vec<f32> = params.named().into_iter().flat_map(|(_, t)| t.data().iter().copied()).collect();
+        let weights = gpu.upload(&flat)?;
+        let views = param_views(config, weights.view());
+        Ok(GpuDecoder {
+            config: config.clone(),
+            backbone: GpuBackbone::new(gpu, config, views.clone())?,
+            head: GpuHead::new(gpu, config, views)?,
+            _weights: weights,
+        })
+    }
+
+    /// Decodes as `decode::decode` does on the CPU; `params` is the host copy (for the gate).
+    pub fn decode(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
+        self.backbone.len = 0;
+        let head = Head::with_device(&self.config, params, &self.head);
+        decode_loop(&self.config, &mut self.backbone, &head, request, speculative, AcceptanceRule::Exact)
+    }
+
+    /// The head's states at hidden rows (m, C) with horizons 0..`horizons`, products on the GPU.
+    pub fn head_states(&self, params: &ModelParams<Tensor<f32>>, hidden: &[f32], horizons: usize) -> Result<Vec<HeadState<f32>>> {
+        Head::with_device(&self.config, params, &self.head).states(hidden, horizons)
+    }
+
+    /// The backbone alone, for tests: hidden states of new tokens after the cached ones.
+    pub fn backbone(&mut self) -> &mut dyn Backbone<f32> {
+        &mut self.backbone
+    }
+}
+
+/// GPT-2 with a KV cache on the device: one layer's keys and values are (H, n_positions, hs)
+/// each, so a head's keys form one matrix and a pass is a strided-batched product over heads.
+struct GpuBackbone<'a> {
+    gpu: &'a Gpu,
+    config: ModelConfig,
+    p: ModelParams<View<f32>>,
+    keys: Vec<Buffer<f32>>,
+    values: Vec<Buffer<f32>>,
+    /// positions filled
+    len: usize,
+    scratch: Scratch,
+}
+
+/// Buffers for up to n_positions new rows.
+struct Scratch {
+    ids: Buffer<u32>,
+    x: Buffer<f32>,
+    x_mid: Buffer<f32>,
+    normed: Buffer<f32>,
+    mean: Buffer<f32>,
+    rstd: Buffer<f32>,
+    qkv: Buffer<f32>,
+    q: Buffer<f32>,
+    scores: Buffer<f32>,
+    y_heads: Buffer<f32>,
+    att_y: Buffer<f32>,
+    fc: Buffer<f32>,
+    fc_gelu: Buffer<f32>,
+}
+
+impl<'a> GpuBackbone<'a> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>) -> Result<Self> {
+        let (c, positions, h) = (config.n_embd, config.n_positions, config.n_head);
+        let f = |len: usize| gpu.zeros::<f32>(len);
+        let scratch = Scratch {
+            ids: gpu.zeros(positions)?,
+            x: f(positions * c)?,
+            x_mid: f(positions * c)?,
+            normed: f(positions * c)?,
+            mean: f(positions)?,
+            rstd: f(positions)?,
+            qkv: f(positions * 3 * c)?,
+            q: f(positions * c)?,
+            scores: f(h * positions * positions)?,
+            y_heads: f(positions * c)?,
+            att_y: f(positions * c)?,
+            fc: f(positions * 4 * c)?,
+            fc_gelu: f(positions * 4 * c)?,
+        };
+        let cache = || (0..config.n_layer).map(|_| f(positions * c)).collect::<std::result::Result<Vec<_>, _>>();
+        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch })
+    }
+}
+
+impl Backbone<f32> for GpuBackbone<'_> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (gpu, p, s) = (self.gpu, &self.p, &self.scratch);
+        let (c, h, positions) = (self.config.n_embd, self.config.n_head, self.config.n_positions);
+        let (m, start, hs) = (tokens.len(), self.len, c / h);
+        let keys = start + m;
+        if m == 0 || keys > positions {
+            return invalid!("the KV cache holds {positions} positions; {start} are filled and {m} more do not fit");
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size);
+        }
+        let rows = |b: &Buffer<f32>, width: usize| b.view().prefix(m * width);
+        let (x, x_mid, normed, mean, rstd) = (rows(&s.x, c), rows(&s.x_mid, c), rows(&s.normed, c), rows(&s.mean, 1), rows(&s.rstd, 1));
+        let ids = s.ids.view().prefix(m);
+        gpu.write(ids, tokens)?;
+        // positions start..start + m: the position table from row `start` on
+        gpu.embedding_forward(ids, p.wte, p.wpe.slice(start * c, m * c), x, m, c)?;
+        let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: hs };
+        let scale = 1.0 / (hs as f32).sqrt();
+        for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
+            let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
+            gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, normed, mean, rstd)?;
+            let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
+            gpu.linear(normed, block.attn_c_attn_weight, block.attn_c_attn_bias, qkv)?;
+            gpu.append_kv(qkv, q, cached_keys, cached_values, shape, start)?;
+            // scores (H, m, keys) = q kᵀ over the cache; y (H, m, hs) = att v
+            let scores = s.scores.view().prefix(h * m * keys);
+            let (q_op, k_op) = (Operand::normal(q).strided(m * hs), Operand::transposed(cached_keys).strided(positions * hs));
+            gpu.matmul_general(q_op, k_op, Operand::normal(scores).strided(m * keys), m, hs, keys, h, false)?;
+            gpu.causal_softmax_forward(scores, m, keys, scale)?;
+            let (att_op, v_op) = (Operand::normal(scores).strided(m * keys), Operand::normal(cached_values).strided(positions * hs));
+            let y_heads = rows(&s.y_heads, c);
+            gpu.matmul_general(att_op, v_op, Operand::normal(y_heads).strided(m * hs), m, keys, hs, h, false)?;
+            let att_y = rows(&s.att_y, c);
+            gpu.heads_rows(y_heads, att_y, shape, true)?;
+            gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
+            gpu.layernorm_forward(x_mid, block.ln_2_weight, block.ln_2_bias, normed, mean, rstd)?;
+            let (fc, fc_gelu) = (rows(&s.fc, 4 * c), rows(&s.fc_gelu, 4 * c));
+            gpu.linear(normed, block.mlp_c_fc_weight, block.mlp_c_fc_bias, fc)?;
+            gpu.gelu_forward(fc, fc_gelu)?;
+            gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
+        }
+        gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?;
+        self.len = keys;
+        Ok(gpu.download(normed)?)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    fn positions(&self) -> usize {
+        self.len
+    }
+}
+
+/// The head's products on the device: z = W[α,s] h for every α in one product (the expanders
+/// regrouped by horizon at load time), logits against wte, softmax, then to the host.
+struct GpuHead<'a> {
+    gpu: &'a Gpu,
+    config: ModelConfig,
+    wte: View<f32>,
+    /// (n, r·C, C): for each horizon, W[α,s] for all α one after the other; absent when n = r = 1
+    expand_by_horizon: Option<Buffer<f32>>,
+    /// room for `rows` hidden states at a time
+    rows: usize,
+    hidden: Buffer<f32>,
+    z: Buffer<f32>,
+    logits: Buffer<f32>,
+}
+
+impl<'a> GpuHead<'a> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>) -> Result<Self> {
+        let (c, v, r, n) = (config.n_embd, config.vocab_size, config.rank, config.horizon);
+        let expand_by_horizon = match &p.head {
+            Some(head) => {
+                let regrouped = gpu.zeros::<f32>(n * r * c * c)?;
+                for s in 0..n {
+                    for alpha in 0..r {
+                        let source = head.expand_weight.slice((alpha * n + s) * c * c, c * c);
+                        gpu.copy(source, regrouped.view().slice((s * r + alpha) * c * c, c * c))?;
+                    }
+                }
+                Some(regrouped)
+            }
+            None => None,
+        };
+        // a request batch: every horizon of the draft state, or every verified state
+        let rows = 2 * n.max(1);
+        Ok(GpuHead {
+            gpu,
+            config: config.clone(),
+            wte: p.wte,
+            expand_by_horizon,
+            rows,
+            hidden: gpu.zeros(rows * c)?,
+            z: gpu.zeros(rows * r * c)?,
+            logits: gpu.zeros(rows * r * v)?,
+        })
+    }
+}
+
+impl HeadProducts<f32> for GpuHead<'_> {
+    fn probabilities(&self, requests: &[(&[f32], usize)]) -> Result<Vec<f32>> {
+        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
+        let mut out = Vec::with_capacity(requests.len() * r * v);
+        for chunk in requests.chunks(self.rows) {
+            let count = chunk.len();
+            let hidden: Vec<f32> = chunk.iter().flat_map(|(h, _)| h.iter().copied()).collect();
+            let h = self.hidden.view().prefix(count * c);
+            self.gpu.write(h, &hidden)?;
+            // z rows (request, α): W[α,s] h for the request's own horizon s
+            let z = match &self.expand_by_horizon {
+                Some(w) => {
+                    let z = self.z.view().prefix(count * r * c);
+                    for (i, &(_, s)) in chunk.iter().enumerate() {
+                        let w_s = w.view().slice(s * r * c * c, r * c * c);
+                        self.gpu.matmul(
+                            Operand::normal(h.slice(i * c, c)),
+                            Operand::transposed(w_s),
+                            z.slice(i * r * c, r * c),
+                            1,
+                            c,
+                            r * c,
+                            false,
+                        )?;
+                    }
+                    z
+                }
+                None => h,
+            };
+            let logits = self.logits.view().prefix(count * r * v);
+            self.gpu.matmul(Operand::normal(z), Operand::transposed(self.wte), logits, count * r, c, v, false)?;
+            self.gpu.softmax_rows(logits, v)?;
+            out.extend(self.gpu.download(logits)?);
+        }
+        Ok(out)
+    }
+}
