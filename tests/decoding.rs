@@ -185,3 +185,28 @@ fn speculative_sampling_is_exact_and_a_wrong_acceptance_rule_is_caught() {
         assert_eq!(statistic <= critical, must_pass, "{name}: chi-square {statistic:.1}, critical {critical:.1}");
     }
 }
+
+/// The host side of device decoding (one batched request for all draft horizons, every verified
+/// state at once) with the CPU head standing in for the device: same tokens as CPU decoding,
+/// greedy and sampled, so the GPU path's shared loop is checked here too, where CI runs.
+#[test]
+fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
+    use multitoken::decode::generate::decode_loop;
+    use multitoken::decode::head::Head;
+    use multitoken::decode::kv_cache::CachedBackbone;
+    let (config, params) = trained_model(3, 4);
+    let cpu_head = Head::new(&config, &params);
+    let device_head = Head::with_device(&config, &params, &cpu_head);
+    assert!(device_head.on_device() && !cpu_head.on_device());
+    let prompt = [3u32, 10, 17];
+    let sampled = SamplingConfig { greedy: false, temperature: 0.9, top_k: 0, top_p: 1.0 };
+    for sampling in [SamplingConfig::greedy(), sampled] {
+        for speculative in [false, true] {
+            let mut backbone = CachedBackbone::new(&config, &params);
+            let request = DecodeRequest { prompt: &prompt, max_new_tokens: 40, sampling: &sampling, seed: 9, progress: &mut |_| {} };
+            let device = decode_loop(&config, &mut backbone, &device_head, request, speculative, AcceptanceRule::Exact).unwrap();
+            let cpu = run(&config, &params, &prompt, 40, &sampling, 9, speculative);
+            assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative}", sampling.greedy);
+        }
+    }
+}

@@ -75,29 +75,35 @@ impl<'a, T: Float> Head<'a, T> {
 
     /// Fills every horizon below `horizons` that a state lacks, in one batched pass.
     pub fn fill(&self, states: &mut [&mut HeadState<T>], horizons: usize) -> Result<()> {
-        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
-        // (state, s) pairs still missing; each needs r rows (α = 0..r)
+        let (v, r) = (self.config.vocab_size, self.config.rank);
+        // (state, s) pairs still missing, grouped by s; each needs r rows (α = 0..r)
         let missing: Vec<(usize, usize)> =
             (0..horizons).flat_map(|s| (0..states.len()).map(move |i| (i, s))).filter(|&(i, s)| states[i].probs[s].is_none()).collect();
         if missing.is_empty() {
             return Ok(());
         }
-        if let Some(device) = self.device {
-            let requests: Vec<(&[T], usize)> = missing.iter().map(|&(i, s)| (states[i].hidden.as_slice(), s)).collect();
-            let probs = device.probabilities(&requests)?;
-            for (block, &(i, s)) in probs.chunks(r * v).zip(&missing) {
-                states[i].probs[s] = Some(block.to_vec());
-            }
-            return Ok(());
+        let requests: Vec<(&[T], usize)> = missing.iter().map(|&(i, s)| (states[i].hidden.as_slice(), s)).collect();
+        let probs = match self.device {
+            Some(device) => device.probabilities(&requests)?,
+            None => self.cpu_probabilities(&requests),
+        };
+        for (block, &(i, s)) in probs.chunks(r * v).zip(&missing) {
+            states[i].probs[s] = Some(block.to_vec());
         }
-        // z rows, ordered (pair, α): z[α,s] = W[α,s] h, or h itself without expanders.
-        // Pairs come grouped by s, so each horizon is one product over its states.
-        let mut z = vec![T::zero(); missing.len() * r * c];
+        Ok(())
+    }
+
+    /// P[α,s] for (hidden row, s) requests on the CPU, laid out (requests, r, V): z rows
+    /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
+    /// the same horizon, then one unembedding product for all and a softmax per row.
+    fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<T> {
+        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
+        let mut z = vec![T::zero(); requests.len() * r * c];
         let mut first = 0;
-        while first < missing.len() {
-            let s = missing[first].1;
-            let count = missing[first..].iter().take_while(|p| p.1 == s).count();
-            let hidden: Vec<T> = missing[first..first + count].iter().flat_map(|&(i, _)| states[i].hidden.iter().copied()).collect();
+        while first < requests.len() {
+            let s = requests[first].1;
+            let count = requests[first..].iter().take_while(|p| p.1 == s).count();
+            let hidden: Vec<T> = requests[first..first + count].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
             let out = &mut z[first * r * c..(first + count) * r * c];
             match self.expand_by_horizon.get(s) {
                 Some(w) => matmul(&hidden, Layout::Normal, w, Layout::Transposed, out, count, c, r * c, false),
@@ -105,7 +111,7 @@ impl<'a, T: Float> Head<'a, T> {
             }
             first += count;
         }
-        let rows = missing.len() * r;
+        let rows = requests.len() * r;
         let mut logits = vec![T::zero(); rows * v];
         matmul(&z, Layout::Normal, self.params.wte.data(), Layout::Transposed, &mut logits, rows, c, v, false);
         if rows * v >= 1 << 16 {
@@ -117,10 +123,7 @@ impl<'a, T: Float> Head<'a, T> {
                 T::softmax_row(row);
             });
         }
-        for (block, &(i, s)) in logits.chunks(r * v).zip(&missing) {
-            states[i].probs[s] = Some(block.to_vec());
-        }
-        Ok(())
+        logits
     }
 
     /// w = softmax(G h + g); [1] when r = 1.
@@ -134,6 +137,17 @@ impl<'a, T: Float> Head<'a, T> {
                 a
             }
             _ => vec![T::one()],
+        }
+    }
+}
+
+/// The CPU's products behind the device interface: a reference for devices, and a stand-in
+/// with which the host side of device decoding is tested where no device is.
+impl<T: Float> HeadProducts<T> for Head<'_, T> {
+    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<T>> {
+        match self.device {
+            Some(device) => device.probabilities(requests),
+            None => Ok(self.cpu_probabilities(requests)),
         }
     }
 }
