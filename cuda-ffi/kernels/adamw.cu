@@ -12,14 +12,6 @@ __device__ void adamw_element(float* p, const float* g, float* m, float* v, long
     p[i] = p[i] * (1.0f - lr * weight_decay) - lr * (mi / bias_correction1) / denom;
 }
 
-extern "C" __global__ void adamw_update(float* p, const float* g, float* m, float* v, long n, float grad_scale,
-                                       float lr, float beta1, float beta2, float eps, float weight_decay,
-                                       float bias_correction1, float bias_correction2_sqrt) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    adamw_element(p, g, m, v, i, grad_scale, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt);
-}
-
 // Every parameter of a flat buffer in one launch. Parameter s spans [starts[s], starts[s + 1]);
 // flags[s] bit 0: update it, bit 1: apply weight decay. Each element finds its parameter by
 // binary search over the (a few hundred) starts.

@@ -180,7 +180,6 @@ struct Kernels {
     sum_of_squares: CudaFunction,
     layernorm_forward: CudaFunction,
     layernorm_backward: CudaFunction,
-    adamw_update: CudaFunction,
     adamw_update_segments: CudaFunction,
     embedding_forward: CudaFunction,
     embedding_backward_tokens: CudaFunction,
@@ -346,7 +345,6 @@ impl Gpu {
             sum_of_squares: f("elementwise", "sum_of_squares")?,
             layernorm_forward: f("layernorm", "layernorm_forward")?,
             layernorm_backward: f("layernorm", "layernorm_backward")?,
-            adamw_update: f("adamw", "adamw_update")?,
             adamw_update_segments: f("adamw", "adamw_update_segments")?,
             embedding_forward: f("embedding", "embedding_forward")?,
             embedding_backward_tokens: f("embedding", "embedding_backward_tokens")?,
@@ -851,22 +849,6 @@ impl Gpu {
         };
         // SAFETY: sizes checked above; the shared memory holds the block's 2·c partial sums.
         unsafe { launch.launch(config) }?;
-        Ok(())
-    }
-
-    /// One AdamW update of a parameter view in place.
-    pub fn adamw_update(&self, params: View<f32>, grads: View<f32>, m: View<f32>, v: View<f32>, step: AdamWStep) -> Result<()> {
-        let n = params.len;
-        check(grads.len == n && m.len == n && v.len == n, || "adamw_update: parameter, gradient and moments differ in length".into())?;
-        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
-        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
-        let n_i = n as i64;
-        let mut launch = self.stream.launch_builder(&self.kernels.adamw_update);
-        launch.arg(&params.ptr).arg(&grads.ptr).arg(&m.ptr).arg(&v.ptr).arg(&n_i).arg(&step.grad_scale);
-        launch.arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps).arg(&step.weight_decay);
-        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
-        // SAFETY: all four views hold n elements.
-        unsafe { launch.launch(elementwise_config(n)) }?;
         Ok(())
     }
 

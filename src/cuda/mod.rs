@@ -19,7 +19,7 @@ use crate::model::{Batch, ModelConfig, ModelParams};
 use crate::ops::CpHeadStats;
 use crate::tensor::Tensor;
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::evaluate::{Losses, Mean};
+use crate::train::evaluate::{scoring_windows, Losses, Mean};
 use crate::train::StepConfig;
 
 /// With `MULTITOKEN_PROFILE=1`, the GPU pass waits for the device after each phase and adds
@@ -339,22 +339,15 @@ impl GpuModel {
 
     /// `eval` on a token stream, as `train::evaluate::evaluate_tokens` on the CPU.
     pub fn evaluate_tokens(&mut self, tokens: &[u32]) -> Result<Losses> {
-        let (n, window) = (self.config.horizon, self.config.n_positions);
+        let n = self.config.horizon;
         let mut mean = Mean::default();
-        let total = tokens.len();
-        if total <= n {
-            return Ok(mean.finish());
-        }
-        let last_scored = total - 1 - n;
-        for start in (0..=last_scored).step_by(window) {
-            let end = (start + window).min(total);
-            let scored = (last_scored + 1 - start).min(end - start);
-            let inputs = tokens[start..end].to_vec();
-            let mut targets: Vec<u32> = (start..start + scored).flat_map(|t| tokens[t + 1..t + 1 + n].iter().copied()).collect();
-            targets.resize(inputs.len() * n, 0); // rows past `scored` are not scored
-            let batch = Batch { inputs, targets, seq: end - start, horizon: n };
-            let stats = self.loss_on_prefix(&batch, scored, 0.0, false)?;
-            mean.add(&stats, scored);
+        for window in scoring_windows(tokens, n, self.config.n_positions) {
+            let seq = window.inputs.len();
+            let mut targets = window.targets;
+            targets.resize(seq * n, 0); // rows past `scored` are not scored
+            let batch = Batch { inputs: window.inputs.to_vec(), targets, seq, horizon: n };
+            let stats = self.loss_on_prefix(&batch, window.scored, 0.0, false)?;
+            mean.add(&stats, window.scored);
         }
         Ok(mean.finish())
     }
@@ -392,11 +385,6 @@ impl Pass<'_> {
     fn attention_shape(&self) -> AttentionShape {
         let (c, h) = (self.config.n_embd, self.config.n_head);
         AttentionShape { batch: self.ws.batch, seq: self.ws.seq, n_head: h, head_size: c / h }
-    }
-
-    /// `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias` (Conv1D layout).
-    fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
-        Ok(self.gpu.linear(x, weight, bias, out)?)
     }
 
     /// Backward of `linear`: dweight += xᵀ dout, dbias += Σ dout, dx = dout · weightᵀ.
@@ -489,7 +477,7 @@ impl Pass<'_> {
             let x = ws.residual[l].view();
             gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, acts.ln_1.view(), acts.ln_1_mean.view(), acts.ln_1_rstd.view())?;
             self.profile.mark(gpu, "forward: ln_1")?;
-            self.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, ws.qkv.view())?;
+            gpu.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, ws.qkv.view())?;
             self.profile.mark(gpu, "forward: c_attn")?;
             gpu.qkv_heads(ws.qkv.view(), acts.qkv_heads.view(), shape, false)?;
             self.profile.mark(gpu, "forward: qkv → heads")?;
@@ -508,7 +496,7 @@ impl Pass<'_> {
                 acts.ln_2_mean.view(),
                 acts.ln_2_rstd.view(),
             )?;
-            self.linear(acts.ln_2.view(), block.mlp_c_fc_weight, block.mlp_c_fc_bias, acts.fc.view())?;
+            gpu.linear(acts.ln_2.view(), block.mlp_c_fc_weight, block.mlp_c_fc_bias, acts.fc.view())?;
             gpu.gelu_forward(acts.fc.view(), acts.fc_gelu.view())?;
             self.profile.mark(gpu, "forward: ln_2 + c_fc + gelu")?;
             let x_out = ws.residual[l + 1].view();

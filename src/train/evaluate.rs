@@ -84,29 +84,72 @@ pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>,
     mean.finish()
 }
 
-/// Scores a token stream x_0..x_{N−1} as SPEC.md's `eval` says: windows of n_positions input
-/// positions, no context carried between windows, every position t with t + n ≤ N − 1 scored.
-pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, tokens: &[u32]) -> Losses {
-    let (n, window) = (config.horizon, config.n_positions);
-    let mut mean = Mean::default();
+/// One window of `eval` (SPEC.md section 5): input tokens `start..end`, of which the first
+/// `scored` positions are scored, with their targets (scored, n).
+pub struct ScoringWindow<'a> {
+    pub inputs: &'a [u32],
+    pub scored: usize,
+    pub targets: Vec<u32>,
+}
+
+/// The windows of a token stream x_0..x_{N−1}: n_positions input positions each, no context
+/// carried between them, every position t with t + n ≤ N − 1 scored once.
+pub fn scoring_windows(tokens: &[u32], horizon: usize, window: usize) -> Vec<ScoringWindow<'_>> {
     let total = tokens.len();
-    if total <= n {
-        return mean.finish();
+    if total <= horizon {
+        return Vec::new();
     }
-    let last_scored = total - 1 - n; // largest t with t + n ≤ N − 1
-    for start in (0..=last_scored).step_by(window) {
-        let end = (start + window).min(total);
-        let scored = (last_scored + 1 - start).min(end - start);
+    let last_scored = total - 1 - horizon; // largest t with t + n ≤ N − 1
+    (0..=last_scored)
+        .step_by(window)
+        .map(|start| {
+            let end = (start + window).min(total);
+            let scored = (last_scored + 1 - start).min(end - start);
+            let targets = (start..start + scored).flat_map(|t| tokens[t + 1..t + 1 + horizon].iter().copied()).collect();
+            ScoringWindow { inputs: &tokens[start..end], scored, targets }
+        })
+        .collect()
+}
+
+/// Scores a token stream as SPEC.md's `eval` says (see [`scoring_windows`]).
+pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, tokens: &[u32]) -> Losses {
+    let mut mean = Mean::default();
+    for window in scoring_windows(tokens, config.horizon, config.n_positions) {
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
-        let h = gpt2::hidden_states(&mut tape, config, &vars, &tokens[start..end], end - start);
+        let h = gpt2::hidden_states(&mut tape, config, &vars, window.inputs, window.inputs.len());
         // keep the rows of scored positions only
         let c = config.n_embd;
-        let rows = Tensor::from_vec(&[scored, c], tape.value(h).data()[..scored * c].to_vec());
+        let rows = Tensor::from_vec(&[window.scored, c], tape.value(h).data()[..window.scored * c].to_vec());
         let h = tape.leaf(rows, false);
-        let targets: Vec<u32> = (start..start + scored).flat_map(|t| tokens[t + 1..t + 1 + n].iter().copied()).collect();
-        let out = head_loss(&mut tape, config, &vars, h, &targets, 0.0);
-        mean.add(&out.stats, scored);
+        let out = head_loss(&mut tape, config, &vars, h, &window.targets, 0.0);
+        mean.add(&out.stats, window.scored);
     }
     mean.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scoring_windows_score_every_position_with_all_its_targets_once() {
+        let tokens: Vec<u32> = (0..23).collect();
+        for (horizon, window) in [(1, 8), (3, 8), (3, 5), (2, 30)] {
+            let windows = scoring_windows(&tokens, horizon, window);
+            let mut next = 0; // the next position to be scored
+            for w in &windows {
+                assert!(w.inputs.len() <= window && w.scored <= w.inputs.len());
+                let start = w.inputs[0] as usize;
+                assert_eq!(start, next, "windows are consecutive and do not overlap");
+                for t in 0..w.scored {
+                    let expected: Vec<u32> = (1..=horizon).map(|s| (start + t + s) as u32).collect();
+                    assert_eq!(&w.targets[t * horizon..(t + 1) * horizon], expected.as_slice());
+                }
+                next += w.scored;
+            }
+            assert_eq!(next, tokens.len() - horizon, "positions t with t + n ≤ N − 1, all of them");
+        }
+        assert!(scoring_windows(&tokens[..2], 2, 8).is_empty());
+    }
 }
