@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use multitoken::cuda::decode::GpuDecoder;
-use multitoken::cuda::{CudaError, Gpu, GpuModel};
+use multitoken::cuda::{AttentionRoute, CudaError, Gpu, GpuModel};
 use multitoken::decode::head::Head;
 use multitoken::decode::kv_cache::CachedBackbone;
 use multitoken::decode::{DecodeRequest, SamplingConfig};
@@ -16,7 +16,7 @@ use multitoken::model::{gpt2, loss::model_loss, Batch, ModelConfig};
 use multitoken::tensor::{Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{train_step, StepConfig};
-use multitoken_cuda::{driver_present, AdamWStep, GemmRoute, Operand};
+use multitoken_cuda::{driver_present, AdamWStep, AttentionShape, GemmRoute, Operand, FUSED_ATTENTION_HEAD_SIZES};
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
 macro_rules! cuda_test {
@@ -216,6 +216,41 @@ cuda_test!(adamw_matches_the_cpu_optimizer, |gpu| {
     }
 });
 
+cuda_test!(fused_attention_matches_the_cpu_op_for_every_head_size, |gpu| {
+    for (k, &hs) in FUSED_ATTENTION_HEAD_SIZES.iter().enumerate() {
+        // T = 130: three query tiles, the last one ragged; B·H = 4 blocks of each tile
+        let shape = AttentionShape { batch: 2, seq: 130, n_head: 2, head_size: hs };
+        let (rows, c) = (shape.batch * shape.seq, shape.n_head * hs);
+        let (qkv, dy) = (random(rows * 3 * c, 40 + k as u64), random(rows * c, 50 + k as u64));
+        // the CPU op on the tape in f64, with dy as the upstream gradient
+        let mut tape = multitoken::autograd::Tape::new();
+        let qkv_var = tape.leaf(Tensor::from_vec(&[rows, 3 * c], widen(&qkv)), true);
+        let y_var = multitoken::ops::causal_self_attention(&mut tape, qkv_var, shape.seq, shape.n_head);
+        let y_reference = tape.value(y_var).data().to_vec();
+        let dy_tensor = Tensor::from_vec(&[rows, c], widen(&dy));
+        let loss = multitoken::ops::weighted_sum(&mut tape, y_var, &dy_tensor);
+        let dqkv_reference = tape.backward(loss).take(qkv_var).unwrap();
+        let (qkv_gpu, dy_gpu) = (gpu.upload(&qkv).unwrap(), gpu.upload(&dy).unwrap());
+        let (y_gpu, dqkv_gpu) = (gpu.zeros::<f32>(rows * c).unwrap(), gpu.zeros::<f32>(rows * 3 * c).unwrap());
+        let heads_rows = shape.batch * shape.n_head * shape.seq;
+        let (lse, dots) = (gpu.zeros::<f32>(heads_rows).unwrap(), gpu.zeros::<f32>(heads_rows).unwrap());
+        gpu.fused_attention_forward(qkv_gpu.view(), y_gpu.view(), lse.view(), shape).unwrap();
+        gpu.fused_attention_backward(qkv_gpu.view(), y_gpu.view(), dy_gpu.view(), lse.view(), dots.view(), dqkv_gpu.view(), shape).unwrap();
+        let y = gpu.download(y_gpu.view()).unwrap();
+        report(&format!("fused attention forward, hs = {hs}"), relative_error(&y, &y_reference), 1e-5);
+        let dqkv = gpu.download(dqkv_gpu.view()).unwrap();
+        // q, k, v columns separately, so that one cannot hide another's error
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let pick = |x: &[f32]| -> Vec<f32> { x.chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect() };
+            let reference: Vec<f64> = dqkv_reference.data().chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect();
+            report(&format!("fused attention backward {name}, hs = {hs}"), relative_error(&pick(&dqkv), &reference), 1e-5);
+        }
+    }
+    for (hs, forward_registers, backward_registers, spilled) in gpu.fused_attention_resources().unwrap() {
+        println!("fused attention hs = {hs}: {forward_registers} / {backward_registers} registers per thread, {spilled} bytes spilled");
+    }
+});
+
 fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) -> Batch {
     let data: Vec<Vec<u32>> = (0..rows).map(|_| (0..seq + config.horizon).map(|_| rng.below(config.vocab_size) as u32).collect()).collect();
     let refs: Vec<&[u32]> = data.iter().map(Vec::as_slice).collect();
@@ -224,7 +259,17 @@ fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) ->
 
 /// The GPU's loss and every parameter's gradient against the CPU tape in f64: this checks the
 /// embedding, attention, MLP, LayerNorm, CP head and cross-entropy kernels composed.
-fn compare_gradients(gpu: Gpu, model: &str, vocab: usize, horizon: usize, rank: usize, batch_rows: usize, seq: usize) {
+#[allow(clippy::too_many_arguments)]
+fn compare_gradients(
+    gpu: Gpu,
+    route: AttentionRoute,
+    model: &str,
+    vocab: usize,
+    horizon: usize,
+    rank: usize,
+    batch_rows: usize,
+    seq: usize,
+) {
     let config = ModelConfig::preset(model, vocab, horizon, rank).unwrap();
     let mut rng = Rng::new(5);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
@@ -241,8 +286,9 @@ fn compare_gradients(gpu: Gpu, model: &str, vocab: usize, horizon: usize, rank: 
     let out = model_loss(&mut tape, &config, &vars, &batch, aux_coef);
     let mut grads = tape.backward(out.objective);
     let mut gpu_model = GpuModel::new(gpu, &config, &params, None).unwrap();
+    gpu_model.set_attention_route(route).unwrap();
     let stats = gpu_model.loss_and_gradients(&batch, aux_coef, true).unwrap();
-    let label = format!("{model} n={horizon} r={rank}");
+    let label = format!("{model} n={horizon} r={rank} ({route:?} attention)");
     let loss_error = (stats.joint_loss - out.stats.joint_loss).abs() / out.stats.joint_loss.abs();
     report(&format!("{label} joint loss"), loss_error, 1e-5);
     for (s, (ours, reference)) in stats.head_losses.iter().zip(&out.stats.head_losses).enumerate() {
@@ -259,16 +305,20 @@ fn compare_gradients(gpu: Gpu, model: &str, vocab: usize, horizon: usize, rank: 
     }
 }
 
-cuda_test!(next_token_model_gradients_match_the_cpu, |gpu| {
-    compare_gradients(gpu, "tiny", 97, 1, 1, 3, 37);
+cuda_test!(next_token_model_gradients_match_the_cpu_on_both_attention_routes, |gpu| {
+    compare_gradients(gpu, AttentionRoute::Fused, "tiny", 97, 1, 1, 3, 37);
+    compare_gradients(Gpu::new(0).unwrap(), AttentionRoute::Products, "tiny", 97, 1, 1, 3, 37);
 });
 
 cuda_test!(cp_head_model_gradients_match_the_cpu, |gpu| {
-    compare_gradients(gpu, "tiny", 97, 3, 4, 3, 37);
+    compare_gradients(gpu, AttentionRoute::Fused, "tiny", 97, 3, 4, 3, 37);
 });
 
 cuda_test!(independent_heads_model_gradients_match_the_cpu, |gpu| {
-    compare_gradients(gpu, "tiny", 97, 2, 1, 2, 64);
+    // T = 64: two causal chunks on the products route
+    compare_gradients(gpu, AttentionRoute::Products, "tiny", 97, 2, 1, 2, 64);
+    // T = 128 on `small` (head size 64): two tiles of the fused kernels
+    compare_gradients(Gpu::new(0).unwrap(), AttentionRoute::Fused, "small", 61, 2, 1, 2, 128);
 });
 
 cuda_test!(fifty_training_steps_of_small_agree_with_the_cpu, |gpu| {

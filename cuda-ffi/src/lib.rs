@@ -17,21 +17,40 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{result as driver, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// The kernel sources, compiled at run time.
-const KERNEL_SOURCES: [(&str, &str); 6] = [
+const KERNEL_SOURCES: [(&str, &str); 7] = [
     ("elementwise", include_str!("../kernels/elementwise.cu")),
     ("layernorm", include_str!("../kernels/layernorm.cu")),
     ("adamw", include_str!("../kernels/adamw.cu")),
     ("embedding", include_str!("../kernels/embedding.cu")),
     ("attention", include_str!("../kernels/attention.cu")),
+    ("fused_attention", include_str!("../kernels/fused_attention.cu")),
     ("head", include_str!("../kernels/head.cu")),
 ];
 
 /// Limits of the head kernels (their per-thread arrays).
 pub const MAX_HORIZON: usize = 16;
 pub const MAX_RANK: usize = 16;
+
+/// Head sizes the fused attention kernels are built for (`kernels/fused_attention.cu`).
+pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
+/// Queries (keys) per tile of the fused attention kernels, threads per block.
+const ATTENTION_TILE: usize = 64;
+const ATTENTION_THREADS: u32 = 256;
+
+/// Floats of shared memory the fused attention kernels use for head size `hs`: the forward
+/// holds q, k, v and p tiles, the backward k, v, q, dy, p, ds tiles and two row vectors.
+fn fused_attention_shared_floats(hs: usize, backward: bool) -> usize {
+    let (head_tile, score_tile) = (ATTENTION_TILE * (hs + 4), ATTENTION_TILE * (ATTENTION_TILE + 4));
+    if backward {
+        4 * head_tile + 2 * score_tile + 2 * ATTENTION_TILE
+    } else {
+        3 * head_tile + score_tile
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -195,6 +214,9 @@ struct Kernels {
     gate_log_softmax: CudaFunction,
     head_statistics: CudaFunction,
     gate_gradient: CudaFunction,
+    attention_row_dots: CudaFunction,
+    /// (head size, forward, backward)
+    fused_attention: Vec<(usize, CudaFunction, CudaFunction)>,
 }
 
 /// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).
@@ -360,6 +382,20 @@ impl Gpu {
             gate_log_softmax: f("head", "gate_log_softmax")?,
             head_statistics: f("head", "head_statistics")?,
             gate_gradient: f("head", "gate_gradient")?,
+            attention_row_dots: f("fused_attention", "attention_row_dots")?,
+            fused_attention: FUSED_ATTENTION_HEAD_SIZES
+                .iter()
+                .map(|&hs| {
+                    let forward = f("fused_attention", &format!("fused_attention_forward_{hs}"))?;
+                    let backward = f("fused_attention", &format!("fused_attention_backward_{hs}"))?;
+                    // more than the default 48 KiB of shared memory per block
+                    for (kernel, is_backward) in [(&forward, false), (&backward, true)] {
+                        let bytes = (4 * fused_attention_shared_floats(hs, is_backward)) as i32;
+                        kernel.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+                    }
+                    Ok((hs, forward, backward))
+                })
+                .collect::<Result<Vec<_>>>()?,
         };
         let memory = Arc::new(MemoryCounter::default());
         let allocate = |bytes: usize| -> Result<Buffer<u8>> {
@@ -1106,6 +1142,93 @@ impl Gpu {
         launch.arg(&log_w.ptr).arg(&posterior.ptr).arg(&top_count.ptr).arg(&da.ptr).arg(&p_i).arg(&r_i).arg(&inv_count).arg(&aux_coef);
         // SAFETY: one thread per position.
         unsafe { launch.launch(elementwise_config(positions)) }?;
+        Ok(())
+    }
+}
+
+impl Gpu {
+    fn fused_attention_kernels(&self, hs: usize) -> Result<&(usize, CudaFunction, CudaFunction)> {
+        let found = self.kernels.fused_attention.iter().find(|(size, _, _)| *size == hs);
+        found.ok_or_else(|| {
+            CudaError::Shape(format!("fused attention: no kernel for head size {hs} (built for {FUSED_ATTENTION_HEAD_SIZES:?})"))
+        })
+    }
+
+    /// (head size, forward registers per thread, backward registers, bytes spilled to local
+    /// memory by either) of each fused attention kernel pair, as compiled for this device.
+    pub fn fused_attention_resources(&self) -> Result<Vec<(usize, i32, i32, i32)>> {
+        use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
+        let mut out = Vec::new();
+        for (hs, forward, backward) in &self.kernels.fused_attention {
+            let spilled = forward.get_attribute(LOCAL)? + backward.get_attribute(LOCAL)?;
+            out.push((*hs, forward.get_attribute(REGISTERS)?, backward.get_attribute(REGISTERS)?, spilled));
+        }
+        Ok(out)
+    }
+
+    fn fused_attention_check(&self, what: &str, views: &[(View<f32>, usize)], shape: AttentionShape) -> Result<()> {
+        for (view, factor) in views {
+            self.attention_shape_check(what, view.len, shape, *factor)?;
+            check(view.ptr.is_multiple_of(16), || format!("{what}: buffers must start on 16-byte boundaries"))?;
+        }
+        Ok(())
+    }
+
+    fn fused_attention_config(shape: AttentionShape, backward: bool) -> LaunchConfig {
+        let tiles = shape.seq.div_ceil(ATTENTION_TILE) as u32;
+        let shared = 4 * fused_attention_shared_floats(shape.head_size, backward) as u32;
+        LaunchConfig {
+            grid_dim: (tiles, (shape.batch * shape.n_head) as u32, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        }
+    }
+
+    /// Causal attention in one kernel: q, k, v read from c_attn's rows `qkv` (B, T, 3C), the
+    /// output written to rows `y` (B, T, C), and each query row's log-sum-exp of its scaled
+    /// scores, in base 2, to `lse` (B·H, T) for the backward pass.
+    pub fn fused_attention_forward(&self, qkv: View<f32>, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
+        let (_, forward, _) = self.fused_attention_kernels(shape.head_size)?;
+        self.fused_attention_check("fused_attention_forward", &[(qkv, 3), (y, 1)], shape)?;
+        check(lse.len == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
+        let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
+        let mut launch = self.stream.launch_builder(forward);
+        launch.arg(&qkv.ptr).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        // SAFETY: sizes and alignment checked; one block per (query tile, head).
+        unsafe { launch.launch(Self::fused_attention_config(shape, false)) }?;
+        Ok(())
+    }
+
+    /// Backward of [`Gpu::fused_attention_forward`] from dy (B, T, C): dqkv (B, T, 3C) is
+    /// overwritten with the gradients of q, k and v. `dots` (B·H, T) is scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_attention_backward(
+        &self,
+        qkv: View<f32>,
+        y: View<f32>,
+        dy: View<f32>,
+        lse: View<f32>,
+        dots: View<f32>,
+        dqkv: View<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let (_, _, backward) = self.fused_attention_kernels(shape.head_size)?;
+        self.fused_attention_check("fused_attention_backward", &[(qkv, 3), (y, 1), (dy, 1), (dqkv, 3)], shape)?;
+        let heads_rows = shape.batch * shape.n_head * shape.seq;
+        check(lse.len == heads_rows && dots.len == heads_rows, || "fused_attention_backward: lse and dots are not (B·H, T)".into())?;
+        let [_, seq, n_head, hs] = shape.dims();
+        let rows = (shape.batch * shape.seq) as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.attention_row_dots);
+        launch.arg(&y.ptr).arg(&dy.ptr).arg(&dots.ptr).arg(&rows).arg(&seq).arg(&n_head).arg(&hs);
+        // SAFETY: sizes checked; one warp per (row, head).
+        unsafe { launch.launch(warp_per_row_config(heads_rows)) }?;
+        // dq is summed over key tiles with atomics
+        self.fill_zero(dqkv)?;
+        let scale = 1.0 / (shape.head_size as f32).sqrt();
+        let mut launch = self.stream.launch_builder(backward);
+        launch.arg(&qkv.ptr).arg(&dy.ptr).arg(&lse.ptr).arg(&dots.ptr).arg(&dqkv.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        // SAFETY: sizes and alignment checked; one block per (key tile, head).
+        unsafe { launch.launch(Self::fused_attention_config(shape, true)) }?;
         Ok(())
     }
 }

@@ -82,6 +82,33 @@ impl PhaseProfile {
     }
 }
 
+/// How the training pass computes causal attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionRoute {
+    /// one kernel each way over c_attn's rows (`kernels/fused_attention.cu`): the (T, T)
+    /// weights are never stored, the backward pass recomputes them tile by tile
+    Fused,
+    /// strided-batched cuBLAS products over causal query chunks and a masked softmax, with the
+    /// weights stored for the backward pass: any head size, and TF32 tensor cores when asked
+    Products,
+}
+
+impl AttentionRoute {
+    /// In f32 the fused kernels, where one exists for the head size: they are faster than the
+    /// products and hold no (T, T) weights. With TF32 the products, whose tensor cores outrun
+    /// the kernels' f32 arithmetic. `MULTITOKEN_ATTENTION=products` (or `fused`) overrides, for
+    /// benchmarks and tests.
+    pub fn default_for(config: &ModelConfig, tf32: bool) -> Self {
+        let supported = multitoken_cuda::FUSED_ATTENTION_HEAD_SIZES.contains(&config.head_size());
+        match std::env::var("MULTITOKEN_ATTENTION").as_deref() {
+            Ok("products") => AttentionRoute::Products,
+            Ok("fused") if supported => AttentionRoute::Fused,
+            _ if supported && !tf32 => AttentionRoute::Fused,
+            _ => AttentionRoute::Products,
+        }
+    }
+}
+
 /// Rows (t, α, s) of logits per block of the head: 16384 × V floats at a time.
 const HEAD_BLOCK_ROWS: usize = 16384;
 
@@ -111,6 +138,7 @@ pub struct GpuModel {
     workspace: Option<Workspace>,
     /// the AdamW segment table on the device, and the flags it was built for
     optimizer_segments: Option<(Vec<u32>, Buffer<i64>, Buffer<u32>)>,
+    attention: AttentionRoute,
     pub profile: PhaseProfile,
 }
 
@@ -148,6 +176,7 @@ impl GpuModel {
         };
         let grads_buffer = gpu.zeros(total)?;
         let norm_accumulator = gpu.zeros(1)?;
+        let attention = AttentionRoute::default_for(config, gpu.tf32);
         Ok(GpuModel {
             params: param_views(config, params_buffer.view()),
             grads: param_views(config, grads_buffer.view()),
@@ -163,8 +192,26 @@ impl GpuModel {
             norm_accumulator,
             workspace: None,
             optimizer_segments: None,
+            attention,
             profile: PhaseProfile::from_env(),
         })
+    }
+
+    pub fn attention_route(&self) -> AttentionRoute {
+        self.attention
+    }
+
+    /// Chooses how attention is computed (both routes give the same results to rounding).
+    pub fn set_attention_route(&mut self, route: AttentionRoute) -> Result<()> {
+        let hs = self.config.head_size();
+        if route == AttentionRoute::Fused && !multitoken_cuda::FUSED_ATTENTION_HEAD_SIZES.contains(&hs) {
+            return crate::invalid!("no fused attention kernel for head size {hs}");
+        }
+        if route != self.attention {
+            self.attention = route;
+            self.workspace = None;
+        }
+        Ok(())
     }
 
     fn to_tensors(&self, flat: View<f32>) -> Result<Vec<Tensor<f32>>> {
@@ -213,7 +260,7 @@ impl GpuModel {
             return Ok(());
         }
         self.workspace = None; // free the old buffers before taking new ones
-        self.workspace = Some(Workspace::new(&self.gpu, &self.config, batch, seq, HEAD_BLOCK_ROWS)?);
+        self.workspace = Some(Workspace::new(&self.gpu, &self.config, batch, seq, HEAD_BLOCK_ROWS, self.attention)?);
         Ok(())
     }
 
@@ -243,7 +290,15 @@ impl GpuModel {
             self.gpu.fill_zero(self.grads_buffer.view())?;
         }
         let ws = self.workspace.as_ref().expect("allocated above");
-        let pass = Pass { gpu: &self.gpu, config: &self.config, p: &self.params, g: &self.grads, ws, profile: &self.profile };
+        let pass = Pass {
+            gpu: &self.gpu,
+            config: &self.config,
+            p: &self.params,
+            g: &self.grads,
+            ws,
+            attention: self.attention,
+            profile: &self.profile,
+        };
         self.profile.start(&self.gpu)?;
         self.gpu.write(ws.inputs.view(), &batch.inputs)?;
         self.gpu.write(ws.targets.view().prefix(scored * self.config.horizon), &batch.targets[..scored * self.config.horizon])?;
@@ -374,6 +429,7 @@ struct Pass<'a> {
     p: &'a ModelParams<View<f32>>,
     g: &'a ModelParams<View<f32>>,
     ws: &'a Workspace,
+    attention: AttentionRoute,
     profile: &'a PhaseProfile,
 }
 
@@ -477,13 +533,22 @@ impl Pass<'_> {
             let x = ws.residual[l].view();
             gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, acts.ln_1.view(), acts.ln_1_mean.view(), acts.ln_1_rstd.view())?;
             self.profile.mark(gpu, "forward: ln_1")?;
-            gpu.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, ws.qkv.view())?;
-            self.profile.mark(gpu, "forward: c_attn")?;
-            gpu.qkv_heads(ws.qkv.view(), acts.qkv_heads.view(), shape, false)?;
-            self.profile.mark(gpu, "forward: qkv → heads")?;
-            let (q, k, v) = acts.q_k_v();
-            self.attention_forward(q, k, v, acts.att.view(), ws.y_heads.view())?;
-            gpu.heads_rows(ws.y_heads.view(), acts.att_y.view(), shape, true)?;
+            match self.attention {
+                AttentionRoute::Fused => {
+                    gpu.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, acts.qkv.view())?;
+                    self.profile.mark(gpu, "forward: c_attn")?;
+                    gpu.fused_attention_forward(acts.qkv.view(), acts.att_y.view(), acts.lse.view(), shape)?;
+                }
+                AttentionRoute::Products => {
+                    gpu.linear(acts.ln_1.view(), block.attn_c_attn_weight, block.attn_c_attn_bias, ws.qkv.view())?;
+                    self.profile.mark(gpu, "forward: c_attn")?;
+                    gpu.qkv_heads(ws.qkv.view(), acts.qkv.view(), shape, false)?;
+                    self.profile.mark(gpu, "forward: qkv → heads")?;
+                    let (q, k, v) = acts.q_k_v();
+                    self.attention_forward(q, k, v, acts.att.view(), ws.y_heads.view())?;
+                    gpu.heads_rows(ws.y_heads.view(), acts.att_y.view(), shape, true)?;
+                }
+            }
             self.profile.mark(gpu, "forward: attention core")?;
             let x_mid = acts.x_mid.view();
             gpu.linear_residual(acts.att_y.view(), block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
@@ -664,10 +729,19 @@ impl Pass<'_> {
                 grads.attn_c_proj_bias,
             )?;
             self.profile.mark(gpu, "backward: attn c_proj")?;
-            let d_y_heads = ws.y_heads.view();
-            gpu.heads_rows(d_y_heads, d_y, shape, false)?;
-            self.attention_backward(acts.q_k_v(), ws.d_q_k_v(), acts.att.view(), ws.d_att.view(), d_y_heads)?;
-            gpu.qkv_heads(ws.qkv.view(), ws.d_qkv_heads.view(), shape, true)?;
+            // the gradient of c_attn's output lands in ws.qkv
+            match self.attention {
+                AttentionRoute::Fused => {
+                    let (lse, dots) = (acts.lse.view(), ws.att_dots.view());
+                    gpu.fused_attention_backward(acts.qkv.view(), acts.att_y.view(), d_y, lse, dots, ws.qkv.view(), shape)?;
+                }
+                AttentionRoute::Products => {
+                    let d_y_heads = ws.y_heads.view();
+                    gpu.heads_rows(d_y_heads, d_y, shape, false)?;
+                    self.attention_backward(acts.q_k_v(), ws.d_q_k_v(), acts.att.view(), ws.d_att.view(), d_y_heads)?;
+                    gpu.qkv_heads(ws.qkv.view(), ws.d_qkv_heads.view(), shape, true)?;
+                }
+            }
             self.profile.mark(gpu, "backward: attention core")?;
             self.linear_backward(
                 acts.ln_1.view(),

@@ -2,6 +2,7 @@
 
 use multitoken_cuda::{Buffer, Gpu, View};
 
+use super::AttentionRoute;
 use crate::error::Result;
 use crate::model::ModelConfig;
 
@@ -11,10 +12,13 @@ pub struct LayerActivations {
     pub ln_1: Buffer<f32>,
     pub ln_1_mean: Buffer<f32>,
     pub ln_1_rstd: Buffer<f32>,
-    /// q, k, v, each (B, H, T, hs), one after the other
-    pub qkv_heads: Buffer<f32>,
-    /// attention weights (B, H, T, T)
+    /// c_attn's output: its rows (N, 3C) on the fused route; on the products route moved into
+    /// heads, q, k, v each (B, H, T, hs), one after the other
+    pub qkv: Buffer<f32>,
+    /// products route: the attention weights (B, H, T, T)
     pub att: Buffer<f32>,
+    /// fused route: each query row's log-sum-exp (B·H, T)
+    pub lse: Buffer<f32>,
     /// the heads' outputs back in rows (N, C)
     pub att_y: Buffer<f32>,
     /// x + attention (N, C)
@@ -34,7 +38,7 @@ fn thirds(all: View<f32>) -> (View<f32>, View<f32>, View<f32>) {
 
 impl LayerActivations {
     pub fn q_k_v(&self) -> (View<f32>, View<f32>, View<f32>) {
-        thirds(self.qkv_heads.view())
+        thirds(self.qkv.view())
     }
 }
 
@@ -54,7 +58,7 @@ pub struct Workspace {
     // scratch shared by the layers
     /// c_attn output (N, 3C); in the backward pass its gradient
     pub qkv: Buffer<f32>,
-    /// attention output in heads (B, H, T, hs); in the backward pass its gradient
+    /// products route: the attention output in heads (B, H, T, hs); in the backward pass its gradient
     pub y_heads: Buffer<f32>,
     // the head
     /// z (N, r·n·C) and its gradient, when there are expanders
@@ -75,18 +79,27 @@ pub struct Workspace {
     pub d_residual: Buffer<f32>,
     pub d_ln: Buffer<f32>,
     pub d_att_y: Buffer<f32>,
+    /// products route: gradients of q, k, v in heads and of the weights
     pub d_qkv_heads: Buffer<f32>,
     pub d_att: Buffer<f32>,
+    /// fused route: Σ y·dy per query row (B·H, T)
+    pub att_dots: Buffer<f32>,
     pub d_fc: Buffer<f32>,
     pub d_fc_gelu: Buffer<f32>,
 }
 
 impl Workspace {
-    pub fn new(gpu: &Gpu, config: &ModelConfig, batch: usize, seq: usize, head_block_rows: usize) -> Result<Self> {
+    pub fn new(gpu: &Gpu, config: &ModelConfig, batch: usize, seq: usize, head_block_rows: usize, route: AttentionRoute) -> Result<Self> {
         let (c, h, n, r) = (config.n_embd, config.n_head, config.horizon, config.rank);
         let rows = batch * seq;
         let rn = r * n;
-        let scores = batch * h * seq * seq;
+        // each route allocates only what it uses
+        let (fused, products) = match route {
+            AttentionRoute::Fused => (1, 0),
+            AttentionRoute::Products => (0, 1),
+        };
+        let scores = products * batch * h * seq * seq;
+        let row_stats = fused * batch * h * seq;
         let f = |len: usize| gpu.zeros::<f32>(len);
         let layers = (0..config.n_layer)
             .map(|_| {
@@ -94,8 +107,9 @@ impl Workspace {
                     ln_1: f(rows * c)?,
                     ln_1_mean: f(rows)?,
                     ln_1_rstd: f(rows)?,
-                    qkv_heads: f(3 * rows * c)?,
+                    qkv: f(3 * rows * c)?,
                     att: f(scores)?,
+                    lse: f(row_stats)?,
                     att_y: f(rows * c)?,
                     x_mid: f(rows * c)?,
                     ln_2: f(rows * c)?,
@@ -119,7 +133,7 @@ impl Workspace {
             ln_f_mean: f(rows)?,
             ln_f_rstd: f(rows)?,
             qkv: f(3 * rows * c)?,
-            y_heads: f(rows * c)?,
+            y_heads: f(products * rows * c)?,
             z: f(expanded)?,
             dz: f(expanded)?,
             log_w: f(rows * r)?,
@@ -132,8 +146,9 @@ impl Workspace {
             d_residual: f(rows * c)?,
             d_ln: f(rows * c)?,
             d_att_y: f(rows * c)?,
-            d_qkv_heads: f(3 * rows * c)?,
+            d_qkv_heads: f(products * 3 * rows * c)?,
             d_att: f(scores)?,
+            att_dots: f(row_stats)?,
             d_fc: f(4 * rows * c)?,
             d_fc_gelu: f(4 * rows * c)?,
         })
