@@ -1,5 +1,6 @@
 //! Times single matrix products of the model's shapes through each cuBLAS entry point, in
-//! TFLOP/s, to choose `GemmRoute` (docs/results.md, "CUDA"). Needs a GPU.
+//! TFLOP/s, to choose `GemmRoute` (docs/results.md, "CUDA"); then decoding's linear layers (a
+//! few rows), as the host's time to issue a call and the device's time per call. Needs a GPU.
 //! `cargo run --release --example gemm_probe`
 #[cfg(feature = "cuda")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -41,6 +42,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gpu.synchronize()?;
                 let seconds = start.elapsed().as_secs_f64() / repeats as f64;
                 line += &format!(" | {route:?} {:6.1} TFLOP/s", 2.0 * (m * k * n) as f64 / seconds / 1e12);
+            }
+            println!("{line}");
+        }
+    }
+    gpu.tf32 = false;
+    // decoding: `base`'s four linear layers on 1 and 4 rows, and a kernel on 256 elements
+    let mut rng = multitoken::tensor::Rng::new(2);
+    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };
+    let repeats = 500;
+    let time = |gpu: &Gpu, run: &dyn Fn() -> Result<(), multitoken_cuda::CudaError>| -> Result<(f64, f64), Box<dyn std::error::Error>> {
+        run()?;
+        gpu.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..repeats {
+            run()?;
+        }
+        let issued = start.elapsed().as_secs_f64();
+        gpu.synchronize()?;
+        Ok((issued * 1e6 / repeats as f64, start.elapsed().as_secs_f64() * 1e6 / repeats as f64))
+    };
+    let (small_in, small_out) = (gpu.upload(&random(256))?, gpu.upload(&random(256))?);
+    let (issue, done) = time(&gpu, &|| gpu.gelu_forward(small_in.view(), small_out.view()))?;
+    println!("decoding: a kernel on 256 elements: issued in {issue:.1} µs, done every {done:.1} µs");
+    for rows in [1, 4] {
+        for (n_in, n_out) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
+            let (x, w, b, out) = (
+                gpu.upload(&random(rows * n_in))?,
+                gpu.upload(&random(n_in * n_out))?,
+                gpu.upload(&random(n_out))?,
+                gpu.upload(&random(rows * n_out))?,
+            );
+            let mut line = format!("decoding: linear {rows}×{n_in}·{n_in}×{n_out}");
+            for route in [GemmRoute::Blas, GemmRoute::BlasLt] {
+                gpu.gemm_route = route;
+                let (issue, done) = time(&gpu, &|| gpu.linear(x.view(), w.view(), b.view(), out.view()))?;
+                let bandwidth = (4 * n_in * n_out) as f64 / (done * 1e-6) / 1e12;
+                line += &format!(" | {route:?}: issued {issue:5.1} µs, done {done:5.1} µs ({bandwidth:.2} TB/s)");
             }
             println!("{line}");
         }

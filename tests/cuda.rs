@@ -128,6 +128,27 @@ cuda_test!(linear_with_bias_matches_the_cpu_on_both_routes, |gpu| {
     }
 });
 
+cuda_test!(layernorm_on_a_few_rows_matches_the_cpu, |gpu| {
+    // decoding's LayerNorm takes a block per row
+    let c = 100;
+    let (gamma, beta) = (random(c, 51), random(c, 52));
+    let (dgamma, dbeta) = (gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
+    for rows in [1, 3, 8] {
+        let x = random(rows * c, 33 + rows as u64);
+        let mut reference = Vec::new();
+        for row in x.chunks(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let rstd = 1.0 / (var + 1e-5).sqrt();
+            reference.extend(row.iter().zip(gamma.iter().zip(&beta)).map(|(&v, (&g, &b))| (v as f64 - mean) * rstd * g as f64 + b as f64));
+        }
+        let dx = gpu.upload(&x).unwrap();
+        let (normed, mean, rstd) = (gpu.zeros::<f32>(rows * c).unwrap(), gpu.zeros::<f32>(rows).unwrap(), gpu.zeros::<f32>(rows).unwrap());
+        gpu.layernorm_forward(dx.view(), dgamma.view(), dbeta.view(), normed.view(), mean.view(), rstd.view()).unwrap();
+        report(&format!("layernorm on {rows} rows"), relative_error(&gpu.download(normed.view()).unwrap(), &reference), 1e-5);
+    }
+});
+
 cuda_test!(gelu_matches_the_cpu_kernel, |gpu| {
     use multitoken::kernels::gelu::{backward_scalar, forward_scalar};
     let n = 100_003;

@@ -84,14 +84,83 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 }
 
 // Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), and their keys and values appended to the
-// cache (H, positions, hs) at positions start..start + m. One block per new row.
+// cache (H, positions, hs) at positions start..start + m. One thread per element.
 extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions, int start) {
-    int j = blockIdx.x, c = n_head * hs;
-    const float* row = qkv + (long)j * 3 * c;
-    for (int i = threadIdx.x; i < 3 * c; i += blockDim.x) {
-        int which = i / c, rest = i - (i / c) * c;
-        int h = rest / hs, d = rest - (rest / hs) * hs;
-        if (which == 0) q[((long)h * m + j) * hs + d] = row[i];
-        else (which == 1 ? keys : values)[((long)h * positions + start + j) * hs + d] = row[i];
+    int c = n_head * hs;
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= m * 3 * c) return;
+    int j = index / (3 * c), i = index - j * 3 * c;
+    int which = i / c, rest = i - which * c;
+    int h = rest / hs, d = rest - h * hs;
+    if (which == 0) q[((long)h * m + j) * hs + d] = qkv[index];
+    else (which == 1 ? keys : values)[((long)h * positions + start + j) * hs + d] = qkv[index];
+}
+
+#define DECODE_THREADS 256
+
+// Over the block's DECODE_THREADS threads; `shared` holds one float per warp.
+__device__ float decode_block_reduce(float v, bool take_max, float* shared) {
+    v = take_max ? warp_max(v) : warp_add(v);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = shared[0];
+    for (int w = 1; w < DECODE_THREADS / 32; w++) v = take_max ? fmaxf(v, shared[w]) : v + shared[w];
+    return v;
+}
+
+// Decoding: the attention of m new query rows q (H, m, hs) over the cache (H, positions, hs),
+// whose positions up to start + m are filled; new row i sees positions ≤ start + i. Writes rows
+// y (m, C). One block per (new row, head) with the row's scores in shared memory (after the
+// query itself): one launch for what training does in four.
+extern "C" __global__ void decode_attention(const float* q, const float* keys, const float* values, float* y, int m, int n_head, int hs,
+                                            int positions, int start, float scale) {
+    extern __shared__ float decode_shared[];
+    __shared__ float reduce[DECODE_THREADS / 32];
+    int i = blockIdx.x, h = blockIdx.y, visible = start + i + 1;
+    float* query = decode_shared;
+    float* scores = decode_shared + hs;
+    for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) query[d] = q[((long)h * m + i) * hs + d];
+    __syncthreads();
+    const float* k = keys + (long)h * positions * hs;
+    const float* v = values + (long)h * positions * hs;
+    // one warp per key, its lanes along the head (coalesced reads of the cached row)
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float local_max = NEG_INF;
+    for (int j = warp; j < visible; j += DECODE_THREADS / 32) {
+        float s = 0.0f;
+        for (int d = lane; d < hs; d += 32) s += query[d] * k[(long)j * hs + d];
+        s = scale * warp_add(s);
+        if (lane == 0) scores[j] = s;
+        local_max = fmaxf(local_max, s);
+    }
+    float row_max = decode_block_reduce(local_max, true, reduce);
+    float local_sum = 0.0f;  // (the reduction's barriers have published every score)
+    for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
+        float e = expf(scores[j] - row_max);
+        scores[j] = e;
+        local_sum += e;
+    }
+    float inverse = 1.0f / decode_block_reduce(local_sum, false, reduce);
+    // y = Σ_j p_j v_j: the threads in groups of hs, group g taking keys g, g + groups, …, so
+    // that more loads are in flight than one walk over the keys would have; then the groups' sums
+    __shared__ float group_sums[DECODE_THREADS];
+    int groups = hs <= DECODE_THREADS ? DECODE_THREADS / hs : 1;
+    int group = threadIdx.x / hs;
+    for (int d0 = 0; d0 < hs; d0 += DECODE_THREADS) {
+        int d = d0 + threadIdx.x % hs;
+        float acc = 0.0f;
+        if (group < groups && d < hs) {
+#pragma unroll 4
+            for (int j = group; j < visible; j += groups) acc += scores[j] * v[(long)j * hs + d];
+        }
+        __syncthreads();
+        group_sums[threadIdx.x] = acc;
+        __syncthreads();
+        if (group == 0 && d < hs) {
+            float sum = 0.0f;
+            for (int g = 0; g < groups; g++) sum += group_sums[g * hs + threadIdx.x];
+            y[(long)i * n_head * hs + h * hs + d] = sum * inverse;
+        }
     }
 }

@@ -62,3 +62,29 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
         atomicAdd(&db[j], db_block[j]);
     }
 }
+
+// The forward for a few rows (decoding): one block of 256 threads per row, so that a row's
+// three passes run wide instead of one warp walking it alone. `shared` holds a float per warp.
+__device__ float block_sum(float v, float* shared) {
+    v = warp_sum(v);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < blockDim.x / 32; w++) total += shared[w];
+    return total;
+}
+
+extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int c) {
+    __shared__ float shared[32];
+    int row = blockIdx.x;
+    const float* xr = x + (long)row * c;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
+    float m = block_sum(s, shared) / c;
+    float v = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) { float d = xr[j] - m; v += d * d; }
+    float r = rsqrtf(block_sum(v, shared) / c + 1e-5f);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(long)row * c + j] = (xr[j] - m) * r * w[j] + b[j];
+    if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
+}

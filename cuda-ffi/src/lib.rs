@@ -198,6 +198,7 @@ struct Kernels {
     column_sums_add: CudaFunction,
     sum_of_squares: CudaFunction,
     layernorm_forward: CudaFunction,
+    layernorm_forward_wide: CudaFunction,
     layernorm_backward: CudaFunction,
     adamw_update_segments: CudaFunction,
     embedding_forward: CudaFunction,
@@ -211,6 +212,7 @@ struct Kernels {
     head_position: CudaFunction,
     softmax_rows: CudaFunction,
     append_kv: CudaFunction,
+    decode_attention: CudaFunction,
     gate_log_softmax: CudaFunction,
     head_statistics: CudaFunction,
     gate_gradient: CudaFunction,
@@ -297,6 +299,97 @@ impl Drop for BlasLt {
     }
 }
 
+/// What a cuBLASLt product's plan depends on (pointers and β are passed per call).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct LtKey {
+    /// whether A, B are transposed
+    transposed: [bool; 2],
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: i32,
+    ldb: i32,
+    /// the bias epilogue
+    bias: bool,
+    tf32: bool,
+}
+
+/// A cuBLASLt product made ready: descriptor, matrix layouts, and the heuristic's algorithm.
+struct LtPlan {
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    a_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    b_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    c_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    algo: cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the handles are plain descriptors, used under the Gpu's mutex only.
+unsafe impl Send for LtPlan {}
+
+impl LtPlan {
+    unsafe fn new(handle: cudarc::cublaslt::sys::cublasLtHandle_t, key: LtKey, workspace_bytes: usize) -> Result<Self> {
+        use cudarc::cublaslt::{result as lt, sys as lt_sys};
+        let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
+        let compute = if key.tf32 {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
+        let (a_rows, a_cols) = if key.transposed[0] { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if key.transposed[1] { (n, k) } else { (k, n) };
+        let mut plan = LtPlan {
+            desc: lt::create_matmul_desc(compute, f32_type)?,
+            a_layout: lt::create_matrix_layout(f32_type, a_rows, a_cols, key.lda as i64)?,
+            b_layout: lt::create_matrix_layout(f32_type, b_rows, b_cols, key.ldb as i64)?,
+            c_layout: lt::create_matrix_layout(f32_type, m, n, m as i64)?,
+            algo: std::mem::zeroed(),
+        };
+        let set_desc =
+            |attribute, value: *const std::ffi::c_void, bytes: usize| lt::set_matmul_desc_attribute(plan.desc, attribute, value, bytes);
+        for (attribute, transposed) in [
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, key.transposed[0]),
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, key.transposed[1]),
+        ] {
+            let op = if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N } as i32;
+            set_desc(attribute, (&op) as *const i32 as *const _, std::mem::size_of::<i32>())?;
+        }
+        if key.bias {
+            // D = op(A)·op(B) + bias, the bias added to every column (a row of the row-major result)
+            let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            let attribute = lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE;
+            set_desc(attribute, (&epilogue) as *const _ as *const _, std::mem::size_of_val(&epilogue))?;
+        }
+        let preference = lt::create_matmul_pref()?;
+        let heuristic = lt::set_matmul_pref_attribute(
+            preference,
+            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_bytes) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .and_then(|()| {
+            lt::get_matmul_algo_heuristic(handle, plan.desc, plan.a_layout, plan.b_layout, plan.c_layout, plan.c_layout, preference)
+        });
+        lt::destroy_matmul_pref(preference)?;
+        // (the plan is dropped, and its descriptors destroyed, if there is no algorithm)
+        plan.algo = heuristic?.algo;
+        Ok(plan)
+    }
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result as lt;
+        // SAFETY: each was created once, in LtPlan::new, and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            for layout in [self.a_layout, self.b_layout, self.c_layout] {
+                let _ = lt::destroy_matrix_layout(layout);
+            }
+        }
+    }
+}
+
 /// Bytes of cuBLAS and cuBLASLt workspace (NVIDIA's recommendation for Hopper).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -305,6 +398,8 @@ pub struct Gpu {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLASLt plans by shape
+    lt_plans: std::sync::Mutex<std::collections::HashMap<LtKey, LtPlan>>,
     blas_lt: BlasLt,
     /// cuBLAS's workspace, kept alive while the handle lives (fields drop in order)
     _blas_workspace: Buffer<u8>,
@@ -318,6 +413,10 @@ pub struct Gpu {
 }
 
 const THREADS: u32 = 256;
+/// Up to this many rows, LayerNorm takes a block per row (decoding) instead of a warp.
+const FEW_ROWS: usize = 64;
+/// Threads per block of the decoding attention kernel (its `DECODE_THREADS`).
+const DECODE_THREADS: u32 = 256;
 /// Rows per block in the LayerNorm backward kernel (its `ROWS_PER_BLOCK`).
 const LAYERNORM_ROWS_PER_BLOCK: u32 = 32;
 /// The widest LayerNorm whose backward partial sums (2·c floats) fit in 48 KiB of shared memory.
@@ -366,6 +465,7 @@ impl Gpu {
             column_sums_add: f("elementwise", "column_sums_add")?,
             sum_of_squares: f("elementwise", "sum_of_squares")?,
             layernorm_forward: f("layernorm", "layernorm_forward")?,
+            layernorm_forward_wide: f("layernorm", "layernorm_forward_wide")?,
             layernorm_backward: f("layernorm", "layernorm_backward")?,
             adamw_update_segments: f("adamw", "adamw_update_segments")?,
             embedding_forward: f("embedding", "embedding_forward")?,
@@ -379,6 +479,7 @@ impl Gpu {
             head_position: f("head", "head_position")?,
             softmax_rows: f("head", "softmax_rows")?,
             append_kv: f("attention", "append_kv")?,
+            decode_attention: f("attention", "decode_attention")?,
             gate_log_softmax: f("head", "gate_log_softmax")?,
             head_statistics: f("head", "head_statistics")?,
             gate_gradient: f("head", "gate_gradient")?,
@@ -414,6 +515,7 @@ impl Gpu {
             context,
             stream,
             blas,
+            lt_plans: Default::default(),
             blas_lt,
             _blas_workspace: blas_workspace,
             gemm_route: GemmRoute::BlasLt,
@@ -608,7 +710,10 @@ impl Gpu {
         Ok(())
     }
 
-    /// Column-major `C (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C` through cuBLASLt.
+    /// Column-major `D (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C (+ bias)` through cuBLASLt.
+    /// The descriptors and the heuristic's algorithm are made once per shape and kept
+    /// ([`LtPlan`]): asking the heuristic costs more host time than a small product takes on
+    /// the device, which is what decoding does, token after token.
     #[allow(clippy::too_many_arguments)]
     unsafe fn lt_matmul(
         &self,
@@ -627,77 +732,43 @@ impl Gpu {
         bias: Option<View<f32>>,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
-        let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
-        let compute = if self.tf32 {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
+        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), tf32: self.tf32 };
+        let mut plans = self.lt_plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(LtPlan::new(self.blas_lt.handle, key, self.blas_lt.workspace.len())?)
+            }
         };
-        let transposed = |op: cublasOperation_t| op == cublasOperation_t::CUBLAS_OP_T;
-        let (a_rows, a_cols) = if transposed(op_a) { (k, m) } else { (m, k) };
-        let (b_rows, b_cols) = if transposed(op_b) { (n, k) } else { (k, n) };
-        let a_layout = lt::create_matrix_layout(f32_type, a_rows as u64, a_cols as u64, lda as i64)?;
-        let b_layout = lt::create_matrix_layout(f32_type, b_rows as u64, b_cols as u64, ldb as i64)?;
-        let c_layout = lt::create_matrix_layout(f32_type, m as u64, n as u64, m as i64)?;
-        let desc = lt::create_matmul_desc(compute, f32_type)?;
-        let set_op = |attribute, op: cublasOperation_t| {
-            let value = op as i32;
-            lt::set_matmul_desc_attribute(desc, attribute, (&value) as *const i32 as *const _, std::mem::size_of::<i32>())
-        };
-        set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, op_a)?;
-        set_op(lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, op_b)?;
         if let Some(bias) = bias {
-            // D = op(A)·op(B) + bias, the bias added to every column (a row of the row-major result)
-            let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
             lt::set_matmul_desc_attribute(
-                desc,
-                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                (&epilogue) as *const _ as *const _,
-                std::mem::size_of_val(&epilogue),
-            )?;
-            lt::set_matmul_desc_attribute(
-                desc,
+                plan.desc,
                 lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 (&bias.ptr) as *const u64 as *const _,
                 std::mem::size_of::<u64>(),
             )?;
         }
-        let preference = lt::create_matmul_pref()?;
-        let workspace_bytes = self.blas_lt.workspace.len();
-        lt::set_matmul_pref_attribute(
-            preference,
-            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&workspace_bytes) as *const usize as *const _,
-            std::mem::size_of::<usize>(),
+        let alpha = 1.0f32;
+        lt::matmul(
+            self.blas_lt.handle,
+            plan.desc,
+            (&alpha) as *const f32 as *const _,
+            (&beta) as *const f32 as *const _,
+            a as *const _,
+            plan.a_layout,
+            b as *const _,
+            plan.b_layout,
+            c as *const _,
+            plan.c_layout,
+            d as *mut _,
+            plan.c_layout,
+            (&plan.algo) as *const _,
+            self.blas_lt.workspace.view.ptr as *mut _,
+            self.blas_lt.workspace.len(),
+            self.stream.cu_stream() as *mut _,
         )?;
-        let outcome = lt::get_matmul_algo_heuristic(self.blas_lt.handle, desc, a_layout, b_layout, c_layout, c_layout, preference)
-            .and_then(|heuristic| {
-                let alpha = 1.0f32;
-                lt::matmul(
-                    self.blas_lt.handle,
-                    desc,
-                    (&alpha) as *const f32 as *const _,
-                    (&beta) as *const f32 as *const _,
-                    a as *const _,
-                    a_layout,
-                    b as *const _,
-                    b_layout,
-                    c as *const _,
-                    c_layout,
-                    d as *mut _,
-                    c_layout,
-                    (&heuristic.algo) as *const _,
-                    self.blas_lt.workspace.view.ptr as *mut _,
-                    workspace_bytes,
-                    self.stream.cu_stream() as *mut _,
-                )
-            });
-        lt::destroy_matmul_pref(preference)?;
-        lt::destroy_matmul_desc(desc)?;
-        for layout in [a_layout, b_layout, c_layout] {
-            lt::destroy_matrix_layout(layout)?;
-        }
-        Ok(outcome?)
+        Ok(())
     }
 
     /// A linear layer: `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias`, the
@@ -848,6 +919,13 @@ impl Gpu {
             format!("layernorm_forward: buffers do not fit {rows} rows of {c}")
         })?;
         let (rows_i, c_i) = (rows as i32, c as i32);
+        if rows <= FEW_ROWS {
+            let mut launch = self.stream.launch_builder(&self.kernels.layernorm_forward_wide);
+            launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&c_i);
+            // SAFETY: sizes checked above; one block per row.
+            unsafe { launch.launch(block_per_row_config(rows)) }?;
+            return Ok(());
+        }
         let mut launch = self.stream.launch_builder(&self.kernels.layernorm_forward);
         launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows_i).arg(&c_i);
         // SAFETY: sizes checked above; one warp per row.
@@ -1031,8 +1109,8 @@ impl Gpu {
         for d in &dims {
             launch.arg(d);
         }
-        // SAFETY: sizes checked; one block per new row.
-        unsafe { launch.launch(block_per_row_config(m)) }?;
+        // SAFETY: sizes checked; one thread per element of the new rows.
+        unsafe { launch.launch(elementwise_config(3 * m * h * hs)) }?;
         Ok(())
     }
 
@@ -1057,6 +1135,44 @@ impl Gpu {
         launch.arg(&att.ptr).arg(&d.ptr).arg(&rows).arg(&seq_i).arg(&scale);
         // SAFETY: rows·T elements in both.
         unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// Decoding: the attention of m new query rows `q` (H, m, hs) over the caches (H,
+    /// positions, hs) filled up to `start + m`, row i seeing positions ≤ start + i; writes rows
+    /// `y` (m, C). `shape.seq` is m.
+    pub fn decode_attention(
+        &self,
+        q: View<f32>,
+        keys: View<f32>,
+        values: View<f32>,
+        y: View<f32>,
+        shape: AttentionShape,
+        start: usize,
+    ) -> Result<()> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let positions = keys.len / (h * hs).max(1);
+        check(
+            shape.batch == 1 && m > 0 && q.len == m * h * hs && y.len == q.len && values.len == keys.len && start + m <= positions,
+            || format!("decode_attention: {m} rows at {start} do not fit a cache of {positions} positions"),
+        )?;
+        check(
+            4 * (hs + positions) <= 46 << 10, // with the kernel's static arrays, under 48 KiB
+            || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
+        )?;
+        let dims = [m as i32, h as i32, hs as i32, positions as i32, start as i32];
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut launch = self.stream.launch_builder(&self.kernels.decode_attention);
+        launch.arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
+        for d in &dims {
+            launch.arg(d);
+        }
+        launch.arg(&scale);
+        // the query and up to `positions` scores per block
+        let shared_mem_bytes = (4 * (hs + positions)) as u32;
+        let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS, 1, 1), shared_mem_bytes };
+        // SAFETY: sizes checked; one block per (new row, head).
+        unsafe { launch.launch(config) }?;
         Ok(())
     }
 

@@ -78,8 +78,6 @@ struct Scratch {
     rstd: Buffer<f32>,
     qkv: Buffer<f32>,
     q: Buffer<f32>,
-    scores: Buffer<f32>,
-    y_heads: Buffer<f32>,
     att_y: Buffer<f32>,
     fc: Buffer<f32>,
     fc_gelu: Buffer<f32>,
@@ -87,7 +85,7 @@ struct Scratch {
 
 impl<'a> GpuBackbone<'a> {
     fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>) -> Result<Self> {
-        let (c, positions, h) = (config.n_embd, config.n_positions, config.n_head);
+        let (c, positions) = (config.n_embd, config.n_positions);
         let f = |len: usize| gpu.zeros::<f32>(len);
         let scratch = Scratch {
             ids: gpu.zeros(positions)?,
@@ -98,8 +96,6 @@ impl<'a> GpuBackbone<'a> {
             rstd: f(positions)?,
             qkv: f(positions * 3 * c)?,
             q: f(positions * c)?,
-            scores: f(h * positions * positions)?,
-            y_heads: f(positions * c)?,
             att_y: f(positions * c)?,
             fc: f(positions * 4 * c)?,
             fc_gelu: f(positions * 4 * c)?,
@@ -128,23 +124,14 @@ impl Backbone<f32> for GpuBackbone<'_> {
         // positions start..start + m: the position table from row `start` on
         gpu.embedding_forward(ids, p.wte, p.wpe.slice(start * c, m * c), x, m, c)?;
         let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: hs };
-        let scale = 1.0 / (hs as f32).sqrt();
         for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
             let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
             gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, normed, mean, rstd)?;
             let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
             gpu.linear(normed, block.attn_c_attn_weight, block.attn_c_attn_bias, qkv)?;
             gpu.append_kv(qkv, q, cached_keys, cached_values, shape, start)?;
-            // scores (H, m, keys) = q kᵀ over the cache; y (H, m, hs) = att v
-            let scores = s.scores.view().prefix(h * m * keys);
-            let (q_op, k_op) = (Operand::normal(q).strided(m * hs), Operand::transposed(cached_keys).strided(positions * hs));
-            gpu.matmul_general(q_op, k_op, Operand::normal(scores).strided(m * keys), m, hs, keys, h, false)?;
-            gpu.causal_softmax_forward(scores, m, keys, scale)?;
-            let (att_op, v_op) = (Operand::normal(scores).strided(m * keys), Operand::normal(cached_values).strided(positions * hs));
-            let y_heads = rows(&s.y_heads, c);
-            gpu.matmul_general(att_op, v_op, Operand::normal(y_heads).strided(m * hs), m, keys, hs, h, false)?;
             let att_y = rows(&s.att_y, c);
-            gpu.heads_rows(y_heads, att_y, shape, true)?;
+            gpu.decode_attention(q, cached_keys, cached_values, att_y, shape, start)?;
             gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
             gpu.layernorm_forward(x_mid, block.ln_2_weight, block.ln_2_bias, normed, mean, rstd)?;
             let (fc, fc_gelu) = (rows(&s.fc, 4 * c), rows(&s.fc_gelu, 4 * c));
@@ -221,21 +208,19 @@ impl HeadProducts<f32> for GpuHead<'_> {
             let hidden: Vec<f32> = chunk.iter().flat_map(|(h, _)| h.iter().copied()).collect();
             let h = self.hidden.view().prefix(count * c);
             self.gpu.write(h, &hidden)?;
-            // z rows (request, α): W[α,s] h for the request's own horizon s
+            // z rows (request, α): W[α,s] h for the request's own horizon s, one product per
+            // run of requests with the same horizon (the verified states all ask for s = 0)
             let z = match &self.expand_by_horizon {
                 Some(w) => {
                     let z = self.z.view().prefix(count * r * c);
-                    for (i, &(_, s)) in chunk.iter().enumerate() {
+                    let mut first = 0;
+                    while first < count {
+                        let s = chunk[first].1;
+                        let run = chunk[first..].iter().take_while(|(_, horizon)| *horizon == s).count();
                         let w_s = w.view().slice(s * r * c * c, r * c * c);
-                        self.gpu.matmul(
-                            Operand::normal(h.slice(i * c, c)),
-                            Operand::transposed(w_s),
-                            z.slice(i * r * c, r * c),
-                            1,
-                            c,
-                            r * c,
-                            false,
-                        )?;
+                        let (h_run, z_run) = (h.slice(first * c, run * c), z.slice(first * r * c, run * r * c));
+                        self.gpu.matmul(Operand::normal(h_run), Operand::transposed(w_s), z_run, run, c, r * c, false)?;
+                        first += run;
                     }
                     z
                 }
