@@ -2,9 +2,6 @@
 // strided-batched cuBLAS calls; these kernels move heads in and out of the row layout and do
 // the masked softmax.
 
-// NVRTC has no math.h, so no INFINITY
-#define NEG_INF __int_as_float(0xff800000)
-
 // qkv (B, T, 3C) ↔ q, k, v, each (B, H, T, hs), stored one after the other in `heads`.
 // One block per row (b, t): the row is read (or written) whole, the heads in runs of hs.
 // Index arithmetic is in 32 bits where it can be (64-bit division is slow on the GPU).
@@ -40,16 +37,6 @@ extern "C" __global__ void heads_rows(float* heads, float* rows, int batch, int 
     }
 }
 
-__device__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    return v;
-}
-
-__device__ float warp_add(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
-}
-
 // In place, each row of `keys` scores: rows come in matrices of `queries` rows, query t of a
 // matrix sees keys j ≤ t + keys − queries (the cache before it, then the causal part):
 // att[j] = softmax(scale·s[j]) there, 0 beyond. Training has queries = keys = T. One warp per row.
@@ -64,7 +51,7 @@ extern "C" __global__ void causal_softmax_forward(float* scores, int rows, int q
     m = warp_max(m);
     float sum = 0.0f;
     for (int j = lane; j <= last; j += 32) sum += expf(scale * s[j] - m);
-    float inv = 1.0f / warp_add(sum);
+    float inv = 1.0f / warp_sum(sum);
     for (int j = lane; j < keys; j += 32) s[j] = j <= last ? expf(scale * s[j] - m) * inv : 0.0f;
 }
 
@@ -79,7 +66,7 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
     float* g = d + (long)row * seq;
     float dot = 0.0f;
     for (int j = lane; j <= t; j += 32) dot += a[j] * g[j];
-    dot = warp_add(dot);
+    dot = warp_sum(dot);
     for (int j = lane; j < seq; j += 32) g[j] = j <= t ? scale * a[j] * (g[j] - dot) : 0.0f;
 }
 
@@ -97,17 +84,6 @@ extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, fl
 }
 
 #define DECODE_THREADS 256
-
-// Over the block's DECODE_THREADS threads; `shared` holds one float per warp.
-__device__ float decode_block_reduce(float v, bool take_max, float* shared) {
-    v = take_max ? warp_max(v) : warp_add(v);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = shared[0];
-    for (int w = 1; w < DECODE_THREADS / 32; w++) v = take_max ? fmaxf(v, shared[w]) : v + shared[w];
-    return v;
-}
 
 // Decoding: the attention of m new query rows q (H, m, hs) over the cache (H, positions, hs),
 // whose positions up to start + m are filled; new row i sees positions ≤ start + i. Writes rows
@@ -130,18 +106,18 @@ extern "C" __global__ void decode_attention(const float* q, const float* keys, c
     for (int j = warp; j < visible; j += DECODE_THREADS / 32) {
         float s = 0.0f;
         for (int d = lane; d < hs; d += 32) s += query[d] * k[(long)j * hs + d];
-        s = scale * warp_add(s);
+        s = scale * warp_sum(s);
         if (lane == 0) scores[j] = s;
         local_max = fmaxf(local_max, s);
     }
-    float row_max = decode_block_reduce(local_max, true, reduce);
+    float row_max = block_reduce(local_max, true, reduce);
     float local_sum = 0.0f;  // (the reduction's barriers have published every score)
     for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
         float e = expf(scores[j] - row_max);
         scores[j] = e;
         local_sum += e;
     }
-    float inverse = 1.0f / decode_block_reduce(local_sum, false, reduce);
+    float inverse = 1.0f / block_reduce(local_sum, false, reduce);
     // y = Σ_j p_j v_j: the threads in groups of hs, group g taking keys g, g + groups, …, so
     // that more loads are in flight than one walk over the keys would have; then the groups' sums
     __shared__ float group_sums[DECODE_THREADS];

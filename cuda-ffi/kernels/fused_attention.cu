@@ -12,8 +12,6 @@
 // distinct banks both for the 16 rows tx + 16·j and for the 16 neighbouring columns.
 // Scores are kept in base 2: s·scale·log2(e), so that exp2 does the exponentials.
 
-#define NEG_INF __int_as_float(0xff800000)
-#define POS_INF __int_as_float(0x7f800000)
 #define TILE 64
 #define TILE_THREADS 256
 #define LOG2E 1.4426950408889634f
@@ -61,17 +59,6 @@ __device__ float dot4(float4 a, float4 b) {
 
 __device__ float lane(float4 v, int e) {
     return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
-}
-
-// Over the 16 threads of one tile row (lanes that differ in their low four bits).
-__device__ float row_max(float v) {
-    for (int offset = 8; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    return v;
-}
-
-__device__ float row_add(float v) {
-    for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
 }
 
 // acc[i][j] += Σ_d a[row_i][d] · b[col_j][d] over a tile's HS columns: rows ty·4 + i of `a`,
@@ -136,8 +123,9 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
                 s[i][j] = masked ? NEG_INF : s[i][j] * score_scale;
                 tile_max = fmaxf(tile_max, s[i][j]);
             }
-            // the diagonal's first key is visible to every row, so new_max is finite
-            float new_max = fmaxf(running_max[i], row_max(tile_max));
+            // over the 16 threads of the tile row; the diagonal's first key is visible to every
+            // row, so new_max is finite
+            float new_max = fmaxf(running_max[i], warp_max(tile_max, 16));
             float correction = exp2f(running_max[i] - new_max);
             float tile_sum = 0.0f;
 #pragma unroll
@@ -146,7 +134,7 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
                 tile_sum += s[i][j];
                 p_tile[(ty * 4 + i) * P + tx + 16 * j] = s[i][j];
             }
-            running_sum[i] = running_sum[i] * correction + row_add(tile_sum);
+            running_sum[i] = running_sum[i] * correction + warp_sum(tile_sum, 16);
             running_max[i] = new_max;
 #pragma unroll
             for (int j = 0; j < DPT; j++) o[i][j] *= correction;

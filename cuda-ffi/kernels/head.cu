@@ -3,27 +3,9 @@
 // of consecutive positions t: row i of the block belongs to position i / (r·n), component
 // (i mod r·n) / n and horizon i mod n.
 
-// NVRTC has no math.h, so no INFINITY
-#define NEG_INF __int_as_float(0xff800000)
-#define NEG_INF_F64 __longlong_as_double(0xfff0000000000000LL)
-
 #define THREADS 256
 #define MAX_HORIZON 16
 #define MAX_RANK 16
-
-__device__ float block_reduce(float v, bool take_max, float* shared) {
-    for (int offset = 16; offset > 0; offset /= 2) {
-        float other = __shfl_xor_sync(0xffffffff, v, offset);
-        v = take_max ? fmaxf(v, other) : v + other;
-    }
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = shared[0];
-    for (int w = 1; w < THREADS / 32; w++) v = take_max ? fmaxf(v, shared[w]) : v + shared[w];
-    return v;
-}
 
 // (H2, H7) One block of 256 threads per position t of the block, over its r·n rows of V
 // logits: log_p[t, α, s] = ℓ[y_s] − lse(ℓ); with `gradient`, also the posterior π (H7's

@@ -1,10 +1,5 @@
 // LayerNorm over rows of C (docs/math.md LN1, LN2). One warp per row; sums by warp shuffles.
 
-__device__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
-}
-
 // out = (x − mean)·rstd·w + b; keeps mean and rstd of each row for the backward pass
 extern "C" __global__ void layernorm_forward(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int rows, int c) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -64,27 +59,17 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
 }
 
 // The forward for a few rows (decoding): one block of 256 threads per row, so that a row's
-// three passes run wide instead of one warp walking it alone. `shared` holds a float per warp.
-__device__ float block_sum(float v, float* shared) {
-    v = warp_sum(v);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < blockDim.x / 32; w++) total += shared[w];
-    return total;
-}
-
+// three passes run wide instead of one warp walking it alone.
 extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int c) {
     __shared__ float shared[32];
     int row = blockIdx.x;
     const float* xr = x + (long)row * c;
     float s = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
-    float m = block_sum(s, shared) / c;
+    float m = block_reduce(s, false, shared) / c;
     float v = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) { float d = xr[j] - m; v += d * d; }
-    float r = rsqrtf(block_sum(v, shared) / c + 1e-5f);
+    float r = rsqrtf(block_reduce(v, false, shared) / c + 1e-5f);
     for (int j = threadIdx.x; j < c; j += blockDim.x) out[(long)row * c + j] = (xr[j] - m) * r * w[j] + b[j];
     if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
 }

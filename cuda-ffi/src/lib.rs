@@ -84,9 +84,13 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// What every kernel file shares (constants, warp and block reductions), prepended to each.
+const KERNEL_COMMON: &str = include_str!("../kernels/common.cuh");
+
 fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
     let options = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={architecture}")], ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu: {e}")))
+    let source = format!("{KERNEL_COMMON}\n{source}");
+    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu (after common.cuh): {e}")))
 }
 
 /// Compiles every kernel for `architecture` (such as `compute_90`) without a device: NVRTC
@@ -451,9 +455,7 @@ impl Gpu {
         let name = context.name().unwrap_or_else(|_| "CUDA device".into());
         let mut modules = std::collections::HashMap::new();
         for (module, source) in KERNEL_SOURCES {
-            let options =
-                cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}")], ..Default::default() };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu: {e}")))?;
+            let ptx = compile(module, source, &format!("compute_{major}{minor}"))?;
             modules.insert(module, context.load_module(ptx)?);
         }
         let f = |module: &str, name: &str| modules[module].load_function(name);
@@ -1086,6 +1088,17 @@ impl Gpu {
         Ok(())
     }
 
+    /// The positions a KV cache (H, positions, hs) holds, after checking that `shape.seq` new
+    /// rows of one sequence fit at `start`.
+    fn cache_positions(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, start: usize) -> Result<usize> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let positions = keys.len / (h * hs).max(1);
+        check(shape.batch == 1 && m > 0 && values.len == keys.len && start + m <= positions, || {
+            format!("{what}: {m} rows at {start} do not fit a cache of {positions} positions")
+        })?;
+        Ok(positions)
+    }
+
     /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
     /// caches (H, positions, hs) at `start..start + m`.
     pub fn append_kv(
@@ -1098,11 +1111,8 @@ impl Gpu {
         start: usize,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let positions = keys.len / (h * hs).max(1);
-        check(
-            shape.batch == 1 && qkv.len == 3 * m * h * hs && q.len == m * h * hs && values.len == keys.len && start + m <= positions,
-            || format!("append_kv: {m} rows at {start} do not fit a cache of {positions} positions"),
-        )?;
+        let positions = Self::cache_positions("append_kv", keys, values, shape, start)?;
+        check(qkv.len == 3 * m * h * hs && q.len == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
         let dims = [m as i32, h as i32, hs as i32, positions as i32, start as i32];
         let mut launch = self.stream.launch_builder(&self.kernels.append_kv);
         launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
@@ -1151,11 +1161,8 @@ impl Gpu {
         start: usize,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let positions = keys.len / (h * hs).max(1);
-        check(
-            shape.batch == 1 && m > 0 && q.len == m * h * hs && y.len == q.len && values.len == keys.len && start + m <= positions,
-            || format!("decode_attention: {m} rows at {start} do not fit a cache of {positions} positions"),
-        )?;
+        let positions = Self::cache_positions("decode_attention", keys, values, shape, start)?;
+        check(q.len == m * h * hs && y.len == q.len, || format!("decode_attention: q and y do not hold {m} rows"))?;
         check(
             4 * (hs + positions) <= 46 << 10, // with the kernel's static arrays, under 48 KiB
             || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),

@@ -1,0 +1,30 @@
+// Prepended to every kernel file before NVRTC compiles it (cuda-ffi/src/lib.rs, `compile`).
+
+// NVRTC has no math.h, so no INFINITY
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+#define NEG_INF_F64 __longlong_as_double(0xfff0000000000000LL)
+
+// Over groups of `lanes` neighbouring lanes of a warp (a power of two; the whole warp by
+// default), by shuffles; every lane gets its group's result.
+__device__ float warp_max(float v, int lanes = 32) {
+    for (int offset = lanes / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
+__device__ float warp_sum(float v, int lanes = 32) {
+    for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+// The maximum (or sum) over a whole block of whole warps; every thread gets it. `shared` holds
+// one float per warp.
+__device__ float block_reduce(float v, bool take_max, float* shared) {
+    v = take_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = shared[0];
+    for (int w = 1; w < blockDim.x / 32; w++) v = take_max ? fmaxf(v, shared[w]) : v + shared[w];
+    return v;
+}
