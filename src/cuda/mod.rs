@@ -769,3 +769,20 @@ impl Pass<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_route_is_fused_in_f32_where_a_kernel_exists() {
+        if std::env::var_os("MULTITOKEN_ATTENTION").is_some() {
+            return; // chosen by hand for this run
+        }
+        let base = ModelConfig::preset("base", 64, 1, 1).unwrap(); // head size 64
+        assert_eq!(AttentionRoute::default_for(&base, false), AttentionRoute::Fused);
+        assert_eq!(AttentionRoute::default_for(&base, true), AttentionRoute::Products);
+        let odd = ModelConfig { n_embd: 96, n_head: 2, ..base }; // head size 48: no kernel
+        assert_eq!(AttentionRoute::default_for(&odd, false), AttentionRoute::Products);
+    }
+}
