@@ -56,7 +56,7 @@ impl<'a> GpuDecoder<'a> {
 }
 
 /// GPT-2 with a KV cache on the device: one layer's keys and values are (H, n_positions, hs)
-/// each, so a head's keys form one matrix and a pass is a strided-batched product over heads.
+/// each, so a head's cached keys are one contiguous matrix for `decode_attention` to walk.
 struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
