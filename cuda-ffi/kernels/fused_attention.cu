@@ -3,7 +3,8 @@
 // q, k and v are read where c_attn wrote them, rows (B, T, 3C), and y is written into rows
 // (B, T, C): no head-layout copies, and the (T, T) weights never exist. The forward pass keeps
 // the running maximum and sum of each query row's scores (the online softmax) and saves the
-// row's log-sum-exp; the backward pass recomputes each tile of weights from it.
+// row's log-sum-exp; the backward pass recomputes each tile of weights from it
+// (docs/math.md, AT1–AT3).
 //
 // One block of 256 threads, 16 × 16, works on 64 × 64 tiles. Thread (ty, tx) owns queries
 // ty·4 + i (i < 4) and keys tx + 16·j (j < 4) of a score tile, or queries (keys) ty·4 + i and
@@ -171,7 +172,7 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
 
 // Grid (⌈T/64⌉, B·H): block (x, bh) owns key tile x of head bh and walks the query tiles that
 // see it. Per query tile it recomputes p = exp2(s − lse) and dp = dy vᵀ, forms
-// ds = p (dp − dot) with dot = Σ_d y·dy of the query row, adds pᵀ dy to dv and dsᵀ q to dk in
+// ds = p (dp − dot) with dot = Σ_d y·dy of the query row (AT3), adds pᵀ dy to dv and dsᵀ q to dk in
 // registers, and adds ds k to dq in global memory (atomically: other key tiles add there too).
 // dqkv (B, T, 3C) must hold zeros in its q columns; the k and v columns are written whole.
 template <int HS>
