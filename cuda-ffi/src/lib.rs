@@ -1294,7 +1294,10 @@ impl Gpu {
             self.attention_shape_check(what, view.len, shape, *factor)?;
             check(view.ptr.is_multiple_of(16), || format!("{what}: buffers must start on 16-byte boundaries"))?;
         }
-        Ok(())
+        // B·H is the grid's second dimension
+        check(shape.batch * shape.n_head <= 65_535, || {
+            format!("{what}: B·H = {} is more than 65535 blocks; use MULTITOKEN_ATTENTION=products", shape.batch * shape.n_head)
+        })
     }
 
     fn fused_attention_config(shape: AttentionShape, backward: bool) -> LaunchConfig {
