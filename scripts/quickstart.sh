@@ -30,4 +30,6 @@ echo "== sampling (temperature 0.8), self-speculative" >&2
 "$bin" sample --checkpoint "$run/model" --prompt "$prompt" --max-new-tokens 80 --temperature 0.8 --top-k 50 --seed 1 --speculative
 echo "== greedy: autoregressive against self-speculative decoding" >&2
 "$bin" bench decode --checkpoint "$run/model" --prompt "$prompt" --max-new-tokens 200 --greedy
+echo "== sampling (temperature 0.8, top-k 50): autoregressive against self-speculative decoding" >&2
+"$bin" bench decode --checkpoint "$run/model" --prompt "$prompt" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 1
 echo "== done: checkpoint in $run/model (loss curves: $run/model/loss.svg)" >&2
