@@ -831,37 +831,34 @@ impl Gpu {
         self.matmul_batched(a, b, c, m, k, n, 1, accumulate)
     }
 
+    /// A kernel `(views…, long n)` over views of one length n, a thread per element.
+    fn elementwise(&self, what: &str, kernel: &CudaFunction, views: &[View<f32>]) -> Result<()> {
+        let len = views[0].len;
+        check(views.iter().all(|v| v.len == len), || format!("{what}: buffers differ in length"))?;
+        let n = len as i64;
+        let mut launch = self.stream.launch_builder(kernel);
+        for view in views {
+            launch.arg(&view.ptr);
+        }
+        launch.arg(&n);
+        // SAFETY: the kernel touches elements 0..n of each view, and each holds n.
+        unsafe { launch.launch(elementwise_config(len)) }?;
+        Ok(())
+    }
+
     /// `out = gelu(x)`, elementwise.
     pub fn gelu_forward(&self, x: View<f32>, out: View<f32>) -> Result<()> {
-        check(x.len == out.len, || "gelu_forward: x and out differ in length".into())?;
-        let n = x.len as i64;
-        let mut launch = self.stream.launch_builder(&self.kernels.gelu_forward);
-        launch.arg(&x.ptr).arg(&out.ptr).arg(&n);
-        // SAFETY: the kernel touches elements 0..n of both views.
-        unsafe { launch.launch(elementwise_config(x.len)) }?;
-        Ok(())
+        self.elementwise("gelu_forward", &self.kernels.gelu_forward, &[x, out])
     }
 
     /// `dx = dout · gelu'(x)`, elementwise.
     pub fn gelu_backward(&self, x: View<f32>, dout: View<f32>, dx: View<f32>) -> Result<()> {
-        check(x.len == dout.len && x.len == dx.len, || "gelu_backward: buffers differ in length".into())?;
-        let n = x.len as i64;
-        let mut launch = self.stream.launch_builder(&self.kernels.gelu_backward);
-        launch.arg(&x.ptr).arg(&dout.ptr).arg(&dx.ptr).arg(&n);
-        // SAFETY: the kernel touches elements 0..n of views that hold n elements.
-        unsafe { launch.launch(elementwise_config(x.len)) }?;
-        Ok(())
+        self.elementwise("gelu_backward", &self.kernels.gelu_backward, &[x, dout, dx])
     }
 
     /// `out = a + b`, elementwise (the residual connection).
     pub fn add(&self, a: View<f32>, b: View<f32>, out: View<f32>) -> Result<()> {
-        check(a.len == b.len && a.len == out.len, || "add: buffers differ in length".into())?;
-        let n = a.len as i64;
-        let mut launch = self.stream.launch_builder(&self.kernels.add);
-        launch.arg(&a.ptr).arg(&b.ptr).arg(&out.ptr).arg(&n);
-        // SAFETY: elements 0..n of three views of n elements.
-        unsafe { launch.launch(elementwise_config(a.len)) }?;
-        Ok(())
+        self.elementwise("add", &self.kernels.add, &[a, b, out])
     }
 
     /// Every row of `out` (rows, bias.len()) becomes `bias`.
@@ -1088,15 +1085,15 @@ impl Gpu {
         Ok(())
     }
 
-    /// The positions a KV cache (H, positions, hs) holds, after checking that `shape.seq` new
-    /// rows of one sequence fit at `start`.
-    fn cache_positions(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, start: usize) -> Result<usize> {
+    /// The kernels' cache dimensions [m, H, hs, positions, start] of a KV cache (H, positions,
+    /// hs), after checking that `shape.seq` = m new rows of one sequence fit at `start`.
+    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, start: usize) -> Result<[i32; 5]> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
         let positions = keys.len / (h * hs).max(1);
         check(shape.batch == 1 && m > 0 && values.len == keys.len && start + m <= positions, || {
             format!("{what}: {m} rows at {start} do not fit a cache of {positions} positions")
         })?;
-        Ok(positions)
+        Ok([m as i32, h as i32, hs as i32, positions as i32, start as i32])
     }
 
     /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
@@ -1111,9 +1108,8 @@ impl Gpu {
         start: usize,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let positions = Self::cache_positions("append_kv", keys, values, shape, start)?;
+        let dims = Self::cache_dims("append_kv", keys, values, shape, start)?;
         check(qkv.len == 3 * m * h * hs && q.len == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
-        let dims = [m as i32, h as i32, hs as i32, positions as i32, start as i32];
         let mut launch = self.stream.launch_builder(&self.kernels.append_kv);
         launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
         for d in &dims {
@@ -1161,13 +1157,13 @@ impl Gpu {
         start: usize,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let positions = Self::cache_positions("decode_attention", keys, values, shape, start)?;
+        let dims = Self::cache_dims("decode_attention", keys, values, shape, start)?;
+        let positions = dims[3] as usize;
         check(q.len == m * h * hs && y.len == q.len, || format!("decode_attention: q and y do not hold {m} rows"))?;
         check(
             4 * (hs + positions) <= 46 << 10, // with the kernel's static arrays, under 48 KiB
             || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
         )?;
-        let dims = [m as i32, h as i32, hs as i32, positions as i32, start as i32];
         let scale = 1.0 / (hs as f32).sqrt();
         let mut launch = self.stream.launch_builder(&self.kernels.decode_attention);
         launch.arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
