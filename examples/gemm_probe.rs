@@ -1,10 +1,11 @@
 //! Times single matrix products of the model's shapes through each cuBLAS entry point, in
 //! TFLOP/s, to choose `GemmRoute` (docs/results.md, "CUDA"); then decoding's linear layers (a
 //! few rows), as the host's time to issue a call and the device's time per call. Needs a GPU.
-//! `cargo run --release --example gemm_probe`
+//! `cargo run --release --example gemm_probe [-- --decoding]` (only the decoding part)
 #[cfg(feature = "cuda")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    use multitoken_cuda::{GemmRoute, Gpu, Operand};
+    use multitoken_cuda::{Epilogue, GemmRoute, Gpu, Operand};
+    let only_decoding = std::env::args().any(|a| a == "--decoding");
     let mut gpu = Gpu::new(0)?;
     println!("{}", gpu.name());
     // (m, k, n, a transposed, b transposed): base at B·T = 8192 — c_attn, c_proj, c_fc, mlp c_proj
@@ -22,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     for tf32 in [false, true] {
         gpu.tf32 = tf32;
-        for &(m, k, n, a_t, b_t) in &shapes {
+        for &(m, k, n, a_t, b_t) in shapes.iter().filter(|_| !only_decoding) {
             // random operands: the time of a GEMM on zeros is not the time on data
             let mut rng = multitoken::tensor::Rng::new(1);
             let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };
@@ -62,25 +63,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gpu.synchronize()?;
         Ok((issued * 1e6 / repeats as f64, start.elapsed().as_secs_f64() * 1e6 / repeats as f64))
     };
+    for ((registers, spilled, blocks), rows) in gpu.few_row_linear_resources()?.into_iter().zip([4, 8]) {
+        println!("decoding: linear_few_rows for {rows} rows: {registers} registers, {spilled} bytes spilled, {blocks} blocks per SM");
+    }
     let (small_in, small_out) = (gpu.upload(&random(256))?, gpu.upload(&random(256))?);
     let (issue, done) = time(&gpu, &|| gpu.gelu_forward(small_in.view(), small_out.view()))?;
     println!("decoding: a kernel on 256 elements: issued in {issue:.1} µs, done every {done:.1} µs");
-    for rows in [1, 4] {
-        for (n_in, n_out) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
-            let (x, w, b, out) = (
-                gpu.upload(&random(rows * n_in))?,
-                gpu.upload(&random(n_in * n_out))?,
-                gpu.upload(&random(n_out))?,
-                gpu.upload(&random(rows * n_out))?,
-            );
-            let mut line = format!("decoding: linear {rows}×{n_in}·{n_in}×{n_out}");
-            for route in [GemmRoute::Blas, GemmRoute::BlasLt] {
-                gpu.gemm_route = route;
-                let (issue, done) = time(&gpu, &|| gpu.linear(x.view(), w.view(), b.view(), out.view()))?;
-                let bandwidth = (4 * n_in * n_out) as f64 / (done * 1e-6) / 1e12;
-                line += &format!(" | {route:?}: issued {issue:5.1} µs, done {done:5.1} µs ({bandwidth:.2} TB/s)");
+    // each product walks `copies` weights in turn, 16 of them holding more than the L2 cache,
+    // as a pass over 12 layers does; with one copy the weight stays in L2
+    for copies in [1, 16] {
+        for rows in [1, 4] {
+            for (n_in, n_out) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
+                let weights = (0..copies).map(|_| gpu.upload(&random(n_in * n_out))).collect::<Result<Vec<_>, _>>()?;
+                let (x, b, out) = (gpu.upload(&random(rows * n_in))?, gpu.upload(&random(n_out))?, gpu.upload(&random(rows * n_out))?);
+                let next = std::cell::Cell::new(0);
+                let mut line = format!("decoding: linear {rows}×{n_in}·{n_in}×{n_out}, {copies:2} weight copies");
+                let default_blocks = gpu.few_row_blocks;
+                // cuBLASLt, then the few-row kernel aiming at 1, 2 and 4 blocks per SM
+                for blocks in [0, default_blocks / 2, default_blocks, default_blocks * 2] {
+                    gpu.few_row_linear = blocks > 0;
+                    gpu.few_row_blocks = blocks.max(1);
+                    let (issue, done) = time(&gpu, &|| {
+                        next.set((next.get() + 1) % copies);
+                        gpu.linear(x.view(), weights[next.get()].view(), b.view(), out.view())
+                    })?;
+                    let bandwidth = (4 * n_in * n_out) as f64 / (done * 1e-6) / 1e12;
+                    let route = if blocks > 0 { format!("few rows, {blocks} blocks") } else { "cuBLASLt".into() };
+                    line += &format!(" | {route}: issued {issue:4.1} µs, done {done:5.1} µs ({bandwidth:.2} TB/s)");
+                }
+                gpu.few_row_blocks = default_blocks;
+                gpu.few_row_linear = true;
+                if n_in == 768 {
+                    // with the LayerNorm before it and the GELU after it, as decoding runs c_fc
+                    let (gain, shift) = (gpu.upload(&random(n_in))?, gpu.upload(&random(n_in))?);
+                    let (issue, done) = time(&gpu, &|| {
+                        next.set((next.get() + 1) % copies);
+                        let layernorm = Some((gain.view(), shift.view()));
+                        gpu.linear_few_rows(x.view(), layernorm, weights[next.get()].view(), b.view(), Epilogue::Gelu, out.view())
+                            .map(|_| ())
+                    })?;
+                    line += &format!(" | LayerNorm + few rows + GELU: issued {issue:4.1} µs, done {done:5.1} µs");
+                }
+                println!("{line}");
             }
-            println!("{line}");
         }
     }
     Ok(())

@@ -52,10 +52,12 @@ pub fn check_available(device: Device) -> Result<()> {
     Ok(())
 }
 
-/// Opens GPU 0 with the precision asked for.
+/// Opens GPU 0 with the precision asked for. `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's
+/// linear layers to cuBLASLt instead of the few-row kernel, for benchmarks.
 #[cfg(feature = "cuda")]
 pub fn open_gpu(precision: Precision) -> Result<crate::cuda::Gpu> {
     let mut gpu = crate::cuda::Gpu::new(0)?;
     gpu.tf32 = precision == Precision::Tf32;
+    gpu.few_row_linear = std::env::var("MULTITOKEN_FEW_ROW_LINEAR").as_deref() != Ok("0");
     Ok(gpu)
 }

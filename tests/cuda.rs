@@ -128,6 +128,91 @@ cuda_test!(linear_with_bias_matches_the_cpu_on_both_routes, |gpu| {
     }
 });
 
+cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue, |gpu| {
+    // decoding's kernel: (k, n) shapes with ragged column tiles, ragged splits of w's rows, one
+    // column tile split many ways, and many tiles (8 rows of k = 1020 are about as many as the
+    // LayerNorm prologue takes)
+    for (k, n) in [(300, 772), (1020, 96), (40, 8192)] {
+        let (w, b, gain, shift) = (random(k * n, 61), random(n, 62), random(k, 63), random(k, 64));
+        let (dw, db, dgain, dshift) =
+            (gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&gain).unwrap(), gpu.upload(&shift).unwrap());
+        for rows in [1, 3, 8] {
+            let (x, residual) = (random(rows * k, 65 + rows as u64), random(rows * n, 75 + rows as u64));
+            let (dx, dresidual) = (gpu.upload(&x).unwrap(), gpu.upload(&residual).unwrap());
+            for normed in [false, true] {
+                // x' rows, in f64: x itself or its LayerNorm
+                let (gain, shift) = (&gain, &shift);
+                let input: Vec<f64> = x
+                    .chunks(k)
+                    .flat_map(|row| {
+                        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / k as f64;
+                        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / k as f64;
+                        let rstd = 1.0 / (var + 1e-5).sqrt();
+                        (0..k).map(
+                            move |j| if normed { (row[j] as f64 - mean) * rstd * gain[j] as f64 + shift[j] as f64 } else { row[j] as f64 },
+                        )
+                    })
+                    .collect();
+                let product: Vec<f64> = (0..rows * n)
+                    .map(|i| b[i % n] as f64 + (0..k).map(|p| input[(i / n) * k + p] * w[p * n + i % n] as f64).sum::<f64>())
+                    .collect();
+                let gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+                let layernorm = normed.then_some((dgain.view(), dshift.view()));
+                for (name, epilogue, reference) in [
+                    ("bias", multitoken_cuda::Epilogue::Bias, product.clone()),
+                    ("gelu", multitoken_cuda::Epilogue::Gelu, product.iter().map(|&v| gelu(v)).collect()),
+                    (
+                        "residual",
+                        multitoken_cuda::Epilogue::Residual(dresidual.view()),
+                        product.iter().zip(&residual).map(|(&v, &r)| v + r as f64).collect(),
+                    ),
+                ] {
+                    let out = gpu.upload(&vec![f32::NAN; rows * n]).unwrap(); // poisoned: every element must be written
+                    assert!(gpu.linear_few_rows(dx.view(), layernorm, dw.view(), db.view(), epilogue, out.view()).unwrap());
+                    let ours = gpu.download(out.view()).unwrap();
+                    report(
+                        &format!("linear_few_rows {rows}×{k}·{k}×{n}, layernorm {normed}, {name}"),
+                        relative_error(&ours, &reference),
+                        1e-5,
+                    );
+                    // a row's result does not depend on the rows decoded with it, to the bit
+                    let last = rows - 1;
+                    let alone = gpu.upload(&vec![f32::NAN; n]).unwrap();
+                    let alone_epilogue = match epilogue {
+                        multitoken_cuda::Epilogue::Residual(_) => multitoken_cuda::Epilogue::Residual(dresidual.view().slice(last * n, n)),
+                        other => other,
+                    };
+                    gpu.linear_few_rows(dx.view().slice(last * k, k), layernorm, dw.view(), db.view(), alone_epilogue, alone.view())
+                        .unwrap();
+                    assert_eq!(gpu.download(alone.view()).unwrap(), ours[last * n..], "row {last} alone differs from row {last} of {rows}");
+                }
+            }
+        }
+    }
+    // where it does not apply it does nothing and says so: n not a multiple of 4, too many rows
+    let (w, b, x) = (gpu.upload(&random(8 * 6, 81)).unwrap(), gpu.upload(&random(6, 82)).unwrap(), gpu.upload(&random(2 * 8, 83)).unwrap());
+    let out = gpu.upload(&[7.0f32; 12]).unwrap();
+    assert!(!gpu.linear_few_rows(x.view(), None, w.view(), b.view(), multitoken_cuda::Epilogue::Bias, out.view()).unwrap());
+    assert_eq!(gpu.download(out.view()).unwrap(), vec![7.0; 12]);
+    let (w, b, x) = (gpu.upload(&random(8 * 4, 84)).unwrap(), gpu.upload(&random(4, 85)).unwrap(), gpu.upload(&random(9 * 8, 86)).unwrap());
+    let out = gpu.zeros::<f32>(9 * 4).unwrap();
+    assert!(!gpu.linear_few_rows(x.view(), None, w.view(), b.view(), multitoken_cuda::Epilogue::Bias, out.view()).unwrap());
+    // and `linear`, `linear_gelu` on a few rows take it, or cuBLASLt when it is switched off
+    let (rows, k, n) = (4, 256, 512);
+    let (x, w, b) = (random(rows * k, 91), random(k * n, 92), random(n, 93));
+    let (dx, dw, db) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap());
+    let mut results = Vec::new();
+    for few_rows in [true, false] {
+        gpu.few_row_linear = few_rows;
+        let (out, out_gelu) = (gpu.zeros::<f32>(rows * n).unwrap(), gpu.zeros::<f32>(rows * n).unwrap());
+        gpu.linear(dx.view(), dw.view(), db.view(), out.view()).unwrap();
+        gpu.linear_gelu(dx.view(), dw.view(), db.view(), out_gelu.view()).unwrap();
+        results.push((gpu.download(out.view()).unwrap(), gpu.download(out_gelu.view()).unwrap()));
+    }
+    report("linear on 4 rows: few-row kernel against cuBLASLt", relative_error(&results[0].0, &widen(&results[1].0)), 1e-5);
+    report("linear_gelu on 4 rows: few-row kernel against cuBLASLt", relative_error(&results[0].1, &widen(&results[1].1)), 1e-5);
+});
+
 cuda_test!(layernorm_on_a_few_rows_matches_the_cpu, |gpu| {
     // decoding's LayerNorm takes a block per row
     let c = 100;

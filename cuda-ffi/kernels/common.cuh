@@ -28,3 +28,10 @@ __device__ float block_reduce(float v, bool take_max, float* shared) {
     for (int w = 1; w < blockDim.x / 32; w++) v = take_max ? fmaxf(v, shared[w]) : v + shared[w];
     return v;
 }
+
+// GELU, tanh approximation (docs/math.md G1), as GPT-2 has it
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+__device__ float gelu(float v) {
+    float u = GELU_SCALE * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + tanhf(u));
+}

@@ -1,15 +1,9 @@
 // Elementwise and row/column kernels. Compiled at run time by NVRTC (see src/lib.rs); the math
 // is the CPU version's (src/kernels/gelu.rs of the main crate, docs/math.md eq. G1 and G2).
 
-#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
-
 extern "C" __global__ void gelu_forward(const float* x, float* out, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        float v = x[i];
-        float u = GELU_SCALE * (v + 0.044715f * v * v * v);
-        out[i] = 0.5f * v * (1.0f + tanhf(u));
-    }
+    if (i < n) out[i] = gelu(x[i]);
 }
 
 // dx = dout * gelu'(x)

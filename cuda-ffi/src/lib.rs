@@ -21,8 +21,9 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{result as driver, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// The kernel sources, compiled at run time.
-const KERNEL_SOURCES: [(&str, &str); 7] = [
+const KERNEL_SOURCES: [(&str, &str); 8] = [
     ("elementwise", include_str!("../kernels/elementwise.cu")),
+    ("linear", include_str!("../kernels/linear.cu")),
     ("layernorm", include_str!("../kernels/layernorm.cu")),
     ("adamw", include_str!("../kernels/adamw.cu")),
     ("embedding", include_str!("../kernels/embedding.cu")),
@@ -221,6 +222,8 @@ struct Kernels {
     head_statistics: CudaFunction,
     gate_gradient: CudaFunction,
     attention_row_dots: CudaFunction,
+    /// `linear_few_rows` for up to 4 rows, and for up to 8
+    linear_few_rows: [CudaFunction; 2],
     /// (head size, forward, backward)
     fused_attention: Vec<(usize, CudaFunction, CudaFunction)>,
 }
@@ -409,6 +412,12 @@ pub struct Gpu {
     _blas_workspace: Buffer<u8>,
     /// the entry point of single matrix products
     pub gemm_route: GemmRoute,
+    /// linear layers on up to [`FEW_ROWS_MAX`] rows through `linear_few_rows` (else cuBLASLt)
+    pub few_row_linear: bool,
+    /// the most blocks `linear_few_rows` aims for: as many as run at once (of its 4-row
+    /// instance; `examples/gemm_probe.rs` tries others)
+    pub few_row_blocks: usize,
+    few_row_scratch: FewRowScratch,
     kernels: Kernels,
     /// use TF32 tensor cores in matmul (`--precision tf32`)
     pub tf32: bool,
@@ -417,6 +426,36 @@ pub struct Gpu {
 }
 
 const THREADS: u32 = 256;
+
+/// The most rows `linear_few_rows` takes (its wider instance's `FEW_ROWS_MAX`), its columns per
+/// block (`TILE_COLUMNS`) and the most rows of the weight per block (`K_CHUNK_MAX`).
+pub const FEW_ROWS_MAX: usize = 8;
+const FEW_ROW_TILE_COLUMNS: usize = 128;
+const FEW_ROW_K_CHUNK_MAX: usize = 128;
+/// Floats of x's rows (rows · k) the LayerNorm prologue of `linear_few_rows` stages, per row
+/// its instance takes.
+const FEW_ROW_LAYERNORM_FLOATS_PER_ROW: usize = 1024;
+/// Floats of the blocks' partial sums, and column tiles with an arrival counter.
+const FEW_ROW_PARTIALS: usize = 1 << 20;
+const FEW_ROW_TILES_MAX: usize = 1024;
+
+/// `linear_few_rows`'s scratch: partial sums of blocks that split the weight's rows, and one
+/// arrival counter per column tile (each back at zero when the kernel ends).
+struct FewRowScratch {
+    partials: Buffer<u8>,
+    arrivals: Buffer<u8>,
+}
+
+/// What [`Gpu::linear_few_rows`] does to the product before it writes it.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue {
+    /// `out = x·w + b`
+    Bias,
+    /// `out = gelu(x·w + b)`
+    Gelu,
+    /// `out = residual + x·w + b`
+    Residual(View<f32>),
+}
 /// Up to this many rows, LayerNorm takes a block per row (decoding) instead of a warp.
 const FEW_ROWS: usize = 64;
 /// Threads per block of the decoding attention kernel (its `DECODE_THREADS`).
@@ -486,6 +525,7 @@ impl Gpu {
             head_statistics: f("head", "head_statistics")?,
             gate_gradient: f("head", "gate_gradient")?,
             attention_row_dots: f("fused_attention", "attention_row_dots")?,
+            linear_few_rows: [f("linear", "linear_few_rows_4")?, f("linear", "linear_few_rows_8")?],
             fused_attention: FUSED_ATTENTION_HEAD_SIZES
                 .iter()
                 .map(|&hs| {
@@ -513,6 +553,12 @@ impl Gpu {
             cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace.view.ptr as *mut _, BLAS_WORKSPACE_BYTES).result()?;
         }
         let blas_lt = BlasLt { handle: cudarc::cublaslt::result::create_handle()?, workspace: allocate(BLAS_WORKSPACE_BYTES)? };
+        let multiprocessors = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let few_row_scratch = FewRowScratch { partials: allocate(4 * FEW_ROW_PARTIALS)?, arrivals: allocate(4 * FEW_ROW_TILES_MAX)? };
+        let resident = kernels.linear_few_rows[0].occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?;
+        let few_row_blocks = multiprocessors.max(1) as usize * resident.max(1) as usize;
+        // SAFETY: a fresh allocation of FEW_ROW_TILES_MAX counters, which start at zero.
+        unsafe { driver::memset_d8_sync(few_row_scratch.arrivals.view.ptr, 0, 4 * FEW_ROW_TILES_MAX)? };
         Ok(Gpu {
             context,
             stream,
@@ -521,6 +567,9 @@ impl Gpu {
             blas_lt,
             _blas_workspace: blas_workspace,
             gemm_route: GemmRoute::BlasLt,
+            few_row_linear: true,
+            few_row_blocks,
+            few_row_scratch,
             kernels,
             tf32: false,
             name,
@@ -787,11 +836,24 @@ impl Gpu {
         self.linear_plus(x, weight, bias, Some(residual), out)
     }
 
+    /// `out = gelu(x · weight + bias)`: one kernel on a few rows, else the product then the GELU.
+    pub fn linear_gelu(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        if self.linear_few_rows(x, None, weight, bias, Epilogue::Gelu, out)? {
+            return Ok(());
+        }
+        self.linear(x, weight, bias, out)?;
+        self.gelu_forward(out, out)
+    }
+
     fn linear_plus(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
         let n_out = bias.len;
         check(n_out > 0 && out.len.is_multiple_of(n_out) && weight.len.is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
         let (rows, n_in) = (out.len / n_out, weight.len / n_out);
         check(x.len == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.len))?;
+        let epilogue = residual.map_or(Epilogue::Bias, Epilogue::Residual);
+        if self.linear_few_rows(x, None, weight, bias, epilogue, out)? {
+            return Ok(());
+        }
         if self.gemm_route == GemmRoute::Blas {
             self.broadcast_rows(bias, out)?;
             self.matmul(Operand::normal(x), Operand::normal(weight), out, rows, n_in, n_out, true)?;
@@ -823,6 +885,68 @@ impl Gpu {
                 Some(bias),
             )
         }
+    }
+
+    /// Decoding's linear layers in one kernel: `out (rows, n) = epilogue(x' · weight + bias)`, where
+    /// x' is x (rows, k), or its LayerNorm with `layernorm = Some((gain, shift))`, and weight is
+    /// (k, n). Returns `Ok(false)`, having done nothing, where the kernel does not apply: more than
+    /// [`FEW_ROWS_MAX`] rows, n not a multiple of 4, views not 16-byte aligned, or
+    /// `few_row_linear` off; the caller then takes the general route.
+    pub fn linear_few_rows(
+        &self,
+        x: View<f32>,
+        layernorm: Option<(View<f32>, View<f32>)>,
+        weight: View<f32>,
+        bias: View<f32>,
+        epilogue: Epilogue,
+        out: View<f32>,
+    ) -> Result<bool> {
+        let n = bias.len;
+        check(n > 0 && out.len.is_multiple_of(n) && weight.len.is_multiple_of(n), || "linear: shapes do not fit".into())?;
+        let (rows, k) = (out.len / n, weight.len / n);
+        check(x.len == rows * k, || format!("linear: x has {} elements, not {rows}×{k}", x.len))?;
+        let (instance, instance_rows) = if rows <= 4 { (0, 4) } else { (1, 8) };
+        if let Some((gain, shift)) = layernorm {
+            check(gain.len == k && shift.len == k, || format!("linear: the LayerNorm's parameters are not {k} long"))?;
+            // the kernel stages x's whole rows in float4s
+            if rows * k > FEW_ROW_LAYERNORM_FLOATS_PER_ROW * instance_rows || !k.is_multiple_of(4) || !x.ptr.is_multiple_of(16) {
+                return Ok(false);
+            }
+        }
+        let residual = match epilogue {
+            Epilogue::Residual(residual) => {
+                check(residual.len == out.len, || "linear: residual and out differ in length".into())?;
+                Some(residual)
+            }
+            _ => None,
+        };
+        let aligned = [weight.ptr, bias.ptr, out.ptr].iter().chain(residual.map(|v| v.ptr).iter()).all(|p| p.is_multiple_of(16));
+        // as many blocks as run at once (a second wave would double the time), unless w's rows
+        // need more; the split depends on (k, n) and the device only, so that a row's sums run
+        // in the same order however many rows come with it
+        let tiles = n.div_ceil(FEW_ROW_TILE_COLUMNS);
+        let scratch = &self.few_row_scratch;
+        let splits = (self.few_row_blocks / tiles).max(k.div_ceil(FEW_ROW_K_CHUNK_MAX)).min(k.div_ceil(8)).max(1);
+        let k_chunk = k.div_ceil(splits);
+        let splits = k.div_ceil(k_chunk);
+        let fits = splits == 1 || (tiles <= FEW_ROW_TILES_MAX && splits * rows * n <= FEW_ROW_PARTIALS);
+        if !self.few_row_linear || rows == 0 || rows > FEW_ROWS_MAX || !n.is_multiple_of(4) || !aligned || !fits {
+            return Ok(false);
+        }
+        let null = 0u64;
+        let (ln_gain, ln_shift) = layernorm.map_or((null, null), |(gain, shift)| (gain.ptr, shift.ptr));
+        let residual_ptr = residual.map_or(null, |v| v.ptr);
+        let (rows_i, k_i, n_i, k_chunk_i, gelu) =
+            (rows as i32, k as i32, n as i32, k_chunk as i32, matches!(epilogue, Epilogue::Gelu) as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.linear_few_rows[instance]);
+        launch.arg(&x.ptr).arg(&ln_gain).arg(&ln_shift).arg(&weight.ptr).arg(&bias.ptr).arg(&residual_ptr).arg(&out.ptr);
+        launch.arg(&scratch.partials.view.ptr).arg(&scratch.arrivals.view.ptr);
+        launch.arg(&rows_i).arg(&k_i).arg(&n_i).arg(&k_chunk_i).arg(&gelu);
+        let config = LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: shapes and alignment checked above; the partial sums (splits·rows·n floats)
+        // and the counters (one per tile) fit the scratch.
+        unsafe { launch.launch(config) }?;
+        Ok(true)
     }
 
     /// `c (m,n) = a (m,k) · b (k,n)` (plus c when `accumulate`); see [`Gpu::matmul_batched`].
@@ -1281,6 +1405,18 @@ impl Gpu {
         for (hs, forward, backward) in &self.kernels.fused_attention {
             let spilled = forward.get_attribute(LOCAL)? + backward.get_attribute(LOCAL)?;
             out.push((*hs, forward.get_attribute(REGISTERS)?, backward.get_attribute(REGISTERS)?, spilled));
+        }
+        Ok(out)
+    }
+
+    /// (registers per thread, bytes spilled to local memory, blocks per SM) of `linear_few_rows`'s
+    /// 4-row and 8-row instances.
+    pub fn few_row_linear_resources(&self) -> Result<Vec<(i32, i32, u32)>> {
+        use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
+        let mut out = Vec::new();
+        for kernel in &self.kernels.linear_few_rows {
+            let blocks = kernel.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)?;
+            out.push((kernel.get_attribute(REGISTERS)?, kernel.get_attribute(LOCAL)?, blocks));
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@
 //! `decode::generate::decode_loop` on the host, the same code as on the CPU; per step it moves
 //! only hidden states (C floats a token) and the probabilities it reads (r·V floats a horizon).
 
-use multitoken_cuda::{AttentionShape, Buffer, Operand, View};
+use multitoken_cuda::{AttentionShape, Buffer, Epilogue, Operand, View};
 
 use super::{param_views, Gpu};
 use crate::decode::generate::{decode_loop, AcceptanceRule, Backbone};
@@ -79,7 +79,6 @@ struct Scratch {
     qkv: Buffer<f32>,
     q: Buffer<f32>,
     att_y: Buffer<f32>,
-    fc: Buffer<f32>,
     fc_gelu: Buffer<f32>,
 }
 
@@ -97,7 +96,6 @@ impl<'a> GpuBackbone<'a> {
             qkv: f(positions * 3 * c)?,
             q: f(positions * c)?,
             att_y: f(positions * c)?,
-            fc: f(positions * 4 * c)?,
             fc_gelu: f(positions * 4 * c)?,
         };
         let cache = || (0..config.n_layer).map(|_| f(positions * c)).collect::<std::result::Result<Vec<_>, _>>();
@@ -124,19 +122,19 @@ impl Backbone<f32> for GpuBackbone<'_> {
         // positions start..start + m: the position table from row `start` on
         gpu.embedding_forward(ids, p.wte, p.wpe.slice(start * c, m * c), x, m, c)?;
         let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: hs };
+        let norm_scratch = (normed, mean, rstd);
         for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
             let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
-            gpu.layernorm_forward(x, block.ln_1_weight, block.ln_1_bias, normed, mean, rstd)?;
             let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
-            gpu.linear(normed, block.attn_c_attn_weight, block.attn_c_attn_bias, qkv)?;
+            let ln_1 = (block.ln_1_weight, block.ln_1_bias);
+            layernorm_linear(gpu, x, ln_1, block.attn_c_attn_weight, block.attn_c_attn_bias, false, qkv, norm_scratch)?;
             gpu.append_kv(qkv, q, cached_keys, cached_values, shape, start)?;
             let att_y = rows(&s.att_y, c);
             gpu.decode_attention(q, cached_keys, cached_values, att_y, shape, start)?;
             gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
-            gpu.layernorm_forward(x_mid, block.ln_2_weight, block.ln_2_bias, normed, mean, rstd)?;
-            let (fc, fc_gelu) = (rows(&s.fc, 4 * c), rows(&s.fc_gelu, 4 * c));
-            gpu.linear(normed, block.mlp_c_fc_weight, block.mlp_c_fc_bias, fc)?;
-            gpu.gelu_forward(fc, fc_gelu)?;
+            let fc_gelu = rows(&s.fc_gelu, 4 * c);
+            let ln_2 = (block.ln_2_weight, block.ln_2_bias);
+            layernorm_linear(gpu, x_mid, ln_2, block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, fc_gelu, norm_scratch)?;
             gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
         }
         gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?;
@@ -150,6 +148,31 @@ impl Backbone<f32> for GpuBackbone<'_> {
 
     fn positions(&self) -> usize {
         self.len
+    }
+}
+
+/// `out = LayerNorm(x) · weight + bias`, then GELU when `gelu`: one kernel on a few rows, else
+/// the LayerNorm into `scratch` (normed, mean, rstd) and the product.
+#[allow(clippy::too_many_arguments)]
+fn layernorm_linear(
+    gpu: &Gpu,
+    x: View<f32>,
+    (gain, shift): (View<f32>, View<f32>),
+    weight: View<f32>,
+    bias: View<f32>,
+    gelu: bool,
+    out: View<f32>,
+    (normed, mean, rstd): (View<f32>, View<f32>, View<f32>),
+) -> Result<()> {
+    let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::Bias };
+    if gpu.linear_few_rows(x, Some((gain, shift)), weight, bias, epilogue, out)? {
+        return Ok(());
+    }
+    gpu.layernorm_forward(x, gain, shift, normed, mean, rstd)?;
+    if gelu {
+        Ok(gpu.linear_gelu(normed, weight, bias, out)?)
+    } else {
+        Ok(gpu.linear(normed, weight, bias, out)?)
     }
 }
 
