@@ -156,6 +156,9 @@ pub struct BenchDecodeResult {
     pub repeats: usize,
     pub threads: usize,
     pub device: Device,
+    /// with `MULTITOKEN_PROFILE=1` on the GPU: the passes' phases, summed over every run
+    #[serde(skip)]
+    pub gpu_profile: Option<String>,
 }
 
 /// Times both decoders `repeats` times, alternating, and reports the medians.
@@ -205,6 +208,10 @@ pub fn bench_decode(
     let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
     let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
     let (ar, spec) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
+    #[cfg(feature = "cuda")]
+    let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
+    #[cfg(not(feature = "cuda"))]
+    let gpu_profile = None;
     let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     Ok(BenchDecodeResult {
@@ -222,5 +229,6 @@ pub fn bench_decode(
         repeats: repeats.max(1),
         threads: rayon::current_num_threads(),
         device,
+        gpu_profile,
     })
 }

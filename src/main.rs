@@ -419,6 +419,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 *repeats,
                 device,
             )?;
+            if let (true, Some(profile)) = (multitoken::autograd::profiling_enabled(), &result.gpu_profile) {
+                eprint!("{profile}");
+            }
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
             let text = format!(
                 "autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes",

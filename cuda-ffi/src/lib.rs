@@ -152,6 +152,41 @@ impl<T> View<T> {
     }
 }
 
+/// Page-locked host memory of `len` elements: the driver copies from the device straight into
+/// it, where a download into ordinary (pageable) memory goes through the driver's own staging
+/// buffer piece by piece, at a fraction of the speed.
+pub struct PinnedBuffer<T> {
+    ptr: *mut T,
+    len: usize,
+    context: Arc<CudaContext>,
+}
+
+impl<T> std::ops::Deref for PinnedBuffer<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr holds len initialised elements (zeroed at allocation, then copies of T).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for PinnedBuffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in deref, and &mut self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T> Drop for PinnedBuffer<T> {
+    fn drop(&mut self) {
+        if self.len > 0 && self.context.bind_to_thread().is_ok() {
+            // SAFETY: the pointer came from malloc_host and is freed once.
+            unsafe {
+                let _ = driver::free_host(self.ptr as *mut std::ffi::c_void);
+            }
+        }
+    }
+}
+
 /// Bytes held in [`Buffer`]s now, and the most held at once (as PyTorch's
 /// `max_memory_allocated`: the allocations, not the context or cuBLAS workspaces).
 #[derive(Default)]
@@ -645,6 +680,38 @@ impl Gpu {
         // SAFETY: the host vector holds exactly source.len elements.
         unsafe { driver::memcpy_dtoh_sync(&mut host, source.ptr)? };
         Ok(host)
+    }
+
+    /// Page-locked host memory for `len` elements of a plain numeric type, zeroed.
+    pub fn pinned<T: DeviceRepr + Default + Copy>(&self, len: usize) -> Result<PinnedBuffer<T>> {
+        self.context.bind_to_thread()?;
+        let bytes = len * std::mem::size_of::<T>();
+        let ptr = if bytes == 0 {
+            std::ptr::NonNull::<T>::dangling().as_ptr()
+        } else {
+            // SAFETY: a fresh allocation of `bytes`, every element then written before use.
+            unsafe {
+                let ptr = driver::malloc_host(bytes, 0)? as *mut T;
+                for i in 0..len {
+                    ptr.add(i).write(T::default());
+                }
+                ptr
+            }
+        };
+        Ok(PinnedBuffer { ptr, len, context: self.context.clone() })
+    }
+
+    /// Waits for the queued work, then copies `source` into `target` (same length; page-locked
+    /// memory from [`Gpu::pinned`] makes this several times faster than [`Gpu::download`]).
+    pub fn download_into<T: DeviceRepr>(&self, source: View<T>, target: &mut [T]) -> Result<()> {
+        check(target.len() == source.len, || format!("download_into: {} elements into {}", source.len, target.len()))?;
+        if target.is_empty() {
+            return Ok(());
+        }
+        self.synchronize()?;
+        // SAFETY: the target holds exactly source.len elements.
+        unsafe { driver::memcpy_dtoh_sync(target, source.ptr)? };
+        Ok(())
     }
 
     /// Sets every element of `target` to zero (queued).

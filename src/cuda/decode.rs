@@ -4,9 +4,11 @@
 //! `decode::generate::decode_loop` on the host, the same code as on the CPU; per step it moves
 //! only hidden states (C floats a token) and the probabilities it reads (r·V floats a horizon).
 
-use multitoken_cuda::{AttentionShape, Buffer, Epilogue, Operand, View};
+use std::rc::Rc;
 
-use super::{param_views, Gpu};
+use multitoken_cuda::{AttentionShape, Buffer, Epilogue, Operand, PinnedBuffer, View};
+
+use super::{param_views, Gpu, PhaseProfile};
 use crate::decode::generate::{decode_loop, AcceptanceRule, Backbone};
 use crate::decode::head::{Head, HeadProducts, HeadState};
 use crate::decode::{DecodeRequest, Generation};
@@ -22,6 +24,8 @@ pub struct GpuDecoder<'a> {
     _weights: Buffer<f32>,
     backbone: GpuBackbone<'a>,
     head: GpuHead<'a>,
+    /// with `MULTITOKEN_PROFILE=1`: the phases of every autoregressive, then speculative, decode
+    profiles: [PhaseProfile; 2],
 }
 
 impl<'a> GpuDecoder<'a> {
@@ -29,11 +33,13 @@ impl<'a> GpuDecoder<'a> {
         let flat: Vec<f32> = params.named().into_iter().flat_map(|(_, t)| t.data().iter().copied()).collect();
         let weights = gpu.upload(&flat)?;
         let views = param_views(config, weights.view());
+        let profile = Rc::new(PhaseProfile::from_env());
         Ok(GpuDecoder {
             config: config.clone(),
-            backbone: GpuBackbone::new(gpu, config, views.clone())?,
-            head: GpuHead::new(gpu, config, views)?,
+            backbone: GpuBackbone::new(gpu, config, views.clone(), profile.clone())?,
+            head: GpuHead::new(gpu, config, views, profile)?,
             _weights: weights,
+            profiles: Default::default(),
         })
     }
 
@@ -41,12 +47,22 @@ impl<'a> GpuDecoder<'a> {
     pub fn decode(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
         self.backbone.len = 0;
         let head = Head::with_device(&self.config, params, &self.head);
-        decode_loop(&self.config, &mut self.backbone, &head, request, speculative, AcceptanceRule::Exact)
+        let generation = decode_loop(&self.config, &mut self.backbone, &head, request, speculative, AcceptanceRule::Exact);
+        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        generation
     }
 
     /// The head's states at hidden rows (m, C) with horizons 0..`horizons`, products on the GPU.
     pub fn head_states(&self, params: &ModelParams<Tensor<f32>>, hidden: &[f32], horizons: usize) -> Result<Vec<HeadState<f32>>> {
         Head::with_device(&self.config, params, &self.head).states(hidden, horizons)
+    }
+
+    /// With `MULTITOKEN_PROFILE=1`: where the decodes' time went, autoregressive and speculative
+    /// apart: the backbone's and the head's uploads, device work and downloads, and the host's
+    /// own work between them.
+    pub fn profile_report(&self) -> String {
+        let [autoregressive, speculative] = &self.profiles;
+        format!("autoregressive decoding:\n{}speculative decoding:\n{}", autoregressive.report(), speculative.report())
     }
 
     /// The backbone alone, for tests: hidden states of new tokens after the cached ones.
@@ -66,6 +82,8 @@ struct GpuBackbone<'a> {
     /// positions filled
     len: usize,
     scratch: Scratch,
+    /// shared with the head: one table for the whole pass
+    profile: Rc<PhaseProfile>,
 }
 
 /// Buffers for up to n_positions new rows.
@@ -83,7 +101,7 @@ struct Scratch {
 }
 
 impl<'a> GpuBackbone<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>) -> Result<Self> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, profile: Rc<PhaseProfile>) -> Result<Self> {
         let (c, positions) = (config.n_embd, config.n_positions);
         let f = |len: usize| gpu.zeros::<f32>(len);
         let scratch = Scratch {
@@ -99,7 +117,7 @@ impl<'a> GpuBackbone<'a> {
             fc_gelu: f(positions * 4 * c)?,
         };
         let cache = || (0..config.n_layer).map(|_| f(positions * c)).collect::<std::result::Result<Vec<_>, _>>();
-        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch })
+        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch, profile })
     }
 }
 
@@ -118,7 +136,9 @@ impl Backbone<f32> for GpuBackbone<'_> {
         let rows = |b: &Buffer<f32>, width: usize| b.view().prefix(m * width);
         let (x, x_mid, normed, mean, rstd) = (rows(&s.x, c), rows(&s.x_mid, c), rows(&s.normed, c), rows(&s.mean, 1), rows(&s.rstd, 1));
         let ids = s.ids.view().prefix(m);
+        self.profile.resume(gpu, "host: the loop between calls")?;
         gpu.write(ids, tokens)?;
+        self.profile.mark(gpu, "backbone: upload tokens")?;
         // positions start..start + m: the position table from row `start` on
         gpu.embedding_forward(ids, p.wte, p.wpe.slice(start * c, m * c), x, m, c)?;
         let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: hs };
@@ -138,8 +158,11 @@ impl Backbone<f32> for GpuBackbone<'_> {
             gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
         }
         gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?;
+        self.profile.mark(gpu, "backbone: layers")?;
         self.len = keys;
-        Ok(gpu.download(normed)?)
+        let hidden = gpu.download(normed)?;
+        self.profile.mark(gpu, "backbone: download")?;
+        Ok(hidden)
     }
 
     fn truncate(&mut self, len: usize) {
@@ -189,10 +212,13 @@ struct GpuHead<'a> {
     hidden: Buffer<f32>,
     z: Buffer<f32>,
     logits: Buffer<f32>,
+    /// page-locked room for the downloaded probabilities
+    staging: std::cell::RefCell<PinnedBuffer<f32>>,
+    profile: Rc<PhaseProfile>,
 }
 
 impl<'a> GpuHead<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>) -> Result<Self> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, profile: Rc<PhaseProfile>) -> Result<Self> {
         let (c, v, r, n) = (config.n_embd, config.vocab_size, config.rank, config.horizon);
         let expand_by_horizon = match &p.head {
             Some(head) => {
@@ -218,19 +244,23 @@ impl<'a> GpuHead<'a> {
             hidden: gpu.zeros(rows * c)?,
             z: gpu.zeros(rows * r * c)?,
             logits: gpu.zeros(rows * r * v)?,
+            staging: std::cell::RefCell::new(gpu.pinned(rows * r * v)?),
+            profile,
         })
     }
 }
 
 impl HeadProducts<f32> for GpuHead<'_> {
-    fn probabilities(&self, requests: &[(&[f32], usize)]) -> Result<Vec<f32>> {
+    fn probabilities(&self, requests: &[(&[f32], usize)]) -> Result<Vec<Vec<f32>>> {
         let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
-        let mut out = Vec::with_capacity(requests.len() * r * v);
+        let mut out = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(self.rows) {
             let count = chunk.len();
             let hidden: Vec<f32> = chunk.iter().flat_map(|(h, _)| h.iter().copied()).collect();
             let h = self.hidden.view().prefix(count * c);
+            self.profile.resume(self.gpu, "host: the loop between calls")?;
             self.gpu.write(h, &hidden)?;
+            self.profile.mark(self.gpu, "head: upload hidden")?;
             // z rows (request, α): W[α,s] h for the request's own horizon s, one product per
             // run of requests with the same horizon (the verified states all ask for s = 0)
             let z = match &self.expand_by_horizon {
@@ -252,7 +282,12 @@ impl HeadProducts<f32> for GpuHead<'_> {
             let logits = self.logits.view().prefix(count * r * v);
             self.gpu.matmul(Operand::normal(z), Operand::transposed(self.wte), logits, count * r, c, v, false)?;
             self.gpu.softmax_rows(logits, v)?;
-            out.extend(self.gpu.download(logits)?);
+            self.profile.mark(self.gpu, "head: products + softmax")?;
+            let mut staging = self.staging.borrow_mut();
+            let staged = &mut staging[..count * r * v];
+            self.gpu.download_into(logits, staged)?;
+            out.extend(staged.chunks(r * v).map(<[f32]>::to_vec));
+            self.profile.mark(self.gpu, "head: download")?;
         }
         Ok(out)
     }

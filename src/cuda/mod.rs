@@ -23,7 +23,8 @@ use crate::train::evaluate::{scoring_windows, Losses, Mean};
 use crate::train::StepConfig;
 
 /// With `MULTITOKEN_PROFILE=1`, the GPU pass waits for the device after each phase and adds
-/// its wall time to a table (printed by `bench train`); otherwise nothing is measured.
+/// its wall time to a table (printed by `bench train` and `bench decode`); otherwise nothing is
+/// measured.
 #[derive(Default)]
 pub struct PhaseProfile {
     enabled: bool,
@@ -32,12 +33,12 @@ pub struct PhaseProfile {
 }
 
 impl PhaseProfile {
-    fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         PhaseProfile { enabled: crate::autograd::profiling_enabled(), ..Default::default() }
     }
 
     /// Ends the phase that started at the previous mark (or at `start`).
-    fn mark(&self, gpu: &Gpu, label: &'static str) -> Result<()> {
+    pub(crate) fn mark(&self, gpu: &Gpu, label: &'static str) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
@@ -57,7 +58,16 @@ impl PhaseProfile {
         Ok(())
     }
 
-    fn start(&self, gpu: &Gpu) -> Result<()> {
+    /// Like [`PhaseProfile::start`], but the time since the last mark counts as `gap` (decoding:
+    /// the host's own work between device calls).
+    pub(crate) fn resume(&self, gpu: &Gpu, gap: &'static str) -> Result<()> {
+        match self.last.get() {
+            Some(_) => self.mark(gpu, gap),
+            None => self.start(gpu),
+        }
+    }
+
+    pub(crate) fn start(&self, gpu: &Gpu) -> Result<()> {
         if self.enabled {
             gpu.synchronize()?;
             self.last.set(Some(std::time::Instant::now()));
@@ -68,6 +78,22 @@ impl PhaseProfile {
     /// Forgets what was measured so far (after warm-up steps, which load kernels lazily).
     pub fn reset(&self) {
         self.totals.borrow_mut().clear();
+    }
+
+    /// Moves everything measured so far into `other` (adding to its phases of the same name) and
+    /// starts afresh.
+    pub(crate) fn move_into(&self, other: &PhaseProfile) {
+        self.last.set(None);
+        let mut totals = other.totals.borrow_mut();
+        for (label, seconds, calls) in self.totals.borrow_mut().drain(..) {
+            match totals.iter_mut().find(|(l, _, _)| *l == label) {
+                Some(entry) => {
+                    entry.1 += seconds;
+                    entry.2 += calls;
+                }
+                None => totals.push((label, seconds, calls)),
+            }
+        }
     }
 
     /// The table of phases: total milliseconds, calls, share.
@@ -773,6 +799,19 @@ impl Pass<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_profile_adds_to_the_phases_of_the_same_name_and_starts_afresh() {
+        let (run, total) = (PhaseProfile::default(), PhaseProfile::default());
+        run.totals.borrow_mut().extend([("backbone", 2.0, 2), ("head", 1.0, 4)]);
+        run.last.set(Some(std::time::Instant::now()));
+        run.move_into(&total);
+        run.totals.borrow_mut().push(("head", 0.5, 1));
+        run.move_into(&total);
+        assert_eq!(*total.totals.borrow(), vec![("backbone", 2.0, 2), ("head", 1.5, 5)]);
+        assert!(run.totals.borrow().is_empty() && run.last.get().is_none());
+        assert!(total.report().contains("head"));
+    }
 
     #[test]
     fn attention_route_is_fused_in_f32_where_a_kernel_exists() {

@@ -9,10 +9,11 @@ use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
 
 /// The vocabulary-sized part of the head, wherever it runs: for requests (hidden row h (C),
-/// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (requests, r, V).
-/// The CPU computes it in [`Head`]; `cuda::decode` on the GPU, all requests in one round trip.
+/// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (r, V), one vector
+/// per request. The CPU computes it in [`Head`]; `cuda::decode` on the GPU, all requests in one
+/// round trip.
 pub trait HeadProducts<T> {
-    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<T>>;
+    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>>;
 }
 
 /// The head's distributions at one hidden state h.
@@ -87,16 +88,17 @@ impl<'a, T: Float> Head<'a, T> {
             Some(device) => device.probabilities(&requests)?,
             None => self.cpu_probabilities(&requests),
         };
-        for (block, &(i, s)) in probs.chunks(r * v).zip(&missing) {
-            states[i].probs[s] = Some(block.to_vec());
+        for (block, &(i, s)) in probs.into_iter().zip(&missing) {
+            debug_assert_eq!(block.len(), r * v);
+            states[i].probs[s] = Some(block);
         }
         Ok(())
     }
 
-    /// P[α,s] for (hidden row, s) requests on the CPU, laid out (requests, r, V): z rows
+    /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
     /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
     /// the same horizon, then one unembedding product for all and a softmax per row.
-    fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<T> {
+    fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<Vec<T>> {
         let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
         let mut z = vec![T::zero(); requests.len() * r * c];
         let mut first = 0;
@@ -123,7 +125,7 @@ impl<'a, T: Float> Head<'a, T> {
                 T::softmax_row(row);
             });
         }
-        logits
+        logits.chunks(r * v).map(<[T]>::to_vec).collect()
     }
 
     /// w = softmax(G h + g); [1] when r = 1.
@@ -144,7 +146,7 @@ impl<'a, T: Float> Head<'a, T> {
 /// The CPU's products behind the device interface: a reference for devices, and a stand-in
 /// with which the host side of device decoding is tested where no device is.
 impl<T: Float> HeadProducts<T> for Head<'_, T> {
-    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<T>> {
+    fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>> {
         match self.device {
             Some(device) => device.probabilities(requests),
             None => Ok(self.cpu_probabilities(requests)),
