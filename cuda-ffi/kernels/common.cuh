@@ -35,3 +35,16 @@ __device__ float gelu(float v) {
     float u = GELU_SCALE * (v + 0.044715f * v * v * v);
     return 0.5f * v * (1.0f + tanhf(u));
 }
+
+// A row's mean and 1/sqrt(variance + 1e-5) (docs/math.md LN1) by one warp, in two passes over
+// the row; every lane gets both.
+__device__ void warp_row_statistics(const float* xr, int c, float* mean, float* rstd) {
+    int lane = threadIdx.x % 32;
+    float s = 0.0f;
+    for (int j = lane; j < c; j += 32) s += xr[j];
+    float m = warp_sum(s) / c;
+    float v = 0.0f;
+    for (int j = lane; j < c; j += 32) { float d = xr[j] - m; v += d * d; }
+    *mean = m;
+    *rstd = rsqrtf(warp_sum(v) / c + 1e-5f);
+}

@@ -6,12 +6,8 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     const float* xr = x + (long)row * c;
-    float s = 0.0f;
-    for (int j = lane; j < c; j += 32) s += xr[j];
-    float m = warp_sum(s) / c;
-    float v = 0.0f;
-    for (int j = lane; j < c; j += 32) { float d = xr[j] - m; v += d * d; }
-    float r = rsqrtf(warp_sum(v) / c + 1e-5f);
+    float m, r;
+    warp_row_statistics(xr, c, &m, &r);
     for (int j = lane; j < c; j += 32) out[(long)row * c + j] = (xr[j] - m) * r * w[j] + b[j];
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }

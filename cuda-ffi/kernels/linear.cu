@@ -43,13 +43,8 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
         for (int i = threadIdx.x; i < rows * k / 4; i += blockDim.x) ((float4*)x_rows)[i] = __ldg((const float4*)x + i);
         __syncthreads();
         if (warp < rows) {
-            const float* xr = x_rows + warp * k;
-            float s = 0.0f;
-            for (int j = lane; j < k; j += 32) s += xr[j];
-            float m = warp_sum(s) / k;
-            float v = 0.0f;
-            for (int j = lane; j < k; j += 32) { float d = xr[j] - m; v += d * d; }
-            float r = rsqrtf(warp_sum(v) / k + 1e-5f);
+            float m, r;
+            warp_row_statistics(x_rows + warp * k, k, &m, &r);
             if (lane == 0) { row_mean[warp] = m; row_rstd[warp] = r; }
         }
         __syncthreads();
