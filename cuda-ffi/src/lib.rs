@@ -972,6 +972,9 @@ impl Gpu {
         check(n > 0 && out.len.is_multiple_of(n) && weight.len.is_multiple_of(n), || "linear: shapes do not fit".into())?;
         let (rows, k) = (out.len / n, weight.len / n);
         check(x.len == rows * k, || format!("linear: x has {} elements, not {rows}×{k}", x.len))?;
+        if rows == 0 || k == 0 {
+            return Ok(false);
+        }
         let (instance, instance_rows) = if rows <= 4 { (0, 4) } else { (1, 8) };
         if let Some((gain, shift)) = layernorm {
             check(gain.len == k && shift.len == k, || format!("linear: the LayerNorm's parameters are not {k} long"))?;
@@ -997,7 +1000,7 @@ impl Gpu {
         let k_chunk = k.div_ceil(splits);
         let splits = k.div_ceil(k_chunk);
         let fits = splits == 1 || (tiles <= FEW_ROW_TILES_MAX && splits * rows * n <= FEW_ROW_PARTIALS);
-        if !self.few_row_linear || rows == 0 || rows > FEW_ROWS_MAX || !n.is_multiple_of(4) || !aligned || !fits {
+        if !self.few_row_linear || rows > FEW_ROWS_MAX || !n.is_multiple_of(4) || !aligned || !fits {
             return Ok(false);
         }
         let null = 0u64;
