@@ -673,12 +673,7 @@ impl Gpu {
     /// Waits for the queued work, then copies `source` to the host.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, source: View<T>) -> Result<Vec<T>> {
         let mut host = vec![T::default(); source.len];
-        if host.is_empty() {
-            return Ok(host);
-        }
-        self.synchronize()?;
-        // SAFETY: the host vector holds exactly source.len elements.
-        unsafe { driver::memcpy_dtoh_sync(&mut host, source.ptr)? };
+        self.download_into(source, &mut host)?;
         Ok(host)
     }
 
