@@ -189,7 +189,7 @@ cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue
             }
         }
     }
-    // where it does not apply it does nothing and says so: n not a multiple of 4, too many rows
+    // where it does not apply it does nothing and says so: n not a multiple of 4, too many rows,
     let (w, b, x) = (gpu.upload(&random(8 * 6, 81)).unwrap(), gpu.upload(&random(6, 82)).unwrap(), gpu.upload(&random(2 * 8, 83)).unwrap());
     let out = gpu.upload(&[7.0f32; 12]).unwrap();
     assert!(!gpu.linear_few_rows(x.view(), None, w.view(), b.view(), multitoken_cuda::Epilogue::Bias, out.view()).unwrap());
@@ -197,6 +197,9 @@ cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue
     let (w, b, x) = (gpu.upload(&random(8 * 4, 84)).unwrap(), gpu.upload(&random(4, 85)).unwrap(), gpu.upload(&random(9 * 8, 86)).unwrap());
     let out = gpu.zeros::<f32>(9 * 4).unwrap();
     assert!(!gpu.linear_few_rows(x.view(), None, w.view(), b.view(), multitoken_cuda::Epilogue::Bias, out.view()).unwrap());
+    // and an empty weight (k = 0)
+    let (empty, b, out) = (gpu.zeros::<f32>(0).unwrap(), gpu.upload(&random(4, 87)).unwrap(), gpu.zeros::<f32>(2 * 4).unwrap());
+    assert!(!gpu.linear_few_rows(empty.view(), None, empty.view(), b.view(), multitoken_cuda::Epilogue::Bias, out.view()).unwrap());
     // and `linear`, `linear_gelu` on a few rows take it, or cuBLASLt when it is switched off
     let (rows, k, n) = (4, 256, 512);
     let (x, w, b) = (random(rows * k, 91), random(k * n, 92), random(n, 93));
