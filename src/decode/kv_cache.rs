@@ -1,7 +1,11 @@
 //! The GPT-2 backbone for decoding: a KV cache per layer, new tokens appended, rollback by
 //! truncation. Inference only (no tape), the same math as `model::gpt2` (SPEC.md section 1).
 
+use std::ops::Range;
+
+use super::team::{together, Team};
 use crate::kernels::gemm::{matmul, Layout};
+use crate::kernels::SharedMut;
 use crate::model::params::BlockParams;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
@@ -29,7 +33,6 @@ pub struct CachedBackbone<'a, T: Float> {
 struct Linear<T> {
     transposed: Vec<T>,
     n_in: usize,
-    n_out: usize,
 }
 
 impl<T: Float> Linear<T> {
@@ -37,15 +40,40 @@ impl<T: Float> Linear<T> {
         let (n_in, n_out) = (weight.shape()[0], weight.shape()[1]);
         let w = weight.data();
         let transposed = (0..n_out * n_in).map(|i| w[(i % n_in) * n_out + i / n_in]).collect();
-        Linear { transposed, n_in, n_out }
+        Linear { transposed, n_in }
     }
 
-    /// `out (m, n_out) = x (m, n_in) · W + b`
-    fn apply(&self, x: &[T], bias: &Tensor<T>) -> Vec<T> {
-        let m = x.len() / self.n_in;
-        let mut out: Vec<T> = bias.data().iter().copied().cycle().take(m * self.n_out).collect();
-        matmul(x, Layout::Normal, &self.transposed, Layout::Transposed, &mut out, m, self.n_in, self.n_out, true);
+    /// Output columns `columns` of `x (m, n_in) · W + b`, laid out (m, |columns|). A team of
+    /// one computes them with `matmul` (a GEMM, on every thread, for a long prompt); a thread
+    /// of a larger team with the few-row kernel on its own. Either way each output adds the
+    /// same terms in the same order, whoever computes it.
+    fn apply(&self, team: &Team, x: &[T], bias: &Tensor<T>, columns: Range<usize>) -> Vec<T> {
+        let (m, width) = (x.len() / self.n_in, columns.len());
+        let mut out: Vec<T> = bias.data()[columns.clone()].iter().copied().cycle().take(m * width).collect();
+        let weight = &self.transposed[columns.start * self.n_in..columns.end * self.n_in];
+        product(team, x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
         out
+    }
+}
+
+/// `c (m, n) (+)= a (m, k) · b`, b (n, k) transposed or (k, n) normal: [`matmul`] in a team of
+/// one, this thread's few-row kernel in a larger team (whose other threads are busy with their
+/// own shares).
+#[allow(clippy::too_many_arguments)]
+fn product<T: Float>(team: &Team, a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize, k: usize, n: usize, accumulate: bool) {
+    if team.size == 1 {
+        return matmul(a, Layout::Normal, b, b_layout, c, m, k, n, accumulate);
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if !accumulate {
+        c.fill(T::zero());
+    }
+    let mut rows: Vec<&mut [T]> = c.chunks_mut(n).collect();
+    match b_layout {
+        Layout::Transposed => T::rows_times_transposed(a, k, b, 0, &mut rows),
+        Layout::Normal => T::rows_times_normal(a, k, b, n, 0, &mut rows),
     }
 }
 
@@ -57,6 +85,10 @@ fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Ve
     }
     out
 }
+
+/// Passes of at most this many new tokens run as a team (decoding); longer ones (a prompt) as
+/// one thread whose GEMMs use the pool.
+const TEAM_ROWS: usize = 16;
 
 impl<'a, T: Float> CachedBackbone<'a, T> {
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
@@ -110,71 +142,144 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 row[j] = te[j] + pe[j];
             }
         }
-        for ((block, weights), cache) in self.params.blocks.iter().zip(&self.weights).zip(self.layers.iter_mut()) {
-            block_forward(self.config, block, weights, cache, &mut x, p0);
+        let (mut attended, mut activated) = (vec![T::zero(); m * c], vec![T::zero(); m * 4 * c]);
+        let pass = Pass {
+            config: self.config,
+            p0,
+            m,
+            x: SharedMut::new(x.as_mut_ptr()),
+            attended: SharedMut::new(attended.as_mut_ptr()),
+            activated: SharedMut::new(activated.as_mut_ptr()),
+        };
+        let caches: Vec<(SharedMut<T>, SharedMut<T>)> =
+            self.layers.iter_mut().map(|l| (SharedMut::new(l.keys.as_mut_ptr()), SharedMut::new(l.values.as_mut_ptr()))).collect();
+        let run = |team: &Team| {
+            for ((block, weights), &(keys, values)) in self.params.blocks.iter().zip(&self.weights).zip(&caches) {
+                // SAFETY: the buffers hold m rows of the widths `Pass` describes, and the cache
+                // n_positions ≥ p0 + m positions per head (asserted above).
+                unsafe { pass.block_forward(team, block, weights, keys, values) };
+            }
+        };
+        if m <= TEAM_ROWS {
+            together(run);
+        } else {
+            run(&Team::solo());
         }
         self.len += m;
         layernorm_rows(&x, &self.params.ln_f_weight, &self.params.ln_f_bias)
     }
 }
 
-/// One transformer block over m new rows at positions p0.., in place on x (m, C).
-fn block_forward<T: Float>(
-    config: &ModelConfig,
-    block: &BlockParams<Tensor<T>>,
-    weights: &[Linear<T>; 4],
-    cache: &mut LayerCache<T>,
-    x: &mut [T],
+/// One pass's buffers, shared by the team: the residual stream x (m, C), the attention's
+/// output before its projection (m, C), and the MLP's hidden activations (m, 4C). Each thread
+/// writes its own columns of them, and reads them whole only after the barrier that follows
+/// the writes.
+struct Pass<'a, T> {
+    config: &'a ModelConfig,
+    /// position of the first new row
     p0: usize,
-) {
-    let [attn, attn_proj, fc, fc_proj] = weights;
-    let (c, hs) = (config.n_embd, config.head_size());
-    let m = x.len() / c;
-    let a = layernorm_rows(x, &block.ln_1_weight, &block.ln_1_bias);
-    let qkv = attn.apply(&a, &block.attn_c_attn_bias);
-    let positions = config.n_positions;
-    for i in 0..m {
-        let row = &qkv[i * 3 * c..(i + 1) * 3 * c];
-        for h in 0..config.n_head {
-            let at = (h * positions + p0 + i) * hs;
-            cache.keys[at..at + hs].copy_from_slice(&row[c + h * hs..c + (h + 1) * hs]);
-            cache.values[at..at + hs].copy_from_slice(&row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+    /// new rows
+    m: usize,
+    x: SharedMut<T>,
+    attended: SharedMut<T>,
+    activated: SharedMut<T>,
+}
+
+impl<T: Float> Pass<'_, T> {
+    /// The buffer `buffer` (m rows of `width`) whole, to read.
+    unsafe fn read(&self, buffer: SharedMut<T>, width: usize) -> &[T] {
+        std::slice::from_raw_parts(buffer.get(), self.m * width)
+    }
+
+    /// `buffer[:, columns] (+)= values`, values laid out (m, |columns|).
+    unsafe fn write_columns(&self, buffer: SharedMut<T>, width: usize, columns: Range<usize>, values: &[T], add: bool) {
+        for (i, row) in values.chunks(columns.len().max(1)).enumerate().take(self.m) {
+            let out = std::slice::from_raw_parts_mut(buffer.get().add(i * width + columns.start), columns.len());
+            if add {
+                out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+            } else {
+                out.copy_from_slice(row);
+            }
         }
     }
-    // attention of each new row i (position p0 + i) over positions 0..=p0 + i
-    let scale = T::one() / T::of(hs as f64).sqrt();
-    let keys = p0 + m;
-    let mut attended = vec![T::zero(); m * c];
-    let mut queries = vec![T::zero(); m * hs];
-    let mut scores = vec![T::zero(); m * keys];
-    let mut head_out = vec![T::zero(); m * hs];
-    for h in 0..config.n_head {
+
+    /// One transformer block over the pass's m rows, this thread's share of it: its heads of
+    /// the attention, its columns of each linear layer.
+    unsafe fn block_forward(
+        &self,
+        team: &Team,
+        block: &BlockParams<Tensor<T>>,
+        weights: &[Linear<T>; 4],
+        keys: SharedMut<T>,
+        values: SharedMut<T>,
+    ) {
+        let [attn, attn_proj, fc, fc_proj] = weights;
+        let (config, m, p0) = (self.config, self.m, self.p0);
+        let (c, hs, positions) = (config.n_embd, config.head_size(), config.n_positions);
+        // attention: this thread's heads, their queries, keys and values
+        let heads = team.share(config.n_head, 1);
+        let columns = heads.start * hs..heads.end * hs;
+        let a = layernorm_rows(self.read(self.x, c), &block.ln_1_weight, &block.ln_1_bias);
+        let part = |offset: usize| attn.apply(team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end);
+        let (queries, new_keys, new_values) = (part(0), part(c), part(2 * c));
+        let width = columns.len();
+        // this thread's heads' caches: (heads, n_positions, hs) each
+        let cache_range = heads.start * positions * hs..heads.end * positions * hs;
+        let head_keys = std::slice::from_raw_parts_mut(keys.get().add(cache_range.start), cache_range.len());
+        let head_values = std::slice::from_raw_parts_mut(values.get().add(cache_range.start), cache_range.len());
         for i in 0..m {
-            queries[i * hs..(i + 1) * hs].copy_from_slice(&qkv[i * 3 * c + h * hs..][..hs]);
+            for (h, local) in heads.clone().zip(0..) {
+                let at = (local * positions + p0 + i) * hs;
+                let from = i * width + (h - heads.start) * hs;
+                head_keys[at..at + hs].copy_from_slice(&new_keys[from..from + hs]);
+                head_values[at..at + hs].copy_from_slice(&new_values[from..from + hs]);
+            }
         }
-        let head_keys = &cache.keys[h * positions * hs..(h * positions + keys) * hs];
-        let head_values = &cache.values[h * positions * hs..(h * positions + keys) * hs];
-        // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
-        matmul(&queries, Layout::Normal, head_keys, Layout::Transposed, &mut scores, m, hs, keys, false);
-        for (i, row) in scores.chunks_mut(keys).enumerate() {
-            let visible = p0 + i + 1;
-            row[..visible].iter_mut().for_each(|x| *x *= scale);
-            T::softmax_row(&mut row[..visible]);
-            row[visible..].fill(T::zero());
+        // attention of each new row i (position p0 + i) over positions 0..=p0 + i
+        let scale = T::one() / T::of(hs as f64).sqrt();
+        let visible_keys = p0 + m;
+        let mut attended = vec![T::zero(); m * width];
+        let mut query = vec![T::zero(); m * hs];
+        let mut scores = vec![T::zero(); m * visible_keys];
+        let mut head_out = vec![T::zero(); m * hs];
+        for local in 0..heads.len() {
+            for i in 0..m {
+                query[i * hs..(i + 1) * hs].copy_from_slice(&queries[i * width + local * hs..][..hs]);
+            }
+            let k = &head_keys[local * positions * hs..(local * positions + visible_keys) * hs];
+            let v = &head_values[local * positions * hs..(local * positions + visible_keys) * hs];
+            // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
+            product(team, &query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
+            for (i, row) in scores.chunks_mut(visible_keys).enumerate() {
+                let visible = p0 + i + 1;
+                row[..visible].iter_mut().for_each(|x| *x *= scale);
+                T::softmax_row(&mut row[..visible]);
+                row[visible..].fill(T::zero());
+            }
+            product(team, &scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
+            for i in 0..m {
+                attended[i * width + local * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
+            }
         }
-        matmul(&scores, Layout::Normal, head_values, Layout::Normal, &mut head_out, m, keys, hs, false);
-        for i in 0..m {
-            attended[i * c + h * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
-        }
+        self.write_columns(self.attended, c, columns, &attended, false);
+        team.sync();
+        // x += attended · W_proj + b, this thread's columns
+        let columns = team.share(c, 16);
+        let projected = attn_proj.apply(team, self.read(self.attended, c), &block.attn_c_proj_bias, columns.clone());
+        self.write_columns(self.x, c, columns.clone(), &projected, true);
+        team.sync();
+        // the MLP: this thread's hidden units, then its columns of the projection back
+        let normed = layernorm_rows(self.read(self.x, c), &block.ln_2_weight, &block.ln_2_bias);
+        let hidden_columns = team.share(4 * c, 16);
+        let hidden = fc.apply(team, &normed, &block.mlp_c_fc_bias, hidden_columns.clone());
+        let mut activated = vec![T::zero(); hidden.len()];
+        T::gelu_forward(&hidden, &mut activated);
+        self.write_columns(self.activated, 4 * c, hidden_columns, &activated, false);
+        team.sync();
+        let projected = fc_proj.apply(team, self.read(self.activated, 4 * c), &block.mlp_c_proj_bias, columns.clone());
+        self.write_columns(self.x, c, columns, &projected, true);
+        team.sync();
     }
-    let projected = attn_proj.apply(&attended, &block.attn_c_proj_bias);
-    x.iter_mut().zip(&projected).for_each(|(a, &b)| *a += b);
-    let normed = layernorm_rows(x, &block.ln_2_weight, &block.ln_2_bias);
-    let hidden = fc.apply(&normed, &block.mlp_c_fc_bias);
-    let mut activated = vec![T::zero(); hidden.len()];
-    T::gelu_forward(&hidden, &mut activated);
-    let projected = fc_proj.apply(&activated, &block.mlp_c_proj_bias);
-    x.iter_mut().zip(&projected).for_each(|(a, &b)| *a += b);
 }
 
 impl<T: Float> super::generate::Backbone<T> for CachedBackbone<'_, T> {
@@ -219,5 +324,28 @@ mod tests {
         let worst = full.iter().zip(&cached).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert_eq!(cached.len(), full.len());
         assert!(worst < 1e-12, "cached and full forward differ by {worst}");
+    }
+
+    #[test]
+    fn a_team_of_threads_computes_the_same_bits_as_one_thread() {
+        // a pass of a few rows runs as a team when the pool has several threads, and through
+        // `matmul` otherwise; every output must add the same terms in the same order either way
+        let config = ModelConfig { vocab_size: 50, n_positions: 32, n_embd: 32, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
+        let params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut cache = CachedBackbone::new(&config, &params);
+                let mut hidden = cache.forward(&tokens[..5]);
+                hidden.extend(cache.forward(&tokens[5..9]));
+                hidden.extend(cache.forward(&tokens[9..]));
+                hidden
+            })
+        };
+        let alone = run(1);
+        for threads in [2, 3] {
+            assert_eq!(run(threads), alone, "{threads} threads");
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod head;
 pub mod kv_cache;
 pub mod sampling;
+pub mod team;
 
 pub use generate::{decode, generate_reference, DecodeRequest, Generation};
 pub use sampling::SamplingConfig;

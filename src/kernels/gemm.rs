@@ -106,7 +106,8 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
 /// At most this many rows of A take the vector path (decoding's products).
 const FEW_ROWS: usize = 16;
 
-/// Output columns per parallel task on the vector path.
+/// Output columns per parallel task on the vector path, at most: narrower outputs are split
+/// into one task per thread, so that a 256-wide projection does not run on one core.
 const COLUMNS_PER_TASK: usize = 256;
 
 /// `c (m,n) (+)= a (m,k) · b (k,n)` for a few rows: each output element is a dot product with a
@@ -118,9 +119,13 @@ fn few_rows<T: Float>(a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize,
         c.iter_mut().for_each(|x| *x = T::zero());
     }
     let c_ptr = SharedMut::new(c.as_mut_ptr());
-    let tasks: Vec<usize> = (0..n).step_by(COLUMNS_PER_TASK).collect();
+    let parallel = 2 * m * n * k >= PARALLEL_MIN_FLOPS / 2;
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    // a multiple of 16 columns, so that each task's register blocks stay whole
+    let columns = n.div_ceil(threads).next_multiple_of(16).min(COLUMNS_PER_TASK);
+    let tasks: Vec<usize> = (0..n).step_by(columns).collect();
     let work = |&j0: &usize| {
-        let j1 = (j0 + COLUMNS_PER_TASK).min(n);
+        let j1 = (j0 + columns).min(n);
         // SAFETY: tasks write disjoint column ranges [j0, j1) of c's rows.
         let mut out: Vec<&mut [T]> =
             (0..m).map(|i| unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(i * n + j0), j1 - j0) }).collect();
@@ -129,7 +134,7 @@ fn few_rows<T: Float>(a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize,
             Layout::Normal => T::rows_times_normal(a, k, b, n, j0, &mut out),
         }
     };
-    if tasks.len() > 1 && 2 * m * n * k >= PARALLEL_MIN_FLOPS / 2 {
+    if parallel && tasks.len() > 1 {
         tasks.par_iter().for_each(work);
     } else {
         tasks.iter().for_each(work);

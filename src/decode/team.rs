@@ -1,0 +1,160 @@
+//! Every thread of the pool running one decoding pass together.
+//!
+//! A decoding pass is a chain of small products (a few rows against each weight matrix), each
+//! a few tens of microseconds. Forking and joining rayon tasks around each one costs little
+//! while the other threads are awake, but between products they run out of work, go to sleep,
+//! and waking a sleeping thread costs 5–25 µs on a virtual machine (measured on the 2-core
+//! machine of docs/results.md): as much as the product itself. So a pass of few rows is run
+//! the other way round: every thread enters the pass once (`rayon::broadcast`), takes its
+//! share of each product's columns, and the threads wait for each other at a spinning
+//! barrier between the products that depend on each other.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// One thread's place in a team: which share of the work it takes, and the barrier it meets the
+/// others at.
+pub struct Team<'a> {
+    pub index: usize,
+    pub size: usize,
+    barrier: Option<&'a SpinBarrier>,
+}
+
+impl Team<'static> {
+    /// A team of one: its products may still use every thread, through `matmul`.
+    pub fn solo() -> Self {
+        Team { index: 0, size: 1, barrier: None }
+    }
+}
+
+impl Team<'_> {
+    /// This thread's share of `0..len`, in whole pieces of `piece` (the last share may be short
+    /// or empty).
+    pub fn share(&self, len: usize, piece: usize) -> Range<usize> {
+        let per_thread = len.div_ceil(piece).div_ceil(self.size) * piece;
+        (self.index * per_thread).min(len)..((self.index + 1) * per_thread).min(len)
+    }
+
+    /// Waits until every thread of the team has reached this point.
+    pub fn sync(&self) {
+        if let Some(barrier) = self.barrier {
+            barrier.wait();
+        }
+    }
+}
+
+/// Only one team runs at a time: two broadcasts started together could reach the threads in
+/// different orders, and each team's threads would then wait at their barrier for threads
+/// held by the other team.
+static ONE_TEAM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `body` on every thread of the current rayon pool at once, each with its place in the
+/// team; or on this thread alone as a team of one when the pool has one thread, when it has more
+/// threads than the machine has cores (a spinning thread would take the core of the thread it
+/// waits for), or when another team is running.
+pub fn together(body: impl Fn(&Team) + Sync) {
+    let threads = rayon::current_num_threads();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turn = if threads > 1 && threads <= cores { ONE_TEAM_AT_A_TIME.try_lock().ok() } else { None };
+    match turn {
+        Some(_turn) => {
+            let barrier = SpinBarrier::new(threads);
+            rayon::broadcast(|context| {
+                let team = Team { index: context.index(), size: context.num_threads(), barrier: Some(&barrier) };
+                // a thread that panics would leave the others waiting at the barrier for ever:
+                // tell them before passing the panic on
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&team))) {
+                    barrier.abandoned.store(true, Ordering::Release);
+                    std::panic::resume_unwind(panic);
+                }
+            });
+        }
+        None => body(&Team::solo()),
+    }
+}
+
+/// A barrier whose waiters spin (sleeping would bring back the wake-up cost this module
+/// avoids), yielding the core after a while in case the thread they wait for is not running.
+struct SpinBarrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    /// how many times the barrier has opened
+    generation: AtomicUsize,
+    /// set when a thread of the team panicked and will not arrive
+    abandoned: AtomicBool,
+}
+
+/// Spins before each yield: about 10–20 µs, longer than a product.
+const SPINS_BEFORE_YIELDING: u32 = 1 << 14;
+
+impl SpinBarrier {
+    fn new(threads: usize) -> Self {
+        SpinBarrier { threads, arrived: AtomicUsize::new(0), generation: AtomicUsize::new(0), abandoned: AtomicBool::new(false) }
+    }
+
+    fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            // the last to arrive resets the count before opening, so that a thread that runs
+            // ahead to the next barrier counts from zero
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0;
+        while self.generation.load(Ordering::Acquire) == generation {
+            if self.abandoned.load(Ordering::Acquire) {
+                panic!("another thread of the decoding team panicked");
+            }
+            if spins < SPINS_BEFORE_YIELDING {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_range_once_in_whole_pieces() {
+        let barrier = SpinBarrier::new(3);
+        for (len, piece) in [(256, 16), (100, 16), (5, 1), (2, 1), (0, 16)] {
+            let mut covered = vec![0; len];
+            for index in 0..3 {
+                let team = Team { index, size: 3, barrier: Some(&barrier) };
+                let share = team.share(len, piece);
+                assert!(share.start.is_multiple_of(piece), "{len} {piece}: {share:?}");
+                share.for_each(|i| covered[i] += 1);
+            }
+            assert!(covered.iter().all(|&c| c == 1), "{len} {piece}");
+        }
+    }
+
+    #[test]
+    fn the_barrier_holds_every_thread_until_all_arrive() {
+        // each thread writes its round number, then checks after the barrier that every thread
+        // has written it: a barrier that let one through early would fail the check
+        let threads = 3;
+        let barrier = SpinBarrier::new(threads);
+        let rounds: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|scope| {
+            for index in 0..threads {
+                let (barrier, rounds) = (&barrier, &rounds);
+                scope.spawn(move || {
+                    for round in 1..=200 {
+                        rounds[index].store(round, Ordering::Relaxed);
+                        barrier.wait();
+                        assert!(rounds.iter().all(|r| r.load(Ordering::Relaxed) >= round));
+                        barrier.wait();
+                    }
+                });
+            }
+        });
+    }
+}
