@@ -77,6 +77,27 @@ fn decode_backbone(c: &mut Criterion) {
     group.finish();
 }
 
+/// The head of a `small` n = 4, r = 4 model at decoding: the next-token distributions at one
+/// state (an autoregressive step's r rows) and the draft's other horizons there (r·(n − 1) rows).
+fn decode_head(c: &mut Criterion) {
+    use multitoken::decode::head::Head;
+    use multitoken::model::{gpt2, ModelConfig};
+    let config = ModelConfig::preset("small", V, 4, 4).unwrap();
+    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(3));
+    let head = Head::new(&config, &params);
+    let hidden: Vec<f32> = (0..C).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut group = c.benchmark_group("decode head");
+    group.bench_function("next token (r rows)", |bench| bench.iter(|| head.states(&hidden, 1).unwrap()));
+    group.bench_function("draft horizons (r·(n − 1) rows)", |bench| {
+        bench.iter_batched(
+            || head.states(&hidden, 1).unwrap().remove(0),
+            |mut state| head.fill(&mut [&mut state], 4).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let qkv = Tensor::<f32>::randn(&[N, 3 * C], 1.0, &mut Rng::new(1));
     let weights = Tensor::<f32>::randn(&[N, C], 1.0, &mut Rng::new(2));
@@ -121,6 +142,6 @@ fn elementwise(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = gemm_shapes, decode_shapes, decode_backbone, attention, elementwise
+    targets = gemm_shapes, decode_shapes, decode_backbone, decode_head, attention, elementwise
 }
 criterion_main!(benches);

@@ -3,8 +3,8 @@
 
 use std::ops::Range;
 
-use super::team::{together, Team};
-use crate::kernels::gemm::{matmul, Layout};
+use super::team::{together, SharedRows, Team};
+use crate::kernels::gemm::Layout;
 use crate::kernels::SharedMut;
 use crate::model::params::BlockParams;
 use crate::model::{ModelConfig, ModelParams};
@@ -51,29 +51,8 @@ impl<T: Float> Linear<T> {
         let (m, width) = (x.len() / self.n_in, columns.len());
         let mut out: Vec<T> = bias.data()[columns.clone()].iter().copied().cycle().take(m * width).collect();
         let weight = &self.transposed[columns.start * self.n_in..columns.end * self.n_in];
-        product(team, x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
+        team.product(x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
         out
-    }
-}
-
-/// `c (m, n) (+)= a (m, k) · b`, b (n, k) transposed or (k, n) normal: [`matmul`] in a team of
-/// one, this thread's few-row kernel in a larger team (whose other threads are busy with their
-/// own shares).
-#[allow(clippy::too_many_arguments)]
-fn product<T: Float>(team: &Team, a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize, k: usize, n: usize, accumulate: bool) {
-    if team.size == 1 {
-        return matmul(a, Layout::Normal, b, b_layout, c, m, k, n, accumulate);
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
-    if !accumulate {
-        c.fill(T::zero());
-    }
-    let mut rows: Vec<&mut [T]> = c.chunks_mut(n).collect();
-    match b_layout {
-        Layout::Transposed => T::rows_times_transposed(a, k, b, 0, &mut rows),
-        Layout::Normal => T::rows_times_normal(a, k, b, n, 0, &mut rows),
     }
 }
 
@@ -147,9 +126,9 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
             config: self.config,
             p0,
             m,
-            x: SharedMut::new(x.as_mut_ptr()),
-            attended: SharedMut::new(attended.as_mut_ptr()),
-            activated: SharedMut::new(activated.as_mut_ptr()),
+            x: SharedRows::new(&mut x, c),
+            attended: SharedRows::new(&mut attended, c),
+            activated: SharedRows::new(&mut activated, 4 * c),
         };
         let caches: Vec<(SharedMut<T>, SharedMut<T>)> =
             self.layers.iter_mut().map(|l| (SharedMut::new(l.keys.as_mut_ptr()), SharedMut::new(l.values.as_mut_ptr()))).collect();
@@ -180,29 +159,12 @@ struct Pass<'a, T> {
     p0: usize,
     /// new rows
     m: usize,
-    x: SharedMut<T>,
-    attended: SharedMut<T>,
-    activated: SharedMut<T>,
+    x: SharedRows<T>,
+    attended: SharedRows<T>,
+    activated: SharedRows<T>,
 }
 
 impl<T: Float> Pass<'_, T> {
-    /// The buffer `buffer` (m rows of `width`) whole, to read.
-    unsafe fn read(&self, buffer: SharedMut<T>, width: usize) -> &[T] {
-        std::slice::from_raw_parts(buffer.get(), self.m * width)
-    }
-
-    /// `buffer[:, columns] (+)= values`, values laid out (m, |columns|).
-    unsafe fn write_columns(&self, buffer: SharedMut<T>, width: usize, columns: Range<usize>, values: &[T], add: bool) {
-        for (i, row) in values.chunks(columns.len().max(1)).enumerate().take(self.m) {
-            let out = std::slice::from_raw_parts_mut(buffer.get().add(i * width + columns.start), columns.len());
-            if add {
-                out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
-            } else {
-                out.copy_from_slice(row);
-            }
-        }
-    }
-
     /// One transformer block over the pass's m rows, this thread's share of it: its heads of
     /// the attention, its columns of each linear layer.
     unsafe fn block_forward(
@@ -219,7 +181,7 @@ impl<T: Float> Pass<'_, T> {
         // attention: this thread's heads, their queries, keys and values
         let heads = team.share(config.n_head, 1);
         let columns = heads.start * hs..heads.end * hs;
-        let a = layernorm_rows(self.read(self.x, c), &block.ln_1_weight, &block.ln_1_bias);
+        let a = layernorm_rows(self.x.read(), &block.ln_1_weight, &block.ln_1_bias);
         let part = |offset: usize| attn.apply(team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end);
         let (queries, new_keys, new_values) = (part(0), part(c), part(2 * c));
         let width = columns.len();
@@ -249,35 +211,35 @@ impl<T: Float> Pass<'_, T> {
             let k = &head_keys[local * positions * hs..(local * positions + visible_keys) * hs];
             let v = &head_values[local * positions * hs..(local * positions + visible_keys) * hs];
             // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
-            product(team, &query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
+            team.product(&query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
             for (i, row) in scores.chunks_mut(visible_keys).enumerate() {
                 let visible = p0 + i + 1;
                 row[..visible].iter_mut().for_each(|x| *x *= scale);
                 T::softmax_row(&mut row[..visible]);
                 row[visible..].fill(T::zero());
             }
-            product(team, &scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
+            team.product(&scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
             for i in 0..m {
                 attended[i * width + local * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
             }
         }
-        self.write_columns(self.attended, c, columns, &attended, false);
+        self.attended.write_columns(0, columns, &attended, false);
         team.sync();
         // x += attended · W_proj + b, this thread's columns
         let columns = team.share(c, 16);
-        let projected = attn_proj.apply(team, self.read(self.attended, c), &block.attn_c_proj_bias, columns.clone());
-        self.write_columns(self.x, c, columns.clone(), &projected, true);
+        let projected = attn_proj.apply(team, self.attended.read(), &block.attn_c_proj_bias, columns.clone());
+        self.x.write_columns(0, columns.clone(), &projected, true);
         team.sync();
         // the MLP: this thread's hidden units, then its columns of the projection back
-        let normed = layernorm_rows(self.read(self.x, c), &block.ln_2_weight, &block.ln_2_bias);
+        let normed = layernorm_rows(self.x.read(), &block.ln_2_weight, &block.ln_2_bias);
         let hidden_columns = team.share(4 * c, 16);
         let hidden = fc.apply(team, &normed, &block.mlp_c_fc_bias, hidden_columns.clone());
         let mut activated = vec![T::zero(); hidden.len()];
         T::gelu_forward(&hidden, &mut activated);
-        self.write_columns(self.activated, 4 * c, hidden_columns, &activated, false);
+        self.activated.write_columns(0, hidden_columns, &activated, false);
         team.sync();
-        let projected = fc_proj.apply(team, self.read(self.activated, 4 * c), &block.mlp_c_proj_bias, columns.clone());
-        self.write_columns(self.x, c, columns, &projected, true);
+        let projected = fc_proj.apply(team, self.activated.read(), &block.mlp_c_proj_bias, columns.clone());
+        self.x.write_columns(0, columns, &projected, true);
         team.sync();
     }
 }

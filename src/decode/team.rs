@@ -13,6 +13,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::kernels::gemm::{matmul, Layout};
+use crate::kernels::SharedMut;
+use crate::tensor::Float;
+
 /// One thread's place in a team: which share of the work it takes, and the barrier it meets the
 /// others at.
 pub struct Team<'a> {
@@ -40,6 +44,71 @@ impl Team<'_> {
     pub fn sync(&self) {
         if let Some(barrier) = self.barrier {
             barrier.wait();
+        }
+    }
+}
+
+impl Team<'_> {
+    /// `c (m, n) (+)= a (m, k) · b`, b (n, k) transposed or (k, n) normal: [`matmul`] in a team
+    /// of one (a GEMM on every thread for many rows), the few-row kernel on this thread alone in
+    /// a larger team (whose other threads are busy with their own shares). The few-row kernel
+    /// and `matmul`'s few-row path add each output's terms in the same order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn product<T: Float>(&self, a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize, k: usize, n: usize, accumulate: bool) {
+        if self.size == 1 {
+            return matmul(a, Layout::Normal, b, b_layout, c, m, k, n, accumulate);
+        }
+        if m == 0 || n == 0 {
+            return;
+        }
+        if !accumulate {
+            c.fill(T::zero());
+        }
+        let mut rows: Vec<&mut [T]> = c.chunks_mut(n).collect();
+        match b_layout {
+            Layout::Transposed => T::rows_times_transposed(a, k, b, 0, &mut rows),
+            Layout::Normal => T::rows_times_normal(a, k, b, n, 0, &mut rows),
+        }
+    }
+}
+
+/// A buffer of `rows` rows of `width` that a team shares: each thread writes its own columns
+/// and reads the buffer whole only after the barrier that follows the writes.
+#[derive(Clone, Copy)]
+pub struct SharedRows<T> {
+    start: SharedMut<T>,
+    rows: usize,
+    width: usize,
+}
+
+impl<T: Float> SharedRows<T> {
+    pub fn new(buffer: &mut [T], width: usize) -> Self {
+        SharedRows { start: SharedMut::new(buffer.as_mut_ptr()), rows: buffer.len() / width.max(1), width }
+    }
+
+    /// The whole buffer.
+    ///
+    /// # Safety
+    /// No thread may write it until the next barrier, and the buffer must outlive the reference.
+    pub unsafe fn read(&self) -> &[T] {
+        std::slice::from_raw_parts(self.start.get(), self.rows * self.width)
+    }
+
+    /// `buffer[first_row.., columns] (+)= values`, values laid out (rows, |columns|).
+    ///
+    /// # Safety
+    /// No other thread may touch these columns of these rows until the next barrier.
+    pub unsafe fn write_columns(&self, first_row: usize, columns: Range<usize>, values: &[T], add: bool) {
+        if columns.is_empty() {
+            return;
+        }
+        for (i, row) in values.chunks(columns.len()).enumerate() {
+            let out = std::slice::from_raw_parts_mut(self.start.get().add((first_row + i) * self.width + columns.start), columns.len());
+            if add {
+                out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+            } else {
+                out.copy_from_slice(row);
+            }
         }
     }
 }
