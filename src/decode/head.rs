@@ -34,9 +34,10 @@ pub struct HeadState<T> {
 pub struct Head<'a, T: Float> {
     pub config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
-    /// the expanders regrouped by horizon: for each s, the (r·C, C) matrix of W[α,s] for all α,
-    /// so that every z[α,s] of a state comes out of one product
-    expand_by_horizon: Vec<Vec<T>>,
+    /// the expanders regrouped by horizon, (n·r·C, C): rows s·r·C.. are W[α,s] for every α, so
+    /// that the z[α,s] of one horizon for several states, or of several horizons for one
+    /// state, come out of one product; empty without expanders
+    expand_by_horizon: Vec<T>,
     /// the products on another device, when not on the CPU
     device: Option<&'a dyn HeadProducts<T>>,
 }
@@ -46,7 +47,7 @@ impl<'a, T: Float> Head<'a, T> {
         let (c, r, n) = (config.n_embd, config.rank, config.horizon);
         let expand_by_horizon = match &params.head {
             Some(head) => (0..n)
-                .map(|s| (0..r).flat_map(|alpha| head.expand_weight.data()[(alpha * n + s) * c * c..][..c * c].iter().copied()).collect())
+                .flat_map(|s| (0..r).flat_map(move |alpha| head.expand_weight.data()[(alpha * n + s) * c * c..][..c * c].iter().copied()))
                 .collect(),
             None => Vec::new(),
         };
@@ -97,21 +98,38 @@ impl<'a, T: Float> Head<'a, T> {
 
     /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
     /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
-    /// the same horizon, then one unembedding product for all and a softmax per row.
+    /// the same horizon or with consecutive horizons of one state, then one unembedding
+    /// product for all and a softmax per row.
     fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<Vec<T>> {
         let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
-        let mut z = vec![T::zero(); requests.len() * r * c];
+        let block = r * c;
+        let mut z = vec![T::zero(); requests.len() * block];
         let mut first = 0;
         while first < requests.len() {
-            let s = requests[first].1;
-            let count = requests[first..].iter().take_while(|p| p.1 == s).count();
-            let hidden: Vec<T> = requests[first..first + count].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
-            let out = &mut z[first * r * c..(first + count) * r * c];
-            match self.expand_by_horizon.get(s) {
-                Some(w) => matmul(&hidden, Layout::Normal, w, Layout::Transposed, out, count, c, r * c, false),
-                None => out.copy_from_slice(&hidden),
+            let (h, s) = requests[first];
+            let one_state =
+                requests[first..].iter().zip(s..).take_while(|&(&(other, t), next)| std::ptr::eq(other, h) && t == next).count();
+            let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();
+            if self.expand_by_horizon.is_empty() {
+                // no expanders: z is h
+                for (out, &(h, _)) in z[first * block..].chunks_mut(block).zip(&requests[first..first + one_horizon]) {
+                    out.copy_from_slice(h);
+                }
+                first += one_horizon;
+            } else if one_state > 1 {
+                // h against the stacked W[α,t] of horizons s..s + one_state: one row out, which is
+                // the run's z blocks side by side
+                let w = &self.expand_by_horizon[s * block * c..(s + one_state) * block * c];
+                let out = &mut z[first * block..(first + one_state) * block];
+                matmul(h, Layout::Normal, w, Layout::Transposed, out, 1, c, one_state * block, false);
+                first += one_state;
+            } else {
+                let hidden: Vec<T> = requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
+                let w = &self.expand_by_horizon[s * block * c..(s + 1) * block * c];
+                let out = &mut z[first * block..(first + one_horizon) * block];
+                matmul(&hidden, Layout::Normal, w, Layout::Transposed, out, one_horizon, c, block, false);
+                first += one_horizon;
             }
-            first += count;
         }
         let rows = requests.len() * r;
         let mut logits = vec![T::zero(); rows * v];
@@ -179,7 +197,7 @@ mod tests {
     use crate::tensor::Rng;
 
     #[test]
-    fn the_next_token_marginal_is_normalised_and_matches_the_horizon_zero_loss() {
+    fn the_marginals_are_normalised_and_match_the_training_loss_at_every_horizon() {
         let config = ModelConfig { vocab_size: 11, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 3, rank: 4 };
         let mut rng = Rng::new(2);
         let mut params = gpt2::init_params::<f64>(&config, &mut rng);
@@ -188,15 +206,25 @@ mod tests {
             t.add_assign(&noise);
         }
         let hidden = Tensor::randn(&[1, 8], 1.0, &mut rng);
-        let state = Head::new(&config, &params).states(hidden.data(), 3).unwrap().remove(0);
+        // as decoding does: the next-token horizon first, the draft's horizons later
+        let head = Head::new(&config, &params);
+        let mut state = head.states(hidden.data(), 1).unwrap().remove(0);
+        head.fill(&mut [&mut state], 3).unwrap();
         let marginal = state.next_token_probs();
         assert!((marginal.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         // −log p(y_0) from the training op at the same hidden state
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| false);
         let h = tape.leaf(hidden, false);
-        let out = head_loss(&mut tape, &config, &vars, h, &[7, 2, 5], 0.0);
+        let targets = [7, 2, 5];
+        let out = head_loss(&mut tape, &config, &vars, h, &targets, 0.0);
         assert!((-marginal[7].ln() - out.stats.head_losses[0]).abs() < 1e-12);
+        // every horizon's marginal Σ_α w[α] P[α,s](y_s) too (horizons 1 and 2 come out of one
+        // stacked product)
+        for (s, &y) in targets.iter().enumerate() {
+            let p: f64 = (0..4).map(|alpha| state.weights[alpha] * state.prob(alpha, s)[y as usize]).sum();
+            assert!((-p.ln() - out.stats.head_losses[s]).abs() < 1e-12, "horizon {s}");
+        }
         // and every horizon's distribution is normalised
         for alpha in 0..4 {
             for s in 0..3 {
