@@ -49,7 +49,7 @@ impl<T: Float> Linear<T> {
     /// same terms in the same order, whoever computes it.
     fn apply(&self, team: &Team, x: &[T], bias: &Tensor<T>, columns: Range<usize>) -> Vec<T> {
         let (m, width) = (x.len() / self.n_in, columns.len());
-        let mut out: Vec<T> = bias.data()[columns.clone()].iter().copied().cycle().take(m * width).collect();
+        let mut out = bias.data()[columns.clone()].repeat(m);
         let weight = &self.transposed[columns.start * self.n_in..columns.end * self.n_in];
         team.product(x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
         out
