@@ -11,7 +11,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, TryLockError};
 
 use crate::kernels::gemm::{matmul, Layout};
 use crate::kernels::SharedMut;
@@ -125,7 +125,13 @@ static ONE_TEAM_AT_A_TIME: Mutex<()> = Mutex::new(());
 pub fn together(body: impl Fn(&Team) + Sync) {
     let threads = rayon::current_num_threads();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let turn = if threads > 1 && threads <= cores { ONE_TEAM_AT_A_TIME.try_lock().ok() } else { None };
+    let turn = match ONE_TEAM_AT_A_TIME.try_lock() {
+        _ if threads == 1 || threads > cores => None,
+        Ok(turn) => Some(turn),
+        // a team that panicked left the lock poisoned; it guards no data, so take it anyway
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    };
     match turn {
         Some(_turn) => {
             let barrier = SpinBarrier::new(threads);
@@ -225,5 +231,39 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn a_thread_that_panics_releases_the_others_and_the_panic_reaches_the_caller() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let expected = if cores >= 2 { 2 } else { 1 };
+        // a team that panics in its last thread; returns the team's size. (Another test's team
+        // may hold the turn for a moment, and a pass then runs as a team of one: try again.)
+        let panicking_team = || {
+            let size = AtomicUsize::new(0);
+            let outcome = pool.install(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    together(|team| {
+                        size.store(team.size, Ordering::Relaxed);
+                        if team.index == team.size - 1 {
+                            panic!("deliberate");
+                        }
+                        // without the release, the other thread would wait here for ever
+                        team.sync();
+                    })
+                }))
+            });
+            assert!(outcome.is_err(), "the panic did not reach the caller");
+            size.into_inner()
+        };
+        assert!((0..1000).any(|_| panicking_team() == expected), "never ran as a team of {expected}");
+        // and the next pass still runs as a full team
+        let team_size = || {
+            let size = AtomicUsize::new(0);
+            pool.install(|| together(|team| size.store(team.size, Ordering::Relaxed)));
+            size.into_inner()
+        };
+        assert!((0..1000).any(|_| team_size() == expected), "teams of {expected} stopped after a panic");
     }
 }
