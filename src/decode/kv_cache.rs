@@ -44,9 +44,9 @@ impl<T: Float> Linear<T> {
     }
 
     /// Output columns `columns` of `x (m, n_in) · W + b`, laid out (m, |columns|). A team of
-    /// one computes them with `matmul` (a GEMM, on every thread, for a long prompt); a thread
-    /// of a larger team with the few-row kernel on its own. Either way each output adds the
-    /// same terms in the same order, whoever computes it.
+    /// one computes them with `matmul` (a GEMM on every thread for a long prompt, the few-row
+    /// kernel for a few rows); a thread of a larger team with the few-row kernel on its own. On
+    /// a few rows each output then adds the same terms in the same order, whoever computes it.
     fn apply(&self, team: &Team, x: &[T], bias: &Tensor<T>, columns: Range<usize>) -> Vec<T> {
         let (m, width) = (x.len() / self.n_in, columns.len());
         let mut out = bias.data()[columns.clone()].repeat(m);
@@ -68,6 +68,12 @@ fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Ve
 /// Passes of at most this many new tokens run as a team (decoding); longer ones (a prompt) as
 /// one thread whose GEMMs use the pool.
 const TEAM_ROWS: usize = 16;
+
+/// ... and only when a block's products have at least this many flops: starting a team costs
+/// a wake-up of the other threads, which a small model's whole pass does not repay (2 cores,
+/// with 30 µs of other work between passes: `tiny`, 1 token 12 µs alone against 60 µs as a team,
+/// 4 tokens 25 against 73; `small`, 1 token 251 µs alone against 182, 4 tokens 374 against 272).
+const TEAM_MIN_BLOCK_FLOPS: usize = 1 << 20;
 
 impl<'a, T: Float> CachedBackbone<'a, T> {
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
@@ -139,7 +145,8 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 unsafe { pass.block_forward(team, block, weights, keys, values) };
             }
         };
-        if m <= TEAM_ROWS {
+        let block_flops = 2 * m * 12 * c * c;
+        if m <= TEAM_ROWS && block_flops >= TEAM_MIN_BLOCK_FLOPS {
             together(run);
         } else {
             run(&Team::solo());
@@ -167,6 +174,10 @@ struct Pass<'a, T> {
 impl<T: Float> Pass<'_, T> {
     /// One transformer block over the pass's m rows, this thread's share of it: its heads of
     /// the attention, its columns of each linear layer.
+    ///
+    /// # Safety
+    /// Every thread of `team` runs it with the same arguments; `keys` and `values` point to this
+    /// layer's cache, (H, n_positions, hs) each, and the buffers of `self` hold m rows.
     unsafe fn block_forward(
         &self,
         team: &Team,
@@ -292,7 +303,9 @@ mod tests {
     fn a_team_of_threads_computes_the_same_bits_as_one_thread() {
         // a pass of a few rows runs as a team when the pool has several threads, and through
         // `matmul` otherwise; every output must add the same terms in the same order either way
-        let config = ModelConfig { vocab_size: 50, n_positions: 32, n_embd: 32, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
+        // (C = 128: passes of 3 to 5 tokens have enough work per block for a team)
+        let config = ModelConfig { vocab_size: 50, n_positions: 32, n_embd: 128, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
+        const _: () = assert!(2 * 3 * 12 * 128 * 128 >= TEAM_MIN_BLOCK_FLOPS);
         let params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
         let tokens: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
         let run = |threads: usize| {

@@ -46,9 +46,7 @@ impl Team<'_> {
             barrier.wait();
         }
     }
-}
 
-impl Team<'_> {
     /// `c (m, n) (+)= a (m, k) · b`, b (n, k) transposed or (k, n) normal: [`matmul`] in a team
     /// of one (a GEMM on every thread for many rows), the few-row kernel on this thread alone in
     /// a larger team (whose other threads are busy with their own shares). The few-row kernel
