@@ -107,6 +107,7 @@ impl<'a, T: Float> Head<'a, T> {
         let mut first = 0;
         while first < requests.len() {
             let (h, s) = requests[first];
+            // requests of one state share its hidden slice itself
             let one_state =
                 requests[first..].iter().zip(s..).take_while(|&(&(other, t), next)| std::ptr::eq(other, h) && t == next).count();
             let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();

@@ -145,6 +145,7 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 unsafe { pass.block_forward(team, block, weights, keys, values) };
             }
         };
+        // a block's four weight matrices hold 12·C² numbers, each used once per row
         let block_flops = 2 * m * 12 * c * c;
         if m <= TEAM_ROWS && block_flops >= TEAM_MIN_BLOCK_FLOPS {
             together(run);
@@ -319,6 +320,8 @@ mod tests {
             })
         };
         let alone = run(1);
+        // 2 threads: a team on a machine of 2 cores or more; 3 on a 2-core machine: one thread,
+        // as an oversubscribed pool runs
         for threads in [2, 3] {
             assert_eq!(run(threads), alone, "{threads} threads");
         }

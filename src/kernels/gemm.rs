@@ -169,7 +169,8 @@ mod tests {
     #[test]
     fn matmul_matches_naive_product_for_every_layout_and_split() {
         let mut rng = Rng::new(5);
-        for (m, k, n) in [(3, 4, 5), (200, 70, 300), (17, 300, 600), (1, 256, 1000), (4, 64, 700)] {
+        // (8, 256, 300): few rows, enough work to split 300 columns into one task per thread
+        for (m, k, n) in [(3, 4, 5), (200, 70, 300), (17, 300, 600), (1, 256, 1000), (4, 64, 700), (8, 256, 300)] {
             let a: Vec<f64> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f64> = (0..k * n).map(|_| rng.normal()).collect();
             let expected = naive(&a, &b, m, k, n);
@@ -181,6 +182,26 @@ mod tests {
                     let worst = c.iter().zip(&expected).map(|(x, y)| (x - 1.0 - y).abs()).fold(0.0, f64::max);
                     assert!(worst < 1e-10, "{m}×{k}×{n} {la:?} {lb:?}: {worst}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn few_row_products_give_the_same_bits_on_any_number_of_threads() {
+        let mut rng = Rng::new(6);
+        let (m, k, n) = (8, 256, 300);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let product = |threads: usize, layout: Layout| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut c = vec![0.0f32; m * n];
+            pool.install(|| matmul(&a, Layout::Normal, &b, layout, &mut c, m, k, n, false));
+            c
+        };
+        for layout in [Layout::Normal, Layout::Transposed] {
+            let alone = product(1, layout);
+            for threads in [2, 3, 7] {
+                assert_eq!(product(threads, layout), alone, "{threads} threads, {layout:?}");
             }
         }
     }
