@@ -108,6 +108,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    // the head at decoding: `base` n = 4, r = 4, V = 8192; a request's r expanded rows against
+    // wte (V, C), as a product with wte transposed, and through the few-row kernel on a (C, V) copy
+    let (c, v) = (768, 8192);
+    let (wte, wte_by_column) = (gpu.upload(&random(v * c))?, gpu.upload(&random(c * v))?);
+    let (zero_bias, expanders) = (gpu.zeros::<f32>(v)?, gpu.upload(&random(4 * c * c))?);
+    for rows in [4, 8, 12, 16] {
+        let (z, logits) = (gpu.upload(&random(rows * c))?, gpu.upload(&random(rows * v))?);
+        let (issue, done) =
+            time(&gpu, &|| gpu.matmul(Operand::normal(z.view()), Operand::transposed(wte.view()), logits.view(), rows, c, v, false))?;
+        let mut line = format!("decoding: head logits {rows}×{c}·{c}×{v} | matmul on wteᵀ: issued {issue:4.1} µs, done {done:5.1} µs");
+        let (issue, done) = time(&gpu, &|| gpu.softmax_rows(logits.view(), v))?;
+        line += &format!(" | softmax: issued {issue:4.1} µs, done {done:5.1} µs");
+        if rows <= 8 {
+            let (issue, done) = time(&gpu, &|| {
+                gpu.linear_few_rows(z.view(), None, wte_by_column.view(), zero_bias.view(), Epilogue::Bias, logits.view()).map(|_| ())
+            })?;
+            line += &format!(" | few rows on a (C, V) copy: issued {issue:4.1} µs, done {done:5.1} µs");
+        }
+        println!("{line}");
+    }
+    let (h, z) = (gpu.upload(&random(c))?, gpu.upload(&random(4 * c))?);
+    let (issue, done) =
+        time(&gpu, &|| gpu.matmul(Operand::normal(h.view()), Operand::transposed(expanders.view()), z.view(), 1, c, 4 * c, false))?;
+    println!("decoding: head expander 1×{c}·{c}×{} (r horizons' W[α,s]) | matmul: issued {issue:4.1} µs, done {done:5.1} µs", 4 * c);
     Ok(())
 }
 

@@ -161,7 +161,12 @@ pub struct BenchDecodeResult {
     pub gpu_profile: Option<String>,
 }
 
-/// Times both decoders `repeats` times, alternating, and reports the medians.
+/// New tokens of each decoder's warm-up run in `bench decode`: enough for every shape a pass
+/// takes (passes of 1 to n tokens, head requests of 1 to n states).
+const WARM_UP_TOKENS: usize = 32;
+
+/// Times both decoders `repeats` times, alternating, after an untimed warm-up, and reports the
+/// medians.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(
     config: &crate::model::ModelConfig,
@@ -188,11 +193,19 @@ pub fn bench_decode(
     if device == Device::Cuda {
         return invalid!("--device cuda: this build has no CUDA support (use --device cpu)");
     }
-    let mut run = |speculative: bool| -> Result<Generation> {
+    // a warm-up run is untimed and shorter: the first passes pay for what is made once (on the
+    // GPU: modules loaded, cuBLASLt plans for each product shape), which would otherwise land in
+    // the first repeat and in the profile of where a pass goes
+    let mut run = |speculative: bool, warm_up: bool| -> Result<Generation> {
+        let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
         let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {} };
         #[cfg(feature = "cuda")]
         if let Some(decoder) = gpu_decoder.as_mut() {
-            return decoder.decode(params, request, speculative);
+            let generation = decoder.decode(params, request, speculative);
+            if warm_up {
+                decoder.reset_profile();
+            }
+            return generation;
         }
         decode(config, params, request, speculative)
     };
@@ -200,10 +213,12 @@ pub fn bench_decode(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    run(false, true)?;
+    run(true, true)?;
     let (mut ar_runs, mut spec_runs) = (Vec::new(), Vec::new());
     for _ in 0..repeats.max(1) {
-        ar_runs.push(run(false)?);
-        spec_runs.push(run(true)?);
+        ar_runs.push(run(false, false)?);
+        spec_runs.push(run(true, false)?);
     }
     let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
     let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());

@@ -492,8 +492,13 @@ cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
     let hidden = Tensor::<f32>::randn(&[3, config.n_embd], 1.0, &mut Rng::new(4));
     let cpu_states = Head::new(&config, &params).states(hidden.data(), 3).unwrap();
     let decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
-    let gpu_states = decoder.head_states(&params, hidden.data(), 3).unwrap();
+    let mut gpu_states = decoder.head_states(&params, hidden.data(), 3).unwrap();
+    // three states ask for each horizon in turn (one product per horizon); one state alone asks
+    // for its consecutive horizons (one product against the stacked expanders, as a draft does)
+    gpu_states.extend(decoder.head_states(&params, &hidden.data()[..config.n_embd], 3).unwrap());
+    let cpu_states = [&cpu_states[..], &cpu_states[..1]].concat();
     let mut worst: f64 = 0.0;
+    assert_eq!(gpu_states.len(), 4);
     for (ours, reference) in gpu_states.iter().zip(&cpu_states) {
         for alpha in 0..config.rank {
             for s in 0..config.horizon {

@@ -65,6 +65,11 @@ impl<'a> GpuDecoder<'a> {
         format!("autoregressive decoding:\n{}speculative decoding:\n{}", autoregressive.report(), speculative.report())
     }
 
+    /// Forgets the phases measured so far (after a warm-up).
+    pub fn reset_profile(&self) {
+        self.profiles.iter().for_each(PhaseProfile::reset);
+    }
+
     /// The backbone alone, for tests: hidden states of new tokens after the cached ones.
     pub fn backbone(&mut self) -> &mut dyn Backbone<f32> {
         &mut self.backbone
@@ -262,17 +267,31 @@ impl HeadProducts<f32> for GpuHead<'_> {
             self.gpu.write(h, &hidden)?;
             self.profile.mark(self.gpu, "head: upload hidden")?;
             // z rows (request, α): W[α,s] h for the request's own horizon s, one product per
-            // run of requests with the same horizon (the verified states all ask for s = 0)
+            // run of requests with the same horizon (the verified states all ask for s = 0) or
+            // with consecutive horizons of one state (the draft's), as on the CPU
             let z = match &self.expand_by_horizon {
                 Some(w) => {
-                    let z = self.z.view().prefix(count * r * c);
+                    let (z, block) = (self.z.view().prefix(count * r * c), r * c);
                     let mut first = 0;
                     while first < count {
-                        let s = chunk[first].1;
-                        let run = chunk[first..].iter().take_while(|(_, horizon)| *horizon == s).count();
-                        let w_s = w.view().slice(s * r * c * c, r * c * c);
-                        let (h_run, z_run) = (h.slice(first * c, run * c), z.slice(first * r * c, run * r * c));
-                        self.gpu.matmul(Operand::normal(h_run), Operand::transposed(w_s), z_run, run, c, r * c, false)?;
+                        let (state, s) = chunk[first];
+                        let one_state = chunk[first..]
+                            .iter()
+                            .zip(s..)
+                            .take_while(|&(&(other, t), next)| std::ptr::eq(other, state) && t == next)
+                            .count();
+                        // one state: h against the stacked W[α,t] of its horizons, one row out,
+                        // which is the run's z blocks side by side
+                        let (run, rows, horizons) = match one_state {
+                            1 => {
+                                let run = chunk[first..].iter().take_while(|(_, horizon)| *horizon == s).count();
+                                (run, run, 1)
+                            }
+                            _ => (one_state, 1, one_state),
+                        };
+                        let w_run = w.view().slice(s * block * c, horizons * block * c);
+                        let (h_run, z_run) = (h.slice(first * c, rows * c), z.slice(first * block, run * block));
+                        self.gpu.matmul(Operand::normal(h_run), Operand::transposed(w_run), z_run, rows, c, horizons * block, false)?;
                         first += run;
                     }
                     z
