@@ -225,16 +225,25 @@ enum BenchCommand {
         checkpoint: PathBuf,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, value_parser = at_least_one)]
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Runs of each decoder; medians are reported
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = at_least_one)]
         repeats: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+}
+
+/// A count that must be positive (a benchmark of no tokens or no runs has nothing to report).
+fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(_) => Err("expected a whole number of at least 1".into()),
+    }
 }
 
 /// A progress bar on stderr with a live tokens/s readout, for long generations.

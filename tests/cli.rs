@@ -285,6 +285,9 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("y")), "--model", "huge"]).contains("preset"));
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("z")), "--device", "tpu"]).contains("device"));
     assert!(run_error(&["bench", "train", "--precision", "tf32", "--steps", "1"]).contains("--device cuda"));
+    for flag in ["--max-new-tokens", "--repeats"] {
+        assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
+    }
     if !cfg!(feature = "cuda") || !multitoken_cuda_driver_present() {
         assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--device", "cuda"]).contains("--device cpu"));
         // no GPU here: --device cuda is refused with a one-line error, and nothing is written
