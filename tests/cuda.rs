@@ -473,18 +473,40 @@ cuda_test!(gpu_kv_cache_passes_match_the_cpu_cache, |gpu| {
     let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
     let mut cpu = CachedBackbone::new(&config, &params);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 13 % 97) as u32).collect();
-    // prefill, single tokens, a run of drafts, a rollback and a rerun, as decoding does
+    // prefill, single tokens, runs of drafts, rollbacks and reruns, as decoding does; passes of
+    // up to n = 3 tokens replay a graph captured at their first use, at the positions of later ones
+    let passes = [
+        (0..20, None),
+        (20..21, None),
+        (21..22, None),
+        (22..25, Some(23)),
+        (23..26, None),
+        (26..29, Some(26)),
+        (26..27, None),
+        (27..31, None),
+        (31..40, None),
+    ];
     let mut worst: f64 = 0.0;
-    for (range, truncate_to) in [(0..20, None), (20..21, None), (21..25, Some(22)), (22..26, None), (26..40, None)] {
-        let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
-        let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
-        worst = worst.max(relative_error(&ours, &reference));
-        if let Some(len) = truncate_to {
-            decoder.backbone().truncate(len);
-            cpu.truncate(len);
+    let mut hidden = [vec![], vec![]];
+    for (graphs, hidden) in [true, false].into_iter().zip(&mut hidden) {
+        decoder.use_graphs(graphs);
+        decoder.backbone().truncate(0);
+        cpu.truncate(0);
+        for (range, truncate_to) in passes.clone() {
+            let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
+            let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
+            worst = worst.max(relative_error(&ours, &reference));
+            hidden.extend(ours);
+            if let Some(len) = truncate_to {
+                decoder.backbone().truncate(len);
+                cpu.truncate(len);
+            }
         }
+        // passes of 1 and 3 tokens
+        assert_eq!(decoder.captured_passes(), if graphs { 2 } else { 0 });
     }
     report("KV-cache backbone passes, GPU against CPU", worst, 1e-5);
+    assert!(hidden[0] == hidden[1], "replayed graphs and kernels launched one by one differ");
 });
 
 cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {

@@ -71,9 +71,11 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 }
 
 // Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), and their keys and values appended to the
-// cache (H, positions, hs) at positions start..start + m. One thread per element.
-extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions, int start) {
-    int c = n_head * hs;
+// cache (H, positions, hs) at positions start..start + m. One thread per element. The decoding
+// kernels read start from device memory, so that a captured pass replays at any position.
+extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions,
+                                     const unsigned int* start_at) {
+    int c = n_head * hs, start = *start_at;
     int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= m * 3 * c) return;
     int j = index / (3 * c), i = index - j * 3 * c;
@@ -90,10 +92,10 @@ extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, fl
 // y (m, C). One block per (new row, head) with the row's scores in shared memory (after the
 // query itself): one launch for what training does in four.
 extern "C" __global__ void decode_attention(const float* q, const float* keys, const float* values, float* y, int m, int n_head, int hs,
-                                            int positions, int start, float scale) {
+                                            int positions, const unsigned int* start_at, float scale) {
     extern __shared__ float decode_shared[];
     __shared__ float reduce[DECODE_THREADS / 32];
-    int i = blockIdx.x, h = blockIdx.y, visible = start + i + 1;
+    int i = blockIdx.x, h = blockIdx.y, visible = *start_at + i + 1;
     float* query = decode_shared;
     float* scores = decode_shared + hs;
     for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) query[d] = q[((long)h * m + i) * hs + d];

@@ -242,6 +242,7 @@ struct Kernels {
     layernorm_backward: CudaFunction,
     adamw_update_segments: CudaFunction,
     embedding_forward: CudaFunction,
+    embedding_forward_at: CudaFunction,
     embedding_backward_tokens: CudaFunction,
     embedding_backward_positions: CudaFunction,
     qkv_to_heads: CudaFunction,
@@ -458,7 +459,27 @@ pub struct Gpu {
     pub tf32: bool,
     name: String,
     memory: Arc<MemoryCounter>,
+    /// destroys `stream` after everything above that queues work on it (fields drop in order)
+    _stream_owner: OwnedStream,
 }
+
+/// A stream of our own (not the legacy default stream, which cannot be captured into a graph),
+/// created blocking: like the default stream, it waits for the synchronous copies and sets
+/// that the driver runs on the default stream, and they wait for it.
+struct OwnedStream(cudarc::driver::sys::CUstream);
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        // SAFETY: created in `Gpu::new` and destroyed once, after the work queued on it is done.
+        unsafe {
+            let _ = driver::stream::synchronize(self.0);
+            let _ = driver::stream::destroy(self.0);
+        }
+    }
+}
+
+/// A pass of kernels recorded once by [`Gpu::capture`] and run again by [`Gpu::replay`].
+pub struct Graph(cudarc::driver::CudaGraph);
 
 const THREADS: u32 = 256;
 
@@ -523,7 +544,12 @@ impl Gpu {
             return Err(CudaError::NoDriver);
         }
         let context = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(ordinal, e.to_string()))?;
-        let stream = context.default_stream();
+        context.bind_to_thread()?;
+        // SAFETY: a fresh stream of this context, destroyed by its `OwnedStream` when the Gpu drops.
+        let (stream, stream_owner) = unsafe {
+            let cu_stream = driver::stream::create(driver::stream::StreamKind::Default)?;
+            (context.wrap_borrowed_stream(cu_stream), OwnedStream(cu_stream))
+        };
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = context.compute_capability()?;
         let name = context.name().unwrap_or_else(|_| "CUDA device".into());
@@ -545,6 +571,7 @@ impl Gpu {
             layernorm_backward: f("layernorm", "layernorm_backward")?,
             adamw_update_segments: f("adamw", "adamw_update_segments")?,
             embedding_forward: f("embedding", "embedding_forward")?,
+            embedding_forward_at: f("embedding", "embedding_forward_at")?,
             embedding_backward_tokens: f("embedding", "embedding_backward_tokens")?,
             embedding_backward_positions: f("embedding", "embedding_backward_positions")?,
             qkv_to_heads: f("attention", "qkv_to_heads")?,
@@ -609,7 +636,31 @@ impl Gpu {
             tf32: false,
             name,
             memory,
+            _stream_owner: stream_owner,
         })
+    }
+
+    /// Records the work that `issue` queues on this device, without running it, as a graph that
+    /// [`Gpu::replay`] runs with one launch. A decoding pass is some 80 small kernels; launched
+    /// one by one, each costs the host microseconds that the device spends waiting. `issue` may
+    /// only queue kernels and products (no copies to or from the host, nothing that waits), and
+    /// what they read at run time (a `CachePosition`'s device copy) may change between replays;
+    /// their arguments may not.
+    pub fn capture<E: From<CudaError>>(&self, issue: impl FnOnce() -> std::result::Result<(), E>) -> std::result::Result<Graph, E> {
+        self.context.bind_to_thread().map_err(CudaError::from)?;
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).map_err(CudaError::from)?;
+        let issued = issue();
+        // end the capture in any case, so that the stream takes work again
+        let captured = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        issued?;
+        let graph = captured.map_err(CudaError::from)?;
+        Ok(graph.map(Graph).ok_or_else(|| CudaError::Shape("capture: nothing was queued".into()))?)
+    }
+
+    /// Queues a captured graph's work once more.
+    pub fn replay(&self, graph: &Graph) -> Result<()> {
+        Ok(graph.0.launch()?)
     }
 
     /// The device's name, as the driver reports it.
@@ -1198,6 +1249,29 @@ impl Gpu {
         Ok(())
     }
 
+    /// Decoding: `out[row] = wte[idx[row]] + wpe[at.start + row]` for the new rows `idx`.
+    pub fn embedding_forward_at(
+        &self,
+        idx: View<u32>,
+        wte: View<f32>,
+        wpe: View<f32>,
+        out: View<f32>,
+        at: CachePosition,
+        c: usize,
+    ) -> Result<()> {
+        let rows = idx.len;
+        check(out.len == rows * c && wpe.len >= (at.start + rows) * c && wte.len.is_multiple_of(c) && at.on_device.len == 1, || {
+            format!("embedding_forward_at: buffers do not fit {rows} rows of {c} at position {}", at.start)
+        })?;
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.embedding_forward_at);
+        launch.arg(&idx.ptr).arg(&at.on_device.ptr).arg(&wte.ptr).arg(&wpe.ptr).arg(&out.ptr).arg(&rows_i).arg(&c_i);
+        // SAFETY: token ids are checked against the vocabulary by the caller, the rows' positions
+        // against wpe above (the device's start equals at.start: `CachePosition`).
+        unsafe { launch.launch(elementwise_config(rows * c)) }?;
+        Ok(())
+    }
+
     /// `dwte[idx[row]] += dout[row]`, `dwpe[t] += Σ_b dout[b,t]`.
     pub fn embedding_backward(
         &self,
@@ -1274,19 +1348,19 @@ impl Gpu {
         Ok(())
     }
 
-    /// The kernels' cache dimensions [m, H, hs, positions, start] of a KV cache (H, positions,
-    /// hs), after checking that `shape.seq` = m new rows of one sequence fit at `start`.
-    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, start: usize) -> Result<[i32; 5]> {
+    /// The kernels' cache dimensions [m, H, hs, positions] of a KV cache (H, positions, hs),
+    /// after checking that `shape.seq` = m new rows of one sequence fit at `at`.
+    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, at: CachePosition) -> Result<[i32; 4]> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let positions = keys.len / (h * hs).max(1);
-        check(shape.batch == 1 && m > 0 && values.len == keys.len && start + m <= positions, || {
+        let (positions, start) = (keys.len / (h * hs).max(1), at.start);
+        check(shape.batch == 1 && m > 0 && values.len == keys.len && start + m <= positions && at.on_device.len == 1, || {
             format!("{what}: {m} rows at {start} do not fit a cache of {positions} positions")
         })?;
-        Ok([m as i32, h as i32, hs as i32, positions as i32, start as i32])
+        Ok([m as i32, h as i32, hs as i32, positions as i32])
     }
 
     /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
-    /// caches (H, positions, hs) at `start..start + m`.
+    /// caches (H, positions, hs) at `at.start..at.start + m`.
     pub fn append_kv(
         &self,
         qkv: View<f32>,
@@ -1294,16 +1368,17 @@ impl Gpu {
         keys: View<f32>,
         values: View<f32>,
         shape: AttentionShape,
-        start: usize,
+        at: CachePosition,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let dims = Self::cache_dims("append_kv", keys, values, shape, start)?;
+        let dims = Self::cache_dims("append_kv", keys, values, shape, at)?;
         check(qkv.len == 3 * m * h * hs && q.len == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
         let mut launch = self.stream.launch_builder(&self.kernels.append_kv);
         launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
         for d in &dims {
             launch.arg(d);
         }
+        launch.arg(&at.on_device.ptr);
         // SAFETY: sizes checked; one thread per element of the new rows.
         unsafe { launch.launch(elementwise_config(3 * m * h * hs)) }?;
         Ok(())
@@ -1343,10 +1418,10 @@ impl Gpu {
         values: View<f32>,
         y: View<f32>,
         shape: AttentionShape,
-        start: usize,
+        at: CachePosition,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let dims = Self::cache_dims("decode_attention", keys, values, shape, start)?;
+        let dims = Self::cache_dims("decode_attention", keys, values, shape, at)?;
         let positions = dims[3] as usize;
         check(q.len == m * h * hs && y.len == q.len, || format!("decode_attention: q and y do not hold {m} rows"))?;
         check(
@@ -1359,7 +1434,7 @@ impl Gpu {
         for d in &dims {
             launch.arg(d);
         }
-        launch.arg(&scale);
+        launch.arg(&at.on_device.ptr).arg(&scale);
         // the query and up to `positions` scores per block
         let shared_mem_bytes = (4 * (hs + positions)) as u32;
         let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS, 1, 1), shared_mem_bytes };
@@ -1554,6 +1629,16 @@ impl Gpu {
         unsafe { launch.launch(Self::fused_attention_config(shape, true)) }?;
         Ok(())
     }
+}
+
+/// Where decoding's new rows start in the KV cache: the host's copy, for the checks, and a
+/// one-element device buffer holding the same number, which the decoding kernels read. Read from
+/// device memory, the position is not baked into a captured pass ([`Gpu::capture`]), so one
+/// capture replays at every position; whoever writes the device copy keeps the two equal.
+#[derive(Clone, Copy, Debug)]
+pub struct CachePosition {
+    pub start: usize,
+    pub on_device: View<u32>,
 }
 
 /// The dimensions of a batch of attention: B, T, H and the head size.

@@ -6,7 +6,7 @@
 
 use std::rc::Rc;
 
-use multitoken_cuda::{AttentionShape, Buffer, Epilogue, Operand, PinnedBuffer, View};
+use multitoken_cuda::{AttentionShape, Buffer, CachePosition, Epilogue, Graph, Operand, PinnedBuffer, View};
 
 use super::{param_views, Gpu, PhaseProfile};
 use crate::decode::generate::{decode_loop, AcceptanceRule, Backbone};
@@ -74,10 +74,28 @@ impl<'a> GpuDecoder<'a> {
     pub fn backbone(&mut self) -> &mut dyn Backbone<f32> {
         &mut self.backbone
     }
+
+    /// Whether passes of up to n tokens replay a captured graph (the default, unless
+    /// `MULTITOKEN_CUDA_GRAPHS=0`) or launch their kernels one by one.
+    pub fn use_graphs(&mut self, on: bool) {
+        self.backbone.use_graphs = on;
+        self.backbone.graphs.iter_mut().for_each(|graph| *graph = None);
+    }
+
+    /// How many pass lengths have a captured graph (for tests).
+    pub fn captured_passes(&self) -> usize {
+        self.backbone.graphs.iter().flatten().count()
+    }
 }
 
 /// GPT-2 with a KV cache on the device: one layer's keys and values are (H, n_positions, hs)
 /// each, so a head's cached keys are one contiguous matrix for `decode_attention` to walk.
+///
+/// A decoding pass (m ≤ n new tokens) is some 80 small kernels, and launching them one by one
+/// leaves the device idle for much of the pass, each waiting for the host's launch of it. So the
+/// first pass of each m is captured as a graph and every later one replays it: the kernels read
+/// the pass's position and tokens from a device buffer written before the replay, and
+/// everything else they touch (weights, cache, scratch) stays where it was.
 struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
@@ -87,13 +105,17 @@ struct GpuBackbone<'a> {
     /// positions filled
     len: usize,
     scratch: Scratch,
+    /// the captured pass of m new tokens at index m, for m = 1..=n
+    graphs: Vec<Option<Graph>>,
+    use_graphs: bool,
     /// shared with the head: one table for the whole pass
     profile: Rc<PhaseProfile>,
 }
 
 /// Buffers for up to n_positions new rows.
 struct Scratch {
-    ids: Buffer<u32>,
+    /// the pass's first position, then its token ids
+    start_and_ids: Buffer<u32>,
     x: Buffer<f32>,
     x_mid: Buffer<f32>,
     normed: Buffer<f32>,
@@ -110,7 +132,7 @@ impl<'a> GpuBackbone<'a> {
         let (c, positions) = (config.n_embd, config.n_positions);
         let f = |len: usize| gpu.zeros::<f32>(len);
         let scratch = Scratch {
-            ids: gpu.zeros(positions)?,
+            start_and_ids: gpu.zeros(positions + 1)?,
             x: f(positions * c)?,
             x_mid: f(positions * c)?,
             normed: f(positions * c)?,
@@ -122,15 +144,43 @@ impl<'a> GpuBackbone<'a> {
             fc_gelu: f(positions * 4 * c)?,
         };
         let cache = || (0..config.n_layer).map(|_| f(positions * c)).collect::<std::result::Result<Vec<_>, _>>();
-        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch, profile })
+        let (graphs, use_graphs) =
+            ((0..=config.horizon).map(|_| None).collect(), std::env::var("MULTITOKEN_CUDA_GRAPHS").as_deref() != Ok("0"));
+        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch, graphs, use_graphs, profile })
+    }
+
+    /// Queues a pass over m new tokens at `at`, whose ids follow the position in `start_and_ids`;
+    /// the final hidden states land in `scratch.normed`.
+    fn queue_pass(&self, m: usize, at: CachePosition) -> Result<()> {
+        let (gpu, p, s) = (self.gpu, &self.p, &self.scratch);
+        let (c, h) = (self.config.n_embd, self.config.n_head);
+        let rows = |b: &Buffer<f32>, width: usize| b.view().prefix(m * width);
+        let (x, x_mid, normed, mean, rstd) = (rows(&s.x, c), rows(&s.x_mid, c), rows(&s.normed, c), rows(&s.mean, 1), rows(&s.rstd, 1));
+        gpu.embedding_forward_at(s.start_and_ids.view().slice(1, m), p.wte, p.wpe, x, at, c)?;
+        let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: c / h };
+        let norm_scratch = (normed, mean, rstd);
+        for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
+            let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
+            let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
+            let ln_1 = (block.ln_1_weight, block.ln_1_bias);
+            layernorm_linear(gpu, x, ln_1, block.attn_c_attn_weight, block.attn_c_attn_bias, false, qkv, norm_scratch)?;
+            gpu.append_kv(qkv, q, cached_keys, cached_values, shape, at)?;
+            let att_y = rows(&s.att_y, c);
+            gpu.decode_attention(q, cached_keys, cached_values, att_y, shape, at)?;
+            gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
+            let fc_gelu = rows(&s.fc_gelu, 4 * c);
+            let ln_2 = (block.ln_2_weight, block.ln_2_bias);
+            layernorm_linear(gpu, x_mid, ln_2, block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, fc_gelu, norm_scratch)?;
+            gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
+        }
+        Ok(gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?)
     }
 }
 
 impl Backbone<f32> for GpuBackbone<'_> {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (gpu, p, s) = (self.gpu, &self.p, &self.scratch);
-        let (c, h, positions) = (self.config.n_embd, self.config.n_head, self.config.n_positions);
-        let (m, start, hs) = (tokens.len(), self.len, c / h);
+        let (gpu, positions) = (self.gpu, self.config.n_positions);
+        let (m, start) = (tokens.len(), self.len);
         let keys = start + m;
         if m == 0 || keys > positions {
             return invalid!("the KV cache holds {positions} positions; {start} are filled and {m} more do not fit");
@@ -138,34 +188,23 @@ impl Backbone<f32> for GpuBackbone<'_> {
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size);
         }
-        let rows = |b: &Buffer<f32>, width: usize| b.view().prefix(m * width);
-        let (x, x_mid, normed, mean, rstd) = (rows(&s.x, c), rows(&s.x_mid, c), rows(&s.normed, c), rows(&s.mean, 1), rows(&s.rstd, 1));
-        let ids = s.ids.view().prefix(m);
         self.profile.resume(gpu, "host: the loop between calls")?;
-        gpu.write(ids, tokens)?;
+        let start_and_ids: Vec<u32> = std::iter::once(start as u32).chain(tokens.iter().copied()).collect();
+        gpu.write(self.scratch.start_and_ids.view().prefix(m + 1), &start_and_ids)?;
         self.profile.mark(gpu, "backbone: upload tokens")?;
-        // positions start..start + m: the position table from row `start` on
-        gpu.embedding_forward(ids, p.wte, p.wpe.slice(start * c, m * c), x, m, c)?;
-        let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: hs };
-        let norm_scratch = (normed, mean, rstd);
-        for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
-            let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
-            let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
-            let ln_1 = (block.ln_1_weight, block.ln_1_bias);
-            layernorm_linear(gpu, x, ln_1, block.attn_c_attn_weight, block.attn_c_attn_bias, false, qkv, norm_scratch)?;
-            gpu.append_kv(qkv, q, cached_keys, cached_values, shape, start)?;
-            let att_y = rows(&s.att_y, c);
-            gpu.decode_attention(q, cached_keys, cached_values, att_y, shape, start)?;
-            gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
-            let fc_gelu = rows(&s.fc_gelu, 4 * c);
-            let ln_2 = (block.ln_2_weight, block.ln_2_bias);
-            layernorm_linear(gpu, x_mid, ln_2, block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, fc_gelu, norm_scratch)?;
-            gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
+        let at = CachePosition { start, on_device: self.scratch.start_and_ids.view().prefix(1) };
+        if self.use_graphs && m < self.graphs.len() {
+            if self.graphs[m].is_none() {
+                let graph = gpu.capture(|| self.queue_pass(m, at))?;
+                self.graphs[m] = Some(graph);
+            }
+            gpu.replay(self.graphs[m].as_ref().expect("captured above"))?;
+        } else {
+            self.queue_pass(m, at)?;
         }
-        gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?;
         self.profile.mark(gpu, "backbone: layers")?;
         self.len = keys;
-        let hidden = gpu.download(normed)?;
+        let hidden = gpu.download(self.scratch.normed.view().prefix(m * self.config.n_embd))?;
         self.profile.mark(gpu, "backbone: download")?;
         Ok(hidden)
     }
