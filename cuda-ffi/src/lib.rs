@@ -466,14 +466,21 @@ pub struct Gpu {
 /// A stream of our own (not the legacy default stream, which cannot be captured into a graph),
 /// created blocking: like the default stream, it waits for the synchronous copies and sets
 /// that the driver runs on the default stream, and they wait for it.
-struct OwnedStream(cudarc::driver::sys::CUstream);
+/// It holds the context, so that the context outlives the stream.
+struct OwnedStream {
+    stream: cudarc::driver::sys::CUstream,
+    context: Arc<CudaContext>,
+}
 
 impl Drop for OwnedStream {
     fn drop(&mut self) {
-        // SAFETY: created in `Gpu::new` and destroyed once, after the work queued on it is done.
+        // SAFETY: created in `Gpu::new` in this context, which is still alive, and destroyed once,
+        // after the work queued on it is done.
         unsafe {
-            let _ = driver::stream::synchronize(self.0);
-            let _ = driver::stream::destroy(self.0);
+            if self.context.bind_to_thread().is_ok() {
+                let _ = driver::stream::synchronize(self.stream);
+                let _ = driver::stream::destroy(self.stream);
+            }
         }
     }
 }
@@ -548,7 +555,7 @@ impl Gpu {
         // SAFETY: a fresh stream of this context, destroyed by its `OwnedStream` when the Gpu drops.
         let (stream, stream_owner) = unsafe {
             let cu_stream = driver::stream::create(driver::stream::StreamKind::Default)?;
-            (context.wrap_borrowed_stream(cu_stream), OwnedStream(cu_stream))
+            (context.wrap_borrowed_stream(cu_stream), OwnedStream { stream: cu_stream, context: context.clone() })
         };
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = context.compute_capability()?;
