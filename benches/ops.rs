@@ -77,6 +77,36 @@ fn decode_backbone(c: &mut Criterion) {
     group.finish();
 }
 
+/// What starting a decoding team costs (`decode::team`): an empty pass with one barrier, on a
+/// pool like the command line's, after some microseconds of one thread's work (the head's,
+/// between two passes).
+fn decode_team_start(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode team start");
+    let busy = |micros: u128| {
+        let start = std::time::Instant::now();
+        while start.elapsed().as_micros() < micros {
+            std::hint::spin_loop();
+        }
+    };
+    for pause in [0, 400] {
+        group.bench_function(format!("after {pause} µs"), |bench| {
+            bench.iter_custom(|iterations| {
+                rayon::ThreadPoolBuilder::new().build().unwrap().install(|| {
+                    let mut total = std::time::Duration::ZERO;
+                    for _ in 0..iterations {
+                        busy(pause);
+                        let start = std::time::Instant::now();
+                        multitoken::decode::team::together(|team| team.sync());
+                        total += start.elapsed();
+                    }
+                    total
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 /// The head of a `small` n = 4, r = 4 model at decoding: the next-token distributions at one
 /// state (an autoregressive step's r rows) and the draft's other horizons there (r·(n − 1) rows).
 fn decode_head(c: &mut Criterion) {
@@ -142,6 +172,6 @@ fn elementwise(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = gemm_shapes, decode_shapes, decode_backbone, decode_head, attention, elementwise
+    targets = gemm_shapes, decode_shapes, decode_backbone, decode_team_start, decode_head, attention, elementwise
 }
 criterion_main!(benches);

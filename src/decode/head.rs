@@ -1,10 +1,9 @@
 //! The multi-token head at decoding time: its distributions at a hidden state, the next-token
 //! marginal, and the draft conditionals of self-speculative decoding (SPEC.md section 3).
 
-use rayon::prelude::*;
-
+use super::team::{together, SharedRows, Team};
 use crate::error::Result;
-use crate::kernels::gemm::{matmul, Layout};
+use crate::kernels::gemm::Layout;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
 
@@ -27,6 +26,16 @@ pub struct HeadState<T> {
     /// probabilities, not logs: mixtures are then sums, with no exp or log per token.
     probs: Vec<Option<Vec<T>>>,
     pub vocab: usize,
+}
+
+/// One expander product of `cpu_probabilities`: hidden rows (rows, C) against the stacked
+/// W[α,t] from horizon `horizon` on, `width` outputs per row, into `out` (rows, width).
+struct ExpanderRun<T> {
+    hidden: Vec<T>,
+    rows: usize,
+    horizon: usize,
+    width: usize,
+    out: SharedRows<T>,
 }
 
 /// Computes head distributions with batched products: all requested (state, α, s) rows go
@@ -99,11 +108,59 @@ impl<'a, T: Float> Head<'a, T> {
     /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
     /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
     /// the same horizon or with consecutive horizons of one state, then one unembedding
-    /// product for all and a softmax per row.
+    /// product for all and a softmax per row. The threads work as a team (`decode::team`): each
+    /// its columns of every product, then its rows of the softmax.
     fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<Vec<T>> {
         let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
         let block = r * c;
         let mut z = vec![T::zero(); requests.len() * block];
+        let runs = self.expander_runs(requests, &mut z);
+        let rows = requests.len() * r;
+        let mut logits = vec![T::zero(); rows * v];
+        let (z_rows, logits_rows) = (SharedRows::new(&mut z, c), SharedRows::new(&mut logits, v));
+        let (wte, expanders) = (self.params.wte.data(), &self.expand_by_horizon);
+        let pass = |team: &Team| {
+            // SAFETY: each thread writes its own columns of each run's z block and of the logits,
+            // then its own rows of the logits, with a barrier before anything written is read.
+            unsafe {
+                for run in &runs {
+                    let columns = team.share(run.width, 16);
+                    let weight = &expanders[run.horizon * block * c..][columns.start * c..columns.end * c];
+                    let mut out = vec![T::zero(); run.rows * columns.len()];
+                    team.product(&run.hidden, weight, Layout::Transposed, &mut out, run.rows, c, columns.len(), false);
+                    run.out.write_columns(0, columns, &out, false);
+                }
+                team.sync();
+                let columns = team.share(v, 16);
+                let mut out = vec![T::zero(); rows * columns.len()];
+                team.product(
+                    z_rows.read(),
+                    &wte[columns.start * c..columns.end * c],
+                    Layout::Transposed,
+                    &mut out,
+                    rows,
+                    c,
+                    columns.len(),
+                    false,
+                );
+                logits_rows.write_columns(0, columns, &out, false);
+                team.sync();
+                for row in team.share(rows, 1) {
+                    T::softmax_row(logits_rows.row_mut(row));
+                }
+            }
+        };
+        // a request is at most r·n rows, few enough for the few-row kernel on every thread
+        together(pass);
+        logits.chunks(r * v).map(<[T]>::to_vec).collect()
+    }
+
+    /// The expander products the requests need, one per run of requests with the same horizon
+    /// or with consecutive horizons of one state, each with the block of `z` it fills; without
+    /// expanders, z is h and filled here.
+    fn expander_runs(&self, requests: &[(&[T], usize)], z: &mut [T]) -> Vec<ExpanderRun<T>> {
+        let block = self.config.rank * self.config.n_embd;
+        let mut runs = Vec::new();
         let mut first = 0;
         while first < requests.len() {
             let (h, s) = requests[first];
@@ -111,40 +168,27 @@ impl<'a, T: Float> Head<'a, T> {
             let one_state =
                 requests[first..].iter().zip(s..).take_while(|&(&(other, t), next)| std::ptr::eq(other, h) && t == next).count();
             let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();
-            if self.expand_by_horizon.is_empty() {
+            let run = if self.expand_by_horizon.is_empty() {
                 // no expanders: z is h
                 for (out, &(h, _)) in z[first * block..].chunks_mut(block).zip(&requests[first..first + one_horizon]) {
                     out.copy_from_slice(h);
                 }
                 first += one_horizon;
+                continue;
             } else if one_state > 1 {
-                // h against the stacked W[α,t] of horizons s..s + one_state: one row out, which is
-                // the run's z blocks side by side
-                let w = &self.expand_by_horizon[s * block * c..(s + one_state) * block * c];
-                let out = &mut z[first * block..(first + one_state) * block];
-                matmul(h, Layout::Normal, w, Layout::Transposed, out, 1, c, one_state * block, false);
-                first += one_state;
+                // h against the stacked W[α,t] of horizons s..s + one_state: one row out, which
+                // is the run's z blocks side by side
+                ExpanderRun { hidden: h.to_vec(), rows: 1, horizon: s, width: one_state * block, out: SharedRows::new(&mut [], 0) }
             } else {
-                let hidden: Vec<T> = requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
-                let w = &self.expand_by_horizon[s * block * c..(s + 1) * block * c];
-                let out = &mut z[first * block..(first + one_horizon) * block];
-                matmul(&hidden, Layout::Normal, w, Layout::Transposed, out, one_horizon, c, block, false);
-                first += one_horizon;
-            }
+                let hidden = requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
+                ExpanderRun { hidden, rows: one_horizon, horizon: s, width: block, out: SharedRows::new(&mut [], 0) }
+            };
+            let count = run.rows * run.width / block;
+            let out = SharedRows::new(&mut z[first * block..(first + count) * block], run.width);
+            runs.push(ExpanderRun { out, ..run });
+            first += count;
         }
-        let rows = requests.len() * r;
-        let mut logits = vec![T::zero(); rows * v];
-        matmul(&z, Layout::Normal, self.params.wte.data(), Layout::Transposed, &mut logits, rows, c, v, false);
-        if rows * v >= 1 << 16 {
-            logits.par_chunks_mut(v).for_each(|row| {
-                T::softmax_row(row);
-            });
-        } else {
-            logits.chunks_mut(v).for_each(|row| {
-                T::softmax_row(row);
-            });
-        }
-        logits.chunks(r * v).map(<[T]>::to_vec).collect()
+        runs
     }
 
     /// w = softmax(G h + g); [1] when r = 1.

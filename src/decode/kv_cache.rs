@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use super::team::{together, SharedRows, Team};
+use super::team::{together, SharedRows, Team, TEAM_ROWS};
 use crate::kernels::gemm::Layout;
 use crate::kernels::SharedMut;
 use crate::model::params::BlockParams;
@@ -64,16 +64,6 @@ fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Ve
     }
     out
 }
-
-/// Passes of at most this many new tokens run as a team (decoding); longer ones (a prompt) as
-/// one thread whose GEMMs use the pool.
-const TEAM_ROWS: usize = 16;
-
-/// ... and only when a block's products have at least this many flops: starting a team costs
-/// a wake-up of the other threads, which a small model's whole pass does not repay (2 cores,
-/// with 30 µs of other work between passes: `tiny`, 1 token 12 µs alone against 60 µs as a team,
-/// 4 tokens 25 against 73; `small`, 1 token 251 µs alone against 182, 4 tokens 374 against 272).
-const TEAM_MIN_BLOCK_FLOPS: usize = 1 << 20;
 
 impl<'a, T: Float> CachedBackbone<'a, T> {
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
@@ -145,9 +135,9 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 unsafe { pass.block_forward(team, block, weights, keys, values) };
             }
         };
-        // a block's four weight matrices hold 12·C² numbers, each used once per row
-        let block_flops = 2 * m * 12 * c * c;
-        if m <= TEAM_ROWS && block_flops >= TEAM_MIN_BLOCK_FLOPS {
+        // a pass of a few tokens as a team, even of a small model: the team's helpers are
+        // awake, so it starts in about a microsecond (`decode::team`)
+        if m <= TEAM_ROWS {
             together(run);
         } else {
             run(&Team::solo());
@@ -304,9 +294,7 @@ mod tests {
     fn a_team_of_threads_computes_the_same_bits_as_one_thread() {
         // a pass of a few rows runs as a team when the pool has several threads, and through
         // `matmul` otherwise; every output must add the same terms in the same order either way
-        // (C = 128: passes of 3 to 5 tokens have enough work per block for a team)
         let config = ModelConfig { vocab_size: 50, n_positions: 32, n_embd: 128, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
-        const _: () = assert!(2 * 3 * 12 * 128 * 128 >= TEAM_MIN_BLOCK_FLOPS);
         let params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
         let tokens: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
         let run = |threads: usize| {

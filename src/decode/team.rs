@@ -1,13 +1,17 @@
-//! Every thread of the pool running one decoding pass together.
+//! Threads running one decoding pass together.
 //!
 //! A decoding pass is a chain of small products (a few rows against each weight matrix), each
 //! a few tens of microseconds. Forking and joining rayon tasks around each one costs little
 //! while the other threads are awake, but between products they run out of work, go to sleep,
-//! and waking a sleeping thread costs 5–25 µs on a virtual machine (measured on the 2-core
-//! machine of docs/results.md): as much as the product itself. So a pass of few rows is run
-//! the other way round: every thread enters the pass once (`rayon::broadcast`), takes its
-//! share of each product's columns, and the threads wait for each other at a spinning
-//! barrier between the products that depend on each other.
+//! and waking a sleeping thread costs tens of microseconds on a virtual machine (measured on
+//! the 2-core machine of docs/results.md): as much as the product itself. So a pass of few rows
+//! is run the other way round: each thread of a team enters the pass once, takes its share of
+//! each product's columns, and the threads wait for each other at a spinning barrier between
+//! the products that depend on each other. The team is this thread and helpers of a [`Crew`]
+//! that spin between passes too, so that starting a pass costs about a microsecond; they sleep
+//! once no pass has come for a while. A decode's products all run in teams (the backbone's
+//! passes and the head's products), so that no rayon worker competes with a spinning helper
+//! for a core.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,6 +20,10 @@ use std::sync::{Mutex, TryLockError};
 use crate::kernels::gemm::{matmul, Layout};
 use crate::kernels::SharedMut;
 use crate::tensor::Float;
+
+/// Products of at most this many rows run as a team (decoding's passes and head requests);
+/// longer ones (a prompt) on one thread whose GEMMs use the pool.
+pub const TEAM_ROWS: usize = 16;
 
 /// One thread's place in a team: which share of the work it takes, and the barrier it meets the
 /// others at.
@@ -92,6 +100,15 @@ impl<T: Float> SharedRows<T> {
         std::slice::from_raw_parts(self.start.get(), self.rows * self.width)
     }
 
+    /// Row `row`, to write.
+    ///
+    /// # Safety
+    /// No other thread may touch this row until the next barrier.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn row_mut(&self, row: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.start.get().add(row * self.width), self.width)
+    }
+
     /// `buffer[first_row.., columns] (+)= values`, values laid out (rows, |columns|).
     ///
     /// # Safety
@@ -111,18 +128,17 @@ impl<T: Float> SharedRows<T> {
     }
 }
 
-/// Only one team runs at a time: two broadcasts started together could reach the threads in
-/// different orders, and each team's threads would then wait at their barrier for threads
-/// held by the other team.
+/// Only one team runs at a time: the crew's helpers serve one pass at a time.
 static ONE_TEAM_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Runs `body` on every thread of the current rayon pool at once, each with its place in the
-/// team; or on this thread alone as a team of one when the pool has one thread, when it has more
-/// threads than the machine has cores (a spinning thread would take the core of the thread it
-/// waits for), or when another team is running.
+/// Runs `body` on `min(rayon pool's threads, cores)` threads at once, each with its place in
+/// the team: this thread and helpers of the [`Crew`]; or on this thread alone as a team of one
+/// when the pool has one thread, when it has more threads than the machine has cores (a
+/// spinning thread would take the core of the thread it waits for), or when another team is
+/// running. A panic in any thread releases the others and reaches the caller.
 pub fn together(body: impl Fn(&Team) + Sync) {
     let threads = rayon::current_num_threads();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cores();
     let turn = match ONE_TEAM_AT_A_TIME.try_lock() {
         _ if threads == 1 || threads > cores => None,
         Ok(turn) => Some(turn),
@@ -131,19 +147,144 @@ pub fn together(body: impl Fn(&Team) + Sync) {
         Err(TryLockError::WouldBlock) => None,
     };
     match turn {
-        Some(_turn) => {
-            let barrier = SpinBarrier::new(threads);
-            rayon::broadcast(|context| {
-                let team = Team { index: context.index(), size: context.num_threads(), barrier: Some(&barrier) };
-                // a thread that panics would leave the others waiting at the barrier for ever:
-                // tell them before passing the panic on
-                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&team))) {
-                    barrier.abandoned.store(true, Ordering::Release);
-                    std::panic::resume_unwind(panic);
-                }
-            });
-        }
+        Some(_turn) => Crew::get(cores).run(threads, &body),
         None => body(&Team::solo()),
+    }
+}
+
+/// The machine's cores, asked once: the answer takes reading the cgroup's files each time,
+/// some 20 µs, a tenth of a decoding pass.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Helper threads that stay awake between the passes of a decode. A pass is a few hundred
+/// microseconds and passes follow each other closely, with the head's work on one thread in
+/// between; waking a sleeping thread for each pass (`rayon::broadcast`) cost 48–70 µs on the
+/// 2-core machine of docs/results.md, a quarter of a one-token pass. So the helpers spin while
+/// they wait for the next pass, and sleep only after [`SPIN_BEFORE_SLEEPING`] without one.
+struct Crew {
+    helpers: Vec<Helper>,
+}
+
+/// A helper thread and its mailbox. Each helper has its own, so that a pass reaches only the
+/// helpers it needs, and those are the ones its poster waits for.
+struct Helper {
+    thread: std::thread::Thread,
+    /// counts the passes posted to this helper
+    posted: AtomicUsize,
+    /// the latest of them: a `Pass` on its poster's stack, live until this helper has counted
+    /// itself finished with it
+    pass: std::sync::atomic::AtomicPtr<Pass<'static>>,
+}
+
+/// One posted pass: what to run, on how many threads, and how they meet.
+struct Pass<'a> {
+    body: &'a (dyn Fn(&Team) + Sync),
+    size: usize,
+    barrier: SpinBarrier,
+    /// helpers done with it (a helper touches the pass no more after counting itself here)
+    finished: AtomicUsize,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// How long a helper spins for the next pass before it sleeps: longer than the host's work
+/// between two decoding passes, short enough not to hold a core long after decoding ends.
+const SPIN_BEFORE_SLEEPING: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl Crew {
+    /// The crew, started at its first use with a helper for each core but this one.
+    fn get(cores: usize) -> &'static Crew {
+        static CREW: std::sync::OnceLock<Crew> = std::sync::OnceLock::new();
+        CREW.get_or_init(|| {
+            let helpers = (1..cores)
+                .map(|index| {
+                    let thread = std::thread::Builder::new()
+                        .name(format!("decode-team-{index}"))
+                        .spawn(move || Crew::get(cores).help(index))
+                        .expect("starting a decoding helper thread")
+                        .thread()
+                        .clone();
+                    Helper { thread, posted: AtomicUsize::new(0), pass: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }
+                })
+                .collect();
+            Crew { helpers }
+        })
+    }
+
+    /// Runs `body` on this thread (index 0) and helpers 1..size, returning when all are done.
+    fn run(&self, threads: usize, body: &(dyn Fn(&Team) + Sync)) {
+        let size = threads.min(self.helpers.len() + 1);
+        let pass = Pass { body, size, barrier: SpinBarrier::new(size), finished: AtomicUsize::new(0), panic: Mutex::new(None) };
+        // SAFETY: a helper follows the pointer only after its `posted` count moves and until it
+        // counts itself finished, and this function returns only after every helper it posted
+        // to has done so: `pass` (and `body`) outlive every use.
+        let posted = &pass as *const Pass as *mut Pass<'static>;
+        for helper in &self.helpers[..size - 1] {
+            helper.pass.store(posted, Ordering::Release);
+            helper.posted.fetch_add(1, Ordering::AcqRel);
+            // wakes the helper if it sleeps; if it spins, this only leaves it a token
+            helper.thread.unpark();
+        }
+        pass.run(0);
+        let mut spins = 0u32;
+        while pass.finished.load(Ordering::Acquire) < size - 1 {
+            spins = spins.saturating_add(1);
+            if spins < SPINS_BEFORE_YIELDING {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        if let Some(panic) = pass.panic.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Helper `index`'s life: wait for each pass posted to it (spinning, then asleep) and run
+    /// its share.
+    fn help(&self, index: usize) {
+        let mailbox = &self.helpers[index - 1];
+        let mut seen = 0;
+        loop {
+            let waiting_since = std::time::Instant::now();
+            let mut spins = 0u32;
+            while mailbox.posted.load(Ordering::Acquire) == seen {
+                spins = spins.wrapping_add(1);
+                if !spins.is_multiple_of(1024) {
+                    std::hint::spin_loop();
+                } else if waiting_since.elapsed() < SPIN_BEFORE_SLEEPING {
+                    // now and then give the core to a thread that wants it (the poster's, when
+                    // the machine runs more threads than it has cores)
+                    std::thread::yield_now();
+                } else {
+                    // `run` unparks after posting, so a pass posted before this park ends it
+                    std::thread::park();
+                }
+            }
+            seen += 1;
+            // SAFETY: a pass was posted to this helper, and its poster waits until the helper
+            // counts itself finished below (`Crew::run`), so the pointer is live until then.
+            let pass = unsafe { &*mailbox.pass.load(Ordering::Acquire) };
+            pass.run(index);
+            pass.finished.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Pass<'_> {
+    /// Runs the body as thread `index` of the team; a panic releases the others and is kept for
+    /// the poster.
+    fn run(&self, index: usize) {
+        let team = Team { index, size: self.size, barrier: Some(&self.barrier) };
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.body)(&team))) {
+            // a thread that panics would leave the others waiting at the barrier for ever
+            self.barrier.abandoned.store(true, Ordering::Release);
+            let mut kept = self.panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            // the first panic is the cause; the others are its echo at the barrier
+            kept.get_or_insert(panic);
+        }
     }
 }
 
