@@ -168,24 +168,24 @@ impl<'a, T: Float> Head<'a, T> {
             let one_state =
                 requests[first..].iter().zip(s..).take_while(|&(&(other, t), next)| std::ptr::eq(other, h) && t == next).count();
             let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();
-            let run = if self.expand_by_horizon.is_empty() {
+            if self.expand_by_horizon.is_empty() {
                 // no expanders: z is h
                 for (out, &(h, _)) in z[first * block..].chunks_mut(block).zip(&requests[first..first + one_horizon]) {
                     out.copy_from_slice(h);
                 }
                 first += one_horizon;
                 continue;
-            } else if one_state > 1 {
-                // h against the stacked W[α,t] of horizons s..s + one_state: one row out, which
-                // is the run's z blocks side by side
-                ExpanderRun { hidden: h.to_vec(), rows: 1, horizon: s, width: one_state * block, out: SharedRows::new(&mut [], 0) }
+            }
+            // (hidden rows, their count, requests served): h against the stacked W[α,t] of
+            // horizons s..s + one_state gives one row, which is the run's z blocks side by side
+            let (hidden, rows, count) = if one_state > 1 {
+                (h.to_vec(), 1, one_state)
             } else {
-                let hidden = requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect();
-                ExpanderRun { hidden, rows: one_horizon, horizon: s, width: block, out: SharedRows::new(&mut [], 0) }
+                (requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect(), one_horizon, one_horizon)
             };
-            let count = run.rows * run.width / block;
-            let out = SharedRows::new(&mut z[first * block..(first + count) * block], run.width);
-            runs.push(ExpanderRun { out, ..run });
+            let width = count / rows * block;
+            let out = SharedRows::new(&mut z[first * block..(first + count) * block], width);
+            runs.push(ExpanderRun { hidden, rows, horizon: s, width, out });
             first += count;
         }
         runs
@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn the_marginals_are_normalised_and_match_the_training_loss_at_every_horizon() {
-        let config = ModelConfig { vocab_size: 11, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 3, rank: 4 };
+        let config = ModelConfig { vocab_size: 40, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 3, rank: 4 };
         let mut rng = Rng::new(2);
         let mut params = gpt2::init_params::<f64>(&config, &mut rng);
         for t in params.values_mut() {
@@ -251,6 +251,7 @@ mod tests {
             t.add_assign(&noise);
         }
         let hidden = Tensor::randn(&[1, 8], 1.0, &mut rng);
+        // (V = 40: a team of threads splits the vocabulary, 16 columns at a time)
         // as decoding does: the next-token horizon first, the draft's horizons later
         let head = Head::new(&config, &params);
         let mut state = head.states(hidden.data(), 1).unwrap().remove(0);
