@@ -3,7 +3,6 @@
 
 use super::team::{together, SharedRows, Team};
 use crate::error::Result;
-use crate::kernels::gemm::Layout;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
 
@@ -29,12 +28,11 @@ pub struct HeadState<T> {
 }
 
 /// One expander product of `cpu_probabilities`: hidden rows (rows, C) against the stacked
-/// W[α,t] from horizon `horizon` on, `width` outputs per row, into `out` (rows, width).
+/// W[α,t] from horizon `horizon` on, into `out` (rows, width), a block of z.
 struct ExpanderRun<T> {
     hidden: Vec<T>,
     rows: usize,
     horizon: usize,
-    width: usize,
     out: SharedRows<T>,
 }
 
@@ -124,26 +122,11 @@ impl<'a, T: Float> Head<'a, T> {
             // then its own rows of the logits, with a barrier before anything written is read.
             unsafe {
                 for run in &runs {
-                    let columns = team.share(run.width, 16);
-                    let weight = &expanders[run.horizon * block * c..][columns.start * c..columns.end * c];
-                    let mut out = vec![T::zero(); run.rows * columns.len()];
-                    team.product(&run.hidden, weight, Layout::Transposed, &mut out, run.rows, c, columns.len(), false);
-                    run.out.write_columns(0, columns, &out, false);
+                    let weight = &expanders[run.horizon * block * c..][..run.out.width() * c];
+                    team.product_into_columns(&run.hidden, weight, run.rows, c, &run.out);
                 }
                 team.sync();
-                let columns = team.share(v, 16);
-                let mut out = vec![T::zero(); rows * columns.len()];
-                team.product(
-                    z_rows.read(),
-                    &wte[columns.start * c..columns.end * c],
-                    Layout::Transposed,
-                    &mut out,
-                    rows,
-                    c,
-                    columns.len(),
-                    false,
-                );
-                logits_rows.write_columns(0, columns, &out, false);
+                team.product_into_columns(z_rows.read(), wte, rows, c, &logits_rows);
                 team.sync();
                 for row in team.share(rows, 1) {
                     T::softmax_row(logits_rows.row_mut(row));
@@ -160,6 +143,12 @@ impl<'a, T: Float> Head<'a, T> {
     /// expanders, z is h and filled here.
     fn expander_runs(&self, requests: &[(&[T], usize)], z: &mut [T]) -> Vec<ExpanderRun<T>> {
         let block = self.config.rank * self.config.n_embd;
+        if self.expand_by_horizon.is_empty() {
+            for (out, &(h, _)) in z.chunks_mut(block).zip(requests) {
+                out.copy_from_slice(h);
+            }
+            return Vec::new();
+        }
         let mut runs = Vec::new();
         let mut first = 0;
         while first < requests.len() {
@@ -167,25 +156,16 @@ impl<'a, T: Float> Head<'a, T> {
             // requests of one state share its hidden slice itself
             let one_state =
                 requests[first..].iter().zip(s..).take_while(|&(&(other, t), next)| std::ptr::eq(other, h) && t == next).count();
-            let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();
-            if self.expand_by_horizon.is_empty() {
-                // no expanders: z is h
-                for (out, &(h, _)) in z[first * block..].chunks_mut(block).zip(&requests[first..first + one_horizon]) {
-                    out.copy_from_slice(h);
-                }
-                first += one_horizon;
-                continue;
-            }
             // (hidden rows, their count, requests served): h against the stacked W[α,t] of
             // horizons s..s + one_state gives one row, which is the run's z blocks side by side
             let (hidden, rows, count) = if one_state > 1 {
                 (h.to_vec(), 1, one_state)
             } else {
+                let one_horizon = requests[first..].iter().take_while(|p| p.1 == s).count();
                 (requests[first..first + one_horizon].iter().flat_map(|&(h, _)| h.iter().copied()).collect(), one_horizon, one_horizon)
             };
-            let width = count / rows * block;
-            let out = SharedRows::new(&mut z[first * block..(first + count) * block], width);
-            runs.push(ExpanderRun { hidden, rows, horizon: s, width, out });
+            let out = SharedRows::new(&mut z[first * block..(first + count) * block], count / rows * block);
+            runs.push(ExpanderRun { hidden, rows, horizon: s, out });
             first += count;
         }
         runs

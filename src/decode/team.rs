@@ -21,8 +21,8 @@ use crate::kernels::gemm::{matmul, Layout};
 use crate::kernels::SharedMut;
 use crate::tensor::Float;
 
-/// Products of at most this many rows run as a team (decoding's passes and head requests);
-/// longer ones (a prompt) on one thread whose GEMMs use the pool.
+/// Backbone passes of at most this many new tokens run as a team; longer ones (a prompt) on one
+/// thread whose GEMMs use the pool.
 pub const TEAM_ROWS: usize = 16;
 
 /// One thread's place in a team: which share of the work it takes, and the barrier it meets the
@@ -76,6 +76,18 @@ impl Team<'_> {
             Layout::Normal => T::rows_times_normal(a, k, b, n, 0, &mut rows),
         }
     }
+
+    /// This thread's share of the columns of `a (m, k) · bᵀ`, b (n, k) with n = `out`'s width,
+    /// written into those columns of `out` (m, n).
+    ///
+    /// # Safety
+    /// As [`SharedRows::write_columns`]: every thread of the team writes only its own columns.
+    pub unsafe fn product_into_columns<T: Float>(&self, a: &[T], b: &[T], m: usize, k: usize, out: &SharedRows<T>) {
+        let columns = self.share(out.width, 16);
+        let mut values = vec![T::zero(); m * columns.len()];
+        self.product(a, &b[columns.start * k..columns.end * k], Layout::Transposed, &mut values, m, k, columns.len(), false);
+        out.write_columns(0, columns, &values, false);
+    }
 }
 
 /// A buffer of `rows` rows of `width` that a team shares: each thread writes its own columns
@@ -90,6 +102,11 @@ pub struct SharedRows<T> {
 impl<T: Float> SharedRows<T> {
     pub fn new(buffer: &mut [T], width: usize) -> Self {
         SharedRows { start: SharedMut::new(buffer.as_mut_ptr()), rows: buffer.len() / width.max(1), width }
+    }
+
+    /// The length of a row.
+    pub fn width(&self) -> usize {
+        self.width
     }
 
     /// The whole buffer.
@@ -228,15 +245,7 @@ impl Crew {
             helper.thread.unpark();
         }
         pass.run(0);
-        let mut spins = 0u32;
-        while pass.finished.load(Ordering::Acquire) < size - 1 {
-            spins = spins.saturating_add(1);
-            if spins < SPINS_BEFORE_YIELDING {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        spin_until(|| pass.finished.load(Ordering::Acquire) == size - 1);
         if let Some(panic) = pass.panic.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
             std::panic::resume_unwind(panic);
         }
@@ -302,6 +311,20 @@ struct SpinBarrier {
 /// Spins before each yield: about 10–20 µs, longer than a product.
 const SPINS_BEFORE_YIELDING: u32 = 1 << 14;
 
+/// Waits for `done` by spinning, then by yielding the core in case the thread it waits for is
+/// not running (on a machine with more threads than cores).
+fn spin_until(done: impl Fn() -> bool) {
+    let mut spins = 0;
+    while !done() {
+        if spins < SPINS_BEFORE_YIELDING {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 impl SpinBarrier {
     fn new(threads: usize) -> Self {
         SpinBarrier { threads, arrived: AtomicUsize::new(0), generation: AtomicUsize::new(0), abandoned: AtomicBool::new(false) }
@@ -316,18 +339,12 @@ impl SpinBarrier {
             self.generation.fetch_add(1, Ordering::Release);
             return;
         }
-        let mut spins = 0;
-        while self.generation.load(Ordering::Acquire) == generation {
+        spin_until(|| {
             if self.abandoned.load(Ordering::Acquire) {
                 panic!("another thread of the decoding team panicked");
             }
-            if spins < SPINS_BEFORE_YIELDING {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
-        }
+            self.generation.load(Ordering::Acquire) != generation
+        });
     }
 }
 
@@ -370,6 +387,32 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn every_thread_of_a_team_runs_each_pass_once() {
+        // the helpers take passes from their mailboxes: each pass must reach exactly the
+        // threads 0..size, however quickly passes follow each other (a team of one when the
+        // turn is taken by another test's team)
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let expected = if cores() >= 2 { 2 } else { 1 };
+        let mut sizes = Vec::new();
+        for _ in 0..500 {
+            let (size, ran) = (AtomicUsize::new(0), [AtomicUsize::new(0), AtomicUsize::new(0)]);
+            pool.install(|| {
+                together(|team| {
+                    size.store(team.size, Ordering::Relaxed);
+                    ran[team.index].fetch_add(1, Ordering::Relaxed);
+                    team.sync();
+                })
+            });
+            let size = size.into_inner();
+            let ran = ran.map(AtomicUsize::into_inner);
+            assert_eq!(ran[..size], vec![1; size][..], "team of {size}");
+            assert!(ran[size..].iter().all(|&count| count == 0), "team of {size}: {ran:?}");
+            sizes.push(size);
+        }
+        assert!(sizes.contains(&expected), "never ran as a team of {expected}");
     }
 
     #[test]
