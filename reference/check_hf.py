@@ -1,5 +1,5 @@
 """Independent reading of a multitoken checkpoint: the backbone through Hugging Face
-transformers (GPT2LMHeadModel.from_pretrained), the head from SPEC.md section 2 in plain
+transformers (GPT2LMHeadModel.from_pretrained), the head (docs/math.md, "The CP head") in plain
 PyTorch. Scores a text exactly as `multitoken eval` defines it and prints both results.
 
     python reference/check_hf.py CKPT TEXT_FILE [--eval-json FILE]

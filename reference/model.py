@@ -1,4 +1,4 @@
-"""The PyTorch twin of multitoken's model (SPEC.md sections 1 and 2).
+"""The PyTorch twin of multitoken's model (docs/math.md, "The model" and "The CP head").
 
 GPT-2 exactly as transformers computes it, written out plainly (nanoGPT style), plus the
 rank-r CP multi-token head. Used to write parity fixtures and as the benchmark baseline.

@@ -1,5 +1,5 @@
 //! Generation: the plain reference decoder, autoregressive decoding with a KV cache, and
-//! self-speculative decoding with the multi-token head (SPEC.md section 3).
+//! self-speculative decoding with the multi-token head (docs/decoding.md).
 
 use std::time::Instant;
 
@@ -35,7 +35,8 @@ pub struct Generation {
     /// backbone passes spent on decoding (prefill not counted)
     pub forward_passes: usize,
     pub elapsed_s: f64,
-    /// for draft position s = 1..n−1: steps whose drafting reached it, and drafts accepted there
+    /// for draft position s = 1..n−1: steps whose verification reached it (every earlier draft
+    /// accepted), and drafts accepted there
     pub drafted: Vec<usize>,
     pub accepted: Vec<usize>,
     pub timing: Timing,
@@ -147,7 +148,7 @@ pub enum AcceptanceRule {
     ResampleFromTarget,
 }
 
-/// Self-speculative decoding (SPEC.md section 3). With `speculative = false`, the same loop
+/// Self-speculative decoding (docs/decoding.md). With `speculative = false`, the same loop
 /// drafts nothing and runs one token per pass: autoregressive decoding with a KV cache.
 pub fn decode<T: Float>(
     config: &ModelConfig,
@@ -170,7 +171,7 @@ pub fn decode_with_rule<T: Float>(
     decode_loop(config, &mut backbone, &Head::new(config, params), request, speculative, rule)
 }
 
-/// The decoding loop over any backbone and head (SPEC.md section 3, steps 1–4).
+/// The decoding loop over any backbone and head (docs/decoding.md, "One step", steps 1–4).
 pub fn decode_loop<T: Float>(
     config: &ModelConfig,
     backbone: &mut dyn Backbone<T>,
@@ -306,8 +307,9 @@ pub fn decode_loop<T: Float>(
     Ok(generation)
 }
 
-/// Drafts `count` tokens after the pending token c from the head at S (SPEC.md section 3, step 1):
-/// `π[α] ∝ w[α] P[α,0](c)`, then `q_s(v) ∝ Σ_α π[α] Π_{1≤j<s} P[α,j](d_j) · P[α,s](v)`.
+/// Drafts `count` tokens after the pending token c from the head at S (docs/decoding.md, step 1;
+/// docs/math.md, eq. D1): `π[α] ∝ w[α] P[α,0](c)`, then
+/// `q_s(v) ∝ Σ_α π[α] Π_{1≤j<s} P[α,j](d_j) · P[α,s](v)`.
 /// Returns the drafts and, when sampling, the distribution each was drawn from.
 fn draft<T: Float>(
     state: &HeadState<T>,

@@ -1,5 +1,5 @@
 //! The multi-token head at decoding time: its distributions at a hidden state, the next-token
-//! marginal, and the draft conditionals of self-speculative decoding (SPEC.md section 3).
+//! marginal, and the draft conditionals of self-speculative decoding (docs/decoding.md).
 
 use super::team::{together, SharedRows, Team};
 use crate::error::Result;
@@ -204,7 +204,7 @@ impl<T: Float> HeadState<T> {
         &block[alpha * self.vocab..][..self.vocab]
     }
 
-    /// The next-token marginal `Σ_α w[α] P[α,0](v)` (SPEC.md section 2).
+    /// The next-token marginal `Σ_α w[α] P[α,0](v)` (docs/math.md, "The CP head").
     pub fn next_token_probs(&self) -> Vec<T> {
         let mut out = vec![T::zero(); self.vocab];
         for (alpha, &w) in self.weights.iter().enumerate() {

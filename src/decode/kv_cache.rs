@@ -1,5 +1,5 @@
 //! The GPT-2 backbone for decoding: a KV cache per layer, new tokens appended, rollback by
-//! truncation. Inference only (no tape), the same math as `model::gpt2` (SPEC.md section 1).
+//! truncation. Inference only (no tape), the same math as `model::gpt2` (docs/math.md, "The model").
 
 use std::ops::Range;
 

@@ -1,5 +1,5 @@
 //! Decoding: the KV cache, the head's distributions, sampling, and generation — plain,
-//! autoregressive with a cache, and self-speculative (SPEC.md section 3).
+//! autoregressive with a cache, and self-speculative (docs/decoding.md).
 
 pub mod context;
 pub mod generate;

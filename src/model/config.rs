@@ -23,7 +23,7 @@ pub struct ModelConfig {
     pub rank: usize,
 }
 
-/// The presets of SPEC.md section 5: (name, C, L, H, n_positions).
+/// The `--model` presets (docs/cli.md, "Model presets"): (name, C, L, H, n_positions).
 pub const PRESETS: [(&str, usize, usize, usize, usize); 3] =
     [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
 

@@ -1,4 +1,4 @@
-//! The GPT-2 backbone (SPEC.md section 1), built from `ops`.
+//! The GPT-2 backbone (docs/math.md, "The model"), built from `ops`.
 
 use super::config::ModelConfig;
 use super::params::{Init, ModelParams};
@@ -6,7 +6,7 @@ use crate::autograd::{Tape, Var};
 use crate::ops;
 use crate::tensor::{Float, Rng, Tensor};
 
-/// Fresh parameters, initialised as SPEC.md sections 1 and 2 say.
+/// Fresh parameters, initialised as docs/math.md, "The model", says.
 pub fn init_params<T: Float>(config: &ModelConfig, rng: &mut Rng) -> ModelParams<Tensor<T>> {
     let result: Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
         Ok(match spec.init {

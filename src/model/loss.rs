@@ -1,4 +1,4 @@
-//! The training objective on a batch: backbone, then the multi-token head (SPEC.md section 2).
+//! The training objective on a batch: backbone, then the multi-token head (docs/math.md, "The CP head").
 
 use super::config::ModelConfig;
 use super::gpt2;

@@ -26,7 +26,7 @@ pub struct BlockParams<P> {
     pub mlp_c_proj_bias: P,
 }
 
-/// The multi-token head's own parameters (SPEC.md section 2).
+/// The multi-token head's own parameters (docs/math.md, "The CP head").
 #[derive(Clone, Debug)]
 pub struct HeadParams<P> {
     /// W (r, n, C, C): `z[α,s] = W[α,s] h`
@@ -50,7 +50,7 @@ pub struct ModelParams<P> {
     pub head: Option<HeadParams<P>>,
 }
 
-/// How a parameter is initialised (SPEC.md section 1 and 2).
+/// How a parameter is initialised (docs/math.md, "The model").
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
     Normal(f64),

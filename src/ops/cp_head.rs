@@ -1,6 +1,6 @@
-//! The rank-r canonical (CP) multi-token head as one fused op (SPEC.md section 2,
-//! docs/math.md section "The CP head"): expanders, tied unembedding, gate, joint and marginal
-//! log-likelihoods and the load-balancing term, with a hand-derived backward.
+//! The rank-r canonical (CP) multi-token head as one fused op (docs/math.md, "The CP head"):
+//! expanders, tied unembedding, gate, joint and marginal log-likelihoods and the load-balancing
+//! term, with a hand-derived backward.
 //!
 //! Per position t with hidden state h (C), targets y_0..y_{n−1}:
 //! ```text

@@ -1,4 +1,4 @@
-//! Checkpoints (SPEC.md section 4): a directory that `transformers.GPT2LMHeadModel` loads.
+//! Checkpoints (docs/formats.md): a directory that `transformers.GPT2LMHeadModel` loads.
 //!
 //! ```text
 //! CKPT/config.json            GPT2Config + mtp_horizon, mtp_rank

@@ -1,5 +1,5 @@
 //! Losses without gradients: on validation batches during training, and on a whole text
-//! (`multitoken eval`, SPEC.md section 5).
+//! (`multitoken eval`, docs/cli.md).
 
 use crate::autograd::Tape;
 use crate::model::loss::head_loss;
@@ -84,7 +84,7 @@ pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>,
     mean.finish()
 }
 
-/// One window of `eval` (SPEC.md section 5): input tokens `start..end`, of which the first
+/// One window of `eval` (docs/cli.md, `eval`): input tokens `start..end`, of which the first
 /// `scored` positions are scored, with their targets (scored, n).
 pub struct ScoringWindow<'a> {
     pub inputs: &'a [u32],
@@ -111,7 +111,7 @@ pub fn scoring_windows(tokens: &[u32], horizon: usize, window: usize) -> Vec<Sco
         .collect()
 }
 
-/// Scores a token stream as SPEC.md's `eval` says (see [`scoring_windows`]).
+/// Scores a token stream as `eval` does (docs/cli.md; see [`scoring_windows`]).
 pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, tokens: &[u32]) -> Losses {
     let mut mean = Mean::default();
     for window in scoring_windows(tokens, config.horizon, config.n_positions) {

@@ -73,7 +73,7 @@ impl Default for TrainSettings {
     }
 }
 
-/// What `train` reports (SPEC.md section 5 names the first five keys).
+/// What `train` reports (docs/cli.md, `train`; the first five keys are the contract).
 #[derive(Debug, Serialize)]
 pub struct TrainSummary {
     pub steps: u64,
