@@ -96,7 +96,7 @@ fn decode_team_start(c: &mut Criterion) {
                     for _ in 0..iterations {
                         busy(pause);
                         let start = std::time::Instant::now();
-                        multitoken::decode::team::together(|team| team.sync());
+                        multitoken::kernels::team::together(|team| team.sync());
                         total += start.elapsed();
                     }
                     total
@@ -135,9 +135,9 @@ fn attention(c: &mut Criterion) {
         bench.iter(|| {
             let mut tape = Tape::new();
             let x = tape.leaf(qkv.clone(), true);
-            let out = ops::causal_self_attention(&mut tape, x, T, H);
-            let loss = ops::weighted_sum(&mut tape, out, &weights);
-            tape.backward(loss)
+            let out = ops::causal_self_attention(&mut tape, x, T, H).unwrap();
+            let loss = ops::weighted_sum(&mut tape, out, &weights).unwrap();
+            tape.backward(loss).unwrap()
         })
     });
 }
@@ -151,9 +151,9 @@ fn elementwise(c: &mut Criterion) {
         bench.iter(|| {
             let mut tape = Tape::new();
             let (xv, wv, bv) = (tape.leaf(x.clone(), true), tape.leaf(w.clone(), true), tape.leaf(b.clone(), true));
-            let out = ops::layernorm(&mut tape, xv, wv, bv);
-            let loss = ops::weighted_sum(&mut tape, out, &weights);
-            tape.backward(loss)
+            let out = ops::layernorm(&mut tape, xv, wv, bv).unwrap();
+            let loss = ops::weighted_sum(&mut tape, out, &weights).unwrap();
+            tape.backward(loss).unwrap()
         })
     });
     let x4 = Tensor::<f32>::randn(&[N, 4 * C], 1.0, &mut Rng::new(5));
@@ -162,9 +162,9 @@ fn elementwise(c: &mut Criterion) {
         bench.iter(|| {
             let mut tape = Tape::new();
             let xv = tape.leaf(x4.clone(), true);
-            let out = ops::gelu(&mut tape, xv);
-            let loss = ops::weighted_sum(&mut tape, out, &weights4);
-            tape.backward(loss)
+            let out = ops::gelu(&mut tape, xv).unwrap();
+            let loss = ops::weighted_sum(&mut tape, out, &weights4).unwrap();
+            tape.backward(loss).unwrap()
         })
     });
 }

@@ -2,7 +2,6 @@
 //! TFLOP/s, to choose `GemmRoute` (docs/results.md, "CUDA"); then decoding's linear layers (a
 //! few rows), as the host's time to issue a call and the device's time per call. Needs a GPU.
 //! `cargo run --release --example gemm_probe [-- --decoding]` (only the decoding part)
-#[cfg(feature = "cuda")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     use multitoken_cuda::{Epilogue, GemmRoute, Gpu, Operand};
     let only_decoding = std::env::args().any(|a| a == "--decoding");
@@ -133,9 +132,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         time(&gpu, &|| gpu.matmul(Operand::normal(h.view()), Operand::transposed(expanders.view()), z.view(), 1, c, 4 * c, false))?;
     println!("decoding: head expander 1×{c}·{c}×{} (r horizons' W[α,s]) | matmul: issued {issue:4.1} µs, done {done:5.1} µs", 4 * c);
     Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn main() {
-    eprintln!("gemm_probe needs the cuda feature");
 }

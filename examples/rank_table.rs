@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use multitoken::bench::bench_decode;
 use multitoken::data::tokenizer;
 use multitoken::decode::SamplingConfig;
-use multitoken::device::Device;
+use multitoken::device::DeviceKind;
 use multitoken::train::{self, checkpoint, RunOptions, TrainSettings};
 use plotters::prelude::*;
 use serde_json::{json, Value};
@@ -97,7 +97,7 @@ fn decode_row(corpus: &str, kind: &str, dir: &Path, data: &Path, summary: &train
     let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
     let prompt = &val[..64.min(val.len())];
     let _ = tokenizer::decode(&tok, prompt)?;
-    let greedy = bench_decode(&ckpt.config, &ckpt.params, prompt, 128, &SamplingConfig::greedy(), 0, 1, Device::Cpu)?;
+    let greedy = bench_decode(&ckpt.config, &ckpt.params, prompt, 128, &SamplingConfig::greedy(), 0, 1, DeviceKind::Cpu)?;
     let sampled = bench_decode(
         &ckpt.config,
         &ckpt.params,
@@ -106,7 +106,7 @@ fn decode_row(corpus: &str, kind: &str, dir: &Path, data: &Path, summary: &train
         &SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 },
         0,
         1,
-        Device::Cpu,
+        DeviceKind::Cpu,
     )?;
     Ok(json!({
         "corpus": corpus,

@@ -5,13 +5,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::device::{Device, Precision};
+use crate::data::Batch;
+use crate::device::{DeviceKind, Precision};
 use crate::error::Result;
 use crate::invalid;
-use crate::model::{gpt2, Batch, ModelConfig};
+use crate::model::{gpt2, ModelConfig};
 use crate::tensor::{Rng, Tensor};
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::{train_step, StepConfig};
+use crate::train::{params_to_device, train_step, StepConfig};
 
 pub const WARMUP_STEPS: usize = 3;
 
@@ -30,11 +31,18 @@ pub struct BenchTrainResult {
     pub steps: usize,
     pub threads: usize,
     pub step_ms_all: Vec<f64>,
-    pub device: Device,
+    pub device: DeviceKind,
     pub precision: Precision,
-    /// CUDA: the most bytes held in device buffers at once (as PyTorch's `max_memory_allocated`)
+    /// CUDA: the most bytes the memory pool held at once, in use or cached for reuse (what
+    /// PyTorch calls `max_memory_reserved`), from the first timed step on
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_gpu_bytes: Option<u64>,
+    /// CUDA: the most bytes in use at once (PyTorch's `max_memory_allocated`)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_in_use_bytes: Option<u64>,
+    /// CUDA: allocations the pool asked the driver for during the timed steps (0 once warm)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_allocations_timed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
 }
@@ -49,6 +57,8 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Full training steps on random tokens; with `MULTITOKEN_PROFILE=1` the tape's table of time
+/// per op comes back too.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     model: &str,
@@ -58,45 +68,36 @@ pub fn bench_train(
     batch: usize,
     seq: usize,
     steps: usize,
-    device: Device,
+    device: DeviceKind,
     precision: Precision,
-) -> Result<(BenchTrainResult, Option<String>)> {
+) -> Result<BenchTrainResult> {
     let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
     if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
         return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
     }
+    crate::device::check_available(device)?;
+    let on = device.open(precision)?;
     let mut rng = Rng::new(0);
-    let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+    let params = gpt2::init_params::<f32>(&config, &mut rng);
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
-    #[cfg(feature = "cuda")]
-    let mut gpu_model = match device {
-        Device::Cuda => Some(crate::cuda::GpuModel::new(crate::device::open_gpu(precision)?, &config, &params, None)?),
-        Device::Cpu => None,
-    };
-    #[cfg(not(feature = "cuda"))]
-    if device == Device::Cuda {
-        return invalid!("--device cuda: this build has no CUDA support (use --device cpu)");
-    }
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(&on)?;
+    let mut params = params_to_device(&config, &params, &on)?;
     let step_config = StepConfig { lr: 1e-4, grad_clip: 1.0, aux_coef: 0.01 };
     let mut times = Vec::new();
+    let mut driver_allocations_before = 0;
     for step in 0..WARMUP_STEPS + steps {
         let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let data = Batch::from_rows(&row_refs, seq, horizon);
-        #[cfg(feature = "cuda")]
-        if let (Some(model), WARMUP_STEPS) = (gpu_model.as_ref(), step) {
-            model.profile.reset();
+        if step == WARMUP_STEPS {
+            let _ = crate::autograd::profile_report(); // forget the warm-up's times
+            if let Some(gpu) = on.gpu() {
+                driver_allocations_before = gpu.memory_stats().driver_allocations;
+            }
         }
         let tick = Instant::now();
-        #[cfg(feature = "cuda")]
-        if let Some(model) = gpu_model.as_mut() {
-            model.train_step(&data, step_config, &|_| true)?; // ends by reading the gradient norm: synchronised
-        } else {
-            train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true);
-        }
-        #[cfg(not(feature = "cuda"))]
-        train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true);
+        // a step ends by reading the gradient norm, so on a GPU it has finished when this returns
+        train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true)?;
         if step >= WARMUP_STEPS {
             times.push(tick.elapsed().as_secs_f64() * 1e3);
         }
@@ -104,11 +105,8 @@ pub fn bench_train(
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let step_ms = sorted[sorted.len() / 2];
-    #[cfg(feature = "cuda")]
-    let gpu_profile = gpu_model.as_ref().map(|m| m.profile.report());
-    #[cfg(not(feature = "cuda"))]
-    let gpu_profile = None;
-    let result = BenchTrainResult {
+    let memory = on.gpu().map(|gpu| gpu.memory_stats());
+    Ok(BenchTrainResult {
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
         step_ms,
         peak_rss_bytes: peak_rss_bytes(),
@@ -123,16 +121,11 @@ pub fn bench_train(
         step_ms_all: times,
         device,
         precision,
-        #[cfg(feature = "cuda")]
-        peak_gpu_bytes: gpu_model.as_ref().map(|m| m.gpu.peak_allocated_bytes() as u64),
-        #[cfg(not(feature = "cuda"))]
-        peak_gpu_bytes: None,
-        #[cfg(feature = "cuda")]
-        gpu: gpu_model.as_ref().map(|m| m.gpu.name().to_string()),
-        #[cfg(not(feature = "cuda"))]
-        gpu: None,
-    };
-    Ok((result, gpu_profile))
+        peak_gpu_bytes: memory.map(|m| m.peak_held as u64),
+        peak_gpu_in_use_bytes: memory.map(|m| m.peak_in_use as u64),
+        driver_allocations_timed: memory.map(|m| m.driver_allocations - driver_allocations_before),
+        gpu: on.gpu().map(|gpu| gpu.name().to_string()),
+    })
 }
 
 /// What `multitoken bench decode` reports: autoregressive decoding with a KV cache against
@@ -155,7 +148,7 @@ pub struct BenchDecodeResult {
     pub spec_timing: crate::decode::generate::Timing,
     pub repeats: usize,
     pub threads: usize,
-    pub device: Device,
+    pub device: DeviceKind,
     /// with `MULTITOKEN_PROFILE=1` on the GPU: the passes' phases, summed over every run
     #[serde(skip)]
     pub gpu_profile: Option<String>,
@@ -176,30 +169,21 @@ pub fn bench_decode(
     sampling: &crate::decode::SamplingConfig,
     seed: u64,
     repeats: usize,
-    device: Device,
+    device: DeviceKind,
 ) -> Result<BenchDecodeResult> {
     use crate::decode::{decode, DecodeRequest, Generation};
-    #[cfg(feature = "cuda")]
-    let gpu = match device {
-        Device::Cuda => Some(crate::device::open_gpu(Precision::F32)?),
-        Device::Cpu => None,
-    };
-    #[cfg(feature = "cuda")]
-    let mut gpu_decoder = match &gpu {
-        Some(gpu) => Some(crate::cuda::decode::GpuDecoder::new(gpu, config, params)?),
+    crate::device::check_available(device)?;
+    let on = device.open(Precision::F32)?;
+    let mut gpu_decoder = match on.gpu() {
+        Some(gpu) => Some(crate::decode::cuda::GpuDecoder::new(gpu, config, params)?),
         None => None,
     };
-    #[cfg(not(feature = "cuda"))]
-    if device == Device::Cuda {
-        return invalid!("--device cuda: this build has no CUDA support (use --device cpu)");
-    }
     // a warm-up run is untimed and shorter: the first passes pay for what is made once (on the
     // GPU: modules loaded, cuBLASLt plans for each product shape), which would otherwise land in
     // the first repeat and in the profile of where a pass goes
     let mut run = |speculative: bool, warm_up: bool| -> Result<Generation> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
         let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {} };
-        #[cfg(feature = "cuda")]
         if let Some(decoder) = gpu_decoder.as_mut() {
             let generation = decoder.decode(params, request, speculative);
             if warm_up {
@@ -223,10 +207,7 @@ pub fn bench_decode(
     let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
     let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
     let (ar, spec) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
-    #[cfg(feature = "cuda")]
     let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
-    #[cfg(not(feature = "cuda"))]
-    let gpu_profile = None;
     let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     Ok(BenchDecodeResult {

@@ -1,11 +1,14 @@
-//! Where the work runs (`--device cpu|cuda`) and in what precision (`--precision f32|tf32`).
+//! Where the work runs (`--device cpu|cuda`) and in what precision (`--precision f32|tf32`):
+//! the choice on the command line, and the place that opens the device it names.
 
 use crate::error::Result;
 use crate::invalid;
+use crate::tensor::Device;
 
+/// The `--device` a command was given.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Device {
+pub enum DeviceKind {
     #[default]
     Cpu,
     Cuda,
@@ -20,44 +23,46 @@ pub enum Precision {
     Tf32,
 }
 
-impl Device {
+impl DeviceKind {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" if cfg!(feature = "cuda") => Ok(Device::Cuda),
-            "cuda" => invalid!("--device cuda: this build has no CUDA support; rebuild with `--features cuda`, or use --device cpu"),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda),
             other => invalid!("unknown --device '{other}' (use cpu or cuda)"),
+        }
+    }
+
+    /// Opens the device: the CPU, or GPU 0 with the precision asked for.
+    /// `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's linear layers to cuBLASLt instead of the
+    /// few-row kernel, for benchmarks.
+    pub fn open(self, precision: Precision) -> Result<Device> {
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => {
+                let mut gpu = multitoken_cuda::Gpu::new(0)?;
+                gpu.tf32 = precision == Precision::Tf32;
+                gpu.few_row_linear = std::env::var("MULTITOKEN_FEW_ROW_LINEAR").as_deref() != Ok("0");
+                Ok(Device::cuda(gpu))
+            }
         }
     }
 }
 
 impl Precision {
-    pub fn parse(name: &str, device: Device) -> Result<Self> {
+    pub fn parse(name: &str, device: DeviceKind) -> Result<Self> {
         match (name, device) {
             ("f32", _) => Ok(Precision::F32),
-            ("tf32", Device::Cuda) => Ok(Precision::Tf32),
-            ("tf32", Device::Cpu) => invalid!("--precision tf32 needs --device cuda (the CPU computes in f32)"),
+            ("tf32", DeviceKind::Cuda) => Ok(Precision::Tf32),
+            ("tf32", DeviceKind::Cpu) => invalid!("--precision tf32 needs --device cuda (the CPU computes in f32)"),
             (other, _) => invalid!("unknown --precision '{other}' (use f32 or tf32)"),
         }
     }
 }
 
 /// Fails early, before anything is written, when `device` cannot run on this machine.
-pub fn check_available(device: Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if device == Device::Cuda && !multitoken_cuda::driver_present() {
+pub fn check_available(device: DeviceKind) -> Result<()> {
+    if device == DeviceKind::Cuda && !multitoken_cuda::driver_present() {
         return Err(multitoken_cuda::CudaError::NoDriver.into());
     }
-    let _ = device;
     Ok(())
-}
-
-/// Opens GPU 0 with the precision asked for. `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's
-/// linear layers to cuBLASLt instead of the few-row kernel, for benchmarks.
-#[cfg(feature = "cuda")]
-pub fn open_gpu(precision: Precision) -> Result<crate::cuda::Gpu> {
-    let mut gpu = crate::cuda::Gpu::new(0)?;
-    gpu.tf32 = precision == Precision::Tf32;
-    gpu.few_row_linear = std::env::var("MULTITOKEN_FEW_ROW_LINEAR").as_deref() != Ok("0");
-    Ok(gpu)
 }

@@ -16,6 +16,9 @@ pub enum Error {
     NonFiniteLoss { step: u64, value: f64 },
     #[error("interrupted at step {step}; checkpoint written to {path} (continue with --resume)")]
     Interrupted { step: u64, path: PathBuf },
+    /// A GPU's error: no driver, out of memory, a failed launch.
+    #[error("{0}")]
+    Cuda(#[from] multitoken_cuda::CudaError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

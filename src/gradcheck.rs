@@ -12,15 +12,19 @@
 //! let x = Tensor::<f64>::randn(&[3, 4], 1.0, &mut Rng::new(0));
 //! let weights = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(1));
 //! let report = gradcheck(&[x], |tape, v| {
-//!     let y = ops::gelu(tape, v[0]);
+//!     let y = ops::gelu(tape, v[0])?;
 //!     ops::weighted_sum(tape, y, &weights)
-//! }, &GradcheckOptions::default());
+//! }, &GradcheckOptions::default())?;
 //! assert!(report.max_relative_error < 1e-6, "{report}");
+//! # Ok::<(), multitoken::error::Error>(())
 //! ```
+//!
+//! An op with a tensor output is checked through [`check_op`], which makes it a scalar.
 
 use std::fmt;
 
-use crate::autograd::{Tape, Var};
+use crate::autograd::{Gradients, Tape, Var};
+use crate::error::Result;
 use crate::tensor::{Rng, Tensor};
 
 #[derive(Clone, Debug)]
@@ -65,24 +69,64 @@ impl fmt::Display for GradcheckReport {
 }
 
 /// Compares analytic and numeric gradients of `loss(tape, inputs)` for every input tensor.
-pub fn gradcheck(inputs: &[Tensor<f64>], loss: impl Fn(&mut Tape<f64>, &[Var]) -> Var, options: &GradcheckOptions) -> GradcheckReport {
-    let evaluate = |values: &[Tensor<f64>]| {
-        let mut tape = Tape::inference();
-        let vars: Vec<Var> = values.iter().map(|t| tape.leaf(t.clone(), false)).collect();
-        let out = loss(&mut tape, &vars);
-        tape.value(out).item()
-    };
-
+pub fn gradcheck(
+    inputs: &[Tensor<f64>],
+    loss: impl Fn(&mut Tape<f64>, &[Var]) -> Result<Var>,
+    options: &GradcheckOptions,
+) -> Result<GradcheckReport> {
     let mut tape = Tape::new();
     let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone(), true)).collect();
-    let out = loss(&mut tape, &vars);
-    let grads = tape.backward(out);
+    let out = loss(&mut tape, &vars)?;
+    let grads = tape.backward(out)?;
+    let analytic = gradients_of(inputs, &vars, &grads);
+    let evaluate = |values: &[Tensor<f64>]| -> Result<f64> {
+        let mut tape = Tape::inference();
+        let vars: Vec<Var> = values.iter().map(|t| tape.leaf(t.clone(), false)).collect();
+        let out = loss(&mut tape, &vars)?;
+        Ok(tape.value(out).item())
+    };
+    compare_with_differences(inputs, &analytic, evaluate, options)
+}
 
+/// Checks an op with a tensor output: the gradient of `Σ out ⊙ R`, for a fixed random R of
+/// the output's shape, against finite differences. The analytic side is the backward pass
+/// started from the output with gradient R; the numeric side computes `Σ out ⊙ R` itself.
+/// Prints the report, and returns it.
+pub fn check_op(inputs: &[Tensor<f64>], op: impl Fn(&mut Tape<f64>, &[Var]) -> Result<Var>) -> Result<GradcheckReport> {
+    let mut tape = Tape::new();
+    let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone(), true)).collect();
+    let out = op(&mut tape, &vars)?;
+    let weights = Tensor::randn(tape.value(out).shape(), 1.0, &mut Rng::new(99));
+    let grads = tape.backward_with_gradient(out, weights.clone())?;
+    let analytic = gradients_of(inputs, &vars, &grads);
+    let evaluate = |values: &[Tensor<f64>]| -> Result<f64> {
+        let mut tape = Tape::inference();
+        let vars: Vec<Var> = values.iter().map(|t| tape.leaf(t.clone(), false)).collect();
+        let out = op(&mut tape, &vars)?;
+        Ok(tape.value(out).data().iter().zip(weights.data()).map(|(a, b)| a * b).sum())
+    };
+    let report = compare_with_differences(inputs, &analytic, evaluate, &GradcheckOptions::default())?;
+    println!("{report}");
+    Ok(report)
+}
+
+/// Each input's gradient from the store (zeros where it got none).
+fn gradients_of(inputs: &[Tensor<f64>], vars: &[Var], grads: &Gradients<f64>) -> Vec<Tensor<f64>> {
+    vars.iter().zip(inputs).map(|(&var, input)| grads.get(var).cloned().unwrap_or_else(|| Tensor::zeros(input.shape()))).collect()
+}
+
+/// The worst disagreement between `analytic` and the fourth-order central differences of
+/// `evaluate`, over the (sampled) coordinates of every input.
+fn compare_with_differences(
+    inputs: &[Tensor<f64>],
+    analytic: &[Tensor<f64>],
+    evaluate: impl Fn(&[Tensor<f64>]) -> Result<f64>,
+    options: &GradcheckOptions,
+) -> Result<GradcheckReport> {
     let mut rng = Rng::new(options.seed);
     let mut report = GradcheckReport::default();
     let mut values = inputs.to_vec();
-    for (input, var) in vars.iter().enumerate() {
-        let analytic = grads.get(*var).cloned().unwrap_or_else(|| Tensor::zeros(inputs[input].shape()));
+    for (input, analytic) in analytic.iter().enumerate() {
         let count = inputs[input].len();
         let coordinates: Vec<usize> = if options.max_coordinates_per_input == 0 || count <= options.max_coordinates_per_input {
             (0..count).collect()
@@ -96,7 +140,7 @@ pub fn gradcheck(inputs: &[Tensor<f64>], loss: impl Fn(&mut Tape<f64>, &[Var]) -
                 evaluate(&values)
             };
             let eps = options.eps;
-            let numeric = (-at(2.0 * eps) + 8.0 * at(eps) - 8.0 * at(-eps) + at(-2.0 * eps)) / (12.0 * eps);
+            let numeric = (-at(2.0 * eps)? + 8.0 * at(eps)? - 8.0 * at(-eps)? + at(-2.0 * eps)?) / (12.0 * eps);
             values[input].data_mut()[index] = original;
             let a = analytic.data()[index];
             let error = (a - numeric).abs() / a.abs().max(numeric.abs()).max(options.floor);
@@ -107,5 +151,5 @@ pub fn gradcheck(inputs: &[Tensor<f64>], loss: impl Fn(&mut Tape<f64>, &[Var]) -
             }
         }
     }
-    report
+    Ok(report)
 }

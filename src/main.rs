@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use multitoken::data::{self, tokenizer};
 use multitoken::decode::{self, DecodeRequest, SamplingConfig};
-use multitoken::device::{Device, Precision};
+use multitoken::device::{DeviceKind, Precision};
 use multitoken::error::Error;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 
@@ -281,7 +281,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Train(args) => {
-            let device = Device::parse(&args.device)?;
+            let device = DeviceKind::parse(&args.device)?;
             let precision = Precision::parse(&args.precision, device)?;
             let explicit = [
                 ("--model", args.model.is_some()),
@@ -339,7 +339,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Eval(args) => {
-            let device = Device::parse(&args.device)?;
+            let device = DeviceKind::parse(&args.device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let text = tokenizer::read_text(&args.text_file)?;
             let ids = tokenizer::encode(&tok, &text)?;
@@ -351,16 +351,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     ckpt.config.horizon
                 );
             }
-            let losses = match device {
-                Device::Cpu => evaluate::evaluate_tokens(&ckpt.config, &ckpt.params, &ids),
-                #[cfg(feature = "cuda")]
-                Device::Cuda => {
-                    let gpu = multitoken::device::open_gpu(Precision::F32)?;
-                    multitoken::cuda::GpuModel::new(gpu, &ckpt.config, &ckpt.params, None)?.evaluate_tokens(&ids)?
-                }
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-            };
+            multitoken::device::check_available(device)?;
+            let params = train::params_to_device(&ckpt.config, &ckpt.params, &device.open(Precision::F32)?)?;
+            let losses = evaluate::evaluate_tokens(&ckpt.config, &params, &ids)?;
             let text = format!(
                 "joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions",
                 losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens
@@ -368,7 +361,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(losses)?, text))
         }
         Command::Sample(args) => {
-            let device = Device::parse(&args.device)?;
+            let device = DeviceKind::parse(&args.device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
             let bar = live_readout(args.max_new_tokens);
@@ -380,16 +373,13 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 seed: args.sampling.seed,
                 progress: &mut |done| bar.set_position(done as u64),
             };
-            let generation = match device {
-                Device::Cpu => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
-                #[cfg(feature = "cuda")]
-                Device::Cuda => {
-                    let gpu = multitoken::device::open_gpu(Precision::F32)?;
-                    let mut decoder = multitoken::cuda::decode::GpuDecoder::new(&gpu, &ckpt.config, &ckpt.params)?;
+            multitoken::device::check_available(device)?;
+            let generation = match device.open(Precision::F32)?.gpu() {
+                None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
+                Some(gpu) => {
+                    let mut decoder = multitoken::decode::cuda::GpuDecoder::new(gpu, &ckpt.config, &ckpt.params)?;
                     decoder.decode(&ckpt.params, request, args.speculative)?
                 }
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
             };
             bar.finish_and_clear();
             let continuation = tokenizer::decode(&tok, &generation.tokens)?;
@@ -415,7 +405,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((value, text))
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
-            let device = Device::parse(device)?;
+            let device = DeviceKind::parse(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
             let ids = tokenizer::encode(&tok, prompt)?;
             let result = multitoken::bench::bench_decode(
@@ -446,12 +436,11 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(result)?, text))
         }
         Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device, precision }) => {
-            let device = Device::parse(device)?;
+            let device = DeviceKind::parse(device)?;
             let precision = Precision::parse(precision, device)?;
-            let (result, gpu_profile) =
-                multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device, precision)?;
+            let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device, precision)?;
             if multitoken::autograd::profiling_enabled() {
-                eprint!("{}", gpu_profile.unwrap_or_else(multitoken::autograd::profile_report));
+                eprint!("{}", multitoken::autograd::profile_report());
             }
             let memory = match (result.peak_gpu_bytes, &result.gpu) {
                 (Some(bytes), Some(gpu)) => format!("peak GPU memory {:.0} MiB on {gpu}", bytes as f64 / (1 << 20) as f64),

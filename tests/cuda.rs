@@ -1,22 +1,28 @@
-//! The CUDA path against the CPU path (feature `cuda`). Every test is written with
-//! `cuda_test!`: on a machine with a CUDA driver it runs on the GPU; elsewhere it prints
-//! "skipped" and passes, so CI (no GPU) builds and runs this file without a device.
+//! The GPU against the CPU. Every test here is written with `cuda_test!`: on a machine with a
+//! CUDA driver it runs on the GPU; elsewhere it prints "skipped" and passes, so CI (no GPU) builds
+//! and runs this file without a device.
 //!
-//! Per op: the kernel against the CPU's scalar reference in f64, relative error printed.
-//! Whole model: the GPU's gradients against the CPU tape's, and 50 training steps of `small`
-//! n = 4, r = 4 on both, loss curves compared.
-#![cfg(feature = "cuda")]
+//! - Each op of `ops/` on the GPU (f32) against the same op on the CPU in f64: its output and
+//!   the gradient of every input, the upstream gradient a fixed random tensor (`compare_op!`).
+//! - The launchers the ops do not cover on their own (matrix products on every route, decoding's
+//!   few-row kernels), and the reductions, which must give the same bits on every run.
+//! - The whole model: every parameter's gradient against the CPU tape in f64, 50 training steps
+//!   against the CPU's loss curve, two runs of the same steps to the bit, the memory pool asking
+//!   the driver for nothing after the first step, evaluation, a frozen backbone, and decoding.
 
-use multitoken::cuda::decode::GpuDecoder;
-use multitoken::cuda::{AttentionRoute, CudaError, Gpu, GpuModel};
+use multitoken::autograd::{Tape, Var};
+use multitoken::data::Batch;
+use multitoken::decode::cuda::GpuDecoder;
 use multitoken::decode::head::Head;
 use multitoken::decode::kv_cache::CachedBackbone;
 use multitoken::decode::{DecodeRequest, SamplingConfig};
-use multitoken::model::{gpt2, loss::model_loss, Batch, ModelConfig};
-use multitoken::tensor::{Rng, Tensor};
+use multitoken::error::Result;
+use multitoken::model::{gpt2, loss::model_loss, ModelConfig, ModelParams};
+use multitoken::ops;
+use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
-use multitoken::train::{train_step, StepConfig};
-use multitoken_cuda::{driver_present, AdamWStep, AttentionShape, GemmRoute, Operand, FUSED_ATTENTION_HEAD_SIZES};
+use multitoken::train::{params_to_device, train_step, StepConfig};
+use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, FUSED_ATTENTION_HEAD_SIZES};
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
 macro_rules! cuda_test {
@@ -55,6 +61,53 @@ fn report(op: &str, error: f64, tolerance: f64) {
     assert!(error < tolerance, "{op}: relative error {error:e} above {tolerance:e}");
 }
 
+/// A device for tensors on `gpu`, with its attention route fixed (`None`: by precision).
+fn device_with(mut gpu: Gpu, route: Option<AttentionRoute>) -> Device {
+    gpu.attention_route = route;
+    Device::cuda(gpu)
+}
+
+/// Runs `op` over `inputs` (leaves that need gradients) on `device`; returns its output and the
+/// gradient of every input, on the host in f64, for the upstream gradient `weights` of the
+/// output's shape (drawn from `seed` when None).
+fn run_op<T: Float>(
+    device: &Device,
+    inputs: &[Tensor<f64>],
+    op: impl Fn(&mut Tape<T>, &[Var]) -> Result<Var>,
+) -> (Tensor<f64>, Vec<Option<Tensor<f64>>>) {
+    let mut tape = Tape::new();
+    let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.cast::<T>().to_device(device).unwrap(), true)).collect();
+    let out = op(&mut tape, &vars).unwrap();
+    let value = tape.value(out).to_host().unwrap().cast::<f64>();
+    let weights = Tensor::<f64>::randn(value.shape(), 1.0, &mut Rng::new(99)).cast::<T>();
+    let loss = ops::weighted_sum(&mut tape, out, &weights).unwrap();
+    let mut grads = tape.backward(loss).unwrap();
+    let grads = vars.iter().map(|&v| grads.take(v).map(|g| g.to_host().unwrap().cast::<f64>())).collect();
+    (value, grads)
+}
+
+/// The op on the GPU in f32 against the op on the CPU in f64: output and every input's gradient
+/// within `tolerance` (relative, over the whole tensor). The op is written once and run at both
+/// element types.
+macro_rules! compare_op {
+    ($device:expr, $name:expr, $inputs:expr, $tolerance:expr, |$tape:ident, $v:ident| $body:expr) => {{
+        let inputs: Vec<Tensor<f64>> = $inputs;
+        let (reference, reference_grads) = run_op::<f64>(&Device::Cpu, &inputs, |$tape, $v| $body);
+        let (ours, our_grads) = run_op::<f32>($device, &inputs, |$tape, $v| $body);
+        let as_f32 = |t: &Tensor<f64>| t.cast::<f32>();
+        report(&format!("{} forward", $name), relative_error(as_f32(&ours).data(), reference.data()), $tolerance);
+        for (i, (ours, reference)) in our_grads.iter().zip(&reference_grads).enumerate() {
+            match (ours, reference) {
+                (Some(ours), Some(reference)) => {
+                    report(&format!("{} d input {i}", $name), relative_error(as_f32(ours).data(), reference.data()), $tolerance)
+                }
+                (None, None) => {}
+                _ => panic!("{}: input {i} has a gradient on one device only", $name),
+            }
+        }
+    }};
+}
+
 #[test]
 fn without_a_driver_opening_a_device_is_a_typed_error_not_a_panic() {
     match Gpu::new(0) {
@@ -64,19 +117,115 @@ fn without_a_driver_opening_a_device_is_a_typed_error_not_a_panic() {
     }
 }
 
-/// Needs only NVRTC (no GPU): CI fetches it, so kernel source errors show up there too.
-#[test]
-fn every_kernel_compiles_with_nvrtc() {
-    if !multitoken_cuda::nvrtc_present() {
-        println!("every_kernel_compiles_with_nvrtc: skipped (NVRTC not found; scripts/fetch-nvrtc.sh fetches it)");
-        return;
+// ---- each op on the GPU against the CPU in f64 ----
+
+cuda_test!(elementwise_ops_match_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let mut rng = Rng::new(1);
+    let mut randn = |shape: &[usize], std: f64| Tensor::<f64>::randn(shape, std, &mut rng);
+    compare_op!(&device, "gelu", vec![randn(&[37, 100], 2.0)], 1e-6, |tape, v| ops::gelu(tape, v[0]));
+    compare_op!(&device, "add", vec![randn(&[37, 10], 1.0), randn(&[37, 10], 1.0)], 1e-6, |tape, v| ops::add(tape, v[0], v[1]));
+    compare_op!(&device, "add to itself", vec![randn(&[5, 10], 1.0)], 1e-6, |tape, v| ops::add(tape, v[0], v[0]));
+});
+
+cuda_test!(linear_layers_match_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let mut rng = Rng::new(2);
+    let mut randn = |shape: &[usize]| Tensor::<f64>::randn(shape, 1.0, &mut rng);
+    // 333 rows: products on cuBLASLt; 5 rows: the few-row kernel
+    for rows in [333, 5] {
+        let (x, w, b, r) = (randn(&[rows, 96]), randn(&[96, 80]), randn(&[80]), randn(&[rows, 80]));
+        compare_op!(&device, format!("linear, {rows} rows"), vec![x.clone(), w.clone(), b.clone()], 1e-5, |tape, v| ops::linear(
+            tape,
+            v[0],
+            v[1],
+            Some(v[2])
+        ));
+        compare_op!(&device, format!("linear without bias, {rows} rows"), vec![x.clone(), w.clone()], 1e-5, |tape, v| ops::linear(
+            tape, v[0], v[1], None
+        ));
+        compare_op!(&device, format!("linear on a residual, {rows} rows"), vec![x, w, b, r], 1e-5, |tape, v| ops::linear_residual(
+            tape, v[0], v[1], v[2], v[3]
+        ));
     }
-    for architecture in ["compute_80", "compute_90"] {
-        if let Err(e) = multitoken_cuda::compile_all_kernels(architecture) {
-            panic!("{architecture}: {e}");
+});
+
+cuda_test!(layernorm_matches_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let mut rng = Rng::new(3);
+    // 333 rows: a warp per row, partial sums over 11 blocks; 8 rows: a block per row
+    for rows in [333, 8] {
+        let (x, w, b) =
+            (Tensor::randn(&[rows, 256], 1.5, &mut rng), Tensor::randn(&[256], 1.0, &mut rng), Tensor::randn(&[256], 1.0, &mut rng));
+        compare_op!(&device, format!("layernorm, {rows} rows"), vec![x, w, b], 1e-5, |tape, v| ops::layernorm(tape, v[0], v[1], v[2]));
+    }
+});
+
+cuda_test!(embedding_and_unembedding_match_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let mut rng = Rng::new(4);
+    let (wte, wpe) = (Tensor::<f64>::randn(&[50, 32], 1.0, &mut rng), Tensor::<f64>::randn(&[20, 32], 1.0, &mut rng));
+    // repeated tokens, so that rows of dwte gather several rows of the gradient
+    let tokens: Vec<u32> = (0..3 * 16).map(|i| (i * 7 % 13) as u32).collect();
+    compare_op!(&device, "embedding", vec![wte.clone(), wpe], 1e-6, |tape, v| ops::embedding(tape, v[0], v[1], &tokens, 16, 2));
+    let h = Tensor::<f64>::randn(&[48, 32], 1.0, &mut rng);
+    compare_op!(&device, "unembed", vec![h, wte], 1e-5, |tape, v| ops::unembed(tape, v[0], v[1]));
+});
+
+cuda_test!(cross_entropy_matches_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let logits = Tensor::<f64>::randn(&[33, 70], 2.0, &mut Rng::new(5));
+    let targets: Vec<u32> = (0..33).map(|i| (i * 11 % 70) as u32).collect();
+    compare_op!(&device, "cross_entropy", vec![logits], 1e-5, |tape, v| ops::cross_entropy(tape, v[0], &targets));
+});
+
+cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
+    drop(gpu);
+    for route in [AttentionRoute::Fused, AttentionRoute::Products] {
+        let device = device_with(Gpu::new(0).unwrap(), Some(route));
+        for (k, &hs) in FUSED_ATTENTION_HEAD_SIZES.iter().enumerate() {
+            // T = 130: three query tiles of the fused kernels, the last one ragged; B·H = 4
+            let (batch, seq, n_head) = (2, 130, 2);
+            let qkv = Tensor::<f64>::randn(&[batch * seq, 3 * n_head * hs], 1.0, &mut Rng::new(40 + k as u64));
+            compare_op!(&device, format!("attention {route:?}, hs = {hs}"), vec![qkv], 1e-5, |tape, v| ops::causal_self_attention(
+                tape, v[0], seq, n_head
+            ));
         }
+        // T = 64 on the products route: two causal chunks
+        let qkv = Tensor::<f64>::randn(&[2 * 64, 3 * 48], 1.0, &mut Rng::new(49));
+        compare_op!(&device, format!("attention {route:?}, hs = 24"), vec![qkv], 1e-5, |tape, v| ops::causal_self_attention(
+            tape, v[0], 64, 2
+        ));
     }
-}
+});
+
+cuda_test!(the_cp_head_matches_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let (positions, c, v) = (37, 16, 45);
+    for (n, r) in [(3, 4), (2, 1), (1, 3), (1, 1)] {
+        let mut rng = Rng::new(60 + 10 * n as u64 + r as u64);
+        let mut inputs = vec![Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng), Tensor::randn(&[v, c], 0.7, &mut rng)];
+        if n * r > 1 {
+            inputs.push(Tensor::randn(&[r, n, c, c], 0.5, &mut rng));
+        }
+        if r > 1 {
+            inputs.push(Tensor::randn(&[r, c], 0.8, &mut rng));
+            inputs.push(Tensor::randn(&[r], 0.5, &mut rng));
+        }
+        let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
+        compare_op!(&device, format!("cp_head n = {n}, r = {r}"), inputs, 1e-5, |tape, vars| {
+            let head = ops::CpHeadVars {
+                hidden: vars[0],
+                wte: vars[1],
+                expand: (n * r > 1).then(|| vars[2]),
+                gate: (r > 1).then(|| (vars[3], vars[4])),
+            };
+            Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
+        });
+    }
+});
+
+// ---- launchers the ops do not cover on their own ----
 
 cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gpu| {
     let (m, k, n) = (129, 257, 67);
@@ -237,128 +386,66 @@ cuda_test!(layernorm_on_a_few_rows_matches_the_cpu, |gpu| {
     }
 });
 
-cuda_test!(gelu_matches_the_cpu_kernel, |gpu| {
-    use multitoken::kernels::gelu::{backward_scalar, forward_scalar};
-    let n = 100_003;
-    let (x, dout) = (random(n, 3), random(n, 4));
-    let (mut forward, mut backward) = (vec![0.0; n], vec![0.0; n]);
-    forward_scalar(&widen(&x), &mut forward);
-    backward_scalar(&widen(&x), &widen(&dout), &mut backward);
-    let (dx, dd, out, grad) = (gpu.upload(&x).unwrap(), gpu.upload(&dout).unwrap(), gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
-    gpu.gelu_forward(dx.view(), out.view()).unwrap();
-    report("gelu forward", relative_error(&gpu.download(out.view()).unwrap(), &forward), 1e-5);
-    gpu.gelu_backward(dx.view(), dd.view(), grad.view()).unwrap();
-    report("gelu backward", relative_error(&gpu.download(grad.view()).unwrap(), &backward), 1e-5);
-});
-
-cuda_test!(residual_bias_and_column_sums_match_the_cpu, |gpu| {
+cuda_test!(reductions_match_the_cpu_and_give_the_same_bits_every_run, |gpu| {
     let (rows, cols) = (1031, 77);
-    let (a, b, bias, sums0) = (random(rows * cols, 5), random(rows * cols, 6), random(cols, 7), random(cols, 8));
-    let (da, db, out) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.zeros(rows * cols).unwrap());
-    gpu.add(da.view(), db.view(), out.view()).unwrap();
-    let sum: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
-    report("residual add", relative_error(&gpu.download(out.view()).unwrap(), &sum), 1e-6);
+    let (a, b, bias) = (random(rows * cols, 5), random(rows * cols, 6), random(cols, 7));
+    let (da, db) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+    let out = gpu.zeros::<f32>(rows * cols).unwrap();
     let dbias = gpu.upload(&bias).unwrap();
     gpu.broadcast_rows(dbias.view(), out.view()).unwrap();
     let rows_of_bias: Vec<f64> = (0..rows * cols).map(|i| bias[i % cols] as f64).collect();
     report("bias broadcast", relative_error(&gpu.download(out.view()).unwrap(), &rows_of_bias), 1e-7);
-    let dsums = gpu.upload(&sums0).unwrap();
-    gpu.column_sums_add(da.view(), dsums.view()).unwrap();
-    let column_sums: Vec<f64> = (0..cols).map(|j| sums0[j] as f64 + (0..rows).map(|i| a[i * cols + j] as f64).sum::<f64>()).collect();
-    report("column sums (bias gradient)", relative_error(&gpu.download(dsums.view()).unwrap(), &column_sums), 1e-5);
-    let total = gpu.zeros::<f64>(1).unwrap();
-    gpu.sum_of_squares(da.view(), total.view()).unwrap();
-    let squares: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum();
-    let error = (gpu.download(total.view()).unwrap()[0] - squares).abs() / squares;
-    report("sum of squares (gradient norm)", error, 1e-6);
+    let column_sums = |accumulate: bool| {
+        let sums = gpu.upload(&random(cols, 8)).unwrap();
+        gpu.column_sums(da.view(), sums.view(), accumulate).unwrap();
+        gpu.download(sums.view()).unwrap()
+    };
+    let start = widen(&random(cols, 8));
+    for accumulate in [false, true] {
+        let reference: Vec<f64> =
+            (0..cols).map(|j| if accumulate { start[j] } else { 0.0 } + (0..rows).map(|i| a[i * cols + j] as f64).sum::<f64>()).collect();
+        let ours = column_sums(accumulate);
+        report(&format!("column sums, accumulate {accumulate}"), relative_error(&ours, &reference), 1e-5);
+        assert_eq!(ours, column_sums(accumulate), "column sums differ between two runs");
+    }
+    let squares: Vec<f64> = [&a, &b].iter().map(|x| x.iter().map(|&v| (v as f64).powi(2)).sum()).collect();
+    let ours = gpu.sums_of_squares(&[da.view(), db.view()]).unwrap();
+    for (ours, reference) in ours.iter().zip(&squares) {
+        report("sum of squares", (ours - reference).abs() / reference, 1e-12);
+    }
+    assert_eq!(ours, gpu.sums_of_squares(&[da.view(), db.view()]).unwrap(), "sums of squares differ between two runs");
+    let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    report("dot", (gpu.dot(da.view(), db.view()).unwrap() - dot).abs() / dot.abs(), 1e-12);
 });
 
-cuda_test!(layernorm_matches_the_cpu_kernel, |gpu| {
-    use multitoken::kernels::layernorm::{backward_row_scalar, forward_row_scalar};
-    let (rows, c) = (333, 256);
-    let (x, w, b, dout, dx0) = (random(rows * c, 6), random(c, 7), random(c, 8), random(rows * c, 9), random(rows * c, 10));
-    let (xw, ww, bw, gw) = (widen(&x), widen(&w), widen(&b), widen(&dout));
-    let (mut out_ref, mut dx_ref, mut dw_ref, mut db_ref) = (vec![0.0; rows * c], widen(&dx0), vec![0.0; c], vec![0.0; c]);
-    for row in 0..rows {
-        let range = row * c..(row + 1) * c;
-        let (mean, rstd) = forward_row_scalar(&xw[range.clone()], &ww, &bw, &mut out_ref[range.clone()]);
-        let mut dx_row = vec![0.0; c];
-        backward_row_scalar(&xw[range.clone()], &gw[range.clone()], &ww, mean, rstd, &mut dx_row, &mut dw_ref, &mut db_ref);
-        dx_ref[range].iter_mut().zip(dx_row).for_each(|(d, r)| *d += r);
-    }
-    let (dxv, dwv, dbv) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&b).unwrap());
-    let (out, mean, rstd) = (gpu.zeros(rows * c).unwrap(), gpu.zeros(rows).unwrap(), gpu.zeros(rows).unwrap());
-    gpu.layernorm_forward(dxv.view(), dwv.view(), dbv.view(), out.view(), mean.view(), rstd.view()).unwrap();
-    report("layernorm forward", relative_error(&gpu.download(out.view()).unwrap(), &out_ref), 1e-5);
-    let (ddout, ddx, ddw, ddb) = (gpu.upload(&dout).unwrap(), gpu.upload(&dx0).unwrap(), gpu.zeros(c).unwrap(), gpu.zeros(c).unwrap());
-    gpu.layernorm_backward(dxv.view(), ddout.view(), dwv.view(), mean.view(), rstd.view(), ddx.view(), ddw.view(), ddb.view()).unwrap();
-    for (name, ours, reference) in [("dx", &ddx, &dx_ref), ("dweight", &ddw, &dw_ref), ("dbias", &ddb, &db_ref)] {
-        report(&format!("layernorm backward {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
-    }
-});
-
-cuda_test!(adamw_matches_the_cpu_optimizer, |gpu| {
-    use multitoken::kernels::adamw::{update_scalar, AdamWStep as CpuStep};
-    let n = 50_001;
-    let (p, g, m) = (random(n, 10), random(n, 11), random(n, 12));
-    let v: Vec<f32> = random(n, 13).iter().map(|x| x * x).collect();
-    let grad_scale = 0.5f32;
-    let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7, grad_scale };
-    let cpu_step = CpuStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
-    let scaled: Vec<f64> = g.iter().map(|&x| (x * grad_scale) as f64).collect();
-    let dg = gpu.upload(&g).unwrap();
-    // one launch over three parameters: decayed, not decayed, frozen
-    let (starts, flags) = (vec![0i64, 1000, 30_000, n as i64], vec![3u32, 1, 0]);
-    let (mut pr, mut mr, mut vr) = (widen(&p), widen(&m), widen(&v));
-    for (segment, &flag) in flags.iter().enumerate() {
-        let range = starts[segment] as usize..starts[segment + 1] as usize;
-        if flag & 1 == 1 {
-            let step = CpuStep { weight_decay: if flag & 2 == 2 { 0.1 } else { 0.0 }, ..cpu_step };
-            update_scalar(&mut pr[range.clone()], &scaled[range.clone()], &mut mr[range.clone()], &mut vr[range], &step);
+cuda_test!(adamw_matches_the_cpu_optimizer_over_many_tensors_in_one_launch, |gpu| {
+    let device = Device::cuda(gpu);
+    // a matrix (decayed), a vector (not), and a frozen one (no gradient)
+    let shapes: [&[usize]; 3] = [&[70, 301], &[999], &[5, 5]];
+    let mut rng = Rng::new(9);
+    let params: Vec<Tensor<f32>> = shapes.iter().map(|s| Tensor::randn(s, 1.0, &mut rng)).collect();
+    let grads: Vec<Option<Tensor<f32>>> =
+        shapes.iter().enumerate().map(|(i, s)| (i < 2).then(|| Tensor::randn(s, 0.1, &mut rng))).collect();
+    let config = AdamWConfig::default();
+    let run = |device: &Device| {
+        let mut params: Vec<Tensor<f32>> = params.iter().map(|p| p.to_device(device).unwrap()).collect();
+        let grads: Vec<Option<Tensor<f32>>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(device).unwrap())).collect();
+        let refs: Vec<&Tensor<f32>> = params.iter().collect();
+        let mut optimizer = AdamW::new(config, &refs).to_device(device).unwrap();
+        let grad_refs: Vec<Option<&Tensor<f32>>> = grads.iter().map(Option::as_ref).collect();
+        for _ in 0..3 {
+            optimizer.step(&mut params.iter_mut().collect::<Vec<_>>(), &grad_refs, 1e-2, 0.5).unwrap();
         }
+        params.iter().map(|p| p.to_host().unwrap()).collect::<Vec<_>>()
+    };
+    let (cpu, ours) = (run(&Device::Cpu), run(&device));
+    for (i, (ours, reference)) in ours.iter().zip(&cpu).enumerate() {
+        report(&format!("adamw, tensor {i}"), relative_error(ours.data(), &widen(reference.data())), 1e-6);
     }
-    let (dp, dm, dv) = (gpu.upload(&p).unwrap(), gpu.upload(&m).unwrap(), gpu.upload(&v).unwrap());
-    let (dstarts, dflags) = (gpu.upload(&starts).unwrap(), gpu.upload(&flags).unwrap());
-    gpu.adamw_update_segments(dp.view(), dg.view(), dm.view(), dv.view(), dstarts.view(), dflags.view(), step).unwrap();
-    for (name, ours, reference) in [("param", &dp, &pr), ("exp_avg", &dm, &mr), ("exp_avg_sq", &dv, &vr)] {
-        report(&format!("adamw {name}"), relative_error(&gpu.download(ours.view()).unwrap(), reference), 1e-5);
-    }
+    assert_eq!(ours[2].data(), params[2].data(), "a parameter without a gradient moved");
 });
 
-cuda_test!(fused_attention_matches_the_cpu_op_for_every_head_size, |gpu| {
-    for (k, &hs) in FUSED_ATTENTION_HEAD_SIZES.iter().enumerate() {
-        // T = 130: three query tiles, the last one ragged; B·H = 4 blocks of each tile
-        let shape = AttentionShape { batch: 2, seq: 130, n_head: 2, head_size: hs };
-        let (rows, c) = (shape.batch * shape.seq, shape.n_head * hs);
-        let (qkv, dy) = (random(rows * 3 * c, 40 + k as u64), random(rows * c, 50 + k as u64));
-        // the CPU op on the tape in f64, with dy as the upstream gradient
-        let mut tape = multitoken::autograd::Tape::new();
-        let qkv_var = tape.leaf(Tensor::from_vec(&[rows, 3 * c], widen(&qkv)), true);
-        let y_var = multitoken::ops::causal_self_attention(&mut tape, qkv_var, shape.seq, shape.n_head);
-        let y_reference = tape.value(y_var).data().to_vec();
-        let dy_tensor = Tensor::from_vec(&[rows, c], widen(&dy));
-        let loss = multitoken::ops::weighted_sum(&mut tape, y_var, &dy_tensor);
-        let dqkv_reference = tape.backward(loss).take(qkv_var).unwrap();
-        let (qkv_gpu, dy_gpu) = (gpu.upload(&qkv).unwrap(), gpu.upload(&dy).unwrap());
-        let (y_gpu, dqkv_gpu) = (gpu.zeros::<f32>(rows * c).unwrap(), gpu.zeros::<f32>(rows * 3 * c).unwrap());
-        let heads_rows = shape.batch * shape.n_head * shape.seq;
-        let (lse, dots) = (gpu.zeros::<f32>(heads_rows).unwrap(), gpu.zeros::<f32>(heads_rows).unwrap());
-        gpu.fused_attention_forward(qkv_gpu.view(), y_gpu.view(), lse.view(), shape).unwrap();
-        gpu.fused_attention_backward(qkv_gpu.view(), y_gpu.view(), dy_gpu.view(), lse.view(), dots.view(), dqkv_gpu.view(), shape).unwrap();
-        let y = gpu.download(y_gpu.view()).unwrap();
-        report(&format!("fused attention forward, hs = {hs}"), relative_error(&y, &y_reference), 1e-5);
-        let dqkv = gpu.download(dqkv_gpu.view()).unwrap();
-        // q, k, v columns separately, so that one cannot hide another's error
-        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
-            let pick = |x: &[f32]| -> Vec<f32> { x.chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect() };
-            let reference: Vec<f64> = dqkv_reference.data().chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect();
-            report(&format!("fused attention backward {name}, hs = {hs}"), relative_error(&pick(&dqkv), &reference), 1e-5);
-        }
-    }
-    for (hs, forward_registers, backward_registers, spilled) in gpu.fused_attention_resources().unwrap() {
-        println!("fused attention hs = {hs}: {forward_registers} / {backward_registers} registers per thread, {spilled} bytes spilled");
-    }
-});
+// ---- the whole model ----
 
 fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) -> Batch {
     let data: Vec<Vec<u32>> = (0..rows).map(|_| (0..seq + config.horizon).map(|_| rng.below(config.vocab_size) as u32).collect()).collect();
@@ -366,107 +453,185 @@ fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) ->
     Batch::from_rows(&refs, seq, config.horizon)
 }
 
-/// The GPU's loss and every parameter's gradient against the CPU tape in f64: this checks the
-/// embedding, attention, MLP, LayerNorm, CP head and cross-entropy kernels composed.
+/// The GPU's loss and every parameter's gradient against the CPU tape in f64: the same model
+/// code (`model::gpt2`, the CP head) on both devices.
 #[allow(clippy::too_many_arguments)]
-fn compare_gradients(
-    gpu: Gpu,
-    route: AttentionRoute,
-    model: &str,
-    vocab: usize,
-    horizon: usize,
-    rank: usize,
-    batch_rows: usize,
-    seq: usize,
-) {
+fn compare_gradients(device: &Device, label: &str, model: &str, vocab: usize, horizon: usize, rank: usize, batch_rows: usize, seq: usize) {
     let config = ModelConfig::preset(model, vocab, horizon, rank).unwrap();
     let mut rng = Rng::new(5);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
     for tensor in params.values_mut() {
         if tensor.shape().len() == 1 {
-            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.1, &mut rng));
+            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.1, &mut rng)).unwrap();
         }
     }
     let batch = random_batch(&config, batch_rows, seq, &mut rng);
     let aux_coef = 0.05;
-    let params64 = params.map(&config, |_, t| t.cast::<f64>());
-    let mut tape = multitoken::autograd::Tape::new();
-    let vars = gpt2::params_on_tape(&mut tape, &config, &params64, |_| true);
-    let out = model_loss(&mut tape, &config, &vars, &batch, aux_coef);
-    let mut grads = tape.backward(out.objective);
-    let mut gpu_model = GpuModel::new(gpu, &config, &params, None).unwrap();
-    gpu_model.set_attention_route(route).unwrap();
-    let stats = gpu_model.loss_and_gradients(&batch, aux_coef, true).unwrap();
-    let label = format!("{model} n={horizon} r={rank} ({route:?} attention)");
-    let loss_error = (stats.joint_loss - out.stats.joint_loss).abs() / out.stats.joint_loss.abs();
-    report(&format!("{label} joint loss"), loss_error, 1e-5);
-    for (s, (ours, reference)) in stats.head_losses.iter().zip(&out.stats.head_losses).enumerate() {
-        report(&format!("{label} head loss {s}"), (ours - reference).abs() / reference.abs(), 1e-5);
+    let gradients = |params: &ModelParams<Tensor<f64>>| {
+        let mut tape = Tape::new();
+        let vars = gpt2::params_on_tape(&mut tape, &config, params, |_| true);
+        let out = model_loss(&mut tape, &config, &vars, &batch, aux_coef).unwrap();
+        let mut grads = tape.backward(out.objective).unwrap();
+        let grads: Vec<Option<Tensor<f64>>> = vars.named().iter().map(|(_, v)| grads.take(**v)).collect();
+        (out.stats, grads)
+    };
+    let (reference_stats, reference) = gradients(&params.map(&config, |_, t| t.cast::<f64>()));
+    let on_gpu = params_to_device(&config, &params, device).unwrap();
+    let mut tape = Tape::new();
+    let vars = gpt2::params_on_tape(&mut tape, &config, &on_gpu, |_| true);
+    let out = model_loss(&mut tape, &config, &vars, &batch, aux_coef).unwrap();
+    let stats = out.stats.clone();
+    let mut grads = tape.backward(out.objective).unwrap();
+    let label = format!("{model} n={horizon} r={rank} ({label})");
+    report(&format!("{label} joint loss"), (stats.joint_loss - reference_stats.joint_loss).abs() / reference_stats.joint_loss, 1e-5);
+    for (s, (ours, theirs)) in stats.head_losses.iter().zip(&reference_stats.head_losses).enumerate() {
+        report(&format!("{label} head loss {s}"), (ours - theirs).abs() / theirs.abs(), 1e-5);
     }
-    for ((name, ours), (_, var)) in gpu_model.download_grads().unwrap().into_iter().zip(vars.named()) {
-        let Some(reference) = grads.take(*var) else {
-            // unused parameters (the gate when r = 1) get no gradient on the CPU, zeros here
-            assert!(ours.data().iter().all(|&x| x == 0.0), "{name} has no gradient on the CPU but a nonzero one on the GPU");
-            println!("{label} d {name}: unused, zero");
-            continue;
-        };
-        report(&format!("{label} d {name}"), relative_error(ours.data(), reference.data()), 1e-4);
+    for ((name, var), reference) in vars.named().into_iter().zip(reference) {
+        match (grads.take(*var), reference) {
+            (Some(ours), Some(reference)) => {
+                report(&format!("{label} d {name}"), relative_error(ours.to_host().unwrap().data(), reference.data()), 1e-4)
+            }
+            (None, None) => println!("{label} d {name}: unused on both devices"),
+            _ => panic!("{label}: {name} has a gradient on one device only"),
+        }
     }
 }
 
-cuda_test!(next_token_model_gradients_match_the_cpu_on_both_attention_routes, |gpu| {
-    compare_gradients(gpu, AttentionRoute::Fused, "tiny", 97, 1, 1, 3, 37);
-    compare_gradients(Gpu::new(0).unwrap(), AttentionRoute::Products, "tiny", 97, 1, 1, 3, 37);
-});
-
-cuda_test!(cp_head_model_gradients_match_the_cpu, |gpu| {
-    compare_gradients(gpu, AttentionRoute::Fused, "tiny", 97, 3, 4, 3, 37);
-});
-
-cuda_test!(independent_heads_model_gradients_match_the_cpu, |gpu| {
+cuda_test!(the_model_s_gradients_match_the_cpu_on_both_attention_routes, |gpu| {
+    let fused = device_with(gpu, Some(AttentionRoute::Fused));
+    let products = device_with(Gpu::new(0).unwrap(), Some(AttentionRoute::Products));
+    compare_gradients(&fused, "fused attention", "tiny", 97, 1, 1, 3, 37);
+    compare_gradients(&products, "products attention", "tiny", 97, 1, 1, 3, 37);
+    compare_gradients(&fused, "fused attention", "tiny", 97, 3, 4, 3, 37);
     // T = 64: two causal chunks on the products route
-    compare_gradients(gpu, AttentionRoute::Products, "tiny", 97, 2, 1, 2, 64);
+    compare_gradients(&products, "products attention", "tiny", 97, 2, 1, 2, 64);
     // T = 128 on `small` (head size 64): two tiles of the fused kernels
-    compare_gradients(Gpu::new(0).unwrap(), AttentionRoute::Fused, "small", 61, 2, 1, 2, 128);
+    compare_gradients(&fused, "fused attention", "small", 61, 2, 1, 2, 128);
 });
+
+/// A corpus with structure, so that the loss falls: a noisy repeating pattern.
+fn patterned_stream(vocab: usize, noise: f64, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..20_000).map(|i| if rng.uniform() < noise { rng.below(vocab) as u32 } else { (i * 7 % 61) as u32 }).collect()
+}
+
+fn stream_batch(stream: &[u32], rows: usize, seq: usize, horizon: usize, rng: &mut Rng) -> Batch {
+    let starts: Vec<usize> = (0..rows).map(|_| rng.below(stream.len() - seq - horizon)).collect();
+    let row_refs: Vec<&[u32]> = starts.iter().map(|&s| &stream[s..s + seq + horizon]).collect();
+    Batch::from_rows(&row_refs, seq, horizon)
+}
+
+/// `steps` training steps of `config` on `device` from the same init; the losses and the final
+/// parameters on the host.
+fn train_on(device: &Device, config: &ModelConfig, steps: usize, trainable: &dyn Fn(&str) -> bool) -> (Vec<f64>, ModelParams<Tensor<f32>>) {
+    let stream = patterned_stream(config.vocab_size, 0.2, 9);
+    let mut rng = Rng::new(10);
+    let params = gpt2::init_params::<f32>(config, &mut Rng::new(1));
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(device).unwrap();
+    let mut params = params_to_device(config, &params, device).unwrap();
+    let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
+    let losses = (0..steps)
+        .map(|_| {
+            let batch = stream_batch(&stream, 8, 128, config.horizon, &mut rng);
+            train_step(config, &mut params, &mut optimizer, &batch, step_config, trainable).unwrap().0
+        })
+        .collect();
+    (losses, params_to_device(config, &params, &Device::Cpu).unwrap())
+}
 
 cuda_test!(fifty_training_steps_of_small_agree_with_the_cpu, |gpu| {
-    // a corpus with structure, so that the loss falls: a noisy repeating pattern
     let config = ModelConfig::preset("small", 512, 4, 4).unwrap();
-    let mut rng = Rng::new(9);
-    let stream: Vec<u32> = (0..20_000).map(|i| if rng.uniform() < 0.2 { rng.below(512) as u32 } else { (i * 7 % 61) as u32 }).collect();
-    let (rows, seq) = (8, 128);
-    let mut params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
-    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
-    let mut model = GpuModel::new(gpu, &config, &params, None).unwrap();
+    let (cpu, _) = train_on(&Device::Cpu, &config, 50, &|_| true);
+    let (ours, _) = train_on(&Device::cuda(gpu), &config, 50, &|_| true);
     let mut worst: f64 = 0.0;
-    for step in 0..50 {
-        let starts: Vec<usize> = (0..rows).map(|_| rng.below(stream.len() - seq - config.horizon)).collect();
-        let row_refs: Vec<&[u32]> = starts.iter().map(|&s| &stream[s..s + seq + config.horizon]).collect();
-        let batch = Batch::from_rows(&row_refs, seq, config.horizon);
-        let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
-        let (cpu_loss, _) = train_step(&config, &mut params, &mut optimizer, &batch, step_config, &|_| true);
-        let (gpu_loss, _) = model.train_step(&batch, step_config, &|_| true).unwrap();
-        let error = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+    for (step, (ours, theirs)) in ours.iter().zip(&cpu).enumerate() {
+        let error = (ours - theirs).abs() / theirs.abs();
         worst = worst.max(error);
         if step % 10 == 0 || step == 49 {
-            println!("step {:>2}: cpu {cpu_loss:.6} cuda {gpu_loss:.6} relative difference {error:.2e}", step + 1);
+            println!("step {:>2}: cpu {theirs:.6} cuda {ours:.6} relative difference {error:.2e}", step + 1);
         }
     }
     report("50 steps of small n=4 r=4, loss curves", worst, 1e-4);
 });
 
+cuda_test!(training_on_the_gpu_gives_the_same_bits_on_every_run_on_both_attention_routes, |gpu| {
+    // the same steps twice, on each route: every reduction adds in a fixed order, so the
+    // parameters must agree to the bit (what --resume relies on)
+    let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
+    let fused = device_with(gpu, Some(AttentionRoute::Fused));
+    let products = device_with(Gpu::new(0).unwrap(), Some(AttentionRoute::Products));
+    for (route, device) in [("fused", &fused), ("products", &products)] {
+        let (first_losses, first) = train_on(device, &config, 8, &|_| true);
+        let (second_losses, second) = train_on(device, &config, 8, &|_| true);
+        assert_eq!(first_losses, second_losses, "{route}: the losses differ between two runs");
+        for ((name, a), (_, b)) in first.named().into_iter().zip(second.named()) {
+            assert!(a.data() == b.data(), "{route}: {name} differs between two runs");
+        }
+        println!("{route} attention: 8 steps twice, every parameter the same bits");
+    }
+});
+
+cuda_test!(from_the_second_step_on_the_memory_pool_asks_the_driver_for_nothing, |gpu| {
+    let device = Device::cuda(gpu);
+    let gpu = device.gpu().unwrap().clone();
+    let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
+    let stream = patterned_stream(97, 0.2, 9);
+    let mut rng = Rng::new(10);
+    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(&device).unwrap();
+    let mut params = params_to_device(&config, &params, &device).unwrap();
+    let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
+    let mut allocations = Vec::new();
+    for _ in 0..4 {
+        let batch = stream_batch(&stream, 4, 64, config.horizon, &mut rng);
+        train_step(&config, &mut params, &mut optimizer, &batch, step_config, &|_| true).unwrap();
+        allocations.push(gpu.memory_stats().driver_allocations);
+    }
+    let stats = gpu.memory_stats();
+    println!("driver allocations after each step {allocations:?}; pool holds {} bytes, at most {}", stats.held, stats.peak_held);
+    assert!(allocations[0] > 0);
+    assert!(allocations[1..].iter().all(|&a| a == allocations[0]), "the driver was asked for memory after the first step: {allocations:?}");
+});
+
 /// A `tiny` model with n = 3, r = 4 and every parameter moved off its init.
-fn noisy_tiny_model(vocab: usize) -> (ModelConfig, multitoken::model::ModelParams<Tensor<f32>>) {
+fn noisy_tiny_model(vocab: usize) -> (ModelConfig, ModelParams<Tensor<f32>>) {
     let config = ModelConfig::preset("tiny", vocab, 3, 4).unwrap();
     let mut rng = Rng::new(17);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
     for tensor in params.values_mut() {
-        tensor.add_assign(&Tensor::randn(tensor.shape(), 0.05, &mut rng));
+        tensor.add_assign(&Tensor::randn(tensor.shape(), 0.05, &mut rng)).unwrap();
     }
     (config, params)
 }
+
+cuda_test!(eval_of_a_token_stream_matches_the_cpu_across_windows, |gpu| {
+    // 300 tokens through a 128-position model: three windows, the last one partly scored
+    let (config, params) = noisy_tiny_model(97);
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 31 % 97) as u32).collect();
+    let cpu = multitoken::train::evaluate::evaluate_tokens(&config, &params, &tokens).unwrap();
+    let on_gpu = params_to_device(&config, &params, &Device::cuda(gpu)).unwrap();
+    let ours = multitoken::train::evaluate::evaluate_tokens(&config, &on_gpu, &tokens).unwrap();
+    assert_eq!(ours.tokens, cpu.tokens);
+    report("eval joint loss over windows, GPU against CPU", (ours.joint_loss - cpu.joint_loss).abs() / cpu.joint_loss, 1e-5);
+    report("eval next-token loss over windows, GPU against CPU", (ours.ntp_loss - cpu.ntp_loss).abs() / cpu.ntp_loss, 1e-5);
+});
+
+cuda_test!(a_frozen_backbone_stays_put_while_the_head_trains, |gpu| {
+    let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
+    let head_only = |name: &str| name.starts_with("mtp.");
+    let (_, after) = train_on(&Device::cuda(gpu), &config, 2, &head_only);
+    let before = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
+    for ((name, before), (_, now)) in before.named().into_iter().zip(after.named()) {
+        let moved = before.max_abs_diff(now) > 0.0;
+        assert_eq!(moved, head_only(&name), "{name}: moved = {moved}");
+    }
+    println!("head-only steps on the GPU: the head moved, the backbone did not");
+});
+
+// ---- decoding ----
 
 cuda_test!(gpu_kv_cache_passes_match_the_cpu_cache, |gpu| {
     let (config, params) = noisy_tiny_model(97);
@@ -535,16 +700,19 @@ cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
 cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
     // train the tiny model on a near-deterministic stream first, so that greedy choices are clear
     let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
+    let stream = patterned_stream(97, 0.05, 3);
+    let device = Device::cuda(Gpu::new(0).unwrap());
     let mut rng = Rng::new(3);
-    let stream: Vec<u32> = (0..20_000).map(|i| if rng.uniform() < 0.05 { rng.below(97) as u32 } else { (i * 7 % 61) as u32 }).collect();
     let params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
-    let mut model = GpuModel::new(Gpu::new(0).unwrap(), &config, &params, None).unwrap();
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(&device).unwrap();
+    let mut params = params_to_device(&config, &params, &device).unwrap();
     for _ in 0..300 {
-        let starts: Vec<usize> = (0..8).map(|_| rng.below(stream.len() - 64 - 3)).collect();
-        let rows: Vec<&[u32]> = starts.iter().map(|&s| &stream[s..s + 64 + 3]).collect();
-        model.train_step(&Batch::from_rows(&rows, 64, 3), StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true).unwrap();
+        let batch = stream_batch(&stream, 8, 64, 3, &mut rng);
+        train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true)
+            .unwrap();
     }
-    let params = model.download_params().unwrap();
+    let params = params_to_device(&config, &params, &Device::Cpu).unwrap();
     let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
     let sampling = SamplingConfig::greedy();
     let mut accepted = Vec::new();
@@ -563,28 +731,46 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
     println!("greedy speculative == autoregressive on the GPU for 5 prompts; mean accepted per pass {accepted:.2?}");
 });
 
-cuda_test!(eval_of_a_token_stream_matches_the_cpu_across_windows, |gpu| {
-    // 300 tokens through a 128-position model: three windows, the last one partly scored
-    let (config, params) = noisy_tiny_model(97);
-    let tokens: Vec<u32> = (0..300).map(|i| (i * 31 % 97) as u32).collect();
-    let cpu = multitoken::train::evaluate::evaluate_tokens(&config, &params, &tokens);
-    let ours = GpuModel::new(gpu, &config, &params, None).unwrap().evaluate_tokens(&tokens).unwrap();
-    assert_eq!(ours.tokens, cpu.tokens);
-    report("eval joint loss over windows, GPU against CPU", (ours.joint_loss - cpu.joint_loss).abs() / cpu.joint_loss, 1e-5);
-    report("eval next-token loss over windows, GPU against CPU", (ours.ntp_loss - cpu.ntp_loss).abs() / cpu.ntp_loss, 1e-5);
-});
+// ---- resuming a run on the GPU ----
 
-cuda_test!(a_frozen_backbone_stays_put_while_the_head_trains, |gpu| {
-    let (config, params) = noisy_tiny_model(97);
-    let mut model = GpuModel::new(gpu, &config, &params, None).unwrap();
-    let mut rng = Rng::new(8);
-    let batch = random_batch(&config, 2, 32, &mut rng);
-    let head_only = |name: &str| name.starts_with("mtp.");
-    model.train_step(&batch, StepConfig { lr: 1e-2, grad_clip: 1.0, aux_coef: 0.01 }, &head_only).unwrap();
-    let after = model.download_params().unwrap();
-    for ((name, before), (_, now)) in params.named().into_iter().zip(after.named()) {
-        let moved = before.max_abs_diff(now) > 0.0;
-        assert_eq!(moved, head_only(&name), "{name}: moved = {moved}");
+cuda_test!(resume_on_the_gpu_ends_bit_for_bit_like_an_uninterrupted_run, |gpu| {
+    use multitoken::device::{DeviceKind, Precision};
+    use multitoken::train::{train, RunOptions, TrainSettings};
+    drop(gpu); // each run opens the device itself, as the command line does
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let text: String = (0..4000).map(|i| ["the whale ", "and the sea ", "called me ", "old ship. "][i * 7 % 4]).collect();
+    std::fs::write(&corpus, text).unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    multitoken::data::tokenizer::train(std::slice::from_ref(&corpus), 300, &tokenizer, false).unwrap();
+    let data = dir.path().join("data");
+    multitoken::data::prepare(&tokenizer, std::slice::from_ref(&corpus), &data, 0.1).unwrap();
+    let settings = TrainSettings {
+        model: "tiny".into(),
+        horizon: 2,
+        rank: 2,
+        steps: 12,
+        batch: 4,
+        seq: 32,
+        eval_every: 4,
+        save_every: 4,
+        ..TrainSettings::default()
+    };
+    let options = |stop_after_steps, resume| RunOptions {
+        resume,
+        show_progress: false,
+        stop_after_steps,
+        device: DeviceKind::Cuda,
+        precision: Precision::F32,
+    };
+    let (straight, resumed) = (dir.path().join("straight"), dir.path().join("resumed"));
+    train(&data, &straight, settings.clone(), &options(None, false)).unwrap();
+    let interrupted = train(&data, &resumed, settings.clone(), &options(Some(6), false));
+    assert!(matches!(interrupted, Err(multitoken::error::Error::Interrupted { step: 6, .. })), "{interrupted:?}");
+    train(&data, &resumed, settings, &options(None, true)).unwrap();
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (std::fs::read(straight.join(file)).unwrap(), std::fs::read(resumed.join(file)).unwrap());
+        assert!(a == b, "{file} differs between the uninterrupted run and the resumed one");
     }
-    println!("head-only step on the GPU: the head moved, the backbone did not");
+    println!("12 steps on the GPU, and 6 + 6 with a resume between: the same checkpoint, byte for byte");
 });

@@ -2,9 +2,10 @@
 //! and the exactness of speculative sampling (a chi-square test that can fail, and does for a
 //! wrong acceptance rule).
 
+use multitoken::data::Batch;
 use multitoken::decode::generate::AcceptanceRule;
 use multitoken::decode::{decode, generate_reference, DecodeRequest, Generation, SamplingConfig};
-use multitoken::model::{gpt2, Batch, ModelConfig, ModelParams};
+use multitoken::model::{gpt2, ModelConfig, ModelParams};
 use multitoken::tensor::{Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{train_step, StepConfig};
@@ -37,7 +38,8 @@ fn trained_model(n: usize, r: usize) -> (ModelConfig, ModelParams<Tensor<f32>>) 
     for _ in 0..150 {
         let rows: Vec<&[u32]> = (0..8).map(|_| rng.below(stream.len() - 40)).map(|o| &stream[o..o + 24 + n]).collect();
         let batch = Batch::from_rows(&rows, 24, n);
-        train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true);
+        train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true)
+            .unwrap();
     }
     (config, params)
 }

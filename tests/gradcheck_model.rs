@@ -1,7 +1,8 @@
 //! The whole model's gradient, every parameter tensor, against central finite differences in f64.
 
+use multitoken::data::Batch;
 use multitoken::gradcheck::{gradcheck, GradcheckOptions};
-use multitoken::model::{gpt2, loss::head_loss, params::ModelParams, Batch, ModelConfig};
+use multitoken::model::{gpt2, loss::head_loss, params::ModelParams, ModelConfig};
 use multitoken::tensor::{Rng, Tensor};
 
 fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) -> Batch {
@@ -17,7 +18,7 @@ fn check_whole_model(config: &ModelConfig, per_tensor: usize) {
     // Move LayerNorm weights and biases off their init (ones, zeros) so their gradients are generic.
     for tensor in params.values_mut() {
         if tensor.shape().len() == 1 {
-            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.1, &mut rng));
+            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.1, &mut rng)).unwrap();
         }
     }
     let batch = random_batch(config, 2, 6, &mut rng);
@@ -29,11 +30,12 @@ fn check_whole_model(config: &ModelConfig, per_tensor: usize) {
         |tape, vars| {
             let mut iter = vars.iter().copied();
             let param_vars = ModelParams::build(config, |_| iter.next().ok_or(())).unwrap();
-            let h = gpt2::hidden_states(tape, config, &param_vars, &batch.inputs, batch.seq);
-            head_loss(tape, config, &param_vars, h, &batch.targets, 0.05).objective
+            let h = gpt2::hidden_states(tape, config, &param_vars, &batch.inputs, batch.seq)?;
+            Ok(head_loss(tape, config, &param_vars, h, &batch.targets, 0.05)?.objective)
         },
         &options,
-    );
+    )
+    .unwrap();
     println!("{report} ({})", names[report.worst_input]);
     assert!(report.max_relative_error < 1e-6, "{report} in {}", names[report.worst_input]);
     let expected: usize = inputs.iter().map(|t| t.len().min(per_tensor)).sum();

@@ -5,7 +5,8 @@ mod common;
 
 use common::{load_fixture, report};
 use multitoken::autograd::Tape;
-use multitoken::model::{gpt2, model_loss, Batch};
+use multitoken::data::Batch;
+use multitoken::model::{gpt2, model_loss};
 use multitoken::tensor::Tensor;
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{train_step, StepConfig};
@@ -35,17 +36,17 @@ fn check_forward_and_gradients(name: &str) {
 
     let mut tape = Tape::new();
     let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| true);
-    let h = gpt2::hidden_states(&mut tape, &config, &vars, &batch.inputs, batch.seq);
+    let h = gpt2::hidden_states(&mut tape, &config, &vars, &batch.inputs, batch.seq).unwrap();
     let hidden = tape.value(h).clone();
     let mut worst = report("hidden", &hidden.reshape(fixture.tensors["hidden"].shape()), &fixture.tensors["hidden"]);
-    let out = model_loss(&mut tape, &config, &vars, &batch, fixture.meta_f64("aux_coef"));
+    let out = model_loss(&mut tape, &config, &vars, &batch, fixture.meta_f64("aux_coef")).unwrap();
     let scalar = |x: f64| Tensor::from_vec(&[1], vec![x]);
     worst = worst.max(report("objective", &scalar(tape.value(out.objective).item()), &fixture.tensors["objective"]));
     worst = worst.max(report("joint_loss", &scalar(out.joint_loss()), &fixture.tensors["joint_loss"]));
     let head_losses = Tensor::from_vec(&[config.horizon], out.stats.head_losses.clone());
     worst = worst.max(report("head_losses", &head_losses, &fixture.tensors["head_losses"]));
     worst = worst.max(report("aux", &scalar(out.stats.aux), &fixture.tensors["aux"]));
-    let grads = tape.backward(out.objective);
+    let grads = tape.backward(out.objective).unwrap();
     for (param_name, var) in vars.named() {
         let grad =
             grads.get(*var).cloned().unwrap_or_else(|| Tensor::zeros(params.named().iter().find(|p| p.0 == param_name).unwrap().1.shape()));
@@ -68,7 +69,7 @@ fn check_adamw_steps(name: &str) {
     for step in 0..5 {
         let batch = batch_of(&fixture, "adamw.inputs", "adamw.targets", Some(step));
         let step_config = StepConfig { lr, grad_clip: 1.0, aux_coef: fixture.meta_f64("aux_coef") };
-        let (objective, _) = train_step(&config, &mut params, &mut optimizer, &batch, step_config, &|_| true);
+        let (objective, _) = train_step(&config, &mut params, &mut optimizer, &batch, step_config, &|_| true).unwrap();
         let diff = (objective - expected.data()[step]).abs();
         println!("step {step}: objective {objective:.12} torch {:.12} diff {diff:.2e}", expected.data()[step]);
         worst = worst.max(diff);
@@ -89,8 +90,8 @@ fn gpt2_logits_losses_and_gradients_match_pytorch() {
     let batch = batch_of(&fixture, "inputs", "targets", None);
     let mut tape = Tape::inference();
     let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| false);
-    let h = gpt2::hidden_states(&mut tape, &config, &vars, &batch.inputs, batch.seq);
-    let logits = gpt2::next_token_logits(&mut tape, &vars, h);
+    let h = gpt2::hidden_states(&mut tape, &config, &vars, &batch.inputs, batch.seq).unwrap();
+    let logits = gpt2::next_token_logits(&mut tape, &vars, h).unwrap();
     let expected = &fixture.tensors["logits"];
     assert!(report("logits", &tape.value(logits).reshape(expected.shape()), expected) < 1e-10);
 }
@@ -123,11 +124,11 @@ fn f32_training_path_matches_pytorch_to_single_precision() {
     let batch = batch_of(&fixture, "inputs", "targets", None);
     let mut tape = Tape::new();
     let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| true);
-    let out = model_loss(&mut tape, &config, &vars, &batch, fixture.meta_f64("aux_coef"));
+    let out = model_loss(&mut tape, &config, &vars, &batch, fixture.meta_f64("aux_coef")).unwrap();
     let loss = tape.value(out.objective).item() as f64;
     let expected = fixture.tensors["objective"].item();
     assert!((loss - expected).abs() / expected < 1e-5, "f32 loss {loss} vs torch {expected}");
-    let grads = tape.backward(out.objective);
+    let grads = tape.backward(out.objective).unwrap();
     for (name, var) in vars.named() {
         let ours = grads.get(*var).unwrap().cast::<f64>();
         let theirs = &fixture.tensors[&format!("grad.{name}")];

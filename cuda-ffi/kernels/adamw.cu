@@ -12,22 +12,26 @@ __device__ void adamw_element(float* p, const float* g, float* m, float* v, long
     p[i] = p[i] * (1.0f - lr * weight_decay) - lr * (mi / bias_correction1) / denom;
 }
 
-// Every parameter of a flat buffer in one launch. Parameter s spans [starts[s], starts[s + 1]);
-// flags[s] bit 0: update it, bit 1: apply weight decay. Each element finds its parameter by
-// binary search over the (a few hundred) starts.
-extern "C" __global__ void adamw_update_segments(float* p, const float* g, float* m, float* v, long n, const long* starts,
-                                                const unsigned int* flags, int segments, float grad_scale, float lr, float beta1,
-                                                float beta2, float eps, float weight_decay, float bias_correction1,
-                                                float bias_correction2_sqrt) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    int lo = 0, hi = segments;
+// Every parameter tensor of a model in one launch, as PyTorch's fused AdamW: tensor s has
+// lengths[s] elements at params[s], grads[s], ms[s], vs[s], its own weight decay, and its chunks
+// of ADAMW_CHUNK elements are blocks first_block[s] .. first_block[s + 1]. Each block finds its
+// tensor by binary search over the (a few hundred) first blocks.
+extern "C" __global__ void adamw_tensors(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* ms,
+                                         const unsigned long long* vs, const long* lengths, const float* decays, const int* first_block,
+                                         int tensors, float grad_scale, float lr, float beta1, float beta2, float eps, float bias_correction1,
+                                         float bias_correction2_sqrt) {
+    int block = blockIdx.x;
+    int lo = 0, hi = tensors;
     while (hi - lo > 1) {
         int mid = (lo + hi) / 2;
-        if (starts[mid] <= i) lo = mid; else hi = mid;
+        if (first_block[mid] <= block) lo = mid; else hi = mid;
     }
-    unsigned int f = flags[lo];
-    if (!(f & 1u)) return;
-    float decay = (f & 2u) ? weight_decay : 0.0f;
-    adamw_element(p, g, m, v, i, grad_scale, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt);
+    float* p = reinterpret_cast<float*>(params[lo]);
+    const float* g = reinterpret_cast<const float*>(grads[lo]);
+    float* m = reinterpret_cast<float*>(ms[lo]);
+    float* v = reinterpret_cast<float*>(vs[lo]);
+    long start = (long)(block - first_block[lo]) * ADAMW_CHUNK;
+    long end = min(start + (long)ADAMW_CHUNK, lengths[lo]);
+    for (long i = start + threadIdx.x; i < end; i += blockDim.x)
+        adamw_element(p, g, m, v, i, grad_scale, lr, beta1, beta2, eps, decays[lo], bias_correction1, bias_correction2_sqrt);
 }

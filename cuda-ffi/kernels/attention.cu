@@ -85,7 +85,6 @@ extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, fl
     else (which == 1 ? keys : values)[((long)h * positions + start + j) * hs + d] = qkv[index];
 }
 
-#define DECODE_THREADS 256
 
 // Decoding: the attention of m new query rows q (H, m, hs) over the cache (H, positions, hs),
 // whose positions up to start + m are filled; new row i sees positions ≤ start + i. Writes rows

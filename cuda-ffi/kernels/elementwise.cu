@@ -1,5 +1,9 @@
-// Elementwise and row/column kernels. Compiled at run time by NVRTC (see src/lib.rs); the math
-// is the CPU version's (src/kernels/gelu.rs of the main crate, docs/math.md eq. G1 and G2).
+// Elementwise and reduction kernels. Compiled at run time by NVRTC (cuda-ffi/src/device.rs); the
+// math is the CPU version's (src/kernels/gelu.rs of the main crate, docs/math.md eq. G1 and G2).
+//
+// Every reduction here adds in an order fixed by the sizes alone: a block's partial sum by a
+// fixed tree, the blocks' partial sums in block order by a second kernel (or by the host). No
+// atomics, so the same inputs give the same bits on every run.
 
 extern "C" __global__ void gelu_forward(const float* x, float* out, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -18,25 +22,30 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dout, floa
     }
 }
 
-// out = a + b (the residual connection)
+// out = a + b (the residual connection; out may be a or b)
 extern "C" __global__ void add(const float* a, const float* b, float* out, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
 }
 
-// out[row, j] = bias[j] for every row: the starting value of a linear layer's output
-// one block row per output row, so no division per element
+// out = a · s (out may be a)
+extern "C" __global__ void scale(const float* a, float s, float* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] * s;
+}
+
+// out[row, j] = bias[j] for every row: the starting value of a linear layer's output.
+// One block per output row, so no division per element.
 extern "C" __global__ void broadcast_rows(const float* bias, float* out, long rows, int cols) {
     long row = blockIdx.y * (long)gridDim.x + blockIdx.x;
     if (row >= rows) return;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) out[row * cols + j] = bias[j];
 }
 
-// sums[j] += Σ_rows x[row, j]. Block (32, 32) over 32 columns and a chunk of 256 rows:
-// threadIdx.x picks the column, threadIdx.y strides over the chunk's rows; the block's 32
-// partial sums are added in shared memory, then once into sums (atomically: chunks race).
-#define COLUMN_SUM_CHUNK 256
-extern "C" __global__ void column_sums_add(const float* x, float* sums, int rows, int cols) {
+// Column sums, first pass: partials[chunk, j] = Σ x[row, j] over the chunk's COLUMN_SUM_CHUNK
+// rows. Block (32, 32) over 32 columns of one chunk: threadIdx.x picks the column, threadIdx.y
+// strides over the chunk's rows, and the 32 partial sums of a column are added in order.
+extern "C" __global__ void column_partial_sums(const float* x, float* partials, int rows, int cols) {
     __shared__ float partial[32][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int first = blockIdx.y * COLUMN_SUM_CHUNK;
@@ -50,23 +59,49 @@ extern "C" __global__ void column_sums_add(const float* x, float* sums, int rows
     if (threadIdx.y == 0 && col < cols) {
         float total = 0.0f;
         for (int k = 0; k < 32; k++) total += partial[k][threadIdx.x];
-        atomicAdd(&sums[col], total);
+        partials[(long)blockIdx.y * cols + col] = total;
     }
 }
 
-// *total += Σ x[i]² in f64 (gradient clipping); blocks reduce in shared memory, then one atomic each
-extern "C" __global__ void sum_of_squares(const float* x, long n, double* total) {
-    __shared__ double partial[256];
-    double s = 0.0;
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        double v = x[i];
-        s += v * v;
-    }
-    partial[threadIdx.x] = s;
+// Column sums, second pass: sums[j] (+)= Σ_chunk partials[chunk, j], chunks in order.
+extern "C" __global__ void column_sums_finish(const float* partials, float* sums, int chunks, int cols, int accumulate) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= cols) return;
+    float total = 0.0f;
+    for (int k = 0; k < chunks; k++) total += partials[(long)k * cols + col];
+    sums[col] = accumulate ? sums[col] + total : total;
+}
+
+// A block's sum of THREADS doubles in shared memory, by a fixed tree; thread 0 gets it.
+__device__ double block_sum_f64(double v, double* shared) {
+    shared[threadIdx.x] = v;
     __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    for (int stride = THREADS / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
         __syncthreads();
     }
-    if (threadIdx.x == 0) atomicAdd(total, partial[0]);
+    return shared[0];
+}
+
+// Σ x[i]·y[i] (or Σ x[i]² when y is null) over chunks of REDUCE_CHUNK elements of several
+// tensors at once, in f64: tensor s has `lengths[s]` elements at `x[s]` (and `y[s]`), and its
+// chunks are blocks first_block[s] .. first_block[s + 1]; block b writes its chunk's sum to
+// partials[b]. The caller adds the partials in order.
+extern "C" __global__ void chunk_dots(const unsigned long long* x, const unsigned long long* y, const long* lengths,
+                                      const int* first_block, int tensors, double* partials) {
+    __shared__ double shared[THREADS];
+    int block = blockIdx.x;
+    int lo = 0, hi = tensors;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (first_block[mid] <= block) lo = mid; else hi = mid;
+    }
+    const float* a = reinterpret_cast<const float*>(x[lo]);
+    const float* b = y ? reinterpret_cast<const float*>(y[lo]) : a;
+    long start = (long)(block - first_block[lo]) * REDUCE_CHUNK;
+    long end = min(start + (long)REDUCE_CHUNK, lengths[lo]);
+    double s = 0.0;
+    for (long i = start + threadIdx.x; i < end; i += THREADS) s += (double)a[i] * (double)b[i];
+    double total = block_sum_f64(s, shared);
+    if (threadIdx.x == 0) partials[block] = total;
 }

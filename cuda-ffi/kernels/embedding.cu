@@ -1,10 +1,11 @@
-// Token and position embeddings: x[b,t] = wte[idx[b,t]] + wpe[t].
+// Token and position embeddings: x[b,t] = wte[idx[b,t]] + wpe[offset + t] (docs/math.md E1).
 
-extern "C" __global__ void embedding_forward(const unsigned int* idx, const float* wte, const float* wpe, float* out, int rows, int seq, int c) {
+extern "C" __global__ void embedding_forward(const unsigned int* idx, const float* wte, const float* wpe, float* out, int rows, int seq,
+                                             int offset, int c) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * c) return;
     int row = i / c, j = i % c;
-    out[i] = wte[(long)idx[row] * c + j] + wpe[(long)(row % seq) * c + j];
+    out[i] = wte[(long)idx[row] * c + j] + wpe[(long)(offset + row % seq) * c + j];
 }
 
 // Decoding: x[row] = wte[idx[row]] + wpe[start + row], start read from device memory (see
@@ -17,20 +18,25 @@ extern "C" __global__ void embedding_forward_at(const unsigned int* idx, const u
     out[i] = wte[(long)idx[row] * c + j] + wpe[(long)(*start_at + row) * c + j];
 }
 
-// dwte[idx[row]] += dout[row]. Rows with the same token collide, hence the atomics (the order
-// of the additions, and so the last bits, vary from run to run).
-extern "C" __global__ void embedding_backward_tokens(const unsigned int* idx, const float* dout, float* dwte, int rows, int c) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)rows * c) return;
-    int row = i / c, j = i % c;
-    atomicAdd(&dwte[(long)idx[row] * c + j], dout[i]);
+// dwte[v] += Σ dout[row] over the rows whose token is v, without atomics: the host groups the
+// rows by token (`order` lists the rows token by token, in row order within a token; token
+// group g is order[starts[g]] .. order[starts[g + 1]] with token tokens[g]), and block
+// (g, column chunk) adds group g's rows in that order.
+extern "C" __global__ void embedding_backward_tokens(const unsigned int* order, const unsigned int* starts, const unsigned int* tokens,
+                                                     const float* dout, float* dwte, int c) {
+    int group = blockIdx.x;
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float s = 0.0f;
+    for (unsigned int k = starts[group]; k < starts[group + 1]; k++) s += dout[(long)order[k] * c + j];
+    dwte[(long)tokens[group] * c + j] += s;
 }
 
-// dwpe[t] += Σ_b dout[b,t]: one thread per (t, j), summing over the batch in order.
-extern "C" __global__ void embedding_backward_positions(const float* dout, float* dwpe, int batch, int seq, int c) {
+// dwpe[offset + t] += Σ_b dout[b,t]: one thread per (t, j), summing over the batch in order.
+extern "C" __global__ void embedding_backward_positions(const float* dout, float* dwpe, int batch, int seq, int offset, int c) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)seq * c) return;
     float s = 0.0f;
     for (int b = 0; b < batch; b++) s += dout[(long)b * seq * c + i];
-    dwpe[i] += s;
+    dwpe[(long)offset * c + i] += s;
 }

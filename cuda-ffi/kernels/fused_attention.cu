@@ -13,8 +13,6 @@
 // distinct banks both for the 16 rows tx + 16·j and for the 16 neighbouring columns.
 // Scores are kept in base 2: s·scale·log2(e), so that exp2 does the exponentials.
 
-#define TILE 64
-#define TILE_THREADS 256
 #define LOG2E 1.4426950408889634f
 
 // Row stride of a (64, width) tile in shared memory.
@@ -28,7 +26,7 @@ struct Padded {
 template <int HS>
 __device__ void load_tile(float* tile, const float* source, long ld, int first, int seq) {
     constexpr int per_row = HS / 4;
-    for (int i = threadIdx.x; i < TILE * per_row; i += TILE_THREADS) {
+    for (int i = threadIdx.x; i < ATTENTION_TILE * per_row; i += ATTENTION_THREADS) {
         int row = i / per_row, col = (i - row * per_row) * 4;
         float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (first + row < seq) value = *reinterpret_cast<const float4*>(source + (long)(first + row) * ld + col);
@@ -85,12 +83,12 @@ __device__ void add_row_products(float acc[4][4], const float* a, const float* b
 // rows first). y (B, T, C); lse (B·H, T) the log2-sum-exp2 of each row's base-2 scores.
 template <int HS>
 __device__ void attention_forward(const float* qkv, float* y, float* lse, int seq, int n_head, float scale) {
-    constexpr int S = Padded<HS>::stride, P = Padded<TILE>::stride, DPT = HS / 16;
+    constexpr int S = Padded<HS>::stride, P = Padded<ATTENTION_TILE>::stride, DPT = HS / 16;
     extern __shared__ float4 shared4[];
     float* q_tile = reinterpret_cast<float*>(shared4);
-    float* k_tile = q_tile + TILE * S;
-    float* v_tile = k_tile + TILE * S;
-    float* p_tile = v_tile + TILE * S;  // (64 queries, 64 keys)
+    float* k_tile = q_tile + ATTENTION_TILE * S;
+    float* v_tile = k_tile + ATTENTION_TILE * S;
+    float* p_tile = v_tile + ATTENTION_TILE * S;  // (64 queries, 64 keys)
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
@@ -98,7 +96,7 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
     const float* q = qkv + (long)b * seq * ld + h * HS;
     const float* k = q + c;
     const float* v = q + 2 * c;
-    int first_query = query_tile * TILE;
+    int first_query = query_tile * ATTENTION_TILE;
     load_tile<HS>(q_tile, q, ld, first_query, seq);
     float o[4][DPT], running_max[4], running_sum[4];
 #pragma unroll
@@ -110,8 +108,8 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
     float score_scale = scale * LOG2E;
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         __syncthreads();  // the previous tile's k, v and p are read
-        load_tile<HS>(k_tile, k, ld, key_tile * TILE, seq);
-        load_tile<HS>(v_tile, v, ld, key_tile * TILE, seq);
+        load_tile<HS>(k_tile, k, ld, key_tile * ATTENTION_TILE, seq);
+        load_tile<HS>(v_tile, v, ld, key_tile * ATTENTION_TILE, seq);
         __syncthreads();
         float s[4][4] = {};
         add_row_products<HS>(s, q_tile, k_tile, tx, ty);
@@ -143,7 +141,7 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
         __syncthreads();
         // o += p v
 #pragma unroll 2
-        for (int key = 0; key < TILE; key += 4) {
+        for (int key = 0; key < ATTENTION_TILE; key += 4) {
             float4 p[4];
             float values[4][DPT];
 #pragma unroll
@@ -173,39 +171,46 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
 // Grid (⌈T/64⌉, B·H): block (x, bh) owns key tile x of head bh and walks the query tiles that
 // see it. Per query tile it recomputes p = exp2(s − lse) and dp = dy vᵀ, forms
 // ds = p (dp − dot) with dot = Σ_d y·dy of the query row (AT3), adds pᵀ dy to dv and dsᵀ q to dk in
-// registers, and adds ds k to dq in global memory (atomically: other key tiles add there too).
-// dqkv (B, T, 3C) must hold zeros in its q columns; the k and v columns are written whole.
+// registers, and adds ds k to dq in global memory. Other key tiles add to the same rows of dq,
+// so the additions take turns, with no atomics, in an order fixed by the shape: query tile i
+// gets key tile i's part first (its diagonal, the first tile that block walks), then key tile
+// i − 1's, and so on down to key tile 0. `turns` (B·H, query tiles), zero at the start, counts
+// the parts added so far. Every block walks its query tiles in increasing order, so key tile x
+// reaches query tile i one step after key tile x + 1 did: in the steady state nobody waits. The
+// blocks are laid out with the highest key tile first (blockIdx.x = 0), so the block a block
+// waits for was scheduled before it. dqkv (B, T, 3C) must hold zeros in its q columns; the k
+// and v columns are written whole.
 template <int HS>
-__device__ void attention_backward(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq, int n_head,
-                                   float scale) {
-    constexpr int S = Padded<HS>::stride, P = Padded<TILE>::stride, DPT = HS / 16;
+__device__ void attention_backward(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int* turns, int seq,
+                                   int n_head, float scale) {
+    constexpr int S = Padded<HS>::stride, P = Padded<ATTENTION_TILE>::stride, DPT = HS / 16;
     extern __shared__ float4 shared4[];
     float* k_tile = reinterpret_cast<float*>(shared4);
-    float* v_tile = k_tile + TILE * S;
-    float* q_tile = v_tile + TILE * S;
-    float* dy_tile = q_tile + TILE * S;
-    float* p_tile = dy_tile + TILE * S;  // (64 queries, 64 keys)
-    float* ds_tile = p_tile + TILE * P;
-    float* lse_tile = ds_tile + TILE * P;
-    float* dot_tile = lse_tile + TILE;
+    float* v_tile = k_tile + ATTENTION_TILE * S;
+    float* q_tile = v_tile + ATTENTION_TILE * S;
+    float* dy_tile = q_tile + ATTENTION_TILE * S;
+    float* p_tile = dy_tile + ATTENTION_TILE * S;  // (64 queries, 64 keys)
+    float* ds_tile = p_tile + ATTENTION_TILE * P;
+    float* lse_tile = ds_tile + ATTENTION_TILE * P;
+    float* dot_tile = lse_tile + ATTENTION_TILE;
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int key_tile = blockIdx.x, bh = blockIdx.y, query_tiles = gridDim.x;
+    int query_tiles = gridDim.x, key_tile = query_tiles - 1 - blockIdx.x, bh = blockIdx.y;
     int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
     long ld = 3L * c;
     const float* q = qkv + (long)b * seq * ld + h * HS;
     const float* dy_rows = dy + (long)b * seq * c + h * HS;
     float* dq = dqkv + (long)b * seq * ld + h * HS;
-    int first_key = key_tile * TILE;
+    int first_key = key_tile * ATTENTION_TILE;
     load_tile<HS>(k_tile, q + c, ld, first_key, seq);
     load_tile<HS>(v_tile, q + 2 * c, ld, first_key, seq);
     float dk[4][DPT] = {}, dv[4][DPT] = {};
     float score_scale = scale * LOG2E;
     for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
-        int first_query = query_tile * TILE;
+        int first_query = query_tile * ATTENTION_TILE;
         __syncthreads();  // the previous query tile is read
         load_tile<HS>(q_tile, q, ld, first_query, seq);
         load_tile<HS>(dy_tile, dy_rows, c, first_query, seq);
-        if (threadIdx.x < TILE) {
+        if (threadIdx.x < ATTENTION_TILE) {
             int t = first_query + threadIdx.x;
             // rows past the end get p = 0
             lse_tile[threadIdx.x] = t < seq ? lse[(long)bh * seq + t] : POS_INF;
@@ -230,7 +235,7 @@ __device__ void attention_backward(const float* qkv, const float* dy, const floa
         __syncthreads();
         // dv (keys ty·4 + i) += pᵀ dy, dk += dsᵀ q
 #pragma unroll 2
-        for (int query = 0; query < TILE; query++) {
+        for (int query = 0; query < ATTENTION_TILE; query++) {
             float4 p = *reinterpret_cast<const float4*>(p_tile + query * P + ty * 4);
             float4 ds = *reinterpret_cast<const float4*>(ds_tile + query * P + ty * 4);
             float dy_run[DPT], q_run[DPT];
@@ -247,7 +252,7 @@ __device__ void attention_backward(const float* qkv, const float* dy, const floa
         // dq (queries ty·4 + i) += ds k
         float dq_tile[4][DPT] = {};
 #pragma unroll 2
-        for (int key = 0; key < TILE; key += 4) {
+        for (int key = 0; key < ATTENTION_TILE; key += 4) {
             float4 ds[4];
             float keys[4][DPT];
 #pragma unroll
@@ -261,24 +266,26 @@ __device__ void attention_backward(const float* qkv, const float* dy, const floa
 #pragma unroll
                     for (int j = 0; j < DPT; j++) dq_tile[i][j] += lane(ds[i], e) * keys[e][j];
         }
+        // wait for key tiles query_tile .. key_tile + 1 to have added their parts to this query tile
+        int* turn = turns + (long)bh * query_tiles + query_tile;
+        if (threadIdx.x == 0) {
+            while (atomicAdd(turn, 0) != query_tile - key_tile) {
+            }
+            __threadfence();
+        }
+        __syncthreads();
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             int t = first_query + ty * 4 + i;
             if (t >= seq) continue;
             float* target = dq + (long)t * ld + tx * DPT;
-#if __CUDA_ARCH__ >= 900
-            if constexpr (DPT % 4 == 0) {
+            // past L1 both ways: the last tile's additions were made by another block
 #pragma unroll
-                for (int j = 0; j < DPT; j += 4) {
-                    float4 add = make_float4(scale * dq_tile[i][j], scale * dq_tile[i][j + 1], scale * dq_tile[i][j + 2], scale * dq_tile[i][j + 3]);
-                    atomicAdd(reinterpret_cast<float4*>(target + j), add);
-                }
-                continue;
-            }
-#endif
-#pragma unroll
-            for (int j = 0; j < DPT; j++) atomicAdd(target + j, scale * dq_tile[i][j]);
+            for (int j = 0; j < DPT; j++) __stcg(target + j, __ldcg(target + j) + scale * dq_tile[i][j]);
         }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicExch(turn, query_tile - key_tile + 1);
     }
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -307,14 +314,14 @@ extern "C" __global__ void attention_row_dots(const float* y, const float* dy, f
 
 // One pair of kernels per supported head size; larger heads hold more registers per thread.
 #define FUSED_ATTENTION(HS)                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS, HS <= 64 ? 2 : 1)                                              \
+    extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS, HS <= 64 ? 2 : 1)                                              \
         fused_attention_forward_##HS(const float* qkv, float* y, float* lse, int seq, int n_head, float scale) {               \
         attention_forward<HS>(qkv, y, lse, seq, n_head, scale);                                                                \
     }                                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS, HS <= 64 ? 2 : 1)                                              \
-        fused_attention_backward_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq, \
-                                      int n_head, float scale) {                                                               \
-        attention_backward<HS>(qkv, dy, lse, dot, dqkv, seq, n_head, scale);                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS, HS <= 64 ? 2 : 1)                                              \
+        fused_attention_backward_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,     \
+                                      int* turns, int seq, int n_head, float scale) {                                          \
+        attention_backward<HS>(qkv, dy, lse, dot, dqkv, turns, seq, n_head, scale);                                            \
     }
 
 FUSED_ATTENTION(16)

@@ -1,11 +1,7 @@
-// The rank-r CP head, block by block over positions (docs/math.md H1–H11; the CPU op is
+// The rank-r CP head, block by block over positions (docs/math.md H1–H11; the op is
 // src/ops/cp_head.rs of the main crate). A block holds the logits of rows (t, α, s) for a run
 // of consecutive positions t: row i of the block belongs to position i / (r·n), component
 // (i mod r·n) / n and horizon i mod n.
-
-#define THREADS 256
-#define MAX_HORIZON 16
-#define MAX_RANK 16
 
 // (H2, H7) One block of 256 threads per position t of the block, over its r·n rows of V
 // logits: log_p[t, α, s] = ℓ[y_s] − lse(ℓ); with `gradient`, also the posterior π (H7's

@@ -12,22 +12,18 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
-// dx += rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)); dw += dout·norm; db += dout.
-// dx accumulates because in a transformer it is the residual stream's gradient. A block of 8
-// warps takes ROWS_PER_BLOCK rows and sums its share of dw and db in shared memory (2·c
-// floats, dynamic), then adds it to the global sums: one atomic per column per block instead
-// of one per row, which would all contend for the same 2·c addresses.
-#define ROWS_PER_BLOCK 32
+// The backward pass in two kernels, with no atomics, so that its sums run in an order fixed by
+// the shape (docs/math.md LN2):
+// layernorm_backward: a block of 8 warps takes LAYERNORM_ROWS_PER_BLOCK rows. Each warp writes
+// (or adds, with `accumulate`) dx = rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)) for its
+// rows; then each thread takes columns and sums dout·norm and dout over the block's rows in
+// order, into the block's partials (2·c floats: dw then db).
 extern "C" __global__ void layernorm_backward(const float* x, const float* dout, const float* w, const float* mean, const float* rstd,
-                                              float* dx, float* dw, float* db, int rows, int c) {
-    extern __shared__ float block_sums[];  // dw then db, c each
-    float* dw_block = block_sums;
-    float* db_block = block_sums + c;
-    for (int j = threadIdx.x; j < 2 * c; j += blockDim.x) block_sums[j] = 0.0f;
-    __syncthreads();
+                                              float* dx, float* partials, int rows, int c, int accumulate) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    int first = blockIdx.x * ROWS_PER_BLOCK;
-    for (int row = first + warp; row < first + ROWS_PER_BLOCK && row < rows; row += warps) {
+    int first = blockIdx.x * LAYERNORM_ROWS_PER_BLOCK;
+    int last = min(first + LAYERNORM_ROWS_PER_BLOCK, rows);
+    for (int row = first + warp; row < last; row += warps) {
         const float* xr = x + (long)row * c;
         const float* gr = dout + (long)row * c;
         float m = mean[row], r = rstd[row];
@@ -37,21 +33,41 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
             float dnorm = gr[j] * w[j];
             sum_dnorm += dnorm;
             sum_dnorm_norm += dnorm * norm;
-            atomicAdd(&dw_block[j], gr[j] * norm);
-            atomicAdd(&db_block[j], gr[j]);
         }
         float mean_dnorm = warp_sum(sum_dnorm) / c;
         float mean_dnorm_norm = warp_sum(sum_dnorm_norm) / c;
+        float* dxr = dx + (long)row * c;
         for (int j = lane; j < c; j += 32) {
             float norm = (xr[j] - m) * r;
-            dx[(long)row * c + j] += r * (gr[j] * w[j] - mean_dnorm - norm * mean_dnorm_norm);
+            float d = r * (gr[j] * w[j] - mean_dnorm - norm * mean_dnorm_norm);
+            dxr[j] = accumulate ? dxr[j] + d : d;
         }
     }
-    __syncthreads();
+    float* dw_block = partials + (long)blockIdx.x * 2 * c;
+    float* db_block = dw_block + c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        atomicAdd(&dw[j], dw_block[j]);
-        atomicAdd(&db[j], db_block[j]);
+        float dw = 0.0f, db = 0.0f;
+        for (int row = first; row < last; row++) {
+            float g = dout[(long)row * c + j];
+            dw += g * (x[(long)row * c + j] - mean[row]) * rstd[row];
+            db += g;
+        }
+        dw_block[j] = dw;
+        db_block[j] = db;
     }
+}
+
+// dw[j], db[j] = the blocks' partials summed in block order (added to dw, db with `accumulate`).
+extern "C" __global__ void layernorm_parameter_gradients(const float* partials, float* dw, float* db, int blocks, int c, int accumulate) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int k = 0; k < blocks; k++) {
+        sw += partials[(long)k * 2 * c + j];
+        sb += partials[(long)k * 2 * c + c + j];
+    }
+    dw[j] = accumulate ? dw[j] + sw : sw;
+    db[j] = accumulate ? db[j] + sb : sb;
 }
 
 // The forward for a few rows (decoding): one block of 256 threads per row, so that a row's

@@ -13,9 +13,6 @@
 // never by `rows`: a row's result is the same bits whether it is decoded alone or with others,
 // and from run to run.
 
-#define WARPS 8
-#define TILE_COLUMNS 128
-#define K_CHUNK_MAX 128
 #define LOADS_IN_FLIGHT 8
 
 __device__ float4 operator+(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
@@ -26,9 +23,9 @@ template <int FEW_ROWS_MAX>
 __device__ void linear_few_rows(const float* x, const float* ln_weight, const float* ln_bias, const float* w, const float* b,
                                 const float* residual, float* out, float* partials, unsigned int* arrivals, int rows, int k, int n,
                                 int k_chunk, int apply_gelu) {
-    __shared__ float x_chunk[FEW_ROWS_MAX][K_CHUNK_MAX];
-    // the warps' sums (WARPS, FEW_ROWS_MAX, 32 float4s); before them, x's whole rows for the LayerNorm
-    __shared__ float4 pool[WARPS * FEW_ROWS_MAX * 32];
+    __shared__ float x_chunk[FEW_ROWS_MAX][FEW_ROW_K_CHUNK_MAX];
+    // the warps' sums (FEW_ROW_WARPS, FEW_ROWS_MAX, 32 float4s); before them, x's whole rows for the LayerNorm
+    __shared__ float4 pool[FEW_ROW_WARPS * FEW_ROWS_MAX * 32];
     __shared__ float row_mean[FEW_ROWS_MAX], row_rstd[FEW_ROWS_MAX];
     __shared__ bool last_to_arrive;
     float4 (*warp_sums)[FEW_ROWS_MAX][32] = (float4 (*)[FEW_ROWS_MAX][32])pool;
@@ -61,23 +58,23 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     __syncthreads();
 
     // this warp's rows of w (every 8th of the block's), eight loads in flight at a time
-    int column = blockIdx.x * TILE_COLUMNS + lane * 4;
+    int column = blockIdx.x * FEW_ROW_TILE_COLUMNS + lane * 4;
     float4 sum[FEW_ROWS_MAX];
 #pragma unroll
     for (int r = 0; r < FEW_ROWS_MAX; r++) sum[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (column < n) {
-        for (int j = warp; j < width; j += LOADS_IN_FLIGHT * WARPS) {
+        for (int j = warp; j < width; j += LOADS_IN_FLIGHT * FEW_ROW_WARPS) {
             float4 w_rows[LOADS_IN_FLIGHT];
 #pragma unroll
             for (int u = 0; u < LOADS_IN_FLIGHT; u++)
-                if (j + u * WARPS < width) w_rows[u] = __ldg((const float4*)(w + (long)(k0 + j + u * WARPS) * n + column));
+                if (j + u * FEW_ROW_WARPS < width) w_rows[u] = __ldg((const float4*)(w + (long)(k0 + j + u * FEW_ROW_WARPS) * n + column));
 #pragma unroll
             for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-                if (j + u * WARPS >= width) break;
+                if (j + u * FEW_ROW_WARPS >= width) break;
 #pragma unroll
                 for (int r = 0; r < FEW_ROWS_MAX; r++) {
                     if (r < rows) {
-                        float xv = x_chunk[r][j + u * WARPS];
+                        float xv = x_chunk[r][j + u * FEW_ROW_WARPS];
                         float4 wv = w_rows[u];
                         sum[r].x += xv * wv.x; sum[r].y += xv * wv.y; sum[r].z += xv * wv.z; sum[r].w += xv * wv.w;
                     }
@@ -92,11 +89,11 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 
     // thread t < rows·32 takes row t / 32 at the float4 of lane t % 32; warps summed in order
     int r = threadIdx.x / 32, quad = threadIdx.x % 32;
-    int col = blockIdx.x * TILE_COLUMNS + quad * 4;
+    int col = blockIdx.x * FEW_ROW_TILE_COLUMNS + quad * 4;
     bool mine = r < rows && col < n;
     float4 total = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (mine)
-        for (int v = 0; v < WARPS; v++) total = total + warp_sums[v][r][quad];
+        for (int v = 0; v < FEW_ROW_WARPS; v++) total = total + warp_sums[v][r][quad];
     if (gridDim.y > 1) {
         if (mine) *(float4*)(partials + ((long)blockIdx.y * rows + r) * n + col) = total;
         __threadfence();
@@ -107,20 +104,20 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
         if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;
         // the last block adds the partial sums: warp g sums parts g, g + 8, … of each row in
         // turn, their loads in flight together; then the warps' sums are added in order
-        int my_col = blockIdx.x * TILE_COLUMNS + lane * 4;
+        int my_col = blockIdx.x * FEW_ROW_TILE_COLUMNS + lane * 4;
         float4 group[FEW_ROWS_MAX];
 #pragma unroll
         for (int q = 0; q < FEW_ROWS_MAX; q++) {
             group[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (q >= rows || my_col >= n) continue;
-            for (int part = warp; part < gridDim.y; part += LOADS_IN_FLIGHT * WARPS) {
+            for (int part = warp; part < gridDim.y; part += LOADS_IN_FLIGHT * FEW_ROW_WARPS) {
                 float4 p[LOADS_IN_FLIGHT];
 #pragma unroll
                 for (int u = 0; u < LOADS_IN_FLIGHT; u++)
-                    if (part + u * WARPS < gridDim.y) p[u] = __ldcg((const float4*)(partials + ((long)(part + u * WARPS) * rows + q) * n + my_col));
+                    if (part + u * FEW_ROW_WARPS < gridDim.y) p[u] = __ldcg((const float4*)(partials + ((long)(part + u * FEW_ROW_WARPS) * rows + q) * n + my_col));
 #pragma unroll
                 for (int u = 0; u < LOADS_IN_FLIGHT; u++)
-                    if (part + u * WARPS < gridDim.y) group[q] = group[q] + p[u];
+                    if (part + u * FEW_ROW_WARPS < gridDim.y) group[q] = group[q] + p[u];
             }
         }
         __syncthreads();
@@ -130,7 +127,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
         __syncthreads();
         if (mine) {
             total = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int v = 0; v < WARPS; v++) total = total + warp_sums[v][r][quad];
+            for (int v = 0; v < FEW_ROW_WARPS; v++) total = total + warp_sums[v][r][quad];
         }
     }
     if (!mine) return;

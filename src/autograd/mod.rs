@@ -10,7 +10,10 @@
 //!   output and returns one gradient per input; the engine adds them into a store keyed by
 //!   var id ([`Gradients`]). Gradients of intermediates are freed as soon as they are used.
 //!
-//! Ops themselves live in `ops/`, one file each, forward and backward side by side.
+//! Ops themselves live in `ops/`, one file each, forward and backward side by side. The tape
+//! does not know where tensors live: an op runs its CPU or its GPU kernel, and its rule the
+//! matching backward; a GPU's failure (out of memory, say) comes back as an error from the op
+//! or from `backward`.
 
 mod profile;
 
@@ -18,6 +21,7 @@ pub use profile::{profile_report, profiling_enabled};
 
 use std::time::Instant;
 
+use crate::error::Result;
 use crate::tensor::{Float, Tensor};
 
 /// A handle to a value on a tape.
@@ -32,7 +36,7 @@ impl Var {
 
 /// An op's backward rule: given the gradient of the output and which inputs need a
 /// gradient, return the gradient of each input (`None` where not needed).
-pub type BackwardRule<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>>>;
+pub type BackwardRule<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>>>;
 
 struct Step<T: Float> {
     op: &'static str,
@@ -98,9 +102,13 @@ impl<T: Float> Tape<T> {
         op: &'static str,
         output: Tensor<T>,
         inputs: &[Var],
-        rule: impl FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + 'static,
+        rule: impl FnOnce(&Tensor<T>, &[bool]) -> Result<Vec<Option<Tensor<T>>>> + 'static,
     ) -> Var {
         if let Some(start) = self.last_op_end {
+            // a GPU runs the op's kernels after the call returns: wait for them
+            if let Some(cuda) = output.cuda() {
+                let _ = cuda.gpu().synchronize();
+            }
             profile::add_forward(op, start.elapsed());
             self.last_op_end = Some(Instant::now());
         }
@@ -116,36 +124,49 @@ impl<T: Float> Tape<T> {
 
     /// Gradients of the scalar `loss` with respect to every leaf that requires them.
     /// Consumes the tape: activations are released as the walk passes them.
-    pub fn backward(mut self, loss: Var) -> Gradients<T> {
+    pub fn backward(self, loss: Var) -> Result<Gradients<T>> {
         assert_eq!(self.values[loss.0].len(), 1, "backward needs a scalar loss");
+        let seed = &self.values[loss.0];
+        let ones = Tensor::full_on(seed.shape(), T::one(), &seed.device())?;
+        self.backward_with_gradient(loss, ones)
+    }
+
+    /// Gradients of `Σ output ⊙ gradient` with respect to every leaf that requires them: the
+    /// backward pass started from any output, with `gradient` (of the output's shape, on its
+    /// device) as the output's gradient. `backward` is this with a gradient of ones.
+    pub fn backward_with_gradient(mut self, output: Var, gradient: Tensor<T>) -> Result<Gradients<T>> {
+        assert_eq!(self.values[output.0].shape(), gradient.shape(), "backward: the gradient's shape differs from the output's");
         // Release the tape's hold on intermediate values: rules keep what they need, and
         // nothing else is read again. Leaves are kept (parameters, inputs).
         let produced: Vec<usize> = self.steps.iter().map(|s| s.output.0).collect();
         for id in produced {
-            if id != loss.0 {
+            if id != output.0 {
                 self.values[id] = Tensor::zeros(&[0]);
             }
         }
         let mut grads: Vec<Option<Tensor<T>>> = vec![None; self.values.len()];
-        grads[loss.0] = Some(Tensor::full(self.values[loss.0].shape(), T::one()));
+        grads[output.0] = Some(gradient);
         while let Some(step) = self.steps.pop() {
             let Some(grad_output) = grads[step.output.0].take() else { continue };
             let needs: Vec<bool> = step.inputs.iter().map(|v| self.requires_grad[v.0]).collect();
             let start = self.last_op_end.map(|_| Instant::now());
-            let input_grads = (step.rule)(&grad_output, &needs);
+            let input_grads = (step.rule)(&grad_output, &needs)?;
             if let Some(start) = start {
+                if let Some(cuda) = grad_output.cuda() {
+                    let _ = cuda.gpu().synchronize();
+                }
                 profile::add_backward(step.op, start.elapsed());
             }
             assert_eq!(input_grads.len(), step.inputs.len(), "a backward rule returned the wrong number of gradients");
             for ((input, grad), need) in step.inputs.iter().zip(input_grads).zip(needs) {
                 let Some(grad) = grad.filter(|_| need) else { continue };
                 match &mut grads[input.0] {
-                    Some(total) => total.add_assign(&grad),
+                    Some(total) => total.add_assign(&grad)?,
                     slot => *slot = Some(grad),
                 }
             }
         }
-        Gradients { grads }
+        Ok(Gradients { grads })
     }
 }
 

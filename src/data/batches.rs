@@ -5,8 +5,38 @@
 
 use crate::error::Result;
 use crate::invalid;
-use crate::model::Batch;
 use crate::tensor::Rng;
+
+/// A batch of B rows: inputs x_0..x_{T−1} and, for each position t, its n targets x_{t+1..t+n}.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// (B·T)
+    pub inputs: Vec<u32>,
+    /// (B·T, n): targets[t·n + s] = y_s at position t
+    pub targets: Vec<u32>,
+    pub seq: usize,
+    pub horizon: usize,
+}
+
+impl Batch {
+    /// Cuts rows of `T + n` tokens into inputs and targets.
+    pub fn from_rows(rows: &[&[u32]], seq: usize, horizon: usize) -> Self {
+        let mut inputs = Vec::with_capacity(rows.len() * seq);
+        let mut targets = Vec::with_capacity(rows.len() * seq * horizon);
+        for row in rows {
+            assert_eq!(row.len(), seq + horizon, "a training row holds T + n tokens");
+            inputs.extend_from_slice(&row[..seq]);
+            for t in 0..seq {
+                targets.extend_from_slice(&row[t + 1..t + 1 + horizon]);
+            }
+        }
+        Batch { inputs, targets, seq, horizon }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.inputs.len() / self.seq
+    }
+}
 
 const BATCH_STREAM: u64 = 1;
 

@@ -4,6 +4,8 @@ pub mod batches;
 pub mod tokenizer;
 pub mod tokens;
 
+pub use batches::Batch;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

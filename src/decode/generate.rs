@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::context::context_start;
 use super::head::{Head, HeadState};
 use super::kv_cache::CachedBackbone;
+use super::pass::Backbone;
 use super::sampling::{self, SamplingConfig};
 use crate::autograd::Tape;
 use crate::error::Result;
@@ -100,7 +101,7 @@ pub fn generate_reference<T: Float>(
         let window = &sequence[context_start(t, config.n_positions)..t];
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
-        let h = gpt2::hidden_states(&mut tape, config, &vars, window, window.len());
+        let h = gpt2::hidden_states(&mut tape, config, &vars, window, window.len())?;
         let last = &tape.value(h).data()[(window.len() - 1) * config.n_embd..];
         let state = head.states(last, 1)?.remove(0);
         sequence.push(choose(&state.next_token_probs(), sampling, &mut rng));
@@ -114,15 +115,6 @@ pub fn generate_reference<T: Float>(
         accepted: vec![],
         timing: Timing::default(),
     })
-}
-
-/// A backbone with a KV cache: new tokens in, their hidden states (m, C) out; rollback by
-/// truncation. On the CPU `kv_cache::CachedBackbone`, on the GPU `cuda::decode`.
-pub trait Backbone<T> {
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>>;
-    fn truncate(&mut self, len: usize);
-    /// positions in the cache
-    fn positions(&self) -> usize;
 }
 
 /// What a decoder needs besides the model: how many tokens, how to choose them, and a callback

@@ -1,8 +1,8 @@
 //! The multi-token head at decoding time: its distributions at a hidden state, the next-token
 //! marginal, and the draft conditionals of self-speculative decoding (docs/decoding.md).
 
-use super::team::{together, SharedRows, Team};
 use crate::error::Result;
+use crate::kernels::team::{together, SharedRows, Team};
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Float, Tensor};
 
@@ -228,7 +228,7 @@ mod tests {
         let mut params = gpt2::init_params::<f64>(&config, &mut rng);
         for t in params.values_mut() {
             let noise = Tensor::randn(t.shape(), 0.3, &mut rng);
-            t.add_assign(&noise);
+            t.add_assign(&noise).unwrap();
         }
         let hidden = Tensor::randn(&[1, 8], 1.0, &mut rng);
         // (V = 40: a team of threads splits the vocabulary, 16 columns at a time)
@@ -243,7 +243,7 @@ mod tests {
         let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| false);
         let h = tape.leaf(hidden, false);
         let targets = [7, 2, 5];
-        let out = head_loss(&mut tape, &config, &vars, h, &targets, 0.0);
+        let out = head_loss(&mut tape, &config, &vars, h, &targets, 0.0).unwrap();
         assert!((-marginal[7].ln() - out.stats.head_losses[0]).abs() < 1e-12);
         // every horizon's marginal Σ_α w[α] P[α,s](y_s) too (horizons 1 and 2 come out of one
         // stacked product)

@@ -1,10 +1,18 @@
-//! The GPT-2 backbone for decoding: a KV cache per layer, new tokens appended, rollback by
-//! truncation. Inference only (no tape), the same math as `model::gpt2` (docs/math.md, "The model").
+//! The GPT-2 backbone for decoding on the CPU: a KV cache per layer, new tokens appended,
+//! rollback by truncation, each pass [`pass::pass`](super::pass::pass) with the kernels of this
+//! file. Inference only (no tape), the same math as `model::gpt2` (docs/math.md, "The model").
+//!
+//! A pass of a few tokens runs as a team of threads (`kernels::team`): every thread runs the
+//! whole pass, taking its share of each step (its heads of the attention, its columns of each
+//! linear layer), and the threads meet at a barrier wherever a step reads what the others
+//! wrote. A longer pass (the prompt) runs on one thread whose products use the whole pool.
 
 use std::ops::Range;
 
-use super::team::{together, SharedRows, Team, TEAM_ROWS};
+use super::pass::{pass, Backbone, Linear, PassKernels};
+use crate::error::Result;
 use crate::kernels::gemm::Layout;
+use crate::kernels::team::{together, SharedRows, Team, TEAM_ROWS};
 use crate::kernels::SharedMut;
 use crate::model::params::BlockParams;
 use crate::model::{ModelConfig, ModelParams};
@@ -20,8 +28,8 @@ struct LayerCache<T> {
 pub struct CachedBackbone<'a, T: Float> {
     config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
-    /// each block's four weight matrices, transposed to (out, in)
-    weights: Vec<[Linear<T>; 4]>,
+    /// each block's four weight matrices, transposed to (out, in), in the order of [`Linear`]
+    weights: Vec<[TransposedWeight<T>; 4]>,
     layers: Vec<LayerCache<T>>,
     /// positions filled
     len: usize,
@@ -30,17 +38,17 @@ pub struct CachedBackbone<'a, T: Float> {
 /// A weight matrix stored (out, in): decoding multiplies a few rows by it, and then each output
 /// is a dot product over a contiguous row, read front to back. The checkpoint's Conv1D layout
 /// (in, out) would make every step of that product jump a whole row ahead in memory.
-struct Linear<T> {
+struct TransposedWeight<T> {
     transposed: Vec<T>,
     n_in: usize,
 }
 
-impl<T: Float> Linear<T> {
+impl<T: Float> TransposedWeight<T> {
     fn new(weight: &Tensor<T>) -> Self {
         let (n_in, n_out) = (weight.shape()[0], weight.shape()[1]);
         let w = weight.data();
         let transposed = (0..n_out * n_in).map(|i| w[(i % n_in) * n_out + i / n_in]).collect();
-        Linear { transposed, n_in }
+        TransposedWeight { transposed, n_in }
     }
 
     /// Output columns `columns` of `x (m, n_in) · W + b`, laid out (m, |columns|). A team of
@@ -72,14 +80,7 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         let weights = params
             .blocks
             .iter()
-            .map(|b| {
-                [
-                    Linear::new(&b.attn_c_attn_weight),
-                    Linear::new(&b.attn_c_proj_weight),
-                    Linear::new(&b.mlp_c_fc_weight),
-                    Linear::new(&b.mlp_c_proj_weight),
-                ]
-            })
+            .map(|b| [&b.attn_c_attn_weight, &b.attn_c_proj_weight, &b.mlp_c_fc_weight, &b.mlp_c_proj_weight].map(TransposedWeight::new))
             .collect();
         CachedBackbone { config, params, weights, layers, len: 0 }
     }
@@ -109,88 +110,152 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
     pub fn forward(&mut self, tokens: &[u32]) -> Vec<T> {
         let (c, m, p0) = (self.config.n_embd, tokens.len(), self.len);
         assert!(p0 + m <= self.config.n_positions, "the cache holds n_positions tokens at most");
-        let (wte, wpe) = (self.params.wte.data(), self.params.wpe.data());
-        let mut x = vec![T::zero(); m * c];
-        for (i, (row, &token)) in x.chunks_mut(c).zip(tokens).enumerate() {
-            let (te, pe) = (&wte[token as usize * c..][..c], &wpe[(p0 + i) * c..][..c]);
-            for j in 0..c {
-                row[j] = te[j] + pe[j];
-            }
-        }
-        let (mut attended, mut activated) = (vec![T::zero(); m * c], vec![T::zero(); m * 4 * c]);
-        let pass = Pass {
-            config: self.config,
-            p0,
-            m,
+        let (mut x, mut attended, mut activated, mut hidden) =
+            (vec![T::zero(); m * c], vec![T::zero(); m * c], vec![T::zero(); m * 4 * c], vec![T::zero(); m * c]);
+        let buffers = PassBuffers {
             x: SharedRows::new(&mut x, c),
             attended: SharedRows::new(&mut attended, c),
             activated: SharedRows::new(&mut activated, 4 * c),
+            hidden: SharedRows::new(&mut hidden, c),
         };
         let caches: Vec<(SharedMut<T>, SharedMut<T>)> =
             self.layers.iter_mut().map(|l| (SharedMut::new(l.keys.as_mut_ptr()), SharedMut::new(l.values.as_mut_ptr()))).collect();
         let run = |team: &Team| {
-            for ((block, weights), &(keys, values)) in self.params.blocks.iter().zip(&self.weights).zip(&caches) {
-                // SAFETY: the buffers hold m rows of the widths `Pass` describes, and the cache
-                // n_positions ≥ p0 + m positions per head (asserted above).
-                unsafe { pass.block_forward(team, block, weights, keys, values) };
-            }
+            let mut kernels = TeamKernels {
+                team,
+                config: self.config,
+                params: self.params,
+                weights: &self.weights,
+                caches: &caches,
+                buffers: &buffers,
+                tokens,
+                p0,
+                queries_keys_values: Vec::new(),
+            };
+            // the CPU's kernels return no errors
+            pass(&mut kernels, self.config.n_layer).expect("a CPU decoding pass");
         };
         // a pass of a few tokens as a team, even of a small model: the team's helpers are
-        // awake, so it starts in about a microsecond (`decode::team`)
+        // awake, so it starts in about a microsecond (`kernels::team`)
         if m <= TEAM_ROWS {
             together(run);
         } else {
             run(&Team::solo());
         }
         self.len += m;
-        layernorm_rows(&x, &self.params.ln_f_weight, &self.params.ln_f_bias)
+        hidden
     }
 }
 
-/// One pass's buffers, shared by the team: the residual stream x (m, C), the attention's
-/// output before its projection (m, C), and the MLP's hidden activations (m, 4C). Each thread
-/// writes its own columns of them, and reads them whole only after the barrier that follows
-/// the writes.
-struct Pass<'a, T> {
-    config: &'a ModelConfig,
-    /// position of the first new row
-    p0: usize,
-    /// new rows
-    m: usize,
+/// One pass's buffers, shared by the team: the residual stream x (m, C), the attention's output
+/// before its projection (m, C), the MLP's hidden activations (m, 4C) and the final hidden
+/// states (m, C). Each thread writes its own columns (or rows) of them, and reads them whole
+/// only after the barrier that follows the writes.
+struct PassBuffers<T> {
     x: SharedRows<T>,
     attended: SharedRows<T>,
     activated: SharedRows<T>,
+    hidden: SharedRows<T>,
 }
 
-impl<T: Float> Pass<'_, T> {
-    /// One transformer block over the pass's m rows, this thread's share of it: its heads of
-    /// the attention, its columns of each linear layer.
-    ///
-    /// # Safety
-    /// Every thread of `team` runs it with the same arguments; `keys` and `values` point to this
-    /// layer's cache, (H, n_positions, hs) each, and the buffers of `self` hold m rows.
-    unsafe fn block_forward(
-        &self,
-        team: &Team,
-        block: &BlockParams<Tensor<T>>,
-        weights: &[Linear<T>; 4],
-        keys: SharedMut<T>,
-        values: SharedMut<T>,
-    ) {
-        let [attn, attn_proj, fc, fc_proj] = weights;
-        let (config, m, p0) = (self.config, self.m, self.p0);
-        let (c, hs, positions) = (config.n_embd, config.head_size(), config.n_positions);
-        // attention: this thread's heads, their queries, keys and values
-        let heads = team.share(config.n_head, 1);
-        let columns = heads.start * hs..heads.end * hs;
-        let a = layernorm_rows(self.x.read(), &block.ln_1_weight, &block.ln_1_bias);
-        let part = |offset: usize| attn.apply(team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end);
-        let (queries, new_keys, new_values) = (part(0), part(c), part(2 * c));
+/// The CPU's kernels as one thread of a team runs them: its share of each step.
+struct TeamKernels<'a, T: Float> {
+    team: &'a Team<'a>,
+    config: &'a ModelConfig,
+    params: &'a ModelParams<Tensor<T>>,
+    weights: &'a [[TransposedWeight<T>; 4]],
+    /// each layer's cache, (H, n_positions, hs) keys and values
+    caches: &'a [(SharedMut<T>, SharedMut<T>)],
+    buffers: &'a PassBuffers<T>,
+    tokens: &'a [u32],
+    /// position of the first new row
+    p0: usize,
+    /// this thread's heads' q, k and v of the current layer (m, |heads|·hs) each, one after the
+    /// other: from `layernorm_linear(Qkv)` to `attend`
+    queries_keys_values: Vec<T>,
+}
+
+impl<T: Float> TeamKernels<'_, T> {
+    fn block(&self, layer: usize) -> &BlockParams<Tensor<T>> {
+        &self.params.blocks[layer]
+    }
+
+    fn weight(&self, layer: usize, linear: Linear) -> &TransposedWeight<T> {
+        let index = [Linear::Qkv, Linear::AttentionOut, Linear::MlpUp, Linear::MlpDown].iter().position(|&l| l == linear).expect("four");
+        &self.weights[layer][index]
+    }
+
+    /// This thread's heads, and their columns in q (k, v) of a (m, C) matrix.
+    fn heads(&self) -> (Range<usize>, Range<usize>) {
+        let heads = self.team.share(self.config.n_head, 1);
+        let hs = self.config.head_size();
+        (heads.clone(), heads.start * hs..heads.end * hs)
+    }
+}
+
+// SAFETY (for every method): all threads of the team run the same pass, so they meet at the same
+// barriers; each writes only its own columns (rows) of a shared buffer, and reads a buffer whole
+// only after the barrier that follows the writes to it.
+impl<T: Float> PassKernels for TeamKernels<'_, T> {
+    fn embed(&mut self) -> Result<()> {
+        let c = self.config.n_embd;
+        let (wte, wpe) = (self.params.wte.data(), self.params.wpe.data());
+        let columns = self.team.share(c, 16);
+        let mut x = Vec::with_capacity(self.tokens.len() * columns.len());
+        for (i, &token) in self.tokens.iter().enumerate() {
+            let (te, pe) = (&wte[token as usize * c..][columns.clone()], &wpe[(self.p0 + i) * c..][columns.clone()]);
+            x.extend(te.iter().zip(pe).map(|(&a, &b)| a + b));
+        }
+        unsafe { self.buffers.x.write_columns(0, columns, &x, false) };
+        self.team.sync();
+        Ok(())
+    }
+
+    fn layernorm_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
+        let (c, block) = (self.config.n_embd, self.block(layer));
+        let x = unsafe { self.buffers.x.read() };
+        match linear {
+            Linear::Qkv => {
+                // this thread's heads' queries, keys and values
+                let a = layernorm_rows(x, &block.ln_1_weight, &block.ln_1_bias);
+                let (_, columns) = self.heads();
+                let weight = self.weight(layer, Linear::Qkv);
+                let part =
+                    |offset: usize| weight.apply(self.team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end);
+                self.queries_keys_values = [part(0), part(c), part(2 * c)].concat();
+            }
+            Linear::MlpUp => {
+                // this thread's hidden units
+                let normed = layernorm_rows(x, &block.ln_2_weight, &block.ln_2_bias);
+                let columns = self.team.share(4 * c, 16);
+                let hidden = self.weight(layer, Linear::MlpUp).apply(self.team, &normed, &block.mlp_c_fc_bias, columns.clone());
+                let mut activated = vec![T::zero(); hidden.len()];
+                T::gelu_forward(&hidden, &mut activated);
+                unsafe { self.buffers.activated.write_columns(0, columns, &activated, false) };
+                self.team.sync();
+            }
+            other => unreachable!("{other:?} is not a sublayer's input"),
+        }
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize) -> Result<()> {
+        let config = self.config;
+        let (m, p0) = (self.tokens.len(), self.p0);
+        let (hs, positions) = (config.head_size(), config.n_positions);
+        let (heads, columns) = self.heads();
         let width = columns.len();
+        let (queries, rest) = self.queries_keys_values.split_at(m * width);
+        let (new_keys, new_values) = rest.split_at(m * width);
         // this thread's heads' caches: (heads, n_positions, hs) each
+        let (keys, values) = self.caches[layer];
         let cache_range = heads.start * positions * hs..heads.end * positions * hs;
-        let head_keys = std::slice::from_raw_parts_mut(keys.get().add(cache_range.start), cache_range.len());
-        let head_values = std::slice::from_raw_parts_mut(values.get().add(cache_range.start), cache_range.len());
+        let (head_keys, head_values) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(keys.get().add(cache_range.start), cache_range.len()),
+                std::slice::from_raw_parts_mut(values.get().add(cache_range.start), cache_range.len()),
+            )
+        };
         for i in 0..m {
             for (h, local) in heads.clone().zip(0..) {
                 let at = (local * positions + p0 + i) * hs;
@@ -213,41 +278,52 @@ impl<T: Float> Pass<'_, T> {
             let k = &head_keys[local * positions * hs..(local * positions + visible_keys) * hs];
             let v = &head_values[local * positions * hs..(local * positions + visible_keys) * hs];
             // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
-            team.product(&query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
+            self.team.product(&query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
             for (i, row) in scores.chunks_mut(visible_keys).enumerate() {
                 let visible = p0 + i + 1;
                 row[..visible].iter_mut().for_each(|x| *x *= scale);
                 T::softmax_row(&mut row[..visible]);
                 row[visible..].fill(T::zero());
             }
-            team.product(&scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
+            self.team.product(&scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
             for i in 0..m {
                 attended[i * width + local * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
             }
         }
-        self.attended.write_columns(0, columns, &attended, false);
-        team.sync();
-        // x += attended · W_proj + b, this thread's columns
-        let columns = team.share(c, 16);
-        let projected = attn_proj.apply(team, self.attended.read(), &block.attn_c_proj_bias, columns.clone());
-        self.x.write_columns(0, columns.clone(), &projected, true);
-        team.sync();
-        // the MLP: this thread's hidden units, then its columns of the projection back
-        let normed = layernorm_rows(self.x.read(), &block.ln_2_weight, &block.ln_2_bias);
-        let hidden_columns = team.share(4 * c, 16);
-        let hidden = fc.apply(team, &normed, &block.mlp_c_fc_bias, hidden_columns.clone());
-        let mut activated = vec![T::zero(); hidden.len()];
-        T::gelu_forward(&hidden, &mut activated);
-        self.activated.write_columns(0, hidden_columns, &activated, false);
-        team.sync();
-        let projected = fc_proj.apply(team, self.activated.read(), &block.mlp_c_proj_bias, columns.clone());
-        self.x.write_columns(0, columns, &projected, true);
-        team.sync();
+        unsafe { self.buffers.attended.write_columns(0, columns, &attended, false) };
+        self.team.sync();
+        Ok(())
+    }
+
+    fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
+        let block = self.block(layer);
+        let (input, bias) = match linear {
+            Linear::AttentionOut => (&self.buffers.attended, &block.attn_c_proj_bias),
+            Linear::MlpDown => (&self.buffers.activated, &block.mlp_c_proj_bias),
+            other => unreachable!("{other:?} is not a sublayer's output"),
+        };
+        // x += y · W + b, this thread's columns
+        let columns = self.team.share(self.config.n_embd, 16);
+        let projected = self.weight(layer, linear).apply(self.team, unsafe { input.read() }, bias, columns.clone());
+        unsafe { self.buffers.x.write_columns(0, columns, &projected, true) };
+        self.team.sync();
+        Ok(())
+    }
+
+    fn final_layernorm(&mut self) -> Result<()> {
+        let c = self.config.n_embd;
+        let x = unsafe { self.buffers.x.read() };
+        for row in self.team.share(self.tokens.len(), 1) {
+            let out = unsafe { self.buffers.hidden.row_mut(row) };
+            T::layernorm_row(&x[row * c..(row + 1) * c], self.params.ln_f_weight.data(), self.params.ln_f_bias.data(), out);
+        }
+        self.team.sync();
+        Ok(())
     }
 }
 
-impl<T: Float> super::generate::Backbone<T> for CachedBackbone<'_, T> {
-    fn forward(&mut self, tokens: &[u32]) -> crate::error::Result<Vec<T>> {
+impl<T: Float> Backbone<T> for CachedBackbone<'_, T> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>> {
         Ok(CachedBackbone::forward(self, tokens))
     }
 
@@ -275,7 +351,7 @@ mod tests {
         let tokens: Vec<u32> = (0..20).map(|_| rng.below(40) as u32).collect();
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, &config, &params, |_| false);
-        let full = gpt2::hidden_states(&mut tape, &config, &vars, &tokens, tokens.len());
+        let full = gpt2::hidden_states(&mut tape, &config, &vars, &tokens, tokens.len()).unwrap();
         let full = tape.value(full).data().to_vec();
         // feed in uneven pieces, with a rollback in the middle
         let mut cache = CachedBackbone::new(&config, &params);

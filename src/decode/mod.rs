@@ -2,11 +2,12 @@
 //! autoregressive with a cache, and self-speculative (docs/decoding.md).
 
 pub mod context;
+pub mod cuda;
 pub mod generate;
 pub mod head;
 pub mod kv_cache;
+pub mod pass;
 pub mod sampling;
-pub mod team;
 
 pub use generate::{decode, generate_reference, DecodeRequest, Generation};
 pub use sampling::SamplingConfig;

@@ -12,10 +12,11 @@
 use serde::Serialize;
 
 use crate::autograd::Tape;
+use crate::error::Result;
 use crate::kernels::softmax::softmax_row_scalar;
 use crate::ops::{self, CpHeadVars};
 use crate::tensor::{Rng, Tensor};
-use crate::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::adamw::{clip_scale, grad_norm, AdamW, AdamWConfig};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct GroundTruthConfig {
@@ -157,7 +158,7 @@ pub struct HeadFit {
 }
 
 /// Trains a rank-`rank` head (context embedding, wte, W, G, g) on samples of `truth`.
-pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_coef: f64) -> HeadFit {
+pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_coef: f64) -> Result<HeadFit> {
     let (k, c, v, n) = (truth.weights.len(), config.width, config.vocab_size, config.horizon);
     let mut rng = Rng::new(config.seed ^ 0xABCD ^ rank as u64);
     // parameters: context embedding (K, C), wte (V, C), W (r, n, C, C), G (r, C), g (r)
@@ -178,10 +179,10 @@ pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_co
     let run_head = |tape: &mut Tape<f64>, params: &[Tensor<f64>], contexts: &[u32], targets: &[u32], trainable: bool, aux_coef: f64| {
         let vars: Vec<_> = params.iter().map(|p| tape.leaf(p.clone(), trainable)).collect();
         let wpe = tape.leaf(positions.clone(), false);
-        let hidden = ops::embedding(tape, vars[0], wpe, contexts, 1, 0);
+        let hidden = ops::embedding(tape, vars[0], wpe, contexts, 1, 0)?;
         let head = CpHeadVars { hidden, wte: vars[1], expand: Some(vars[2]), gate: (rank > 1).then(|| (vars[3], vars[4])) };
-        let (objective, stats) = ops::cp_head(tape, head, targets, n, rank, aux_coef);
-        (vars, objective, stats)
+        let (objective, stats) = ops::cp_head(tape, head, targets, n, rank, aux_coef)?;
+        Ok::<_, crate::error::Error>((vars, objective, stats))
     };
 
     for step in 0..config.steps {
@@ -189,13 +190,13 @@ pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_co
         let contexts: Vec<u32> = samples.iter().map(|s| s.0 as u32).collect();
         let targets: Vec<u32> = samples.iter().flat_map(|s| s.1.iter().copied()).collect();
         let mut tape = Tape::new();
-        let (vars, objective, _) = run_head(&mut tape, &params, &contexts, &targets, true, aux_coef);
-        let mut grads = tape.backward(objective);
-        let mut grad_list: Vec<Option<Tensor<f64>>> = vars.iter().map(|v| grads.take(*v)).collect();
-        clip_grad_norm(&mut grad_list, 1.0);
+        let (vars, objective, _) = run_head(&mut tape, &params, &contexts, &targets, true, aux_coef)?;
+        let mut grads = tape.backward(objective)?;
+        let grad_list: Vec<Option<Tensor<f64>>> = vars.iter().map(|v| grads.take(*v)).collect();
+        let scale = clip_scale(grad_norm(&grad_list)?, 1.0);
         let grad_refs: Vec<Option<&Tensor<f64>>> = grad_list.iter().map(Option::as_ref).collect();
         let lr = config.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / config.steps as f64).cos());
-        optimizer.step(&mut params.iter_mut().collect::<Vec<_>>(), &grad_refs, lr.max(config.lr * 0.05));
+        optimizer.step(&mut params.iter_mut().collect::<Vec<_>>(), &grad_refs, lr.max(config.lr * 0.05), scale)?;
     }
 
     // exact cross-entropy: every context, every tuple, weighted by the true p(y | c)
@@ -211,15 +212,15 @@ pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_co
         let p = truth.joint(ctx);
         for (i, &prob) in p.iter().enumerate() {
             let (_, _, one) =
-                run_head(&mut tape, &params, &contexts[range.start + i..range.start + i + 1], &targets[i * n..(i + 1) * n], false, 0.0);
+                run_head(&mut tape, &params, &contexts[range.start + i..range.start + i + 1], &targets[i * n..(i + 1) * n], false, 0.0)?;
             joint_cross_entropy += prob * one.joint_loss / k as f64;
         }
     }
     // gate usage over one position per context
-    let (_, _, usage) = run_head(&mut tape, &params, &(0..k as u32).collect::<Vec<_>>(), &vec![0; k * n], false, 0.0);
+    let (_, _, usage) = run_head(&mut tape, &params, &(0..k as u32).collect::<Vec<_>>(), &vec![0; k * n], false, 0.0)?;
     stats.get_or_insert(usage);
     let usage = stats.unwrap();
-    HeadFit {
+    Ok(HeadFit {
         rank,
         aux_coef,
         joint_cross_entropy,
@@ -227,5 +228,5 @@ pub fn fit_head(truth: &Mixture, config: &GroundTruthConfig, rank: usize, aux_co
         expert_weight: usage.expert_weight,
         aux: usage.aux,
         gate_entropy: usage.gate_entropy,
-    }
+    })
 }

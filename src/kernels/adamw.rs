@@ -2,7 +2,7 @@
 //! `p ← p·(1 − lr·wd)`, `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
 //! `p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`   (docs/math.md, eq. A1)
 
-use crate::tensor::Float;
+use super::Float;
 
 /// The constants of one update, shared by every parameter tensor of a step.
 #[derive(Clone, Copy, Debug)]
@@ -14,6 +14,8 @@ pub struct AdamWStep {
     pub weight_decay: f64,
     /// 1-based step count, for bias correction.
     pub t: u64,
+    /// Each gradient is multiplied by this first (global-norm clipping; 1 for none).
+    pub grad_scale: f64,
 }
 
 impl AdamWStep {
@@ -26,9 +28,9 @@ pub fn update_scalar<T: Float>(params: &mut [T], grads: &[T], m: &mut [T], v: &m
     let (bc1, bc2) = step.bias_corrections();
     let (b1, b2) = (T::of(step.beta1), T::of(step.beta2));
     let (one, decay, lr, eps) = (T::one(), T::of(1.0 - step.lr * step.weight_decay), T::of(step.lr), T::of(step.eps));
-    let (bc1, bc2_sqrt) = (T::of(bc1), T::of(bc2.sqrt()));
+    let (bc1, bc2_sqrt, scale) = (T::of(bc1), T::of(bc2.sqrt()), T::of(step.grad_scale));
     for i in 0..params.len() {
-        let g = grads[i];
+        let g = grads[i] * scale;
         m[i] = b1 * m[i] + (one - b1) * g;
         v[i] = b2 * v[i] + (one - b2) * g * g;
         let denom = v[i].sqrt() / bc2_sqrt + eps;
@@ -61,9 +63,10 @@ unsafe fn update_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut 
     let eps = _mm256_set1_ps(step.eps as f32);
     let bc1 = _mm256_set1_ps(bc1 as f32);
     let bc2_sqrt = _mm256_set1_ps(bc2.sqrt() as f32);
+    let scale = _mm256_set1_ps(step.grad_scale as f32);
     let lanes = n / 8 * 8;
     for i in (0..lanes).step_by(8) {
-        let g = _mm256_loadu_ps(grads.as_ptr().add(i));
+        let g = _mm256_mul_ps(_mm256_loadu_ps(grads.as_ptr().add(i)), scale);
         let mi = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m.as_ptr().add(i))), _mm256_mul_ps(one_b1, g));
         let vi = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v.as_ptr().add(i))), _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g));
         _mm256_storeu_ps(m.as_mut_ptr().add(i), mi);
@@ -79,7 +82,7 @@ unsafe fn update_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn simd_adamw_agrees_with_scalar_reference() {
@@ -88,7 +91,7 @@ mod tests {
         let gen = |rng: &mut Rng, s: f64| (0..n).map(|_| (rng.normal() * s) as f32).collect::<Vec<f32>>();
         let (p, g, m) = (gen(&mut rng, 1.0), gen(&mut rng, 0.1), gen(&mut rng, 0.01));
         let v: Vec<f32> = gen(&mut rng, 0.01).iter().map(|x| x * x).collect();
-        let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7 };
+        let step = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7, grad_scale: 0.75 };
         let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
         let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
         update_f32(&mut p1, &g, &mut m1, &mut v1, &step);

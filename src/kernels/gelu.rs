@@ -2,7 +2,7 @@
 //! `gelu(x) = ½ x (1 + tanh(u))`, `u = √(2/π) (x + 0.044715 x³)`   (docs/math.md, eq. G1)
 //! `gelu'(x) = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²)`, `t = tanh(u)`   (eq. G2)
 
-use crate::tensor::Float;
+use super::Float;
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const CUBIC: f64 = 0.044715;
@@ -91,7 +91,7 @@ unsafe fn backward_avx2(x: &[f32], dout: &[f32], dx: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn simd_gelu_agrees_with_scalar_reference() {

@@ -7,8 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::Float;
 use super::SharedMut;
-use crate::tensor::Float;
 
 /// How an operand is laid out in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +144,7 @@ fn few_rows<T: Float>(a: &[T], b: &[T], b_layout: Layout, c: &mut [T], m: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut c = vec![0.0; m * n];

@@ -3,7 +3,7 @@
 //! `dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))`, `dnorm = dout · weight`,
 //! `dweight += dout · norm`, `dbias += dout`   (eq. LN2)
 
-use crate::tensor::Float;
+use super::Float;
 
 pub const EPS: f64 = 1e-5;
 
@@ -154,7 +154,7 @@ unsafe fn backward_row_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn simd_layernorm_agrees_with_scalar_reference() {

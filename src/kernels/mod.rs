@@ -1,15 +1,20 @@
-//! CPU inner loops. Each hot loop has a plain scalar reference (`*_scalar`, generic, used for
-//! f64) and an `f32` version that runs AVX2+FMA code when the CPU has it, detected at run
-//! time. Tests in each file check that the two agree.
+//! CPU inner loops, the CPU's half of every op (the GPU's half is the crate `multitoken-cuda`).
+//! Each hot loop has a plain scalar reference (`*_scalar`, generic, used for f64) and an `f32`
+//! version that runs AVX2+FMA code when the CPU has it, detected at run time. Tests in each file
+//! check that the two agree.
 
 pub mod adamw;
+mod float;
 pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 pub mod softmax;
+pub mod team;
 pub mod vector;
+
+pub use float::Float;
 
 /// A raw pointer that may cross threads; used where parallel tasks write disjoint,
 /// non-contiguous parts of one buffer (GEMM blocks, attention heads).

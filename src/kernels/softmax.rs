@@ -1,7 +1,7 @@
 //! Softmax of one row, in place: `p_j = exp(x_j − max x) / Σ_k exp(x_k − max x)`.
 //! Returns the row's log-sum-exp, `max x + ln Σ_k exp(x_k − max x)`, which losses need.
 
-use crate::tensor::Float;
+use super::Float;
 
 pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
@@ -63,7 +63,7 @@ unsafe fn softmax_row_avx2(row: &mut [f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn simd_softmax_agrees_with_scalar_reference() {

@@ -1,7 +1,7 @@
 //! Dot products and `y += a·x` for the products with a few rows (m ≤ 16) that decoding runs, where
 //! a GEMM's packing would copy the whole weight matrix to use each element a handful of times.
 
-use crate::tensor::Float;
+use super::Float;
 
 pub fn dot_scalar<T: Float>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
@@ -63,7 +63,7 @@ unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn simd_dot_and_axpy_agree_with_scalar_references() {
@@ -271,7 +271,7 @@ unsafe fn transposed_block<const R: usize, const CB: usize>(
 #[cfg(test)]
 mod block_tests {
     use super::*;
-    use crate::tensor::Rng;
+    use crate::random::Rng;
 
     #[test]
     fn blocked_small_products_agree_with_scalar_references_and_do_not_depend_on_the_row_count() {

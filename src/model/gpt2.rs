@@ -1,14 +1,17 @@
-//! The GPT-2 backbone (docs/math.md, "The model"), built from `ops`.
+//! The GPT-2 backbone (docs/math.md, "The model"), built from `ops`: the one place where the
+//! model's forward pass is written, for training and evaluation on every device (decoding's
+//! cached pass is `decode::pass`).
 
 use super::config::ModelConfig;
 use super::params::{Init, ModelParams};
 use crate::autograd::{Tape, Var};
+use crate::error::Result;
 use crate::ops;
 use crate::tensor::{Float, Rng, Tensor};
 
 /// Fresh parameters, initialised as docs/math.md, "The model", says.
 pub fn init_params<T: Float>(config: &ModelConfig, rng: &mut Rng) -> ModelParams<Tensor<T>> {
-    let result: Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
+    let result: std::result::Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
         Ok(match spec.init {
             Init::Normal(std) => Tensor::randn(spec.shape, std, rng),
             Init::Zeros => Tensor::zeros(spec.shape),
@@ -43,27 +46,31 @@ pub fn params_on_tape<T: Float>(
 }
 
 /// The final hidden states `h = ln_f(x)` after all blocks.
-/// tokens (B·T) with `seq = T`, positions starting at `position_offset` → h (B·T, C)
-pub fn hidden_states<T: Float>(tape: &mut Tape<T>, config: &ModelConfig, params: &ModelParams<Var>, tokens: &[u32], seq: usize) -> Var {
-    let mut x = ops::embedding(tape, params.wte, params.wpe, tokens, seq, 0);
+/// tokens (B·T) with `seq = T` → h (B·T, C)
+pub fn hidden_states<T: Float>(
+    tape: &mut Tape<T>,
+    config: &ModelConfig,
+    params: &ModelParams<Var>,
+    tokens: &[u32],
+    seq: usize,
+) -> Result<Var> {
+    let mut x = ops::embedding(tape, params.wte, params.wpe, tokens, seq, 0)?;
     for block in &params.blocks {
         // x += attn(ln_1(x))
-        let a = ops::layernorm(tape, x, block.ln_1_weight, block.ln_1_bias);
-        let qkv = ops::linear(tape, a, block.attn_c_attn_weight, Some(block.attn_c_attn_bias));
-        let attended = ops::causal_self_attention(tape, qkv, seq, config.n_head);
-        let projected = ops::linear(tape, attended, block.attn_c_proj_weight, Some(block.attn_c_proj_bias));
-        x = ops::add(tape, x, projected);
+        let a = ops::layernorm(tape, x, block.ln_1_weight, block.ln_1_bias)?;
+        let qkv = ops::linear(tape, a, block.attn_c_attn_weight, Some(block.attn_c_attn_bias))?;
+        let attended = ops::causal_self_attention(tape, qkv, seq, config.n_head)?;
+        x = ops::linear_residual(tape, attended, block.attn_c_proj_weight, block.attn_c_proj_bias, x)?;
         // x += mlp(ln_2(x))
-        let m = ops::layernorm(tape, x, block.ln_2_weight, block.ln_2_bias);
-        let hidden = ops::linear(tape, m, block.mlp_c_fc_weight, Some(block.mlp_c_fc_bias));
-        let activated = ops::gelu(tape, hidden);
-        let projected = ops::linear(tape, activated, block.mlp_c_proj_weight, Some(block.mlp_c_proj_bias));
-        x = ops::add(tape, x, projected);
+        let m = ops::layernorm(tape, x, block.ln_2_weight, block.ln_2_bias)?;
+        let hidden = ops::linear(tape, m, block.mlp_c_fc_weight, Some(block.mlp_c_fc_bias))?;
+        let activated = ops::gelu(tape, hidden)?;
+        x = ops::linear_residual(tape, activated, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x)?;
     }
     ops::layernorm(tape, x, params.ln_f_weight, params.ln_f_bias)
 }
 
 /// Next-token logits `h · wteᵀ` for the given hidden states: h (N, C) → (N, V)
-pub fn next_token_logits<T: Float>(tape: &mut Tape<T>, params: &ModelParams<Var>, h: Var) -> Var {
+pub fn next_token_logits<T: Float>(tape: &mut Tape<T>, params: &ModelParams<Var>, h: Var) -> Result<Var> {
     ops::unembed(tape, h, params.wte)
 }

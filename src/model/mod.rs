@@ -6,5 +6,5 @@ pub mod loss;
 pub mod params;
 
 pub use config::ModelConfig;
-pub use loss::{model_loss, Batch, LossOutput};
+pub use loss::{model_loss, LossOutput};
 pub use params::ModelParams;

@@ -5,12 +5,20 @@
 //! backward: `dP = dout vᵀ`, `dv = Pᵀ dout`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`,
 //!           `dq = dS k / √hs`, `dk = dSᵀ q / √hs`   (eq. AT2)
 //!
-//! Rows are processed in blocks of `BLOCK`: block [r0, r1) only ever needs keys 0..r1, so the
-//! masked upper triangle is (mostly) never computed. The probabilities P are kept for backward.
+//! On the CPU, rows are processed in blocks of `BLOCK`: block [r0, r1) only ever needs keys
+//! 0..r1, so the masked upper triangle is (mostly) never computed, and the probabilities P are
+//! kept for backward. On a GPU the attention route of the device decides
+//! (`multitoken_cuda::AttentionRoute`): a fused kernel that keeps only each row's log-sum-exp
+//! (f32), or cuBLAS products that keep P (TF32).
 
+use std::sync::Arc;
+
+use multitoken_cuda::{AttentionRoute, AttentionShape, Gpu};
 use rayon::prelude::*;
 
+use super::{on_gpu, place, Place};
 use crate::autograd::{Tape, Var};
+use crate::error::Result;
 use crate::kernels::SharedMut;
 use crate::tensor::{Float, Tensor};
 
@@ -57,11 +65,53 @@ unsafe fn gemm<T: Float>(
 }
 
 /// qkv (B·T, 3C) with `seq = T` → out (B·T, C)
-pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize, n_head: usize) -> Var {
+pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize, n_head: usize) -> Result<Var> {
     let input = tape.value(qkv).clone();
     let width = input.shape()[input.shape().len() - 1] / 3;
     let batch = input.len() / (seq * 3 * width);
     assert_eq!(width % n_head, 0, "attention: width {width} is not divisible by {n_head} heads");
+    match place("attention", &[&input])? {
+        Place::Cpu => Ok(attention_cpu(tape, qkv, input, seq, n_head)),
+        Place::Cuda(gpu) => {
+            let shape = AttentionShape { batch, seq, n_head, head_size: width / n_head };
+            attention_cuda(tape, qkv, &gpu, input, shape)
+        }
+    }
+}
+
+fn attention_cuda<T: Float>(tape: &mut Tape<T>, qkv: Var, gpu: &Arc<Gpu>, input: Tensor<T>, shape: AttentionShape) -> Result<Var> {
+    let (rows, width) = (shape.batch * shape.seq, shape.n_head * shape.head_size);
+    let y = gpu.alloc::<f32>(rows * width)?;
+    let gpu = gpu.clone();
+    match gpu.attention_route_for(shape.head_size) {
+        AttentionRoute::Fused => {
+            let lse = gpu.alloc::<f32>(shape.batch * shape.n_head * shape.seq)?;
+            gpu.fused_attention_forward(on_gpu(&input), y.view(), lse.view(), shape)?;
+            let out = Tensor::from_cuda(&gpu, y, &[rows, width]);
+            let y = out.clone();
+            Ok(tape.record("attention", out, &[qkv], move |grad, _| {
+                let dqkv = gpu.alloc::<f32>(input.len())?;
+                gpu.fused_attention_backward(on_gpu(&input), on_gpu(&y), on_gpu(grad), lse.view(), dqkv.view(), shape)?;
+                Ok(vec![Some(Tensor::from_cuda(&gpu, dqkv, input.shape()))])
+            }))
+        }
+        AttentionRoute::Products => {
+            let saved = gpu.attention_products_forward(on_gpu(&input), y.view(), shape)?;
+            let out = Tensor::from_cuda(&gpu, y, &[rows, width]);
+            let qkv_shape = input.shape().to_vec();
+            drop(input);
+            Ok(tape.record("attention", out, &[qkv], move |grad, _| {
+                let dqkv = gpu.alloc::<f32>(3 * rows * width)?;
+                gpu.attention_products_backward(&saved, on_gpu(grad), dqkv.view(), shape)?;
+                Ok(vec![Some(Tensor::from_cuda(&gpu, dqkv, &qkv_shape))])
+            }))
+        }
+    }
+}
+
+fn attention_cpu<T: Float>(tape: &mut Tape<T>, qkv: Var, input: Tensor<T>, seq: usize, n_head: usize) -> Var {
+    let width = input.shape()[input.shape().len() - 1] / 3;
+    let batch = input.len() / (seq * 3 * width);
     let layout = HeadLayout { seq, width, head_size: width / n_head };
     let scale = T::one() / T::of(layout.head_size as f64).sqrt();
     let hs = layout.head_size;
@@ -138,14 +188,14 @@ pub fn causal_self_attention<T: Float>(tape: &mut Tape<T>, qkv: Var, seq: usize,
                 }
             }
         });
-        vec![Some(Tensor::from_vec(input.shape(), dqkv))]
+        Ok(vec![Some(Tensor::from_vec(input.shape(), dqkv))])
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::check_op;
+    use crate::gradcheck::check_op;
     use crate::tensor::Rng;
 
     /// Plain attention, one (b, h, i) at a time, straight from the definition.
@@ -176,7 +226,7 @@ mod tests {
         let qkv = Tensor::randn(&[batch * seq, 3 * width], 1.0, &mut Rng::new(3));
         let mut tape = Tape::inference();
         let x = tape.leaf(qkv.clone(), false);
-        let out = causal_self_attention(&mut tape, x, seq, n_head);
+        let out = causal_self_attention(&mut tape, x, seq, n_head).unwrap();
         let expected = naive_attention(qkv.data(), batch, seq, width, n_head);
         let worst = tape.value(out).data().iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-12, "attention differs from the definition by {worst}");
@@ -185,12 +235,12 @@ mod tests {
     #[test]
     fn attention_gradient_matches_finite_differences() {
         let qkv = Tensor::randn(&[2 * 5, 3 * 6], 1.0, &mut Rng::new(1));
-        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 5, 2)).max_relative_error < 1e-6);
+        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 5, 2)).unwrap().max_relative_error < 1e-6);
     }
 
     #[test]
     fn attention_gradient_matches_finite_differences_across_row_blocks() {
         let qkv = Tensor::randn(&[67, 3 * 4], 0.5, &mut Rng::new(2));
-        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 67, 2)).max_relative_error < 1e-6);
+        assert!(check_op(&[qkv], |tape, v| causal_self_attention(tape, v[0], 67, 2)).unwrap().max_relative_error < 1e-6);
     }
 }

@@ -25,11 +25,17 @@
 //! dℓ in place, and consumed by the two backward products before the next block. The op never
 //! holds more than one block of B·T·r·n·V. Since the objective is the last op, the forward pass
 //! computes the gradients for an upstream gradient of 1; the backward rule only scales them.
+//! On a GPU the same steps run over device buffers (`kernels/head.cu` does each position's
+//! softmax, posterior and dℓ in one block), in blocks of 16384 rows.
 
+use std::sync::Arc;
+
+use multitoken_cuda::{Buffer, Gpu, HeadShape, Operand, MAX_HORIZON, MAX_RANK};
 use rayon::prelude::*;
 
-use super::column_sums;
+use super::{column_sums, on_gpu, place, Place};
 use crate::autograd::{Tape, Var};
+use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
 use crate::tensor::{Float, Tensor};
 
@@ -88,7 +94,35 @@ fn joint_log_likelihood<T: Float>(a: &[T], log_w: &[T], n: usize, posterior: Opt
     lse
 }
 
-/// The fused head. targets (N, n) → (objective var, statistics).
+/// The head's input tensors, and which of them need a gradient.
+struct HeadInputs<T: Float> {
+    hidden: Tensor<T>,
+    wte: Tensor<T>,
+    expand: Option<Tensor<T>>,
+    gate: Option<(Tensor<T>, Tensor<T>)>,
+    need_hidden: bool,
+    need_wte: bool,
+    need_expand: bool,
+    need_gate: bool,
+}
+
+impl<T: Float> HeadInputs<T> {
+    /// dz is needed for any of h, wte and W.
+    fn need_dz(&self) -> bool {
+        self.need_hidden || self.need_wte || self.need_expand
+    }
+
+    fn any_gradient(&self) -> bool {
+        self.need_dz() || self.need_gate
+    }
+}
+
+/// The gradients of the objective (for an upstream gradient of 1), in the order of the op's
+/// inputs: h, wte, W (when there are expanders), G and g (when r > 1).
+type HeadGradients<T> = Vec<Option<Tensor<T>>>;
+
+/// The fused head. targets (N, n) → (objective var, statistics). The objective is a CPU
+/// scalar on either device.
 pub fn cp_head<T: Float>(
     tape: &mut Tape<T>,
     vars: CpHeadVars,
@@ -96,24 +130,78 @@ pub fn cp_head<T: Float>(
     horizon: usize,
     rank: usize,
     aux_coef: f64,
-) -> (Var, CpHeadStats) {
-    let hidden = tape.value(vars.hidden).clone();
-    let wte = tape.value(vars.wte).clone();
-    let (v, c) = (wte.shape()[0], wte.shape()[1]);
+) -> Result<(Var, CpHeadStats)> {
     let (r, n) = (rank, horizon);
+    let needs = |var: Var| tape.requires_grad(var);
+    let inputs = HeadInputs {
+        hidden: tape.value(vars.hidden).clone(),
+        wte: tape.value(vars.wte).clone(),
+        expand: vars.expand.map(|w| tape.value(w).clone()),
+        gate: vars.gate.map(|(g, b)| (tape.value(g).clone(), tape.value(b).clone())),
+        need_hidden: needs(vars.hidden),
+        need_wte: needs(vars.wte),
+        need_expand: vars.expand.is_some_and(needs),
+        need_gate: vars.gate.is_some_and(|(g, b)| needs(g) || needs(b)),
+    };
+    let (v, c) = (inputs.wte.shape()[0], inputs.wte.shape()[1]);
+    let positions = inputs.hidden.len() / c;
+    assert_eq!(targets.len(), positions * n, "cp_head: need n targets per position");
+    assert_eq!(vars.expand.is_some(), r * n > 1, "cp_head: expanders exist exactly when n·r > 1");
+    assert_eq!(vars.gate.is_some(), r > 1, "cp_head: the gate exists exactly when r > 1");
+    assert!(targets.iter().all(|&y| (y as usize) < v), "cp_head: a target outside the vocabulary of {v}");
+    let mut tensors = vec![&inputs.hidden, &inputs.wte];
+    tensors.extend(&inputs.expand);
+    if let Some((g, b)) = &inputs.gate {
+        tensors.extend([g, b]);
+    }
+    let (mut stats, grads) = match place("cp_head", &tensors)? {
+        Place::Cpu => cpu_head(&inputs, targets, n, r, aux_coef),
+        Place::Cuda(gpu) => cuda_head(&gpu, &inputs, targets, n, r, aux_coef)?,
+    };
+    // (H6)
+    stats.aux = r as f64 * stats.expert_fraction.iter().zip(&stats.expert_weight).map(|(f, m)| f * m).sum::<f64>();
+    let objective = stats.joint_loss + if r > 1 { aux_coef * stats.aux } else { 0.0 };
+
+    let mut input_vars = vec![vars.hidden, vars.wte];
+    input_vars.extend(vars.expand);
+    if let Some((g, b)) = vars.gate {
+        input_vars.extend([g, b]);
+    }
+    let var = tape.record("cp_head", Tensor::scalar(T::of(objective)), &input_vars, move |grad, _| {
+        // the gradients were computed for an upstream gradient of 1
+        let scale = grad.item();
+        if scale == T::one() {
+            return Ok(grads);
+        }
+        grads
+            .into_iter()
+            .map(|g| {
+                g.map(|mut g| match g.cuda() {
+                    None => {
+                        g.data_mut().iter_mut().for_each(|x| *x *= scale);
+                        Ok(g)
+                    }
+                    Some(cuda) => {
+                        let gpu = cuda.gpu().clone();
+                        let scaled = gpu.alloc::<f32>(g.len())?;
+                        gpu.scale(cuda.view(), scale.as_f64() as f32, scaled.view())?;
+                        Ok(Tensor::from_cuda(&gpu, scaled, g.shape()))
+                    }
+                })
+                .transpose()
+            })
+            .collect()
+    });
+    Ok((var, stats))
+}
+
+/// The head on the CPU: statistics (without `aux`) and the gradients.
+fn cpu_head<T: Float>(inputs: &HeadInputs<T>, targets: &[u32], n: usize, r: usize, aux_coef: f64) -> (CpHeadStats, HeadGradients<T>) {
+    let HeadInputs { hidden, wte, expand, gate, need_hidden, need_wte, need_expand, need_gate } = inputs;
+    let (need_hidden, need_wte, need_expand, need_gate, need_dz) = (*need_hidden, *need_wte, *need_expand, *need_gate, inputs.need_dz());
+    let (v, c) = (wte.shape()[0], wte.shape()[1]);
     let rn = r * n;
     let positions = hidden.len() / c;
-    assert_eq!(targets.len(), positions * n, "cp_head: need n targets per position");
-    assert_eq!(vars.expand.is_some(), rn > 1, "cp_head: expanders exist exactly when n·r > 1");
-    assert_eq!(vars.gate.is_some(), r > 1, "cp_head: the gate exists exactly when r > 1");
-    let expand = vars.expand.map(|w| tape.value(w).clone());
-    let gate = vars.gate.map(|(g, b)| (tape.value(g).clone(), tape.value(b).clone()));
-    let needs = |var: Var| tape.requires_grad(var);
-    let need_wte = needs(vars.wte);
-    let need_hidden = needs(vars.hidden);
-    let need_expand = vars.expand.is_some_and(needs);
-    let need_gate = vars.gate.is_some_and(|(g, b)| needs(g) || needs(b));
-    let need_dz = need_wte || need_hidden || need_expand;
     let inv_n = T::one() / T::of(positions as f64);
 
     // (H1) z (N, r·n·C): rows (t, α, s) of C once reshaped; z = h when there are no expanders.
@@ -125,7 +213,7 @@ pub fn cp_head<T: Float>(
     let z: &[T] = z_owned.as_deref().unwrap_or(hidden.data());
 
     // (H3) log w (N, r)
-    let log_w: Vec<T> = match &gate {
+    let log_w: Vec<T> = match gate {
         Some((g_weight, g_bias)) => {
             let mut a = vec![T::zero(); positions * r];
             for row in a.chunks_mut(r) {
@@ -180,7 +268,7 @@ pub fn cp_head<T: Float>(
     }
     drop(logits);
 
-    // statistics: (H4) joint, (H5) marginals, (H6) load balance
+    // statistics: (H4) joint, (H5) marginals, (H6)'s fractions and weights
     let mut stats =
         CpHeadStats { head_losses: vec![0.0; n], expert_fraction: vec![0.0; r], expert_weight: vec![0.0; r], ..Default::default() };
     let mut joint_total = 0.0;
@@ -208,21 +296,21 @@ pub fn cp_head<T: Float>(
     stats.expert_fraction.iter_mut().for_each(|x| *x /= count);
     stats.expert_weight.iter_mut().for_each(|x| *x /= count);
     stats.gate_entropy /= count;
-    stats.aux = r as f64 * stats.expert_fraction.iter().zip(&stats.expert_weight).map(|(f, m)| f * m).sum::<f64>();
-    let objective = stats.joint_loss + if r > 1 { aux_coef * stats.aux } else { 0.0 };
 
-    let mut inputs = vec![vars.hidden, vars.wte];
-    inputs.extend(vars.expand);
-    if let Some((g, b)) = vars.gate {
-        inputs.extend([g, b]);
+    let mut grads: HeadGradients<T> = vec![None, None];
+    if expand.is_some() {
+        grads.push(None);
     }
-    if !(need_dz || need_gate) {
-        return (tape.record("cp_head", Tensor::scalar(T::of(objective)), &inputs, |_, needs| vec![None; needs.len()]), stats);
+    if gate.is_some() {
+        grads.extend([None, None]);
+    }
+    if !inputs.any_gradient() {
+        return (stats, grads);
     }
 
     // (H9) dh = dz · W (or dz itself) ; dW = dzᵀ · h
     let mut dhidden = if need_hidden {
-        match &expand {
+        match expand {
             Some(w) => {
                 let mut dh = vec![T::zero(); positions * c];
                 matmul(&dz, Layout::Normal, w.data(), Layout::Normal, &mut dh, positions, rn * c, c, false);
@@ -233,14 +321,14 @@ pub fn cp_head<T: Float>(
     } else {
         Vec::new()
     };
-    let dexpand = need_expand.then(|| {
+    if need_expand {
         let mut dw = vec![T::zero(); rn * c * c];
         matmul(&dz, Layout::Transposed, hidden.data(), Layout::Normal, &mut dw, rn * c, positions, c, false);
-        Tensor::from_vec(&[r, n, c, c], dw)
-    });
+        grads[2] = Some(Tensor::from_vec(&[r, n, c, c], dw));
+    }
     drop(dz);
     // (H10, H11) the gate
-    let dgate = gate.as_ref().filter(|_| need_gate || need_hidden).map(|(g_weight, _)| {
+    if let Some((g_weight, _)) = gate.as_ref().filter(|_| need_gate || need_hidden) {
         let u: Vec<T> = stats.expert_fraction.iter().map(|&f| T::of(r as f64 * f / count)).collect();
         let lambda = T::of(aux_coef);
         let mut da = vec![T::zero(); positions * r];
@@ -256,30 +344,141 @@ pub fn cp_head<T: Float>(
         }
         let mut dg = vec![T::zero(); r * c];
         matmul(&da, Layout::Transposed, hidden.data(), Layout::Normal, &mut dg, r, positions, c, false);
-        (Tensor::from_vec(&[r, c], dg), Tensor::from_vec(&[r], column_sums(&da, r)))
-    });
+        let gate_at = grads.len() - 2;
+        grads[gate_at] = Some(Tensor::from_vec(&[r, c], dg));
+        grads[gate_at + 1] = Some(Tensor::from_vec(&[r], column_sums(&da, r)));
+    }
+    grads[0] = need_hidden.then(|| Tensor::from_vec(hidden.shape(), dhidden));
+    grads[1] = need_wte.then(|| Tensor::from_vec(&[v, c], dwte));
+    (stats, grads)
+}
 
-    let hidden_shape = hidden.shape().to_vec();
-    drop(hidden);
-    let mut grads: Vec<Option<Tensor<T>>> =
-        vec![need_hidden.then(|| Tensor::from_vec(&hidden_shape, dhidden)), need_wte.then(|| Tensor::from_vec(&[v, c], dwte))];
-    if vars.expand.is_some() {
-        grads.push(dexpand);
+/// Rows (t, α, s) of logits per block of the head on a GPU: 16384 × V floats at a time.
+const CUDA_BLOCK_ROWS: usize = 16384;
+
+/// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
+/// over positions: statistics (without `aux`) and the gradients.
+fn cuda_head<T: Float>(
+    gpu: &Arc<Gpu>,
+    inputs: &HeadInputs<T>,
+    targets: &[u32],
+    n: usize,
+    r: usize,
+    aux_coef: f64,
+) -> Result<(CpHeadStats, HeadGradients<T>)> {
+    let shape = HeadShape { horizon: n, rank: r };
+    if !shape.fits_kernels() {
+        return crate::invalid!("--device cuda takes --horizon and --rank up to {} (the head kernels' arrays)", MAX_RANK.min(MAX_HORIZON));
     }
-    if let Some((dg, db)) = dgate {
-        grads.extend([Some(dg), Some(db)]);
+    let (v, c) = (inputs.wte.shape()[0], inputs.wte.shape()[1]);
+    let rn = r * n;
+    let positions = inputs.hidden.len() / c;
+    let (hidden, wte) = (on_gpu(&inputs.hidden), on_gpu(&inputs.wte));
+    let (gradient, need_dz) = (inputs.any_gradient(), inputs.need_dz());
+    let inv_count = 1.0 / positions as f32;
+    let targets_on_gpu = gpu.upload(targets)?;
+    // (H1) z (positions, r·n·C) = h Wᵀ; z = h when there are no expanders
+    let z_owned = match &inputs.expand {
+        Some(w) => {
+            let z = gpu.alloc::<f32>(positions * rn * c)?;
+            gpu.matmul(Operand::normal(hidden), Operand::transposed(on_gpu(w)), z.view(), positions, c, rn * c, false)?;
+            Some(z)
+        }
+        None => None,
+    };
+    let z = z_owned.as_ref().map_or(hidden, Buffer::view);
+    // (H3) log w (positions, r)
+    let log_w = gpu.alloc::<f32>(positions * r)?;
+    match &inputs.gate {
+        Some((g_weight, g_bias)) => {
+            gpu.broadcast_rows(on_gpu(g_bias), log_w.view())?;
+            gpu.matmul(Operand::normal(hidden), Operand::transposed(on_gpu(g_weight)), log_w.view(), positions, c, r, true)?;
+            gpu.gate_log_softmax(log_w.view(), r)?;
+        }
+        None => gpu.fill_zero(log_w.view())?,
     }
-    let var = tape.record("cp_head", Tensor::scalar(T::of(objective)), &inputs, move |grad, _| {
-        // the gradients above are for an upstream gradient of 1
-        let scale = grad.item();
-        if scale != T::one() {
-            for g in grads.iter_mut().flatten() {
-                g.data_mut().iter_mut().for_each(|x| *x *= scale);
+    // dz (positions, r·n·C), or dh itself without expanders
+    let dz = if need_dz { Some(gpu.alloc::<f32>(positions * rn * c)?) } else { None };
+    let dwte = if inputs.need_wte { Some(gpu.zeros::<f32>(v * c)?) } else { None };
+    let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
+    let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
+    let logits = gpu.alloc::<f32>(per_block.min(positions) * rn * v)?;
+    for t0 in (0..positions).step_by(per_block) {
+        let count = per_block.min(positions - t0);
+        let rows = count * rn;
+        let block = logits.view().prefix(rows * v);
+        let z_block = z.slice(t0 * rn * c, rows * c);
+        // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
+        gpu.matmul(Operand::normal(z_block), Operand::transposed(wte), block, rows, c, v, false)?;
+        let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
+        let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
+        let block_log_p = log_p.view().slice(t0 * rn, rows);
+        gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
+        if let Some(dz) = &dz {
+            // (H8) dz = dℓ wte, dwte += dℓᵀ z
+            gpu.matmul(Operand::normal(block), Operand::normal(wte), dz.view().slice(t0 * rn * c, rows * c), rows, v, c, false)?;
+            if let Some(dwte) = &dwte {
+                gpu.matmul(Operand::transposed(block), Operand::normal(z_block), dwte.view(), v, rows, c, true)?;
             }
         }
-        grads
-    });
-    (var, stats)
+    }
+    drop(logits);
+    // (H4–H6) the sums over positions, on the device in a fixed order
+    let sums = gpu.alloc::<f64>(shape.statistics_len())?;
+    gpu.head_statistics(log_p.view(), log_w.view(), sums.view(), shape)?;
+    let totals = gpu.download(sums.view())?;
+    let count = positions as f64;
+    let stats = CpHeadStats {
+        joint_loss: totals[0] / count,
+        gate_entropy: totals[1] / count,
+        head_losses: totals[2..2 + n].iter().map(|x| x / count).collect(),
+        expert_fraction: totals[2 + n..2 + n + r].iter().map(|x| x / count).collect(),
+        expert_weight: totals[2 + n + r..].iter().map(|x| x / count).collect(),
+        aux: 0.0,
+    };
+    let mut grads: HeadGradients<T> = vec![None, None];
+    if inputs.expand.is_some() {
+        grads.push(None);
+    }
+    if inputs.gate.is_some() {
+        grads.extend([None, None]);
+    }
+    if !gradient {
+        return Ok((stats, grads));
+    }
+    // (H9) dh = dz W (or dz itself); dW = dzᵀ h
+    if let (Some(dz), true) = (&dz, inputs.need_expand) {
+        let dw = gpu.alloc::<f32>(rn * c * c)?;
+        gpu.matmul(Operand::transposed(dz.view()), Operand::normal(hidden), dw.view(), rn * c, positions, c, false)?;
+        grads[2] = Some(Tensor::from_cuda(gpu, dw, &[r, n, c, c]));
+    }
+    let dhidden = match (&inputs.expand, dz) {
+        _ if !inputs.need_hidden => None,
+        (Some(w), Some(dz)) => {
+            let dh = gpu.alloc::<f32>(positions * c)?;
+            gpu.matmul(Operand::normal(dz.view()), Operand::normal(on_gpu(w)), dh.view(), positions, rn * c, c, false)?;
+            Some(dh)
+        }
+        (None, Some(dz)) => Some(dz),
+        (_, None) => Some(gpu.zeros::<f32>(positions * c)?),
+    };
+    // (H10, H11) the gate
+    if let Some((g_weight, _)) = &inputs.gate {
+        let da = gpu.alloc::<f32>(positions * r)?;
+        gpu.gate_gradient(log_w.view(), posterior.view(), sums.view().slice(2 + n, r), da.view(), r, inv_count, aux_coef as f32)?;
+        if let Some(dh) = &dhidden {
+            gpu.matmul(Operand::normal(da.view()), Operand::normal(on_gpu(g_weight)), dh.view(), positions, r, c, true)?;
+        }
+        let (dg, dg_bias) = (gpu.alloc::<f32>(r * c)?, gpu.alloc::<f32>(r)?);
+        gpu.matmul(Operand::transposed(da.view()), Operand::normal(hidden), dg.view(), r, positions, c, false)?;
+        gpu.column_sums(da.view(), dg_bias.view(), false)?;
+        let gate_at = grads.len() - 2;
+        grads[gate_at] = Some(Tensor::from_cuda(gpu, dg, &[r, c]));
+        grads[gate_at + 1] = Some(Tensor::from_cuda(gpu, dg_bias, &[r]));
+    }
+    grads[0] = dhidden.map(|dh| Tensor::from_cuda(gpu, dh, inputs.hidden.shape()));
+    grads[1] = dwte.map(|dwte| Tensor::from_cuda(gpu, dwte, &[v, c]));
+    Ok((stats, grads))
 }
 
 #[cfg(test)]
@@ -319,7 +518,7 @@ mod tests {
     fn run(s: &Setup, aux_coef: f64) -> (f64, CpHeadStats) {
         let mut tape = Tape::inference();
         let vars: Vec<Var> = s.inputs.iter().map(|t| tape.leaf(t.clone(), false)).collect();
-        let (out, stats) = cp_head(&mut tape, head_vars(&vars, s.n, s.r), &s.targets, s.n, s.r, aux_coef);
+        let (out, stats) = cp_head(&mut tape, head_vars(&vars, s.n, s.r), &s.targets, s.n, s.r, aux_coef).unwrap();
         (tape.value(out).item(), stats)
     }
 
@@ -329,9 +528,10 @@ mod tests {
             let s = setup(5, 4, 7, n, r, 1 + n as u64 * 10 + r as u64);
             let report = gradcheck(
                 &s.inputs,
-                |tape, vars| cp_head(tape, head_vars(vars, n, r), &s.targets, n, r, aux_coef).0,
+                |tape, vars| Ok(cp_head(tape, head_vars(vars, n, r), &s.targets, n, r, aux_coef)?.0),
                 &GradcheckOptions::default(),
-            );
+            )
+            .unwrap();
             println!("n={n} r={r}: {report}");
             assert!(report.max_relative_error < 1e-6, "n={n} r={r}: {report}");
         }
@@ -343,9 +543,10 @@ mod tests {
         let s = setup(300, 4, 9, 2, 2, 3);
         let report = gradcheck(
             &s.inputs,
-            |tape, vars| cp_head(tape, head_vars(vars, 2, 2), &s.targets, 2, 2, 0.05).0,
+            |tape, vars| Ok(cp_head(tape, head_vars(vars, 2, 2), &s.targets, 2, 2, 0.05)?.0),
             &GradcheckOptions { max_coordinates_per_input: 20, ..Default::default() },
-        );
+        )
+        .unwrap();
         assert!(report.max_relative_error < 1e-6, "{report}");
     }
 
@@ -418,11 +619,11 @@ mod tests {
             let h = tape.leaf(s.inputs[0].clone(), false);
             let w_s = Tensor::from_vec(&[4, 4], s.inputs[2].data()[st * 16..(st + 1) * 16].to_vec());
             let w_t = tape.leaf(transpose(&w_s), false);
-            let z = ops::linear(&mut tape, h, w_t, None);
+            let z = ops::linear(&mut tape, h, w_t, None).unwrap();
             let wte = tape.leaf(s.inputs[1].clone(), false);
-            let logits = ops::unembed(&mut tape, z, wte);
+            let logits = ops::unembed(&mut tape, z, wte).unwrap();
             let targets: Vec<u32> = (0..6).map(|t| s.targets[t * 3 + st]).collect();
-            let ce = ops::cross_entropy(&mut tape, logits, &targets);
+            let ce = ops::cross_entropy(&mut tape, logits, &targets).unwrap();
             assert!((tape.value(ce).item() - stats.head_losses[st]).abs() < 1e-12, "head {st}");
         }
     }
@@ -439,8 +640,8 @@ mod tests {
         let mut tape = Tape::inference();
         let h = tape.leaf(s.inputs[0].clone(), false);
         let wte = tape.leaf(s.inputs[1].clone(), false);
-        let logits = ops::unembed(&mut tape, h, wte);
-        let ce = ops::cross_entropy(&mut tape, logits, &s.targets);
+        let logits = ops::unembed(&mut tape, h, wte).unwrap();
+        let ce = ops::cross_entropy(&mut tape, logits, &s.targets).unwrap();
         assert!((tape.value(ce).item() - objective).abs() < 1e-12);
         assert_eq!(stats.head_losses.len(), 1);
     }

@@ -4,18 +4,56 @@
 //! backward: `dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))`, `dnorm = dout · w`,
 //!           `dw = Σ_rows dout · norm`, `db = Σ_rows dout`   (eq. LN2)
 
+use std::sync::Arc;
+
+use multitoken_cuda::{Buffer, Gpu};
 use rayon::prelude::*;
 
-use super::ROWS_PER_TASK;
+use super::{on_gpu, place, Place, ROWS_PER_TASK};
 use crate::autograd::{Tape, Var};
+use crate::error::Result;
 use crate::tensor::{Float, Tensor};
 
 /// x (N, C), weight (C), bias (C) → out (N, C)
-pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Var {
+pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Result<Var> {
     let input = tape.value(x).clone();
     let (w, b) = (tape.value(weight).clone(), tape.value(bias).clone());
     let c = w.len();
     assert_eq!(input.shape().last(), Some(&c), "layernorm: weight width differs from x's");
+    match place("layernorm", &[&input, &w, &b])? {
+        Place::Cpu => Ok(layernorm_cpu(tape, [x, weight, bias], input, w, b)),
+        Place::Cuda(gpu) => layernorm_cuda(tape, [x, weight, bias], &gpu, input, w, b),
+    }
+}
+
+fn layernorm_cuda<T: Float>(
+    tape: &mut Tape<T>,
+    vars: [Var; 3],
+    gpu: &Arc<Gpu>,
+    input: Tensor<T>,
+    w: Tensor<T>,
+    b: Tensor<T>,
+) -> Result<Var> {
+    let c = w.len();
+    let rows = input.len() / c;
+    let (out, mean, rstd) = (gpu.alloc::<f32>(input.len())?, gpu.alloc::<f32>(rows)?, gpu.alloc::<f32>(rows)?);
+    gpu.layernorm_forward(on_gpu(&input), on_gpu(&w), on_gpu(&b), out.view(), mean.view(), rstd.view())?;
+    let out = Tensor::from_cuda(gpu, out, input.shape());
+    let gpu = gpu.clone();
+    Ok(tape.record("layernorm", out, &vars, move |grad, _| {
+        let [dx, dw, db]: [Buffer<f32>; 3] = [gpu.alloc(input.len())?, gpu.alloc(c)?, gpu.alloc(c)?];
+        let (x, g) = (on_gpu(&input), on_gpu(grad));
+        gpu.layernorm_backward(x, g, on_gpu(&w), mean.view(), rstd.view(), dx.view(), dw.view(), db.view(), false)?;
+        Ok(vec![
+            Some(Tensor::from_cuda(&gpu, dx, input.shape())),
+            Some(Tensor::from_cuda(&gpu, dw, &[c])),
+            Some(Tensor::from_cuda(&gpu, db, &[c])),
+        ])
+    }))
+}
+
+fn layernorm_cpu<T: Float>(tape: &mut Tape<T>, vars: [Var; 3], input: Tensor<T>, w: Tensor<T>, b: Tensor<T>) -> Var {
+    let c = w.len();
     let rows = input.len() / c;
     let mut out = vec![T::zero(); input.len()];
     // mean and rstd of each row, kept for the backward pass
@@ -25,7 +63,7 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
         .zip(stats.par_iter_mut())
         .for_each(|((o, xr), s)| *s = T::layernorm_row(xr, w.data(), b.data(), o));
     let out = Tensor::from_vec(input.shape(), out);
-    tape.record("layernorm", out, &[x, weight, bias], move |grad, _| {
+    tape.record("layernorm", out, &vars, move |grad, _| {
         let mut dx = vec![T::zero(); input.len()];
         // Each task: dx for its rows, and its partial sums of dw and db.
         let partials: Vec<(Vec<T>, Vec<T>)> = dx
@@ -50,14 +88,14 @@ pub fn layernorm<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -
                 db[j] += pb[j];
             }
         }
-        vec![Some(Tensor::from_vec(input.shape(), dx)), Some(Tensor::from_vec(&[c], dw)), Some(Tensor::from_vec(&[c], db))]
+        Ok(vec![Some(Tensor::from_vec(input.shape(), dx)), Some(Tensor::from_vec(&[c], dw)), Some(Tensor::from_vec(&[c], db))])
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::check_op;
+    use crate::gradcheck::check_op;
     use crate::tensor::Rng;
 
     #[test]
@@ -66,7 +104,7 @@ mod tests {
         let x = Tensor::randn(&[5, 8], 1.5, &mut rng);
         let w = Tensor::randn(&[8], 1.0, &mut rng);
         let b = Tensor::randn(&[8], 1.0, &mut rng);
-        assert!(check_op(&[x, w, b], |tape, v| layernorm(tape, v[0], v[1], v[2])).max_relative_error < 1e-6);
+        assert!(check_op(&[x, w, b], |tape, v| layernorm(tape, v[0], v[1], v[2])).unwrap().max_relative_error < 1e-6);
     }
 
     #[test]
@@ -75,7 +113,7 @@ mod tests {
         let x = tape.leaf(Tensor::randn(&[3, 16], 3.0, &mut Rng::new(2)), false);
         let w = tape.leaf(Tensor::full(&[16], 1.0), false);
         let b = tape.leaf(Tensor::zeros(&[16]), false);
-        let out = layernorm(&mut tape, x, w, b);
+        let out = layernorm(&mut tape, x, w, b).unwrap();
         for row in tape.value(out).data().chunks(16) {
             let mean: f64 = row.iter().sum::<f64>() / 16.0;
             let var: f64 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / 16.0;

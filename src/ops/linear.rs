@@ -1,54 +1,148 @@
-//! Linear layer in GPT-2's Conv1D layout: `out = x · W + b`, W stored (in, out).
+//! Linear layer in GPT-2's Conv1D layout: `out = x · W + b`, W stored (in, out); and the same on
+//! a residual stream, `out = r + x · W + b`, as one op (the product's epilogue adds r on the GPU).
 //!
-//! backward: `dx = dout · Wᵀ`, `dW = xᵀ · dout`, `db = Σ_rows dout`   (docs/math.md, eq. L1)
+//! backward: `dx = dout · Wᵀ`, `dW = xᵀ · dout`, `db = Σ_rows dout`, `dr = dout`   (docs/math.md, eq. L1)
 
-use super::column_sums;
+use std::sync::Arc;
+
+use multitoken_cuda::{Gpu, Operand};
+
+use super::{column_sums, on_gpu, place, Place};
 use crate::autograd::{Tape, Var};
+use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
 use crate::tensor::{Float, Tensor};
 
 /// x (N, Cin), weight (Cin, Cout), bias (Cout) → out (N, Cout)
-pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>) -> Var {
+pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>) -> Result<Var> {
+    linear_op(tape, x, weight, bias, None)
+}
+
+/// x (N, Cin), weight (Cin, Cout), bias (Cout), residual (N, Cout) → residual + x · weight + bias
+pub fn linear_residual<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var, residual: Var) -> Result<Var> {
+    linear_op(tape, x, weight, Some(bias), Some(residual))
+}
+
+fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>, residual: Option<Var>) -> Result<Var> {
     let input = tape.value(x).clone();
     let w = tape.value(weight).clone();
+    let b = bias.map(|b| tape.value(b).clone());
+    let r = residual.map(|r| tape.value(r).clone());
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
     assert_eq!(input.shape().last(), Some(&c_in), "linear: x width differs from the weight's input size");
     let n = input.len() / c_in;
-    let mut out = vec![T::zero(); n * c_out];
-    if let Some(bias) = bias {
-        for row in out.chunks_mut(c_out) {
-            row.copy_from_slice(tape.value(bias).data());
-        }
-    }
-    matmul(input.data(), Layout::Normal, w.data(), Layout::Normal, &mut out, n, c_in, c_out, bias.is_some());
     let mut out_shape = input.shape().to_vec();
     *out_shape.last_mut().unwrap() = c_out;
-    let out = Tensor::from_vec(&out_shape, out);
+    if let Some(r) = &r {
+        assert_eq!(r.shape(), out_shape.as_slice(), "linear_residual: the residual differs from the output's shape");
+    }
+    let tensors: Vec<&Tensor<T>> = [Some(&input), Some(&w), b.as_ref(), r.as_ref()].into_iter().flatten().collect();
+    let placed = place("linear", &tensors)?;
+    let out = match &placed {
+        Place::Cpu => {
+            // out starts as r + b (or b, or 0), and the product is added to it
+            let mut out = match &r {
+                Some(r) => r.data().to_vec(),
+                None => vec![T::zero(); n * c_out],
+            };
+            if let Some(b) = &b {
+                for row in out.chunks_mut(c_out) {
+                    row.iter_mut().zip(b.data()).for_each(|(o, &bias)| *o += bias);
+                }
+            }
+            let accumulate = b.is_some() || r.is_some();
+            matmul(input.data(), Layout::Normal, w.data(), Layout::Normal, &mut out, n, c_in, c_out, accumulate);
+            Tensor::from_vec(&out_shape, out)
+        }
+        Place::Cuda(gpu) => {
+            let out = gpu.alloc::<f32>(n * c_out)?;
+            match (&b, &r) {
+                (Some(b), Some(r)) => gpu.linear_residual(on_gpu(&input), on_gpu(&w), on_gpu(b), on_gpu(r), out.view())?,
+                (Some(b), None) => gpu.linear(on_gpu(&input), on_gpu(&w), on_gpu(b), out.view())?,
+                (None, _) => gpu.matmul(Operand::normal(on_gpu(&input)), Operand::normal(on_gpu(&w)), out.view(), n, c_in, c_out, false)?,
+            }
+            Tensor::from_cuda(gpu, out, &out_shape)
+        }
+    };
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    tape.record("linear", out, &inputs, move |grad, needs| {
-        let dx = needs[0].then(|| {
-            let mut dx = vec![T::zero(); n * c_in];
-            matmul(grad.data(), Layout::Normal, w.data(), Layout::Transposed, &mut dx, n, c_out, c_in, false);
-            Tensor::from_vec(input.shape(), dx)
-        });
-        let dw = needs[1].then(|| {
-            let mut dw = vec![T::zero(); c_in * c_out];
-            matmul(input.data(), Layout::Transposed, grad.data(), Layout::Normal, &mut dw, c_in, n, c_out, false);
-            Tensor::from_vec(&[c_in, c_out], dw)
-        });
+    inputs.extend(residual);
+    let has_bias = bias.is_some();
+    Ok(tape.record(if residual.is_some() { "linear_residual" } else { "linear" }, out, &inputs, move |grad, needs| {
+        let (dx, dw, db) = match &placed {
+            Place::Cpu => linear_backward_cpu(&input, &w, grad, needs, has_bias),
+            Place::Cuda(gpu) => linear_backward_cuda(gpu, &input, &w, grad, needs, has_bias)?,
+        };
         let mut grads = vec![dx, dw];
-        if needs.len() == 3 {
-            grads.push(needs[2].then(|| Tensor::from_vec(&[c_out], column_sums(grad.data(), c_out))));
+        if has_bias {
+            grads.push(db);
         }
-        grads
-    })
+        if needs.len() > grads.len() {
+            // out = r + …  ⇒  dr = dout
+            grads.push(Some(grad.clone()));
+        }
+        Ok(grads)
+    }))
+}
+
+type LinearGradients<T> = (Option<Tensor<T>>, Option<Tensor<T>>, Option<Tensor<T>>);
+
+fn linear_backward_cpu<T: Float>(input: &Tensor<T>, w: &Tensor<T>, grad: &Tensor<T>, needs: &[bool], has_bias: bool) -> LinearGradients<T> {
+    let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
+    let n = input.len() / c_in;
+    let dx = needs[0].then(|| {
+        let mut dx = vec![T::zero(); n * c_in];
+        matmul(grad.data(), Layout::Normal, w.data(), Layout::Transposed, &mut dx, n, c_out, c_in, false);
+        Tensor::from_vec(input.shape(), dx)
+    });
+    let dw = needs[1].then(|| {
+        let mut dw = vec![T::zero(); c_in * c_out];
+        matmul(input.data(), Layout::Transposed, grad.data(), Layout::Normal, &mut dw, c_in, n, c_out, false);
+        Tensor::from_vec(&[c_in, c_out], dw)
+    });
+    let db = (has_bias && needs[2]).then(|| Tensor::from_vec(&[c_out], column_sums(grad.data(), c_out)));
+    (dx, dw, db)
+}
+
+fn linear_backward_cuda<T: Float>(
+    gpu: &Arc<Gpu>,
+    input: &Tensor<T>,
+    w: &Tensor<T>,
+    grad: &Tensor<T>,
+    needs: &[bool],
+    has_bias: bool,
+) -> Result<LinearGradients<T>> {
+    let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
+    let n = input.len() / c_in;
+    let (x, w_view, g) = (on_gpu(input), on_gpu(w), on_gpu(grad));
+    let dx = if needs[0] {
+        let dx = gpu.alloc::<f32>(n * c_in)?;
+        gpu.matmul(Operand::normal(g), Operand::transposed(w_view), dx.view(), n, c_out, c_in, false)?;
+        Some(Tensor::from_cuda(gpu, dx, input.shape()))
+    } else {
+        None
+    };
+    let dw = if needs[1] {
+        let dw = gpu.alloc::<f32>(c_in * c_out)?;
+        gpu.matmul(Operand::transposed(x), Operand::normal(g), dw.view(), c_in, n, c_out, false)?;
+        Some(Tensor::from_cuda(gpu, dw, &[c_in, c_out]))
+    } else {
+        None
+    };
+    let db = if has_bias && needs[2] {
+        let db = gpu.alloc::<f32>(c_out)?;
+        gpu.column_sums(g, db.view(), false)?;
+        Some(Tensor::from_cuda(gpu, db, &[c_out]))
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::check_op;
+    use crate::gradcheck::check_op;
     use crate::tensor::Rng;
 
     #[test]
@@ -57,7 +151,33 @@ mod tests {
         let x = Tensor::randn(&[2, 3, 4], 1.0, &mut rng);
         let w = Tensor::randn(&[4, 5], 1.0, &mut rng);
         let b = Tensor::randn(&[5], 1.0, &mut rng);
-        assert!(check_op(&[x.clone(), w.clone(), b], |tape, v| linear(tape, v[0], v[1], Some(v[2]))).max_relative_error < 1e-6);
-        assert!(check_op(&[x, w], |tape, v| linear(tape, v[0], v[1], None)).max_relative_error < 1e-6);
+        assert!(check_op(&[x.clone(), w.clone(), b], |tape, v| linear(tape, v[0], v[1], Some(v[2]))).unwrap().max_relative_error < 1e-6);
+        assert!(check_op(&[x, w], |tape, v| linear(tape, v[0], v[1], None)).unwrap().max_relative_error < 1e-6);
+    }
+
+    #[test]
+    fn linear_on_a_residual_gradient_matches_finite_differences() {
+        let mut rng = Rng::new(2);
+        let x = Tensor::randn(&[2, 3, 4], 1.0, &mut rng);
+        let w = Tensor::randn(&[4, 5], 1.0, &mut rng);
+        let b = Tensor::randn(&[5], 1.0, &mut rng);
+        let r = Tensor::randn(&[2, 3, 5], 1.0, &mut rng);
+        let report = check_op(&[x, w, b, r], |tape, v| linear_residual(tape, v[0], v[1], v[2], v[3])).unwrap();
+        assert!(report.max_relative_error < 1e-6, "{report}");
+    }
+
+    #[test]
+    fn linear_on_a_residual_is_the_residual_plus_the_linear_layer() {
+        let mut rng = Rng::new(3);
+        let values = [[3, 4], [4, 6], [6, 0], [3, 6]].map(|shape| {
+            let shape: Vec<usize> = shape.into_iter().filter(|&d| d > 0).collect();
+            Tensor::<f64>::randn(&shape, 1.0, &mut rng)
+        });
+        let mut tape = Tape::inference();
+        let [x, w, b, r] = values.map(|t| tape.leaf(t, false));
+        let fused = linear_residual(&mut tape, x, w, b, r).unwrap();
+        let plain = linear(&mut tape, x, w, Some(b)).unwrap();
+        let sum = crate::ops::add(&mut tape, r, plain).unwrap();
+        assert!(tape.value(fused).max_abs_diff(tape.value(sum)) < 1e-12);
     }
 }

@@ -1,6 +1,10 @@
 //! Coarse differentiable ops, one per file, forward and backward side by side, each with its
-//! f64 finite-difference gradient check. Every op takes vars on a [`Tape`], computes its output
-//! and records the rule that differentiates it.
+//! f64 finite-difference gradient check. Every op takes vars on a [`Tape`](crate::autograd::Tape),
+//! computes its output and records the rule that differentiates it.
+//!
+//! Each op runs where its inputs live ([`place`]): on the CPU through `kernels/`, on a GPU
+//! through the launchers of `multitoken-cuda`, forward and backward alike; `tests/cuda.rs`
+//! checks every op's GPU path against the op in f64 on the CPU.
 //!
 //! Activations are 2-D `(N, C)` with `N = B·T` rows, unless a comment says otherwise.
 
@@ -11,6 +15,7 @@ pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
 pub mod linear;
+pub mod optimizer;
 pub mod reduce;
 pub mod residual;
 pub mod unembed;
@@ -21,14 +26,41 @@ pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
 pub use gelu::gelu;
 pub use layernorm::layernorm;
-pub use linear::linear;
+pub use linear::{linear, linear_residual};
 pub use reduce::weighted_sum;
 pub use residual::add;
 pub use unembed::unembed;
 
+use std::sync::Arc;
+
+use multitoken_cuda::{Gpu, View};
 use rayon::prelude::*;
 
-use crate::tensor::Float;
+use crate::error::Result;
+use crate::tensor::{Float, Tensor};
+
+/// Where an op runs: where all of its inputs live.
+pub(crate) enum Place {
+    Cpu,
+    Cuda(Arc<Gpu>),
+}
+
+/// Where `tensors` live, or an error when they do not all live on one device.
+pub(crate) fn place<T: Float>(op: &str, tensors: &[&Tensor<T>]) -> Result<Place> {
+    let device = tensors[0].device();
+    if let Some(other) = tensors.iter().map(|t| t.device()).find(|d| *d != device) {
+        return crate::invalid!("{op}: its inputs live on {device} and on {other}; move them to one device with to_device");
+    }
+    Ok(match device.gpu() {
+        None => Place::Cpu,
+        Some(gpu) => Place::Cuda(gpu.clone()),
+    })
+}
+
+/// A GPU tensor's elements, for a kernel; the op has checked where it lives.
+pub(crate) fn on_gpu<T: Float>(tensor: &Tensor<T>) -> View<f32> {
+    tensor.cuda().expect("the op checked that its inputs live on the GPU").view()
+}
 
 /// Rows handled by one parallel task. Fixed, not derived from the thread count, so that
 /// reductions across tasks add in the same order on every machine.
@@ -55,31 +87,4 @@ pub(crate) fn column_sums<T: Float>(x: &[T], cols: usize) -> Vec<T> {
         }
     }
     total
-}
-
-#[cfg(test)]
-pub(crate) mod testing {
-    //! Helpers for the per-op gradient checks.
-    use crate::autograd::{Tape, Var};
-    use crate::gradcheck::{gradcheck, GradcheckOptions, GradcheckReport};
-    use crate::tensor::{Rng, Tensor};
-
-    /// Checks an op with a non-scalar output by differentiating `Σ out ⊙ R` for a fixed random R.
-    pub fn check_op(inputs: &[Tensor<f64>], op: impl Fn(&mut Tape<f64>, &[Var]) -> Var) -> GradcheckReport {
-        let mut probe = Tape::inference();
-        let vars: Vec<Var> = inputs.iter().map(|t| probe.leaf(t.clone(), false)).collect();
-        let probe_out = op(&mut probe, &vars);
-        let out_shape = probe.value(probe_out).shape().to_vec();
-        let weights = Tensor::randn(&out_shape, 1.0, &mut Rng::new(99));
-        let report = gradcheck(
-            inputs,
-            |tape, vars| {
-                let out = op(tape, vars);
-                crate::ops::weighted_sum(tape, out, &weights)
-            },
-            &GradcheckOptions::default(),
-        );
-        println!("{report}");
-        report
-    }
 }

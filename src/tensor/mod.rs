@@ -1,30 +1,94 @@
-//! `Tensor<T>`: a shape and a contiguous, reference-counted CPU buffer.
+//! `Tensor<T>`: a shape, and elements that live on the CPU or on one GPU.
 //!
-//! Storage is an `ndarray::ArcArray` in standard (row-major) layout, so cloning a tensor is
-//! cheap (the autograd tape keeps the inputs an op's backward needs by cloning them) and
-//! kernels see a plain slice. Writing to a shared tensor copies it first.
+//! On the CPU the elements are an `ndarray::ArcArray` in standard (row-major) layout: cloning a
+//! tensor is cheap (the autograd tape keeps the inputs an op's backward needs by cloning them),
+//! kernels see a plain slice, and writing to a shared tensor copies it first. On a GPU they are
+//! a window into a reference-counted device buffer, f32 only ([`CudaTensor`]); the same rules
+//! hold, and [`Tensor::data`] is not available there: bring the tensor to the host first with
+//! [`Tensor::to_host`]. Ops look at where their inputs live and run the kernel of that device
+//! (`ops/`); nothing else in the crate needs to know.
 
-mod float;
-mod random;
+mod device;
 
-pub use float::Float;
-pub use random::Rng;
+use std::sync::Arc;
 
+pub use self::device::Device;
+pub use crate::kernels::Float;
+pub use crate::random::Rng;
+
+use multitoken_cuda::{Buffer, Gpu, View};
 use ndarray::{ArcArray, IxDyn};
+
+use crate::error::Result;
 
 #[derive(Clone, Debug)]
 pub struct Tensor<T: Float> {
-    array: ArcArray<T, IxDyn>,
+    storage: Storage<T>,
+}
+
+#[derive(Clone, Debug)]
+enum Storage<T: Float> {
+    Cpu(ArcArray<T, IxDyn>),
+    Cuda(CudaTensor),
+}
+
+/// A tensor's elements on a GPU: `len` f32s at `offset` in a shared buffer, and the device.
+#[derive(Clone)]
+pub struct CudaTensor {
+    gpu: Arc<Gpu>,
+    buffer: Arc<Buffer<f32>>,
+    offset: usize,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaTensor({:?} on {})", self.shape, self.gpu.name())
+    }
+}
+
+impl CudaTensor {
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements, as a device view for a kernel.
+    pub fn view(&self) -> View<f32> {
+        self.buffer.view().slice(self.offset, self.len())
+    }
+
+    /// Whether no other tensor shares the buffer (then it may be written in place).
+    fn unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.buffer).is_some()
+    }
+}
+
+fn elements(shape: &[usize]) -> usize {
+    shape.iter().product()
 }
 
 impl<T: Float> Tensor<T> {
-    /// A tensor of the given shape holding `data` in row-major order.
+    /// A tensor of the given shape holding `data` in row-major order, on the CPU.
     ///
     /// Panics when `data.len()` is not the product of `shape`: that is a bug in the caller.
     pub fn from_vec(shape: &[usize], data: Vec<T>) -> Self {
         let array = ArcArray::from_shape_vec(IxDyn(shape), data)
-            .unwrap_or_else(|_| panic!("tensor of shape {shape:?} needs {} elements", shape.iter().product::<usize>()));
-        Tensor { array }
+            .unwrap_or_else(|_| panic!("tensor of shape {shape:?} needs {} elements", elements(shape)));
+        Tensor { storage: Storage::Cpu(array) }
+    }
+
+    /// A tensor on `gpu` holding `buffer` (of exactly the shape's size).
+    pub fn from_cuda(gpu: &Arc<Gpu>, buffer: Buffer<f32>, shape: &[usize]) -> Self {
+        assert_eq!(buffer.len(), elements(shape), "a device buffer of {} elements for shape {shape:?}", buffer.len());
+        Tensor { storage: Storage::Cuda(CudaTensor { gpu: gpu.clone(), buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec() }) }
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -32,7 +96,7 @@ impl<T: Float> Tensor<T> {
     }
 
     pub fn full(shape: &[usize], value: T) -> Self {
-        Self::from_vec(shape, vec![value; shape.iter().product()])
+        Self::from_vec(shape, vec![value; elements(shape)])
     }
 
     pub fn scalar(value: T) -> Self {
@@ -41,67 +105,188 @@ impl<T: Float> Tensor<T> {
 
     /// Elements drawn from N(0, std²).
     pub fn randn(shape: &[usize], std: f64, rng: &mut Rng) -> Self {
-        let count = shape.iter().product();
+        let count = elements(shape);
         Self::from_vec(shape, (0..count).map(|_| T::of(rng.normal() * std)).collect())
     }
 
+    /// `value` in every element, on `device`.
+    pub fn full_on(shape: &[usize], value: T, device: &Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Self::full(shape, value)),
+            Device::Cuda(gpu) => {
+                let buffer = gpu.upload(&vec![value.as_f64() as f32; elements(shape)])?;
+                Ok(Self::from_cuda(gpu, buffer, shape))
+            }
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
-        self.array.shape()
+        match &self.storage {
+            Storage::Cpu(array) => array.shape(),
+            Storage::Cuda(cuda) => &cuda.shape,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.array.len()
+        elements(self.shape())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.array.is_empty()
+        self.len() == 0
     }
 
-    /// The elements in row-major order.
+    /// Where the elements live.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(cuda) => Device::Cuda(cuda.gpu.clone()),
+        }
+    }
+
+    /// The GPU side, when the tensor lives on a GPU.
+    pub fn cuda(&self) -> Option<&CudaTensor> {
+        match &self.storage {
+            Storage::Cpu(_) => None,
+            Storage::Cuda(cuda) => Some(cuda),
+        }
+    }
+
+    /// The GPU side, to write in place (the optimizer's update): copies the elements first if
+    /// another tensor shares them, so that it keeps its own. None on the CPU.
+    pub fn cuda_mut(&mut self) -> Result<Option<&CudaTensor>> {
+        let Storage::Cuda(cuda) = &mut self.storage else { return Ok(None) };
+        if !cuda.unique() {
+            let copy = cuda.gpu.duplicate(cuda.view())?;
+            *cuda = CudaTensor { buffer: Arc::new(copy), offset: 0, ..cuda.clone() };
+        }
+        Ok(Some(cuda))
+    }
+
+    fn cpu_array(&self) -> &ArcArray<T, IxDyn> {
+        match &self.storage {
+            Storage::Cpu(array) => array,
+            Storage::Cuda(cuda) => {
+                panic!("a tensor of shape {:?} on {} has no host data; call to_host() first", cuda.shape, cuda.gpu.name())
+            }
+        }
+    }
+
+    /// The elements in row-major order. CPU tensors only: panics for a tensor on a GPU, whose
+    /// elements [`Tensor::to_host`] brings back.
     pub fn data(&self) -> &[T] {
-        self.array.as_slice().expect("tensors are always contiguous")
+        self.cpu_array().as_slice().expect("tensors are always contiguous")
     }
 
-    /// Mutable elements; copies the buffer first if another tensor shares it.
+    /// Mutable elements; copies the buffer first if another tensor shares it. CPU tensors only.
     pub fn data_mut(&mut self) -> &mut [T] {
-        self.array.as_slice_mut().expect("tensors are always contiguous")
+        match &mut self.storage {
+            Storage::Cpu(array) => array.as_slice_mut().expect("tensors are always contiguous"),
+            Storage::Cuda(_) => panic!("data_mut() of a tensor on a GPU; call to_host() first"),
+        }
     }
 
     pub fn into_vec(self) -> Vec<T> {
-        self.array.into_owned().into_raw_vec_and_offset().0
+        match self.storage {
+            Storage::Cpu(array) => array.into_owned().into_raw_vec_and_offset().0,
+            Storage::Cuda(_) => panic!("into_vec() of a tensor on a GPU; call to_host() first"),
+        }
+    }
+
+    /// The same elements on `device` (a copy, unless they are there already).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        match (&self.storage, device) {
+            (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
+            (Storage::Cuda(cuda), Device::Cuda(gpu)) if Arc::ptr_eq(&cuda.gpu, gpu) => Ok(self.clone()),
+            (Storage::Cpu(_), Device::Cuda(gpu)) => {
+                let host: Vec<f32> = self.data().iter().map(|x| x.as_f64() as f32).collect();
+                Ok(Self::from_cuda(gpu, gpu.upload(&host)?, self.shape()))
+            }
+            (Storage::Cuda(_), _) => self.to_host()?.to_device(device),
+        }
+    }
+
+    /// The same elements on the CPU.
+    pub fn to_host(&self) -> Result<Self> {
+        match &self.storage {
+            Storage::Cpu(_) => Ok(self.clone()),
+            Storage::Cuda(cuda) => {
+                let host = cuda.gpu.download(cuda.view())?;
+                Ok(Self::from_vec(&cuda.shape, host.into_iter().map(|x| T::of(x as f64)).collect()))
+            }
+        }
     }
 
     /// The same elements under another shape of equal size (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), self.len(), "reshape {:?} to {shape:?}", self.shape());
-        Tensor { array: self.array.clone().into_shape_with_order(IxDyn(shape)).expect("contiguous reshape") }
+        assert_eq!(elements(shape), self.len(), "reshape {:?} to {shape:?}", self.shape());
+        match &self.storage {
+            Storage::Cpu(array) => {
+                Tensor { storage: Storage::Cpu(array.clone().into_shape_with_order(IxDyn(shape)).expect("contiguous reshape")) }
+            }
+            Storage::Cuda(cuda) => Tensor { storage: Storage::Cuda(CudaTensor { shape: shape.to_vec(), ..cuda.clone() }) },
+        }
     }
 
-    /// The single element of a one-element tensor.
+    /// Rows `first..first + count` along the first dimension (a view on a GPU, a copy on the CPU).
+    pub fn rows(&self, first: usize, count: usize) -> Self {
+        let shape = self.shape();
+        assert!(!shape.is_empty() && first + count <= shape[0], "rows {first}..{} of a tensor of shape {shape:?}", first + count);
+        let row: usize = shape[1..].iter().product();
+        let mut new_shape = shape.to_vec();
+        new_shape[0] = count;
+        match &self.storage {
+            Storage::Cpu(_) => Self::from_vec(&new_shape, self.data()[first * row..(first + count) * row].to_vec()),
+            Storage::Cuda(cuda) => {
+                Tensor { storage: Storage::Cuda(CudaTensor { offset: cuda.offset + first * row, shape: new_shape, ..cuda.clone() }) }
+            }
+        }
+    }
+
+    /// The single element of a one-element tensor on the CPU.
     pub fn item(&self) -> T {
         assert_eq!(self.len(), 1, "item() of a tensor of shape {:?}", self.shape());
         self.data()[0]
     }
 
-    /// Converts every element to another float type.
+    /// Converts every element to another float type (CPU tensors).
     pub fn cast<U: Float>(&self) -> Tensor<U> {
         Tensor::from_vec(self.shape(), self.data().iter().map(|&x| U::of(x.as_f64())).collect())
     }
 
-    /// `self += other`, elementwise; shapes must match.
-    pub fn add_assign(&mut self, other: &Tensor<T>) {
+    /// `self += other`, elementwise, on either device; shapes and devices must match. Writes in
+    /// place unless the elements are shared with another tensor, which then keeps its own.
+    pub fn add_assign(&mut self, other: &Tensor<T>) -> Result<()> {
         assert_eq!(self.shape(), other.shape(), "add_assign shapes");
-        for (a, &b) in self.data_mut().iter_mut().zip(other.data()) {
-            *a += b;
+        let devices = (self.device(), other.device());
+        match (&mut self.storage, &other.storage) {
+            (Storage::Cpu(ours), Storage::Cpu(theirs)) => {
+                let theirs = theirs.as_slice().expect("tensors are always contiguous");
+                for (a, &b) in ours.as_slice_mut().expect("tensors are always contiguous").iter_mut().zip(theirs) {
+                    *a += b;
+                }
+                Ok(())
+            }
+            (Storage::Cuda(ours), Storage::Cuda(theirs)) if Arc::ptr_eq(&ours.gpu, &theirs.gpu) => {
+                let gpu = ours.gpu.clone();
+                if ours.unique() {
+                    gpu.add(ours.view(), theirs.view(), ours.view())?;
+                } else {
+                    let sum = gpu.alloc::<f32>(ours.len())?;
+                    gpu.add(ours.view(), theirs.view(), sum.view())?;
+                    *ours = CudaTensor { gpu: gpu.clone(), buffer: Arc::new(sum), offset: 0, shape: ours.shape.clone() };
+                }
+                Ok(())
+            }
+            _ => crate::invalid!("add_assign: the tensors live on different devices ({} and {})", devices.0, devices.1),
         }
     }
 
-    /// Sum of squares of all elements, accumulated in f64.
+    /// Sum of squares of all elements of a CPU tensor, accumulated in f64.
     pub fn sum_of_squares(&self) -> f64 {
         self.data().iter().map(|&x| x.as_f64() * x.as_f64()).sum()
     }
 
-    /// The largest absolute elementwise difference to `other`.
+    /// The largest absolute elementwise difference to `other` (CPU tensors).
     pub fn max_abs_diff(&self, other: &Tensor<T>) -> f64 {
         assert_eq!(self.shape(), other.shape(), "max_abs_diff shapes");
         self.data().iter().zip(other.data()).map(|(&a, &b)| (a.as_f64() - b.as_f64()).abs()).fold(0.0, f64::max)

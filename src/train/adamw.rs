@@ -1,10 +1,11 @@
 //! The AdamW optimizer over a model's parameters, with global-norm gradient clipping.
-//! The update itself is `kernels::adamw` (eq. A1 of docs/math.md).
+//! The update itself is `ops::optimizer::adamw_update` (eq. A1 of docs/math.md), on the device
+//! where the parameters live.
 
-use rayon::prelude::*;
-
+use crate::error::Result;
 use crate::kernels::adamw::AdamWStep;
-use crate::tensor::{Float, Tensor};
+use crate::ops::optimizer;
+use crate::tensor::{Device, Float, Tensor};
 
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct AdamWConfig {
@@ -32,43 +33,42 @@ pub struct AdamW<T: Float> {
     pub t: u64,
 }
 
-const CHUNK: usize = 1 << 14;
-
 impl<T: Float> AdamW<T> {
     pub fn new(config: AdamWConfig, params: &[&Tensor<T>]) -> Self {
         let zeros = || params.iter().map(|p| Tensor::zeros(p.shape())).collect();
         AdamW { config, m: zeros(), v: zeros(), t: 0 }
     }
 
-    /// One update. Parameters without a gradient (frozen) are left alone. Weight decay applies
-    /// to matrices only (two or more dimensions), as in GPT-2 training practice.
-    pub fn step(&mut self, params: &mut [&mut Tensor<T>], grads: &[Option<&Tensor<T>>], lr: f64) {
+    /// The same state with its moments on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let moved = |moments: &[Tensor<T>]| moments.iter().map(|t| t.to_device(device)).collect::<Result<Vec<_>>>();
+        Ok(AdamW { config: self.config, m: moved(&self.m)?, v: moved(&self.v)?, t: self.t })
+    }
+
+    /// One update, each gradient multiplied by `grad_scale` first (see [`clip_scale`]).
+    /// Parameters without a gradient (frozen) are left alone. Weight decay applies to matrices
+    /// only (two or more dimensions), as in GPT-2 training practice.
+    pub fn step(&mut self, params: &mut [&mut Tensor<T>], grads: &[Option<&Tensor<T>>], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
-        for (i, (param, grad)) in params.iter_mut().zip(grads).enumerate() {
-            let Some(grad) = grad else { continue };
-            let weight_decay = if param.shape().len() >= 2 { self.config.weight_decay } else { 0.0 };
-            let step = AdamWStep { lr, beta1: self.config.beta1, beta2: self.config.beta2, eps: self.config.eps, weight_decay, t: self.t };
-            param
-                .data_mut()
-                .par_chunks_mut(CHUNK)
-                .zip(grad.data().par_chunks(CHUNK))
-                .zip(self.m[i].data_mut().par_chunks_mut(CHUNK).zip(self.v[i].data_mut().par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| T::adamw_update(p, g, m, v, &step));
-        }
+        let c = self.config;
+        let step = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, t: self.t, grad_scale };
+        optimizer::adamw_update(params, grads, &mut self.m, &mut self.v, &step)
     }
 }
 
-/// Scales the gradients so that their global L2 norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when that is below 1). Returns the
-/// norm before clipping.
-pub fn clip_grad_norm<T: Float>(grads: &mut [Option<Tensor<T>>], max_norm: f64) -> f64 {
-    let norm = grads.iter().flatten().map(|g| g.sum_of_squares()).sum::<f64>().sqrt();
+/// The global L2 norm of the gradients, in f64.
+pub fn grad_norm<T: Float>(grads: &[Option<Tensor<T>>]) -> Result<f64> {
+    let present: Vec<&Tensor<T>> = grads.iter().flatten().collect();
+    Ok(optimizer::sum_of_squares(&present)?.sqrt())
+}
+
+/// What global-norm clipping multiplies the gradients by: PyTorch's `clip_grad_norm_`, factor
+/// `max_norm / (norm + 1e-6)` when that is below 1, else 1.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
-        let factor = T::of(factor);
-        for g in grads.iter_mut().flatten() {
-            g.data_mut().par_iter_mut().for_each(|x| *x *= factor);
-        }
+        factor
+    } else {
+        1.0
     }
-    norm
 }

@@ -2,8 +2,10 @@
 //! (`multitoken eval`, docs/cli.md).
 
 use crate::autograd::Tape;
+use crate::data::Batch;
+use crate::error::Result;
 use crate::model::loss::head_loss;
-use crate::model::{gpt2, model_loss, Batch, ModelConfig, ModelParams};
+use crate::model::{gpt2, model_loss, ModelConfig, ModelParams};
 use crate::ops::CpHeadStats;
 use crate::tensor::Tensor;
 
@@ -27,7 +29,7 @@ pub struct Losses {
 
 /// Accumulates position-weighted means of the head's statistics.
 #[derive(Default)]
-pub(crate) struct Mean {
+struct Mean {
     joint: f64,
     heads: Vec<f64>,
     entropy: f64,
@@ -44,7 +46,7 @@ fn add_weighted(total: &mut Vec<f64>, values: &[f64], weight: f64) {
 }
 
 impl Mean {
-    pub(crate) fn add(&mut self, stats: &CpHeadStats, count: usize) {
+    fn add(&mut self, stats: &CpHeadStats, count: usize) {
         let weight = count as f64;
         self.joint += stats.joint_loss * weight;
         self.entropy += stats.gate_entropy * weight;
@@ -54,7 +56,7 @@ impl Mean {
         self.count += count;
     }
 
-    pub(crate) fn finish(self) -> Losses {
+    fn finish(self) -> Losses {
         let n = self.count.max(1) as f64;
         let mean = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| x / n).collect() };
         let head_losses = mean(self.heads);
@@ -73,15 +75,16 @@ impl Mean {
     }
 }
 
-pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, batches: &[Batch]) -> Losses {
+/// Mean losses over batches, on the device where `params` live.
+pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, batches: &[Batch]) -> Result<Losses> {
     let mut mean = Mean::default();
     for batch in batches {
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
-        let out = model_loss(&mut tape, config, &vars, batch, 0.0);
+        let out = model_loss(&mut tape, config, &vars, batch, 0.0)?;
         mean.add(&out.stats, batch.inputs.len());
     }
-    mean.finish()
+    Ok(mean.finish())
 }
 
 /// One window of `eval` (docs/cli.md, `eval`): input tokens `start..end`, of which the first
@@ -112,20 +115,20 @@ pub fn scoring_windows(tokens: &[u32], horizon: usize, window: usize) -> Vec<Sco
 }
 
 /// Scores a token stream as `eval` does (docs/cli.md; see [`scoring_windows`]).
-pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, tokens: &[u32]) -> Losses {
+/// On the device where `params` live.
+pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, tokens: &[u32]) -> Result<Losses> {
     let mut mean = Mean::default();
     for window in scoring_windows(tokens, config.horizon, config.n_positions) {
         let mut tape = Tape::inference();
         let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
-        let h = gpt2::hidden_states(&mut tape, config, &vars, window.inputs, window.inputs.len());
+        let h = gpt2::hidden_states(&mut tape, config, &vars, window.inputs, window.inputs.len())?;
         // keep the rows of scored positions only
-        let c = config.n_embd;
-        let rows = Tensor::from_vec(&[window.scored, c], tape.value(h).data()[..window.scored * c].to_vec());
+        let rows = tape.value(h).rows(0, window.scored);
         let h = tape.leaf(rows, false);
-        let out = head_loss(&mut tape, config, &vars, h, &window.targets, 0.0);
+        let out = head_loss(&mut tape, config, &vars, h, &window.targets, 0.0)?;
         mean.add(&out.stats, window.scored);
     }
-    mean.finish()
+    Ok(mean.finish())
 }
 
 #[cfg(test)]

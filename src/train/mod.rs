@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use self::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use self::adamw::{clip_scale, grad_norm, AdamW, AdamWConfig};
 use self::checkpoint::{Checkpoint, ResumeState};
 use crate::autograd::Tape;
-use crate::data::{self, batches, tokens};
-use crate::device::{Device, Precision};
+use crate::data::{self, batches, tokens, Batch};
+use crate::device::{DeviceKind, Precision};
 use crate::error::{Error, Result};
 use crate::invalid;
-use crate::model::{gpt2, model_loss, Batch, ModelConfig, ModelParams};
-use crate::tensor::{Float, Rng, Tensor};
+use crate::model::{gpt2, model_loss, ModelConfig, ModelParams};
+use crate::tensor::{Device, Float, Rng, Tensor};
 
 /// Set by a Ctrl-C or SIGTERM handler: the loop finishes its step, saves and stops.
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -120,7 +120,9 @@ pub struct StepConfig {
     pub aux_coef: f64,
 }
 
-/// Runs one training step: forward, backward, clipping, AdamW. Returns (objective, grad norm).
+/// Runs one training step: forward, backward, clipping, AdamW, on the device where `params`
+/// (and the optimizer's moments) live. Returns (objective, gradient norm before clipping); a
+/// step whose objective or norm is not finite changes nothing.
 pub fn train_step<T: Float>(
     config: &ModelConfig,
     params: &mut ModelParams<Tensor<T>>,
@@ -128,22 +130,36 @@ pub fn train_step<T: Float>(
     batch: &Batch,
     step: StepConfig,
     trainable: &dyn Fn(&str) -> bool,
-) -> (f64, f64) {
+) -> Result<(f64, f64)> {
     let mut tape = Tape::new();
     let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
-    let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef);
+    let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef)?;
     let objective = tape.value(out.objective).item().as_f64();
     if !objective.is_finite() {
-        return (objective, f64::NAN);
+        return Ok((objective, f64::NAN));
     }
-    let mut grads = tape.backward(out.objective);
-    let mut grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
-    let norm = clip_grad_norm(&mut grad_list, step.grad_clip);
+    let mut grads = tape.backward(out.objective)?;
+    let grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
+    let norm = grad_norm(&grad_list)?;
     if norm.is_finite() {
         let grad_refs: Vec<Option<&Tensor<T>>> = grad_list.iter().map(Option::as_ref).collect();
-        optimizer.step(&mut params.values_mut(), &grad_refs, step.lr);
+        optimizer.step(&mut params.values_mut(), &grad_refs, step.lr, clip_scale(norm, step.grad_clip))?;
     }
-    (objective, norm)
+    Ok((objective, norm))
+}
+
+/// The parameters on `device`.
+pub fn params_to_device<T: Float>(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<T>>,
+    device: &Device,
+) -> Result<ModelParams<Tensor<T>>> {
+    let mut moved = Vec::new();
+    for (_, tensor) in params.named() {
+        moved.push(tensor.to_device(device)?);
+    }
+    let mut moved = moved.into_iter();
+    Ok(params.map(config, |_, _| moved.next().expect("one tensor per parameter")))
 }
 
 /// A run in progress: model, optimizer, settings and the metrics logged so far.
@@ -180,23 +196,23 @@ impl Run {
         plot::loss_curves_svg(&title, &curves)
     }
 
-    /// Writes the checkpoint, unless the weights have diverged: a checkpoint is written only if
-    /// `probe` (a validation batch) still has a finite loss under its weights, so the last one
-    /// on disk is always usable.
+    /// Writes the checkpoint (parameters and optimizer brought to the host), unless the weights
+    /// have diverged: a checkpoint is written only if `probe` (a validation batch) still has a
+    /// finite loss under its weights, so the last one on disk is always usable.
     fn save(&self, probe: &Batch) -> Result<()> {
-        let finite = self.params.named().iter().all(|(_, t)| t.data().iter().all(|x| x.is_finite()));
-        let probe_loss =
-            if finite { evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe)).joint_loss } else { f64::NAN };
-        if !probe_loss.is_finite() {
-            return Err(Error::NonFiniteLoss { step: self.step, value: probe_loss });
+        let probe_loss = evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe))?.joint_loss;
+        let params = params_to_device(&self.config, &self.params, &Device::Cpu)?;
+        let finite = params.named().iter().all(|(_, t)| t.data().iter().all(|x| x.is_finite()));
+        if !(finite && probe_loss.is_finite()) {
+            return Err(Error::NonFiniteLoss { step: self.step, value: if finite { probe_loss } else { f64::NAN } });
         }
         let metrics: String = self.metrics.iter().map(|r| format!("{r}\n")).collect();
         let checkpoint = Checkpoint {
             config: self.config.clone(),
-            params: self.params.clone(),
+            params,
             tokenizer_json: Some(self.tokenizer_json.clone()),
             resume: Some(ResumeState {
-                optimizer: self.optimizer.clone(),
+                optimizer: self.optimizer.to_device(&Device::Cpu)?,
                 train_state: json!({ "step": self.step, "settings": self.settings }),
             }),
         };
@@ -317,64 +333,8 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// Behave as if interrupted once this many steps are done (tests of `--resume` use it).
     pub stop_after_steps: Option<u64>,
-    pub device: Device,
+    pub device: DeviceKind,
     pub precision: Precision,
-}
-
-/// What runs the steps: the CPU on the host copy of the run, or a GPU holding its own copy,
-/// brought back to the host before each checkpoint.
-enum Engine {
-    Cpu,
-    #[cfg(feature = "cuda")]
-    Cuda(Box<crate::cuda::GpuModel>),
-}
-
-impl Engine {
-    fn open(device: Device, precision: Precision, run: &Run) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Engine::Cpu),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                let gpu = crate::device::open_gpu(precision)?;
-                Ok(Engine::Cuda(Box::new(crate::cuda::GpuModel::new(gpu, &run.config, &run.params, Some(&run.optimizer))?)))
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                let _ = (precision, run);
-                invalid!("--device cuda: this build has no CUDA support (use --device cpu)")
-            }
-        }
-    }
-
-    fn step(&mut self, run: &mut Run, batch: &Batch, step: StepConfig, trainable: &dyn Fn(&str) -> bool) -> Result<(f64, f64)> {
-        match self {
-            Engine::Cpu => Ok(train_step(&run.config, &mut run.params, &mut run.optimizer, batch, step, trainable)),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(model) => model.train_step(batch, step, trainable),
-        }
-    }
-
-    fn evaluate(&mut self, run: &Run, batches: &[Batch]) -> Result<evaluate::Losses> {
-        match self {
-            Engine::Cpu => Ok(evaluate::evaluate_batches(&run.config, &run.params, batches)),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(model) => model.evaluate_batches(batches),
-        }
-    }
-
-    /// Brings the parameters and optimizer state into the host copy `run` (before a checkpoint).
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn sync(&self, run: &mut Run) -> Result<()> {
-        match self {
-            Engine::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(model) => {
-                run.params = model.download_params()?;
-                run.optimizer = model.download_optimizer()?;
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
@@ -383,7 +343,10 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     crate::device::check_available(options.device)?;
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, resume)?;
-    let mut engine = Engine::open(options.device, options.precision, &run)?;
+    // the run's parameters and optimizer state live on the device from here on
+    let device = options.device.open(options.precision)?;
+    run.params = params_to_device(&run.config, &run.params, &device)?;
+    run.optimizer = run.optimizer.to_device(&device)?;
     let s = run.settings.clone();
     let n = run.config.horizon;
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
@@ -399,7 +362,6 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     while run.step < s.steps {
         if STOP_REQUESTED.load(Ordering::SeqCst) || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
-            engine.sync(&mut run)?;
             run.save(&val_batches[0])?;
             return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
         }
@@ -408,7 +370,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
         let tick = Instant::now();
         let step_config = StepConfig { lr, grad_clip: s.grad_clip, aux_coef: s.aux_coef };
-        let (loss, grad_norm) = engine.step(&mut run, &batch, step_config, &trainable).inspect_err(|_| bar.abandon())?;
+        let (loss, grad_norm) =
+            train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, step_config, &trainable).inspect_err(|_| bar.abandon())?;
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -425,7 +388,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             run.log(json!({ "step": run.step, "lr": lr, "train_loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s }));
         }
         if run.step % s.eval_every.max(1) == 0 || last {
-            let val = engine.evaluate(&run, &val_batches)?;
+            let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?;
             let line = format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss);
             if bar.is_hidden() {
                 eprintln!("{line}");
@@ -445,14 +408,13 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             last_val = Some(val);
         }
         if (s.save_every > 0 && run.step % s.save_every == 0) || last {
-            engine.sync(&mut run)?;
             run.save(&val_batches[0]).inspect_err(|_| bar.abandon())?;
         }
     }
     bar.finish_and_clear();
     let val = match last_val {
         Some(v) => v,
-        None => engine.evaluate(&run, &val_batches)?,
+        None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?,
     };
     let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
     Ok(TrainSummary {

@@ -1,21 +1,118 @@
 //! Decoding on the GPU (`sample` and `bench decode` with `--device cuda`): the KV cache and the
-//! backbone passes run on the device, and so do the head's vocabulary-sized products. The
-//! decoding loop itself (drafts, verification, acceptance, sampling) is
+//! backbone passes run on the device (`decode::pass::pass` with this file's kernels, each pass
+//! length recorded once into a CUDA graph and replayed), and so do the head's vocabulary-sized
+//! products. The decoding loop itself (drafts, verification, acceptance, sampling) is
 //! `decode::generate::decode_loop` on the host, the same code as on the CPU; per step it moves
 //! only hidden states (C floats a token) and the probabilities it reads (r·V floats a horizon).
 
 use std::rc::Rc;
 
-use multitoken_cuda::{AttentionShape, Buffer, CachePosition, Epilogue, Graph, Operand, PinnedBuffer, View};
+use multitoken_cuda::{AttentionShape, Buffer, CachePosition, Epilogue, Gpu, Graph, Operand, PinnedBuffer, View};
 
-use super::{param_views, Gpu, PhaseProfile};
-use crate::decode::generate::{decode_loop, AcceptanceRule, Backbone};
+use crate::decode::generate::{decode_loop, AcceptanceRule};
 use crate::decode::head::{Head, HeadProducts, HeadState};
+use crate::decode::pass::{pass, Backbone, Linear, PassKernels};
 use crate::decode::{DecodeRequest, Generation};
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::Tensor;
+
+/// With `MULTITOKEN_PROFILE=1`, a decoding pass waits for the device after each phase and adds
+/// its wall time to a table (printed by `bench decode`); otherwise nothing is measured.
+#[derive(Default)]
+pub struct PhaseProfile {
+    enabled: bool,
+    last: std::cell::Cell<Option<std::time::Instant>>,
+    totals: std::cell::RefCell<Vec<(&'static str, f64, usize)>>,
+}
+
+impl PhaseProfile {
+    fn from_env() -> Self {
+        PhaseProfile { enabled: crate::autograd::profiling_enabled(), ..Default::default() }
+    }
+
+    /// Ends the phase that started at the previous mark (or at `start`).
+    fn mark(&self, gpu: &Gpu, label: &'static str) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        gpu.synchronize()?;
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last.replace(Some(now)) {
+            add_phase(&mut self.totals.borrow_mut(), label, (now - last).as_secs_f64(), 1);
+        }
+        Ok(())
+    }
+
+    /// Like [`PhaseProfile::start`], but the time since the last mark counts as `gap` (the
+    /// host's own work between device calls).
+    fn resume(&self, gpu: &Gpu, gap: &'static str) -> Result<()> {
+        match self.last.get() {
+            Some(_) => self.mark(gpu, gap),
+            None => self.start(gpu),
+        }
+    }
+
+    fn start(&self, gpu: &Gpu) -> Result<()> {
+        if self.enabled {
+            gpu.synchronize()?;
+            self.last.set(Some(std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Forgets what was measured so far (after warm-up, which loads kernels lazily).
+    pub fn reset(&self) {
+        self.totals.borrow_mut().clear();
+    }
+
+    /// Moves everything measured so far into `other` (adding to its phases of the same name) and
+    /// starts afresh.
+    fn move_into(&self, other: &PhaseProfile) {
+        self.last.set(None);
+        let mut totals = other.totals.borrow_mut();
+        for (label, seconds, calls) in self.totals.borrow_mut().drain(..) {
+            add_phase(&mut totals, label, seconds, calls);
+        }
+    }
+
+    /// The table of phases: total milliseconds, calls, share.
+    pub fn report(&self) -> String {
+        let totals = self.totals.borrow();
+        let all: f64 = totals.iter().map(|(_, s, _)| s).sum();
+        let mut out = format!("{:<28} {:>10} {:>7} {:>6}\n", "GPU phase", "total ms", "calls", "share");
+        for (label, seconds, calls) in totals.iter() {
+            out += &format!("{label:<28} {:>10.1} {calls:>7} {:>5.1}%\n", seconds * 1e3, 100.0 * seconds / all.max(1e-12));
+        }
+        out
+    }
+}
+
+fn add_phase(totals: &mut Vec<(&'static str, f64, usize)>, label: &'static str, seconds: f64, calls: usize) {
+    match totals.iter_mut().find(|(l, _, _)| *l == label) {
+        Some(entry) => {
+            entry.1 += seconds;
+            entry.2 += calls;
+        }
+        None => totals.push((label, seconds, calls)),
+    }
+}
+
+/// Views of a flat buffer laid out as the model's parameters, in the order of `ModelParams::build`.
+fn param_views(config: &ModelConfig, flat: View<f32>) -> ModelParams<View<f32>> {
+    let mut offset = 0;
+    let result: std::result::Result<_, std::convert::Infallible> = ModelParams::build(config, |spec| {
+        let len: usize = spec.shape.iter().product();
+        let view = flat.slice(offset, len);
+        offset += len;
+        Ok(view)
+    });
+    match result {
+        Ok(params) => params,
+        Err(never) => match never {},
+    }
+}
 
 /// The model on the GPU, ready to decode: weights, the KV cache and the scratch buffers.
 pub struct GpuDecoder<'a> {
@@ -152,28 +249,115 @@ impl<'a> GpuBackbone<'a> {
     /// Queues a pass over m new tokens at `at`, whose ids follow the position in `start_and_ids`;
     /// the final hidden states land in `scratch.normed`.
     fn queue_pass(&self, m: usize, at: CachePosition) -> Result<()> {
-        let (gpu, p, s) = (self.gpu, &self.p, &self.scratch);
+        let mut kernels = GpuPassKernels {
+            gpu: self.gpu,
+            config: &self.config,
+            p: &self.p,
+            keys: &self.keys,
+            values: &self.values,
+            s: &self.scratch,
+            m,
+            at,
+        };
+        pass(&mut kernels, self.config.n_layer)
+    }
+}
+
+/// The GPU's kernels of a decoding pass over m new rows: each step one or two launches on the
+/// scratch buffers (the residual stream alternates between `x` and `x_mid`), recorded into a
+/// graph by the caller.
+struct GpuPassKernels<'a> {
+    gpu: &'a Gpu,
+    config: &'a ModelConfig,
+    p: &'a ModelParams<View<f32>>,
+    keys: &'a [Buffer<f32>],
+    values: &'a [Buffer<f32>],
+    s: &'a Scratch,
+    m: usize,
+    at: CachePosition,
+}
+
+impl GpuPassKernels<'_> {
+    /// The first m rows of a scratch buffer of rows `width` wide.
+    fn rows(&self, buffer: &Buffer<f32>, width: usize) -> View<f32> {
+        buffer.view().prefix(self.m * width)
+    }
+
+    /// LayerNorm's scratch: its output, each row's mean and 1/std.
+    fn norm_scratch(&self) -> (View<f32>, View<f32>, View<f32>) {
+        (self.rows(&self.s.normed, self.config.n_embd), self.rows(&self.s.mean, 1), self.rows(&self.s.rstd, 1))
+    }
+
+    fn shape(&self) -> AttentionShape {
         let (c, h) = (self.config.n_embd, self.config.n_head);
-        let rows = |b: &Buffer<f32>, width: usize| b.view().prefix(m * width);
-        let (x, x_mid, normed, mean, rstd) = (rows(&s.x, c), rows(&s.x_mid, c), rows(&s.normed, c), rows(&s.mean, 1), rows(&s.rstd, 1));
-        gpu.embedding_forward_at(s.start_and_ids.view().slice(1, m), p.wte, p.wpe, x, at, c)?;
-        let shape = AttentionShape { batch: 1, seq: m, n_head: h, head_size: c / h };
-        let norm_scratch = (normed, mean, rstd);
-        for (block, (cached_keys, cached_values)) in p.blocks.iter().zip(self.keys.iter().zip(&self.values)) {
-            let (cached_keys, cached_values) = (cached_keys.view(), cached_values.view());
-            let (qkv, q) = (rows(&s.qkv, 3 * c), rows(&s.q, c));
-            let ln_1 = (block.ln_1_weight, block.ln_1_bias);
-            layernorm_linear(gpu, x, ln_1, block.attn_c_attn_weight, block.attn_c_attn_bias, false, qkv, norm_scratch)?;
-            gpu.append_kv(qkv, q, cached_keys, cached_values, shape, at)?;
-            let att_y = rows(&s.att_y, c);
-            gpu.decode_attention(q, cached_keys, cached_values, att_y, shape, at)?;
-            gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?;
-            let fc_gelu = rows(&s.fc_gelu, 4 * c);
-            let ln_2 = (block.ln_2_weight, block.ln_2_bias);
-            layernorm_linear(gpu, x_mid, ln_2, block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, fc_gelu, norm_scratch)?;
-            gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?;
+        AttentionShape { batch: 1, seq: self.m, n_head: h, head_size: c / h }
+    }
+}
+
+impl PassKernels for GpuPassKernels<'_> {
+    fn embed(&mut self) -> Result<()> {
+        let c = self.config.n_embd;
+        let ids = self.s.start_and_ids.view().slice(1, self.m);
+        Ok(self.gpu.embedding_forward_at(ids, self.p.wte, self.p.wpe, self.rows(&self.s.x, c), self.at, c)?)
+    }
+
+    fn layernorm_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
+        let (c, block) = (self.config.n_embd, &self.p.blocks[layer]);
+        let (x, norm, weight, bias, gelu, out) = match linear {
+            Linear::Qkv => {
+                let out = self.rows(&self.s.qkv, 3 * c);
+                (
+                    self.rows(&self.s.x, c),
+                    (block.ln_1_weight, block.ln_1_bias),
+                    block.attn_c_attn_weight,
+                    block.attn_c_attn_bias,
+                    false,
+                    out,
+                )
+            }
+            Linear::MlpUp => {
+                let out = self.rows(&self.s.fc_gelu, 4 * c);
+                (self.rows(&self.s.x_mid, c), (block.ln_2_weight, block.ln_2_bias), block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, out)
+            }
+            other => unreachable!("{other:?} is not a sublayer's input"),
+        };
+        layernorm_linear(self.gpu, x, norm, weight, bias, gelu, out, self.norm_scratch())
+    }
+
+    fn attend(&mut self, layer: usize) -> Result<()> {
+        let c = self.config.n_embd;
+        let (keys, values) = (self.keys[layer].view(), self.values[layer].view());
+        let (qkv, q, att_y) = (self.rows(&self.s.qkv, 3 * c), self.rows(&self.s.q, c), self.rows(&self.s.att_y, c));
+        self.gpu.append_kv(qkv, q, keys, values, self.shape(), self.at)?;
+        Ok(self.gpu.decode_attention(q, keys, values, att_y, self.shape(), self.at)?)
+    }
+
+    fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
+        let (c, block) = (self.config.n_embd, &self.p.blocks[layer]);
+        let (x, x_mid) = (self.rows(&self.s.x, c), self.rows(&self.s.x_mid, c));
+        match linear {
+            Linear::AttentionOut => {
+                let att_y = self.rows(&self.s.att_y, c);
+                Ok(self.gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?)
+            }
+            Linear::MlpDown => {
+                let fc_gelu = self.rows(&self.s.fc_gelu, 4 * c);
+                Ok(self.gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?)
+            }
+            other => unreachable!("{other:?} is not a sublayer's output"),
         }
-        Ok(gpu.layernorm_forward(x, p.ln_f_weight, p.ln_f_bias, normed, mean, rstd)?)
+    }
+
+    fn final_layernorm(&mut self) -> Result<()> {
+        let (normed, mean, rstd) = self.norm_scratch();
+        Ok(self.gpu.layernorm_forward(
+            self.rows(&self.s.x, self.config.n_embd),
+            self.p.ln_f_weight,
+            self.p.ln_f_bias,
+            normed,
+            mean,
+            rstd,
+        )?)
     }
 }
 
@@ -348,5 +532,23 @@ impl HeadProducts<f32> for GpuHead<'_> {
             self.profile.mark(self.gpu, "head: download")?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_profile_adds_to_the_phases_of_the_same_name_and_starts_afresh() {
+        let (run, total) = (PhaseProfile::default(), PhaseProfile::default());
+        run.totals.borrow_mut().extend([("backbone", 2.0, 2), ("head", 1.0, 4)]);
+        run.last.set(Some(std::time::Instant::now()));
+        run.move_into(&total);
+        run.totals.borrow_mut().push(("head", 0.5, 1));
+        run.move_into(&total);
+        assert_eq!(*total.totals.borrow(), vec![("backbone", 2.0, 2), ("head", 1.5, 5)]);
+        assert!(run.totals.borrow().is_empty() && run.last.get().is_none());
+        assert!(total.report().contains("head"));
     }
 }

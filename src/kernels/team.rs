@@ -17,9 +17,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, TryLockError};
 
-use crate::kernels::gemm::{matmul, Layout};
-use crate::kernels::SharedMut;
-use crate::tensor::Float;
+use super::gemm::{matmul, Layout};
+use super::Float;
+use super::SharedMut;
 
 /// Backbone passes of at most this many new tokens run as a team; longer ones (a prompt) on one
 /// thread whose GEMMs use the pool.

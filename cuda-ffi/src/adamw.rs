@@ -1,0 +1,77 @@
+//! `kernels/adamw.cu`: AdamW over every parameter tensor of a model in one launch.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::constants::{ADAMW_CHUNK, THREADS};
+use crate::memory::{same_lengths, View};
+use crate::{Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/adamw.cu");
+
+pub(crate) struct Kernels {
+    tensors: CudaFunction,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        Ok(Kernels { tensors: module.load_function("adamw_tensors")? })
+    }
+}
+
+/// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub t: u32,
+    /// the gradient is multiplied by this first (global-norm clipping; 1 for none)
+    pub grad_scale: f32,
+}
+
+/// One parameter tensor to update: the parameter, its gradient, its two moments (all of one
+/// length), and its weight decay.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWSegment {
+    pub param: View<f32>,
+    pub grad: View<f32>,
+    pub m: View<f32>,
+    pub v: View<f32>,
+    pub weight_decay: f32,
+}
+
+impl Gpu {
+    /// One AdamW update of every segment, in one launch.
+    pub fn adamw_update(&self, segments: &[AdamWSegment], step: AdamWStep) -> Result<()> {
+        let mut first_block = vec![0i32];
+        for s in segments {
+            let len = same_lengths("adamw_update", &[s.param, s.grad, s.m, s.v])?;
+            first_block.push(first_block[first_block.len() - 1] + len.div_ceil(ADAMW_CHUNK) as i32);
+        }
+        let blocks = first_block[segments.len()] as usize;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let table = |view: fn(&AdamWSegment) -> View<f32>| self.upload(&segments.iter().map(|s| view(s).ptr).collect::<Vec<u64>>());
+        let (params, grads, ms, vs) = (table(|s| s.param)?, table(|s| s.grad)?, table(|s| s.m)?, table(|s| s.v)?);
+        let lengths = self.upload(&segments.iter().map(|s| s.param.len() as i64).collect::<Vec<_>>())?;
+        let decays = self.upload(&segments.iter().map(|s| s.weight_decay).collect::<Vec<_>>())?;
+        let starts = self.upload(&first_block)?;
+        let bias_correction1 = 1.0 - step.beta1.powi(step.t as i32);
+        let bias_correction2_sqrt = (1.0 - step.beta2.powi(step.t as i32)).sqrt();
+        let tensors = segments.len() as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.adamw.tensors);
+        launch.arg(params.device_ptr()).arg(grads.device_ptr()).arg(ms.device_ptr()).arg(vs.device_ptr());
+        launch.arg(lengths.device_ptr()).arg(decays.device_ptr()).arg(starts.device_ptr()).arg(&tensors);
+        launch.arg(&step.grad_scale).arg(&step.lr).arg(&step.beta1).arg(&step.beta2).arg(&step.eps);
+        launch.arg(&bias_correction1).arg(&bias_correction2_sqrt);
+        let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: block b updates chunk b − first_block[s] of segment s, inside its length; the
+        // four views of a segment hold that length (checked).
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,354 @@
+//! `kernels/attention.cu`: causal attention through cuBLAS products (the route TF32 takes, and
+//! head sizes without a fused kernel), and decoding's attention over a KV cache.
+//!
+//! The products route moves q, k, v from c_attn's rows (B, T, 3C) into heads (B, H, T, hs),
+//! multiplies over causal query chunks (chunk i of T/S queries needs only the first (i + 1)·T/S
+//! keys, so the products skip (S − 1)/2S of the work above the diagonal), and keeps the (B, H,
+//! T, T) weights for the backward pass.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::blas::Operand;
+use crate::constants::{DECODE_THREADS, FUSED_ATTENTION_HEAD_SIZES};
+use crate::device::{block_per_row_config, elementwise_config, warp_per_row_config};
+use crate::memory::{Buffer, View};
+use crate::{check, Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/attention.cu");
+
+pub(crate) struct Kernels {
+    qkv_to_heads: CudaFunction,
+    heads_to_qkv: CudaFunction,
+    heads_rows: CudaFunction,
+    causal_softmax_forward: CudaFunction,
+    causal_softmax_backward: CudaFunction,
+    append_kv: CudaFunction,
+    decode_attention: CudaFunction,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let f = |name: &str| module.load_function(name);
+        Ok(Kernels {
+            qkv_to_heads: f("qkv_to_heads")?,
+            heads_to_qkv: f("heads_to_qkv")?,
+            heads_rows: f("heads_rows")?,
+            causal_softmax_forward: f("causal_softmax_forward")?,
+            causal_softmax_backward: f("causal_softmax_backward")?,
+            append_kv: f("append_kv")?,
+            decode_attention: f("decode_attention")?,
+        })
+    }
+}
+
+/// The dimensions of a batch of attention: B, T, H and the head size.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_head: usize,
+    pub head_size: usize,
+}
+
+impl AttentionShape {
+    pub(crate) fn dims(&self) -> [i32; 4] {
+        [self.batch as i32, self.seq as i32, self.n_head as i32, self.head_size as i32]
+    }
+
+    /// B·T·C: the elements of one of q, k, v or y.
+    pub fn elements(&self) -> usize {
+        self.batch * self.seq * self.n_head * self.head_size
+    }
+
+    pub(crate) fn check(&self, what: &str, len: usize, factor: usize) -> Result<()> {
+        check(len == factor * self.elements(), || {
+            format!(
+                "{what}: buffer of {len} does not fit {factor} × (B={}, T={}, H={}, hs={})",
+                self.batch, self.seq, self.n_head, self.head_size
+            )
+        })
+    }
+}
+
+/// How the training pass computes causal attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionRoute {
+    /// one kernel each way over c_attn's rows (`kernels/fused_attention.cu`): the (T, T)
+    /// weights are never stored, the backward pass recomputes them tile by tile
+    Fused,
+    /// strided-batched cuBLAS products over causal query chunks and a masked softmax, with the
+    /// weights stored for the backward pass: any head size, and TF32 tensor cores when asked
+    Products,
+}
+
+impl AttentionRoute {
+    /// In f32 the fused kernels, where one exists for the head size: they are faster than the
+    /// products and hold no (T, T) weights. With TF32 the products, whose tensor cores outrun
+    /// the kernels' f32 arithmetic. `MULTITOKEN_ATTENTION=products` (or `fused`) overrides, for
+    /// benchmarks.
+    pub fn default_for(head_size: usize, tf32: bool) -> Self {
+        let supported = FUSED_ATTENTION_HEAD_SIZES.contains(&head_size);
+        match std::env::var("MULTITOKEN_ATTENTION").as_deref() {
+            Ok("products") => AttentionRoute::Products,
+            Ok("fused") if supported => AttentionRoute::Fused,
+            _ if supported && !tf32 => AttentionRoute::Fused,
+            _ => AttentionRoute::Products,
+        }
+    }
+}
+
+/// What the products route's forward pass keeps for the backward pass: q, k, v in heads, each
+/// (B·H, T, hs), one after the other, and the weights (B·H, T, T).
+pub struct ProductsAttention {
+    pub heads: Buffer<f32>,
+    pub weights: Buffer<f32>,
+}
+
+/// Where decoding's new rows start in the KV cache: the host's copy, for the checks, and a
+/// one-element device buffer holding the same number, which the decoding kernels read. Read from
+/// device memory, the position is not baked into a captured pass ([`Gpu::capture`]), so one
+/// capture replays at every position; whoever writes the device copy keeps the two equal.
+#[derive(Clone, Copy, Debug)]
+pub struct CachePosition {
+    pub start: usize,
+    pub on_device: View<u32>,
+}
+
+/// Attention dimensions: T, the head size, B·H matrices, and the causal query chunks.
+struct CausalChunks {
+    t: usize,
+    hs: usize,
+    bh: usize,
+    chunks: usize,
+    chunk: usize,
+}
+
+impl CausalChunks {
+    fn of(shape: AttentionShape) -> Self {
+        let t = shape.seq;
+        let chunks = [4, 2].into_iter().find(|&s| t.is_multiple_of(s) && t / s >= 32).unwrap_or(1);
+        CausalChunks { t, hs: shape.head_size, bh: shape.batch * shape.n_head, chunks, chunk: t / chunks }
+    }
+}
+
+/// Rows `first..` of each of a batch of (T, width) matrices, as a view that starts there.
+fn chunk_rows(x: View<f32>, first: usize, width: usize) -> View<f32> {
+    x.slice(first * width, x.len() - first * width)
+}
+
+fn thirds(all: View<f32>) -> (View<f32>, View<f32>, View<f32>) {
+    let third = all.len() / 3;
+    (all.slice(0, third), all.slice(third, third), all.slice(2 * third, third))
+}
+
+impl Gpu {
+    /// How attention runs on this device for head size `head_size`.
+    pub fn attention_route_for(&self, head_size: usize) -> AttentionRoute {
+        match self.attention_route {
+            Some(AttentionRoute::Fused) if FUSED_ATTENTION_HEAD_SIZES.contains(&head_size) => AttentionRoute::Fused,
+            Some(_) => AttentionRoute::Products,
+            None => AttentionRoute::default_for(head_size, self.tf32),
+        }
+    }
+
+    /// qkv (B, T, 3C) → q, k, v (B, H, T, hs) one after the other in `heads`; `inverse` goes back.
+    pub fn qkv_heads(&self, qkv: View<f32>, heads: View<f32>, shape: AttentionShape, inverse: bool) -> Result<()> {
+        shape.check("qkv_heads", qkv.len(), 3)?;
+        shape.check("qkv_heads", heads.len(), 3)?;
+        if shape.elements() == 0 {
+            return Ok(());
+        }
+        let kernels = &self.kernels.attention;
+        let kernel = if inverse { &kernels.heads_to_qkv } else { &kernels.qkv_to_heads };
+        let (source, target) = if inverse { (heads, qkv) } else { (qkv, heads) };
+        let dims = shape.dims();
+        let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&source.ptr).arg(&target.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        // SAFETY: both views hold 3·B·T·C elements; one block per row (b, t).
+        unsafe { launch.launch(block_per_row_config(shape.batch * shape.seq)) }?;
+        Ok(())
+    }
+
+    /// heads (B, H, T, hs) → rows (B, T, C) when `to_rows`, else rows → heads.
+    pub fn heads_rows(&self, heads: View<f32>, rows: View<f32>, shape: AttentionShape, to_rows: bool) -> Result<()> {
+        shape.check("heads_rows", heads.len(), 1)?;
+        shape.check("heads_rows", rows.len(), 1)?;
+        if shape.elements() == 0 {
+            return Ok(());
+        }
+        let dims = shape.dims();
+        let direction = i32::from(to_rows);
+        let mut launch = self.stream.launch_builder(&self.kernels.attention.heads_rows);
+        launch.arg(&heads.ptr).arg(&rows.ptr).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&direction);
+        // SAFETY: both views hold B·T·C elements; one block per row (b, t).
+        unsafe { launch.launch(block_per_row_config(shape.batch * shape.seq)) }?;
+        Ok(())
+    }
+
+    /// In place over matrices of (`queries`, `keys`) scores: the causal softmax of
+    /// `scale`·scores, query t seeing keys up to t + keys − queries (training: queries = keys).
+    pub fn causal_softmax_forward(&self, scores: View<f32>, queries: usize, keys: usize, scale: f32) -> Result<()> {
+        check(queries > 0 && queries <= keys && scores.len().is_multiple_of(queries * keys), || {
+            "causal_softmax_forward: not whole queries×keys matrices".into()
+        })?;
+        let (rows, queries_i, keys_i) = ((scores.len() / keys) as i32, queries as i32, keys as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.attention.causal_softmax_forward);
+        launch.arg(&scores.ptr).arg(&rows).arg(&queries_i).arg(&keys_i).arg(&scale);
+        // SAFETY: rows·keys elements.
+        unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// In place: the gradient d of the attention weights becomes that of the unscaled scores.
+    pub fn causal_softmax_backward(&self, att: View<f32>, d: View<f32>, seq: usize, scale: f32) -> Result<()> {
+        check(seq > 0 && att.len() == d.len() && att.len().is_multiple_of(seq * seq), || {
+            "causal_softmax_backward: not whole T×T matrices".into()
+        })?;
+        let (rows, seq_i) = ((att.len() / seq) as i32, seq as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.attention.causal_softmax_backward);
+        launch.arg(&att.ptr).arg(&d.ptr).arg(&rows).arg(&seq_i).arg(&scale);
+        // SAFETY: rows·T elements in both.
+        unsafe { launch.launch(warp_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// Causal attention through products: y (B, T, C) from c_attn's rows qkv (B, T, 3C); returns
+    /// what the backward pass needs.
+    pub fn attention_products_forward(&self, qkv: View<f32>, y: View<f32>, shape: AttentionShape) -> Result<ProductsAttention> {
+        shape.check("attention_products_forward", qkv.len(), 3)?;
+        shape.check("attention_products_forward", y.len(), 1)?;
+        let CausalChunks { t, hs, bh, chunks, chunk } = CausalChunks::of(shape);
+        let saved = ProductsAttention { heads: self.alloc(3 * shape.elements())?, weights: self.alloc(bh * t * t)? };
+        self.qkv_heads(qkv, saved.heads.view(), shape, false)?;
+        let ((q, k, v), att) = (thirds(saved.heads.view()), saved.weights.view());
+        let y_heads = self.alloc::<f32>(shape.elements())?;
+        let rows = |x: View<f32>, i: usize, width: usize| chunk_rows(x, i * chunk, width);
+        for i in 0..chunks {
+            // scores[chunk i, ..keys] = q_i k[..keys]ᵀ
+            let (q_i, scores_i) = (rows(q, i, hs), rows(att, i, t));
+            let (a, b) = (Operand::normal(q_i).strided(t * hs), Operand::transposed(k).strided(t * hs));
+            self.matmul_general(a, b, Operand::normal(scores_i).strided(t * t).leading(t), chunk, hs, (i + 1) * chunk, bh, false)?;
+        }
+        self.causal_softmax_forward(att, t, t, 1.0 / (hs as f32).sqrt())?;
+        for i in 0..chunks {
+            // y_i = att[chunk i, ..keys] v[..keys]
+            let (att_i, y_i) = (rows(att, i, t), rows(y_heads.view(), i, hs));
+            let (a, b) = (Operand::normal(att_i).strided(t * t).leading(t), Operand::normal(v).strided(t * hs));
+            self.matmul_general(a, b, Operand::normal(y_i).strided(t * hs), chunk, (i + 1) * chunk, hs, bh, false)?;
+        }
+        self.heads_rows(y_heads.view(), y, shape, true)?;
+        Ok(saved)
+    }
+
+    /// Backward of [`Gpu::attention_products_forward`] from dy (B, T, C): writes dqkv (B, T, 3C).
+    pub fn attention_products_backward(
+        &self,
+        saved: &ProductsAttention,
+        dy: View<f32>,
+        dqkv: View<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        shape.check("attention_products_backward", dy.len(), 1)?;
+        shape.check("attention_products_backward", dqkv.len(), 3)?;
+        let CausalChunks { t, hs, bh, chunks, chunk } = CausalChunks::of(shape);
+        let ((q, k, v), att) = (thirds(saved.heads.view()), saved.weights.view());
+        let (dy_heads, d_heads, d_att) =
+            (self.alloc::<f32>(shape.elements())?, self.alloc::<f32>(3 * shape.elements())?, self.alloc(bh * t * t)?);
+        self.heads_rows(dy_heads.view(), dy, shape, false)?;
+        let ((dq, dk, dv), dy, d_att) = (thirds(d_heads.view()), dy_heads.view(), d_att.view());
+        let rows = |x: View<f32>, i: usize, width: usize| chunk_rows(x, i * chunk, width);
+        let heads = |x: View<f32>| Operand::normal(x).strided(t * hs);
+        let scores =
+            |x: View<f32>, transposed: bool| if transposed { Operand::transposed(x) } else { Operand::normal(x) }.strided(t * t).leading(t);
+        // the last chunk reaches every key: it writes dk and dv whole, the others add to a prefix
+        for i in (0..chunks).rev() {
+            let (keys, first) = ((i + 1) * chunk, i + 1 == chunks);
+            let (dy_i, att_i, d_att_i) = (rows(dy, i, hs), rows(att, i, t), rows(d_att, i, t));
+            // y = att v: d_att = dy vᵀ, dv += attᵀ dy
+            self.matmul_general(heads(dy_i), Operand::transposed(v).strided(t * hs), scores(d_att_i, false), chunk, hs, keys, bh, false)?;
+            self.matmul_general(scores(att_i, true), heads(dy_i), heads(dv), keys, chunk, hs, bh, !first)?;
+        }
+        self.causal_softmax_backward(att, d_att, t, 1.0 / (hs as f32).sqrt())?;
+        for i in (0..chunks).rev() {
+            let (keys, first) = ((i + 1) * chunk, i + 1 == chunks);
+            let (q_i, dq_i, d_scores_i) = (rows(q, i, hs), rows(dq, i, hs), rows(d_att, i, t));
+            // scores = q kᵀ: dq = d_scores k, dk += d_scoresᵀ q
+            self.matmul_general(scores(d_scores_i, false), heads(k), heads(dq_i), chunk, keys, hs, bh, false)?;
+            self.matmul_general(scores(d_scores_i, true), heads(q_i), heads(dk), keys, chunk, hs, bh, !first)?;
+        }
+        self.qkv_heads(dqkv, d_heads.view(), shape, true)
+    }
+
+    /// The kernels' cache dimensions [m, H, hs, positions] of a KV cache (H, positions, hs),
+    /// after checking that `shape.seq` = m new rows of one sequence fit at `at`.
+    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, at: CachePosition) -> Result<[i32; 4]> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let (positions, start) = (keys.len() / (h * hs).max(1), at.start);
+        check(shape.batch == 1 && m > 0 && values.len() == keys.len() && start + m <= positions && at.on_device.len() == 1, || {
+            format!("{what}: {m} rows at {start} do not fit a cache of {positions} positions")
+        })?;
+        Ok([m as i32, h as i32, hs as i32, positions as i32])
+    }
+
+    /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
+    /// caches (H, positions, hs) at `at.start..at.start + m`.
+    pub fn append_kv(
+        &self,
+        qkv: View<f32>,
+        q: View<f32>,
+        keys: View<f32>,
+        values: View<f32>,
+        shape: AttentionShape,
+        at: CachePosition,
+    ) -> Result<()> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let dims = Self::cache_dims("append_kv", keys, values, shape, at)?;
+        check(qkv.len() == 3 * m * h * hs && q.len() == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
+        let mut launch = self.stream.launch_builder(&self.kernels.attention.append_kv);
+        launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
+        for d in &dims {
+            launch.arg(d);
+        }
+        launch.arg(&at.on_device.ptr);
+        // SAFETY: sizes checked; one thread per element of the new rows.
+        unsafe { launch.launch(elementwise_config(3 * m * h * hs)) }?;
+        Ok(())
+    }
+
+    /// Decoding: the attention of m new query rows `q` (H, m, hs) over the caches (H,
+    /// positions, hs) filled up to `start + m`, row i seeing positions ≤ start + i; writes rows
+    /// `y` (m, C). `shape.seq` is m.
+    pub fn decode_attention(
+        &self,
+        q: View<f32>,
+        keys: View<f32>,
+        values: View<f32>,
+        y: View<f32>,
+        shape: AttentionShape,
+        at: CachePosition,
+    ) -> Result<()> {
+        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
+        let dims = Self::cache_dims("decode_attention", keys, values, shape, at)?;
+        let positions = dims[3] as usize;
+        check(q.len() == m * h * hs && y.len() == q.len(), || format!("decode_attention: q and y do not hold {m} rows"))?;
+        check(
+            4 * (hs + positions) <= 46 << 10, // with the kernel's static arrays, under 48 KiB
+            || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
+        )?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut launch = self.stream.launch_builder(&self.kernels.attention.decode_attention);
+        launch.arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
+        for d in &dims {
+            launch.arg(d);
+        }
+        launch.arg(&at.on_device.ptr).arg(&scale);
+        // the query and up to `positions` scores per block
+        let shared_mem_bytes = (4 * (hs + positions)) as u32;
+        let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS as u32, 1, 1), shared_mem_bytes };
+        // SAFETY: sizes checked; one block per (new row, head).
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+}

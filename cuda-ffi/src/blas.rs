@@ -1,0 +1,436 @@
+//! Matrix products through cuBLAS and cuBLASLt, and the linear layer (a product whose epilogue
+//! adds the bias, and the residual too where asked).
+//!
+//! Row-major products go to cuBLAS as the column-major product of the transposes (`C = A·B` is
+//! `Cᵀ = Bᵀ·Aᵀ`), so nothing is copied.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::linear::Epilogue;
+use crate::memory::{View, Workspace};
+use crate::{check, CudaError, Gpu, Result};
+
+/// One operand of a matrix product: its view, and whether it is stored transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    pub data: View<f32>,
+    pub transposed: bool,
+    /// elements between consecutive matrices of a batch (0 for a single matrix)
+    pub batch_stride: usize,
+    /// elements between consecutive stored rows (0: the stored row length, a dense matrix);
+    /// larger when the matrix is a block of columns of a wider one
+    pub leading: usize,
+}
+
+impl Operand {
+    pub fn normal(data: View<f32>) -> Self {
+        Operand { data, transposed: false, batch_stride: 0, leading: 0 }
+    }
+
+    pub fn transposed(data: View<f32>) -> Self {
+        Operand { data, transposed: true, batch_stride: 0, leading: 0 }
+    }
+
+    /// Stored rows are `leading` elements apart.
+    pub fn leading(self, leading: usize) -> Self {
+        Operand { leading, ..self }
+    }
+
+    pub fn strided(self, batch_stride: usize) -> Self {
+        Operand { batch_stride, ..self }
+    }
+
+    /// The stored row length and the leading dimension of a logical (rows, cols) matrix, after
+    /// checking that `batch` of them fit in the view.
+    fn layout(&self, rows: usize, cols: usize, batch: usize) -> Option<usize> {
+        let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        let leading = if self.leading == 0 { stored_cols } else { self.leading };
+        let needed = self.batch_stride * (batch - 1) + (stored_rows - 1) * leading + stored_cols;
+        (leading >= stored_cols && self.data.len() >= needed).then_some(leading)
+    }
+}
+
+/// Which cuBLAS entry point single matrix products go through (batched products always use
+/// `cublasSgemmStridedBatched`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmRoute {
+    /// `cublasSgemm`
+    Blas,
+    /// `cublasLtMatmul` with its heuristic's first choice (what PyTorch's `addmm` uses)
+    BlasLt,
+}
+
+/// Bytes of cuBLAS and cuBLASLt workspace (NVIDIA's recommendation for Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The cuBLAS and cuBLASLt handles, cuBLASLt's plans by shape, and their workspaces (declared
+/// last: fields drop in order, so the handles go first).
+pub(crate) struct Blas {
+    cublas: CudaBlas,
+    lt: LtHandle,
+    plans: Mutex<std::collections::HashMap<LtKey, LtPlan>>,
+    _cublas_workspace: Workspace,
+    lt_workspace: Workspace,
+}
+
+struct LtHandle(cudarc::cublaslt::sys::cublasLtHandle_t);
+
+// SAFETY: the handle is used from one thread at a time (its plans sit behind a mutex, and the
+// Gpu queues work on one stream).
+unsafe impl Send for LtHandle {}
+unsafe impl Sync for LtHandle {}
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by create_handle and is destroyed once.
+        unsafe {
+            let _ = cudarc::cublaslt::result::destroy_handle(self.0);
+        }
+    }
+}
+
+impl Blas {
+    pub(crate) fn new(context: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self> {
+        let cublas = CudaBlas::new(stream.clone())?;
+        let cublas_workspace = Workspace::new(context, WORKSPACE_BYTES)?;
+        // SAFETY: the workspace outlives the handle (both live in Blas; the handle drops first).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*cublas.handle(), cublas_workspace.view.ptr as *mut _, WORKSPACE_BYTES).result()?;
+        }
+        Ok(Blas {
+            cublas,
+            lt: LtHandle(cudarc::cublaslt::result::create_handle()?),
+            plans: Default::default(),
+            _cublas_workspace: cublas_workspace,
+            lt_workspace: Workspace::new(context, WORKSPACE_BYTES)?,
+        })
+    }
+}
+
+/// What a cuBLASLt product's plan depends on (pointers and β are passed per call).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct LtKey {
+    /// whether A, B are transposed
+    transposed: [bool; 2],
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: i32,
+    ldb: i32,
+    /// the bias epilogue
+    bias: bool,
+    tf32: bool,
+}
+
+/// A cuBLASLt product made ready: descriptor, matrix layouts, and the heuristic's algorithm.
+struct LtPlan {
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    a_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    b_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    c_layout: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    algo: cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the handles are plain descriptors, used under the Blas's mutex only.
+unsafe impl Send for LtPlan {}
+
+impl LtPlan {
+    unsafe fn new(handle: cudarc::cublaslt::sys::cublasLtHandle_t, key: LtKey, workspace_bytes: usize) -> Result<Self> {
+        use cudarc::cublaslt::{result as lt, sys as lt_sys};
+        let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
+        let compute = if key.tf32 {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
+        let (a_rows, a_cols) = if key.transposed[0] { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if key.transposed[1] { (n, k) } else { (k, n) };
+        let mut plan = LtPlan {
+            desc: lt::create_matmul_desc(compute, f32_type)?,
+            a_layout: lt::create_matrix_layout(f32_type, a_rows, a_cols, key.lda as i64)?,
+            b_layout: lt::create_matrix_layout(f32_type, b_rows, b_cols, key.ldb as i64)?,
+            c_layout: lt::create_matrix_layout(f32_type, m, n, m as i64)?,
+            algo: std::mem::zeroed(),
+        };
+        let set_desc =
+            |attribute, value: *const std::ffi::c_void, bytes: usize| lt::set_matmul_desc_attribute(plan.desc, attribute, value, bytes);
+        for (attribute, transposed) in [
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, key.transposed[0]),
+            (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, key.transposed[1]),
+        ] {
+            let op = if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N } as i32;
+            set_desc(attribute, (&op) as *const i32 as *const _, std::mem::size_of::<i32>())?;
+        }
+        if key.bias {
+            // D = op(A)·op(B) + bias, the bias added to every column (a row of the row-major result)
+            let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            let attribute = lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE;
+            set_desc(attribute, (&epilogue) as *const _ as *const _, std::mem::size_of_val(&epilogue))?;
+        }
+        let preference = lt::create_matmul_pref()?;
+        let heuristic = lt::set_matmul_pref_attribute(
+            preference,
+            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_bytes) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .and_then(|()| {
+            lt::get_matmul_algo_heuristic(handle, plan.desc, plan.a_layout, plan.b_layout, plan.c_layout, plan.c_layout, preference)
+        });
+        lt::destroy_matmul_pref(preference)?;
+        // (the plan is dropped, and its descriptors destroyed, if there is no algorithm)
+        plan.algo = heuristic?.algo;
+        Ok(plan)
+    }
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result as lt;
+        // SAFETY: each was created once, in LtPlan::new, and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            for layout in [self.a_layout, self.b_layout, self.c_layout] {
+                let _ = lt::destroy_matrix_layout(layout);
+            }
+        }
+    }
+}
+
+impl Gpu {
+    /// `c (m,n) = a (m,k) · b (k,n)` (plus c when `accumulate`), row-major.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, a: Operand, b: Operand, c: View<f32>, m: usize, k: usize, n: usize, accumulate: bool) -> Result<()> {
+        self.matmul_batched(a, b, c, m, k, n, 1, accumulate)
+    }
+
+    /// `c (m,n) = a (m,k) · b (k,n)` (plus c itself when `accumulate`), row-major, for `batch`
+    /// matrices at the operands' batch strides. Through cuBLAS: f32, or TF32 when `self.tf32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_batched(
+        &self,
+        a: Operand,
+        b: Operand,
+        c: View<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        batch: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        check(c.len() == batch * m * n, || format!("matmul: c holds {}, not {batch} × {m}×{n}", c.len()))?;
+        let c = Operand::normal(c).strided(if batch > 1 { m * n } else { 0 });
+        self.matmul_general(a, b, c, m, k, n, batch, accumulate)
+    }
+
+    /// As [`Gpu::matmul_batched`], with `c` given as an operand too (its own batch stride and
+    /// leading dimension; not transposed): products written into blocks of larger matrices.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_general(
+        &self,
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        m: usize,
+        k: usize,
+        n: usize,
+        batch: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // an empty sum: c = 0 (or stays c)
+            return if accumulate { Ok(()) } else { self.fill_zero(c.data) };
+        }
+        let shapes =
+            (batch >= 1 && !c.transposed).then(|| Some((a.layout(m, k, batch)?, b.layout(k, n, batch)?, c.layout(m, n, batch)?))).flatten();
+        let Some((a_leading, b_leading, c_leading)) = shapes else {
+            return Err(CudaError::Shape(format!(
+                "matmul: operands do not hold {batch} products {m}×{k} · {k}×{n} (a {}, b {}, c {})",
+                a.data.len(),
+                b.data.len(),
+                c.data.len()
+            )));
+        };
+        let dense = a.leading == 0 && b.leading == 0 && c.leading == 0;
+        let (c_stride, c) = (c.batch_stride, c.data);
+        // cuBLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let math = if self.tf32 { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        let handle = *self.blas.cublas.handle();
+        let (lda, ldb, ldc) = (b_leading as i32, a_leading as i32, c_leading as i32);
+        // SAFETY: the handle is ours and bound to our stream; the sizes were checked above.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(handle, math).result()?;
+            let (b_ptr, a_ptr, c_ptr) = (b.data.ptr as *const f32, a.data.ptr as *const f32, c.ptr as *mut f32);
+            let (op_b, op_a) = (op(b.transposed), op(a.transposed));
+            if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
+                self.lt_matmul(op_b, op_a, n, m, k, b_ptr, lda, a_ptr, ldb, beta, c_ptr, c_ptr, None)?;
+            } else if batch == 1 {
+                cudarc::cublas::sys::cublasSgemm_v2(
+                    handle, op_b, op_a, n as i32, m as i32, k as i32, &alpha, b_ptr, lda, a_ptr, ldb, &beta, c_ptr, ldc,
+                )
+                .result()?;
+            } else {
+                cudarc::cublas::sys::cublasSgemmStridedBatched(
+                    handle,
+                    op_b,
+                    op_a,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha,
+                    b_ptr,
+                    lda,
+                    b.batch_stride as i64,
+                    a_ptr,
+                    ldb,
+                    a.batch_stride as i64,
+                    &beta,
+                    c_ptr,
+                    ldc,
+                    c_stride as i64,
+                    batch as i32,
+                )
+                .result()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Column-major `D (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C (+ bias)` through cuBLASLt.
+    /// The descriptors and the heuristic's algorithm are made once per shape and kept
+    /// ([`LtPlan`]): asking the heuristic costs more host time than a small product takes on
+    /// the device, which is what decoding does, token after token.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lt_matmul(
+        &self,
+        op_a: cublasOperation_t,
+        op_b: cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: i32,
+        b: *const f32,
+        ldb: i32,
+        beta: f32,
+        c: *const f32,
+        d: *mut f32,
+        bias: Option<View<f32>>,
+    ) -> Result<()> {
+        use cudarc::cublaslt::{result as lt, sys as lt_sys};
+        let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
+        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), tf32: self.tf32 };
+        let blas = &self.blas;
+        let mut plans = blas.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(LtPlan::new(blas.lt.0, key, blas.lt_workspace.view.len())?),
+        };
+        if let Some(bias) = bias {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bias.ptr) as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )?;
+        }
+        let alpha = 1.0f32;
+        lt::matmul(
+            blas.lt.0,
+            plan.desc,
+            (&alpha) as *const f32 as *const _,
+            (&beta) as *const f32 as *const _,
+            a as *const _,
+            plan.a_layout,
+            b as *const _,
+            plan.b_layout,
+            c as *const _,
+            plan.c_layout,
+            d as *mut _,
+            plan.c_layout,
+            (&plan.algo) as *const _,
+            blas.lt_workspace.view.ptr as *mut _,
+            blas.lt_workspace.view.len(),
+            self.stream.cu_stream() as *mut _,
+        )?;
+        Ok(())
+    }
+
+    /// A linear layer: `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias`, the
+    /// bias added by the matrix product's epilogue (cuBLASLt) or, on the plain cuBLAS route, by
+    /// filling `out` with it first.
+    pub fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        self.linear_plus(x, weight, bias, None, out)
+    }
+
+    /// A linear layer on a residual stream: `out = residual + x · weight + bias`, the residual
+    /// added by the product itself (cuBLASLt reads it as C with β = 1 and writes D = out).
+    pub fn linear_residual(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: View<f32>, out: View<f32>) -> Result<()> {
+        check(residual.len() == out.len(), || "linear_residual: residual and out differ in length".into())?;
+        self.linear_plus(x, weight, bias, Some(residual), out)
+    }
+
+    /// `out = gelu(x · weight + bias)`: one kernel on a few rows, else the product then the GELU.
+    pub fn linear_gelu(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        if self.linear_few_rows(x, None, weight, bias, Epilogue::Gelu, out)? {
+            return Ok(());
+        }
+        self.linear(x, weight, bias, out)?;
+        self.gelu_forward(out, out)
+    }
+
+    fn linear_plus(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
+        let n_out = bias.len();
+        check(n_out > 0 && out.len().is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
+        let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
+        check(x.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.len()))?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let epilogue = residual.map_or(Epilogue::Bias, Epilogue::Residual);
+        if self.linear_few_rows(x, None, weight, bias, epilogue, out)? {
+            return Ok(());
+        }
+        if self.gemm_route == GemmRoute::Blas || n_in == 0 {
+            self.broadcast_rows(bias, out)?;
+            self.matmul(Operand::normal(x), Operand::normal(weight), out, rows, n_in, n_out, true)?;
+            return match residual {
+                Some(residual) => self.add(out, residual, out),
+                None => Ok(()),
+            };
+        }
+        let op_n = cublasOperation_t::CUBLAS_OP_N;
+        let (beta, c) = match residual {
+            Some(residual) => (1.0, residual.ptr as *const f32),
+            None => (0.0, out.ptr as *const f32),
+        };
+        // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
+        unsafe {
+            self.lt_matmul(
+                op_n,
+                op_n,
+                n_out,
+                rows,
+                n_in,
+                weight.ptr as *const f32,
+                n_out as i32,
+                x.ptr as *const f32,
+                n_in as i32,
+                beta,
+                c,
+                out.ptr as *mut f32,
+                Some(bias),
+            )
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The numbers that both the launchers and the kernels depend on, defined once: each is handed
+//! to NVRTC as a `-D` define ([`KERNEL_DEFINES`]), so a `.cu` file uses the name and never
+//! restates the value.
+
+/// Threads per block of most kernels.
+pub(crate) const THREADS: usize = 256;
+/// The largest horizon n and rank r the head kernels' per-thread arrays hold.
+pub const MAX_HORIZON: usize = 16;
+pub const MAX_RANK: usize = 16;
+/// Rows per block of the first pass of the column sums.
+pub(crate) const COLUMN_SUM_CHUNK: usize = 256;
+/// Elements per block of the first pass of the sums of squares and dot products.
+pub(crate) const REDUCE_CHUNK: usize = 16384;
+/// Rows per block of the LayerNorm backward pass.
+pub(crate) const LAYERNORM_ROWS_PER_BLOCK: usize = 32;
+/// Queries (keys) per tile of the fused attention kernels, and their threads per block.
+pub(crate) const ATTENTION_TILE: usize = 64;
+pub(crate) const ATTENTION_THREADS: usize = 256;
+/// Head sizes the fused attention kernels are built for.
+pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
+/// Threads per block of decoding's attention over the cache.
+pub(crate) const DECODE_THREADS: usize = 256;
+/// The few-row linear kernel: warps per block, columns per block (a warp's lanes × float4), the
+/// most rows of the weight per block.
+pub(crate) const FEW_ROW_WARPS: usize = 8;
+pub(crate) const FEW_ROW_TILE_COLUMNS: usize = 128;
+pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
+/// Elements of a tensor per block of the many-tensor AdamW kernel.
+pub(crate) const ADAMW_CHUNK: usize = 4096;
+
+/// What every kernel file is compiled with: `-DNAME=value` for each.
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 13] = [
+    ("THREADS", THREADS),
+    ("MAX_HORIZON", MAX_HORIZON),
+    ("MAX_RANK", MAX_RANK),
+    ("COLUMN_SUM_CHUNK", COLUMN_SUM_CHUNK),
+    ("REDUCE_CHUNK", REDUCE_CHUNK),
+    ("LAYERNORM_ROWS_PER_BLOCK", LAYERNORM_ROWS_PER_BLOCK),
+    ("ATTENTION_TILE", ATTENTION_TILE),
+    ("ATTENTION_THREADS", ATTENTION_THREADS),
+    ("DECODE_THREADS", DECODE_THREADS),
+    ("FEW_ROW_WARPS", FEW_ROW_WARPS),
+    ("FEW_ROW_TILE_COLUMNS", FEW_ROW_TILE_COLUMNS),
+    ("FEW_ROW_K_CHUNK_MAX", FEW_ROW_K_CHUNK_MAX),
+    ("ADAMW_CHUNK", ADAMW_CHUNK),
+];

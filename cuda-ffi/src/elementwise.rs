@@ -1,0 +1,167 @@
+//! `kernels/elementwise.cu`: GELU, sums, scaling, and the reductions (column sums, sums of
+//! squares, dot products) in a fixed order.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::constants::{COLUMN_SUM_CHUNK, REDUCE_CHUNK, THREADS};
+use crate::device::{block_per_row_config, elementwise_config};
+use crate::memory::{same_lengths, View};
+use crate::{check, Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/elementwise.cu");
+
+pub(crate) struct Kernels {
+    gelu_forward: CudaFunction,
+    gelu_backward: CudaFunction,
+    add: CudaFunction,
+    scale: CudaFunction,
+    broadcast_rows: CudaFunction,
+    column_partial_sums: CudaFunction,
+    column_sums_finish: CudaFunction,
+    chunk_dots: CudaFunction,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let f = |name: &str| module.load_function(name);
+        Ok(Kernels {
+            gelu_forward: f("gelu_forward")?,
+            gelu_backward: f("gelu_backward")?,
+            add: f("add")?,
+            scale: f("scale")?,
+            broadcast_rows: f("broadcast_rows")?,
+            column_partial_sums: f("column_partial_sums")?,
+            column_sums_finish: f("column_sums_finish")?,
+            chunk_dots: f("chunk_dots")?,
+        })
+    }
+}
+
+impl Gpu {
+    /// A kernel `(views…, long n)` over views of one length n, a thread per element.
+    fn elementwise(&self, what: &str, kernel: &CudaFunction, views: &[View<f32>]) -> Result<()> {
+        let len = same_lengths(what, views)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as i64;
+        let mut launch = self.stream.launch_builder(kernel);
+        for view in views {
+            launch.arg(&view.ptr);
+        }
+        launch.arg(&n);
+        // SAFETY: the kernel touches elements 0..n of each view, and each holds n.
+        unsafe { launch.launch(elementwise_config(len)) }?;
+        Ok(())
+    }
+
+    /// `out = gelu(x)`, elementwise (out may be x).
+    pub fn gelu_forward(&self, x: View<f32>, out: View<f32>) -> Result<()> {
+        self.elementwise("gelu_forward", &self.kernels.elementwise.gelu_forward, &[x, out])
+    }
+
+    /// `dx = dout · gelu'(x)`, elementwise.
+    pub fn gelu_backward(&self, x: View<f32>, dout: View<f32>, dx: View<f32>) -> Result<()> {
+        self.elementwise("gelu_backward", &self.kernels.elementwise.gelu_backward, &[x, dout, dx])
+    }
+
+    /// `out = a + b`, elementwise (out may be a or b).
+    pub fn add(&self, a: View<f32>, b: View<f32>, out: View<f32>) -> Result<()> {
+        self.elementwise("add", &self.kernels.elementwise.add, &[a, b, out])
+    }
+
+    /// `out = a · factor`, elementwise (out may be a).
+    pub fn scale(&self, a: View<f32>, factor: f32, out: View<f32>) -> Result<()> {
+        let len = same_lengths("scale", &[a, out])?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.scale);
+        launch.arg(&a.ptr).arg(&factor).arg(&out.ptr).arg(&n);
+        // SAFETY: both views hold n elements.
+        unsafe { launch.launch(elementwise_config(len)) }?;
+        Ok(())
+    }
+
+    /// Every row of `out` (rows, bias.len()) becomes `bias`.
+    pub fn broadcast_rows(&self, bias: View<f32>, out: View<f32>) -> Result<()> {
+        let cols = bias.len();
+        check(cols > 0 && out.len().is_multiple_of(cols), || "broadcast_rows: out is not whole rows of the bias".into())?;
+        let (rows, cols_i) = ((out.len() / cols) as i64, cols as i32);
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.broadcast_rows);
+        launch.arg(&bias.ptr).arg(&out.ptr).arg(&rows).arg(&cols_i);
+        // SAFETY: writes out[0..rows·cols], reads bias[0..cols]; one block per row.
+        unsafe { launch.launch(block_per_row_config(rows as usize)) }?;
+        Ok(())
+    }
+
+    /// `sums[j] = Σ_rows x[row, j]` for x (rows, sums.len()), or added to `sums` when
+    /// `accumulate`. Two passes (chunks of rows, then the chunks in order), so the sum's order
+    /// depends on the shape alone.
+    pub fn column_sums(&self, x: View<f32>, sums: View<f32>, accumulate: bool) -> Result<()> {
+        let cols = sums.len();
+        check(cols > 0 && x.len().is_multiple_of(cols), || "column_sums: x is not whole rows".into())?;
+        let rows = x.len() / cols;
+        let chunks = rows.div_ceil(COLUMN_SUM_CHUNK).max(1);
+        let partials = self.alloc::<f32>(chunks * cols)?;
+        let (rows_i, cols_i, chunks_i, accumulate_i) = (rows as i32, cols as i32, chunks as i32, i32::from(accumulate));
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.column_partial_sums);
+        launch.arg(&x.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&cols_i);
+        let config = LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), chunks as u32, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
+        // SAFETY: reads x[0..rows·cols], writes partials[0..chunks·cols].
+        unsafe { launch.launch(config) }?;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.column_sums_finish);
+        launch.arg(partials.device_ptr()).arg(&sums.ptr).arg(&chunks_i).arg(&cols_i).arg(&accumulate_i);
+        // SAFETY: reads partials[0..chunks·cols], writes sums[0..cols].
+        unsafe { launch.launch(elementwise_config(cols)) }?;
+        Ok(())
+    }
+
+    /// `Σ x²` of each view, in f64: one launch over all of them and one download, the chunks'
+    /// partial sums added on the host in order.
+    pub fn sums_of_squares(&self, views: &[View<f32>]) -> Result<Vec<f64>> {
+        self.chunk_dots(views, None)
+    }
+
+    /// `Σ a·b`, in f64, in the same fixed order.
+    pub fn dot(&self, a: View<f32>, b: View<f32>) -> Result<f64> {
+        same_lengths("dot", &[a, b])?;
+        Ok(self.chunk_dots(&[a], Some(&[b]))?[0])
+    }
+
+    fn chunk_dots(&self, x: &[View<f32>], y: Option<&[View<f32>]>) -> Result<Vec<f64>> {
+        if let Some(y) = y {
+            check(y.len() == x.len() && x.iter().zip(y).all(|(a, b)| a.len() == b.len()), || "dot: views differ in length".into())?;
+        }
+        let mut first_block = vec![0i32];
+        for view in x {
+            first_block.push(first_block[first_block.len() - 1] + view.len().div_ceil(REDUCE_CHUNK) as i32);
+        }
+        let blocks = first_block[x.len()] as usize;
+        if blocks == 0 {
+            return Ok(vec![0.0; x.len()]);
+        }
+        let pointers = |views: &[View<f32>]| -> Vec<u64> { views.iter().map(|v| v.ptr).collect() };
+        let x_table = self.upload(&pointers(x))?;
+        let y_table = y.map(|y| self.upload(&pointers(y))).transpose()?;
+        let lengths = self.upload(&x.iter().map(|v| v.len() as i64).collect::<Vec<_>>())?;
+        let starts = self.upload(&first_block)?;
+        let partials = self.alloc::<f64>(blocks)?;
+        let (y_ptr, tensors) = (y_table.as_ref().map_or(0, |t| t.view().ptr), x.len() as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.chunk_dots);
+        launch.arg(x_table.device_ptr()).arg(&y_ptr).arg(lengths.device_ptr()).arg(starts.device_ptr()).arg(&tensors);
+        launch.arg(partials.device_ptr());
+        let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: block b reads chunk b − first_block[s] of tensor s, inside its length; one
+        // partial per block.
+        unsafe { launch.launch(config) }?;
+        let partials = self.download(partials.view())?;
+        Ok(first_block.windows(2).map(|w| partials[w[0] as usize..w[1] as usize].iter().sum()).collect())
+    }
+}

@@ -1,0 +1,141 @@
+//! `kernels/fused_attention.cu`: causal attention in one kernel each way (the FlashAttention-2
+//! scheme, in f32): the (T, T) weights never exist.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::attention::AttentionShape;
+use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, FUSED_ATTENTION_HEAD_SIZES};
+use crate::device::warp_per_row_config;
+use crate::memory::View;
+use crate::{check, CudaError, Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/fused_attention.cu");
+
+pub(crate) struct Kernels {
+    row_dots: CudaFunction,
+    /// (head size, forward, backward)
+    pairs: Vec<(usize, CudaFunction, CudaFunction)>,
+}
+
+/// Floats of shared memory the kernels use for head size `hs`: the forward holds q, k, v and p
+/// tiles, the backward k, v, q, dy, p, ds tiles and two row vectors.
+fn shared_floats(hs: usize, backward: bool) -> usize {
+    let (head_tile, score_tile) = (ATTENTION_TILE * (hs + 4), ATTENTION_TILE * (ATTENTION_TILE + 4));
+    if backward {
+        4 * head_tile + 2 * score_tile + 2 * ATTENTION_TILE
+    } else {
+        3 * head_tile + score_tile
+    }
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let pairs = FUSED_ATTENTION_HEAD_SIZES
+            .iter()
+            .map(|&hs| {
+                let forward = module.load_function(&format!("fused_attention_forward_{hs}"))?;
+                let backward = module.load_function(&format!("fused_attention_backward_{hs}"))?;
+                // more than the default 48 KiB of shared memory per block
+                for (kernel, is_backward) in [(&forward, false), (&backward, true)] {
+                    let bytes = (4 * shared_floats(hs, is_backward)) as i32;
+                    kernel.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+                }
+                Ok((hs, forward, backward))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Kernels { row_dots: module.load_function("attention_row_dots")?, pairs })
+    }
+
+    fn pair(&self, hs: usize) -> Result<&(usize, CudaFunction, CudaFunction)> {
+        let found = self.pairs.iter().find(|(size, _, _)| *size == hs);
+        found.ok_or_else(|| {
+            CudaError::Shape(format!("fused attention: no kernel for head size {hs} (built for {FUSED_ATTENTION_HEAD_SIZES:?})"))
+        })
+    }
+}
+
+fn launch_config(shape: AttentionShape, backward: bool) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (shape.seq.div_ceil(ATTENTION_TILE) as u32, (shape.batch * shape.n_head) as u32, 1),
+        block_dim: (ATTENTION_THREADS as u32, 1, 1),
+        shared_mem_bytes: 4 * shared_floats(shape.head_size, backward) as u32,
+    }
+}
+
+impl Gpu {
+    /// (head size, forward registers per thread, backward registers, bytes spilled to local
+    /// memory by either) of each fused attention kernel pair, as compiled for this device.
+    pub fn fused_attention_resources(&self) -> Result<Vec<(usize, i32, i32, i32)>> {
+        use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
+        let mut out = Vec::new();
+        for (hs, forward, backward) in &self.kernels.fused_attention.pairs {
+            let spilled = forward.get_attribute(LOCAL)? + backward.get_attribute(LOCAL)?;
+            out.push((*hs, forward.get_attribute(REGISTERS)?, backward.get_attribute(REGISTERS)?, spilled));
+        }
+        Ok(out)
+    }
+
+    fn fused_attention_check(what: &str, views: &[(View<f32>, usize)], shape: AttentionShape) -> Result<()> {
+        for (view, factor) in views {
+            shape.check(what, view.len(), *factor)?;
+            check(view.ptr.is_multiple_of(16), || format!("{what}: buffers must start on 16-byte boundaries"))?;
+        }
+        // B·H is the grid's second dimension
+        check(shape.batch * shape.n_head <= 65_535, || {
+            format!("{what}: B·H = {} is more than 65535 blocks; use MULTITOKEN_ATTENTION=products", shape.batch * shape.n_head)
+        })
+    }
+
+    /// Causal attention in one kernel: q, k, v read from c_attn's rows `qkv` (B, T, 3C), the
+    /// output written to rows `y` (B, T, C), and each query row's log-sum-exp of its scaled
+    /// scores, in base 2, to `lse` (B·H, T) for the backward pass.
+    pub fn fused_attention_forward(&self, qkv: View<f32>, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
+        let (_, forward, _) = self.kernels.fused_attention.pair(shape.head_size)?;
+        Self::fused_attention_check("fused_attention_forward", &[(qkv, 3), (y, 1)], shape)?;
+        check(lse.len() == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
+        let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
+        let mut launch = self.stream.launch_builder(forward);
+        launch.arg(&qkv.ptr).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        // SAFETY: sizes and alignment checked; one block per (query tile, head).
+        unsafe { launch.launch(launch_config(shape, false)) }?;
+        Ok(())
+    }
+
+    /// Backward of [`Gpu::fused_attention_forward`] from dy (B, T, C): dqkv (B, T, 3C) is
+    /// overwritten with the gradients of q, k and v.
+    pub fn fused_attention_backward(
+        &self,
+        qkv: View<f32>,
+        y: View<f32>,
+        dy: View<f32>,
+        lse: View<f32>,
+        dqkv: View<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let (_, _, backward) = self.kernels.fused_attention.pair(shape.head_size)?;
+        Self::fused_attention_check("fused_attention_backward", &[(qkv, 3), (y, 1), (dy, 1), (dqkv, 3)], shape)?;
+        let heads_rows = shape.batch * shape.n_head * shape.seq;
+        check(lse.len() == heads_rows, || "fused_attention_backward: lse is not (B·H, T)".into())?;
+        let [_, seq, n_head, hs] = shape.dims();
+        let rows = (shape.batch * shape.seq) as i32;
+        let dots = self.alloc::<f32>(heads_rows)?;
+        let mut launch = self.stream.launch_builder(&self.kernels.fused_attention.row_dots);
+        launch.arg(&y.ptr).arg(&dy.ptr).arg(dots.device_ptr()).arg(&rows).arg(&seq).arg(&n_head).arg(&hs);
+        // SAFETY: sizes checked; one warp per (row, head).
+        unsafe { launch.launch(warp_per_row_config(heads_rows)) }?;
+        // dq is summed over key tiles in turn, starting from zeros
+        self.fill_zero(dqkv)?;
+        let turns = self.zeros::<i32>(shape.batch * shape.n_head * shape.seq.div_ceil(ATTENTION_TILE))?;
+        let scale = 1.0 / (shape.head_size as f32).sqrt();
+        let mut launch = self.stream.launch_builder(backward);
+        launch.arg(&qkv.ptr).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(turns.device_ptr());
+        launch.arg(&seq).arg(&n_head).arg(&scale);
+        // SAFETY: sizes and alignment checked; one block per (key tile, head), one turn counter
+        // per (head, query tile).
+        unsafe { launch.launch(launch_config(shape, true)) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! `kernels/head.cu`: the CP head's work per position (log-likelihoods, posterior, dℓ), the
+//! gate's log-softmax and gradient, the statistics over positions, and decoding's softmax.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::constants::{MAX_HORIZON, MAX_RANK, THREADS};
+use crate::device::{block_per_row_config, elementwise_config};
+use crate::memory::View;
+use crate::{check, Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/head.cu");
+
+pub(crate) struct Kernels {
+    position: CudaFunction,
+    softmax_rows: CudaFunction,
+    gate_log_softmax: CudaFunction,
+    statistics: CudaFunction,
+    gate_gradient: CudaFunction,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let f = |name: &str| module.load_function(name);
+        Ok(Kernels {
+            position: f("head_position")?,
+            softmax_rows: f("softmax_rows")?,
+            gate_log_softmax: f("gate_log_softmax")?,
+            statistics: f("head_statistics")?,
+            gate_gradient: f("gate_gradient")?,
+        })
+    }
+}
+
+/// The multi-token head's horizon n and rank r.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadShape {
+    pub horizon: usize,
+    pub rank: usize,
+}
+
+impl HeadShape {
+    pub fn rn(&self) -> usize {
+        self.rank * self.horizon
+    }
+
+    /// Whether the head kernels' fixed-size arrays hold this n and r.
+    pub fn fits_kernels(&self) -> bool {
+        self.horizon <= MAX_HORIZON && self.rank <= MAX_RANK
+    }
+
+    /// The statistics' length: Σ joint NLL, Σ gate entropy, Σ NLL per horizon, top-component
+    /// counts, Σ gate weights.
+    pub fn statistics_len(&self) -> usize {
+        2 + self.horizon + 2 * self.rank
+    }
+}
+
+impl Gpu {
+    /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
+    /// r·n) = log P[α,s](y_s); with `gradient`, also the posterior π (positions, r) and, in place,
+    /// dℓ = π[α]·inv_count·(P − onehot(y)). `targets` (positions, n); `log_w` (positions, r).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_position(
+        &self,
+        logits: View<f32>,
+        targets: View<u32>,
+        log_w: View<f32>,
+        log_p: View<f32>,
+        posterior: View<f32>,
+        v: usize,
+        shape: HeadShape,
+        inv_count: f32,
+        gradient: bool,
+    ) -> Result<()> {
+        let positions = log_w.len() / shape.rank;
+        check(
+            shape.fits_kernels()
+                && logits.len() == positions * shape.rn() * v
+                && targets.len() == positions * shape.horizon
+                && log_p.len() == positions * shape.rn()
+                && posterior.len() == log_w.len(),
+            || format!("head_position: buffers do not fit {positions} positions of r·n = {} rows of {v}", shape.rn()),
+        )?;
+        if positions == 0 {
+            return Ok(());
+        }
+        let (v_i, n_i, r_i, gradient_i) = (v as i32, shape.horizon as i32, shape.rank as i32, i32::from(gradient));
+        let mut launch = self.stream.launch_builder(&self.kernels.head.position);
+        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
+        launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i);
+        // SAFETY: sizes checked; targets are < v (checked by the caller). One block per position.
+        unsafe { launch.launch(block_per_row_config(positions)) }?;
+        Ok(())
+    }
+
+    /// log_softmax of each row of r gate logits, in place.
+    pub fn gate_log_softmax(&self, logits: View<f32>, rank: usize) -> Result<()> {
+        check(rank > 0 && logits.len().is_multiple_of(rank), || "gate_log_softmax: not whole rows".into())?;
+        let (p_i, r_i) = ((logits.len() / rank) as i32, rank as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head.gate_log_softmax);
+        launch.arg(&logits.ptr).arg(&p_i).arg(&r_i);
+        // SAFETY: one thread per row.
+        unsafe { launch.launch(elementwise_config(logits.len() / rank)) }?;
+        Ok(())
+    }
+
+    /// (H4–H6) Sums over positions into `out` ([`HeadShape::statistics_len`] f64s), by one
+    /// block in a fixed order.
+    pub fn head_statistics(&self, log_p: View<f32>, log_w: View<f32>, out: View<f64>, shape: HeadShape) -> Result<()> {
+        let positions = log_w.len() / shape.rank;
+        check(log_p.len() == positions * shape.rn() && out.len() == shape.statistics_len() && shape.fits_kernels(), || {
+            "head_statistics: buffers do not fit".into()
+        })?;
+        let (p_i, r_i, n_i) = (positions as i32, shape.rank as i32, shape.horizon as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head.statistics);
+        launch.arg(&log_p.ptr).arg(&log_w.ptr).arg(&out.ptr).arg(&p_i).arg(&r_i).arg(&n_i);
+        let config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block; sizes checked.
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// (H10) The gradient of the objective with respect to the gate logits, (positions, r).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_gradient(
+        &self,
+        log_w: View<f32>,
+        posterior: View<f32>,
+        top_count: View<f64>,
+        da: View<f32>,
+        rank: usize,
+        inv_count: f32,
+        aux_coef: f32,
+    ) -> Result<()> {
+        let positions = log_w.len() / rank;
+        check(posterior.len() == log_w.len() && da.len() == log_w.len() && top_count.len() == rank && rank <= MAX_RANK, || {
+            "gate_gradient: buffers do not fit".into()
+        })?;
+        let (p_i, r_i) = (positions as i32, rank as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.head.gate_gradient);
+        launch.arg(&log_w.ptr).arg(&posterior.ptr).arg(&top_count.ptr).arg(&da.ptr).arg(&p_i).arg(&r_i).arg(&inv_count).arg(&aux_coef);
+        // SAFETY: one thread per position.
+        unsafe { launch.launch(elementwise_config(positions)) }?;
+        Ok(())
+    }
+
+    /// Each row of V logits (rows, v) becomes its probabilities, in place.
+    pub fn softmax_rows(&self, logits: View<f32>, v: usize) -> Result<()> {
+        check(v > 0 && logits.len().is_multiple_of(v), || "softmax_rows: not whole rows".into())?;
+        if logits.is_empty() {
+            return Ok(());
+        }
+        let v_i = v as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.head.softmax_rows);
+        launch.arg(&logits.ptr).arg(&v_i);
+        // SAFETY: one block per row of v elements.
+        unsafe { launch.launch(block_per_row_config(logits.len() / v)) }?;
+        Ok(())
+    }
+}

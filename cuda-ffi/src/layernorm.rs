@@ -1,0 +1,114 @@
+//! `kernels/layernorm.cu`: LayerNorm forward (a warp per row, or a block per row on a few rows)
+//! and backward.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use crate::constants::{LAYERNORM_ROWS_PER_BLOCK, THREADS};
+use crate::device::{block_per_row_config, elementwise_config, warp_per_row_config};
+use crate::memory::View;
+use crate::{check, Gpu, Result};
+
+pub(crate) const SOURCE: &str = include_str!("../kernels/layernorm.cu");
+
+/// Up to this many rows, LayerNorm takes a block per row (decoding) instead of a warp.
+const FEW_ROWS: usize = 64;
+
+pub(crate) struct Kernels {
+    forward: CudaFunction,
+    forward_wide: CudaFunction,
+    backward: CudaFunction,
+    parameter_gradients: CudaFunction,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let f = |name: &str| module.load_function(name);
+        Ok(Kernels {
+            forward: f("layernorm_forward")?,
+            forward_wide: f("layernorm_forward_wide")?,
+            backward: f("layernorm_backward")?,
+            parameter_gradients: f("layernorm_parameter_gradients")?,
+        })
+    }
+}
+
+impl Gpu {
+    /// LayerNorm of each row of x (rows, c); writes out and each row's mean and rstd.
+    pub fn layernorm_forward(
+        &self,
+        x: View<f32>,
+        weight: View<f32>,
+        bias: View<f32>,
+        out: View<f32>,
+        mean: View<f32>,
+        rstd: View<f32>,
+    ) -> Result<()> {
+        let (c, rows) = (weight.len(), mean.len());
+        check(x.len() == rows * c && out.len() == rows * c && bias.len() == c && rstd.len() == rows, || {
+            format!("layernorm_forward: buffers do not fit {rows} rows of {c}")
+        })?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        let kernels = &self.kernels.layernorm;
+        if rows <= FEW_ROWS {
+            let mut launch = self.stream.launch_builder(&kernels.forward_wide);
+            launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&c_i);
+            // SAFETY: sizes checked above; one block per row.
+            unsafe { launch.launch(block_per_row_config(rows)) }?;
+            return Ok(());
+        }
+        let mut launch = self.stream.launch_builder(&kernels.forward);
+        launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows_i).arg(&c_i);
+        // SAFETY: sizes checked above; one warp per row.
+        unsafe { launch.launch(warp_per_row_config(rows)) }?;
+        Ok(())
+    }
+
+    /// LayerNorm backward: writes dx (adds to it with `accumulate`), and writes dweight and dbias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        x: View<f32>,
+        dout: View<f32>,
+        weight: View<f32>,
+        mean: View<f32>,
+        rstd: View<f32>,
+        dx: View<f32>,
+        dweight: View<f32>,
+        dbias: View<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (c, rows) = (weight.len(), mean.len());
+        check(
+            x.len() == rows * c
+                && dout.len() == rows * c
+                && dx.len() == rows * c
+                && rstd.len() == rows
+                && dweight.len() == c
+                && dbias.len() == c,
+            || format!("layernorm_backward: buffers do not fit {rows} rows of {c}"),
+        )?;
+        if rows == 0 || c == 0 {
+            return Ok(());
+        }
+        let blocks = rows.div_ceil(LAYERNORM_ROWS_PER_BLOCK);
+        let partials = self.alloc::<f32>(blocks * 2 * c)?;
+        let (rows_i, c_i, blocks_i, accumulate_i) = (rows as i32, c as i32, blocks as i32, i32::from(accumulate));
+        let kernels = &self.kernels.layernorm;
+        let mut launch = self.stream.launch_builder(&kernels.backward);
+        launch.arg(&x.ptr).arg(&dout.ptr).arg(&weight.ptr).arg(&mean.ptr).arg(&rstd.ptr);
+        launch.arg(&dx.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&c_i).arg(&accumulate_i);
+        let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: sizes checked above; block b writes partials[b·2c .. (b + 1)·2c].
+        unsafe { launch.launch(config) }?;
+        let mut launch = self.stream.launch_builder(&kernels.parameter_gradients);
+        launch.arg(partials.device_ptr()).arg(&dweight.ptr).arg(&dbias.ptr).arg(&blocks_i).arg(&c_i).arg(&0i32);
+        // SAFETY: reads the blocks' partials, writes c elements of each.
+        unsafe { launch.launch(elementwise_config(c)) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! A decoding pass: the GPT-2 backbone over m new tokens with a KV cache, written once for
+//! every device. [`pass`] is the layer sequence (docs/math.md, "The model"); a device supplies
+//! the kernels ([`PassKernels`]) and decides how they run: the CPU as a team of threads, each
+//! taking its share of every step (`kv_cache.rs`), a GPU as kernels recorded into a graph once
+//! and replayed (`cuda.rs`). The pass reads and writes the device's own buffers: the residual
+//! stream x (m, C), the attention's input qkv and output, the MLP's hidden activations, and the
+//! hidden states h (m, C) it ends with.
+//!
+//! The speculative step's device-side parts (drafts, targets, acceptance) are meant to join this
+//! interface as further kernels over the same buffers, so that a device can keep a whole step.
+
+use crate::error::Result;
+
+/// The linear layers of a transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linear {
+    /// `attn.c_attn`: ln_1(x) → q, k, v
+    Qkv,
+    /// `attn.c_proj`: the attention's output → the residual stream
+    AttentionOut,
+    /// `mlp.c_fc`: ln_2(x) → the hidden activations (GELU)
+    MlpUp,
+    /// `mlp.c_proj`: the hidden activations → the residual stream
+    MlpDown,
+}
+
+/// The kernels of a decoding pass, as one device runs them over its buffers.
+pub trait PassKernels {
+    /// x = wte[tokens] + wpe[positions of the new rows]
+    fn embed(&mut self) -> Result<()>;
+    /// A sublayer's input: qkv = ln_1(x) · W + b for [`Linear::Qkv`], and
+    /// hidden = gelu(ln_2(x) · W + b) for [`Linear::MlpUp`].
+    fn layernorm_linear(&mut self, layer: usize, linear: Linear) -> Result<()>;
+    /// The new rows' keys and values into the layer's cache, and the attention of their queries
+    /// over it, row i seeing the cached positions and the new rows up to i.
+    fn attend(&mut self, layer: usize) -> Result<()>;
+    /// A sublayer's output into the residual stream: x += y · W + b, y the attention's output
+    /// for [`Linear::AttentionOut`] and the hidden activations for [`Linear::MlpDown`].
+    fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()>;
+    /// h = ln_f(x)
+    fn final_layernorm(&mut self) -> Result<()>;
+}
+
+/// The pass over `n_layer` blocks.
+pub fn pass(kernels: &mut impl PassKernels, n_layer: usize) -> Result<()> {
+    kernels.embed()?;
+    for layer in 0..n_layer {
+        // x += attn(ln_1(x))
+        kernels.layernorm_linear(layer, Linear::Qkv)?;
+        kernels.attend(layer)?;
+        kernels.add_linear(layer, Linear::AttentionOut)?;
+        // x += mlp(ln_2(x))
+        kernels.layernorm_linear(layer, Linear::MlpUp)?;
+        kernels.add_linear(layer, Linear::MlpDown)?;
+    }
+    kernels.final_layernorm()
+}
+
+/// A backbone with a KV cache, as the decoding loop sees it: new tokens in, their hidden states
+/// (m, C) out; rollback by truncation. On the CPU `kv_cache::CachedBackbone`, on a GPU
+/// `cuda::GpuDecoder`'s backbone; both run [`pass`].
+pub trait Backbone<T> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>>;
+    fn truncate(&mut self, len: usize);
+    /// positions in the cache
+    fn positions(&self) -> usize;
+}
