@@ -78,7 +78,10 @@ def main():
         "step_ms_all": times,
     }
     if device.type == "cuda":
+        # allocated: in tensors at once; reserved: what the caching allocator held, which is
+        # what `multitoken bench train` reports as peak_gpu_bytes (its pool's peak)
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
     print(json.dumps(out))
 
 

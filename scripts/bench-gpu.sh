@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU training benchmark of issue "CUDA": `multitoken bench train --device cuda` and the
+# The GPU training benchmark: `multitoken bench train --device cuda` and the
 # PyTorch twin (reference/bench_train.py) on the same card, alternating, for next-token
 # (n = 1, r = 1) and the CP head (n = 4, r = 4), in f32 and TF32, PyTorch eager and compiled.
-# Prints one JSON line per comparison. Needs python3 with torch and CUDA; no Rust toolchain:
+# Prints one JSON line per comparison; memory both ways: what each caching allocator held at most
+# (ours: the pool; PyTorch: max_memory_reserved), and what was in use at most (PyTorch:
+# max_memory_allocated). Needs python3 with torch and CUDA; no Rust toolchain:
 # pass the release binary built elsewhere as MULTITOKEN_BIN (default target/release/multitoken).
 # Usage: scripts/bench-gpu.sh [ROUNDS] [--f32] [--tf32] [--compile] [--tf32-compile]
 #   (the flags choose the variants: f32 or TF32 matrix products, PyTorch eager or torch.compile;
@@ -48,8 +50,10 @@ print(json.dumps({
     "gpu": rust[0].get("gpu"), "rounds": len(rust),
     "multitoken_step_ms": round(med(rust, "step_ms"), 2), "torch_step_ms": round(med(torch, "step_ms"), 2),
     "speed_ratio": round(med(torch, "step_ms") / med(rust, "step_ms"), 3),
-    "multitoken_peak_gpu_mib": round(med(rust, "peak_gpu_bytes") / 2**20), "torch_peak_gpu_mib": round(med(torch, "peak_gpu_bytes") / 2**20),
-    "memory_ratio": round(med(rust, "peak_gpu_bytes") / med(torch, "peak_gpu_bytes"), 3),
+    "multitoken_peak_gpu_mib": round(med(rust, "peak_gpu_bytes") / 2**20), "torch_peak_reserved_mib": round(med(torch, "peak_gpu_reserved_bytes") / 2**20),
+    "memory_ratio": round(med(rust, "peak_gpu_bytes") / med(torch, "peak_gpu_reserved_bytes"), 3),
+    "multitoken_peak_in_use_mib": round(med(rust, "peak_gpu_in_use_bytes") / 2**20), "torch_peak_allocated_mib": round(med(torch, "peak_gpu_bytes") / 2**20),
+    "in_use_ratio": round(med(rust, "peak_gpu_in_use_bytes") / med(torch, "peak_gpu_bytes"), 3),
     "torch": torch[0]["torch"],
 }))
 PY

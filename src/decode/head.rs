@@ -8,7 +8,7 @@ use crate::tensor::{Float, Tensor};
 
 /// The vocabulary-sized part of the head, wherever it runs: for requests (hidden row h (C),
 /// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (r, V), one vector
-/// per request. The CPU computes it in [`Head`]; `cuda::decode` on the GPU, all requests in one
+/// per request. The CPU computes it in [`Head`]; `decode::cuda` on the GPU, all requests in one
 /// round trip.
 pub trait HeadProducts<T> {
     fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>>;
