@@ -197,6 +197,9 @@ cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
             tape, v[0], 64, 2
         ));
     }
+    for (hs, forward_registers, backward_registers, spilled) in Gpu::new(0).unwrap().fused_attention_resources().unwrap() {
+        println!("fused attention hs = {hs}: {forward_registers} / {backward_registers} registers per thread, {spilled} bytes spilled");
+    }
 });
 
 cuda_test!(the_cp_head_matches_the_cpu, |gpu| {

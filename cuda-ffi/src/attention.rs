@@ -352,3 +352,19 @@ impl Gpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionRoute;
+
+    #[test]
+    fn attention_route_is_fused_in_f32_where_a_kernel_exists() {
+        if std::env::var_os("MULTITOKEN_ATTENTION").is_some() {
+            return; // chosen by hand for this run
+        }
+        assert_eq!(AttentionRoute::default_for(64, false), AttentionRoute::Fused);
+        assert_eq!(AttentionRoute::default_for(64, true), AttentionRoute::Products);
+        // head size 48: no kernel
+        assert_eq!(AttentionRoute::default_for(48, false), AttentionRoute::Products);
+    }
+}
