@@ -92,11 +92,14 @@ pub fn bench_train(
         if step == WARMUP_STEPS {
             let _ = crate::autograd::profile_report(); // forget the warm-up's times
             if let Some(gpu) = on.gpu() {
+                gpu.reset_memory_peaks();
                 driver_allocations_before = gpu.memory_stats().driver_allocations;
             }
         }
         let tick = Instant::now();
-        // a step ends by reading the gradient norm, so on a GPU it has finished when this returns
+        // on a GPU a step returns once the gradient norm is read, with only the optimizer's
+        // update still queued; the next step waits for it, so over the timed steps the times
+        // add up to the device's work
         train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true)?;
         if step >= WARMUP_STEPS {
             times.push(tick.elapsed().as_secs_f64() * 1e3);

@@ -1,6 +1,8 @@
 //! Where the work runs (`--device cpu|cuda`) and in what precision (`--precision f32|tf32`):
 //! the choice on the command line, and the place that opens the device it names.
 
+use multitoken_cuda::AttentionRoute;
+
 use crate::error::Result;
 use crate::invalid;
 use crate::tensor::Device;
@@ -32,9 +34,11 @@ impl DeviceKind {
         }
     }
 
-    /// Opens the device: the CPU, or GPU 0 with the precision asked for.
+    /// Opens the device: the CPU, or GPU 0 with the precision asked for. For benchmarks,
+    /// `MULTITOKEN_ATTENTION=products` or `fused` chooses the attention's route by hand (where a
+    /// fused kernel exists for the head size; else by precision), and
     /// `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's linear layers to cuBLASLt instead of the
-    /// few-row kernel, for benchmarks.
+    /// few-row kernel.
     pub fn open(self, precision: Precision) -> Result<Device> {
         match self {
             DeviceKind::Cpu => Ok(Device::Cpu),
@@ -42,6 +46,11 @@ impl DeviceKind {
                 let mut gpu = multitoken_cuda::Gpu::new(0)?;
                 gpu.tf32 = precision == Precision::Tf32;
                 gpu.few_row_linear = std::env::var("MULTITOKEN_FEW_ROW_LINEAR").as_deref() != Ok("0");
+                gpu.attention_route = match std::env::var("MULTITOKEN_ATTENTION").as_deref() {
+                    Ok("products") => Some(AttentionRoute::Products),
+                    Ok("fused") => Some(AttentionRoute::Fused),
+                    _ => None,
+                };
                 Ok(Device::cuda(gpu))
             }
         }

@@ -179,6 +179,25 @@ cuda_test!(cross_entropy_matches_the_cpu, |gpu| {
     compare_op!(&device, "cross_entropy", vec![logits], 1e-5, |tape, v| ops::cross_entropy(tape, v[0], &targets));
 });
 
+/// Attention on `device` in f32 against the CPU in f64: y, and the gradients of q, k and v each
+/// on its own, so that one cannot hide another's error (dq is the part the fused backward adds
+/// up across key tiles).
+fn compare_attention(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize) {
+    let (reference, reference_grads) =
+        run_op::<f64>(&Device::Cpu, std::slice::from_ref(&qkv), |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
+    let (ours, our_grads) = run_op::<f32>(device, &[qkv], |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
+    report(&format!("{label} forward"), relative_error(ours.cast::<f32>().data(), reference.data()), 1e-5);
+    let (ours, reference) = (our_grads[0].as_ref().unwrap(), reference_grads[0].as_ref().unwrap());
+    let c = ours.shape()[1] / 3;
+    let third = |t: &Tensor<f64>, part: usize| -> Vec<f64> {
+        t.data().chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect()
+    };
+    for (part, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let ours: Vec<f32> = third(ours, part).iter().map(|&x| x as f32).collect();
+        report(&format!("{label} backward {name}"), relative_error(&ours, &third(reference, part)), 1e-5);
+    }
+}
+
 cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
     drop(gpu);
     for route in [AttentionRoute::Fused, AttentionRoute::Products] {
@@ -187,17 +206,15 @@ cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
             // T = 130: three query tiles of the fused kernels, the last one ragged; B·H = 4
             let (batch, seq, n_head) = (2, 130, 2);
             let qkv = Tensor::<f64>::randn(&[batch * seq, 3 * n_head * hs], 1.0, &mut Rng::new(40 + k as u64));
-            compare_op!(&device, format!("attention {route:?}, hs = {hs}"), vec![qkv], 1e-5, |tape, v| ops::causal_self_attention(
-                tape, v[0], seq, n_head
-            ));
+            compare_attention(&device, &format!("attention {route:?}, hs = {hs}, T = {seq}"), qkv, seq, n_head);
         }
-        // T = 64 on the products route: two causal chunks
-        let qkv = Tensor::<f64>::randn(&[2 * 64, 3 * 48], 1.0, &mut Rng::new(49));
-        compare_op!(&device, format!("attention {route:?}, hs = 24"), vec![qkv], 1e-5, |tape, v| ops::causal_self_attention(
-            tape, v[0], 64, 2
-        ));
     }
-    for (hs, forward_registers, backward_registers, spilled) in Gpu::new(0).unwrap().fused_attention_resources().unwrap() {
+    // head size 24 has no fused kernel: the products route, T = 64 in two causal chunks
+    let device = device_with(Gpu::new(0).unwrap(), None);
+    assert_eq!(device.gpu().unwrap().attention_route_for(24), AttentionRoute::Products);
+    let qkv = Tensor::<f64>::randn(&[2 * 64, 3 * 48], 1.0, &mut Rng::new(49));
+    compare_attention(&device, "attention Products, hs = 24, T = 64", qkv, 64, 2);
+    for (hs, forward_registers, backward_registers, spilled) in device.gpu().unwrap().fused_attention_resources().unwrap() {
         println!("fused attention hs = {hs}: {forward_registers} / {backward_registers} registers per thread, {spilled} bytes spilled");
     }
 });
@@ -421,31 +438,41 @@ cuda_test!(reductions_match_the_cpu_and_give_the_same_bits_every_run, |gpu| {
     report("dot", (gpu.dot(da.view(), db.view()).unwrap() - dot).abs() / dot.abs(), 1e-12);
 });
 
+/// Three AdamW steps over `params` with `grads` (None: a frozen parameter) on `device`; the
+/// parameters and both moments afterwards, on the host in f64.
+fn adamw_steps<T: Float>(device: &Device, params: &[Tensor<f64>], grads: &[Option<Tensor<f64>>]) -> Vec<[Tensor<f64>; 3]> {
+    let mut params: Vec<Tensor<T>> = params.iter().map(|p| p.cast::<T>().to_device(device).unwrap()).collect();
+    let grads: Vec<Option<Tensor<T>>> = grads.iter().map(|g| g.as_ref().map(|g| g.cast::<T>().to_device(device).unwrap())).collect();
+    let refs: Vec<&Tensor<T>> = params.iter().collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(device).unwrap();
+    let grad_refs: Vec<Option<&Tensor<T>>> = grads.iter().map(Option::as_ref).collect();
+    for _ in 0..3 {
+        optimizer.step(&mut params.iter_mut().collect::<Vec<_>>(), &grad_refs, 1e-2, 0.5).unwrap();
+    }
+    let host = |t: &Tensor<T>| t.to_host().unwrap().cast::<f64>();
+    (0..params.len()).map(|i| [host(&params[i]), host(&optimizer.m[i]), host(&optimizer.v[i])]).collect()
+}
+
 cuda_test!(adamw_matches_the_cpu_optimizer_over_many_tensors_in_one_launch, |gpu| {
     let device = Device::cuda(gpu);
-    // a matrix (decayed), a vector (not), and a frozen one (no gradient)
+    // a matrix (decayed), a vector (not), and a frozen one (no gradient), with clipping's scale
     let shapes: [&[usize]; 3] = [&[70, 301], &[999], &[5, 5]];
     let mut rng = Rng::new(9);
-    let params: Vec<Tensor<f32>> = shapes.iter().map(|s| Tensor::randn(s, 1.0, &mut rng)).collect();
-    let grads: Vec<Option<Tensor<f32>>> =
+    let params: Vec<Tensor<f64>> = shapes.iter().map(|s| Tensor::randn(s, 1.0, &mut rng)).collect();
+    let grads: Vec<Option<Tensor<f64>>> =
         shapes.iter().enumerate().map(|(i, s)| (i < 2).then(|| Tensor::randn(s, 0.1, &mut rng))).collect();
-    let config = AdamWConfig::default();
-    let run = |device: &Device| {
-        let mut params: Vec<Tensor<f32>> = params.iter().map(|p| p.to_device(device).unwrap()).collect();
-        let grads: Vec<Option<Tensor<f32>>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(device).unwrap())).collect();
-        let refs: Vec<&Tensor<f32>> = params.iter().collect();
-        let mut optimizer = AdamW::new(config, &refs).to_device(device).unwrap();
-        let grad_refs: Vec<Option<&Tensor<f32>>> = grads.iter().map(Option::as_ref).collect();
-        for _ in 0..3 {
-            optimizer.step(&mut params.iter_mut().collect::<Vec<_>>(), &grad_refs, 1e-2, 0.5).unwrap();
+    let reference = adamw_steps::<f64>(&Device::Cpu, &params, &grads);
+    let ours = adamw_steps::<f32>(&device, &params, &grads);
+    for (i, (ours, reference)) in ours.iter().zip(&reference).enumerate().take(2) {
+        for (name, ours, reference) in
+            [("param", &ours[0], &reference[0]), ("exp_avg", &ours[1], &reference[1]), ("exp_avg_sq", &ours[2], &reference[2])]
+        {
+            let ours: Vec<f32> = ours.data().iter().map(|&x| x as f32).collect();
+            report(&format!("adamw, tensor {i} {name}"), relative_error(&ours, reference.data()), 1e-6);
         }
-        params.iter().map(|p| p.to_host().unwrap()).collect::<Vec<_>>()
-    };
-    let (cpu, ours) = (run(&Device::Cpu), run(&device));
-    for (i, (ours, reference)) in ours.iter().zip(&cpu).enumerate() {
-        report(&format!("adamw, tensor {i}"), relative_error(ours.data(), &widen(reference.data())), 1e-6);
     }
-    assert_eq!(ours[2].data(), params[2].data(), "a parameter without a gradient moved");
+    let frozen: Vec<f32> = ours[2][0].data().iter().map(|&x| x as f32).collect();
+    assert_eq!(frozen, params[2].cast::<f32>().data(), "a parameter without a gradient moved");
 });
 
 // ---- the whole model ----
@@ -525,15 +552,20 @@ fn stream_batch(stream: &[u32], rows: usize, seq: usize, horizon: usize, rng: &m
     Batch::from_rows(&row_refs, seq, horizon)
 }
 
+/// A model of `config` as initialised from seed 1, and its optimizer, on `device`.
+fn fresh_model(config: &ModelConfig, device: &Device) -> (ModelParams<Tensor<f32>>, AdamW<f32>) {
+    let params = gpt2::init_params::<f32>(config, &mut Rng::new(1));
+    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
+    let optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(device).unwrap();
+    (params_to_device(config, &params, device).unwrap(), optimizer)
+}
+
 /// `steps` training steps of `config` on `device` from the same init; the losses and the final
 /// parameters on the host.
 fn train_on(device: &Device, config: &ModelConfig, steps: usize, trainable: &dyn Fn(&str) -> bool) -> (Vec<f64>, ModelParams<Tensor<f32>>) {
     let stream = patterned_stream(config.vocab_size, 0.2, 9);
     let mut rng = Rng::new(10);
-    let params = gpt2::init_params::<f32>(config, &mut Rng::new(1));
-    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(device).unwrap();
-    let mut params = params_to_device(config, &params, device).unwrap();
+    let (mut params, mut optimizer) = fresh_model(config, device);
     let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
     let losses = (0..steps)
         .map(|_| {
@@ -582,10 +614,7 @@ cuda_test!(from_the_second_step_on_the_memory_pool_asks_the_driver_for_nothing, 
     let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
     let stream = patterned_stream(97, 0.2, 9);
     let mut rng = Rng::new(10);
-    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
-    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(&device).unwrap();
-    let mut params = params_to_device(&config, &params, &device).unwrap();
+    let (mut params, mut optimizer) = fresh_model(&config, &device);
     let step_config = StepConfig { lr: 1e-3, grad_clip: 1.0, aux_coef: 0.01 };
     let mut allocations = Vec::new();
     for _ in 0..4 {
@@ -706,10 +735,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
     let stream = patterned_stream(97, 0.05, 3);
     let device = Device::cuda(Gpu::new(0).unwrap());
     let mut rng = Rng::new(3);
-    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(1));
-    let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), &refs).to_device(&device).unwrap();
-    let mut params = params_to_device(&config, &params, &device).unwrap();
+    let (mut params, mut optimizer) = fresh_model(&config, &device);
     for _ in 0..300 {
         let batch = stream_batch(&stream, 8, 64, 3, &mut rng);
         train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr: 3e-3, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true)

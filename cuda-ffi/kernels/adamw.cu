@@ -15,17 +15,12 @@ __device__ void adamw_element(float* p, const float* g, float* m, float* v, long
 // Every parameter tensor of a model in one launch, as PyTorch's fused AdamW: tensor s has
 // lengths[s] elements at params[s], grads[s], ms[s], vs[s], its own weight decay, and its chunks
 // of ADAMW_CHUNK elements are blocks first_block[s] .. first_block[s + 1]. Each block finds its
-// tensor by binary search over the (a few hundred) first blocks.
+// tensor by binary search over the (a few hundred) first blocks (`segment_of`).
 extern "C" __global__ void adamw_tensors(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* ms,
                                          const unsigned long long* vs, const long* lengths, const float* decays, const int* first_block,
                                          int tensors, float grad_scale, float lr, float beta1, float beta2, float eps, float bias_correction1,
                                          float bias_correction2_sqrt) {
-    int block = blockIdx.x;
-    int lo = 0, hi = tensors;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (first_block[mid] <= block) lo = mid; else hi = mid;
-    }
+    int block = blockIdx.x, lo = segment_of(first_block, tensors, block);
     float* p = reinterpret_cast<float*>(params[lo]);
     const float* g = reinterpret_cast<const float*>(grads[lo]);
     float* m = reinterpret_cast<float*>(ms[lo]);

@@ -48,3 +48,14 @@ __device__ void warp_row_statistics(const float* xr, int c, float* mean, float* 
     *mean = m;
     *rstd = rsqrtf(warp_sum(v) / c + 1e-5f);
 }
+
+// Which of `segments` tensors block `block` works on, when tensor s has blocks
+// first_block[s] .. first_block[s + 1] (many tensors in one launch: AdamW, sums of squares).
+__device__ int segment_of(const int* first_block, int segments, int block) {
+    int lo = 0, hi = segments;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (first_block[mid] <= block) lo = mid; else hi = mid;
+    }
+    return lo;
+}

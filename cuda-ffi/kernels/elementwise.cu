@@ -63,12 +63,13 @@ extern "C" __global__ void column_partial_sums(const float* x, float* partials, 
     }
 }
 
-// Column sums, second pass: sums[j] (+)= Σ_chunk partials[chunk, j], chunks in order.
-extern "C" __global__ void column_sums_finish(const float* partials, float* sums, int chunks, int cols, int accumulate) {
+// Column sums, second pass: sums[j] (+)= Σ_chunk partials[chunk, j], chunks in order; rows of
+// the partials are `ld` floats apart (LayerNorm's backward keeps dw's and db's side by side).
+extern "C" __global__ void column_sums_finish(const float* partials, float* sums, int chunks, int cols, long ld, int accumulate) {
     int col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= cols) return;
     float total = 0.0f;
-    for (int k = 0; k < chunks; k++) total += partials[(long)k * cols + col];
+    for (int k = 0; k < chunks; k++) total += partials[(long)k * ld + col];
     sums[col] = accumulate ? sums[col] + total : total;
 }
 
@@ -90,12 +91,7 @@ __device__ double block_sum_f64(double v, double* shared) {
 extern "C" __global__ void chunk_dots(const unsigned long long* x, const unsigned long long* y, const long* lengths,
                                       const int* first_block, int tensors, double* partials) {
     __shared__ double shared[THREADS];
-    int block = blockIdx.x;
-    int lo = 0, hi = tensors;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (first_block[mid] <= block) lo = mid; else hi = mid;
-    }
+    int block = blockIdx.x, lo = segment_of(first_block, tensors, block);
     const float* a = reinterpret_cast<const float*>(x[lo]);
     const float* b = y ? reinterpret_cast<const float*>(y[lo]) : a;
     long start = (long)(block - first_block[lo]) * REDUCE_CHUNK;

@@ -18,7 +18,7 @@
 // Row stride of a (64, width) tile in shared memory.
 template <int WIDTH>
 struct Padded {
-    static constexpr int stride = WIDTH + 4;
+    static constexpr int stride = WIDTH + ATTENTION_TILE_PADDING;
 };
 
 // Rows first..first + 64 of one head's (T, HS) matrix, whose rows are `ld` floats apart in
@@ -172,17 +172,18 @@ __device__ void attention_forward(const float* qkv, float* y, float* lse, int se
 // see it. Per query tile it recomputes p = exp2(s − lse) and dp = dy vᵀ, forms
 // ds = p (dp − dot) with dot = Σ_d y·dy of the query row (AT3), adds pᵀ dy to dv and dsᵀ q to dk in
 // registers, and adds ds k to dq in global memory. Other key tiles add to the same rows of dq,
-// so the additions take turns, with no atomics, in an order fixed by the shape: query tile i
-// gets key tile i's part first (its diagonal, the first tile that block walks), then key tile
-// i − 1's, and so on down to key tile 0. `turns` (B·H, query tiles), zero at the start, counts
-// the parts added so far. Every block walks its query tiles in increasing order, so key tile x
-// reaches query tile i one step after key tile x + 1 did: in the steady state nobody waits. The
-// blocks are laid out with the highest key tile first (blockIdx.x = 0), so the block a block
-// waits for was scheduled before it. dqkv (B, T, 3C) must hold zeros in its q columns; the k
-// and v columns are written whole.
+// so the additions take turns, with no float atomics, in an order fixed by the shape: query
+// tile i gets key tile i's part first (its diagonal, the first tile that block walks), then key
+// tile i − 1's, and so on down to key tile 0. `turns` (B·H, query tiles), zero at the start,
+// counts the parts added so far. Every block walks its query tiles in increasing order, so key
+// tile x reaches query tile i one step after key tile x + 1 did: in the steady state nobody
+// waits. A block takes its key tile from a ticket counter per head (`tickets`, zero at the
+// start), highest tile first, so the block it may wait for has always started before it,
+// whatever order the hardware starts blocks in. dqkv (B, T, 3C) must hold zeros in its q
+// columns; the k and v columns are written whole.
 template <int HS>
-__device__ void attention_backward(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int* turns, int seq,
-                                   int n_head, float scale) {
+__device__ void attention_backward(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int* turns,
+                                   int* tickets, int seq, int n_head, float scale) {
     constexpr int S = Padded<HS>::stride, P = Padded<ATTENTION_TILE>::stride, DPT = HS / 16;
     extern __shared__ float4 shared4[];
     float* k_tile = reinterpret_cast<float*>(shared4);
@@ -194,7 +195,11 @@ __device__ void attention_backward(const float* qkv, const float* dy, const floa
     float* lse_tile = ds_tile + ATTENTION_TILE * P;
     float* dot_tile = lse_tile + ATTENTION_TILE;
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int query_tiles = gridDim.x, key_tile = query_tiles - 1 - blockIdx.x, bh = blockIdx.y;
+    __shared__ int ticket;
+    int query_tiles = gridDim.x, bh = blockIdx.y;
+    if (threadIdx.x == 0) ticket = atomicAdd(tickets + bh, 1);
+    __syncthreads();
+    int key_tile = query_tiles - 1 - ticket;
     int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
     long ld = 3L * c;
     const float* q = qkv + (long)b * seq * ld + h * HS;
@@ -320,8 +325,8 @@ extern "C" __global__ void attention_row_dots(const float* y, const float* dy, f
     }                                                                                                                          \
     extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS, HS <= 64 ? 2 : 1)                                              \
         fused_attention_backward_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,     \
-                                      int* turns, int seq, int n_head, float scale) {                                          \
-        attention_backward<HS>(qkv, dy, lse, dot, dqkv, turns, seq, n_head, scale);                                            \
+                                      int* turns, int* tickets, int seq, int n_head, float scale) {                            \
+        attention_backward<HS>(qkv, dy, lse, dot, dqkv, turns, tickets, seq, n_head, scale);                                   \
     }
 
 FUSED_ATTENTION(16)

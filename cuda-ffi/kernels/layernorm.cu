@@ -15,11 +15,11 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
 // The backward pass in two kernels, with no atomics, so that its sums run in an order fixed by
 // the shape (docs/math.md LN2):
 // layernorm_backward: a block of 8 warps takes LAYERNORM_ROWS_PER_BLOCK rows. Each warp writes
-// (or adds, with `accumulate`) dx = rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)) for its
-// rows; then each thread takes columns and sums dout·norm and dout over the block's rows in
-// order, into the block's partials (2·c floats: dw then db).
+// dx = rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)) for its rows; then each thread takes
+// columns and sums dout·norm and dout over the block's rows in order, into the block's partials
+// (2·c floats: dw then db), which `column_sums_finish` (elementwise.cu) adds in block order.
 extern "C" __global__ void layernorm_backward(const float* x, const float* dout, const float* w, const float* mean, const float* rstd,
-                                              float* dx, float* partials, int rows, int c, int accumulate) {
+                                              float* dx, float* partials, int rows, int c) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     int first = blockIdx.x * LAYERNORM_ROWS_PER_BLOCK;
     int last = min(first + LAYERNORM_ROWS_PER_BLOCK, rows);
@@ -39,8 +39,7 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
         float* dxr = dx + (long)row * c;
         for (int j = lane; j < c; j += 32) {
             float norm = (xr[j] - m) * r;
-            float d = r * (gr[j] * w[j] - mean_dnorm - norm * mean_dnorm_norm);
-            dxr[j] = accumulate ? dxr[j] + d : d;
+            dxr[j] = r * (gr[j] * w[j] - mean_dnorm - norm * mean_dnorm_norm);
         }
     }
     float* dw_block = partials + (long)blockIdx.x * 2 * c;
@@ -55,19 +54,6 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
         dw_block[j] = dw;
         db_block[j] = db;
     }
-}
-
-// dw[j], db[j] = the blocks' partials summed in block order (added to dw, db with `accumulate`).
-extern "C" __global__ void layernorm_parameter_gradients(const float* partials, float* dw, float* db, int blocks, int c, int accumulate) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    float sw = 0.0f, sb = 0.0f;
-    for (int k = 0; k < blocks; k++) {
-        sw += partials[(long)k * 2 * c + j];
-        sb += partials[(long)k * 2 * c + c + j];
-    }
-    dw[j] = accumulate ? dw[j] + sw : sw;
-    db[j] = accumulate ? db[j] + sb : sb;
 }
 
 // The forward for a few rows (decoding): one block of 256 threads per row, so that a row's

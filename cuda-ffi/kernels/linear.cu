@@ -143,9 +143,9 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 #define FEW_ROWS_ARGUMENTS                                                                                                           \
     const float *x, const float *ln_weight, const float *ln_bias, const float *w, const float *b, const float *residual, float *out, \
         float *partials, unsigned int *arrivals, int rows, int k, int n, int k_chunk, int apply_gelu
-extern "C" __global__ void __launch_bounds__(256, 3) linear_few_rows_4(FEW_ROWS_ARGUMENTS) {
-    linear_few_rows<4>(x, ln_weight, ln_bias, w, b, residual, out, partials, arrivals, rows, k, n, k_chunk, apply_gelu);
+extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
+    linear_few_rows<FEW_ROWS_SMALL>(x, ln_weight, ln_bias, w, b, residual, out, partials, arrivals, rows, k, n, k_chunk, apply_gelu);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) linear_few_rows_8(FEW_ROWS_ARGUMENTS) {
-    linear_few_rows<8>(x, ln_weight, ln_bias, w, b, residual, out, partials, arrivals, rows, k, n, k_chunk, apply_gelu);
+extern "C" __global__ void __launch_bounds__(THREADS, 2) linear_few_rows_large(FEW_ROWS_ARGUMENTS) {
+    linear_few_rows<FEW_ROWS_LARGE>(x, ln_weight, ln_bias, w, b, residual, out, partials, arrivals, rows, k, n, k_chunk, apply_gelu);
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::constants::{ADAMW_CHUNK, THREADS};
+use crate::elementwise::first_blocks;
 use crate::memory::{same_lengths, View};
 use crate::{Gpu, Result};
 
@@ -46,11 +47,10 @@ pub struct AdamWSegment {
 impl Gpu {
     /// One AdamW update of every segment, in one launch.
     pub fn adamw_update(&self, segments: &[AdamWSegment], step: AdamWStep) -> Result<()> {
-        let mut first_block = vec![0i32];
         for s in segments {
-            let len = same_lengths("adamw_update", &[s.param, s.grad, s.m, s.v])?;
-            first_block.push(first_block[first_block.len() - 1] + len.div_ceil(ADAMW_CHUNK) as i32);
+            same_lengths("adamw_update", &[s.param, s.grad, s.m, s.v])?;
         }
+        let first_block = first_blocks(segments.iter().map(|s| s.param.len()), ADAMW_CHUNK);
         let blocks = first_block[segments.len()] as usize;
         if blocks == 0 {
             return Ok(());

@@ -86,15 +86,12 @@ pub enum AttentionRoute {
 impl AttentionRoute {
     /// In f32 the fused kernels, where one exists for the head size: they are faster than the
     /// products and hold no (T, T) weights. With TF32 the products, whose tensor cores outrun
-    /// the kernels' f32 arithmetic. `MULTITOKEN_ATTENTION=products` (or `fused`) overrides, for
-    /// benchmarks.
+    /// the kernels' f32 arithmetic.
     pub fn default_for(head_size: usize, tf32: bool) -> Self {
-        let supported = FUSED_ATTENTION_HEAD_SIZES.contains(&head_size);
-        match std::env::var("MULTITOKEN_ATTENTION").as_deref() {
-            Ok("products") => AttentionRoute::Products,
-            Ok("fused") if supported => AttentionRoute::Fused,
-            _ if supported && !tf32 => AttentionRoute::Fused,
-            _ => AttentionRoute::Products,
+        if FUSED_ATTENTION_HEAD_SIZES.contains(&head_size) && !tf32 {
+            AttentionRoute::Fused
+        } else {
+            AttentionRoute::Products
         }
     }
 }
@@ -359,9 +356,6 @@ mod tests {
 
     #[test]
     fn attention_route_is_fused_in_f32_where_a_kernel_exists() {
-        if std::env::var_os("MULTITOKEN_ATTENTION").is_some() {
-            return; // chosen by hand for this run
-        }
         assert_eq!(AttentionRoute::default_for(64, false), AttentionRoute::Fused);
         assert_eq!(AttentionRoute::default_for(64, true), AttentionRoute::Products);
         // head size 48: no kernel

@@ -16,12 +16,18 @@ pub(crate) const LAYERNORM_ROWS_PER_BLOCK: usize = 32;
 /// Queries (keys) per tile of the fused attention kernels, and their threads per block.
 pub(crate) const ATTENTION_TILE: usize = 64;
 pub(crate) const ATTENTION_THREADS: usize = 256;
-/// Head sizes the fused attention kernels are built for.
+/// Floats a row of a fused attention tile in shared memory is padded by (so that float4 reads
+/// along rows and columns hit distinct banks).
+pub(crate) const ATTENTION_TILE_PADDING: usize = 4;
+/// Head sizes the fused attention kernels are built for (their instances in the `.cu` file).
 pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Threads per block of decoding's attention over the cache.
 pub(crate) const DECODE_THREADS: usize = 256;
-/// The few-row linear kernel: warps per block, columns per block (a warp's lanes × float4), the
+/// The few-row linear kernel: the rows of its two instances (the most either takes is
+/// [`crate::FEW_ROWS_MAX`]); warps per block, columns per block (a warp's lanes × float4), the
 /// most rows of the weight per block.
+pub(crate) const FEW_ROWS_SMALL: usize = 4;
+pub(crate) const FEW_ROWS_LARGE: usize = 8;
 pub(crate) const FEW_ROW_WARPS: usize = 8;
 pub(crate) const FEW_ROW_TILE_COLUMNS: usize = 128;
 pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
@@ -29,7 +35,7 @@ pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
 pub(crate) const ADAMW_CHUNK: usize = 4096;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 13] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 16] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -38,7 +44,10 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 13] = [
     ("LAYERNORM_ROWS_PER_BLOCK", LAYERNORM_ROWS_PER_BLOCK),
     ("ATTENTION_TILE", ATTENTION_TILE),
     ("ATTENTION_THREADS", ATTENTION_THREADS),
+    ("ATTENTION_TILE_PADDING", ATTENTION_TILE_PADDING),
     ("DECODE_THREADS", DECODE_THREADS),
+    ("FEW_ROWS_SMALL", FEW_ROWS_SMALL),
+    ("FEW_ROWS_LARGE", FEW_ROWS_LARGE),
     ("FEW_ROW_WARPS", FEW_ROW_WARPS),
     ("FEW_ROW_TILE_COLUMNS", FEW_ROW_TILE_COLUMNS),
     ("FEW_ROW_K_CHUNK_MAX", FEW_ROW_K_CHUNK_MAX),

@@ -193,7 +193,10 @@ impl Gpu {
         Ok(buffer)
     }
 
-    /// Copies `host` into `target` (same length), in order after the work already queued.
+    /// Copies `host` into `target` (same length), in order after the work already queued. Meant
+    /// for ordinary (pageable) memory, which the driver stages before it returns, so `host` may
+    /// change or go right after; from page-locked memory ([`Gpu::pinned`]) the copy would run
+    /// later, reading `host` when the stream reaches it.
     pub fn write<T: DeviceRepr>(&self, target: View<T>, host: &[T]) -> Result<()> {
         check(target.len() == host.len(), || format!("write: {} elements into a view of {}", host.len(), target.len()))?;
         if host.is_empty() {

@@ -39,6 +39,16 @@ impl Kernels {
     }
 }
 
+/// For a launch over several tensors in chunks of `chunk` elements, a block per chunk: the first
+/// block of each tensor, and the number of blocks last (what the kernels' `segment_of` searches).
+pub(crate) fn first_blocks(lengths: impl Iterator<Item = usize>, chunk: usize) -> Vec<i32> {
+    let mut first_block = vec![0i32];
+    for len in lengths {
+        first_block.push(first_block[first_block.len() - 1] + len.div_ceil(chunk) as i32);
+    }
+    first_block
+}
+
 impl Gpu {
     /// A kernel `(views…, long n)` over views of one length n, a thread per element.
     fn elementwise(&self, what: &str, kernel: &CudaFunction, views: &[View<f32>]) -> Result<()> {
@@ -110,15 +120,34 @@ impl Gpu {
         let rows = x.len() / cols;
         let chunks = rows.div_ceil(COLUMN_SUM_CHUNK).max(1);
         let partials = self.alloc::<f32>(chunks * cols)?;
-        let (rows_i, cols_i, chunks_i, accumulate_i) = (rows as i32, cols as i32, chunks as i32, i32::from(accumulate));
+        let (rows_i, cols_i) = (rows as i32, cols as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.elementwise.column_partial_sums);
         launch.arg(&x.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&cols_i);
         let config = LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), chunks as u32, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
         // SAFETY: reads x[0..rows·cols], writes partials[0..chunks·cols].
         unsafe { launch.launch(config) }?;
+        self.column_sums_finish(partials.view(), sums, chunks, cols, accumulate)
+    }
+
+    /// `sums[j] (+)= Σ_k partials[k·ld + j]` over `chunks` rows of partials, `ld` ≥ sums.len()
+    /// floats apart, in row order (the second pass of the column sums, and of LayerNorm's
+    /// parameter gradients).
+    pub(crate) fn column_sums_finish(
+        &self,
+        partials: View<f32>,
+        sums: View<f32>,
+        chunks: usize,
+        ld: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let cols = sums.len();
+        check(cols <= ld && (chunks == 0 || partials.len() >= (chunks - 1) * ld + cols), || {
+            "column_sums_finish: partials too short".into()
+        })?;
+        let (chunks_i, cols_i, ld_i, accumulate_i) = (chunks as i32, cols as i32, ld as i64, i32::from(accumulate));
         let mut launch = self.stream.launch_builder(&self.kernels.elementwise.column_sums_finish);
-        launch.arg(partials.device_ptr()).arg(&sums.ptr).arg(&chunks_i).arg(&cols_i).arg(&accumulate_i);
-        // SAFETY: reads partials[0..chunks·cols], writes sums[0..cols].
+        launch.arg(&partials.ptr).arg(&sums.ptr).arg(&chunks_i).arg(&cols_i).arg(&ld_i).arg(&accumulate_i);
+        // SAFETY: reads partials[k·ld + j] for k < chunks, j < cols (checked), writes sums[0..cols].
         unsafe { launch.launch(elementwise_config(cols)) }?;
         Ok(())
     }
@@ -139,10 +168,7 @@ impl Gpu {
         if let Some(y) = y {
             check(y.len() == x.len() && x.iter().zip(y).all(|(a, b)| a.len() == b.len()), || "dot: views differ in length".into())?;
         }
-        let mut first_block = vec![0i32];
-        for view in x {
-            first_block.push(first_block[first_block.len() - 1] + view.len().div_ceil(REDUCE_CHUNK) as i32);
-        }
+        let first_block = first_blocks(x.iter().map(View::len), REDUCE_CHUNK);
         let blocks = first_block[x.len()] as usize;
         if blocks == 0 {
             return Ok(vec![0.0; x.len()]);

@@ -7,7 +7,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::attention::AttentionShape;
-use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, FUSED_ATTENTION_HEAD_SIZES};
+use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, ATTENTION_TILE_PADDING, FUSED_ATTENTION_HEAD_SIZES};
 use crate::device::warp_per_row_config;
 use crate::memory::View;
 use crate::{check, CudaError, Gpu, Result};
@@ -23,7 +23,8 @@ pub(crate) struct Kernels {
 /// Floats of shared memory the kernels use for head size `hs`: the forward holds q, k, v and p
 /// tiles, the backward k, v, q, dy, p, ds tiles and two row vectors.
 fn shared_floats(hs: usize, backward: bool) -> usize {
-    let (head_tile, score_tile) = (ATTENTION_TILE * (hs + 4), ATTENTION_TILE * (ATTENTION_TILE + 4));
+    let (head_tile, score_tile) =
+        (ATTENTION_TILE * (hs + ATTENTION_TILE_PADDING), ATTENTION_TILE * (ATTENTION_TILE + ATTENTION_TILE_PADDING));
     if backward {
         4 * head_tile + 2 * score_tile + 2 * ATTENTION_TILE
     } else {
@@ -126,15 +127,24 @@ impl Gpu {
         launch.arg(&y.ptr).arg(&dy.ptr).arg(dots.device_ptr()).arg(&rows).arg(&seq).arg(&n_head).arg(&hs);
         // SAFETY: sizes checked; one warp per (row, head).
         unsafe { launch.launch(warp_per_row_config(heads_rows)) }?;
-        // dq is summed over key tiles in turn, starting from zeros
+        // dq is summed over key tiles in turn, starting from zeros; a turn counter per (head,
+        // query tile), a ticket counter per head
         self.fill_zero(dqkv)?;
-        let turns = self.zeros::<i32>(shape.batch * shape.n_head * shape.seq.div_ceil(ATTENTION_TILE))?;
+        let heads = shape.batch * shape.n_head;
+        let (turns, tickets) = (self.zeros::<i32>(heads * shape.seq.div_ceil(ATTENTION_TILE))?, self.zeros::<i32>(heads)?);
         let scale = 1.0 / (shape.head_size as f32).sqrt();
         let mut launch = self.stream.launch_builder(backward);
-        launch.arg(&qkv.ptr).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(turns.device_ptr());
+        launch
+            .arg(&qkv.ptr)
+            .arg(&dy.ptr)
+            .arg(&lse.ptr)
+            .arg(dots.device_ptr())
+            .arg(&dqkv.ptr)
+            .arg(turns.device_ptr())
+            .arg(tickets.device_ptr());
         launch.arg(&seq).arg(&n_head).arg(&scale);
         // SAFETY: sizes and alignment checked; one block per (key tile, head), one turn counter
-        // per (head, query tile).
+        // per (head, query tile), one ticket counter per head.
         unsafe { launch.launch(launch_config(shape, true)) }?;
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::constants::{LAYERNORM_ROWS_PER_BLOCK, THREADS};
-use crate::device::{block_per_row_config, elementwise_config, warp_per_row_config};
+use crate::device::{block_per_row_config, warp_per_row_config};
 use crate::memory::View;
 use crate::{check, Gpu, Result};
 
@@ -19,18 +19,12 @@ pub(crate) struct Kernels {
     forward: CudaFunction,
     forward_wide: CudaFunction,
     backward: CudaFunction,
-    parameter_gradients: CudaFunction,
 }
 
 impl Kernels {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
         let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            forward: f("layernorm_forward")?,
-            forward_wide: f("layernorm_forward_wide")?,
-            backward: f("layernorm_backward")?,
-            parameter_gradients: f("layernorm_parameter_gradients")?,
-        })
+        Ok(Kernels { forward: f("layernorm_forward")?, forward_wide: f("layernorm_forward_wide")?, backward: f("layernorm_backward")? })
     }
 }
 
@@ -68,7 +62,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// LayerNorm backward: writes dx (adds to it with `accumulate`), and writes dweight and dbias.
+    /// LayerNorm backward: writes dx, dweight and dbias. The parameters' gradients are summed per
+    /// block of rows, then over the blocks in order.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward(
         &self,
@@ -80,7 +75,6 @@ impl Gpu {
         dx: View<f32>,
         dweight: View<f32>,
         dbias: View<f32>,
-        accumulate: bool,
     ) -> Result<()> {
         let (c, rows) = (weight.len(), mean.len());
         check(
@@ -97,18 +91,17 @@ impl Gpu {
         }
         let blocks = rows.div_ceil(LAYERNORM_ROWS_PER_BLOCK);
         let partials = self.alloc::<f32>(blocks * 2 * c)?;
-        let (rows_i, c_i, blocks_i, accumulate_i) = (rows as i32, c as i32, blocks as i32, i32::from(accumulate));
+        let (rows_i, c_i) = (rows as i32, c as i32);
         let kernels = &self.kernels.layernorm;
         let mut launch = self.stream.launch_builder(&kernels.backward);
         launch.arg(&x.ptr).arg(&dout.ptr).arg(&weight.ptr).arg(&mean.ptr).arg(&rstd.ptr);
-        launch.arg(&dx.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&c_i).arg(&accumulate_i);
+        launch.arg(&dx.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&c_i);
         let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: sizes checked above; block b writes partials[b·2c .. (b + 1)·2c].
         unsafe { launch.launch(config) }?;
-        let mut launch = self.stream.launch_builder(&kernels.parameter_gradients);
-        launch.arg(partials.device_ptr()).arg(&dweight.ptr).arg(&dbias.ptr).arg(&blocks_i).arg(&c_i).arg(&0i32);
-        // SAFETY: reads the blocks' partials, writes c elements of each.
-        unsafe { launch.launch(elementwise_config(c)) }?;
+        // the partials are (blocks, 2c): dw's columns, then db's
+        self.column_sums_finish(partials.view(), dweight, blocks, 2 * c, false)?;
+        self.column_sums_finish(partials.view().slice(c, partials.len() - c), dbias, blocks, 2 * c, false)?;
         Ok(())
     }
 }

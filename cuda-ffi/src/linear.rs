@@ -6,14 +6,14 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use crate::constants::{FEW_ROW_K_CHUNK_MAX, FEW_ROW_TILE_COLUMNS, FEW_ROW_WARPS, THREADS};
+use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_K_CHUNK_MAX, FEW_ROW_TILE_COLUMNS, FEW_ROW_WARPS, THREADS};
 use crate::memory::{View, Workspace};
 use crate::{check, Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/linear.cu");
 
-/// The most rows `linear_few_rows` takes (its wider instance's `FEW_ROWS_MAX`).
-pub const FEW_ROWS_MAX: usize = 8;
+/// The most rows `linear_few_rows` takes (its larger instance's).
+pub const FEW_ROWS_MAX: usize = FEW_ROWS_LARGE;
 /// Floats of x's rows (rows · k) the LayerNorm prologue stages, per row its instance takes: the
 /// warps' sums' shared memory, FEW_ROW_WARPS × 32 float4s a row.
 const LAYERNORM_FLOATS_PER_ROW: usize = FEW_ROW_WARPS * 32 * 4;
@@ -22,13 +22,13 @@ const PARTIALS: usize = 1 << 20;
 const TILES_MAX: usize = 1024;
 
 pub(crate) struct Kernels {
-    /// for up to 4 rows, and for up to 8
+    /// for up to `FEW_ROWS_SMALL` rows, and for up to `FEW_ROWS_LARGE`
     instances: [CudaFunction; 2],
 }
 
 impl Kernels {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        Ok(Kernels { instances: [module.load_function("linear_few_rows_4")?, module.load_function("linear_few_rows_8")?] })
+        Ok(Kernels { instances: [module.load_function("linear_few_rows_small")?, module.load_function("linear_few_rows_large")?] })
     }
 
     /// Blocks of the 4-row instance that run at once on one multiprocessor.
@@ -87,7 +87,7 @@ impl Gpu {
         if rows == 0 || k == 0 {
             return Ok(false);
         }
-        let (instance, instance_rows) = if rows <= 4 { (0, 4) } else { (1, 8) };
+        let (instance, instance_rows) = if rows <= FEW_ROWS_SMALL { (0, FEW_ROWS_SMALL) } else { (1, FEW_ROWS_LARGE) };
         if let Some((gain, shift)) = layernorm {
             check(gain.len() == k && shift.len() == k, || format!("linear: the LayerNorm's parameters are not {k} long"))?;
             // the kernel stages x's whole rows in float4s
@@ -132,7 +132,7 @@ impl Gpu {
     }
 
     /// (registers per thread, bytes spilled to local memory, blocks per SM) of `linear_few_rows`'s
-    /// 4-row and 8-row instances.
+    /// two instances.
     pub fn few_row_linear_resources(&self) -> Result<Vec<(i32, i32, u32)>> {
         use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
         let mut out = Vec::new();

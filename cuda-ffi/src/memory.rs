@@ -186,17 +186,23 @@ impl Pool {
         state.free.entry(size).or_default().push(ptr);
     }
 
-    /// Frees every cached block (after the device has finished the work that used them).
+    /// Frees every cached block (after the device has finished the work that used them); a block
+    /// the driver refuses to free stays counted as held, and the first such error is returned.
     fn release_cache(state: &mut PoolState) -> Result<()> {
         driver::ctx::synchronize()?;
+        let mut first_error = None;
         for (size, blocks) in state.free.drain() {
             for ptr in blocks {
                 // SAFETY: a block of this pool, not in use, freed once.
-                unsafe { driver::free_sync(ptr)? };
-                state.stats.held -= size;
+                match unsafe { driver::free_sync(ptr) } {
+                    Ok(()) => state.stats.held -= size,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 

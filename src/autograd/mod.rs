@@ -136,6 +136,10 @@ impl<T: Float> Tape<T> {
     /// device) as the output's gradient. `backward` is this with a gradient of ones.
     pub fn backward_with_gradient(mut self, output: Var, gradient: Tensor<T>) -> Result<Gradients<T>> {
         assert_eq!(self.values[output.0].shape(), gradient.shape(), "backward: the gradient's shape differs from the output's");
+        let device = self.values[output.0].device();
+        if gradient.device() != device {
+            return crate::invalid!("backward: the output lives on {device} and its gradient on {}", gradient.device());
+        }
         // Release the tape's hold on intermediate values: rules keep what they need, and
         // nothing else is read again. Leaves are kept (parameters, inputs).
         let produced: Vec<usize> = self.steps.iter().map(|s| s.output.0).collect();

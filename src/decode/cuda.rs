@@ -127,7 +127,10 @@ pub struct GpuDecoder<'a> {
 
 impl<'a> GpuDecoder<'a> {
     pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
-        let flat: Vec<f32> = params.named().into_iter().flat_map(|(_, t)| t.data().iter().copied()).collect();
+        let mut flat: Vec<f32> = Vec::new();
+        for (_, tensor) in params.named() {
+            flat.extend(tensor.to_host()?.into_vec());
+        }
         let weights = gpu.upload(&flat)?;
         let views = param_views(config, weights.view());
         let profile = Rc::new(PhaseProfile::from_env());

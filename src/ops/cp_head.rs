@@ -173,24 +173,7 @@ pub fn cp_head<T: Float>(
         if scale == T::one() {
             return Ok(grads);
         }
-        grads
-            .into_iter()
-            .map(|g| {
-                g.map(|mut g| match g.cuda() {
-                    None => {
-                        g.data_mut().iter_mut().for_each(|x| *x *= scale);
-                        Ok(g)
-                    }
-                    Some(cuda) => {
-                        let gpu = cuda.gpu().clone();
-                        let scaled = gpu.alloc::<f32>(g.len())?;
-                        gpu.scale(cuda.view(), scale.as_f64() as f32, scaled.view())?;
-                        Ok(Tensor::from_cuda(&gpu, scaled, g.shape()))
-                    }
-                })
-                .transpose()
-            })
-            .collect()
+        grads.into_iter().map(|g| g.map(|g| g.scaled(scale)).transpose()).collect()
     });
     Ok((var, stats))
 }

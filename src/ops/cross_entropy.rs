@@ -54,13 +54,8 @@ pub fn cross_entropy<T: Float>(tape: &mut Tape<T>, logits: Var, targets: &[u32])
             let loss = -gpu.download(log_p.view())?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
             let d = Tensor::<T>::from_cuda(&gpu, d, &shape);
             Ok(tape.record("cross_entropy", Tensor::scalar(T::of(loss)), &[logits], move |grad, _| {
-                let scale = grad.item().as_f64() as f32;
-                if scale == 1.0 {
-                    return Ok(vec![Some(d)]);
-                }
-                let scaled = gpu.alloc::<f32>(d.len())?;
-                gpu.scale(on_gpu(&d), scale, scaled.view())?;
-                Ok(vec![Some(Tensor::from_cuda(&gpu, scaled, &shape))])
+                let scale = grad.item();
+                Ok(vec![Some(if scale == T::one() { d } else { d.scaled(scale)? })])
             }))
         }
     }

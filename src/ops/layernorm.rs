@@ -43,7 +43,7 @@ fn layernorm_cuda<T: Float>(
     Ok(tape.record("layernorm", out, &vars, move |grad, _| {
         let [dx, dw, db]: [Buffer<f32>; 3] = [gpu.alloc(input.len())?, gpu.alloc(c)?, gpu.alloc(c)?];
         let (x, g) = (on_gpu(&input), on_gpu(grad));
-        gpu.layernorm_backward(x, g, on_gpu(&w), mean.view(), rstd.view(), dx.view(), dw.view(), db.view(), false)?;
+        gpu.layernorm_backward(x, g, on_gpu(&w), mean.view(), rstd.view(), dx.view(), dw.view(), db.view())?;
         Ok(vec![
             Some(Tensor::from_cuda(&gpu, dx, input.shape())),
             Some(Tensor::from_cuda(&gpu, dw, &[c])),

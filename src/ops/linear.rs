@@ -59,7 +59,10 @@ fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var
             match (&b, &r) {
                 (Some(b), Some(r)) => gpu.linear_residual(on_gpu(&input), on_gpu(&w), on_gpu(b), on_gpu(r), out.view())?,
                 (Some(b), None) => gpu.linear(on_gpu(&input), on_gpu(&w), on_gpu(b), out.view())?,
-                (None, _) => gpu.matmul(Operand::normal(on_gpu(&input)), Operand::normal(on_gpu(&w)), out.view(), n, c_in, c_out, false)?,
+                (None, None) => {
+                    gpu.matmul(Operand::normal(on_gpu(&input)), Operand::normal(on_gpu(&w)), out.view(), n, c_in, c_out, false)?
+                }
+                (None, Some(_)) => unreachable!("linear_residual always has a bias"),
             }
             Tensor::from_cuda(gpu, out, &out_shape)
         }

@@ -20,28 +20,30 @@ pub fn weighted_sum<T: Float>(tape: &mut Tape<T>, x: Var, weights: &Tensor<T>) -
     };
     Ok(tape.record("reduce", Tensor::scalar(total), &[x], move |grad, _| {
         // d/dx_i (Σ x w) = w_i
-        let g = grad.item();
-        let dx = match &placed {
-            Place::Cpu => Tensor::from_vec(weights.shape(), weights.data().iter().map(|&w| w * g).collect()),
-            Place::Cuda(gpu) => {
-                let dx = gpu.alloc::<f32>(weights.len())?;
-                gpu.scale(on_gpu(&weights), g.as_f64() as f32, dx.view())?;
-                Tensor::from_cuda(gpu, dx, weights.shape())
-            }
-        };
-        Ok(vec![Some(dx)])
+        Ok(vec![Some(weights.scaled(grad.item())?)])
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gradcheck::check_op;
+    use crate::gradcheck::{gradcheck, GradcheckOptions};
     use crate::tensor::Rng;
 
     #[test]
     fn weighted_sum_gradient_matches_finite_differences() {
         let x = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(1));
-        assert!(check_op(&[x], |_, v| Ok(v[0])).unwrap().max_relative_error < 1e-6);
+        let weights = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(2));
+        let report = gradcheck(&[x], |tape, v| weighted_sum(tape, v[0], &weights), &GradcheckOptions::default()).unwrap();
+        assert!(report.max_relative_error < 1e-6, "{report}");
+    }
+
+    #[test]
+    fn weighted_sum_is_the_dot_product_with_the_weights() {
+        let (x, weights) = (Tensor::<f64>::from_vec(&[3], vec![1.0, -2.0, 0.5]), Tensor::from_vec(&[3], vec![4.0, 1.0, 2.0]));
+        let mut tape = Tape::inference();
+        let v = tape.leaf(x, false);
+        let total = weighted_sum(&mut tape, v, &weights).unwrap();
+        assert_eq!(tape.value(total).item(), 3.0);
     }
 }

@@ -198,6 +198,12 @@ impl<T: Float> Tensor<T> {
             (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
             (Storage::Cuda(cuda), Device::Cuda(gpu)) if Arc::ptr_eq(&cuda.gpu, gpu) => Ok(self.clone()),
             (Storage::Cpu(_), Device::Cuda(gpu)) => {
+                if T::DTYPE != f32::DTYPE {
+                    return crate::invalid!(
+                        "a GPU holds f32 tensors only; this one is {} (cast it first, or keep it on the CPU)",
+                        T::DTYPE
+                    );
+                }
                 let host: Vec<f32> = self.data().iter().map(|x| x.as_f64() as f32).collect();
                 Ok(Self::from_cuda(gpu, gpu.upload(&host)?, self.shape()))
             }
@@ -278,6 +284,18 @@ impl<T: Float> Tensor<T> {
                 Ok(())
             }
             _ => crate::invalid!("add_assign: the tensors live on different devices ({} and {})", devices.0, devices.1),
+        }
+    }
+
+    /// Every element times `factor`, on the tensor's device (a new tensor).
+    pub fn scaled(&self, factor: T) -> Result<Self> {
+        match &self.storage {
+            Storage::Cpu(_) => Ok(Self::from_vec(self.shape(), self.data().iter().map(|&x| x * factor).collect())),
+            Storage::Cuda(cuda) => {
+                let out = cuda.gpu.alloc::<f32>(cuda.len())?;
+                cuda.gpu.scale(cuda.view(), factor.as_f64() as f32, out.view())?;
+                Ok(Self::from_cuda(&cuda.gpu, out, &cuda.shape))
+            }
         }
     }
 
