@@ -58,6 +58,25 @@ pub struct GradcheckReport {
     pub coordinates_checked: usize,
 }
 
+impl GradcheckReport {
+    /// Panics, naming `what`, the worst coordinate, its analytic and numeric derivatives and the
+    /// tolerance, unless every checked coordinate's error is below `tolerance`: the assertion for
+    /// a test of one's own op.
+    #[track_caller]
+    pub fn assert_below(&self, tolerance: f64, what: &str) {
+        assert!(
+            self.max_relative_error < tolerance,
+            "{what}: gradient check failed: error {:.3e} above the tolerance {tolerance:.1e} at input {} index {} (analytic {:.9e}, numeric {:.9e}; {} coordinates checked)",
+            self.max_relative_error,
+            self.worst_input,
+            self.worst_index,
+            self.worst_analytic,
+            self.worst_numeric,
+            self.coordinates_checked
+        );
+    }
+}
+
 impl fmt::Display for GradcheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -245,6 +245,46 @@ cuda_test!(the_cp_head_matches_the_cpu, |gpu| {
     }
 });
 
+cuda_test!(the_general_ops_match_the_cpu, |gpu| {
+    let device = Device::cuda(gpu);
+    let mut rng = Rng::new(70);
+    let mut randn = |shape: &[usize]| Tensor::<f64>::randn(shape, 1.0, &mut rng);
+    let (x, same, row, scalar) = (randn(&[37, 20]), randn(&[37, 20]), randn(&[20]), randn(&[]));
+    let positive = |t: &Tensor<f64>| Tensor::from_array(t.array().mapv(|v| v.abs() + 0.5));
+    compare_op!(&device, "neg", vec![x.clone()], 1e-5, |tape, v| ops::neg(tape, v[0]));
+    compare_op!(&device, "exp", vec![x.clone()], 1e-5, |tape, v| ops::exp(tape, v[0]));
+    compare_op!(&device, "log", vec![positive(&x)], 1e-5, |tape, v| ops::log(tape, v[0]));
+    compare_op!(&device, "tanh", vec![x.clone()], 1e-5, |tape, v| ops::tanh(tape, v[0]));
+    compare_op!(&device, "relu", vec![x.clone()], 1e-5, |tape, v| ops::relu(tape, v[0]));
+    compare_op!(&device, "sigmoid", vec![x.clone()], 1e-5, |tape, v| ops::sigmoid(tape, v[0]));
+    compare_op!(&device, "powf 2", vec![x.clone()], 1e-5, |tape, v| ops::powf(tape, v[0], 2.0));
+    compare_op!(&device, "powf −1.5", vec![positive(&x)], 1e-5, |tape, v| ops::powf(tape, v[0], -1.5));
+    compare_op!(&device, "scale", vec![x.clone()], 1e-5, |tape, v| ops::scale(tape, v[0], -3.0));
+    // arithmetic: the same shape, a row and a scalar broadcast, on either side
+    for (label, b) in [("same shape", &same), ("a row", &row), ("a scalar", &scalar)] {
+        let b = positive(b);
+        compare_op!(&device, format!("add, {label}"), vec![x.clone(), b.clone()], 1e-5, |tape, v| ops::add(tape, v[0], v[1]));
+        compare_op!(&device, format!("sub, {label} first"), vec![b.clone(), x.clone()], 1e-5, |tape, v| ops::sub(tape, v[0], v[1]));
+        compare_op!(&device, format!("mul, {label}"), vec![x.clone(), b.clone()], 1e-5, |tape, v| ops::mul(tape, v[0], v[1]));
+        compare_op!(&device, format!("div, {label}"), vec![x.clone(), b.clone()], 1e-5, |tape, v| ops::div(tape, v[0], v[1]));
+    }
+    let cube = randn(&[3, 37, 20]);
+    compare_op!(&device, "sum", vec![cube.clone()], 1e-5, |tape, v| ops::sum(tape, v[0]));
+    compare_op!(&device, "mean", vec![cube.clone()], 1e-5, |tape, v| ops::mean(tape, v[0]));
+    for axis in 0..3 {
+        compare_op!(&device, format!("sum_axis {axis}"), vec![cube.clone()], 1e-5, |tape, v| ops::sum_axis(tape, v[0], axis));
+        compare_op!(&device, format!("mean_axis {axis}"), vec![cube.clone()], 1e-5, |tape, v| ops::mean_axis(tape, v[0], axis));
+    }
+    compare_op!(&device, "softmax", vec![cube.clone()], 1e-5, |tape, v| ops::softmax(tape, v[0]));
+    compare_op!(&device, "log_softmax", vec![cube.clone()], 1e-5, |tape, v| ops::log_softmax(tape, v[0]));
+    compare_op!(&device, "reshape", vec![cube.clone()], 1e-5, |tape, v| ops::reshape(tape, v[0], &[37, 60]));
+    compare_op!(&device, "transpose", vec![cube.clone()], 1e-5, |tape, v| ops::transpose(tape, v[0]));
+    let (b, batch_b) = (randn(&[20, 11]), randn(&[3, 20, 11]));
+    compare_op!(&device, "matmul (37, 20)·(20, 11)", vec![x.clone(), b.clone()], 1e-5, |tape, v| ops::matmul(tape, v[0], v[1]));
+    compare_op!(&device, "matmul (3, 37, 20)·(20, 11)", vec![cube.clone(), b], 1e-5, |tape, v| ops::matmul(tape, v[0], v[1]));
+    compare_op!(&device, "matmul (3, 37, 20)·(3, 20, 11)", vec![cube, batch_b], 1e-5, |tape, v| ops::matmul(tape, v[0], v[1]));
+});
+
 // ---- launchers the ops do not cover on their own ----
 
 cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gpu| {

@@ -10,10 +10,10 @@ use crate::blas::{Blas, GemmRoute};
 use crate::constants::KERNEL_DEFINES;
 use crate::linear::FewRowScratch;
 use crate::memory::{same_lengths, Buffer, MemoryStats, PinnedBuffer, Pool, View};
-use crate::{adamw, attention, check, elementwise, embedding, fused_attention, head, layernorm, linear, CudaError, Result};
+use crate::{adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, CudaError, Result};
 
 /// The kernel files, by module name, compiled at run time.
-pub(crate) const KERNEL_SOURCES: [(&str, &str); 8] = [
+pub(crate) const KERNEL_SOURCES: [(&str, &str); 9] = [
     ("elementwise", elementwise::SOURCE),
     ("linear", linear::SOURCE),
     ("layernorm", layernorm::SOURCE),
@@ -22,6 +22,7 @@ pub(crate) const KERNEL_SOURCES: [(&str, &str); 8] = [
     ("attention", attention::SOURCE),
     ("fused_attention", fused_attention::SOURCE),
     ("head", head::SOURCE),
+    ("general", general::SOURCE),
 ];
 
 /// What every kernel file shares (warp and block reductions, GELU, a row's statistics),
@@ -30,7 +31,7 @@ const KERNEL_COMMON: &str = include_str!("../kernels/common.cuh");
 
 pub(crate) fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
     let mut options = vec![format!("--gpu-architecture={architecture}")];
-    options.extend(KERNEL_DEFINES.iter().map(|(name, value)| format!("-D{name}={value}")));
+    options.extend(KERNEL_DEFINES.iter().chain(&general::OP_DEFINES).map(|(name, value)| format!("-D{name}={value}")));
     let options = cudarc::nvrtc::CompileOptions { options, ..Default::default() };
     let source = format!("{KERNEL_COMMON}\n{source}");
     cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile(format!("{module}.cu (after common.cuh): {e}")))
@@ -46,6 +47,7 @@ pub(crate) struct Kernels {
     pub(crate) attention: attention::Kernels,
     pub(crate) fused_attention: fused_attention::Kernels,
     pub(crate) head: head::Kernels,
+    pub(crate) general: general::Kernels,
 }
 
 /// An open device: context, stream, cuBLAS, compiled kernels and the memory pool.
@@ -132,6 +134,7 @@ impl Gpu {
             attention: attention::Kernels::load(&modules["attention"])?,
             fused_attention: fused_attention::Kernels::load(&modules["fused_attention"])?,
             head: head::Kernels::load(&modules["head"])?,
+            general: general::Kernels::load(&modules["general"])?,
         };
         let blas = Blas::new(&context, &stream)?;
         let few_rows = FewRowScratch::new(&context)?;

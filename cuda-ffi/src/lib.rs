@@ -26,6 +26,7 @@ mod fused_attention; // fused_attention.cu: flash attention in f32
 mod head; // head.cu: the CP head's per-position work and statistics
 mod adamw; // adamw.cu: the optimizer over many tensors in one launch
 mod linear; // linear.cu: decoding's linear layers on a few rows
+mod general; // general.cu: elementwise functions and arithmetic, sums along an axis, transposes, log-softmax
 
 pub use adamw::{AdamWSegment, AdamWStep};
 pub use attention::ProductsAttention;
@@ -34,6 +35,7 @@ pub use blas::{GemmRoute, Operand};
 pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
+pub use general::{Binary, Unary};
 pub use head::HeadShape;
 pub use linear::{Epilogue, FEW_ROWS_MAX};
 pub use memory::{Buffer, MemoryStats, PinnedBuffer, View};

@@ -1,5 +1,8 @@
-//! Coarse differentiable ops, one per file, forward and backward side by side, each with its
-//! f64 finite-difference gradient check. Every op takes vars on a [`Tape`](crate::autograd::Tape),
+//! Differentiable ops, forward and backward side by side, each with its f64 finite-difference
+//! gradient check: the model's coarse ops (a linear layer, attention, the whole CP head: one tape
+//! entry each, with a hand-written backward) and the general ones a model is composed from by
+//! hand (arithmetic with broadcasting, elementwise functions, sums, matrix products, softmax,
+//! shapes). Every op takes vars on a [`Tape`](crate::autograd::Tape),
 //! computes its output and records the rule that differentiates it.
 //!
 //! Each op runs where its inputs live ([`place`]): on the CPU through `kernels/`, on a GPU
@@ -8,6 +11,7 @@
 //!
 //! Activations are 2-D `(N, C)` with `N = B·T` rows, unless a comment says otherwise.
 
+// the model's coarse ops
 pub mod attention;
 pub mod cp_head;
 pub mod cross_entropy;
@@ -15,20 +19,28 @@ pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
 pub mod linear;
-pub mod optimizer;
-pub mod reduce;
-pub mod residual;
 pub mod unembed;
+// the general ops a learner composes models from
+pub mod elementwise;
+pub mod matmul;
+pub mod reduce;
+pub mod shape;
+pub mod softmax;
+// outside the tape
+pub mod optimizer;
 
 pub use attention::causal_self_attention;
 pub use cp_head::{cp_head, CpHeadStats, CpHeadVars};
 pub use cross_entropy::cross_entropy;
+pub use elementwise::{add, div, exp, log, mul, neg, powf, relu, scale, sigmoid, sub, tanh};
 pub use embedding::embedding;
 pub use gelu::gelu;
 pub use layernorm::layernorm;
 pub use linear::{linear, linear_residual};
-pub use reduce::weighted_sum;
-pub use residual::add;
+pub use matmul::matmul;
+pub use reduce::{mean, mean_axis, sum, sum_axis, weighted_sum};
+pub use shape::{reshape, transpose};
+pub use softmax::{log_softmax, softmax};
 pub use unembed::unembed;
 
 use std::sync::Arc;

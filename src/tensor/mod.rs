@@ -17,7 +17,7 @@ pub use crate::kernels::Float;
 pub use crate::random::Rng;
 
 use multitoken_cuda::{Buffer, Gpu, View};
-use ndarray::{ArcArray, IxDyn};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::Result;
 
@@ -83,6 +83,18 @@ impl<T: Float> Tensor<T> {
         let array = ArcArray::from_shape_vec(IxDyn(shape), data)
             .unwrap_or_else(|_| panic!("tensor of shape {shape:?} needs {} elements", elements(shape)));
         Tensor { storage: Storage::Cpu(array) }
+    }
+
+    /// A CPU tensor holding `array` (copied into row-major order if it is not already).
+    pub fn from_array(array: ArrayD<T>) -> Self {
+        let array = if array.is_standard_layout() { array } else { array.as_standard_layout().into_owned() };
+        Tensor { storage: Storage::Cpu(array.into_shared()) }
+    }
+
+    /// The elements as an `ndarray` view, with the tensor's shape. CPU tensors only, as
+    /// [`Tensor::data`].
+    pub fn array(&self) -> ArrayViewD<'_, T> {
+        self.cpu_array().view()
     }
 
     /// A tensor on `gpu` holding `buffer` (of exactly the shape's size).
