@@ -2,6 +2,7 @@
 //! `p ← p·(1 − lr·wd)`, `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
 //! `p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)`   (docs/math.md, eq. A1)
 
+use super::simd::F32x8;
 use super::Float;
 
 /// The constants of one update, shared by every parameter tensor of a step.
@@ -39,42 +40,33 @@ pub fn update_scalar<T: Float>(params: &mut [T], grads: &[T], m: &mut [T], v: &m
 }
 
 pub fn update_f32(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { update_avx2(params, grads, m, v, step) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { update_simd(params, grads, m, v, step) };
     }
     update_scalar(params, grads, m, v, step)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn update_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn update_simd(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
     let n = params.len();
     assert!(grads.len() == n && m.len() == n && v.len() == n);
     let (bc1, bc2) = step.bias_corrections();
-    let b1 = _mm256_set1_ps(step.beta1 as f32);
-    let b2 = _mm256_set1_ps(step.beta2 as f32);
-    let one_b1 = _mm256_set1_ps((1.0 - step.beta1) as f32);
-    let one_b2 = _mm256_set1_ps((1.0 - step.beta2) as f32);
-    let decay = _mm256_set1_ps((1.0 - step.lr * step.weight_decay) as f32);
-    let lr = _mm256_set1_ps(step.lr as f32);
-    let eps = _mm256_set1_ps(step.eps as f32);
-    let bc1 = _mm256_set1_ps(bc1 as f32);
-    let bc2_sqrt = _mm256_set1_ps(bc2.sqrt() as f32);
-    let scale = _mm256_set1_ps(step.grad_scale as f32);
+    let lane = F32x8::zero();
+    let constant = |value: f64| lane.splat_like(value as f32);
+    let (b1, b2, one_b1, one_b2) = (constant(step.beta1), constant(step.beta2), constant(1.0 - step.beta1), constant(1.0 - step.beta2));
+    let (decay, lr, eps) = (constant(1.0 - step.lr * step.weight_decay), constant(step.lr), constant(step.eps));
+    let (bc1, bc2_sqrt, scale) = (constant(bc1), constant(bc2.sqrt()), constant(step.grad_scale));
     let lanes = n / 8 * 8;
     for i in (0..lanes).step_by(8) {
-        let g = _mm256_mul_ps(_mm256_loadu_ps(grads.as_ptr().add(i)), scale);
-        let mi = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m.as_ptr().add(i))), _mm256_mul_ps(one_b1, g));
-        let vi = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v.as_ptr().add(i))), _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g));
-        _mm256_storeu_ps(m.as_mut_ptr().add(i), mi);
-        _mm256_storeu_ps(v.as_mut_ptr().add(i), vi);
-        let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
-        let update = _mm256_div_ps(_mm256_mul_ps(lr, _mm256_div_ps(mi, bc1)), denom);
-        let p = _mm256_mul_ps(_mm256_loadu_ps(params.as_ptr().add(i)), decay);
-        _mm256_storeu_ps(params.as_mut_ptr().add(i), _mm256_sub_ps(p, update));
+        let g = F32x8::load(grads.as_ptr().add(i)) * scale;
+        let mi = b1 * F32x8::load(m.as_ptr().add(i)) + one_b1 * g;
+        let vi = b2 * F32x8::load(v.as_ptr().add(i)) + one_b2 * g * g;
+        mi.store(m.as_mut_ptr().add(i));
+        vi.store(v.as_mut_ptr().add(i));
+        let denom = vi.sqrt() / bc2_sqrt + eps;
+        let update = lr * (mi / bc1) / denom;
+        (F32x8::load(params.as_ptr().add(i)) * decay - update).store(params.as_mut_ptr().add(i));
     }
     update_scalar(&mut params[lanes..], &grads[lanes..], &mut m[lanes..], &mut v[lanes..], step);
 }

@@ -2,6 +2,7 @@
 //! `gelu(x) = ½ x (1 + tanh(u))`, `u = √(2/π) (x + 0.044715 x³)`   (docs/math.md, eq. G1)
 //! `gelu'(x) = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²)`, `t = tanh(u)`   (eq. G2)
 
+use super::simd::F32x8;
 use super::Float;
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -26,64 +27,54 @@ pub fn backward_scalar<T: Float>(x: &[T], dout: &[T], dx: &mut [T]) {
 }
 
 pub fn forward_f32(x: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { forward_avx2(x, out) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { forward_simd(x, out) };
     }
     forward_scalar(x, out)
 }
 
 pub fn backward_f32(x: &[f32], dout: &[f32], dx: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { backward_avx2(x, dout, dx) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { backward_simd(x, dout, dx) };
     }
     backward_scalar(x, dout, dx)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2(x: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn forward_simd(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     let lanes = x.len() / 8 * 8;
-    let (s, c, half, one) = (_mm256_set1_ps(SQRT_2_OVER_PI as f32), _mm256_set1_ps(CUBIC as f32), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let (s, c, half, one) = (F32x8::splat(SQRT_2_OVER_PI as f32), F32x8::splat(CUBIC as f32), F32x8::splat(0.5), F32x8::splat(1.0));
     for i in (0..lanes).step_by(8) {
-        let xi = _mm256_loadu_ps(x.as_ptr().add(i));
-        let x3 = _mm256_mul_ps(_mm256_mul_ps(xi, xi), xi);
-        let u = _mm256_mul_ps(s, _mm256_fmadd_ps(c, x3, xi));
-        let t = super::simd::tanh(u);
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_mul_ps(half, xi), _mm256_add_ps(one, t)));
+        let xi = F32x8::load(x.as_ptr().add(i));
+        let u = s * (c * xi * xi).mul_add(xi, xi);
+        (half * xi * (one + u.tanh())).store(out.as_mut_ptr().add(i));
     }
     forward_scalar(&x[lanes..], &mut out[lanes..]);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn backward_avx2(x: &[f32], dout: &[f32], dx: &mut [f32]) {
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn backward_simd(x: &[f32], dout: &[f32], dx: &mut [f32]) {
     assert!(x.len() == dout.len() && x.len() == dx.len());
     let lanes = x.len() / 8 * 8;
     let (s, c, half, one, c3) = (
-        _mm256_set1_ps(SQRT_2_OVER_PI as f32),
-        _mm256_set1_ps(CUBIC as f32),
-        _mm256_set1_ps(0.5),
-        _mm256_set1_ps(1.0),
-        _mm256_set1_ps(3.0 * CUBIC as f32),
+        F32x8::splat(SQRT_2_OVER_PI as f32),
+        F32x8::splat(CUBIC as f32),
+        F32x8::splat(0.5),
+        F32x8::splat(1.0),
+        F32x8::splat(3.0 * CUBIC as f32),
     );
     for i in (0..lanes).step_by(8) {
-        let xi = _mm256_loadu_ps(x.as_ptr().add(i));
-        let x2 = _mm256_mul_ps(xi, xi);
-        let u = _mm256_mul_ps(s, _mm256_fmadd_ps(_mm256_mul_ps(c, x2), xi, xi));
-        let t = super::simd::tanh(u);
-        let sech2 = _mm256_fnmadd_ps(t, t, one);
-        let du = _mm256_mul_ps(s, _mm256_fmadd_ps(c3, x2, one));
-        let local = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, xi), sech2), du, _mm256_mul_ps(half, _mm256_add_ps(one, t)));
-        let g = _mm256_loadu_ps(dout.as_ptr().add(i));
-        let d = _mm256_loadu_ps(dx.as_ptr().add(i));
-        _mm256_storeu_ps(dx.as_mut_ptr().add(i), _mm256_fmadd_ps(g, local, d));
+        let xi = F32x8::load(x.as_ptr().add(i));
+        let x2 = xi * xi;
+        let t = (s * (c * x2).mul_add(xi, xi)).tanh();
+        let sech2 = t.neg_mul_add(t, one);
+        let du = s * c3.mul_add(x2, one);
+        let local = (half * xi * sech2).mul_add(du, half * (one + t));
+        let g = F32x8::load(dout.as_ptr().add(i));
+        g.mul_add(local, F32x8::load(dx.as_ptr().add(i))).store(dx.as_mut_ptr().add(i));
     }
     backward_scalar(&x[lanes..], &dout[lanes..], &mut dx[lanes..]);
 }

@@ -3,6 +3,7 @@
 //! `dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))`, `dnorm = dout · weight`,
 //! `dweight += dout · norm`, `dbias += dout`   (eq. LN2)
 
+use super::simd::F32x8;
 use super::Float;
 
 pub const EPS: f64 = 1e-5;
@@ -20,40 +21,35 @@ pub fn forward_row_scalar<T: Float>(x: &[T], weight: &[T], bias: &[T], out: &mut
 }
 
 pub fn forward_row_f32(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { forward_row_avx2(x, weight, bias, out) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { forward_row_simd(x, weight, bias, out) };
     }
     forward_row_scalar(x, weight, bias, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_row_avx2(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) -> (f32, f32) {
-    use super::simd;
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn forward_row_simd(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) -> (f32, f32) {
     let c = x.len();
     assert!(weight.len() == c && bias.len() == c && out.len() == c);
     let lanes = c / 8 * 8;
-    let mut vsum = _mm256_setzero_ps();
+    let mut vsum = F32x8::zero();
     for i in (0..lanes).step_by(8) {
-        vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(x.as_ptr().add(i)));
+        vsum = vsum + F32x8::load(x.as_ptr().add(i));
     }
-    let mean = (simd::hsum(vsum) + x[lanes..].iter().sum::<f32>()) / c as f32;
-    let vmean = _mm256_set1_ps(mean);
-    let mut vvar = _mm256_setzero_ps();
+    let mean = (vsum.sum() + x[lanes..].iter().sum::<f32>()) / c as f32;
+    let vmean = F32x8::splat(mean);
+    let mut vvar = F32x8::zero();
     for i in (0..lanes).step_by(8) {
-        let d = _mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vmean);
-        vvar = _mm256_fmadd_ps(d, d, vvar);
+        let d = F32x8::load(x.as_ptr().add(i)) - vmean;
+        vvar = d.mul_add(d, vvar);
     }
-    let var = (simd::hsum(vvar) + x[lanes..].iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>()) / c as f32;
+    let var = (vvar.sum() + x[lanes..].iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>()) / c as f32;
     let rstd = 1.0 / (var + EPS as f32).sqrt();
-    let vrstd = _mm256_set1_ps(rstd);
+    let vrstd = F32x8::splat(rstd);
     for i in (0..lanes).step_by(8) {
-        let norm = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vmean), vrstd);
-        let y = _mm256_fmadd_ps(norm, _mm256_loadu_ps(weight.as_ptr().add(i)), _mm256_loadu_ps(bias.as_ptr().add(i)));
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+        let norm = (F32x8::load(x.as_ptr().add(i)) - vmean) * vrstd;
+        norm.mul_add(F32x8::load(weight.as_ptr().add(i)), F32x8::load(bias.as_ptr().add(i))).store(out.as_mut_ptr().add(i));
     }
     for i in lanes..c {
         out[i] = (x[i] - mean) * rstd * weight[i] + bias[i];
@@ -103,19 +99,17 @@ pub fn backward_row_f32(
     dweight: &mut [f32],
     dbias: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() && x.len().is_multiple_of(8) {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { backward_row_avx2(x, dout, weight, mean, rstd, dx, dweight, dbias) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { backward_row_simd(x, dout, weight, mean, rstd, dx, dweight, dbias) };
     }
     backward_row_scalar(x, dout, weight, mean, rstd, dx, dweight, dbias)
 }
 
 /// Rows whose width is a multiple of 8 (every preset's C).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn backward_row_avx2(
+unsafe fn backward_row_simd(
     x: &[f32],
     dout: &[f32],
     weight: &[f32],
@@ -125,29 +119,27 @@ unsafe fn backward_row_avx2(
     dweight: &mut [f32],
     dbias: &mut [f32],
 ) {
-    use super::simd;
-    use std::arch::x86_64::*;
     let c = x.len();
     assert!(c.is_multiple_of(8) && dout.len() == c && weight.len() == c && dx.len() == c && dweight.len() == c && dbias.len() == c);
-    let (vmean, vrstd) = (_mm256_set1_ps(mean), _mm256_set1_ps(rstd));
-    let (mut sum_dnorm, mut sum_dnorm_norm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (vmean, vrstd) = (F32x8::splat(mean), F32x8::splat(rstd));
+    let (mut sum_dnorm, mut sum_dnorm_norm) = (F32x8::zero(), F32x8::zero());
     for j in (0..c).step_by(8) {
-        let norm = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), vmean), vrstd);
-        let g = _mm256_loadu_ps(dout.as_ptr().add(j));
-        let dnorm = _mm256_mul_ps(g, _mm256_loadu_ps(weight.as_ptr().add(j)));
-        sum_dnorm = _mm256_add_ps(sum_dnorm, dnorm);
-        sum_dnorm_norm = _mm256_fmadd_ps(dnorm, norm, sum_dnorm_norm);
-        _mm256_storeu_ps(dweight.as_mut_ptr().add(j), _mm256_fmadd_ps(g, norm, _mm256_loadu_ps(dweight.as_ptr().add(j))));
-        _mm256_storeu_ps(dbias.as_mut_ptr().add(j), _mm256_add_ps(g, _mm256_loadu_ps(dbias.as_ptr().add(j))));
+        let norm = (F32x8::load(x.as_ptr().add(j)) - vmean) * vrstd;
+        let g = F32x8::load(dout.as_ptr().add(j));
+        let dnorm = g * F32x8::load(weight.as_ptr().add(j));
+        sum_dnorm = sum_dnorm + dnorm;
+        sum_dnorm_norm = dnorm.mul_add(norm, sum_dnorm_norm);
+        g.mul_add(norm, F32x8::load(dweight.as_ptr().add(j))).store(dweight.as_mut_ptr().add(j));
+        (g + F32x8::load(dbias.as_ptr().add(j))).store(dbias.as_mut_ptr().add(j));
     }
     let inv_c = 1.0 / c as f32;
-    let dnorm_mean = _mm256_set1_ps(simd::hsum(sum_dnorm) * inv_c);
-    let dnorm_norm_mean = _mm256_set1_ps(simd::hsum(sum_dnorm_norm) * inv_c);
+    let dnorm_mean = F32x8::splat(sum_dnorm.sum() * inv_c);
+    let dnorm_norm_mean = F32x8::splat(sum_dnorm_norm.sum() * inv_c);
     for j in (0..c).step_by(8) {
-        let norm = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), vmean), vrstd);
-        let dnorm = _mm256_mul_ps(_mm256_loadu_ps(dout.as_ptr().add(j)), _mm256_loadu_ps(weight.as_ptr().add(j)));
-        let centered = _mm256_fnmadd_ps(norm, dnorm_norm_mean, _mm256_sub_ps(dnorm, dnorm_mean));
-        _mm256_storeu_ps(dx.as_mut_ptr().add(j), _mm256_mul_ps(vrstd, centered));
+        let norm = (F32x8::load(x.as_ptr().add(j)) - vmean) * vrstd;
+        let dnorm = F32x8::load(dout.as_ptr().add(j)) * F32x8::load(weight.as_ptr().add(j));
+        let centered = norm.neg_mul_add(dnorm_norm_mean, dnorm - dnorm_mean);
+        (vrstd * centered).store(dx.as_mut_ptr().add(j));
     }
 }
 

@@ -1,14 +1,14 @@
 //! CPU inner loops, the CPU's half of every op (the GPU's half is the crate `multitoken-cuda`).
 //! Each hot loop has a plain scalar reference (`*_scalar`, generic, used for f64) and an `f32`
-//! version that runs AVX2+FMA code when the CPU has it, detected at run time. Tests in each file
-//! check that the two agree.
+//! version whose vector loop is written once against `simd::F32x8`: AVX2+FMA on x86-64 when the
+//! CPU has them (detected at run time), NEON on aarch64. Tests in each file check that the two
+//! agree.
 
 pub mod adamw;
 mod float;
 pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
-#[cfg(target_arch = "x86_64")]
 mod simd;
 pub mod softmax;
 pub mod team;
@@ -35,14 +35,4 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// True when the AVX2+FMA loops can run on this CPU.
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+pub use simd::available as simd_available;

@@ -1,6 +1,7 @@
 //! Softmax of one row, in place: `p_j = exp(x_j − max x) / Σ_k exp(x_k − max x)`.
 //! Returns the row's log-sum-exp, `max x + ln Σ_k exp(x_k − max x)`, which losses need.
 
+use super::simd::F32x8;
 use super::Float;
 
 pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
@@ -18,41 +19,37 @@ pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
 }
 
 pub fn softmax_row_f32(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { softmax_row_avx2(row) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { softmax_row_simd(row) };
     }
     softmax_row_scalar(row)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32]) -> f32 {
-    use super::simd;
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn softmax_row_simd(row: &mut [f32]) -> f32 {
     let lanes = row.len() / 8 * 8;
     let ptr = row.as_mut_ptr();
-    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut vmax = F32x8::splat(f32::NEG_INFINITY);
     for i in (0..lanes).step_by(8) {
-        vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(ptr.add(i)));
+        vmax = vmax.max(F32x8::load(ptr.add(i)));
     }
-    let max = row[lanes..].iter().copied().fold(simd::hmax(vmax), f32::max);
-    let vm = _mm256_set1_ps(max);
-    let mut vsum = _mm256_setzero_ps();
+    let max = row[lanes..].iter().copied().fold(vmax.max_lane(), f32::max);
+    let vm = F32x8::splat(max);
+    let mut vsum = F32x8::zero();
     for i in (0..lanes).step_by(8) {
-        let e = simd::exp(_mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), vm));
-        _mm256_storeu_ps(ptr.add(i), e);
-        vsum = _mm256_add_ps(vsum, e);
+        let e = (F32x8::load(ptr.add(i)) - vm).exp();
+        e.store(ptr.add(i));
+        vsum = vsum + e;
     }
-    let mut sum = simd::hsum(vsum);
+    let mut sum = vsum.sum();
     for x in row[lanes..].iter_mut() {
         *x = (*x - max).exp();
         sum += *x;
     }
-    let inv = _mm256_set1_ps(1.0 / sum);
+    let inv = F32x8::splat(1.0 / sum);
     for i in (0..lanes).step_by(8) {
-        _mm256_storeu_ps(ptr.add(i), _mm256_mul_ps(_mm256_loadu_ps(ptr.add(i)), inv));
+        (F32x8::load(ptr.add(i)) * inv).store(ptr.add(i));
     }
     for x in row[lanes..].iter_mut() {
         *x /= sum;

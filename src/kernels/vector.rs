@@ -1,6 +1,7 @@
 //! Dot products and `y += a·x` for the products with a few rows (m ≤ 16) that decoding runs, where
 //! a GEMM's packing would copy the whole weight matrix to use each element a handful of times.
 
+use super::simd::F32x8;
 use super::Float;
 
 pub fn dot_scalar<T: Float>(a: &[T], b: &[T]) -> T {
@@ -15,47 +16,40 @@ pub fn axpy_scalar<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
 }
 
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { dot_avx2(a, b) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { dot_simd(a, b) };
     }
     dot_scalar(a, b)
 }
 
 pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { axpy_avx2(alpha, x, y) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { axpy_simd(alpha, x, y) };
     }
     axpy_scalar(alpha, x, y)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn dot_simd(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut acc0, mut acc1) = (F32x8::zero(), F32x8::zero());
     let pairs = n / 16 * 16;
     for i in (0..pairs).step_by(16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), acc1);
+        acc0 = F32x8::load(a.as_ptr().add(i)).mul_add(F32x8::load(b.as_ptr().add(i)), acc0);
+        acc1 = F32x8::load(a.as_ptr().add(i + 8)).mul_add(F32x8::load(b.as_ptr().add(i + 8)), acc1);
     }
-    super::simd::hsum(_mm256_add_ps(acc0, acc1)) + dot_scalar(&a[pairs..n], &b[pairs..n])
+    (acc0 + acc1).sum() + dot_scalar(&a[pairs..n], &b[pairs..n])
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
-    use std::arch::x86_64::*;
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn axpy_simd(alpha: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let lanes = n / 8 * 8;
-    let va = _mm256_set1_ps(alpha);
+    let va = F32x8::splat(alpha);
     for i in (0..lanes).step_by(8) {
-        let yi = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
-        _mm256_storeu_ps(y.as_mut_ptr().add(i), yi);
+        va.mul_add(F32x8::load(x.as_ptr().add(i)), F32x8::load(y.as_ptr().add(i))).store(y.as_mut_ptr().add(i));
     }
     axpy_scalar(alpha, &x[lanes..n], &mut y[lanes..n]);
 }
@@ -106,32 +100,29 @@ pub fn rows_times_transposed_scalar<T: Float>(a: &[T], k: usize, b: &[T], j0: us
 }
 
 pub fn rows_times_normal_f32(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { rows_times_normal_avx2(a, k, b, n, j0, out) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { rows_times_normal_simd(a, k, b, n, j0, out) };
     }
     rows_times_normal_scalar(a, k, b, n, j0, out)
 }
 
 pub fn rows_times_transposed_f32(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
     if super::simd_available() {
-        // SAFETY: AVX2 and FMA were detected above.
-        return unsafe { rows_times_transposed_avx2(a, k, b, j0, out) };
+        // SAFETY: the vector unit was detected above.
+        return unsafe { rows_times_transposed_simd(a, k, b, j0, out) };
     }
     rows_times_transposed_scalar(a, k, b, j0, out)
 }
 
 /// Register-blocked: up to 4 rows × 16 columns of accumulators stay in registers while p runs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_times_normal_avx2(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn rows_times_normal_simd(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
     let width = out[0].len();
     if out.len() == 1 {
         // one row: stream b row by row (sequential memory beats register blocking here)
         for p in 0..k {
-            axpy_avx2(a[p], &b[p * n + j0..p * n + j0 + width], out[0]);
+            axpy_simd(a[p], &b[p * n + j0..p * n + j0 + width], out[0]);
         }
         return;
     }
@@ -155,29 +146,27 @@ unsafe fn rows_times_normal_avx2(a: &[f32], k: usize, b: &[f32], n: usize, j0: u
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn normal_block<const R: usize>(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, blocked: usize, out: &mut [&mut [f32]]) {
-    use std::arch::x86_64::*;
     for j in (0..blocked).step_by(16) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = [[F32x8::zero(); 2]; R];
         for (r, row) in acc.iter_mut().enumerate() {
-            row[0] = _mm256_loadu_ps(out[r].as_ptr().add(j));
-            row[1] = _mm256_loadu_ps(out[r].as_ptr().add(j + 8));
+            row[0] = F32x8::load(out[r].as_ptr().add(j));
+            row[1] = F32x8::load(out[r].as_ptr().add(j + 8));
         }
         let mut b_ptr = b.as_ptr().add(j0 + j);
         for p in 0..k {
-            let (b0, b1) = (_mm256_loadu_ps(b_ptr), _mm256_loadu_ps(b_ptr.add(8)));
+            let (b0, b1) = (F32x8::load(b_ptr), F32x8::load(b_ptr.add(8)));
             for (r, row) in acc.iter_mut().enumerate() {
-                let x = _mm256_set1_ps(*a.get_unchecked(r * k + p));
-                row[0] = _mm256_fmadd_ps(x, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+                let x = F32x8::splat(*a.get_unchecked(r * k + p));
+                row[0] = x.mul_add(b0, row[0]);
+                row[1] = x.mul_add(b1, row[1]);
             }
             b_ptr = b_ptr.add(n);
         }
         for (r, row) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(j), row[0]);
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(j + 8), row[1]);
+            row[0].store(out[r].as_mut_ptr().add(j));
+            row[1].store(out[r].as_mut_ptr().add(j + 8));
         }
     }
 }
@@ -185,9 +174,8 @@ unsafe fn normal_block<const R: usize>(a: &[f32], k: usize, b: &[f32], n: usize,
 /// Register-blocked: a few columns of b against up to 4 rows of a at a time (4 × 2 or 2 × 4
 /// dot products, 8 lanes each, in registers), so each row of b is read from memory once per
 /// group of 4 rows. Each dot product is reduced the same way whatever the row count.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_times_transposed_avx2(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn rows_times_transposed_simd(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
     let width = out[0].len();
     let mut i0 = 0;
     while i0 < out.len() {
@@ -208,8 +196,7 @@ unsafe fn rows_times_transposed_avx2(a: &[f32], k: usize, b: &[f32], j0: usize, 
 /// decoding passes of `small`: 8 KiB takes 25–30 % off a 4-row pass, 15 % off a 1-row one).
 const PREFETCH_BYTES: usize = 8192;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn transposed_block<const R: usize, const CB: usize>(
     a: &[f32],
     k: usize,
@@ -218,32 +205,30 @@ unsafe fn transposed_block<const R: usize, const CB: usize>(
     width: usize,
     out: &mut [&mut [f32]],
 ) {
-    use std::arch::x86_64::*;
     let lanes = k / 8 * 8;
     let blocked = width / CB * CB;
     let prefetch_columns = (PREFETCH_BYTES / (4 * k.max(1))).max(CB);
     for j in (0..blocked).step_by(CB) {
-        // no closures here: they would not inherit the AVX2 target feature and stay calls
+        // no closures here: they would not inherit the target feature and stay calls
         let column_start = b.as_ptr().add((j0 + j) * k);
-        let mut acc = [[_mm256_setzero_ps(); CB]; R];
+        let mut acc = [[F32x8::zero(); CB]; R];
         // the columns a few blocks on, a cache line at a time: the hardware prefetcher does
         // not see these short streams coming in time, and the loads below would wait on memory
         let ahead = column_start.wrapping_add(prefetch_columns * k);
         for p in (0..lanes).step_by(8) {
             if p % 16 == 0 {
                 for c in 0..CB {
-                    // a prefetch never faults, even past the end of b
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * k + p) as *const i8);
+                    F32x8::prefetch(ahead.wrapping_add(c * k + p));
                 }
             }
-            let mut bv = [_mm256_setzero_ps(); CB];
+            let mut bv = [F32x8::zero(); CB];
             for (c, v) in bv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(column_start.add(c * k + p));
+                *v = F32x8::load(column_start.add(c * k + p));
             }
             for (r, row_acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_loadu_ps(a.as_ptr().add(r * k + p));
+                let x = F32x8::load(a.as_ptr().add(r * k + p));
                 for c in 0..CB {
-                    row_acc[c] = _mm256_fmadd_ps(x, bv[c], row_acc[c]);
+                    row_acc[c] = x.mul_add(bv[c], row_acc[c]);
                 }
             }
         }
@@ -251,7 +236,7 @@ unsafe fn transposed_block<const R: usize, const CB: usize>(
             let row = &a[r * k..(r + 1) * k];
             for (c, &lane_sums) in row_acc.iter().enumerate() {
                 let column = &b[(j0 + j + c) * k..(j0 + j + c + 1) * k];
-                out[r][j + c] += super::simd::hsum(lane_sums) + dot_scalar(&row[lanes..], &column[lanes..]);
+                out[r][j + c] += lane_sums.sum() + dot_scalar(&row[lanes..], &column[lanes..]);
             }
         }
     }
@@ -259,11 +244,11 @@ unsafe fn transposed_block<const R: usize, const CB: usize>(
         let column = &b[(j0 + j) * k..(j0 + j + 1) * k];
         for (r, row_out) in out.iter_mut().enumerate() {
             let row = &a[r * k..(r + 1) * k];
-            let mut acc = _mm256_setzero_ps();
+            let mut acc = F32x8::zero();
             for p in (0..lanes).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(p)), _mm256_loadu_ps(column.as_ptr().add(p)), acc);
+                acc = F32x8::load(row.as_ptr().add(p)).mul_add(F32x8::load(column.as_ptr().add(p)), acc);
             }
-            row_out[j] += super::simd::hsum(acc) + dot_scalar(&row[lanes..], &column[lanes..]);
+            row_out[j] += acc.sum() + dot_scalar(&row[lanes..], &column[lanes..]);
         }
     }
 }
