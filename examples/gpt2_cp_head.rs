@@ -2,7 +2,7 @@
 //! `tiny` model with n = 4, r = 4 trained for a few hundred steps, then decoded greedily twice,
 //! autoregressively and self-speculatively (the same tokens, fewer forward passes).
 //!
-//! `cargo run --release --example gpt2_cp_head [-- --quick] [-- --device cuda]`: trains on
+//! `cargo run --release --example gpt2_cp_head [-- --quick] [--device cuda]`: trains on
 //! Moby-Dick when `scripts/fetch-data.sh` has fetched it, else on a paragraph of it built in.
 //!
 //! Read it beside docs/tour.md, stops 5 to 7: the model is `model::gpt2` and `ops::cp_head` on
@@ -26,7 +26,14 @@ mouth; whenever it is a damp, drizzly November in my soul; then, I account it hi
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let device = if args.iter().any(|a| a == "cuda") { DeviceKind::Cuda } else { DeviceKind::Cpu };
+    let device = match args.iter().position(|a| a == "--device").map(|i| args.get(i + 1).map(String::as_str)) {
+        None | Some(Some("cpu")) => DeviceKind::Cpu,
+        Some(Some("cuda")) => DeviceKind::Cuda,
+        _ => {
+            eprintln!("error: --device takes cpu or cuda");
+            std::process::exit(2);
+        }
+    };
     let device = device.open(Precision::F32)?;
 
     // a tokenizer of 1024 tokens trained on the corpus
