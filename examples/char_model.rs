@@ -65,7 +65,7 @@ fn main() -> Result<()> {
 
     let (d, h) = (16, 128);
     let mut rng = Rng::new(1);
-    let mut params = vec![
+    let mut params = [
         Tensor::randn(&[v, d], 1.0, &mut rng),
         Tensor::randn(&[CONTEXT * d, h], (1.0 / (CONTEXT * d) as f64).sqrt(), &mut rng),
         Tensor::zeros(&[h]),

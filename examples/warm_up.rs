@@ -30,7 +30,7 @@ fn main() -> Result<()> {
     let (points, onehot) = moons(n, &mut rng);
     // the MLP's parameters: W1 (2, 16), b1 (16), W2 (16, 2), b2 (2)
     let mut params =
-        vec![Tensor::randn(&[2, 16], 1.0, &mut rng), Tensor::zeros(&[16]), Tensor::randn(&[16, 2], 0.3, &mut rng), Tensor::zeros(&[2])];
+        [Tensor::randn(&[2, 16], 1.0, &mut rng), Tensor::zeros(&[16]), Tensor::randn(&[16, 2], 0.3, &mut rng), Tensor::zeros(&[2])];
     let (steps, lr) = (if quick { 40 } else { 400 }, 0.5);
     for step in 0..=steps {
         // a fresh tape each step: the data as constants, the parameters as leaves that want gradients

@@ -14,24 +14,39 @@ use crate::tensor::{Rng, Tensor};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::{params_to_device, train_step, StepConfig};
 
+/// Untimed steps before the timed ones of `bench train`.
 pub const WARMUP_STEPS: usize = 3;
 
+/// What `multitoken bench train` reports (docs/cli.md lists the JSON keys).
 #[derive(Debug, Serialize)]
 pub struct BenchTrainResult {
+    /// B·T tokens over the median step time
     pub tokens_per_s: f64,
+    /// the median time of a timed step, in milliseconds
     pub step_ms: f64,
     /// the process's peak resident memory (VmHWM), model and all
     pub peak_rss_bytes: u64,
+    /// the model preset's name
     pub model: String,
+    /// V, of the random tokens
     pub vocab_size: usize,
+    /// n, the head's horizon
     pub horizon: usize,
+    /// r, the head's rank
     pub rank: usize,
+    /// B, rows per step
     pub batch: usize,
+    /// T, positions per row
     pub seq: usize,
+    /// the number of timed steps
     pub steps: usize,
+    /// the CPU threads of rayon's pool
     pub threads: usize,
+    /// every timed step's time in milliseconds, in order
     pub step_ms_all: Vec<f64>,
+    /// where the steps ran
     pub device: DeviceKind,
+    /// f32 or TF32 matrix products
     pub precision: Precision,
     /// CUDA: the most bytes the memory pool held at once, in use or cached for reuse (what
     /// PyTorch calls `max_memory_reserved`), from the first timed step on
@@ -43,6 +58,7 @@ pub struct BenchTrainResult {
     /// CUDA: allocations the pool asked the driver for during the timed steps (0 once warm)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver_allocations_timed: Option<u64>,
+    /// CUDA: the device's name
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
 }
@@ -135,22 +151,33 @@ pub fn bench_train(
 /// self-speculative decoding, same model, same prompt, same sampling settings.
 #[derive(Debug, Serialize)]
 pub struct BenchDecodeResult {
+    /// autoregressive decoding: new tokens per second, the median over the repeats
     pub ar_tokens_per_s: f64,
+    /// self-speculative decoding: new tokens per second, the median over the repeats
     pub spec_tokens_per_s: f64,
+    /// `spec_tokens_per_s / ar_tokens_per_s`
     pub speedup: f64,
+    /// new tokens per forward pass of the last speculative run
     pub mean_accepted: f64,
     /// acceptance rate at draft positions s = 1..n−1
     pub acceptance_rates: Vec<f64>,
+    /// backbone passes of the last speculative run (prefill not counted)
     pub forward_passes: usize,
+    /// the number of new tokens each run asked for
     pub max_new_tokens: usize,
     /// greedy only: whether both decoders produced the same tokens (they must)
     pub identical_output: Option<bool>,
     /// cost of one speculative pass over one autoregressive pass
     pub step_cost_ratio: f64,
+    /// where the last autoregressive run's time went
     pub ar_timing: crate::decode::generate::Timing,
+    /// where the last speculative run's time went
     pub spec_timing: crate::decode::generate::Timing,
+    /// timed runs of each decoder
     pub repeats: usize,
+    /// the CPU threads of rayon's pool
     pub threads: usize,
+    /// where the decoders ran
     pub device: DeviceKind,
     /// with `MULTITOKEN_PROFILE=1` on the GPU: the passes' phases, summed over every run
     #[serde(skip)]

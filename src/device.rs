@@ -11,8 +11,10 @@ use crate::tensor::Device;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
+    /// The CPU (the default).
     #[default]
     Cpu,
+    /// GPU 0, through CUDA.
     Cuda,
 }
 
@@ -20,12 +22,15 @@ pub enum DeviceKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// Plain f32 (the default).
     #[default]
     F32,
+    /// TF32 tensor cores for the matrix products; CUDA only.
     Tf32,
 }
 
 impl DeviceKind {
+    /// Parses `--device`: `cpu` or `cuda`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "cpu" => Ok(DeviceKind::Cpu),
@@ -58,6 +63,7 @@ impl DeviceKind {
 }
 
 impl Precision {
+    /// Parses `--precision`: `f32`, or `tf32` where `device` is CUDA.
     pub fn parse(name: &str, device: DeviceKind) -> Result<Self> {
         match (name, device) {
             ("f32", _) => Ok(Precision::F32),

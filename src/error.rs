@@ -3,31 +3,61 @@
 
 use std::path::PathBuf;
 
+/// Everything the library can fail with; `Display` gives the one-line message for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Reading or writing a file or directory failed.
     // not named `source`: that would make it the error's cause too, printed a second time
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        /// the file or directory
+        path: PathBuf,
+        /// what the operating system reported
+        error: std::io::Error,
+    },
+    /// An argument, setting or shape that cannot be accepted; the message says which and why.
     #[error("{0}")]
     Invalid(String),
+    /// A file or directory that exists but holds the wrong thing: a bad header, a missing
+    /// tensor, settings that disagree.
     #[error("{path}: {message}")]
-    BadFile { path: PathBuf, message: String },
+    BadFile {
+        /// the file or directory
+        path: PathBuf,
+        /// what is wrong with it, and what to do
+        message: String,
+    },
+    /// The training loss became NaN or infinite.
     #[error("training stopped: the loss became {value} at step {step}; checkpoints written before it are kept (try a lower --lr)")]
-    NonFiniteLoss { step: u64, value: f64 },
+    NonFiniteLoss {
+        /// the step whose loss it was
+        step: u64,
+        /// the loss
+        value: f64,
+    },
+    /// Training stopped early (Ctrl-C, or a requested stop) after writing a checkpoint.
     #[error("interrupted at step {step}; checkpoint written to {path} (continue with --resume)")]
-    Interrupted { step: u64, path: PathBuf },
+    Interrupted {
+        /// the number of steps done, which the checkpoint holds
+        step: u64,
+        /// the run's output directory, where the checkpoint is
+        path: PathBuf,
+    },
     /// A GPU's error: no driver, out of memory, a failed launch.
     #[error("{0}")]
     Cuda(#[from] multitoken_cuda::CudaError),
 }
 
+/// The library's result: `Ok(T)` or an [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io { path: path.into(), error }
     }
 
+    /// An [`Error::BadFile`] for `path`, saying `message`.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::BadFile { path: path.into(), message: message.into() }
     }

@@ -27,6 +27,7 @@ use crate::autograd::{Gradients, Tape, Var};
 use crate::error::Result;
 use crate::tensor::{Rng, Tensor};
 
+/// How a gradient check is run; the default suits f64 ops of moderate size.
 #[derive(Clone, Debug)]
 pub struct GradcheckOptions {
     /// The finite-difference step.
@@ -50,11 +51,18 @@ impl Default for GradcheckOptions {
 /// The worst disagreement found, and where.
 #[derive(Clone, Debug, Default)]
 pub struct GradcheckReport {
+    /// the largest error over the checked coordinates (relative, or absolute near zero: see
+    /// [`GradcheckOptions::floor`])
     pub max_relative_error: f64,
+    /// the index of the input where it occurred
     pub worst_input: usize,
+    /// the coordinate in that input, in row-major order
     pub worst_index: usize,
+    /// the analytic derivative there
     pub worst_analytic: f64,
+    /// the finite-difference derivative there
     pub worst_numeric: f64,
+    /// coordinates compared, over all inputs
     pub coordinates_checked: usize,
 }
 
@@ -111,6 +119,19 @@ pub fn gradcheck(
 /// the output's shape, against finite differences. The analytic side is the backward pass
 /// started from the output with gradient R; the numeric side computes `Σ out ⊙ R` itself.
 /// Prints the report, and returns it.
+///
+/// ```
+/// use multitoken::{gradcheck::check_op, ops, tensor::{Rng, Tensor}};
+/// let x = Tensor::<f64>::randn(&[4, 5], 1.0, &mut Rng::new(0));
+/// let row = Tensor::<f64>::randn(&[5], 1.0, &mut Rng::new(1));
+/// // softmax of x plus a row broadcast over x's rows: both inputs' gradients
+/// let report = check_op(&[x, row], |tape, v| {
+///     let shifted = ops::add(tape, v[0], v[1])?;
+///     ops::softmax(tape, shifted)
+/// })?;
+/// report.assert_below(1e-6, "softmax(x + row)");
+/// # Ok::<(), multitoken::error::Error>(())
+/// ```
 pub fn check_op(inputs: &[Tensor<f64>], op: impl Fn(&mut Tape<f64>, &[Var]) -> Result<Var>) -> Result<GradcheckReport> {
     let mut tape = Tape::new();
     let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone(), true)).collect();

@@ -4,12 +4,14 @@
 //! version: initialisation, batch sampling and decoding reproduce bit for bit, which the
 //! `--resume` guarantee relies on.
 
+/// A xoshiro256++ generator: 256 bits of state, the same stream for a seed on every platform.
 #[derive(Clone, Debug)]
 pub struct Rng {
     state: [u64; 4],
 }
 
 impl Rng {
+    /// A generator whose state is four SplitMix64 outputs of `seed`.
     pub fn new(seed: u64) -> Self {
         let mut sm = seed;
         let mut next = || {
@@ -27,6 +29,7 @@ impl Rng {
         Rng::new(seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
+    /// The next 64 random bits (xoshiro256++).
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.state;
         let result = (s[0].wrapping_add(s[3])).rotate_left(23).wrapping_add(s[0]);

@@ -24,10 +24,15 @@ impl Kernels {
 /// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
+    /// the learning rate
     pub lr: f32,
+    /// β1, the decay of the first moment
     pub beta1: f32,
+    /// β2, the decay of the second moment
     pub beta2: f32,
+    /// ε, added to the bias-corrected √v
     pub eps: f32,
+    /// the step count, from 1, for the bias corrections
     pub t: u32,
     /// the gradient is multiplied by this first (global-norm clipping; 1 for none)
     pub grad_scale: f32,
@@ -37,10 +42,15 @@ pub struct AdamWStep {
 /// length), and its weight decay.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWSegment {
+    /// the parameter, updated in place
     pub param: View<f32>,
+    /// its gradient
     pub grad: View<f32>,
+    /// the first moment, updated in place
     pub m: View<f32>,
+    /// the second moment, updated in place
     pub v: View<f32>,
+    /// decoupled weight decay for this tensor (0 for vectors and biases in GPT-2 practice)
     pub weight_decay: f32,
 }
 

@@ -46,9 +46,13 @@ impl Kernels {
 /// The dimensions of a batch of attention: B, T, H and the head size.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
+    /// B, sequences in the batch
     pub batch: usize,
+    /// T, positions per sequence
     pub seq: usize,
+    /// H, attention heads
     pub n_head: usize,
+    /// hs = C / H, the width of one head
     pub head_size: usize,
 }
 
@@ -99,7 +103,9 @@ impl AttentionRoute {
 /// What the products route's forward pass keeps for the backward pass: q, k, v in heads, each
 /// (B·H, T, hs), one after the other, and the weights (B·H, T, T).
 pub struct ProductsAttention {
+    /// q, k, v in heads, each (B·H, T, hs), one after the other
     pub heads: Buffer<f32>,
+    /// the attention weights (B·H, T, T) after the causal softmax
     pub weights: Buffer<f32>,
 }
 
@@ -109,7 +115,9 @@ pub struct ProductsAttention {
 /// capture replays at every position; whoever writes the device copy keeps the two equal.
 #[derive(Clone, Copy, Debug)]
 pub struct CachePosition {
+    /// the position of the first new row, on the host
     pub start: usize,
+    /// the same number in one element of device memory, which the kernels read
     pub on_device: View<u32>,
 }
 

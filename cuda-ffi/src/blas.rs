@@ -17,7 +17,9 @@ use crate::{check, CudaError, Gpu, Result};
 /// One operand of a matrix product: its view, and whether it is stored transposed.
 #[derive(Clone, Copy, Debug)]
 pub struct Operand {
+    /// the elements
     pub data: View<f32>,
+    /// whether the matrix is stored transposed, (cols, rows)
     pub transposed: bool,
     /// elements between consecutive matrices of a batch (0 for a single matrix)
     pub batch_stride: usize,
@@ -27,10 +29,12 @@ pub struct Operand {
 }
 
 impl Operand {
+    /// A dense matrix stored as it is used.
     pub fn normal(data: View<f32>) -> Self {
         Operand { data, transposed: false, batch_stride: 0, leading: 0 }
     }
 
+    /// A dense matrix stored transposed.
     pub fn transposed(data: View<f32>) -> Self {
         Operand { data, transposed: true, batch_stride: 0, leading: 0 }
     }
@@ -40,6 +44,7 @@ impl Operand {
         Operand { leading, ..self }
     }
 
+    /// A batch of matrices `batch_stride` elements apart.
     pub fn strided(self, batch_stride: usize) -> Self {
         Operand { batch_stride, ..self }
     }

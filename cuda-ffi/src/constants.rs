@@ -4,8 +4,9 @@
 
 /// Threads per block of most kernels.
 pub(crate) const THREADS: usize = 256;
-/// The largest horizon n and rank r the head kernels' per-thread arrays hold.
+/// The largest horizon n the head kernels' per-thread arrays hold.
 pub const MAX_HORIZON: usize = 16;
+/// The largest rank r the head kernels' per-thread arrays hold.
 pub const MAX_RANK: usize = 16;
 /// Rows per block of the first pass of the column sums.
 pub(crate) const COLUMN_SUM_CHUNK: usize = 256;

@@ -190,6 +190,7 @@ impl Gpu {
         Ok(buffer)
     }
 
+    /// A new buffer holding a copy of `host`.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buffer<T>> {
         let buffer = self.alloc::<T>(host.len())?;
         self.write(buffer.view(), host)?;
@@ -266,6 +267,7 @@ impl Gpu {
         Ok(buffer)
     }
 
+    /// Waits until the device has finished all the work queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }

@@ -36,12 +36,16 @@ impl Kernels {
 /// 1]]` and its token is `tokens[g]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenGroups {
+    /// the rows of the batch, token by token
     pub order: Vec<u32>,
+    /// where each group starts in `order`, and one past the last group's end
     pub starts: Vec<u32>,
+    /// the token of each group, in increasing order
     pub tokens: Vec<u32>,
 }
 
 impl TokenGroups {
+    /// Groups the rows of the token ids `idx` (B·T) by token.
     pub fn new(idx: &[u32]) -> Self {
         let mut order: Vec<u32> = (0..idx.len() as u32).collect();
         order.sort_by_key(|&row| (idx[row as usize], row));

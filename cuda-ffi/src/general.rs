@@ -16,11 +16,17 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/general.cu");
 /// An elementwise function, `y = f(x)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
+    /// `−x`
     Neg,
+    /// `eˣ`
     Exp,
+    /// `ln x`
     Log,
+    /// `tanh x`
     Tanh,
+    /// `max(x, 0)`
     Relu,
+    /// `1 / (1 + e⁻ˣ)`
     Sigmoid,
     /// `x^p`
     Pow(f32),
@@ -47,9 +53,13 @@ impl Unary {
 /// Arithmetic on two operands, either of which may be broadcast.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binary {
+    /// `a + b`
     Add = 0,
+    /// `a − b`
     Sub = 1,
+    /// `a · b`
     Mul = 2,
+    /// `a / b`
     Div = 3,
 }
 

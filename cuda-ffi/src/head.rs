@@ -36,11 +36,14 @@ impl Kernels {
 /// The multi-token head's horizon n and rank r.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadShape {
+    /// n, tokens predicted per position
     pub horizon: usize,
+    /// r, mixture components
     pub rank: usize,
 }
 
 impl HeadShape {
+    /// r·n, the (α, s) pairs of a position.
     pub fn rn(&self) -> usize {
         self.rank * self.horizon
     }
@@ -59,8 +62,8 @@ impl HeadShape {
 
 impl Gpu {
     /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
-    /// r·n) = log P[α,s](y_s); with `gradient`, also the posterior π (positions, r) and, in place,
-    /// dℓ = π[α]·inv_count·(P − onehot(y)). `targets` (positions, n); `log_w` (positions, r).
+    /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and, in place,
+    /// `dℓ = π[α]·inv_count·(P − onehot(y))`. `targets` (positions, n); `log_w` (positions, r).
     #[allow(clippy::too_many_arguments)]
     pub fn head_position(
         &self,

@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! `multitoken-cuda`: the CUDA layer of multitoken, thin by design.
 //!
 //! - [`Gpu::new`] opens a device: a CUDA context, a stream, cuBLAS and cuBLASLt handles, a memory
@@ -40,28 +41,44 @@ pub use head::HeadShape;
 pub use linear::{Epilogue, FEW_ROWS_MAX};
 pub use memory::{Buffer, MemoryStats, PinnedBuffer, View};
 
+/// Everything the CUDA layer can fail with; `Display` gives a one-line message for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
+    /// The driver library (libcuda) could not be loaded: no NVIDIA driver on this machine.
     #[error("no CUDA driver found (libcuda could not be loaded); use --device cpu, or install the NVIDIA driver")]
     NoDriver,
+    /// Opening the device with this ordinal failed; the driver's message.
     #[error("CUDA device {0} is not available: {1}")]
     NoDevice(usize, String),
+    /// An allocation did not fit, even after the pool gave its cache back to the driver.
     #[error(
         "the GPU is out of memory: {requested} more bytes did not fit beside the {held} the pool holds; use a smaller --batch or --seq"
     )]
-    OutOfMemory { requested: usize, held: usize },
+    OutOfMemory {
+        /// the bytes asked for
+        requested: usize,
+        /// the bytes the pool held then (after giving back its cache: those in use)
+        held: usize,
+    },
+    /// A driver call failed (a launch, a copy, a synchronisation).
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// A cuBLAS call failed.
     #[error("cuBLAS error: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
+    /// A cuBLASLt call failed.
     #[error("cuBLASLt error: {0}")]
     BlasLt(#[from] cudarc::cublaslt::result::CublasError),
+    /// NVRTC could not compile a kernel file; its log.
     #[error("compiling the CUDA kernels failed: {0}")]
     Compile(String),
+    /// A call that cannot be carried out as asked (views of the wrong lengths, a shape no kernel
+    /// handles, a capture of nothing); the message says which.
     #[error("{0}")]
     Shape(String),
 }
 
+/// The CUDA layer's result: `Ok(T)` or a [`CudaError`].
 pub type Result<T> = std::result::Result<T, CudaError>;
 
 /// Whether a CUDA driver can be loaded on this machine.

@@ -42,10 +42,12 @@ impl<T> View<T> {
         View { ptr, len, _element: PhantomData }
     }
 
+    /// The number of elements.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the view has no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -83,9 +85,11 @@ impl<T> View<T> {
 pub struct MemoryStats {
     /// in buffers now
     pub in_use: usize,
+    /// the most `in_use` reached since the peaks were last reset
     pub peak_in_use: usize,
     /// taken from the driver and not given back: in use plus cached
     pub held: usize,
+    /// the most `held` reached since the peaks were last reset
     pub peak_held: usize,
     /// calls to the driver's allocator so far
     pub driver_allocations: u64,
@@ -231,6 +235,7 @@ impl<T> Buffer<T> {
         Ok(Buffer { view: View::new(ptr, len), size, pool: pool.clone() })
     }
 
+    /// The whole buffer as a view.
     pub fn view(&self) -> View<T> {
         self.view
     }
@@ -240,10 +245,12 @@ impl<T> Buffer<T> {
         &self.view.ptr
     }
 
+    /// The number of elements.
     pub fn len(&self) -> usize {
         self.view.len
     }
 
+    /// Whether the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.view.len == 0
     }

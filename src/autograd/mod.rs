@@ -2,7 +2,7 @@
 //!
 //! Reading guide (the whole engine is this file):
 //! - A [`Tape`] records, in order, every value computed (`values`) and, for each op whose
-//!   inputs need gradients, a [`Step`]: which vars went in, which came out, and a closure
+//!   inputs need gradients, a `Step`: which vars went in, which came out, and a closure
 //!   holding the op's backward rule together with whatever the forward saved for it.
 //! - A [`Var`] is just an index into `values`. Leaves (parameters, inputs) are added with
 //!   [`Tape::leaf`]; ops add their output with [`Tape::record`].
@@ -29,6 +29,7 @@ use crate::tensor::{Float, Tensor};
 pub struct Var(usize);
 
 impl Var {
+    /// The index of the value on its tape.
     pub fn id(self) -> usize {
         self.0
     }
@@ -45,6 +46,8 @@ struct Step<T: Float> {
     rule: BackwardRule<T>,
 }
 
+/// The record of one forward pass: every value computed, in order, and the backward rule of
+/// each op whose inputs need a gradient. [`Tape::backward`] consumes it.
 pub struct Tape<T: Float> {
     values: Vec<Tensor<T>>,
     requires_grad: Vec<bool>,
@@ -87,10 +90,13 @@ impl<T: Float> Tape<T> {
         Var(self.values.len() - 1)
     }
 
+    /// The value of `var`.
     pub fn value(&self, var: Var) -> &Tensor<T> {
         &self.values[var.0]
     }
 
+    /// Whether `var` needs a gradient: a leaf that asked for one, or an op output with such an
+    /// input (always false on an inference tape).
     pub fn requires_grad(&self, var: Var) -> bool {
         self.requires_grad[var.0]
     }
@@ -180,6 +186,8 @@ pub struct Gradients<T: Float> {
 }
 
 impl<T: Float> Gradients<T> {
+    /// The gradient of `var`, of its shape; `None` where it needs none or the loss does not depend
+    /// on it.
     pub fn get(&self, var: Var) -> Option<&Tensor<T>> {
         self.grads.get(var.0).and_then(Option::as_ref)
     }

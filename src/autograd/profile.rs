@@ -14,6 +14,7 @@ struct OpTimes {
 
 static TIMES: Mutex<BTreeMap<&'static str, OpTimes>> = Mutex::new(BTreeMap::new());
 
+/// Whether the environment sets `MULTITOKEN_PROFILE=1` (read once).
 pub fn profiling_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("MULTITOKEN_PROFILE").is_ok_and(|v| v == "1"))

@@ -14,7 +14,9 @@ pub struct Batch {
     pub inputs: Vec<u32>,
     /// (B·T, n): targets[t·n + s] = y_s at position t
     pub targets: Vec<u32>,
+    /// T, input positions per row
     pub seq: usize,
+    /// n, targets per position
     pub horizon: usize,
 }
 
@@ -33,6 +35,7 @@ impl Batch {
         Batch { inputs, targets, seq, horizon }
     }
 
+    /// B, the number of rows.
     pub fn rows(&self) -> usize {
         self.inputs.len() / self.seq
     }

@@ -32,14 +32,19 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// What `data prepare` reports.
 #[derive(Debug, serde::Serialize)]
 pub struct PrepareSummary {
+    /// tokens written to train.bin
     pub train_tokens: usize,
+    /// tokens written to val.bin
     pub val_tokens: usize,
+    /// V, the tokenizer's vocabulary size (added tokens included)
     pub vocab_size: usize,
 }
 
-/// The files `data prepare` writes into its output directory.
+/// The training tokens, one of the files `data prepare` writes into its output directory.
 pub const TRAIN_FILE: &str = "train.bin";
+/// The validation tokens (the corpus's last `val_fraction`), beside [`TRAIN_FILE`].
 pub const VAL_FILE: &str = "val.bin";
+/// The copy of the tokenizer that encoded both, beside [`TRAIN_FILE`].
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Tokenizes the inputs (documents separated by `<|endoftext|>`), splits off the last

@@ -16,9 +16,13 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// What `tokenizer train` reports.
 #[derive(Debug, serde::Serialize)]
 pub struct TokenizerSummary {
+    /// the trained vocabulary's size, `<|endoftext|>` included
     pub vocab_size: usize,
+    /// input bytes per token when the inputs are encoded with the new tokenizer
     pub bytes_per_token: f64,
+    /// the inputs' total size in bytes
     pub input_bytes: usize,
+    /// the inputs' length in tokens of the new tokenizer
     pub input_tokens: usize,
 }
 
@@ -83,6 +87,7 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
     })
 }
 
+/// Reads a `tokenizer.json` file.
 pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::bad_file(path, "no such tokenizer file (make one with `multitoken tokenizer train`)"));
@@ -90,10 +95,13 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
 }
 
+/// Parses a tokenizer from the text of a `tokenizer.json` (a checkpoint's copy, say); `path`
+/// names it in the error.
 pub fn from_json(json: &str, path: &Path) -> Result<Tokenizer> {
     json.parse::<Tokenizer>().map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
 }
 
+/// A file's text; bytes that are not UTF-8 become U+FFFD.
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -123,6 +131,7 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
 }
 
+/// The text of token ids, special tokens such as `<|endoftext|>` included.
 pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
     tokenizer.decode(ids, false).map_err(|e| Error::Invalid(format!("detokenizing: {e}")))
 }

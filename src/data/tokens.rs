@@ -12,13 +12,19 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The first four bytes of every token file.
 pub const MAGIC: &[u8; 4] = b"MTOK";
+/// The format version this program writes and reads.
 pub const VERSION: u32 = 1;
+/// The header's size in bytes; token ids follow it.
 pub const HEADER_LEN: usize = 16;
 
+/// A token file's contents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenFile {
+    /// V, from the header; every id is below it
     pub vocab_size: u32,
+    /// the token ids, in file order
     pub tokens: Vec<u32>,
 }
 
@@ -69,6 +75,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<TokenFile> {
     Ok(TokenFile { vocab_size, tokens })
 }
 
+/// Reads and checks a token file.
 pub fn read(path: &Path) -> Result<TokenFile> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode(path, &bytes)

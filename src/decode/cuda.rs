@@ -126,6 +126,8 @@ pub struct GpuDecoder<'a> {
 }
 
 impl<'a> GpuDecoder<'a> {
+    /// Uploads `params` to `gpu` as one allocation and prepares the backbone (KV cache, scratch
+    /// buffers) and the head for decoding.
     pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
         let mut flat: Vec<f32> = Vec::new();
         for (_, tensor) in params.named() {

@@ -29,21 +29,26 @@ pub struct Timing {
     pub prefill_s: f64,
 }
 
+/// The result of one decoding run: the new tokens, and what producing them cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     /// the new token ids
     pub tokens: Vec<u32>,
     /// backbone passes spent on decoding (prefill not counted)
     pub forward_passes: usize,
+    /// wall-clock seconds of the whole run, the prompt's prefill included
     pub elapsed_s: f64,
     /// for draft position s = 1..n−1: steps whose verification reached it (every earlier draft
-    /// accepted), and drafts accepted there
+    /// accepted)
     pub drafted: Vec<usize>,
+    /// for draft position s = 1..n−1: drafts accepted there
     pub accepted: Vec<usize>,
+    /// where the time went
     pub timing: Timing,
 }
 
 impl Generation {
+    /// New tokens per second of `elapsed_s`.
     pub fn tokens_per_s(&self) -> f64 {
         self.tokens.len() as f64 / self.elapsed_s.max(1e-9)
     }
@@ -120,10 +125,15 @@ pub fn generate_reference<T: Float>(
 /// What a decoder needs besides the model: how many tokens, how to choose them, and a callback
 /// told the number of new tokens after every step (for a live readout).
 pub struct DecodeRequest<'a> {
+    /// the prompt's token ids; at least one
     pub prompt: &'a [u32],
+    /// how many tokens to generate
     pub max_new_tokens: usize,
+    /// greedy, or temperature, top-k and top-p
     pub sampling: &'a SamplingConfig,
+    /// seeds the sampler's random numbers
     pub seed: u64,
+    /// told the number of new tokens after each step
     pub progress: &'a mut dyn FnMut(usize),
 }
 
@@ -142,6 +152,25 @@ pub enum AcceptanceRule {
 
 /// Self-speculative decoding (docs/decoding.md). With `speculative = false`, the same loop
 /// drafts nothing and runs one token per pass: autoregressive decoding with a KV cache.
+///
+/// ```
+/// use multitoken::decode::{decode, DecodeRequest, SamplingConfig};
+/// use multitoken::model::{gpt2, ModelConfig};
+/// use multitoken::tensor::Rng;
+/// // an untrained `tiny` GPT-2 (vocabulary 64) with the CP head: n = 4 tokens, rank 2
+/// let config = ModelConfig::preset("tiny", 64, 4, 2)?;
+/// let params = gpt2::init_params::<f32>(&config, &mut Rng::new(0));
+/// let greedy = SamplingConfig::greedy();
+/// let mut outputs = Vec::new();
+/// for speculative in [false, true] {
+///     let request = DecodeRequest { prompt: &[1, 2, 3], max_new_tokens: 20, sampling: &greedy, seed: 0, progress: &mut |_| {} };
+///     let generation = decode(&config, &params, request, speculative)?;
+///     println!("{:.2} tokens per forward pass", generation.mean_accepted());
+///     outputs.push(generation.tokens);
+/// }
+/// assert_eq!(outputs[0], outputs[1]); // greedy: speculative decoding gives the same tokens
+/// # Ok::<(), multitoken::error::Error>(())
+/// ```
 pub fn decode<T: Float>(
     config: &ModelConfig,
     params: &ModelParams<Tensor<T>>,

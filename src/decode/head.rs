@@ -11,6 +11,7 @@ use crate::tensor::{Float, Tensor};
 /// per request. The CPU computes it in [`Head`]; `decode::cuda` on the GPU, all requests in one
 /// round trip.
 pub trait HeadProducts<T> {
+    /// For each request (h (C), horizon s): `P[α,s]` for every α, laid out (r, V).
     fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>>;
 }
 
@@ -24,6 +25,7 @@ pub struct HeadState<T> {
     /// for each horizon s, once computed: P[α,s](v) laid out (r, V). Decoding works in
     /// probabilities, not logs: mixtures are then sums, with no exp or log per token.
     probs: Vec<Option<Vec<T>>>,
+    /// V, the length of each distribution
     pub vocab: usize,
 }
 
@@ -39,6 +41,7 @@ struct ExpanderRun<T> {
 /// Computes head distributions with batched products: all requested (state, α, s) rows go
 /// through one unembedding product.
 pub struct Head<'a, T: Float> {
+    /// the model's shape: C, V, n, r
     pub config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
     /// the expanders regrouped by horizon, (n·r·C, C): rows s·r·C.. are W[α,s] for every α, so
@@ -50,6 +53,8 @@ pub struct Head<'a, T: Float> {
 }
 
 impl<'a, T: Float> Head<'a, T> {
+    /// A head computed on the CPU from `params`' head weights (the expanders regrouped by horizon
+    /// once, here).
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
         let (c, r, n) = (config.n_embd, config.rank, config.horizon);
         let expand_by_horizon = match &params.head {

@@ -25,6 +25,8 @@ struct LayerCache<T> {
     values: Vec<T>,
 }
 
+/// The backbone for decoding on the CPU: the model's weights (the linear layers' transposed to
+/// (out, in)) and a KV cache of every layer, filled up to `len` positions.
 pub struct CachedBackbone<'a, T: Float> {
     config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
@@ -74,6 +76,7 @@ fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Ve
 }
 
 impl<'a, T: Float> CachedBackbone<'a, T> {
+    /// An empty cache for the model `params`, with room for n_positions tokens.
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
         let size = config.n_positions * config.n_embd;
         let layers = (0..config.n_layer).map(|_| LayerCache { keys: vec![T::zero(); size], values: vec![T::zero(); size] }).collect();
@@ -90,6 +93,7 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         self.len
     }
 
+    /// Whether the cache holds no positions.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -26,7 +26,7 @@ pub enum Linear {
 
 /// The kernels of a decoding pass, as one device runs them over its buffers.
 pub trait PassKernels {
-    /// x = wte[tokens] + wpe[positions of the new rows]
+    /// `x = wte[tokens] + wpe[positions of the new rows]`
     fn embed(&mut self) -> Result<()>;
     /// A sublayer's input: qkv = ln_1(x) · W + b for [`Linear::Qkv`], and
     /// hidden = gelu(ln_2(x) · W + b) for [`Linear::MlpUp`].
@@ -60,7 +60,10 @@ pub fn pass(kernels: &mut impl PassKernels, n_layer: usize) -> Result<()> {
 /// (m, C) out; rollback by truncation. On the CPU `kv_cache::CachedBackbone`, on a GPU
 /// `cuda::GpuDecoder`'s backbone; both run [`pass`].
 pub trait Backbone<T> {
+    /// Runs `tokens` at the next positions, appends their keys and values to the cache, and
+    /// returns their final hidden states h (m, C), after ln_f.
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>>;
+    /// Keeps the first `len` positions of the cache and forgets the rest (a rollback).
     fn truncate(&mut self, len: usize);
     /// positions in the cache
     fn positions(&self) -> usize;

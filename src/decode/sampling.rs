@@ -4,8 +4,10 @@ use crate::error::Result;
 use crate::invalid;
 use crate::tensor::{Float, Rng};
 
+/// How the next token is chosen: greedy, or sampled with temperature, top-k and top-p.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingConfig {
+    /// always the most likely token; the other fields are then ignored
     pub greedy: bool,
     /// > 0; divides the logits
     pub temperature: f64,
@@ -16,10 +18,12 @@ pub struct SamplingConfig {
 }
 
 impl SamplingConfig {
+    /// Greedy decoding (argmax).
     pub fn greedy() -> Self {
         SamplingConfig { greedy: true, temperature: 1.0, top_k: 0, top_p: 1.0 }
     }
 
+    /// Checks the temperature is positive and finite and top-p in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return invalid!("--temperature must be a positive number (use --greedy for argmax decoding)");

@@ -18,16 +18,26 @@ use crate::ops::{self, CpHeadVars};
 use crate::tensor::{Rng, Tensor};
 use crate::train::adamw::{clip_scale, grad_norm, AdamW, AdamWConfig};
 
+/// The experiment's sizes and training settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct GroundTruthConfig {
+    /// V, the targets' vocabulary size
     pub vocab_size: usize,
+    /// n, the tokens that follow a context
     pub horizon: usize,
+    /// R, the components of the true mixture
     pub true_rank: usize,
+    /// K, the number of context tokens
     pub contexts: usize,
+    /// C, the width of the learned context embedding
     pub width: usize,
+    /// training steps of each head
     pub steps: usize,
+    /// samples (c, y) per step
     pub batch: usize,
+    /// the peak learning rate (cosine decay to 5% of it)
     pub lr: f64,
+    /// seeds the mixture, the sampling and the heads' initialisation
     pub seed: u64,
 }
 
@@ -39,11 +49,13 @@ impl Default for GroundTruthConfig {
 
 /// The known distribution.
 pub struct Mixture {
+    /// n, the targets per context
     pub horizon: usize,
+    /// V, the targets' vocabulary size
     pub vocab_size: usize,
     /// π_c (K × R)
     pub weights: Vec<Vec<f64>>,
-    /// Q[β][s] (R × n × V)
+    /// `Q[β][s]` (R × n × V)
     pub components: Vec<Vec<Vec<f64>>>,
 }
 
@@ -147,13 +159,19 @@ impl Mixture {
 /// A trained head's exact scores.
 #[derive(Clone, Debug, Serialize)]
 pub struct HeadFit {
+    /// r, the head's rank
     pub rank: usize,
+    /// λ, the load-balancing coefficient it was trained with
     pub aux_coef: f64,
     /// E_c E_{y~p(·|c)} [−log q(y | c)], exact
     pub joint_cross_entropy: f64,
+    /// `f[α]`: fraction of contexts whose most weighted component is α
     pub expert_fraction: Vec<f64>,
+    /// `m[α]`: mean gate weight of component α over the contexts
     pub expert_weight: Vec<f64>,
+    /// the load-balancing term `r Σ_α f[α] m[α]` (1 when perfectly balanced)
     pub aux: f64,
+    /// mean entropy of the gate w over the contexts, in nats
     pub gate_entropy: f64,
 }
 

@@ -8,10 +8,15 @@ use super::Float;
 /// The constants of one update, shared by every parameter tensor of a step.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
+    /// the learning rate of this step
     pub lr: f64,
+    /// β1, the decay of the first moment
     pub beta1: f64,
+    /// β2, the decay of the second moment
     pub beta2: f64,
+    /// ε, added to the bias-corrected √v
     pub eps: f64,
+    /// decoupled weight decay: parameters shrink by `lr · weight_decay` of themselves
     pub weight_decay: f64,
     /// 1-based step count, for bias correction.
     pub t: u64,
@@ -25,6 +30,8 @@ impl AdamWStep {
     }
 }
 
+/// One AdamW update of `params` and its moments `m`, `v` from `grads`, element by element: the
+/// reference for any float type.
 pub fn update_scalar<T: Float>(params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T], step: &AdamWStep) {
     let (bc1, bc2) = step.bias_corrections();
     let (b1, b2) = (T::of(step.beta1), T::of(step.beta2));
@@ -39,6 +46,7 @@ pub fn update_scalar<T: Float>(params: &mut [T], grads: &[T], m: &mut [T], v: &m
     }
 }
 
+/// [`update_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn update_f32(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.

@@ -3,7 +3,7 @@
 //! Everything generic in this crate is generic over [`Float`]. The trait also carries the
 //! few inner loops that have a SIMD version for `f32` (see `kernels/`): generic code calls
 //! `T::gelu_forward(..)` and gets the scalar reference for `f64` and the vectorised loop for
-//! `f32` when the CPU has AVX2 and FMA.
+//! `f32` where the CPU has the vector unit (AVX2 and FMA on x86-64, NEON on aarch64).
 
 use std::fmt::{Debug, Display};
 use std::iter::Sum;
@@ -11,6 +11,8 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use crate::kernels;
 
+/// A real number type a tensor can hold (`f32` or `f64`): `num_traits::Float` with the crate's
+/// CPU kernels attached, each a scalar reference unless the type overrides it.
 pub trait Float:
     num_traits::Float + AddAssign + SubAssign + MulAssign + DivAssign + Sum + Send + Sync + Debug + Display + Default + 'static
 {

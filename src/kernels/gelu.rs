@@ -8,6 +8,7 @@ use super::Float;
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const CUBIC: f64 = 0.044715;
 
+/// `out = gelu(x)` element by element (G1): the reference for any float type.
 pub fn forward_scalar<T: Float>(x: &[T], out: &mut [T]) {
     let (s, c, half, one) = (T::of(SQRT_2_OVER_PI), T::of(CUBIC), T::of(0.5), T::one());
     for (o, &xi) in out.iter_mut().zip(x) {
@@ -16,6 +17,7 @@ pub fn forward_scalar<T: Float>(x: &[T], out: &mut [T]) {
     }
 }
 
+/// `dx += dout · gelu'(x)` element by element (G2): the reference for any float type.
 pub fn backward_scalar<T: Float>(x: &[T], dout: &[T], dx: &mut [T]) {
     let (s, c, half, one, three) = (T::of(SQRT_2_OVER_PI), T::of(CUBIC), T::of(0.5), T::one(), T::of(3.0));
     for ((d, &xi), &g) in dx.iter_mut().zip(x).zip(dout) {
@@ -26,6 +28,7 @@ pub fn backward_scalar<T: Float>(x: &[T], dout: &[T], dx: &mut [T]) {
     }
 }
 
+/// [`forward_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn forward_f32(x: &[f32], out: &mut [f32]) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
@@ -34,6 +37,7 @@ pub fn forward_f32(x: &[f32], out: &mut [f32]) {
     forward_scalar(x, out)
 }
 
+/// [`backward_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn backward_f32(x: &[f32], dout: &[f32], dx: &mut [f32]) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.

@@ -6,6 +6,7 @@
 use super::simd::F32x8;
 use super::Float;
 
+/// ε, added to the variance before the square root (GPT-2's `layer_norm_epsilon`).
 pub const EPS: f64 = 1e-5;
 
 /// Returns `(mean, rstd)`, which the backward pass reuses.
@@ -20,6 +21,7 @@ pub fn forward_row_scalar<T: Float>(x: &[T], weight: &[T], bias: &[T], out: &mut
     (mean, rstd)
 }
 
+/// [`forward_row_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn forward_row_f32(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) -> (f32, f32) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
@@ -57,6 +59,8 @@ unsafe fn forward_row_simd(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
     (mean, rstd)
 }
 
+/// The backward of one row (LN2), given the forward's `mean` and `rstd`: writes `dx`, adds
+/// into `dweight` and `dbias`. The reference for any float type.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_row_scalar<T: Float>(
     x: &[T],
@@ -88,6 +92,8 @@ pub fn backward_row_scalar<T: Float>(
     }
 }
 
+/// [`backward_row_scalar`] for f32, with the vector loop where the CPU has one and C is a
+/// multiple of 8.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_row_f32(
     x: &[f32],

@@ -298,6 +298,9 @@ lane_operator!(Div, div, _mm256_div_ps, vdivq_f32, /);
 mod tests {
     use super::*;
 
+    /// The f64 function an operation is checked against, of the two operands' lanes.
+    type Reference = fn(f64, f64) -> f64;
+
     /// Each operation against f64 on awkward inputs (lanes that differ, negatives, the clamped
     /// ends of `exp`).
     #[test]
@@ -312,7 +315,7 @@ mod tests {
         let lanes = |v: F32x8, out: &mut [f32; 8]| unsafe { v.store(out.as_mut_ptr()) };
         // SAFETY: available() returned true; the arrays hold 8 lanes.
         let (va, vb) = unsafe { (F32x8::load(a.as_ptr()), F32x8::load(b.as_ptr())) };
-        let cases: [(&str, F32x8, fn(f64, f64) -> f64, f64); 9] = [
+        let cases: [(&str, F32x8, Reference, f64); 9] = [
             ("add", va + vb, |x, y| x + y, 1e-7),
             ("sub", va - vb, |x, y| x - y, 1e-7),
             ("mul", va * vb, |x, y| x * y, 1e-7),

@@ -4,6 +4,7 @@
 use super::simd::F32x8;
 use super::Float;
 
+/// The row becomes its softmax; returns its log-sum-exp. The reference for any float type.
 pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
     let mut sum = T::zero();
@@ -18,6 +19,7 @@ pub fn softmax_row_scalar<T: Float>(row: &mut [T]) -> T {
     max + sum.ln()
 }
 
+/// [`softmax_row_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn softmax_row_f32(row: &mut [f32]) -> f32 {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.

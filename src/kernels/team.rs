@@ -7,7 +7,7 @@
 //! the 2-core machine of docs/results.md): as much as the product itself. So a pass of few rows
 //! is run the other way round: each thread of a team enters the pass once, takes its share of
 //! each product's columns, and the threads wait for each other at a spinning barrier between
-//! the products that depend on each other. The team is this thread and helpers of a [`Crew`]
+//! the products that depend on each other. The team is this thread and helpers of a `Crew`
 //! that spin between passes too, so that starting a pass costs about a microsecond; they sleep
 //! once no pass has come for a while. A decode's products all run in teams (the backbone's
 //! passes and the head's products), so that no rayon worker competes with a spinning helper
@@ -28,7 +28,9 @@ pub const TEAM_ROWS: usize = 16;
 /// One thread's place in a team: which share of the work it takes, and the barrier it meets the
 /// others at.
 pub struct Team<'a> {
+    /// this thread's place, 0..size
     pub index: usize,
+    /// the number of threads in the team
     pub size: usize,
     barrier: Option<&'a SpinBarrier>,
 }
@@ -100,6 +102,7 @@ pub struct SharedRows<T> {
 }
 
 impl<T: Float> SharedRows<T> {
+    /// Shares `buffer` as rows of `width` elements.
     pub fn new(buffer: &mut [T], width: usize) -> Self {
         SharedRows { start: SharedMut::new(buffer.as_mut_ptr()), rows: buffer.len() / width.max(1), width }
     }
@@ -149,7 +152,7 @@ impl<T: Float> SharedRows<T> {
 static ONE_TEAM_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `body` on `min(rayon pool's threads, cores)` threads at once, each with its place in
-/// the team: this thread and helpers of the [`Crew`]; or on this thread alone as a team of one
+/// the team: this thread and helpers of the `Crew`; or on this thread alone as a team of one
 /// when the pool has one thread, when it has more threads than the machine has cores (a
 /// spinning thread would take the core of the thread it waits for), or when another team is
 /// running. A panic in any thread releases the others and reaches the caller.

@@ -4,6 +4,7 @@
 use super::simd::F32x8;
 use super::Float;
 
+/// `Σ_i a_i b_i` over the shorter of the two: the reference for any float type.
 pub fn dot_scalar<T: Float>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
@@ -15,6 +16,7 @@ pub fn axpy_scalar<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
     }
 }
 
+/// [`dot_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
@@ -23,6 +25,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     dot_scalar(a, b)
 }
 
+/// [`axpy_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
@@ -99,6 +102,8 @@ pub fn rows_times_transposed_scalar<T: Float>(a: &[T], k: usize, b: &[T], j0: us
     }
 }
 
+/// [`rows_times_normal_scalar`] for f32, with the register-blocked vector loop where the CPU
+/// has one.
 pub fn rows_times_normal_f32(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
@@ -107,6 +112,7 @@ pub fn rows_times_normal_f32(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize
     rows_times_normal_scalar(a, k, b, n, j0, out)
 }
 
+/// [`rows_times_transposed_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn rows_times_transposed_f32(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::invalid;
 
+/// A model's shape: GPT-2's hyperparameters and the head's horizon n and rank r. Saved with
+/// every checkpoint as `config.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// V
@@ -28,6 +30,7 @@ pub const PRESETS: [(&str, usize, usize, usize, usize); 3] =
     [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
 
 impl ModelConfig {
+    /// The `--model` preset `name` with the given V, n and r, validated.
     pub fn preset(name: &str, vocab_size: usize, horizon: usize, rank: usize) -> Result<Self> {
         let Some(&(_, n_embd, n_layer, n_head, n_positions)) = PRESETS.iter().find(|p| p.0 == name) else {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
@@ -38,6 +41,8 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// Checks that the shape is usable: V of 2 to 2³² − 1, positive sizes, H dividing C, n and r
+    /// at least 1.
     pub fn validate(&self) -> Result<()> {
         if self.vocab_size < 2 {
             return invalid!("vocabulary size {} is too small (need at least 2)", self.vocab_size);
@@ -62,6 +67,7 @@ impl ModelConfig {
         self.horizon > 1 || self.rank > 1
     }
 
+    /// hs = C / H, the width of one attention head.
     pub fn head_size(&self) -> usize {
         self.n_embd / self.n_head
     }

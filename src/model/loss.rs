@@ -18,6 +18,7 @@ pub struct LossOutput {
 }
 
 impl LossOutput {
+    /// The joint loss: −log p(y_0..y_{n−1}), the mean over positions.
     pub fn joint_loss(&self) -> f64 {
         self.stats.joint_loss
     }

@@ -6,23 +6,33 @@
 
 use super::config::ModelConfig;
 
+/// One transformer block's parameters (`transformer.h.{i}.*`), in GPT-2's Conv1D layout
+/// (in, out).
 #[derive(Clone, Debug)]
 pub struct BlockParams<P> {
+    /// (C), the scale of the LayerNorm before attention
     pub ln_1_weight: P,
+    /// (C), its shift
     pub ln_1_bias: P,
     /// (C, 3C)
     pub attn_c_attn_weight: P,
+    /// (3C), the biases of q, k and v
     pub attn_c_attn_bias: P,
     /// (C, C)
     pub attn_c_proj_weight: P,
+    /// (C)
     pub attn_c_proj_bias: P,
+    /// (C), the scale of the LayerNorm before the MLP
     pub ln_2_weight: P,
+    /// (C), its shift
     pub ln_2_bias: P,
     /// (C, 4C)
     pub mlp_c_fc_weight: P,
+    /// (4C)
     pub mlp_c_fc_bias: P,
     /// (4C, C)
     pub mlp_c_proj_weight: P,
+    /// (C)
     pub mlp_c_proj_bias: P,
 }
 
@@ -37,14 +47,19 @@ pub struct HeadParams<P> {
     pub gate_bias: P,
 }
 
+/// Every parameter of the model, one `P` each (a tensor, a var on a tape, an optimizer moment):
+/// the GPT-2 backbone and, unless n = r = 1, the head.
 #[derive(Clone, Debug)]
 pub struct ModelParams<P> {
     /// (V, C), also the unembedding
     pub wte: P,
     /// (P, C)
     pub wpe: P,
+    /// the L transformer blocks, in order
     pub blocks: Vec<BlockParams<P>>,
+    /// (C), the scale of the final LayerNorm
     pub ln_f_weight: P,
+    /// (C), its shift
     pub ln_f_bias: P,
     /// present unless n = r = 1
     pub head: Option<HeadParams<P>>,
@@ -53,8 +68,11 @@ pub struct ModelParams<P> {
 /// How a parameter is initialised (docs/math.md, "The model").
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
+    /// N(0, std²) with the given std
     Normal(f64),
+    /// all zeros (biases, LayerNorm shifts)
     Zeros,
+    /// all ones (LayerNorm scales)
     Ones,
     /// identity matrices for every (α, s), plus N(0, std²) noise when std > 0
     IdentityPlusNoise(f64),
@@ -62,8 +80,11 @@ pub enum Init {
 
 /// What `build` tells the constructor about each parameter.
 pub struct ParamSpec<'a> {
+    /// the Hugging Face name, e.g. `transformer.h.0.attn.c_attn.weight`
     pub name: &'a str,
+    /// the tensor's shape
     pub shape: &'a [usize],
+    /// how to initialise it
     pub init: Init,
 }
 

@@ -58,6 +58,7 @@ pub struct CpHeadVars {
 /// What the head reports besides its objective (means over the N positions).
 #[derive(Clone, Debug, Default)]
 pub struct CpHeadStats {
+    /// −log p(y_0..y_{n−1}) under the mixture (H4)
     pub joint_loss: f64,
     /// −log p(y_s) for s = 0..n−1; index 0 is the next-token loss
     pub head_losses: Vec<f64>,
@@ -65,9 +66,9 @@ pub struct CpHeadStats {
     pub aux: f64,
     /// mean entropy of the gate w, in nats
     pub gate_entropy: f64,
-    /// f[α]: fraction of positions whose most weighted component is α
+    /// `f[α]`: fraction of positions whose most weighted component is α
     pub expert_fraction: Vec<f64>,
-    /// m[α]: mean gate weight of component α
+    /// `m[α]`: mean gate weight of component α
     pub expert_weight: Vec<f64>,
 }
 

@@ -167,6 +167,19 @@ fn apply<T: Float>(tape: &mut Tape<T>, x: Var, f: Function) -> Result<Var> {
 }
 
 /// `a + b`; either may be a row or a scalar, broadcast over the other.
+///
+/// ```
+/// use multitoken::{autograd::Tape, ops, tensor::Tensor};
+/// let mut tape = Tape::<f32>::new();
+/// let x = tape.leaf(Tensor::from_vec(&[2, 3], vec![1., 2., 3., 4., 5., 6.]), true);
+/// let bias = tape.leaf(Tensor::from_vec(&[3], vec![10., 20., 30.]), true);
+/// let y = ops::add(&mut tape, x, bias)?; // the row is added to both rows of x
+/// assert_eq!(tape.value(y).data(), &[11., 22., 33., 14., 25., 36.]);
+/// let loss = ops::sum(&mut tape, y)?;
+/// let grads = tape.backward(loss)?;
+/// assert_eq!(grads.get(bias).unwrap().data(), &[2., 2., 2.]); // summed over its repeats
+/// # Ok::<(), multitoken::error::Error>(())
+/// ```
 pub fn add<T: Float>(tape: &mut Tape<T>, a: Var, b: Var) -> Result<Var> {
     arithmetic(tape, a, b, Binary::Add)
 }

@@ -10,6 +10,7 @@ use crate::tensor::{Float, Tensor};
 
 const CHUNK: usize = 1 << 14;
 
+/// `gelu(x) = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, elementwise (docs/math.md, eq. G1).
 pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
     let input = tape.value(x).clone();
     let placed = place("gelu", &[&input])?;

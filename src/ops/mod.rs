@@ -5,7 +5,7 @@
 //! shapes). Every op takes vars on a [`Tape`](crate::autograd::Tape),
 //! computes its output and records the rule that differentiates it.
 //!
-//! Each op runs where its inputs live ([`place`]): on the CPU through `kernels/`, on a GPU
+//! Each op runs where its inputs live (`place`): on the CPU through `kernels/`, on a GPU
 //! through the launchers of `multitoken-cuda`, forward and backward alike; `tests/cuda.rs`
 //! checks every op's GPU path against the op in f64 on the CPU.
 //!

@@ -97,6 +97,8 @@ fn reduce<T: Float>(tape: &mut Tape<T>, x: Var, axis: Option<usize>, scale: f64,
     }))
 }
 
+/// `Σ x ⊙ weights`, a scalar, for constant `weights` of x's shape: with random weights, a way
+/// to turn a tensor output into a loss (as gradient checks do).
 pub fn weighted_sum<T: Float>(tape: &mut Tape<T>, x: Var, weights: &Tensor<T>) -> Result<Var> {
     let value = tape.value(x);
     assert_eq!(value.shape(), weights.shape(), "weighted_sum: weights must match x");

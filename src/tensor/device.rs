@@ -5,10 +5,14 @@ use std::sync::Arc;
 
 use multitoken_cuda::Gpu;
 
+/// The CPU, or a GPU shared by every tensor on it; two devices are equal when they are the CPU,
+/// or the same open [`Gpu`].
 #[derive(Clone, Default)]
 pub enum Device {
+    /// Host memory (the default).
     #[default]
     Cpu,
+    /// An open GPU.
     Cuda(Arc<Gpu>),
 }
 
@@ -18,6 +22,7 @@ impl Device {
         Device::Cuda(Arc::new(gpu))
     }
 
+    /// Whether this is the CPU.
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }

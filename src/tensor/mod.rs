@@ -21,6 +21,8 @@ use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::Result;
 
+/// A shape and its elements in row-major order, on the CPU or a GPU. Cloning shares the
+/// elements; writing to shared elements copies them first.
 #[derive(Clone, Debug)]
 pub struct Tensor<T: Float> {
     storage: Storage<T>,
@@ -48,14 +50,17 @@ impl std::fmt::Debug for CudaTensor {
 }
 
 impl CudaTensor {
+    /// The GPU the elements live on.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
 
+    /// The number of elements: the product of the shape.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Whether the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -103,14 +108,17 @@ impl<T: Float> Tensor<T> {
         Tensor { storage: Storage::Cuda(CudaTensor { gpu: gpu.clone(), buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec() }) }
     }
 
+    /// Zeros of the given shape, on the CPU.
     pub fn zeros(shape: &[usize]) -> Self {
         Self::full(shape, T::zero())
     }
 
+    /// `value` in every element, on the CPU.
     pub fn full(shape: &[usize], value: T) -> Self {
         Self::from_vec(shape, vec![value; elements(shape)])
     }
 
+    /// A tensor of shape `[]` holding `value`, on the CPU.
     pub fn scalar(value: T) -> Self {
         Self::from_vec(&[], vec![value])
     }
@@ -132,6 +140,7 @@ impl<T: Float> Tensor<T> {
         }
     }
 
+    /// The size of each axis; `[]` for a scalar.
     pub fn shape(&self) -> &[usize] {
         match &self.storage {
             Storage::Cpu(array) => array.shape(),
@@ -139,10 +148,12 @@ impl<T: Float> Tensor<T> {
         }
     }
 
+    /// The number of elements: the product of the shape.
     pub fn len(&self) -> usize {
         elements(self.shape())
     }
 
+    /// Whether the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -197,6 +208,8 @@ impl<T: Float> Tensor<T> {
         }
     }
 
+    /// The elements in row-major order, copied only if another tensor shares them. CPU tensors
+    /// only: panics for a tensor on a GPU.
     pub fn into_vec(self) -> Vec<T> {
         match self.storage {
             Storage::Cpu(array) => array.into_owned().into_raw_vec_and_offset().0,

@@ -7,11 +7,16 @@ use crate::kernels::adamw::AdamWStep;
 use crate::ops::optimizer;
 use crate::tensor::{Device, Float, Tensor};
 
+/// AdamW's constants; the learning rate comes with each step, from the schedule.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct AdamWConfig {
+    /// β1, the decay of the first moment m
     pub beta1: f64,
+    /// β2, the decay of the second moment v
     pub beta2: f64,
+    /// ε, added to √v̂ in the denominator
     pub eps: f64,
+    /// decoupled weight decay per unit of learning rate, on matrices only
     pub weight_decay: f64,
 }
 
@@ -24,6 +29,7 @@ impl Default for AdamWConfig {
 /// Optimizer state: first and second moments per parameter tensor, and the step count.
 #[derive(Clone, Debug)]
 pub struct AdamW<T: Float> {
+    /// the constants
     pub config: AdamWConfig,
     /// exp_avg, one per parameter, in the parameters' order
     pub m: Vec<Tensor<T>>,
@@ -34,6 +40,7 @@ pub struct AdamW<T: Float> {
 }
 
 impl<T: Float> AdamW<T> {
+    /// A fresh optimizer (zero moments, t = 0) for parameters of the given shapes, on the CPU.
     pub fn new(config: AdamWConfig, params: &[&Tensor<T>]) -> Self {
         let zeros = || params.iter().map(|p| Tensor::zeros(p.shape())).collect();
         AdamW { config, m: zeros(), v: zeros(), t: 0 }

@@ -26,22 +26,32 @@ use crate::model::params::ModelParams;
 use crate::model::ModelConfig;
 use crate::tensor::Tensor;
 
+/// GPT2Config with the head's `mtp_horizon` and `mtp_rank`.
 pub const CONFIG_FILE: &str = "config.json";
+/// The parameters in f32, by Hugging Face GPT-2 name, plus `mtp.*`.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The tokenizer the model was trained with.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// AdamW's moments, `exp_avg.NAME` and `exp_avg_sq.NAME` (for `--resume`).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The step, the run's settings, and AdamW's constants and step count (for `--resume`).
 pub const TRAIN_STATE_FILE: &str = "train_state.json";
 
 /// A model as read from or written to a checkpoint directory.
 pub struct Checkpoint {
+    /// the model's shape, from config.json
     pub config: ModelConfig,
+    /// the weights, on the CPU
     pub params: ModelParams<Tensor<f32>>,
+    /// the text of tokenizer.json, where the directory has one
     pub tokenizer_json: Option<String>,
     /// Present in checkpoints written by `train`: what `--resume` needs.
     pub resume: Option<ResumeState>,
 }
 
+/// What a checkpoint written by `train` adds for `--resume`.
 pub struct ResumeState {
+    /// the optimizer's moments and step count, on the CPU
     pub optimizer: AdamW<f32>,
     /// train_state.json as written by the trainer
     pub train_state: Value,
@@ -210,6 +220,8 @@ pub fn exists(dir: &Path) -> bool {
     dir.join(CONFIG_FILE).is_file()
 }
 
+/// Reads a checkpoint directory (after restoring one whose save was interrupted); the resume
+/// state is read where optimizer.safetensors and train_state.json are both present.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     recover_interrupted_save(dir);
     if !dir.is_dir() {

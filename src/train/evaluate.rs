@@ -12,8 +12,11 @@ use crate::tensor::Tensor;
 /// Mean losses over a set of scored positions.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Losses {
+    /// mean −log p(y_0..y_{n−1})
     pub joint_loss: f64,
+    /// the next-token loss, equal to `head_losses[0]`
     pub ntp_loss: f64,
+    /// mean −log p(y_s) for s = 0..n−1
     pub head_losses: Vec<f64>,
     /// positions scored
     pub tokens: usize,
@@ -90,8 +93,11 @@ pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>,
 /// One window of `eval` (docs/cli.md, `eval`): input tokens `start..end`, of which the first
 /// `scored` positions are scored, with their targets (scored, n).
 pub struct ScoringWindow<'a> {
+    /// the window's input tokens (at most n_positions)
     pub inputs: &'a [u32],
+    /// how many of its first positions are scored
     pub scored: usize,
+    /// (scored, n): the targets x_{t+1..t+n} of each scored position t
     pub targets: Vec<u32>,
 }
 

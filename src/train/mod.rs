@@ -30,22 +30,39 @@ pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// Everything that determines a run; saved in train_state.json so `--resume` continues it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainSettings {
+    /// the `--model` preset (ignored with `init_from`, whose backbone is used)
     pub model: String,
+    /// n, tokens predicted per position
     pub horizon: usize,
+    /// r, mixture components of the CP head
     pub rank: usize,
+    /// λ, the weight of the load-balancing term (always off when r = 1)
     pub aux_coef: f64,
+    /// optimisation steps of the whole run
     pub steps: u64,
+    /// B, rows per batch
     pub batch: usize,
+    /// T, positions per row; 0 asks for the model's n_positions (a saved run holds the value used)
     pub seq: usize,
+    /// the peak learning rate
     pub lr: f64,
+    /// where the cosine decay ends, as a fraction of `lr`
     pub min_lr_ratio: f64,
+    /// linear warm-up steps; 0 asks for min(100, steps/10)
     pub warmup_steps: u64,
+    /// the global gradient-norm limit
     pub grad_clip: f64,
+    /// validate every this many steps (and after the last)
     pub eval_every: u64,
+    /// validation batches, fixed, from the start of val.bin
     pub eval_batches: usize,
+    /// write the checkpoint every this many steps (and after the last); 0: only at the end
     pub save_every: u64,
+    /// seeds the initialisation and the batches
     pub seed: u64,
+    /// a checkpoint whose backbone the run starts from, with a fresh head
     pub init_from: Option<PathBuf>,
+    /// train only the head (W, G, g); needs `init_from`
     pub freeze_backbone: bool,
 }
 
@@ -76,25 +93,38 @@ impl Default for TrainSettings {
 /// What `train` reports (docs/cli.md, `train`; the first five keys are the contract).
 #[derive(Debug, Serialize)]
 pub struct TrainSummary {
+    /// steps done
     pub steps: u64,
+    /// the objective of the last step
     pub train_loss: f64,
+    /// the last validation's joint loss
     pub val_joint_loss: f64,
+    /// the last validation's next-token loss
     pub val_ntp_loss: f64,
+    /// B·T tokens per step over the time spent in steps
     pub tokens_per_s: f64,
+    /// the last validation's loss of each horizon s = 0..n−1
     pub val_head_losses: Vec<f64>,
+    /// wall-clock seconds of this call's training loop (a resumed run counts from the resume)
     pub elapsed_s: f64,
+    /// the checkpoint directory (`--out`)
     pub checkpoint: PathBuf,
 }
 
 /// The training split, the validation split and the tokenizer of a `data prepare` directory.
 pub struct Dataset {
+    /// the tokens of train.bin
     pub train: Vec<u32>,
+    /// the tokens of val.bin
     pub val: Vec<u32>,
+    /// V, from the token files' headers
     pub vocab_size: usize,
+    /// the text of tokenizer.json
     pub tokenizer_json: String,
 }
 
 impl Dataset {
+    /// Reads the token files and the tokenizer of a directory written by `data prepare`.
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::bad_file(dir, "no such data directory (make one with `multitoken data prepare`)"));
@@ -113,6 +143,7 @@ impl Dataset {
 /// The knobs of one optimisation step.
 #[derive(Clone, Copy, Debug)]
 pub struct StepConfig {
+    /// the learning rate of this step
     pub lr: f64,
     /// global gradient-norm limit
     pub grad_clip: f64,
@@ -330,10 +361,13 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
 pub struct RunOptions {
     /// continue the checkpoint in the output directory
     pub resume: bool,
+    /// draw a progress bar on stderr
     pub show_progress: bool,
     /// Behave as if interrupted once this many steps are done (tests of `--resume` use it).
     pub stop_after_steps: Option<u64>,
+    /// where the run computes
     pub device: DeviceKind,
+    /// f32 or TF32 matrix products
     pub precision: Precision,
 }
 
