@@ -7,7 +7,7 @@
 //! built in.
 //!
 //! Read it beside docs/tour.md, stop 4: an embedding is a one-hot matrix product, a batch of
-//! contexts is one tensor, and the model is six ops.
+//! contexts is one tensor, and the model is eight ops.
 
 use multitoken::autograd::{Tape, Var};
 use multitoken::error::Result;

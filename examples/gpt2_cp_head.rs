@@ -5,7 +5,7 @@
 //! `cargo run --release --example gpt2_cp_head [-- --quick] [--device cuda]`: trains on
 //! Moby-Dick when `scripts/fetch-data.sh` has fetched it, else on a paragraph of it built in.
 //!
-//! Read it beside docs/tour.md, stops 5 to 7: the model is `model::gpt2` and `ops::cp_head` on
+//! Read it beside docs/tour.md, stops 5 to 8: the model is `model::gpt2` and `ops::cp_head` on
 //! the tape, a training step is `train::train_step`, decoding is `decode::decode`. The command
 //! line's `train` and `sample` do the same with checkpoints, progress bars and metrics.
 

@@ -28,7 +28,7 @@ __device__ float unary_slope(int op, float x, float y, float p) {
         case OP_TANH: return 1.0f - y * y;
         case OP_RELU: return x > 0.0f ? 1.0f : 0.0f;
         case OP_SIGMOID: return y * (1.0f - y);
-        case OP_POW: return p * powf(x, p - 1.0f);
+        case OP_POW: return p == 0.0f ? 0.0f : p * powf(x, p - 1.0f);
         default: return p;
     }
 }

@@ -193,6 +193,7 @@ impl Gpu {
     /// `out[o, i] = scale · Σ_j x[o, j, i]` over an (outer, axis, inner) view of x.
     pub fn sum_axis(&self, x: View<f32>, out: View<f32>, (outer, axis, inner): (usize, usize, usize), scale: f32) -> Result<()> {
         check(x.len() == outer * axis * inner && out.len() == outer * inner, || "sum_axis: views do not fit the shape".into())?;
+        check_int_indices("sum_axis", x.len())?;
         if out.is_empty() {
             return Ok(());
         }
@@ -208,6 +209,7 @@ impl Gpu {
     /// `out[o, j, i] = scale · g[o, i]`: sum_axis's backward.
     pub fn expand_axis(&self, g: View<f32>, out: View<f32>, (outer, axis, inner): (usize, usize, usize), scale: f32) -> Result<()> {
         check(g.len() == outer * inner && out.len() == outer * axis * inner, || "expand_axis: views do not fit the shape".into())?;
+        check_int_indices("expand_axis", out.len())?;
         if out.is_empty() {
             return Ok(());
         }
@@ -222,6 +224,7 @@ impl Gpu {
     /// `out (batch, cols, rows)` = `x (batch, rows, cols)` with its last two axes swapped.
     pub fn transpose_last(&self, x: View<f32>, out: View<f32>, (batch, rows, cols): (usize, usize, usize)) -> Result<()> {
         check(x.len() == batch * rows * cols && out.len() == x.len(), || "transpose_last: views do not fit the shape".into())?;
+        check_int_indices("transpose_last", x.len())?;
         if x.is_empty() {
             return Ok(());
         }
@@ -237,6 +240,7 @@ impl Gpu {
     pub fn log_softmax_rows(&self, x: View<f32>, y: View<f32>, v: usize) -> Result<()> {
         let n = same_lengths("log_softmax_rows", &[x, y])?;
         check(v > 0 && n.is_multiple_of(v), || "log_softmax_rows: not whole rows".into())?;
+        check_int_indices("log_softmax_rows", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -253,6 +257,7 @@ impl Gpu {
     pub fn softmax_backward_rows(&self, y: View<f32>, g: View<f32>, dx: View<f32>, v: usize, log: bool) -> Result<()> {
         let n = same_lengths("softmax_backward_rows", &[y, g, dx])?;
         check(v > 0 && n.is_multiple_of(v), || "softmax_backward_rows: not whole rows".into())?;
+        check_int_indices("softmax_backward_rows", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -263,4 +268,11 @@ impl Gpu {
         unsafe { launch.launch(block_per_row_config(n / v)) }?;
         Ok(())
     }
+}
+
+/// The kernels of general.cu other than the elementwise ones index a tensor with 32-bit ints
+/// (and launch a block per row or per output element): a larger tensor is refused rather than
+/// indexed wrong.
+fn check_int_indices(what: &str, elements: usize) -> Result<()> {
+    check(elements <= i32::MAX as usize, || format!("{what}: {elements} elements, more than general.cu's 32-bit indices reach"))
 }

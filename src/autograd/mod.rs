@@ -131,7 +131,10 @@ impl<T: Float> Tape<T> {
     /// Gradients of the scalar `loss` with respect to every leaf that requires them.
     /// Consumes the tape: activations are released as the walk passes them.
     pub fn backward(self, loss: Var) -> Result<Gradients<T>> {
-        assert_eq!(self.values[loss.0].len(), 1, "backward needs a scalar loss");
+        let shape = self.values[loss.0].shape();
+        if self.values[loss.0].len() != 1 {
+            return crate::invalid!("backward: the loss has shape {shape:?}, not one element; reduce it first (ops::sum or ops::mean), or use backward_with_gradient");
+        }
         let seed = &self.values[loss.0];
         let ones = Tensor::full_on(seed.shape(), T::one(), &seed.device())?;
         self.backward_with_gradient(loss, ones)
@@ -141,7 +144,13 @@ impl<T: Float> Tape<T> {
     /// backward pass started from any output, with `gradient` (of the output's shape, on its
     /// device) as the output's gradient. `backward` is this with a gradient of ones.
     pub fn backward_with_gradient(mut self, output: Var, gradient: Tensor<T>) -> Result<Gradients<T>> {
-        assert_eq!(self.values[output.0].shape(), gradient.shape(), "backward: the gradient's shape differs from the output's");
+        if self.values[output.0].shape() != gradient.shape() {
+            return crate::invalid!(
+                "backward: the gradient has shape {:?}, the output {:?}",
+                gradient.shape(),
+                self.values[output.0].shape()
+            );
+        }
         let device = self.values[output.0].device();
         if gradient.device() != device {
             return crate::invalid!("backward: the output lives on {device} and its gradient on {}", gradient.device());
@@ -195,5 +204,34 @@ impl<T: Float> Gradients<T> {
     /// Moves a gradient out of the store.
     pub fn take(&mut self, var: Var) -> Option<Tensor<T>> {
         self.grads.get_mut(var.0).and_then(Option::take)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+
+    #[test]
+    fn a_var_used_twice_gets_both_gradients() {
+        let mut tape = Tape::<f64>::new();
+        let x = tape.leaf(Tensor::from_vec(&[2], vec![3.0, -1.0]), true);
+        let square = ops::mul(&mut tape, x, x).unwrap();
+        let loss = ops::sum(&mut tape, square).unwrap();
+        assert_eq!(tape.backward(loss).unwrap().get(x).unwrap().data(), &[6.0, -2.0]);
+    }
+
+    #[test]
+    fn a_loss_that_is_not_a_scalar_or_a_gradient_of_another_shape_is_an_error() {
+        let mut tape = Tape::<f64>::new();
+        let x = tape.leaf(Tensor::zeros(&[2, 3]), true);
+        let y = ops::tanh(&mut tape, x).unwrap();
+        let error = tape.backward(y).err().expect("an error").to_string();
+        assert!(error.contains("reduce it first"), "{error}");
+        let mut tape = Tape::<f64>::new();
+        let x = tape.leaf(Tensor::zeros(&[2, 3]), true);
+        let y = ops::tanh(&mut tape, x).unwrap();
+        let error = tape.backward_with_gradient(y, Tensor::zeros(&[3, 2])).err().expect("an error").to_string();
+        assert!(error.contains("shape"), "{error}");
     }
 }

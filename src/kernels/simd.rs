@@ -156,7 +156,8 @@ impl F32x8 {
         return F32x8(std::array::from_fn(|i| (-self.0[i]).mul_add(a.0[i], b.0[i])));
     }
 
-    /// The larger of each pair of lanes.
+    /// The larger of each pair of lanes. Where either is NaN: NaN on aarch64, `other` on x86-64
+    /// (put the operand that may be NaN second to keep it).
     #[inline(always)]
     pub fn max(self, other: Self) -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -167,7 +168,7 @@ impl F32x8 {
         return F32x8(std::array::from_fn(|i| self.0[i].max(other.0[i])));
     }
 
-    /// The smaller of each pair of lanes.
+    /// The smaller of each pair of lanes; NaN as in [`F32x8::max`].
     #[inline(always)]
     pub fn min(self, other: Self) -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -249,7 +250,8 @@ impl F32x8 {
     /// `exp(x)` per lane, relative error about 2e-7: the Cephes `expf` reduction and polynomial.
     #[inline(always)]
     pub fn exp(self) -> Self {
-        let x = self.max(self.splat_like(-87.3)).min(self.splat_like(88.3));
+        // clamped with self as the second operand, so that a NaN lane stays NaN on x86-64 too
+        let x = self.splat_like(88.3).min(self.splat_like(-87.3).max(self));
         // x = n·ln2 + r with |r| ≤ ln2/2; ln2 in two parts so that n·ln2 stays exact
         let n = (x * x.splat_like(std::f32::consts::LOG2_E)).round();
         let r = n.neg_mul_add(x.splat_like(0.693_359_4), x);
@@ -335,6 +337,10 @@ mod tests {
             }
         }
         assert!((va.sum() - a.iter().sum::<f32>()).abs() < 1e-5);
+        // SAFETY: available() returned true.
+        let nan = unsafe { F32x8::splat(f32::NAN) };
+        lanes(nan.exp(), &mut out);
+        assert!(out.iter().all(|v| v.is_nan()), "exp(NaN) must stay NaN: {out:?}");
         assert_eq!(va.max_lane(), 80.0);
         lanes(vb.max(va).sqrt(), &mut out);
         assert_eq!(out[5], 8.0f32.sqrt());

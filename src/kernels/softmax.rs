@@ -50,6 +50,8 @@ unsafe fn softmax_row_simd(row: &mut [f32]) -> f32 {
         sum += *x;
     }
     let inv = F32x8::splat(1.0 / sum);
+    // the pointer again: the loop over the tail above borrowed the row anew
+    let ptr = row.as_mut_ptr();
     for i in (0..lanes).step_by(8) {
         (F32x8::load(ptr.add(i)) * inv).store(ptr.add(i));
     }
@@ -76,6 +78,15 @@ mod tests {
             let worst = fast.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(worst < 1e-6, "softmax of length {len} differs by {worst}");
             assert!((fast.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_nan_in_the_row_is_not_hidden() {
+        for at in [0, 3, 9, 16] {
+            let mut row: Vec<f32> = (0..17).map(|i| i as f32 * 0.1).collect();
+            row[at] = f32::NAN;
+            assert!(softmax_row_f32(&mut row).is_nan(), "a NaN at {at} vanished");
         }
     }
 }

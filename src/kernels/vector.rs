@@ -105,6 +105,12 @@ pub fn rows_times_transposed_scalar<T: Float>(a: &[T], k: usize, b: &[T], j0: us
 /// [`rows_times_normal_scalar`] for f32, with the register-blocked vector loop where the CPU
 /// has one.
 pub fn rows_times_normal_f32(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize, out: &mut [&mut [f32]]) {
+    let width = check_rows(a, k, out);
+    if out.is_empty() {
+        return;
+    }
+    // the vector loops read b without bounds checks: its last row must reach column j0 + width
+    assert!(k == 0 || j0 + width <= n && b.len() >= (k - 1) * n + j0 + width, "rows_times_normal: b too short");
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
         return unsafe { rows_times_normal_simd(a, k, b, n, j0, out) };
@@ -114,11 +120,25 @@ pub fn rows_times_normal_f32(a: &[f32], k: usize, b: &[f32], n: usize, j0: usize
 
 /// [`rows_times_transposed_scalar`] for f32, with the vector loop where the CPU has one.
 pub fn rows_times_transposed_f32(a: &[f32], k: usize, b: &[f32], j0: usize, out: &mut [&mut [f32]]) {
+    let width = check_rows(a, k, out);
+    if out.is_empty() {
+        return;
+    }
+    assert!(b.len() >= (j0 + width) * k, "rows_times_transposed: b too short");
     if super::simd_available() {
         // SAFETY: the vector unit was detected above.
         return unsafe { rows_times_transposed_simd(a, k, b, j0, out) };
     }
     rows_times_transposed_scalar(a, k, b, j0, out)
+}
+
+/// The width of `out`'s rows, after checking that they are equal and that `a` holds as many
+/// rows of k: the vector loops index both without bounds checks.
+fn check_rows(a: &[f32], k: usize, out: &[&mut [f32]]) -> usize {
+    let width = out.first().map_or(0, |row| row.len());
+    assert!(out.iter().all(|row| row.len() == width), "rows of out differ in width");
+    assert!(a.len() >= out.len() * k, "a holds fewer rows than out");
+    width
 }
 
 /// Register-blocked: up to 4 rows × 16 columns of accumulators stay in registers while p runs.

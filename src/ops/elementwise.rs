@@ -67,6 +67,8 @@ impl Function {
                 }
             }
             Function::Sigmoid => y * (T::one() - y),
+            // xᵖ with p = 0 is the constant 1, slope 0 also at x = 0 (where 0·0⁻¹ would be NaN)
+            Function::Pow(0.0) => T::zero(),
             Function::Pow(p) => T::of(p) * x.powf(T::of(p - 1.0)),
             Function::Scale(c) => T::of(c),
         }
@@ -129,7 +131,8 @@ pub fn sigmoid<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
     apply(tape, x, Function::Sigmoid)
 }
 
-/// `xᵖ` for a constant p (x > 0 unless p is a whole number)
+/// `xᵖ` for a constant p. Its domain is x > 0 unless p is a whole number; outside it the value
+/// is NaN, as is the slope at x = 0 for 0 < p < 1 (infinite) times an upstream gradient of 0.
 pub fn powf<T: Float>(tape: &mut Tape<T>, x: Var, p: f64) -> Result<Var> {
     apply(tape, x, Function::Pow(p))
 }
@@ -166,7 +169,8 @@ fn apply<T: Float>(tape: &mut Tape<T>, x: Var, f: Function) -> Result<Var> {
     }))
 }
 
-/// `a + b`; either may be a row or a scalar, broadcast over the other.
+/// `a + b`; either may be a row (the other's last dimensions) or a scalar (one element),
+/// broadcast over the other, as NumPy does without size-1 axes (so no column broadcast).
 ///
 /// ```
 /// use multitoken::{autograd::Tape, ops, tensor::Tensor};
@@ -213,7 +217,7 @@ fn name(op: Binary) -> &'static str {
 fn broadcast_shape(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let elements = |shape: &[usize]| shape.iter().product::<usize>();
     let covers = |large: &[usize], small: &[usize]| elements(small) == 1 || large.ends_with(small);
-    if a == b || (elements(a) >= elements(b) && a.len() >= b.len() && covers(a, b)) {
+    if a == b || (a.len() >= b.len() && covers(a, b)) {
         Ok(a.to_vec())
     } else if covers(b, a) && b.len() >= a.len() {
         Ok(b.to_vec())
@@ -228,6 +232,10 @@ fn reduce_to<T: Float>(grad: Tensor<T>, shape: &[usize]) -> Result<Tensor<T>> {
         return Ok(grad);
     }
     let len: usize = shape.iter().product();
+    if len == 0 || grad.is_empty() {
+        // nothing was repeated, or the operand is empty: its gradient is zeros of its shape
+        return Tensor::full_on(shape, T::zero(), &grad.device());
+    }
     let repeats = grad.len() / len;
     match grad.cuda() {
         None => {
@@ -346,14 +354,16 @@ mod tests {
     #[test]
     fn arithmetic_gradients_match_finite_differences_with_and_without_broadcasting() {
         let mut rng = Rng::new(2);
-        let a = Tensor::<f64>::randn(&[3, 4], 1.0, &mut rng);
-        let same = Tensor::randn(&[3, 4], 1.0, &mut rng);
+        let a = Tensor::<f64>::randn(&[2, 3, 4], 1.0, &mut rng);
+        let same = Tensor::randn(&[2, 3, 4], 1.0, &mut rng);
         let row = Tensor::randn(&[4], 1.0, &mut rng);
+        let matrix_row = Tensor::randn(&[3, 4], 1.0, &mut rng);
         let scalar = Tensor::randn(&[], 1.0, &mut rng);
+        let one_by_one = Tensor::randn(&[1, 1], 1.0, &mut rng);
         // away from zero, for div
         let away = |t: &Tensor<f64>| Tensor::from_array(t.array().mapv(|v| v.signum() * (v.abs() + 0.5)));
         for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
-            for b in [&same, &row, &scalar] {
+            for b in [&same, &row, &matrix_row, &scalar, &one_by_one] {
                 let inputs = [a.clone(), away(b)];
                 let report = check_op(&inputs, |tape, v| arithmetic(tape, v[0], v[1], op)).unwrap();
                 report.assert_below(1e-6, &format!("{op:?} with b of shape {:?}", b.shape()));
@@ -374,5 +384,28 @@ mod tests {
         let column = tape.leaf(Tensor::from_vec(&[2], vec![1.0, 2.0]), false);
         let error = add(&mut tape, a, column).unwrap_err().to_string();
         assert!(error.contains("do not broadcast"), "{error}");
+    }
+
+    #[test]
+    fn empty_tensors_broadcast_and_get_empty_or_zero_gradients() {
+        let mut tape = Tape::<f64>::new();
+        let empty = tape.leaf(Tensor::zeros(&[0, 3]), true);
+        let row = tape.leaf(Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]), true);
+        let sum = add(&mut tape, empty, row).unwrap();
+        assert_eq!(tape.value(sum).shape(), &[0, 3]);
+        let total = super::super::sum(&mut tape, sum).unwrap();
+        let grads = tape.backward(total).unwrap();
+        assert_eq!(grads.get(row).unwrap().data(), &[0.0, 0.0, 0.0]);
+        assert_eq!(grads.get(empty).unwrap().shape(), &[0, 3]);
+    }
+
+    #[test]
+    fn the_zeroth_power_has_slope_zero_even_at_zero() {
+        let mut tape = Tape::<f64>::new();
+        let x = tape.leaf(Tensor::from_vec(&[3], vec![0.0, 1.0, -2.0]), true);
+        let y = powf(&mut tape, x, 0.0).unwrap();
+        assert_eq!(tape.value(y).data(), &[1.0, 1.0, 1.0]);
+        let total = super::super::sum(&mut tape, y).unwrap();
+        assert_eq!(tape.backward(total).unwrap().get(x).unwrap().data(), &[0.0, 0.0, 0.0]);
     }
 }

@@ -101,7 +101,9 @@ fn reduce<T: Float>(tape: &mut Tape<T>, x: Var, axis: Option<usize>, scale: f64,
 /// to turn a tensor output into a loss (as gradient checks do).
 pub fn weighted_sum<T: Float>(tape: &mut Tape<T>, x: Var, weights: &Tensor<T>) -> Result<Var> {
     let value = tape.value(x);
-    assert_eq!(value.shape(), weights.shape(), "weighted_sum: weights must match x");
+    if value.shape() != weights.shape() {
+        return invalid!("weighted_sum: weights of shape {:?} for x of shape {:?}", weights.shape(), value.shape());
+    }
     let placed = place("weighted_sum", &[value])?;
     let (total, weights) = match &placed {
         Place::Cpu => (value.data().iter().zip(weights.data()).map(|(&a, &b)| a * b).sum(), weights.clone()),
