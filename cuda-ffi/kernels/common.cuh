@@ -29,6 +29,17 @@ __device__ float block_reduce(float v, bool take_max, float* shared) {
     return v;
 }
 
+// log Σ_j exp(row[j]) over a row of v by the whole block, from the row's maximum so that no
+// exponential overflows; every thread gets it. `shared` holds one float per warp.
+__device__ float block_log_sum_exp(const float* row, int v, float* shared) {
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < v; j += THREADS) m = fmaxf(m, row[j]);
+    m = block_reduce(m, true, shared);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += THREADS) s += expf(row[j] - m);
+    return m + logf(block_reduce(s, false, shared));
+}
+
 // GELU, tanh approximation (docs/math.md G1), as GPT-2 has it
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
 __device__ float gelu(float v) {

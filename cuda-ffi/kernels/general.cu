@@ -109,12 +109,7 @@ extern "C" __global__ void log_softmax_rows(const float* x, float* y, int v) {
     __shared__ float shared[THREADS / 32];
     const float* row = x + (long)blockIdx.x * v;
     float* out = y + (long)blockIdx.x * v;
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < v; j += THREADS) m = fmaxf(m, row[j]);
-    m = block_reduce(m, true, shared);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += THREADS) s += expf(row[j] - m);
-    float lse = m + logf(block_reduce(s, false, shared));
+    float lse = block_log_sum_exp(row, v, shared);
     for (int j = threadIdx.x; j < v; j += THREADS) out[j] = row[j] - lse;
 }
 

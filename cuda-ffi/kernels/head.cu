@@ -145,11 +145,6 @@ extern "C" __global__ void gate_gradient(const float* log_w, const float* poster
 extern "C" __global__ void softmax_rows(float* logits, int v) {
     __shared__ float shared[THREADS / 32];
     float* row = logits + (long)blockIdx.x * v;
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < v; j += THREADS) m = fmaxf(m, row[j]);
-    m = block_reduce(m, true, shared);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += THREADS) s += expf(row[j] - m);
-    float inv = 1.0f / block_reduce(s, false, shared);
-    for (int j = threadIdx.x; j < v; j += THREADS) row[j] = expf(row[j] - m) * inv;
+    float lse = block_log_sum_exp(row, v, shared);
+    for (int j = threadIdx.x; j < v; j += THREADS) row[j] = expf(row[j] - lse);
 }
