@@ -1,8 +1,6 @@
 //! `kernels/adamw.cu`: AdamW over every parameter tensor of a model in one launch.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::constants::{ADAMW_CHUNK, THREADS};
 use crate::elementwise::first_blocks;
@@ -11,14 +9,8 @@ use crate::{Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/adamw.cu");
 
-pub(crate) struct Kernels {
-    tensors: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        Ok(Kernels { tensors: module.load_function("adamw_tensors")? })
-    }
+kernel_table! {
+    tensors: "adamw_tensors",
 }
 
 /// The constants of one AdamW update (PyTorch semantics; `t` counts from 1).

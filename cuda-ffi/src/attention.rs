@@ -6,9 +6,7 @@
 //! keys, so the products skip (S − 1)/2S of the work above the diagonal), and keeps the (B, H,
 //! T, T) weights for the backward pass.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::blas::Operand;
 use crate::constants::{DECODE_THREADS, FUSED_ATTENTION_HEAD_SIZES};
@@ -18,29 +16,14 @@ use crate::{check, Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/attention.cu");
 
-pub(crate) struct Kernels {
-    qkv_to_heads: CudaFunction,
-    heads_to_qkv: CudaFunction,
-    heads_rows: CudaFunction,
-    causal_softmax_forward: CudaFunction,
-    causal_softmax_backward: CudaFunction,
-    append_kv: CudaFunction,
-    decode_attention: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            qkv_to_heads: f("qkv_to_heads")?,
-            heads_to_qkv: f("heads_to_qkv")?,
-            heads_rows: f("heads_rows")?,
-            causal_softmax_forward: f("causal_softmax_forward")?,
-            causal_softmax_backward: f("causal_softmax_backward")?,
-            append_kv: f("append_kv")?,
-            decode_attention: f("decode_attention")?,
-        })
-    }
+kernel_table! {
+    qkv_to_heads: "qkv_to_heads",
+    heads_to_qkv: "heads_to_qkv",
+    heads_rows: "heads_rows",
+    causal_softmax_forward: "causal_softmax_forward",
+    causal_softmax_backward: "causal_softmax_backward",
+    append_kv: "append_kv",
+    decode_attention: "decode_attention",
 }
 
 /// The dimensions of a batch of attention: B, T, H and the head size.

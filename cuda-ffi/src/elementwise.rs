@@ -1,9 +1,7 @@
 //! `kernels/elementwise.cu`: GELU, sums, scaling, and the reductions (column sums, sums of
 //! squares, dot products) in a fixed order.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use crate::constants::{COLUMN_SUM_CHUNK, REDUCE_CHUNK, THREADS};
 use crate::device::{block_per_row_config, elementwise_config};
@@ -12,31 +10,15 @@ use crate::{check, Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/elementwise.cu");
 
-pub(crate) struct Kernels {
-    gelu_forward: CudaFunction,
-    gelu_backward: CudaFunction,
-    add: CudaFunction,
-    scale: CudaFunction,
-    broadcast_rows: CudaFunction,
-    column_partial_sums: CudaFunction,
-    column_sums_finish: CudaFunction,
-    chunk_dots: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            gelu_forward: f("gelu_forward")?,
-            gelu_backward: f("gelu_backward")?,
-            add: f("add")?,
-            scale: f("scale")?,
-            broadcast_rows: f("broadcast_rows")?,
-            column_partial_sums: f("column_partial_sums")?,
-            column_sums_finish: f("column_sums_finish")?,
-            chunk_dots: f("chunk_dots")?,
-        })
-    }
+kernel_table! {
+    gelu_forward: "gelu_forward",
+    gelu_backward: "gelu_backward",
+    add: "add",
+    scale: "scale",
+    broadcast_rows: "broadcast_rows",
+    column_partial_sums: "column_partial_sums",
+    column_sums_finish: "column_sums_finish",
+    chunk_dots: "chunk_dots",
 }
 
 /// For a launch over several tensors in chunks of `chunk` elements, a block per chunk: the first

@@ -1,8 +1,6 @@
 //! `kernels/embedding.cu`: token plus position embeddings, forward and backward.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::attention::CachePosition;
 use crate::constants::THREADS;
@@ -12,23 +10,11 @@ use crate::{check, Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/embedding.cu");
 
-pub(crate) struct Kernels {
-    forward: CudaFunction,
-    forward_at: CudaFunction,
-    backward_tokens: CudaFunction,
-    backward_positions: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            forward: f("embedding_forward")?,
-            forward_at: f("embedding_forward_at")?,
-            backward_tokens: f("embedding_backward_tokens")?,
-            backward_positions: f("embedding_backward_positions")?,
-        })
-    }
+kernel_table! {
+    forward: "embedding_forward",
+    forward_at: "embedding_forward_at",
+    backward_tokens: "embedding_backward_tokens",
+    backward_positions: "embedding_backward_positions",
 }
 
 /// The rows of a batch grouped by token, for the backward pass: `order` lists the rows token

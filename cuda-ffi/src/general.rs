@@ -2,9 +2,7 @@
 //! arithmetic with a row or a scalar broadcast, sums along an axis, the transpose of the last two
 //! axes, log-softmax — and their backward passes.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::constants::THREADS;
 use crate::device::{block_per_row_config, elementwise_config};
@@ -79,33 +77,16 @@ pub(crate) const OP_DEFINES: [(&str, usize); 12] = [
     ("OP_DIV", Binary::Div as usize),
 ];
 
-pub(crate) struct Kernels {
-    unary_forward: CudaFunction,
-    unary_backward: CudaFunction,
-    binary_forward: CudaFunction,
-    binary_backward: CudaFunction,
-    sum_axis: CudaFunction,
-    expand_axis: CudaFunction,
-    transpose_last: CudaFunction,
-    log_softmax_rows: CudaFunction,
-    softmax_backward_rows: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            unary_forward: f("unary_forward")?,
-            unary_backward: f("unary_backward")?,
-            binary_forward: f("binary_forward")?,
-            binary_backward: f("binary_backward")?,
-            sum_axis: f("sum_axis")?,
-            expand_axis: f("expand_axis")?,
-            transpose_last: f("transpose_last")?,
-            log_softmax_rows: f("log_softmax_rows")?,
-            softmax_backward_rows: f("softmax_backward_rows")?,
-        })
-    }
+kernel_table! {
+    unary_forward: "unary_forward",
+    unary_backward: "unary_backward",
+    binary_forward: "binary_forward",
+    binary_backward: "binary_backward",
+    sum_axis: "sum_axis",
+    expand_axis: "expand_axis",
+    transpose_last: "transpose_last",
+    log_softmax_rows: "log_softmax_rows",
+    softmax_backward_rows: "softmax_backward_rows",
 }
 
 /// An operand of a broadcasting op: `out.len()` must be a multiple of its length (a row repeated,
@@ -275,4 +256,14 @@ impl Gpu {
 /// indexed wrong.
 fn check_int_indices(what: &str, elements: usize) -> Result<()> {
     check(elements <= i32::MAX as usize, || format!("{what}: {elements} elements, more than general.cu's 32-bit indices reach"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tensors_past_the_32_bit_indices_are_refused() {
+        assert!(super::check_int_indices("sum_axis", i32::MAX as usize).is_ok());
+        let error = super::check_int_indices("sum_axis", i32::MAX as usize + 1).unwrap_err().to_string();
+        assert!(error.contains("32-bit"), "{error}");
+    }
 }

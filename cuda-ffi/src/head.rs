@@ -1,9 +1,7 @@
 //! `kernels/head.cu`: the CP head's work per position (log-likelihoods, posterior, dℓ), the
 //! gate's log-softmax and gradient, the statistics over positions, and decoding's softmax.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::constants::{MAX_HORIZON, MAX_RANK, THREADS};
 use crate::device::{block_per_row_config, elementwise_config};
@@ -12,25 +10,12 @@ use crate::{check, Gpu, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/head.cu");
 
-pub(crate) struct Kernels {
-    position: CudaFunction,
-    softmax_rows: CudaFunction,
-    gate_log_softmax: CudaFunction,
-    statistics: CudaFunction,
-    gate_gradient: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels {
-            position: f("head_position")?,
-            softmax_rows: f("softmax_rows")?,
-            gate_log_softmax: f("gate_log_softmax")?,
-            statistics: f("head_statistics")?,
-            gate_gradient: f("gate_gradient")?,
-        })
-    }
+kernel_table! {
+    position: "head_position",
+    softmax_rows: "softmax_rows",
+    gate_log_softmax: "gate_log_softmax",
+    statistics: "head_statistics",
+    gate_gradient: "gate_gradient",
 }
 
 /// The multi-token head's horizon n and rank r.

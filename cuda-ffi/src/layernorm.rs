@@ -1,9 +1,7 @@
 //! `kernels/layernorm.cu`: LayerNorm forward (a warp per row, or a block per row on a few rows)
 //! and backward.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::constants::{LAYERNORM_ROWS_PER_BLOCK, THREADS};
 use crate::device::{block_per_row_config, warp_per_row_config};
@@ -15,17 +13,10 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/layernorm.cu");
 /// Up to this many rows, LayerNorm takes a block per row (decoding) instead of a warp.
 const FEW_ROWS: usize = 64;
 
-pub(crate) struct Kernels {
-    forward: CudaFunction,
-    forward_wide: CudaFunction,
-    backward: CudaFunction,
-}
-
-impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| module.load_function(name);
-        Ok(Kernels { forward: f("layernorm_forward")?, forward_wide: f("layernorm_forward_wide")?, backward: f("layernorm_backward")? })
-    }
+kernel_table! {
+    forward: "layernorm_forward",
+    forward_wide: "layernorm_forward_wide",
+    backward: "layernorm_backward",
 }
 
 impl Gpu {

@@ -15,6 +15,22 @@
 //!
 //! Modules in reading order:
 
+/// A kernel file's handles: `struct Kernels` with one field per kernel, and `Kernels::load`,
+/// which looks each up by its `extern "C"` name in the file's compiled module.
+macro_rules! kernel_table {
+    ($($field:ident: $name:literal),+ $(,)?) => {
+        pub(crate) struct Kernels {
+            $($field: cudarc::driver::CudaFunction,)+
+        }
+
+        impl Kernels {
+            pub(crate) fn load(module: &std::sync::Arc<cudarc::driver::CudaModule>) -> crate::Result<Self> {
+                Ok(Kernels { $($field: module.load_function($name)?,)+ })
+            }
+        }
+    };
+}
+
 mod constants; // numbers Rust and the kernels share, handed to NVRTC as defines
 mod memory; // the caching pool, buffers, views, page-locked host memory
 mod device; // Gpu: context, stream, compiled kernels, copies, captured graphs

@@ -309,4 +309,21 @@ mod block_tests {
             assert_eq!(&run(1, transposed, true)[..], &all[..n]);
         }
     }
+
+    #[test]
+    #[should_panic(expected = "b too short")]
+    fn a_short_b_is_refused_before_the_unchecked_loops() {
+        let (k, n) = (8, 16);
+        let (a, b) = (vec![1.0f32; k], vec![1.0f32; (k - 1) * n + 15]);
+        let mut row = [0.0f32; 16];
+        rows_times_normal_f32(&a, k, &b, n, 0, &mut [&mut row[..]]);
+    }
+
+    #[test]
+    #[should_panic(expected = "rows of out differ")]
+    fn rows_of_different_widths_are_refused() {
+        let (a, b) = (vec![1.0f32; 16], vec![1.0f32; 8 * 16]);
+        let (mut first, mut second) = (vec![0.0f32; 16], vec![0.0f32; 8]);
+        rows_times_transposed_f32(&a, 8, &b, 0, &mut [&mut first[..], &mut second[..]]);
+    }
 }
