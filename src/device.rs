@@ -76,8 +76,8 @@ impl Precision {
 
 /// Fails early, before anything is written, when `device` cannot run on this machine.
 pub fn check_available(device: DeviceKind) -> Result<()> {
-    if device == DeviceKind::Cuda && !multitoken_cuda::driver_present() {
-        return Err(multitoken_cuda::CudaError::NoDriver.into());
+    if device == DeviceKind::Cuda {
+        multitoken_cuda::check_libraries()?;
     }
     Ok(())
 }

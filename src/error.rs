@@ -44,7 +44,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// A GPU's error: no driver, out of memory, a failed launch.
-    #[error("{0}")]
+    #[error(transparent)]
     Cuda(#[from] multitoken_cuda::CudaError),
 }
 

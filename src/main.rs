@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Worker threads (default: all cores)
-    #[arg(long, global = true)]
+    #[arg(long, allow_negative_numbers = true, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -57,7 +57,7 @@ enum TokenizerCommand {
     Train {
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<PathBuf>,
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         vocab_size: usize,
         #[arg(long)]
         out: PathBuf,
@@ -74,7 +74,7 @@ enum DataCommand {
         input: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
         val_fraction: f64,
     },
 }
@@ -91,34 +91,34 @@ struct TrainArgs {
     #[arg(long)]
     model: Option<String>,
     /// Tokens predicted per position, n [default: 1]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     horizon: Option<usize>,
     /// Mixture components of the CP head, r [default: 1]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rank: Option<usize>,
     /// Load-balancing coefficient λ [default: 0.01]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     aux_coef: Option<f64>,
     /// Training steps [default: 1000]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<u64>,
     /// Rows per batch, B [default: 8]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     batch: Option<usize>,
     /// Sequence length, T [default: the model's n_positions]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seq: Option<usize>,
     /// Peak learning rate [default: 1e-3]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Warm-up steps [default: min(100, steps/10)]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     warmup: Option<u64>,
     /// Validate every K steps [default: 100]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eval_every: Option<u64>,
     /// Write the checkpoint every K steps (0: only at the end) [default: 250]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     save_every: Option<u64>,
     /// Start from this checkpoint's backbone
     #[arg(long)]
@@ -130,7 +130,7 @@ struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Random seed [default: 1337]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// cpu or cuda (one NVIDIA GPU)
     #[arg(long, default_value = "cpu")]
@@ -139,7 +139,7 @@ struct TrainArgs {
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Act as if interrupted after this many steps (for testing --resume)
-    #[arg(long, hide = true)]
+    #[arg(long, allow_negative_numbers = true, hide = true)]
     stop_after_steps: Option<u64>,
 }
 
@@ -158,15 +158,15 @@ struct SamplingArgs {
     /// Always take the most likely token
     #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
     greedy: bool,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Keep the k most likely tokens (0: all)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     top_k: usize,
     /// Nucleus sampling threshold (1: off)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
 }
 
@@ -182,7 +182,7 @@ struct SampleArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -199,18 +199,18 @@ enum BenchCommand {
     Train {
         #[arg(long, default_value = "small")]
         model: String,
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 4096)]
         vocab_size: usize,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
         horizon: usize,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
         rank: usize,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 8)]
         batch: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
         seq: usize,
         /// Timed steps (after 3 warm-up steps)
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
         steps: usize,
         /// cpu or cuda
         #[arg(long, default_value = "cpu")]
@@ -225,12 +225,12 @@ enum BenchCommand {
         checkpoint: PathBuf,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 200, value_parser = at_least_one)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 200, value_parser = at_least_one)]
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
         /// Runs of each decoder; medians are reported
-        #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 3, value_parser = at_least_one)]
         repeats: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -262,7 +262,19 @@ fn load_checkpoint_with_tokenizer(dir: &std::path::Path) -> Result<(checkpoint::
         .tokenizer_json
         .as_deref()
         .ok_or_else(|| Error::bad_file(dir, "has no tokenizer.json; copy the tokenizer the model was trained with into it"))?;
-    let tok = tokenizer::from_json(json, &dir.join(checkpoint::TOKENIZER_FILE))?;
+    let tokenizer_path = dir.join(checkpoint::TOKENIZER_FILE);
+    let tok = tokenizer::from_json(json, &tokenizer_path)?;
+    let (tokens, vocab) = (tok.get_vocab_size(true), ckpt.config.vocab_size);
+    if tokens != vocab {
+        let consequence = if tokens > vocab { "it makes ids the model has no row for" } else { "the model makes ids it cannot print" };
+        return Err(Error::bad_file(
+            tokenizer_path,
+            format!(
+                "has {tokens} tokens but the model's vocabulary is {vocab} ({consequence}); use the tokenizer the model was trained with"
+            ),
+        )
+        .into());
+    }
     Ok((ckpt, tok))
 }
 
@@ -277,6 +289,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Data(DataCommand::Prepare { tokenizer, input, out, val_fraction }) => {
             let summary = data::prepare(tokenizer, input, out, *val_fraction)?;
+            if summary.replaced_bytes > 0 {
+                eprintln!("warning: {} bytes of the input were not UTF-8 and were read as U+FFFD", summary.replaced_bytes);
+            }
             let text = format!("data: {} train tokens, {} validation tokens → {}", summary.train_tokens, summary.val_tokens, out.display());
             Ok((serde_json::to_value(summary)?, text))
         }
@@ -340,6 +355,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Eval(args) => {
             let device = DeviceKind::parse(&args.device)?;
+            multitoken::device::check_available(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let text = tokenizer::read_text(&args.text_file)?;
             let ids = tokenizer::encode(&tok, &text)?;
@@ -351,7 +367,6 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     ckpt.config.horizon
                 );
             }
-            multitoken::device::check_available(device)?;
             let params = train::params_to_device(&ckpt.config, &ckpt.params, &device.open(Precision::F32)?)?;
             let losses = evaluate::evaluate_tokens(&ckpt.config, &params, &ids)?;
             let text = format!(
@@ -362,6 +377,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Sample(args) => {
             let device = DeviceKind::parse(&args.device)?;
+            multitoken::device::check_available(device)?;
+            args.sampling.config().validate()?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let prompt = tokenizer::encode(&tok, &args.prompt)?;
             let bar = live_readout(args.max_new_tokens);
@@ -373,7 +390,6 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 seed: args.sampling.seed,
                 progress: &mut |done| bar.set_position(done as u64),
             };
-            multitoken::device::check_available(device)?;
             let generation = match device.open(Precision::F32)?.gpu() {
                 None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
                 Some(gpu) => {
@@ -406,6 +422,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
             let device = DeviceKind::parse(device)?;
+            sampling.config().validate()?;
+            multitoken::device::check_available(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
             let ids = tokenizer::encode(&tok, prompt)?;
             let result = multitoken::bench::bench_decode(
@@ -455,6 +473,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
     }
 }
 
+/// The most worker threads `--threads` may ask for: far more cores than any one machine has.
+const MAX_THREADS: usize = 1024;
+
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         let message = info.to_string().replace('\n', " ");
@@ -484,8 +505,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.threads == Some(0) {
-        eprintln!("error: --threads must be a positive number");
+    if let Some(threads) = cli.threads.filter(|&t| t == 0 || t > MAX_THREADS) {
+        eprintln!("error: --threads {threads} must lie between 1 and {MAX_THREADS} (see --help)");
         return ExitCode::from(2);
     }
     // Everything runs on a worker of the pool: parallel loops started from a worker share the

@@ -3,100 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use common::temp_dir;
-use multitoken::tensor::Rng;
+use common::cli::*;
 use serde_json::Value;
-
-fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_multitoken"))
-}
-
-fn run(args: &[&str]) -> Output {
-    binary().args(args).output().expect("runs")
-}
-
-/// Runs a command that must succeed with `--json`; returns its JSON object.
-fn run_json(args: &[&str]) -> Value {
-    let out = binary().args(args).arg("--json").output().expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout.trim().lines().count(), 1, "--json prints one line: {stdout}");
-    serde_json::from_str(stdout.trim()).expect("stdout is one JSON object")
-}
-
-/// Runs a command that must fail; returns its stderr, checked to be one line without a panic.
-fn run_error(args: &[&str]) -> String {
-    let out = run(args);
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{args:?} panicked: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected a one-line error, got: {stderr}");
-    assert!(lines[0].starts_with("error"), "{stderr}");
-    lines[0].to_string()
-}
-
-/// Whether this machine has a CUDA driver (then `--device cuda` runs instead of failing).
-fn multitoken_cuda_driver_present() -> bool {
-    multitoken_cuda::driver_present()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Pseudo-English with some structure to learn: about 60 KB.
-fn write_corpus(path: &Path) {
-    let words = [
-        "the", "whale", "ship", "sea", "captain", "white", "ocean", "harpoon", "sailor", "deck", "wind", "storm", "and", "of", "to", "a",
-        "in", "was", "he", "his", "that", "with", "old", "man", "boat", "water", "night", "day", "called", "me",
-    ];
-    let mut rng = Rng::new(42);
-    let mut text = String::new();
-    while text.len() < 60_000 {
-        let n = 5 + rng.below(10);
-        let sentence: Vec<&str> = (0..n).map(|i| if i % 3 == 0 { "the" } else { words[rng.below(words.len())] }).collect();
-        text += &sentence.join(" ");
-        text += if rng.below(5) == 0 { ".\n" } else { ". " };
-    }
-    std::fs::write(path, text).unwrap();
-}
-
-struct Workspace {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    corpus: PathBuf,
-    data: PathBuf,
-}
-
-/// A corpus, a tokenizer of 300 tokens and a prepared data directory.
-fn workspace(tag: &str) -> Workspace {
-    let dir = temp_dir(tag);
-    let root = dir.path().to_path_buf();
-    let corpus = root.join("corpus.txt");
-    write_corpus(&corpus);
-    let tokenizer = root.join("tokenizer.json");
-    let summary = run_json(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300", "--out", s(&tokenizer)]);
-    assert_eq!(summary["vocab_size"], 300);
-    assert!(summary["bytes_per_token"].as_f64().unwrap() > 1.0);
-    let data = root.join("data");
-    let prepared = run_json(&["data", "prepare", "--tokenizer", s(&tokenizer), "--input", s(&corpus), "--out", s(&data)]);
-    assert!(prepared["train_tokens"].as_u64().unwrap() > 10 * prepared["val_tokens"].as_u64().unwrap());
-    Workspace { _dir: dir, root, corpus, data }
-}
-
-const TINY: [&str; 10] = ["--model", "tiny", "--batch", "4", "--seq", "32", "--eval-every", "4", "--threads", "2"];
-
-fn train_args<'a>(ws: &'a Workspace, out: &'a Path, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["train", "--data", s(&ws.data), "--out", s(out), "--steps", steps];
-    args.extend(TINY);
-    args.extend(extra);
-    args
-}
 
 #[test]
 fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
@@ -175,13 +86,6 @@ fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() 
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume"]).contains("no optimizer state"));
 }
 
-/// Every tensor of a safetensors file, as raw bytes by name.
-fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let bytes = read(path);
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    file.tensors().into_iter().map(|(name, view)| (name, view.data().to_vec())).collect()
-}
-
 #[test]
 fn head_only_fine_tuning_trains_the_head_and_leaves_the_backbone_untouched() {
     let ws = workspace("finetune");
@@ -199,10 +103,6 @@ fn head_only_fine_tuning_trains_the_head_and_leaves_the_backbone_untouched() {
     assert_ne!(after["mtp.gate.bias"], initial_gate_bias, "the gate was trained");
     // without --init-from, freezing makes no sense
     assert!(run_error(&train_args(&ws, &ws.root.join("x"), "2", &["--freeze-backbone", "--horizon", "2"])).contains("--init-from"));
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap()
 }
 
 #[test]

@@ -108,9 +108,7 @@ pub struct Graph(cudarc::driver::CudaGraph);
 impl Gpu {
     /// Opens device `ordinal`; [`CudaError::NoDriver`] where no driver is installed.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !crate::driver_present() {
-            return Err(CudaError::NoDriver);
-        }
+        crate::check_libraries()?;
         let context = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(ordinal, e.to_string()))?;
         context.bind_to_thread()?;
         // SAFETY: a fresh stream of this context, destroyed by its `OwnedStream` when the Gpu drops.

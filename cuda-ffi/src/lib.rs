@@ -63,6 +63,19 @@ pub enum CudaError {
     /// The driver library (libcuda) could not be loaded: no NVIDIA driver on this machine.
     #[error("no CUDA driver found (libcuda could not be loaded); use --device cpu, or install the NVIDIA driver")]
     NoDriver,
+    /// A CUDA library could not be loaded from the directory that [`LIB_DIR_VARIABLE`] names, or
+    /// a library other than the driver from anywhere.
+    #[error("{library} ({file}) could not be loaded{searched}; {install}, and put its directory in LD_LIBRARY_PATH or {LIB_DIR_VARIABLE}, or use --device cpu")]
+    MissingLibrary {
+        /// its usual name
+        library: &'static str,
+        /// the file looked for
+        file: &'static str,
+        /// what to install
+        install: &'static str,
+        /// where it was looked for, when a directory was named
+        searched: String,
+    },
     /// Opening the device with this ordinal failed; the driver's message.
     #[error("CUDA device {0} is not available: {1}")]
     NoDevice(usize, String),
@@ -101,6 +114,51 @@ pub type Result<T> = std::result::Result<T, CudaError>;
 pub fn driver_present() -> bool {
     // SAFETY: only probes whether the shared library can be opened.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The environment variable that names a directory to load the CUDA libraries from, ahead of
+/// the system's search path; then a library missing from it is reported missing.
+pub const LIB_DIR_VARIABLE: &str = "MULTITOKEN_CUDA_LIB_DIR";
+
+/// Checks that every CUDA library a device needs can be loaded (driver, cuBLAS, cuBLASLt,
+/// NVRTC), so that a missing one is a [`CudaError`] naming it instead of a panic inside the
+/// loader. With [`LIB_DIR_VARIABLE`] set, each is opened from that directory and stays loaded,
+/// so the loader finds it there.
+pub fn check_libraries() -> Result<()> {
+    type Probe = unsafe fn() -> bool;
+    // (name for the user, cudarc's library name, the file on Linux, what to install, cudarc's probe)
+    let libraries: [(&'static str, &str, &'static str, &'static str, Probe); 4] = [
+        ("the CUDA driver", "cuda", "libcuda.so.1", "install the NVIDIA driver", cudarc::driver::sys::is_culib_present),
+        ("cuBLAS", "cublas", "libcublas.so.13", "install cuBLAS from the CUDA 13 toolkit", cudarc::cublas::sys::is_culib_present),
+        ("cuBLASLt", "cublasLt", "libcublasLt.so.13", "install cuBLAS from the CUDA 13 toolkit", cudarc::cublaslt::sys::is_culib_present),
+        ("NVRTC", "nvrtc", "libnvrtc.so.13", "install NVRTC from the CUDA 13 toolkit", cudarc::nvrtc::sys::is_culib_present),
+    ];
+    let directory = std::env::var_os(LIB_DIR_VARIABLE).filter(|d| !d.is_empty()).map(std::path::PathBuf::from);
+    for (library, lib_name, file, install, probe) in libraries {
+        let found = match &directory {
+            // SAFETY: opening a CUDA library runs only its initialisers; it stays loaded for the
+            // process's life, as cudarc's own handle does.
+            Some(dir) => cudarc::get_lib_name_candidates(lib_name).iter().map(|name| dir.join(name)).filter(|path| path.is_file()).any(
+                |path| match unsafe { libloading::Library::new(&path) } {
+                    Ok(handle) => {
+                        std::mem::forget(handle);
+                        true
+                    }
+                    Err(_) => false,
+                },
+            ),
+            // SAFETY: only probes whether the shared library can be opened.
+            None => unsafe { probe() },
+        };
+        if !found {
+            if lib_name == "cuda" && directory.is_none() {
+                return Err(CudaError::NoDriver);
+            }
+            let searched = directory.as_ref().map(|d| format!(" from {} ({LIB_DIR_VARIABLE})", d.display())).unwrap_or_default();
+            return Err(CudaError::MissingLibrary { library, file, install, searched });
+        }
+    }
+    Ok(())
 }
 
 /// Whether NVRTC (the run-time compiler) can be loaded on this machine.

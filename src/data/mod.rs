@@ -29,6 +29,19 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Reads a whole file. Anything but a regular file is refused before it is opened: a FIFO
+/// would block and a device such as /dev/zero would never end.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::bad_file(path, "is a directory; expected a file"));
+    }
+    if !meta.is_file() {
+        return Err(Error::bad_file(path, "not a regular file (a pipe or a device cannot be read as one); pass a file"));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
 /// What `data prepare` reports.
 #[derive(Debug, serde::Serialize)]
 pub struct PrepareSummary {
@@ -38,6 +51,8 @@ pub struct PrepareSummary {
     pub val_tokens: usize,
     /// V, the tokenizer's vocabulary size (added tokens included)
     pub vocab_size: usize,
+    /// bytes of the inputs that were not UTF-8 and were read as U+FFFD
+    pub replaced_bytes: usize,
 }
 
 /// The training tokens, one of the files `data prepare` writes into its output directory.
@@ -57,13 +72,20 @@ pub fn prepare(tokenizer_path: &Path, inputs: &[PathBuf], out_dir: &Path, val_fr
         return invalid!("no input files given (pass --input FILE...)");
     }
     let tokenizer = tokenizer::load(tokenizer_path)?;
+    let tokenizer_json = std::fs::read(tokenizer_path).map_err(|e| Error::io(tokenizer_path, e))?;
+    let existing = out_dir.join(TOKENIZER_FILE);
+    if existing.exists() && std::fs::read(&existing).ok().as_ref() != Some(&tokenizer_json) {
+        return Err(Error::bad_file(
+            out_dir,
+            "holds data made with another tokenizer; choose another --out (or delete it to prepare it again)",
+        ));
+    }
     let separator = tokenizer::end_of_text_id(&tokenizer);
     let mut tokens = Vec::new();
+    let mut replaced_bytes = 0;
     for path in inputs {
-        if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
-            return Err(Error::bad_file(path, "not a regular file (pass text files, not directories)"));
-        }
-        let text = tokenizer::read_text(path)?;
+        let (text, replaced) = tokenizer::read_text_lossy(path)?;
+        replaced_bytes += replaced;
         if text.trim().is_empty() {
             continue;
         }
@@ -80,7 +102,6 @@ pub fn prepare(tokenizer_path: &Path, inputs: &[PathBuf], out_dir: &Path, val_fr
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     tokens::write(&out_dir.join(TRAIN_FILE), vocab_size, &tokens[..split])?;
     tokens::write(&out_dir.join(VAL_FILE), vocab_size, &tokens[split..])?;
-    let json = std::fs::read(tokenizer_path).map_err(|e| Error::io(tokenizer_path, e))?;
-    write_atomically(&out_dir.join(TOKENIZER_FILE), &json)?;
-    Ok(PrepareSummary { train_tokens: split, val_tokens, vocab_size: vocab_size as usize })
+    write_atomically(&out_dir.join(TOKENIZER_FILE), &tokenizer_json)?;
+    Ok(PrepareSummary { train_tokens: split, val_tokens, vocab_size: vocab_size as usize, replaced_bytes })
 }

@@ -52,6 +52,9 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
     if vocab_size < alphabet.len() + 1 {
         return invalid!("--vocab-size {vocab_size} is too small: a byte-level vocabulary needs at least {}", alphabet.len() + 1);
     }
+    if vocab_size > MAX_VOCAB_SIZE {
+        return invalid!("--vocab-size {vocab_size} is larger than this program allows ({MAX_VOCAB_SIZE})");
+    }
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(show_progress)
         .vocab_size(vocab_size)
@@ -77,7 +80,7 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
     crate::data::write_atomically(out, json.as_bytes())?;
     let mut input_tokens = 0;
     for path in inputs {
-        input_tokens += encode(&tokenizer, &read_text(path)?)?.len();
+        input_tokens += encode(&tokenizer, &read_text_lossy(path)?.0)?.len();
     }
     Ok(TokenizerSummary {
         vocab_size: tokenizer.get_vocab_size(true),
@@ -92,19 +95,41 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::bad_file(path, "no such tokenizer file (make one with `multitoken tokenizer train`)"));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
+    let bytes = crate::data::read_file(path)?;
+    let json = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "not a valid tokenizer.json (not UTF-8 text)"))?;
+    from_json(&json, path)
 }
 
 /// Parses a tokenizer from the text of a `tokenizer.json` (a checkpoint's copy, say); `path`
 /// names it in the error.
 pub fn from_json(json: &str, path: &Path) -> Result<Tokenizer> {
-    json.parse::<Tokenizer>().map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))
+    let tokenizer = json.parse::<Tokenizer>().map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))?;
+    let size = tokenizer.get_vocab_size(true);
+    if size > MAX_VOCAB_SIZE {
+        return Err(Error::bad_file(path, format!("the tokenizer has {size} tokens, more than this program allows ({MAX_VOCAB_SIZE})")));
+    }
+    Ok(tokenizer)
 }
 
-/// A file's text; bytes that are not UTF-8 become U+FFFD.
+/// The largest vocabulary a model may have (`model::config::LIMITS`), so the largest tokenizer.
+pub const MAX_VOCAB_SIZE: usize = crate::model::config::LIMITS[0].1;
+
+/// A file's text, which must be UTF-8: a text scored or prompted with is never changed behind
+/// the user's back.
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    let bytes = crate::data::read_file(path)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        Error::bad_file(path, format!("is not UTF-8 text (the first invalid byte is at offset {offset}); convert it to UTF-8 first"))
+    })
+}
+
+/// A corpus file's text, with each byte sequence that is not UTF-8 replaced by U+FFFD; also
+/// returns how many bytes were replaced, so the caller can say so.
+pub fn read_text_lossy(path: &Path) -> Result<(String, usize)> {
+    let bytes = crate::data::read_file(path)?;
+    let replaced = bytes.utf8_chunks().map(|chunk| chunk.invalid().len()).sum();
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), replaced))
 }
 
 /// Token ids of a text. Long texts are cut into pieces at line starts that begin a word, where

@@ -60,6 +60,10 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<TokenFile> {
     if width != 2 && width != 4 {
         return Err(bad(format!("token width {width} bytes (expected 2 or 4)")));
     }
+    let max_vocab = crate::data::tokenizer::MAX_VOCAB_SIZE;
+    if vocab_size < 2 || vocab_size as usize > max_vocab {
+        return Err(bad(format!("the header's vocabulary size {vocab_size} is outside 2..={max_vocab}")));
+    }
     let body = &bytes[HEADER_LEN..];
     if !body.len().is_multiple_of(width as usize) {
         return Err(bad("truncated: the file ends inside a token".into()));
@@ -77,8 +81,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<TokenFile> {
 
 /// Reads and checks a token file.
 pub fn read(path: &Path) -> Result<TokenFile> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(path, &bytes)
+    decode(path, &crate::data::read_file(path)?)
 }
 
 /// Writes atomically: a temporary file in the same directory, then a rename.
@@ -111,8 +114,11 @@ mod tests {
         let mut out_of_range = good.clone();
         out_of_range[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&400u16.to_le_bytes());
         check(&out_of_range, "outside the vocabulary");
-        let mut future = good;
+        let mut future = good.clone();
         future[4] = 9;
         check(&future, "version 9");
+        let mut huge_vocabulary = good;
+        huge_vocabulary[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        check(&huge_vocabulary, "vocabulary size 4294967295");
     }
 }

@@ -29,6 +29,22 @@ pub struct ModelConfig {
 pub const PRESETS: [(&str, usize, usize, usize, usize); 3] =
     [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
 
+/// The largest size of each dimension this program accepts, in the order of
+/// `ModelConfig`'s fields: every published GPT-2 (V 50257, P 1024, C up to 1600, L up to 48,
+/// H up to 25) fits with room to spare, and nothing read from a file or a flag can ask for more.
+pub const LIMITS: [(&str, usize); 7] = [
+    ("vocabulary size", 1 << 20),
+    ("n_positions", 1 << 16),
+    ("n_embd", 16_384),
+    ("n_layer", 256),
+    ("n_head", 256),
+    ("horizon n", 64),
+    ("rank r", 256),
+];
+
+/// The most parameters a model may have: 8·10⁹ (32 GB in f32), five times GPT-2 XL's 1.56·10⁹.
+pub const MAX_PARAMETERS: u128 = 8_000_000_000;
+
 impl ModelConfig {
     /// The `--model` preset `name` with the given V, n and r, validated.
     pub fn preset(name: &str, vocab_size: usize, horizon: usize, rank: usize) -> Result<Self> {
@@ -41,25 +57,42 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Checks that the shape is usable: V of 2 to 2³² − 1, positive sizes, H dividing C, n and r
-    /// at least 1.
+    /// Checks that the shape is usable and within [`LIMITS`]: V of 2 or more, positive sizes,
+    /// H dividing C, n and r at least 1, and no more than [`MAX_PARAMETERS`] parameters. Every
+    /// size read from a file or a flag passes through here before anything is allocated.
     pub fn validate(&self) -> Result<()> {
         if self.vocab_size < 2 {
             return invalid!("vocabulary size {} is too small (need at least 2)", self.vocab_size);
         }
-        if self.vocab_size > u32::MAX as usize {
-            return invalid!("vocabulary size {} does not fit 32-bit token ids", self.vocab_size);
-        }
-        if self.n_embd == 0 || self.n_layer == 0 || self.n_head == 0 || self.n_positions == 0 {
-            return invalid!("n_embd, n_layer, n_head and n_positions must all be positive");
+        let sizes = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_head, self.horizon, self.rank];
+        for ((name, limit), value) in LIMITS.into_iter().zip(sizes) {
+            if value == 0 {
+                return invalid!("{name} must be positive");
+            }
+            if value > limit {
+                return invalid!("{name} {value} is larger than this program allows ({limit})");
+            }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return invalid!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head);
         }
-        if self.horizon == 0 || self.rank == 0 {
-            return invalid!("--horizon and --rank must be at least 1");
+        let parameters = self.parameter_count();
+        if parameters > MAX_PARAMETERS {
+            return invalid!(
+                "this shape has {parameters} parameters, more than this program allows ({MAX_PARAMETERS}); choose a smaller model"
+            );
         }
         Ok(())
+    }
+
+    /// The number of parameters: embeddings, blocks, final LayerNorm and the head. Exact for
+    /// any shape within [`LIMITS`] (computed in 128 bits).
+    pub fn parameter_count(&self) -> u128 {
+        let [v, p, c, l, r, n] = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.rank, self.horizon].map(|x| x as u128);
+        // per block: c_attn C·3C + 3C, c_proj C·C + C, c_fc C·4C + 4C, mlp c_proj 4C·C + C, two LayerNorms 4C
+        let block = 12 * c * c + 13 * c;
+        let head = if self.has_head() { r * n * c * c + r * c + r } else { 0 };
+        v * c + p * c + l * block + 2 * c + head
     }
 
     /// Whether the model has head parameters (`mtp.*`): all but the plain GPT-2 case n = r = 1.
@@ -70,5 +103,42 @@ impl ModelConfig {
     /// hs = C / H, the width of one attention head.
     pub fn head_size(&self) -> usize {
         self.n_embd / self.n_head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::ModelParams;
+
+    #[test]
+    fn the_parameter_count_is_the_sum_of_the_parameters_shapes() {
+        for (horizon, rank) in [(1, 1), (3, 2)] {
+            let config = ModelConfig::preset("tiny", 300, horizon, rank).unwrap();
+            let mut total = 0u128;
+            ModelParams::<()>::build(&config, |spec| {
+                total += spec.shape.iter().product::<usize>() as u128;
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(config.parameter_count(), total);
+        }
+    }
+
+    #[test]
+    fn sizes_past_the_limits_are_refused_before_anything_is_allocated() {
+        let gpt2_xl = ModelConfig { vocab_size: 50257, n_positions: 1024, n_embd: 1600, n_layer: 48, n_head: 25, horizon: 4, rank: 8 };
+        gpt2_xl.validate().unwrap();
+        let refused = |config: ModelConfig, expected: &str| {
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(expected), "{message}");
+        };
+        refused(ModelConfig { n_layer: 1_000_000_000, ..gpt2_xl.clone() }, "n_layer 1000000000 is larger");
+        refused(ModelConfig { vocab_size: u32::MAX as usize, ..gpt2_xl.clone() }, "vocabulary size");
+        refused(ModelConfig { rank: 1_000_000, ..gpt2_xl.clone() }, "rank r");
+        refused(ModelConfig { horizon: 0, ..gpt2_xl.clone() }, "must be positive");
+        // each size within its limit, together too many: the count, not an overflow
+        refused(ModelConfig { n_embd: 16_384, n_head: 128, n_layer: 256, ..gpt2_xl.clone() }, "parameters");
+        refused(ModelConfig { n_embd: usize::MAX, ..gpt2_xl }, "n_embd");
     }
 }

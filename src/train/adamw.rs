@@ -26,6 +26,25 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Checks the constants: β1 and β2 in [0, 1), ε positive, weight decay non-negative, all
+    /// finite.
+    pub fn validate(&self) -> Result<()> {
+        let unit = |b: f64| (0.0..1.0).contains(&b);
+        if !(unit(self.beta1) && unit(self.beta2)) {
+            return crate::invalid!("AdamW's betas ({}, {}) must lie in [0, 1)", self.beta1, self.beta2);
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite() && self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return crate::invalid!(
+                "AdamW's eps ({}) must be positive and its weight decay ({}) non-negative",
+                self.eps,
+                self.weight_decay
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Optimizer state: first and second moments per parameter tensor, and the step count.
 #[derive(Clone, Debug)]
 pub struct AdamW<T: Float> {

@@ -20,7 +20,8 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
-use super::adamw::AdamW;
+use super::adamw::{AdamW, AdamWConfig};
+use super::TrainSettings;
 use crate::error::{Error, Result};
 use crate::model::params::ModelParams;
 use crate::model::ModelConfig;
@@ -45,16 +46,29 @@ pub struct Checkpoint {
     pub params: ModelParams<Tensor<f32>>,
     /// the text of tokenizer.json, where the directory has one
     pub tokenizer_json: Option<String>,
-    /// Present in checkpoints written by `train`: what `--resume` needs.
+    /// What `--resume` needs: written by `train`, read only by [`load_for_resume`].
     pub resume: Option<ResumeState>,
 }
 
-/// What a checkpoint written by `train` adds for `--resume`.
+/// What a checkpoint written by `train` adds for `--resume` (train_state.json and
+/// optimizer.safetensors).
 pub struct ResumeState {
     /// the optimizer's moments and step count, on the CPU
     pub optimizer: AdamW<f32>,
-    /// train_state.json as written by the trainer
-    pub train_state: Value,
+    /// the training steps done
+    pub step: u64,
+    /// the run's settings
+    pub settings: TrainSettings,
+}
+
+/// train_state.json: every field required, no others.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainStateFile {
+    step: u64,
+    settings: TrainSettings,
+    optimizer_steps: u64,
+    adamw: AdamWConfig,
 }
 
 /// Other files to place in the checkpoint directory (metrics, plots).
@@ -89,47 +103,71 @@ pub fn hf_config_json(config: &ModelConfig, end_of_text: Option<u32>) -> Value {
     })
 }
 
-/// Reads a GPT2Config leniently: absent fields take GPT2Config's defaults, absent head fields
-/// mean plain GPT-2 (n = r = 1). Refuses what this model does not compute.
+/// Reads a GPT2Config: absent fields take GPT2Config's defaults, absent head fields mean plain
+/// GPT-2 (n = r = 1). A field of the wrong type, and any setting that would make transformers
+/// compute something other than this model, is refused.
 pub fn parse_hf_config(path: &Path, text: &str) -> Result<ModelConfig> {
     let bad = |m: String| Error::bad_file(path, m);
     let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
-    let get = |key: &str, default: usize| -> Result<usize> {
-        match value.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| bad(format!("'{key}' must be a non-negative integer"))),
+    let Value::Object(fields) = value else {
+        return Err(bad("must hold a JSON object (a GPT2Config), not a list, a number or null".into()));
+    };
+    // a present field: None when absent or null, an error when of another type
+    let field = |key: &str, kind: &str, read: fn(&Value) -> Option<Value>| -> Result<Option<Value>> {
+        match fields.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => read(v).map(Some).ok_or_else(|| bad(format!("'{key}' must be {kind}, not {v}"))),
         }
     };
-    if let Some(t) = value.get("model_type").and_then(Value::as_str) {
+    let size = |key: &str, default: usize| -> Result<usize> {
+        let v = field(key, "a non-negative integer", |v| v.as_u64().map(Value::from))?;
+        Ok(v.and_then(|v| v.as_u64()).map_or(default, |x| usize::try_from(x).unwrap_or(usize::MAX)))
+    };
+    let text = |key: &str| -> Result<Option<String>> {
+        Ok(field(key, "a string", |v| v.as_str().map(Value::from))?.and_then(|v| v.as_str().map(String::from)))
+    };
+    let flag = |key: &str| -> Result<Option<bool>> {
+        Ok(field(key, "true or false", |v| v.as_bool().map(Value::from))?.and_then(|v| v.as_bool()))
+    };
+
+    if let Some(t) = text("model_type")? {
         if t != "gpt2" {
             return Err(bad(format!("model_type is '{t}'; only GPT-2 checkpoints are supported")));
         }
     }
-    let activation = value.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
-    if !matches!(activation, "gelu_new" | "gelu_pytorch_tanh") {
+    let activation = text("activation_function")?.unwrap_or_else(|| "gelu_new".into());
+    if !matches!(activation.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
         return Err(bad(format!("activation_function '{activation}' is not supported (GPT-2 uses gelu_new)")));
     }
-    let eps = value.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5);
+    let eps = field("layer_norm_epsilon", "a number", |v| v.as_f64().map(Value::from))?.and_then(|v| v.as_f64()).unwrap_or(1e-5);
     if (eps - 1e-5).abs() > 1e-12 {
         return Err(bad(format!("layer_norm_epsilon {eps} is not supported (GPT-2 uses 1e-5)")));
     }
-    if value.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
-        return Err(bad("untied word embeddings are not supported (GPT-2 ties lm_head to wte)".into()));
+    let refused_flags = [
+        ("tie_word_embeddings", false, "untied word embeddings are not supported (GPT-2 ties lm_head to wte)"),
+        ("scale_attn_weights", false, "scale_attn_weights false is not supported (GPT-2 divides attention scores by √hs)"),
+        ("scale_attn_by_inverse_layer_idx", true, "scale_attn_by_inverse_layer_idx true is not supported (GPT-2 does not scale by layer)"),
+        ("add_cross_attention", true, "add_cross_attention true is not supported (GPT-2 is a decoder only)"),
+    ];
+    for (key, refused, message) in refused_flags {
+        if flag(key)? == Some(refused) {
+            return Err(bad(message.into()));
+        }
     }
-    let n_embd = get("n_embd", 768)?;
-    if let Some(inner) = value.get("n_inner").and_then(Value::as_u64) {
-        if inner as usize != 4 * n_embd {
-            return Err(bad(format!("n_inner {inner} is not supported (GPT-2 uses 4·n_embd = {})", 4 * n_embd)));
+    let n_embd = size("n_embd", 768)?;
+    if let Some(inner) = field("n_inner", "a non-negative integer or null", |v| v.as_u64().map(Value::from))?.and_then(|v| v.as_u64()) {
+        if Some(inner) != (n_embd as u64).checked_mul(4) {
+            return Err(bad(format!("n_inner {inner} is not supported (GPT-2 uses 4·n_embd)")));
         }
     }
     let config = ModelConfig {
-        vocab_size: get("vocab_size", 50257)?,
-        n_positions: get("n_positions", 1024)?,
+        vocab_size: size("vocab_size", 50257)?,
+        n_positions: size("n_positions", 1024)?,
         n_embd,
-        n_layer: get("n_layer", 12)?,
-        n_head: get("n_head", 12)?,
-        horizon: get("mtp_horizon", 1)?,
-        rank: get("mtp_rank", 1)?,
+        n_layer: size("n_layer", 12)?,
+        n_head: size("n_head", 12)?,
+        horizon: size("mtp_horizon", 1)?,
+        rank: size("mtp_rank", 1)?,
     };
     config.validate().map_err(|e| bad(e.to_string()))?;
     Ok(config)
@@ -152,12 +190,27 @@ fn safetensors_bytes(tensors: &[(String, &Tensor<f32>)], path: &Path) -> Result<
     safetensors::serialize(views, metadata).map_err(|e| Error::bad_file(path, e.to_string()))
 }
 
-/// Reads every tensor of a safetensors file as f32 (from f32, f64, f16 or bf16).
-fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+/// Whether `name` is one of the constant masks old GPT-2 files store per block
+/// (`h.{i}.attn.bias`, `h.{i}.attn.masked_bias`, with or without `transformer.`), for a block
+/// the config has. They are recomputed, never read.
+fn is_mask_buffer(name: &str, config: &ModelConfig) -> bool {
+    let name = name.strip_prefix("transformer.").unwrap_or(name);
+    let Some(rest) = name.strip_prefix("h.") else { return false };
+    let Some((layer, buffer)) = rest.split_once('.') else { return false };
+    matches!(buffer, "attn.bias" | "attn.masked_bias") && layer.parse::<usize>().is_ok_and(|i| i < config.n_layer)
+}
+
+/// Reads every tensor of a safetensors file as f32 (from f32, f64, f16 or bf16), except those
+/// `skip` names, which are only listed. The safetensors crate has checked that each tensor's
+/// bytes lie in the file and match its shape.
+fn read_safetensors(path: &Path, skip: impl Fn(&str) -> bool) -> Result<HashMap<String, Tensor<f32>>> {
+    let bytes = crate::data::read_file(path)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::bad_file(path, format!("not a valid safetensors file ({e})")))?;
     let mut out = HashMap::new();
     for (name, view) in file.tensors() {
+        if skip(&name) {
+            continue;
+        }
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
@@ -171,8 +224,9 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor<f32>>> {
     Ok(out)
 }
 
-/// Takes each parameter of `config`'s layout out of `tensors`, checking shapes. Names may lack
-/// the `transformer.` prefix (as in some Hugging Face GPT-2 files).
+/// Takes each parameter of `config`'s layout out of `tensors`, checking shapes and that every
+/// value is finite. Names may lack the `transformer.` prefix (as in some Hugging Face GPT-2
+/// files).
 fn params_from_tensors(
     config: &ModelConfig,
     tensors: &mut HashMap<String, Tensor<f32>>,
@@ -191,8 +245,29 @@ fn params_from_tensors(
                 format!("tensor '{key}' has shape {:?}, but config.json implies {:?}", tensor.shape(), spec.shape),
             ));
         }
+        if let Some(bad) = tensor.data().iter().find(|x| !x.is_finite()) {
+            return Err(Error::bad_file(
+                path,
+                format!("tensor '{key}' holds {bad}: these values are unusable (from a run that diverged?); use an earlier checkpoint"),
+            ));
+        }
         Ok(tensor)
     })
+}
+
+/// Refuses a file with tensors that the config does not account for: a layer past `n_layer`,
+/// a head that config.json does not declare, anything unknown.
+fn refuse_leftovers(config: &ModelConfig, leftovers: HashMap<String, Tensor<f32>>, path: &Path) -> Result<()> {
+    let Some(name) = leftovers.keys().min() else { return Ok(()) };
+    let message = if name.starts_with("mtp.") && !config.has_head() {
+        format!("holds the multi-token head's tensors ('{name}') but config.json gives no mtp_horizon and mtp_rank; add them")
+    } else {
+        format!(
+            "holds tensor '{name}', which config.json does not describe (does its n_layer, n = {} and r = {} match?)",
+            config.horizon, config.rank
+        )
+    };
+    Err(Error::bad_file(path, message))
 }
 
 /// Puts back a checkpoint that a crash left under its hidden backup name (see the module doc).
@@ -214,51 +289,136 @@ fn backup_path(dir: &Path) -> Option<PathBuf> {
     sibling(dir, "previous")
 }
 
+/// One run's exclusive hold on its output directory: a lock on the hidden file `.NAME.lock`
+/// beside it, released when this is dropped or the process ends, however it ends.
+pub struct OutputLock {
+    _file: std::fs::File,
+}
+
+/// Takes `dir` for one run before anything else is written: refuses a directory that is the
+/// current one or holds it (a save replaces the directory), refuses a second run on the same
+/// directory, checks that a checkpoint can be written beside it, and removes the staging
+/// folders that a run killed during a save left behind.
+pub fn lock_output(dir: &Path) -> Result<OutputLock> {
+    let not_its_own = "--out must name a directory of its own, such as ./ckpt (every save replaces it)";
+    if dir.file_name().is_none() {
+        return Err(Error::bad_file(dir, not_its_own));
+    }
+    if let (Ok(out), Ok(cwd)) = (dir.canonicalize(), std::env::current_dir()) {
+        if cwd.starts_with(&out) {
+            return Err(Error::bad_file(dir, format!("is the current directory or holds it; {not_its_own}")));
+        }
+    }
+    let cannot_write = |e: std::io::Error| {
+        Error::bad_file(dir, format!("a checkpoint cannot be written here ({e}); choose an --out in a directory you can write"))
+    };
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(cannot_write)?;
+    let lock_path = sibling(dir, "lock").expect("dir has a file name");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(cannot_write)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::bad_file(dir, "another run is writing to it; wait for that run to end, or choose another --out"));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(cannot_write(e)),
+    }
+    let staging_prefix = sibling(dir, "staging-").expect("dir has a file name");
+    let staging_prefix = staging_prefix.file_name().expect("a file name").to_string_lossy().into_owned();
+    for entry in std::fs::read_dir(parent).map_err(cannot_write)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&staging_prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let probe = sibling(dir, &format!("staging-{}", std::process::id())).expect("dir has a file name");
+    std::fs::create_dir_all(&probe).and_then(|()| std::fs::write(probe.join("probe"), b"")).map_err(cannot_write)?;
+    std::fs::remove_dir_all(&probe).map_err(cannot_write)?;
+    Ok(OutputLock { _file: file })
+}
+
 /// Whether `dir` holds a checkpoint (its config.json).
 pub fn exists(dir: &Path) -> bool {
     recover_interrupted_save(dir);
     dir.join(CONFIG_FILE).is_file()
 }
 
-/// Reads a checkpoint directory (after restoring one whose save was interrupted); the resume
-/// state is read where optimizer.safetensors and train_state.json are both present.
+/// Reads a checkpoint's model: config.json, model.safetensors and tokenizer.json where present
+/// (after restoring one whose save was interrupted). What only `--resume` needs is not read,
+/// so a damaged optimizer file never stops inference.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     recover_interrupted_save(dir);
     if !dir.is_dir() {
         return Err(Error::bad_file(dir, "no such checkpoint directory (train one with `multitoken train`)"));
     }
     let config_path = dir.join(CONFIG_FILE);
-    let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config_bytes = crate::data::read_file(&config_path)?;
+    let config_text = String::from_utf8(config_bytes).map_err(|_| Error::bad_file(&config_path, "not valid JSON (not UTF-8 text)"))?;
     let config = parse_hf_config(&config_path, &config_text)?;
     let model_path = dir.join(MODEL_FILE);
-    let mut tensors = read_safetensors(&model_path)?;
+    let mut tensors = read_safetensors(&model_path, |name| is_mask_buffer(name, &config))?;
     let params = params_from_tensors(&config, &mut tensors, &model_path, "")?;
+    // transformers may store the tied unembedding as well; it must be wte itself
+    if let Some(lm_head) = tensors.remove("lm_head.weight") {
+        if lm_head.shape() != params.wte.shape() || lm_head.data() != params.wte.data() {
+            return Err(Error::bad_file(&model_path, "lm_head.weight differs from wte: untied embeddings are not supported"));
+        }
+    }
+    refuse_leftovers(&config, tensors, &model_path)?;
     let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer_json = if tokenizer_path.is_file() {
-        Some(std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?)
+    let tokenizer_json = if tokenizer_path.exists() {
+        let bytes = crate::data::read_file(&tokenizer_path)?;
+        Some(String::from_utf8(bytes).map_err(|_| Error::bad_file(&tokenizer_path, "not a valid tokenizer.json (not UTF-8 text)"))?)
     } else {
         None
     };
+    Ok(Checkpoint { config, params, tokenizer_json, resume: None })
+}
+
+/// Reads a checkpoint with what `--resume` needs: the model as [`load`] does, AdamW's moments
+/// and train_state.json, every field checked.
+pub fn load_for_resume(dir: &Path) -> Result<Checkpoint> {
+    let mut checkpoint = load(dir)?;
     let (optimizer_path, state_path) = (dir.join(OPTIMIZER_FILE), dir.join(TRAIN_STATE_FILE));
-    let resume = if optimizer_path.is_file() && state_path.is_file() {
-        let state_text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let train_state: Value =
-            serde_json::from_str(&state_text).map_err(|e| Error::bad_file(&state_path, format!("not valid JSON ({e})")))?;
-        let mut moments = read_safetensors(&optimizer_path)?;
-        let m = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg.")?;
-        let v = params_from_tensors(&config, &mut moments, &optimizer_path, "exp_avg_sq.")?;
-        let t = train_state
-            .get("optimizer_steps")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::bad_file(&state_path, "missing 'optimizer_steps'"))?;
-        let adam_config = serde_json::from_value(train_state.get("adamw").cloned().unwrap_or(Value::Null))
-            .map_err(|e| Error::bad_file(&state_path, format!("bad 'adamw' settings ({e})")))?;
-        let collect = |p: &ModelParams<Tensor<f32>>| p.named().into_iter().map(|(_, t)| t.clone()).collect();
-        Some(ResumeState { optimizer: AdamW { config: adam_config, m: collect(&m), v: collect(&v), t }, train_state })
-    } else {
-        None
+    let missing = |name: &str| {
+        Error::bad_file(
+            dir,
+            format!("has no {name}, so it cannot be resumed (a checkpoint from another program has no optimizer state; start from it with --init-from)"),
+        )
     };
-    Ok(Checkpoint { config, params, tokenizer_json, resume })
+    if !state_path.exists() {
+        return Err(missing(TRAIN_STATE_FILE));
+    }
+    if !optimizer_path.exists() {
+        return Err(missing(OPTIMIZER_FILE));
+    }
+    let state_bytes = crate::data::read_file(&state_path)?;
+    let state: TrainStateFile =
+        serde_json::from_slice(&state_bytes).map_err(|e| Error::bad_file(&state_path, format!("not a valid train state ({e})")))?;
+    state.adamw.validate().map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
+    if state.optimizer_steps > state.step || state.step > state.settings.steps {
+        return Err(Error::bad_file(
+            &state_path,
+            format!(
+                "inconsistent: step {} of {} with {} optimizer steps; the file was changed by hand",
+                state.step, state.settings.steps, state.optimizer_steps
+            ),
+        ));
+    }
+    let config = &checkpoint.config;
+    let mut moments = read_safetensors(&optimizer_path, |_| false)?;
+    let m = params_from_tensors(config, &mut moments, &optimizer_path, "exp_avg.")?;
+    let v = params_from_tensors(config, &mut moments, &optimizer_path, "exp_avg_sq.")?;
+    refuse_leftovers(config, moments, &optimizer_path)?;
+    if let Some((name, _)) = v.named().into_iter().find(|(_, t)| t.data().iter().any(|&x| x < 0.0)) {
+        return Err(Error::bad_file(&optimizer_path, format!("exp_avg_sq.{name} holds a negative value; a second moment cannot")));
+    }
+    let collect = |p: &ModelParams<Tensor<f32>>| p.named().into_iter().map(|(_, t)| t.clone()).collect();
+    checkpoint.resume = Some(ResumeState {
+        optimizer: AdamW { config: state.adamw, m: collect(&m), v: collect(&v), t: state.optimizer_steps },
+        step: state.step,
+        settings: state.settings,
+    });
+    Ok(checkpoint)
 }
 
 /// Files a checkpoint directory may hold; `save` replaces only directories made of these.
@@ -304,9 +464,12 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
             moments.push((format!("exp_avg_sq.{name}"), v));
         }
         write(OPTIMIZER_FILE, &safetensors_bytes(&moments, &dir.join(OPTIMIZER_FILE))?)?;
-        let mut state = resume.train_state.clone();
-        state["optimizer_steps"] = json!(resume.optimizer.t);
-        state["adamw"] = serde_json::to_value(resume.optimizer.config).expect("json");
+        let state = TrainStateFile {
+            step: resume.step,
+            settings: resume.settings.clone(),
+            optimizer_steps: resume.optimizer.t,
+            adamw: resume.optimizer.config,
+        };
         write(TRAIN_STATE_FILE, serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
     }
     for (name, bytes) in extra_files {

@@ -29,6 +29,7 @@ pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// Everything that determines a run; saved in train_state.json so `--resume` continues it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     /// the `--model` preset (ignored with `init_from`, whose backbone is used)
     pub model: String,
@@ -135,6 +136,17 @@ impl Dataset {
             return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
         }
         let tokenizer_path = dir.join(data::TOKENIZER_FILE);
+        let tokenizer = data::tokenizer::load(&tokenizer_path)?;
+        let tokenizer_size = tokenizer.get_vocab_size(true);
+        if tokenizer_size != train.vocab_size as usize {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "the token files' vocabulary ({}) differs from tokenizer.json's ({tokenizer_size}); run `multitoken data prepare` again",
+                    train.vocab_size
+                ),
+            ));
+        }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
         Ok(Dataset { train: train.tokens, val: val.tokens, vocab_size: train.vocab_size as usize, tokenizer_json })
     }
@@ -244,7 +256,8 @@ impl Run {
             tokenizer_json: Some(self.tokenizer_json.clone()),
             resume: Some(ResumeState {
                 optimizer: self.optimizer.to_device(&Device::Cpu)?,
-                train_state: json!({ "step": self.step, "settings": self.settings }),
+                step: self.step,
+                settings: self.settings.clone(),
             }),
         };
         let extra = vec![("metrics.jsonl".to_string(), metrics.into_bytes()), ("loss.svg".to_string(), self.plot().into_bytes())];
@@ -252,15 +265,30 @@ impl Run {
     }
 }
 
+/// The most tokens one step may hold, B·T: far beyond what any machine here trains on, and a
+/// bound on what a batch allocates.
+pub const MAX_TOKENS_PER_STEP: usize = 1 << 24;
+
+/// Checks settings that do not depend on the model (for a fresh run, and again for the saved
+/// settings of a resumed one, which a hand edit may have broken).
 fn check_settings(s: &TrainSettings) -> Result<()> {
     if s.steps == 0 || s.batch == 0 {
         return invalid!("--steps and --batch must be at least 1");
+    }
+    if s.batch.saturating_mul(s.seq.max(1)) > MAX_TOKENS_PER_STEP {
+        return invalid!("--batch {} × --seq {} is more than {MAX_TOKENS_PER_STEP} tokens per step", s.batch, s.seq);
     }
     if !(s.lr > 0.0 && s.lr.is_finite()) {
         return invalid!("--lr must be a positive number");
     }
     if !(s.aux_coef >= 0.0 && s.aux_coef.is_finite()) {
         return invalid!("--aux-coef must be a non-negative number");
+    }
+    if !((0.0..=1.0).contains(&s.min_lr_ratio) && s.grad_clip > 0.0 && s.grad_clip.is_finite()) {
+        return invalid!("the minimum learning-rate ratio must lie in [0, 1] and the gradient clip be positive");
+    }
+    if s.eval_batches == 0 {
+        return invalid!("validation needs at least one batch");
     }
     if s.freeze_backbone && s.init_from.is_none() {
         return invalid!("--freeze-backbone trains only the head; pass --init-from CKPT with a trained backbone");
@@ -271,45 +299,57 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
+/// Checks settings against the model they train: the sequence fits its positions, the head is
+/// the one the settings name.
+fn check_settings_fit(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
+    if s.seq == 0 || s.seq > config.n_positions {
+        return invalid!("--seq {} must lie between 1 and the model's n_positions {}", s.seq, config.n_positions);
+    }
+    if (s.horizon, s.rank) != (config.horizon, config.rank) {
+        return invalid!(
+            "the settings' n = {}, r = {} differ from the model's n = {}, r = {}",
+            s.horizon,
+            s.rank,
+            config.horizon,
+            config.rank
+        );
+    }
+    Ok(())
+}
+
 /// Starts a run: fresh, from `--init-from`, or resumed from the checkpoint in `out_dir`.
 fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bool) -> Result<Run> {
     if resume {
         if !checkpoint::exists(out_dir) {
             return Err(Error::bad_file(out_dir, "no checkpoint to resume (start a run without --resume)"));
         }
-        let saved = checkpoint::load(out_dir)?;
-        let Some(state) = saved.resume else {
-            return Err(Error::bad_file(
-                out_dir,
-                "this checkpoint has no optimizer state, so it cannot be resumed (use it with --init-from)",
-            ));
-        };
-        let settings: TrainSettings = serde_json::from_value(state.train_state["settings"].clone())
-            .map_err(|e| Error::bad_file(out_dir.join(checkpoint::TRAIN_STATE_FILE), format!("bad settings ({e})")))?;
-        let step = state.train_state["step"].as_u64().unwrap_or(0);
+        let saved = checkpoint::load_for_resume(out_dir)?;
+        let state = saved.resume.expect("load_for_resume reads the resume state");
+        let state_path = out_dir.join(checkpoint::TRAIN_STATE_FILE);
+        check_settings(&state.settings)
+            .and_then(|()| check_settings_fit(&state.settings, &saved.config))
+            .map_err(|e| Error::bad_file(&state_path, format!("the saved settings are not usable: {e}")))?;
         if saved.config.vocab_size != data.vocab_size {
             return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
         }
         // Keep the metrics up to the checkpoint's step: later rows belong to steps being redone.
-        let metrics_path = out_dir.join("metrics.jsonl");
-        let metrics: Vec<Value> = std::fs::read_to_string(&metrics_path)
+        // (`train` writes them back only once the run is about to start.)
+        let metrics: Vec<Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step))
+            .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= state.step))
             .collect();
-        let text: String = metrics.iter().map(|r| format!("{r}\n")).collect();
-        data::write_atomically(&metrics_path, text.as_bytes())?;
         let tokenizer_json = saved.tokenizer_json.unwrap_or_else(|| data.tokenizer_json.clone());
         return Ok(Run {
             out_dir: out_dir.into(),
-            settings,
+            settings: state.settings,
             config: saved.config,
             params: saved.params,
             optimizer: state.optimizer,
             tokenizer_json,
             metrics,
-            step,
+            step: state.step,
         });
     }
     check_settings(&settings)?;
@@ -320,27 +360,30 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
     }
     let mut config = ModelConfig::preset(&settings.model, data.vocab_size, settings.horizon, settings.rank)?;
+    let init = match &settings.init_from {
+        Some(init_from) => {
+            let init = checkpoint::load(init_from)?;
+            if init.config.vocab_size != data.vocab_size {
+                return invalid!(
+                    "--init-from has a vocabulary of {}, the data {}; prepare the data with that checkpoint's tokenizer",
+                    init.config.vocab_size,
+                    data.vocab_size
+                );
+            }
+            config = ModelConfig { horizon: settings.horizon, rank: settings.rank, ..init.config.clone() };
+            config.validate()?;
+            Some(init)
+        }
+        None => None,
+    };
+    let settings = TrainSettings { seq: if settings.seq == 0 { config.n_positions } else { settings.seq }, ..settings };
+    check_settings_fit(&settings, &config)?;
     let mut rng = Rng::new(settings.seed);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
-    if let Some(init_from) = &settings.init_from {
-        let init = checkpoint::load(init_from)?;
-        if init.config.vocab_size != data.vocab_size {
-            return invalid!(
-                "--init-from has a vocabulary of {}, the data {}; prepare the data with that checkpoint's tokenizer",
-                init.config.vocab_size,
-                data.vocab_size
-            );
-        }
-        config = ModelConfig { horizon: settings.horizon, rank: settings.rank, ..init.config.clone() };
-        params = gpt2::init_params::<f32>(&config, &mut rng);
+    if let Some(init) = init {
         let head = params.head.take();
         params = ModelParams { head, ..init.params };
     }
-    let effective_seq = if settings.seq == 0 { config.n_positions } else { settings.seq };
-    if effective_seq > config.n_positions {
-        return invalid!("--seq {effective_seq} exceeds the model's n_positions {}", config.n_positions);
-    }
-    let settings = TrainSettings { seq: effective_seq, ..settings };
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let optimizer = AdamW::new(AdamWConfig::default(), &refs);
@@ -376,6 +419,10 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let (resume, show_progress) = (options.resume, options.show_progress);
     crate::device::check_available(options.device)?;
     let data = Dataset::load(data_dir)?;
+    if !resume {
+        check_settings(&settings)?; // a mistyped flag creates nothing, not even the lock
+    }
+    let _lock = checkpoint::lock_output(out_dir)?;
     let mut run = start_run(&data, out_dir, settings, resume)?;
     // the run's parameters and optimizer state live on the device from here on
     let device = options.device.open(options.precision)?;
@@ -387,6 +434,11 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
     let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
+
+    if resume {
+        let kept: String = run.metrics.iter().map(|r| format!("{r}\n")).collect();
+        data::write_atomically(&out_dir.join("metrics.jsonl"), kept.as_bytes())?;
+    }
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();

@@ -8,6 +8,8 @@ use multitoken::model::{params::ModelParams, ModelConfig};
 use multitoken::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
+pub mod cli;
+
 /// A fixture written by reference/make_fixtures.py: f64 tensors, i64 token ids, metadata.
 pub struct Fixture {
     pub tensors: HashMap<String, Tensor<f64>>,
