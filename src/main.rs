@@ -12,6 +12,7 @@ use multitoken::data::{self, tokenizer};
 use multitoken::decode::{self, DecodeRequest, SamplingConfig};
 use multitoken::device::{DeviceKind, Precision};
 use multitoken::error::Error;
+use multitoken::model::config::ShapeOverrides;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 
 /// Training allocates and frees the same large activation buffers every step; mimalloc hands
@@ -87,9 +88,21 @@ struct TrainArgs {
     /// Checkpoint directory to write
     #[arg(long)]
     out: PathBuf,
-    /// Model preset: tiny, small or base [default: small]
+    /// Model preset: tiny, small, base, gpt2, gpt2-medium, gpt2-large or gpt2-xl [default: small]
     #[arg(long)]
     model: Option<String>,
+    /// Width C, replacing the preset's
+    #[arg(long, allow_negative_numbers = true)]
+    n_embd: Option<usize>,
+    /// Blocks L, replacing the preset's
+    #[arg(long, allow_negative_numbers = true)]
+    n_layer: Option<usize>,
+    /// Attention heads H, replacing the preset's
+    #[arg(long, allow_negative_numbers = true)]
+    n_head: Option<usize>,
+    /// Positions P, replacing the preset's
+    #[arg(long, allow_negative_numbers = true)]
+    n_positions: Option<usize>,
     /// Tokens predicted per position, n [default: 1]
     #[arg(long, allow_negative_numbers = true)]
     horizon: Option<usize>,
@@ -114,6 +127,21 @@ struct TrainArgs {
     /// Warm-up steps [default: min(100, steps/10)]
     #[arg(long, allow_negative_numbers = true)]
     warmup: Option<u64>,
+    /// Where the cosine decay ends [default: lr/10]
+    #[arg(long, allow_negative_numbers = true)]
+    min_lr: Option<f64>,
+    /// AdamW's decoupled weight decay, on matrices [default: 0.1]
+    #[arg(long, allow_negative_numbers = true)]
+    weight_decay: Option<f64>,
+    /// AdamW's β2 [default: 0.95]
+    #[arg(long, allow_negative_numbers = true)]
+    beta2: Option<f64>,
+    /// Global gradient-norm limit [default: 1.0]
+    #[arg(long, allow_negative_numbers = true)]
+    grad_clip: Option<f64>,
+    /// Micro-batches of --batch rows per step, their gradients summed [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    grad_accum: Option<usize>,
     /// Validate every K steps [default: 100]
     #[arg(long, allow_negative_numbers = true)]
     eval_every: Option<u64>,
@@ -298,38 +326,52 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         Command::Train(args) => {
             let device = DeviceKind::parse(&args.device)?;
             let precision = Precision::parse(&args.precision, device)?;
-            let explicit = [
-                ("--model", args.model.is_some()),
-                ("--horizon", args.horizon.is_some()),
-                ("--rank", args.rank.is_some()),
-                ("--aux-coef", args.aux_coef.is_some()),
-                ("--steps", args.steps.is_some()),
-                ("--batch", args.batch.is_some()),
-                ("--seq", args.seq.is_some()),
-                ("--lr", args.lr.is_some()),
-                ("--warmup", args.warmup.is_some()),
-                ("--eval-every", args.eval_every.is_some()),
-                ("--save-every", args.save_every.is_some()),
-                ("--init-from", args.init_from.is_some()),
-                ("--freeze-backbone", args.freeze_backbone),
-                ("--seed", args.seed.is_some()),
+            // (flag, whether given, where the setting sits in the saved settings' JSON)
+            let flags = [
+                ("--model", args.model.is_some(), "/model"),
+                ("--n-embd", args.n_embd.is_some(), "/shape/n_embd"),
+                ("--n-layer", args.n_layer.is_some(), "/shape/n_layer"),
+                ("--n-head", args.n_head.is_some(), "/shape/n_head"),
+                ("--n-positions", args.n_positions.is_some(), "/shape/n_positions"),
+                ("--horizon", args.horizon.is_some(), "/horizon"),
+                ("--rank", args.rank.is_some(), "/rank"),
+                ("--aux-coef", args.aux_coef.is_some(), "/aux_coef"),
+                ("--steps", args.steps.is_some(), "/steps"),
+                ("--batch", args.batch.is_some(), "/batch"),
+                ("--grad-accum", args.grad_accum.is_some(), "/grad_accum"),
+                ("--seq", args.seq.is_some(), "/seq"),
+                ("--lr", args.lr.is_some(), "/lr"),
+                ("--min-lr", args.min_lr.is_some(), "/min_lr_ratio"),
+                ("--warmup", args.warmup.is_some(), "/warmup_steps"),
+                ("--weight-decay", args.weight_decay.is_some(), "/weight_decay"),
+                ("--beta2", args.beta2.is_some(), "/beta2"),
+                ("--grad-clip", args.grad_clip.is_some(), "/grad_clip"),
+                ("--eval-every", args.eval_every.is_some(), "/eval_every"),
+                ("--save-every", args.save_every.is_some(), "/save_every"),
+                ("--init-from", args.init_from.is_some(), "/init_from"),
+                ("--freeze-backbone", args.freeze_backbone, "/freeze_backbone"),
+                ("--seed", args.seed.is_some(), "/seed"),
             ];
-            if args.resume {
-                if let Some((flag, _)) = explicit.iter().find(|(_, given)| *given) {
-                    anyhow::bail!("{flag} cannot be set with --resume: the run continues with the settings saved in its checkpoint");
-                }
-            }
+            let explicit: Vec<(&'static str, &'static str)> =
+                flags.iter().filter(|(_, given, _)| *given).map(|&(flag, _, pointer)| (flag, pointer)).collect();
             let d = TrainSettings::default();
+            let lr = args.lr.unwrap_or(d.lr);
             let settings = TrainSettings {
                 model: args.model.clone().unwrap_or(d.model),
+                shape: ShapeOverrides { n_embd: args.n_embd, n_layer: args.n_layer, n_head: args.n_head, n_positions: args.n_positions },
                 horizon: args.horizon.unwrap_or(d.horizon),
                 rank: args.rank.unwrap_or(d.rank),
                 aux_coef: args.aux_coef.unwrap_or(d.aux_coef),
                 steps: args.steps.unwrap_or(d.steps),
                 batch: args.batch.unwrap_or(d.batch),
+                grad_accum: args.grad_accum.unwrap_or(d.grad_accum),
                 seq: args.seq.unwrap_or(d.seq),
-                lr: args.lr.unwrap_or(d.lr),
+                lr,
+                min_lr_ratio: args.min_lr.map_or(d.min_lr_ratio, |min_lr| min_lr / lr),
                 warmup_steps: args.warmup.unwrap_or(d.warmup_steps),
+                weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
+                beta2: args.beta2.unwrap_or(d.beta2),
+                grad_clip: args.grad_clip.unwrap_or(d.grad_clip),
                 eval_every: args.eval_every.unwrap_or(d.eval_every),
                 save_every: args.save_every.unwrap_or(d.save_every),
                 seed: args.seed.unwrap_or(d.seed),
@@ -339,8 +381,14 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
-            let options =
-                train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps, device, precision };
+            let options = train::RunOptions {
+                resume: args.resume,
+                show_progress: true,
+                stop_after_steps: args.stop_after_steps,
+                device,
+                precision,
+                explicit,
+            };
             let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",

@@ -24,7 +24,7 @@ fn write_seed_checkpoint(dir: &Path) {
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let optimizer = AdamW::new(AdamWConfig::default(), &refs);
     let settings = TrainSettings { horizon: 2, rank: 2, seq: 8, steps: 10, ..TrainSettings::default() };
-    let resume = ResumeState { optimizer, step: 0, settings };
+    let resume = ResumeState { optimizer, step: 0, settings, best_val_joint_loss: Some(4.5) };
     let checkpoint = Checkpoint { config, params, tokenizer_json: None, resume: Some(resume) };
     checkpoint::save(dir, &checkpoint, &vec![]).unwrap();
 }

@@ -39,6 +39,21 @@ impl Batch {
     pub fn rows(&self) -> usize {
         self.inputs.len() / self.seq
     }
+
+    /// The rows cut into `parts` batches of equal size, in order (`parts` must divide B).
+    pub fn split_rows(&self, parts: usize) -> Vec<Batch> {
+        assert!(parts > 0 && self.rows().is_multiple_of(parts), "{parts} parts of {} rows", self.rows());
+        let rows = self.rows() / parts;
+        let (inputs, targets) = (rows * self.seq, rows * self.seq * self.horizon);
+        (0..parts)
+            .map(|i| Batch {
+                inputs: self.inputs[i * inputs..(i + 1) * inputs].to_vec(),
+                targets: self.targets[i * targets..(i + 1) * targets].to_vec(),
+                seq: self.seq,
+                horizon: self.horizon,
+            })
+            .collect()
+    }
 }
 
 const BATCH_STREAM: u64 = 1;

@@ -25,9 +25,38 @@ pub struct ModelConfig {
     pub rank: usize,
 }
 
-/// The `--model` presets (docs/cli.md, "Model presets"): (name, C, L, H, n_positions).
-pub const PRESETS: [(&str, usize, usize, usize, usize); 3] =
-    [("tiny", 64, 2, 4, 128), ("small", 256, 4, 4, 256), ("base", 768, 12, 12, 1024)];
+/// The `--model` presets (docs/cli.md, "Model presets"): (name, C, L, H, n_positions). The
+/// last four are the shapes of the published GPT-2 models (124M, 355M, 774M and 1.5B
+/// parameters at V = 50257).
+pub const PRESETS: [(&str, usize, usize, usize, usize); 7] = [
+    ("tiny", 64, 2, 4, 128),
+    ("small", 256, 4, 4, 256),
+    ("base", 768, 12, 12, 1024),
+    ("gpt2", 768, 12, 12, 1024),
+    ("gpt2-medium", 1024, 24, 16, 1024),
+    ("gpt2-large", 1280, 36, 20, 1024),
+    ("gpt2-xl", 1600, 48, 25, 1024),
+];
+
+/// Sizes that replace a preset's (`--n-embd`, `--n-layer`, `--n-head`, `--n-positions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeOverrides {
+    /// C
+    pub n_embd: Option<usize>,
+    /// L
+    pub n_layer: Option<usize>,
+    /// H
+    pub n_head: Option<usize>,
+    /// P
+    pub n_positions: Option<usize>,
+}
+
+impl ShapeOverrides {
+    /// Whether any size is given.
+    pub fn any(&self) -> bool {
+        self.n_embd.is_some() || self.n_layer.is_some() || self.n_head.is_some() || self.n_positions.is_some()
+    }
+}
 
 /// The largest size of each dimension this program accepts, in the order of
 /// `ModelConfig`'s fields: every published GPT-2 (V 50257, P 1024, C up to 1600, L up to 48,
@@ -48,11 +77,25 @@ pub const MAX_PARAMETERS: u128 = 8_000_000_000;
 impl ModelConfig {
     /// The `--model` preset `name` with the given V, n and r, validated.
     pub fn preset(name: &str, vocab_size: usize, horizon: usize, rank: usize) -> Result<Self> {
+        Self::shaped(name, &ShapeOverrides::default(), vocab_size, horizon, rank)
+    }
+
+    /// The preset `name` with some of its sizes replaced, validated: a shape that cannot work
+    /// is refused here, before anything is allocated.
+    pub fn shaped(name: &str, overrides: &ShapeOverrides, vocab_size: usize, horizon: usize, rank: usize) -> Result<Self> {
         let Some(&(_, n_embd, n_layer, n_head, n_positions)) = PRESETS.iter().find(|p| p.0 == name) else {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
             return invalid!("unknown model preset '{name}' (choose one of {})", names.join(", "));
         };
-        let config = ModelConfig { vocab_size, n_positions, n_embd, n_layer, n_head, horizon, rank };
+        let config = ModelConfig {
+            vocab_size,
+            n_positions: overrides.n_positions.unwrap_or(n_positions),
+            n_embd: overrides.n_embd.unwrap_or(n_embd),
+            n_layer: overrides.n_layer.unwrap_or(n_layer),
+            n_head: overrides.n_head.unwrap_or(n_head),
+            horizon,
+            rank,
+        };
         config.validate()?;
         Ok(config)
     }

@@ -59,6 +59,8 @@ pub struct ResumeState {
     pub step: u64,
     /// the run's settings
     pub settings: TrainSettings,
+    /// the lowest validation joint loss so far, whose weights the `-best` sibling holds
+    pub best_val_joint_loss: Option<f64>,
 }
 
 /// train_state.json: every field required, no others.
@@ -69,6 +71,8 @@ struct TrainStateFile {
     settings: TrainSettings,
     optimizer_steps: u64,
     adamw: AdamWConfig,
+    #[serde(default)]
+    best_val_joint_loss: Option<f64>,
 }
 
 /// Other files to place in the checkpoint directory (metrics, plots).
@@ -289,6 +293,12 @@ fn backup_path(dir: &Path) -> Option<PathBuf> {
     sibling(dir, "previous")
 }
 
+/// Where `train` keeps the weights with the lowest validation loss: `NAME-best` beside `dir`.
+pub fn best_path(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    Some(dir.with_file_name(format!("{name}-best")))
+}
+
 /// One run's exclusive hold on its output directory: a lock on the hidden file `.NAME.lock`
 /// beside it, released when this is dropped or the process ends, however it ends.
 pub struct OutputLock {
@@ -417,6 +427,7 @@ pub fn load_for_resume(dir: &Path) -> Result<Checkpoint> {
         optimizer: AdamW { config: state.adamw, m: collect(&m), v: collect(&v), t: state.optimizer_steps },
         step: state.step,
         settings: state.settings,
+        best_val_joint_loss: state.best_val_joint_loss,
     });
     Ok(checkpoint)
 }
@@ -469,6 +480,7 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
             settings: resume.settings.clone(),
             optimizer_steps: resume.optimizer.t,
             adamw: resume.optimizer.config,
+            best_val_joint_loss: resume.best_val_joint_loss,
         };
         write(TRAIN_STATE_FILE, serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
     }

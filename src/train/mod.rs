@@ -21,6 +21,7 @@ use crate::data::{self, batches, tokens, Batch};
 use crate::device::{DeviceKind, Precision};
 use crate::error::{Error, Result};
 use crate::invalid;
+use crate::model::config::ShapeOverrides;
 use crate::model::{gpt2, model_loss, ModelConfig, ModelParams};
 use crate::tensor::{Device, Float, Rng, Tensor};
 
@@ -65,6 +66,29 @@ pub struct TrainSettings {
     pub init_from: Option<PathBuf>,
     /// train only the head (W, G, g); needs `init_from`
     pub freeze_backbone: bool,
+    /// sizes that replace the preset's (not with `init_from`)
+    #[serde(default)]
+    pub shape: ShapeOverrides,
+    /// AdamW's β2, the decay of the second moment
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW's decoupled weight decay (on matrices)
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// K, micro-batches of `batch` rows whose gradients one step sums (a step sees B·K rows)
+    #[serde(default = "default_grad_accum")]
+    pub grad_accum: usize,
+}
+
+// runs saved before these settings existed used these values
+fn default_beta2() -> f64 {
+    AdamWConfig::default().beta2
+}
+fn default_weight_decay() -> f64 {
+    AdamWConfig::default().weight_decay
+}
+fn default_grad_accum() -> usize {
+    1
 }
 
 impl Default for TrainSettings {
@@ -87,7 +111,18 @@ impl Default for TrainSettings {
             seed: 1337,
             init_from: None,
             freeze_backbone: false,
+            shape: ShapeOverrides::default(),
+            beta2: default_beta2(),
+            weight_decay: default_weight_decay(),
+            grad_accum: 1,
         }
+    }
+}
+
+impl TrainSettings {
+    /// AdamW's constants for this run.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta2: self.beta2, weight_decay: self.weight_decay, ..AdamWConfig::default() }
     }
 }
 
@@ -174,19 +209,50 @@ pub fn train_step<T: Float>(
     step: StepConfig,
     trainable: &dyn Fn(&str) -> bool,
 ) -> Result<(f64, f64)> {
-    let mut tape = Tape::new();
-    let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
-    let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef)?;
-    let objective = tape.value(out.objective).item().as_f64();
-    if !objective.is_finite() {
-        return Ok((objective, f64::NAN));
+    train_step_accumulated(config, params, optimizer, std::slice::from_ref(batch), step, trainable)
+}
+
+/// One training step over K micro-batches (gradient accumulation): each is a forward and a
+/// backward on its own tape, their gradients are summed, and the update uses the mean, as one
+/// step over all their rows would (apart from the load-balancing term, which each micro-batch
+/// computes over its own rows). The objective returned is the micro-batches' mean.
+pub fn train_step_accumulated<T: Float>(
+    config: &ModelConfig,
+    params: &mut ModelParams<Tensor<T>>,
+    optimizer: &mut AdamW<T>,
+    micro_batches: &[Batch],
+    step: StepConfig,
+    trainable: &dyn Fn(&str) -> bool,
+) -> Result<(f64, f64)> {
+    let parts = micro_batches.len() as f64;
+    let mut objective = 0.0;
+    let mut grad_sums: Vec<Option<Tensor<T>>> = Vec::new();
+    for batch in micro_batches {
+        let mut tape = Tape::new();
+        let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
+        let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef)?;
+        let value = tape.value(out.objective).item().as_f64();
+        if !value.is_finite() {
+            return Ok((value, f64::NAN));
+        }
+        objective += value / parts;
+        let mut grads = tape.backward(out.objective)?;
+        let grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
+        if grad_sums.is_empty() {
+            grad_sums = grad_list;
+        } else {
+            for (sum, grad) in grad_sums.iter_mut().zip(&grad_list) {
+                if let (Some(sum), Some(grad)) = (sum, grad) {
+                    sum.add_assign(grad)?;
+                }
+            }
+        }
     }
-    let mut grads = tape.backward(out.objective)?;
-    let grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
-    let norm = grad_norm(&grad_list)?;
+    // the mean gradient is the sum / K: its norm, and the update's scale, carry the 1/K
+    let norm = grad_norm(&grad_sums)? / parts;
     if norm.is_finite() {
-        let grad_refs: Vec<Option<&Tensor<T>>> = grad_list.iter().map(Option::as_ref).collect();
-        optimizer.step(&mut params.values_mut(), &grad_refs, step.lr, clip_scale(norm, step.grad_clip))?;
+        let grad_refs: Vec<Option<&Tensor<T>>> = grad_sums.iter().map(Option::as_ref).collect();
+        optimizer.step(&mut params.values_mut(), &grad_refs, step.lr, clip_scale(norm, step.grad_clip) / parts)?;
     }
     Ok((objective, norm))
 }
@@ -215,6 +281,7 @@ struct Run {
     tokenizer_json: String,
     metrics: Vec<Value>,
     step: u64,
+    best_val_joint_loss: Option<f64>,
 }
 
 impl Run {
@@ -258,10 +325,29 @@ impl Run {
                 optimizer: self.optimizer.to_device(&Device::Cpu)?,
                 step: self.step,
                 settings: self.settings.clone(),
+                best_val_joint_loss: self.best_val_joint_loss,
             }),
         };
         let extra = vec![("metrics.jsonl".to_string(), metrics.into_bytes()), ("loss.svg".to_string(), self.plot().into_bytes())];
         checkpoint::save(&self.out_dir, &checkpoint, &extra)
+    }
+
+    /// Keeps the weights in the `-best` sibling of the output directory when `val_joint_loss`
+    /// is the lowest so far (the model only: for `eval`, `sample` and `--init-from`).
+    fn keep_if_best(&mut self, val_joint_loss: f64) -> Result<()> {
+        if !val_joint_loss.is_finite() || self.best_val_joint_loss.is_some_and(|best| best <= val_joint_loss) {
+            return Ok(());
+        }
+        let dir = checkpoint::best_path(&self.out_dir).ok_or_else(|| Error::bad_file(&self.out_dir, "not a directory path"))?;
+        let checkpoint = Checkpoint {
+            config: self.config.clone(),
+            params: params_to_device(&self.config, &self.params, &Device::Cpu)?,
+            tokenizer_json: Some(self.tokenizer_json.clone()),
+            resume: None,
+        };
+        checkpoint::save(&dir, &checkpoint, &vec![])?;
+        self.best_val_joint_loss = Some(val_joint_loss);
+        Ok(())
     }
 }
 
@@ -269,14 +355,22 @@ impl Run {
 /// bound on what a batch allocates.
 pub const MAX_TOKENS_PER_STEP: usize = 1 << 24;
 
+/// The most micro-batches one step may add up.
+pub const MAX_GRAD_ACCUM: usize = 1 << 16;
+
 /// Checks settings that do not depend on the model (for a fresh run, and again for the saved
 /// settings of a resumed one, which a hand edit may have broken).
 fn check_settings(s: &TrainSettings) -> Result<()> {
     if s.steps == 0 || s.batch == 0 {
         return invalid!("--steps and --batch must be at least 1");
     }
-    if s.batch.saturating_mul(s.seq.max(1)) > MAX_TOKENS_PER_STEP {
-        return invalid!("--batch {} × --seq {} is more than {MAX_TOKENS_PER_STEP} tokens per step", s.batch, s.seq);
+    if s.batch.saturating_mul(s.grad_accum).saturating_mul(s.seq.max(1)) > MAX_TOKENS_PER_STEP {
+        return invalid!(
+            "--batch {} × --grad-accum {} × --seq {} is more than {MAX_TOKENS_PER_STEP} tokens per step",
+            s.batch,
+            s.grad_accum,
+            s.seq
+        );
     }
     if !(s.lr > 0.0 && s.lr.is_finite()) {
         return invalid!("--lr must be a positive number");
@@ -285,10 +379,19 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
         return invalid!("--aux-coef must be a non-negative number");
     }
     if !((0.0..=1.0).contains(&s.min_lr_ratio) && s.grad_clip > 0.0 && s.grad_clip.is_finite()) {
-        return invalid!("the minimum learning-rate ratio must lie in [0, 1] and the gradient clip be positive");
+        return invalid!("--min-lr must lie between 0 and --lr, and --grad-clip be positive");
     }
     if s.eval_batches == 0 {
         return invalid!("validation needs at least one batch");
+    }
+    if s.grad_accum == 0 || s.grad_accum > MAX_GRAD_ACCUM {
+        return invalid!("--grad-accum {} must lie between 1 and {MAX_GRAD_ACCUM}", s.grad_accum);
+    }
+    s.adamw().validate()?;
+    if s.init_from.is_some() && s.shape.any() {
+        return invalid!(
+            "--n-embd, --n-layer, --n-head and --n-positions cannot be used with --init-from, whose backbone has its own shape"
+        );
     }
     if s.freeze_backbone && s.init_from.is_none() {
         return invalid!("--freeze-backbone trains only the head; pass --init-from CKPT with a trained backbone");
@@ -317,8 +420,43 @@ fn check_settings_fit(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Starts a run: fresh, from `--init-from`, or resumed from the checkpoint in `out_dir`.
-fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bool) -> Result<Run> {
+/// The settings a resumed run continues with: the saved ones, with the flags given again
+/// compared against them. `--eval-every` and `--save-every` may change, `--steps` may move the
+/// end (not below the step reached); any other flag must repeat the saved value.
+fn resumed_settings(saved: &TrainSettings, given: &TrainSettings, explicit: &[(&str, &str)], step: u64) -> Result<TrainSettings> {
+    let (saved_json, given_json) = (serde_json::to_value(saved).expect("json"), serde_json::to_value(given).expect("json"));
+    for &(flag, pointer) in explicit {
+        let (old, new) = (saved_json.pointer(pointer), given_json.pointer(pointer));
+        if matches!(flag, "--eval-every" | "--save-every" | "--steps") || old == new {
+            continue;
+        }
+        let show = |v: Option<&Value>| v.map_or("none".to_string(), |v| v.to_string());
+        return invalid!(
+            "{flag} {} differs from the checkpoint's {}; a resumed run keeps its settings (repeat them, leave the flag out, or start a new --out)",
+            show(new),
+            show(old)
+        );
+    }
+    let given_flag = |flag: &str| explicit.iter().any(|(f, _)| *f == flag);
+    let mut settings = saved.clone();
+    if given_flag("--eval-every") {
+        settings.eval_every = given.eval_every;
+    }
+    if given_flag("--save-every") {
+        settings.save_every = given.save_every;
+    }
+    if given_flag("--steps") {
+        if given.steps < step {
+            return invalid!("--steps {} is below the {step} steps the checkpoint has done", given.steps);
+        }
+        settings.steps = given.steps;
+    }
+    Ok(settings)
+}
+
+/// Starts a run: fresh, from `--init-from`, or resumed from the checkpoint in `out_dir` (with
+/// `explicit`, the flags given on the command line: (flag, where in the settings' JSON)).
+fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bool, explicit: &[(&str, &str)]) -> Result<Run> {
     if resume {
         if !checkpoint::exists(out_dir) {
             return Err(Error::bad_file(out_dir, "no checkpoint to resume (start a run without --resume)"));
@@ -329,6 +467,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         check_settings(&state.settings)
             .and_then(|()| check_settings_fit(&state.settings, &saved.config))
             .map_err(|e| Error::bad_file(&state_path, format!("the saved settings are not usable: {e}")))?;
+        let settings = resumed_settings(&state.settings, &settings, explicit, state.step)?;
         if saved.config.vocab_size != data.vocab_size {
             return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
         }
@@ -343,13 +482,14 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         let tokenizer_json = saved.tokenizer_json.unwrap_or_else(|| data.tokenizer_json.clone());
         return Ok(Run {
             out_dir: out_dir.into(),
-            settings: state.settings,
+            settings,
             config: saved.config,
             params: saved.params,
             optimizer: state.optimizer,
             tokenizer_json,
             metrics,
             step: state.step,
+            best_val_joint_loss: state.best_val_joint_loss,
         });
     }
     check_settings(&settings)?;
@@ -359,7 +499,10 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
     }
-    let mut config = ModelConfig::preset(&settings.model, data.vocab_size, settings.horizon, settings.rank)?;
+    if let Some(best) = checkpoint::best_path(out_dir).filter(|b| b.exists()) {
+        return Err(Error::bad_file(best, "exists, from an earlier run with this --out; remove it or choose another --out"));
+    }
+    let mut config = ModelConfig::shaped(&settings.model, &settings.shape, data.vocab_size, settings.horizon, settings.rank)?;
     let init = match &settings.init_from {
         Some(init_from) => {
             let init = checkpoint::load(init_from)?;
@@ -376,7 +519,11 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         }
         None => None,
     };
-    let settings = TrainSettings { seq: if settings.seq == 0 { config.n_positions } else { settings.seq }, ..settings };
+    // the defaults that depend on the model or the run are saved resolved, so a resumed or
+    // extended run keeps them
+    let seq = if settings.seq == 0 { config.n_positions } else { settings.seq };
+    let warmup_steps = if settings.warmup_steps == 0 { (settings.steps / 10).min(100) } else { settings.warmup_steps };
+    let settings = TrainSettings { seq, warmup_steps, ..settings };
     check_settings_fit(&settings, &config)?;
     let mut rng = Rng::new(settings.seed);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
@@ -386,7 +533,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
-    let optimizer = AdamW::new(AdamWConfig::default(), &refs);
+    let optimizer = AdamW::new(settings.adamw(), &refs);
     Ok(Run {
         out_dir: out_dir.into(),
         settings,
@@ -396,6 +543,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         tokenizer_json: data.tokenizer_json.clone(),
         metrics: Vec::new(),
         step: 0,
+        best_val_joint_loss: None,
     })
 }
 
@@ -412,6 +560,9 @@ pub struct RunOptions {
     pub device: DeviceKind,
     /// f32 or TF32 matrix products
     pub precision: Precision,
+    /// With `resume`: the setting flags given on the command line, as (flag, JSON pointer into
+    /// the settings), each checked against the saved run.
+    pub explicit: Vec<(&'static str, &'static str)>,
 }
 
 /// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
@@ -423,7 +574,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         check_settings(&settings)?; // a mistyped flag creates nothing, not even the lock
     }
     let _lock = checkpoint::lock_output(out_dir)?;
-    let mut run = start_run(&data, out_dir, settings, resume)?;
+    let mut run = start_run(&data, out_dir, settings, resume, &options.explicit)?;
     // the run's parameters and optimizer state live on the device from here on
     let device = options.device.open(options.precision)?;
     run.params = params_to_device(&run.config, &run.params, &device)?;
@@ -453,11 +604,14 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         }
         let step = run.step;
         let lr = schedule::learning_rate(step, s.steps, warmup, s.lr, s.min_lr_ratio);
-        let batch = batches::training_batch(&data.train, s.batch, s.seq, n, s.seed, step)?;
+        // one draw of B·K rows, cut into K micro-batches: the rows do not depend on K
+        let batch = batches::training_batch(&data.train, s.batch * s.grad_accum, s.seq, n, s.seed, step)?;
+        let micro_batches = batch.split_rows(s.grad_accum);
         let tick = Instant::now();
         let step_config = StepConfig { lr, grad_clip: s.grad_clip, aux_coef: s.aux_coef };
         let (loss, grad_norm) =
-            train_step(&run.config, &mut run.params, &mut run.optimizer, &batch, step_config, &trainable).inspect_err(|_| bar.abandon())?;
+            train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable)
+                .inspect_err(|_| bar.abandon())?;
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -466,7 +620,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         }
         run.step += 1;
         train_loss = loss;
-        let tokens_per_s = (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64();
+        let tokens_per_s = (steps_timed * (s.batch * s.grad_accum * s.seq) as u64) as f64 / step_time.as_secs_f64();
         bar.set_position(run.step);
         bar.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s"));
         let last = run.step == s.steps;
@@ -491,6 +645,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
                 "expert_weight": val.expert_weight,
                 "aux": val.aux,
             }));
+            run.keep_if_best(val.joint_loss).inspect_err(|_| bar.abandon())?;
             last_val = Some(val);
         }
         if (s.save_every > 0 && run.step % s.save_every == 0) || last {
@@ -502,7 +657,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         Some(v) => v,
         None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?,
     };
-    let tokens_per_s = if steps_timed > 0 { (steps_timed * (s.batch * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
+    let tokens_per_s =
+        if steps_timed > 0 { (steps_timed * (s.batch * s.grad_accum * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
     Ok(TrainSummary {
         steps: run.step,
         train_loss,

@@ -1,0 +1,137 @@
+//! Training as users coming from nanoGPT and Hugging Face do it: the same command again with
+//! `--resume`, a run extended, the best checkpoint kept, gradient accumulation, any shape.
+
+mod common;
+
+use std::path::Path;
+
+use common::cli::*;
+use multitoken::data::Batch;
+use multitoken::model::config::{ModelConfig, ShapeOverrides};
+use multitoken::model::gpt2;
+use multitoken::tensor::{Rng, Tensor};
+use multitoken::train::adamw::{AdamW, AdamWConfig};
+use multitoken::train::{train_step, train_step_accumulated, StepConfig};
+use serde_json::Value;
+
+fn train_state(dir: &Path) -> Value {
+    serde_json::from_slice(&read(&dir.join("train_state.json"))).unwrap()
+}
+
+#[test]
+fn the_same_command_with_resume_continues_the_run() {
+    let ws = workspace("same-command");
+    let straight = ws.root.join("straight");
+    let resumed = ws.root.join("resumed");
+    let flags = ["--horizon", "2", "--rank", "2", "--lr", "2e-3", "--weight-decay", "0.05", "--beta2", "0.99", "--grad-clip", "0.5"];
+    run_json(&train_args(&ws, &straight, "12", &flags));
+    let interrupted =
+        binary().args(train_args(&ws, &resumed, "12", &[&flags[..], &["--stop-after-steps", "5"]].concat())).output().unwrap();
+    assert_eq!(interrupted.status.code(), Some(130));
+    // the command again with --resume, a different --eval-every, --save-every and --threads
+    let mut again = train_args(&ws, &resumed, "12", &flags);
+    let at = again.iter().position(|a| *a == "--eval-every").unwrap();
+    again[at + 1] = "3";
+    again.extend(["--resume", "--save-every", "4"]);
+    run_json(&again);
+    assert!(read(&straight.join("model.safetensors")) == read(&resumed.join("model.safetensors")), "weights differ after resuming");
+    let state = train_state(&resumed);
+    assert_eq!(state["settings"]["beta2"], 0.99);
+    assert_eq!(state["adamw"]["weight_decay"], 0.05);
+    assert_eq!(state["settings"]["eval_every"], 3, "the new --eval-every is kept");
+    // a flag that would change the run names itself and both values
+    let mut changed: Vec<&str> =
+        train_args(&ws, &resumed, "12", &flags).into_iter().map(|a| if a == "2e-3" { "1e-3" } else { a }).collect();
+    changed.push("--resume");
+    let message = run_error(&changed);
+    assert!(message.contains("--lr 0.001 differs from the checkpoint's 0.002"), "{message}");
+}
+
+#[test]
+fn a_larger_steps_extends_a_finished_run_and_the_best_weights_are_kept() {
+    let ws = workspace("extend");
+    let ckpt = ws.root.join("ckpt");
+    run_json(&train_args(&ws, &ckpt, "8", &[]));
+    let extended = run_json(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--steps", "16", "--threads", "2"]);
+    assert_eq!(extended["steps"], 16);
+    assert_eq!(train_state(&ckpt)["step"], 16);
+    let message = run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--steps", "10"]);
+    assert!(message.contains("below the 16 steps"), "{message}");
+
+    // the best validation loss so far has its weights beside the checkpoint
+    let best = ws.root.join("ckpt-best");
+    let metrics = std::fs::read_to_string(ckpt.join("metrics.jsonl")).unwrap();
+    let lowest = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("val_joint_loss")?.as_f64())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(train_state(&ckpt)["best_val_joint_loss"].as_f64(), Some(lowest));
+    assert!(best.join("model.safetensors").is_file() && !best.join("optimizer.safetensors").exists());
+    run_json(&["eval", "--checkpoint", s(&best), "--text-file", s(&ws.corpus)]);
+    // a new run on the same --out name does not overwrite an earlier run's best weights
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    assert!(run_error(&train_args(&ws, &ckpt, "2", &[])).contains("ckpt-best"));
+}
+
+/// Random rows of token ids for a tiny model.
+fn random_batch(rows: usize, seq: usize, horizon: usize, vocab: usize, rng: &mut Rng) -> Batch {
+    let tokens: Vec<u32> = (0..rows * (seq + horizon)).map(|_| rng.below(vocab) as u32).collect();
+    let rows: Vec<&[u32]> = tokens.chunks(seq + horizon).collect();
+    Batch::from_rows(&rows, seq, horizon)
+}
+
+#[test]
+fn one_step_of_b_times_k_rows_equals_k_accumulated_steps_of_b() {
+    let config = ModelConfig::shaped("tiny", &ShapeOverrides { n_layer: Some(1), ..Default::default() }, 50, 2, 2).unwrap();
+    let mut rng = Rng::new(7);
+    let whole = random_batch(8, 16, 2, 50, &mut rng);
+    // λ = 0: the load-balancing term is computed per micro-batch, so it alone would differ
+    let step = StepConfig { lr: 1e-2, grad_clip: 0.3, aux_coef: 0.0 };
+    let run = |accumulate: bool| {
+        let mut params = gpt2::init_params::<f64>(&config, &mut Rng::new(1));
+        let refs: Vec<&Tensor<f64>> = params.named().into_iter().map(|(_, t)| t).collect();
+        let mut optimizer = AdamW::new(AdamWConfig::default(), &refs);
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            let (loss, norm) = if accumulate {
+                train_step_accumulated(&config, &mut params, &mut optimizer, &whole.split_rows(4), step, &|_| true).unwrap()
+            } else {
+                train_step(&config, &mut params, &mut optimizer, &whole, step, &|_| true).unwrap()
+            };
+            losses.push((loss, norm));
+        }
+        (params, losses)
+    };
+    let (one, one_losses) = run(false);
+    let (four, four_losses) = run(true);
+    for ((a, na), (b, nb)) in one_losses.iter().zip(&four_losses) {
+        assert!((a - b).abs() < 1e-12 && (na - nb).abs() < 1e-12, "loss {a} vs {b}, norm {na} vs {nb}");
+    }
+    for ((name, a), (_, b)) in one.named().into_iter().zip(four.named()) {
+        let difference = a.max_abs_diff(b);
+        assert!(difference < 1e-12, "{name} differs by {difference:e} after 3 steps");
+    }
+}
+
+#[test]
+fn any_shape_from_flags_and_refused_shapes_cost_nothing() {
+    let ws = workspace("shapes");
+    let ckpt = ws.root.join("ckpt");
+    run_json(&train_args(&ws, &ckpt, "2", &["--n-layer", "3", "--n-embd", "48", "--n-head", "3", "--n-positions", "64"]));
+    let config: Value = serde_json::from_slice(&read(&ckpt.join("config.json"))).unwrap();
+    assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["n_head"].as_u64()), (Some(3), Some(48), Some(3)));
+    assert_eq!(config["n_positions"], 64);
+    let refused = ws.root.join("refused");
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--n-embd", "50", "--n-head", "3"])).contains("not divisible"));
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--n-positions", "16"])).contains("n_positions 16"));
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--init-from", s(&ckpt), "--n-layer", "2"])).contains("--init-from"));
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--beta2", "1"])).contains("betas"));
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--grad-accum", "0"])).contains("--grad-accum"));
+    assert!(!refused.exists());
+    // GPT-2's published shapes by their usual names
+    for (name, parameters) in
+        [("gpt2", 124_439_808u128), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)]
+    {
+        assert_eq!(ModelConfig::preset(name, 50257, 1, 1).unwrap().parameter_count(), parameters, "{name}");
+    }
+}
