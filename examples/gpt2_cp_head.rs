@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     let steps = if quick { 10 } else { 400 };
     for step in 0..steps {
         // rows of T + n = 68 tokens: 64 inputs, each with its next 4 tokens as targets
-        let batch = batches::training_batch(&ids, 8, 64, config.horizon, 1, step as u64)?;
+        let batch = batches::training_batch(ids.as_slice(), 8, 64, config.horizon, 1, step as u64)?;
         let lr = 1e-2 * (1.0 - step as f64 / steps as f64).max(0.1);
         let (loss, _) =
             train_step(&config, &mut params, &mut optimizer, &batch, StepConfig { lr, grad_clip: 1.0, aux_coef: 0.01 }, &|_| true)?;

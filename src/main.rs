@@ -316,7 +316,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             Ok((serde_json::to_value(summary)?, text))
         }
         Command::Data(DataCommand::Prepare { tokenizer, input, out, val_fraction }) => {
-            let summary = data::prepare(tokenizer, input, out, *val_fraction)?;
+            let summary = data::prepare(tokenizer, input, out, *val_fraction, !cli.json)?;
             if summary.replaced_bytes > 0 {
                 eprintln!("warning: {} bytes of the input were not UTF-8 and were read as U+FFFD", summary.replaced_bytes);
             }

@@ -813,7 +813,7 @@ cuda_test!(resume_on_the_gpu_ends_bit_for_bit_like_an_uninterrupted_run, |gpu| {
     let tokenizer = dir.path().join("tokenizer.json");
     multitoken::data::tokenizer::train(std::slice::from_ref(&corpus), 300, &tokenizer, false).unwrap();
     let data = dir.path().join("data");
-    multitoken::data::prepare(&tokenizer, std::slice::from_ref(&corpus), &data, 0.1).unwrap();
+    multitoken::data::prepare(&tokenizer, std::slice::from_ref(&corpus), &data, 0.1, false).unwrap();
     let settings = TrainSettings {
         model: "tiny".into(),
         horizon: 2,

@@ -3,6 +3,7 @@
 //! The rows of training step k depend only on (seed, k): resuming at step k draws exactly the
 //! batches an uninterrupted run would have drawn, with no sampler state to save.
 
+use super::tokens::MappedTokens;
 use crate::error::Result;
 use crate::invalid;
 use crate::tensor::Rng;
@@ -56,9 +57,51 @@ impl Batch {
     }
 }
 
+/// A stream of token ids that batches are cut from: a slice in memory, or a token file read
+/// through a memory map.
+pub trait TokenSource {
+    /// The number of tokens.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Ids `start .. start + out.len()` into `out`.
+    fn copy_into(&self, start: usize, out: &mut [u32]);
+}
+
+impl TokenSource for [u32] {
+    fn len(&self) -> usize {
+        <[u32]>::len(self)
+    }
+    fn copy_into(&self, start: usize, out: &mut [u32]) {
+        out.copy_from_slice(&self[start..start + out.len()]);
+    }
+}
+
+impl TokenSource for MappedTokens {
+    fn len(&self) -> usize {
+        MappedTokens::len(self)
+    }
+    fn copy_into(&self, start: usize, out: &mut [u32]) {
+        MappedTokens::copy_into(self, start, out);
+    }
+}
+
+/// Rows of `row_len` tokens starting at `offsets`, copied out of `tokens`, as one batch.
+fn batch_at<S: TokenSource + ?Sized>(tokens: &S, offsets: &[usize], seq: usize, horizon: usize) -> Batch {
+    let row_len = seq + horizon;
+    let mut buffer = vec![0u32; offsets.len() * row_len];
+    for (row, &offset) in buffer.chunks_mut(row_len).zip(offsets) {
+        tokens.copy_into(offset, row);
+    }
+    let rows: Vec<&[u32]> = buffer.chunks(row_len).collect();
+    Batch::from_rows(&rows, seq, horizon)
+}
+
 const BATCH_STREAM: u64 = 1;
 
-fn check_length(tokens: &[u32], seq: usize, horizon: usize, what: &str) -> Result<()> {
+fn check_length<S: TokenSource + ?Sized>(tokens: &S, seq: usize, horizon: usize, what: &str) -> Result<()> {
     if tokens.len() < seq + horizon {
         return invalid!(
             "{what} has {} tokens, fewer than one row of T + n = {} (use a smaller --seq or a larger corpus)",
@@ -70,23 +113,30 @@ fn check_length(tokens: &[u32], seq: usize, horizon: usize, what: &str) -> Resul
 }
 
 /// The batch of training step `step`: `batch` rows at random offsets.
-pub fn training_batch(tokens: &[u32], batch: usize, seq: usize, horizon: usize, seed: u64, step: u64) -> Result<Batch> {
+pub fn training_batch<S: TokenSource + ?Sized>(
+    tokens: &S,
+    batch: usize,
+    seq: usize,
+    horizon: usize,
+    seed: u64,
+    step: u64,
+) -> Result<Batch> {
     check_length(tokens, seq, horizon, "the training split")?;
     let mut rng = Rng::for_stream(seed, BATCH_STREAM, step);
     let starts = tokens.len() - (seq + horizon) + 1;
-    let rows: Vec<&[u32]> = (0..batch).map(|_| rng.below(starts)).map(|o| &tokens[o..o + seq + horizon]).collect();
-    Ok(Batch::from_rows(&rows, seq, horizon))
+    let offsets: Vec<usize> = (0..batch).map(|_| rng.below(starts)).collect();
+    Ok(batch_at(tokens, &offsets, seq, horizon))
 }
 
 /// Fixed validation batches: consecutive rows (stride T) from the start, at most `max_batches`.
-pub fn validation_batches(tokens: &[u32], batch: usize, seq: usize, horizon: usize, max_batches: usize) -> Result<Vec<Batch>> {
+pub fn validation_batches<S: TokenSource + ?Sized>(
+    tokens: &S,
+    batch: usize,
+    seq: usize,
+    horizon: usize,
+    max_batches: usize,
+) -> Result<Vec<Batch>> {
     check_length(tokens, seq, horizon, "the validation split")?;
     let offsets: Vec<usize> = (0..=tokens.len() - (seq + horizon)).step_by(seq).take(batch * max_batches).collect();
-    Ok(offsets
-        .chunks(batch)
-        .map(|chunk| {
-            let rows: Vec<&[u32]> = chunk.iter().map(|&o| &tokens[o..o + seq + horizon]).collect();
-            Batch::from_rows(&rows, seq, horizon)
-        })
-        .collect())
+    Ok(offsets.chunks(batch).map(|chunk| batch_at(tokens, chunk, seq, horizon)).collect())
 }

@@ -132,28 +132,36 @@ pub fn read_text_lossy(path: &Path) -> Result<(String, usize)> {
     Ok((String::from_utf8_lossy(&bytes).into_owned(), replaced))
 }
 
+/// Whether text may be cut before byte `at` without changing its tokens: at "x\nW", a line
+/// that starts with a word after a line that ends with one, where the whitespace run is exactly
+/// the newline and the byte-level pre-tokenizer splits anyway. Such a cut is also a UTF-8
+/// character boundary.
+pub(crate) fn is_safe_cut(bytes: &[u8], at: usize) -> bool {
+    at >= 2 && at < bytes.len() && bytes[at - 1] == b'\n' && !bytes[at].is_ascii_whitespace() && !bytes[at - 2].is_ascii_whitespace()
+}
+
 /// Token ids of a text. Long texts are cut into pieces at line starts that begin a word, where
-/// the byte-level pre-tokenizer would split anyway, and encoded in parallel.
+/// the byte-level pre-tokenizer would split anyway, and encoded in parallel, a few pieces per
+/// thread at a time: an encoding holds offsets and strings for every token, so encoding a
+/// long text whole would take many times its size in memory.
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    const PIECE: usize = 1 << 16;
+    const PIECE: usize = 1 << 14;
     let mut pieces = Vec::new();
     let mut start = 0;
-    // a cut at `end` needs "x\nW": the whitespace run is exactly the newline on both sides
     while start < text.len() {
         let mut end = (start + PIECE).min(text.len());
-        while end < text.len() {
-            let bytes = text.as_bytes();
-            let word_starts_line = bytes[end - 1] == b'\n' && !bytes[end].is_ascii_whitespace();
-            if word_starts_line && !bytes[end - 2].is_ascii_whitespace() {
-                break;
-            }
+        while end < text.len() && !is_safe_cut(text.as_bytes(), end) {
             end += 1;
         }
         pieces.push(&text[start..end]);
         start = end;
     }
-    let encodings = tokenizer.encode_batch(pieces, false).map_err(|e| Error::Invalid(format!("tokenizing: {e}")))?;
-    Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+    let mut ids = Vec::with_capacity(text.len() / 3);
+    for group in pieces.chunks(2 * rayon::current_num_threads()) {
+        let encodings = tokenizer.encode_batch(group.to_vec(), false).map_err(|e| Error::Invalid(format!("tokenizing: {e}")))?;
+        ids.extend(encodings.iter().flat_map(|e| e.get_ids().iter().copied()));
+    }
+    Ok(ids)
 }
 
 /// The text of token ids, special tokens such as `<|endoftext|>` included.

@@ -145,14 +145,17 @@ pub struct TrainSummary {
     pub elapsed_s: f64,
     /// the checkpoint directory (`--out`)
     pub checkpoint: PathBuf,
+    /// the process's peak resident memory, in bytes (Linux; 0 elsewhere)
+    pub peak_rss_bytes: u64,
 }
 
 /// The training split, the validation split and the tokenizer of a `data prepare` directory.
+/// The splits are read through memory maps: a corpus larger than memory trains.
 pub struct Dataset {
     /// the tokens of train.bin
-    pub train: Vec<u32>,
+    pub train: tokens::MappedTokens,
     /// the tokens of val.bin
-    pub val: Vec<u32>,
+    pub val: tokens::MappedTokens,
     /// V, from the token files' headers
     pub vocab_size: usize,
     /// the text of tokenizer.json
@@ -160,30 +163,30 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Reads the token files and the tokenizer of a directory written by `data prepare`.
+    /// Opens the token files and reads the tokenizer of a directory written by `data prepare`.
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::bad_file(dir, "no such data directory (make one with `multitoken data prepare`)"));
         }
-        let train = tokens::read(&dir.join(data::TRAIN_FILE))?;
-        let val = tokens::read(&dir.join(data::VAL_FILE))?;
-        if train.vocab_size != val.vocab_size {
+        let train = tokens::MappedTokens::open(&dir.join(data::TRAIN_FILE))?;
+        let val = tokens::MappedTokens::open(&dir.join(data::VAL_FILE))?;
+        if train.vocab_size() != val.vocab_size() {
             return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
         }
         let tokenizer_path = dir.join(data::TOKENIZER_FILE);
         let tokenizer = data::tokenizer::load(&tokenizer_path)?;
         let tokenizer_size = tokenizer.get_vocab_size(true);
-        if tokenizer_size != train.vocab_size as usize {
+        if tokenizer_size != train.vocab_size() as usize {
             return Err(Error::bad_file(
                 dir,
                 format!(
                     "the token files' vocabulary ({}) differs from tokenizer.json's ({tokenizer_size}); run `multitoken data prepare` again",
-                    train.vocab_size
+                    train.vocab_size()
                 ),
             ));
         }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
-        Ok(Dataset { train: train.tokens, val: val.tokens, vocab_size: train.vocab_size as usize, tokenizer_json })
+        Ok(Dataset { vocab_size: train.vocab_size() as usize, train, val, tokenizer_json })
     }
 }
 
@@ -668,6 +671,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         val_head_losses: val.head_losses,
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: out_dir.into(),
+        peak_rss_bytes: crate::bench::peak_rss_bytes(),
     })
 }
 
