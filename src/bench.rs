@@ -213,7 +213,7 @@ pub fn bench_decode(
     // the first repeat and in the profile of where a pass goes
     let mut run = |speculative: bool, warm_up: bool| -> Result<Generation> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
-        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {} };
+        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {}, stop_at: None };
         if let Some(decoder) = gpu_decoder.as_mut() {
             let generation = decoder.decode(params, request, speculative);
             if warm_up {

@@ -208,10 +208,19 @@ impl SamplingArgs {
 struct SampleArgs {
     #[arg(long)]
     checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "prompts_file")]
+    prompt: Option<String>,
+    /// Prompts, one a line (empty lines skipped), after --prompt if both are given
     #[arg(long)]
-    prompt: String,
+    prompts_file: Option<PathBuf>,
+    /// Samples per prompt, seeded --seed, --seed + 1, ...
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = at_least_one)]
+    num_samples: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     max_new_tokens: usize,
+    /// Go on past the tokenizer's end-of-text token instead of stopping at it
+    #[arg(long)]
+    ignore_eos: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Self-speculative decoding with the multi-token head (several tokens per pass)
@@ -427,46 +436,65 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let device = DeviceKind::parse(&args.device)?;
             multitoken::device::check_available(device)?;
             args.sampling.config().validate()?;
-            let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
-            let prompt = tokenizer::encode(&tok, &args.prompt)?;
-            let bar = live_readout(args.max_new_tokens);
-            let sampling = args.sampling.config();
-            let request = DecodeRequest {
-                prompt: &prompt,
-                max_new_tokens: args.max_new_tokens,
-                sampling: &sampling,
-                seed: args.sampling.seed,
-                progress: &mut |done| bar.set_position(done as u64),
-            };
-            let generation = match device.open(Precision::F32)?.gpu() {
-                None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
-                Some(gpu) => {
-                    let mut decoder = multitoken::decode::cuda::GpuDecoder::new(gpu, &ckpt.config, &ckpt.params)?;
-                    decoder.decode(&ckpt.params, request, args.speculative)?
+            let mut prompts: Vec<String> = args.prompt.iter().cloned().collect();
+            if let Some(file) = &args.prompts_file {
+                prompts.extend(tokenizer::read_text(file)?.lines().filter(|l| !l.trim().is_empty()).map(String::from));
+                if prompts.is_empty() {
+                    anyhow::bail!("{}: holds no prompt (one a line)", file.display());
                 }
+            }
+            let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
+            let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer::encode(&tok, p)).collect::<Result<_, _>>()?;
+            let stop_at = if args.ignore_eos { None } else { tokenizer::end_of_text_id(&tok) };
+            let sampling = args.sampling.config();
+            let gpu = device.open(Precision::F32)?.gpu().cloned();
+            let mut gpu_decoder = match &gpu {
+                Some(gpu) => Some(multitoken::decode::cuda::GpuDecoder::new(gpu, &ckpt.config, &ckpt.params)?),
+                None => None,
             };
-            bar.finish_and_clear();
-            let continuation = tokenizer::decode(&tok, &generation.tokens)?;
-            let value = json!({
-                "text": continuation,
-                "prompt": args.prompt,
-                "tokens": generation.tokens,
-                "tokens_per_s": generation.tokens_per_s(),
-                "forward_passes": generation.forward_passes,
-                "mean_accepted": generation.mean_accepted(),
-                "acceptance_rates": generation.acceptance_rates(),
-                "speculative": args.speculative,
-            });
-            let mode = if args.speculative { format!(", {:.2} tokens per pass", generation.mean_accepted()) } else { String::new() };
-            let text = format!(
-                "{}{}\n\n[{} tokens, {:.1} tokens/s, {} forward passes{mode}]",
-                args.prompt,
-                continuation,
-                generation.tokens.len(),
-                generation.tokens_per_s(),
-                generation.forward_passes
-            );
-            Ok((value, text))
+            let (mut samples, mut texts) = (Vec::new(), Vec::new());
+            for (prompt_text, prompt) in prompts.iter().zip(&encoded) {
+                for index in 0..args.num_samples {
+                    let seed = args.sampling.seed + index as u64;
+                    let bar = live_readout(args.max_new_tokens);
+                    let request = DecodeRequest {
+                        prompt,
+                        max_new_tokens: args.max_new_tokens,
+                        sampling: &sampling,
+                        seed,
+                        progress: &mut |done| bar.set_position(done as u64),
+                        stop_at,
+                    };
+                    let generation = match gpu_decoder.as_mut() {
+                        None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
+                        Some(decoder) => decoder.decode(&ckpt.params, request, args.speculative)?,
+                    };
+                    bar.finish_and_clear();
+                    let continuation = tokenizer::decode(&tok, &generation.tokens)?;
+                    let mode =
+                        if args.speculative { format!(", {:.2} tokens per pass", generation.mean_accepted()) } else { String::new() };
+                    texts.push(format!(
+                        "{prompt_text}{continuation}\n\n[{} tokens, {:.1} tokens/s, {} forward passes{mode}]",
+                        generation.tokens.len(),
+                        generation.tokens_per_s(),
+                        generation.forward_passes
+                    ));
+                    samples.push(json!({
+                        "text": continuation,
+                        "prompt": prompt_text,
+                        "seed": seed,
+                        "tokens": generation.tokens,
+                        "tokens_per_s": generation.tokens_per_s(),
+                        "forward_passes": generation.forward_passes,
+                        "mean_accepted": generation.mean_accepted(),
+                        "acceptance_rates": generation.acceptance_rates(),
+                        "speculative": args.speculative,
+                    }));
+                }
+            }
+            // one prompt, one sample: the object itself; otherwise the list under `samples`
+            let value = if samples.len() == 1 && args.prompts_file.is_none() { samples.remove(0) } else { json!({ "samples": samples }) };
+            Ok((value, texts.join("\n\n---\n\n")))
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
             let device = DeviceKind::parse(device)?;
@@ -547,9 +575,16 @@ fn main() -> ExitCode {
             };
         }
         Err(e) => {
+            // clap's message on one line: what it says before the usage (some messages, such
+            // as a missing argument's, name it on the next line)
             let rendered = e.to_string();
-            let first = rendered.lines().next().unwrap_or("error: bad arguments").trim_end();
-            eprintln!("{first} (see --help)");
+            let said: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{} (see --help)", said.join(" "));
             return ExitCode::from(2);
         }
     };

@@ -23,7 +23,7 @@ fn run(
     seed: u64,
     speculative: bool,
 ) -> Generation {
-    let request = DecodeRequest { prompt, max_new_tokens: new, sampling, seed, progress: &mut |_| {} };
+    let request = DecodeRequest { prompt, max_new_tokens: new, sampling, seed, progress: &mut |_| {}, stop_at: None };
     decode(config, params, request, speculative).unwrap()
 }
 
@@ -152,7 +152,7 @@ fn sample_pairs(
         let generation = match rule {
             None => run(config, params, prompt, 3, &sampling, seed, false),
             Some(rule) => {
-                let request = DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {} };
+                let request = DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {}, stop_at: None };
                 multitoken::decode::generate::decode_with_rule(config, params, request, true, rule).unwrap()
             }
         };
@@ -205,7 +205,8 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
     for sampling in [SamplingConfig::greedy(), sampled] {
         for speculative in [false, true] {
             let mut backbone = CachedBackbone::new(&config, &params);
-            let request = DecodeRequest { prompt: &prompt, max_new_tokens: 40, sampling: &sampling, seed: 9, progress: &mut |_| {} };
+            let request =
+                DecodeRequest { prompt: &prompt, max_new_tokens: 40, sampling: &sampling, seed: 9, progress: &mut |_| {}, stop_at: None };
             let device = decode_loop(&config, &mut backbone, &device_head, request, speculative, AcceptanceRule::Exact).unwrap();
             let cpu = run(&config, &params, &prompt, 40, &sampling, 9, speculative);
             assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative}", sampling.greedy);

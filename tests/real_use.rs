@@ -135,3 +135,71 @@ fn any_shape_from_flags_and_refused_shapes_cost_nothing() {
         assert_eq!(ModelConfig::preset(name, 50257, 1, 1).unwrap().parameter_count(), parameters, "{name}");
     }
 }
+
+#[test]
+fn sample_takes_several_prompts_and_samples_and_stops_at_the_end_of_text() {
+    let ws = workspace("samples");
+    let ckpt = ws.root.join("ckpt");
+    run_json(&train_args(&ws, &ckpt, "4", &["--horizon", "2", "--rank", "2"]));
+    let prompts = ws.root.join("prompts.txt");
+    std::fs::write(&prompts, "the whale\n\nthe sea\n").unwrap();
+    let out = run_json(&[
+        "sample",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompts-file",
+        s(&prompts),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--top-k",
+        "20",
+        "--seed",
+        "5",
+        "--speculative",
+    ]);
+    let samples = out["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 4, "two prompts (the empty line skipped), two samples each");
+    let keys: Vec<(&str, u64)> = samples.iter().map(|x| (x["prompt"].as_str().unwrap(), x["seed"].as_u64().unwrap())).collect();
+    assert_eq!(keys, [("the whale", 5), ("the whale", 6), ("the sea", 5), ("the sea", 6)]);
+    for sample in samples {
+        for key in ["text", "tokens", "tokens_per_s", "forward_passes", "mean_accepted"] {
+            assert!(sample.get(key).is_some(), "a sample lacks {key}");
+        }
+    }
+    let single = run_json(&[
+        "sample",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "6",
+        "--top-k",
+        "20",
+        "--seed",
+        "6",
+        "--speculative",
+    ]);
+    assert_eq!(single["tokens"], samples[1]["tokens"], "the second sample is the one seeded --seed + 1");
+    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--num-samples", "2"]).contains("--prompt"));
+}
+
+#[test]
+fn decoding_stops_at_the_stop_token_and_keeps_it() {
+    use multitoken::decode::{decode, DecodeRequest, SamplingConfig};
+    let config = ModelConfig::preset("tiny", 40, 3, 2).unwrap();
+    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
+    let greedy = SamplingConfig::greedy();
+    for speculative in [false, true] {
+        let run = |stop_at| {
+            let request = DecodeRequest { prompt: &[1, 2], max_new_tokens: 30, sampling: &greedy, seed: 0, progress: &mut |_| {}, stop_at };
+            decode(&config, &params, request, speculative).unwrap().tokens
+        };
+        let full = run(None);
+        let stop = full[4];
+        let first = full.iter().position(|&t| t == stop).unwrap();
+        assert_eq!(run(Some(stop)), full[..=first], "speculative: {speculative}");
+    }
+}

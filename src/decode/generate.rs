@@ -135,6 +135,9 @@ pub struct DecodeRequest<'a> {
     pub seed: u64,
     /// told the number of new tokens after each step
     pub progress: &'a mut dyn FnMut(usize),
+    /// a token that ends the generation once emitted (it is kept): the tokenizer's
+    /// end-of-text, or `None` to always make `max_new_tokens`
+    pub stop_at: Option<u32>,
 }
 
 /// How sampled drafts are accepted. Only `Exact` is correct; the other exists so that the
@@ -163,7 +166,7 @@ pub enum AcceptanceRule {
 /// let greedy = SamplingConfig::greedy();
 /// let mut outputs = Vec::new();
 /// for speculative in [false, true] {
-///     let request = DecodeRequest { prompt: &[1, 2, 3], max_new_tokens: 20, sampling: &greedy, seed: 0, progress: &mut |_| {} };
+///     let request = DecodeRequest { prompt: &[1, 2, 3], max_new_tokens: 20, sampling: &greedy, seed: 0, progress: &mut |_| {}, stop_at: None };
 ///     let generation = decode(&config, &params, request, speculative)?;
 ///     println!("{:.2} tokens per forward pass", generation.mean_accepted());
 ///     outputs.push(generation.tokens);
@@ -201,7 +204,7 @@ pub fn decode_loop<T: Float>(
     speculative: bool,
     rule: AcceptanceRule,
 ) -> Result<Generation> {
-    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress } = request;
+    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at } = request;
     check_prompt(config, prompt, sampling)?;
     let (n, positions) = (if speculative { config.horizon } else { 1 }, config.n_positions);
     let mut rng = Rng::new(seed);
@@ -321,6 +324,10 @@ pub fn decode_loop<T: Float>(
         sequence.push(next);
         head_at_s = Some(states.swap_remove(kept));
         progress((sequence.len() - prompt.len()).min(max_new_tokens));
+        if let Some(at) = stop_at.and_then(|stop| sequence[length..].iter().position(|&t| t == stop)) {
+            sequence.truncate(length + at + 1);
+            break;
+        }
     }
     sequence.truncate(prompt.len() + max_new_tokens);
     generation.tokens = sequence[prompt.len()..].to_vec();
