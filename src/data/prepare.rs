@@ -166,10 +166,9 @@ pub fn prepare(
     if inputs.is_empty() {
         return invalid!("no input files given (pass --input FILE...)");
     }
-    let tokenizer = tokenizer::load(tokenizer_path)?;
-    let tokenizer_json = std::fs::read(tokenizer_path).map_err(|e| Error::io(tokenizer_path, e))?;
+    let (tokenizer, tokenizer_json) = tokenizer::load_with_json(tokenizer_path)?;
     let existing = out_dir.join(TOKENIZER_FILE);
-    if existing.exists() && std::fs::read(&existing).ok().as_ref() != Some(&tokenizer_json) {
+    if existing.exists() && std::fs::read(&existing).ok().as_deref() != Some(tokenizer_json.as_bytes()) {
         return Err(Error::bad_file(
             out_dir,
             "holds data made with another tokenizer; choose another --out (or delete it to prepare it again)",
@@ -223,7 +222,7 @@ pub fn prepare(
         file.set_len(train_bytes).and_then(|()| file.sync_all()).map_err(|e| Error::io(&staging, e))?;
         std::fs::rename(&val_staging, out_dir.join(VAL_FILE)).map_err(|e| Error::io(out_dir.join(VAL_FILE), e))?;
         std::fs::rename(&staging, out_dir.join(TRAIN_FILE)).map_err(|e| Error::io(out_dir.join(TRAIN_FILE), e))?;
-        write_atomically(&out_dir.join(TOKENIZER_FILE), &tokenizer_json)?;
+        write_atomically(&out_dir.join(TOKENIZER_FILE), tokenizer_json.as_bytes())?;
         Ok(PrepareSummary {
             train_tokens,
             val_tokens,

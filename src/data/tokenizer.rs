@@ -92,12 +92,67 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
 
 /// Reads a `tokenizer.json` file.
 pub fn load(path: &Path) -> Result<Tokenizer> {
+    Ok(load_with_json(path)?.0)
+}
+
+/// The tokenizer that `path` names, and its `tokenizer.json` text: a `tokenizer.json` file, or a
+/// directory holding one, or a Hugging Face GPT-2 directory as published, with GPT-2's BPE
+/// files `vocab.json` and `merges.txt` instead (see [`from_bpe_files`]).
+pub fn load_with_json(path: &Path) -> Result<(Tokenizer, String)> {
+    if path.is_dir() {
+        let json_path = path.join(TOKENIZER_JSON);
+        if json_path.exists() {
+            return load_with_json(&json_path);
+        }
+        let (vocab, merges) = (path.join(VOCAB_FILE), path.join(MERGES_FILE));
+        if vocab.exists() && merges.exists() {
+            let tokenizer = from_bpe_files(&vocab, &merges)?;
+            let json = tokenizer.to_string(true).map_err(|e| Error::Invalid(format!("serialising the tokenizer: {e}")))?;
+            return Ok((tokenizer, json));
+        }
+        return Err(Error::bad_file(path, "holds neither tokenizer.json nor vocab.json and merges.txt; pass a tokenizer"));
+    }
     if !path.exists() {
         return Err(Error::bad_file(path, "no such tokenizer file (make one with `multitoken tokenizer train`)"));
     }
     let bytes = crate::data::read_file(path)?;
     let json = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "not a valid tokenizer.json (not UTF-8 text)"))?;
-    from_json(&json, path)
+    Ok((from_json(&json, path)?, json))
+}
+
+/// A tokenizer's file in Hugging Face's format.
+pub const TOKENIZER_JSON: &str = "tokenizer.json";
+/// GPT-2's vocabulary as published: token to id, as JSON.
+pub const VOCAB_FILE: &str = "vocab.json";
+/// GPT-2's merges as published: one pair a line, in order, after a `#version` line.
+pub const MERGES_FILE: &str = "merges.txt";
+
+/// GPT-2's tokenizer from its published BPE files: byte-level BPE with GPT-2's pre-tokenizer and
+/// no prefix space, `<|endoftext|>` a special token, the same pipeline as the trained ones and
+/// as Hugging Face's `GPT2TokenizerFast`.
+pub fn from_bpe_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    for file in [vocab, merges] {
+        crate::data::read_file(file)?; // a regular file, readable
+    }
+    let (vocab_text, merges_text) = (vocab.to_string_lossy(), merges.to_string_lossy());
+    let model = BPE::from_file(&vocab_text, &merges_text)
+        .build()
+        .map_err(|e| Error::bad_file(vocab.parent().unwrap_or(vocab), format!("GPT-2's BPE files do not make a tokenizer ({e})")))?;
+    let mut tokenizer: Tokenizer = TokenizerBuilder::new()
+        .with_model(model)
+        .with_normalizer(None::<NormalizerWrapper>)
+        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+        .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))?
+        .into();
+    tokenizer.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
+    let size = tokenizer.get_vocab_size(true);
+    if size > MAX_VOCAB_SIZE {
+        return Err(Error::bad_file(vocab, format!("the vocabulary has {size} tokens, more than this program allows ({MAX_VOCAB_SIZE})")));
+    }
+    Ok(tokenizer)
 }
 
 /// Parses a tokenizer from the text of a `tokenizer.json` (a checkpoint's copy, say); `path`

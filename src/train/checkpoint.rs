@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::TrainSettings;
+use crate::data::tokenizer;
 use crate::error::{Error, Result};
 use crate::model::params::ModelParams;
 use crate::model::ModelConfig;
@@ -374,13 +375,9 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         }
     }
     refuse_leftovers(&config, tensors, &model_path)?;
-    let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer_json = if tokenizer_path.exists() {
-        let bytes = crate::data::read_file(&tokenizer_path)?;
-        Some(String::from_utf8(bytes).map_err(|_| Error::bad_file(&tokenizer_path, "not a valid tokenizer.json (not UTF-8 text)"))?)
-    } else {
-        None
-    };
+    // tokenizer.json, or a published GPT-2 directory's vocab.json and merges.txt
+    let has_bpe_files = dir.join(tokenizer::VOCAB_FILE).exists() && dir.join(tokenizer::MERGES_FILE).exists();
+    let tokenizer_json = if dir.join(TOKENIZER_FILE).exists() || has_bpe_files { Some(tokenizer::load_with_json(dir)?.1) } else { None };
     Ok(Checkpoint { config, params, tokenizer_json, resume: None })
 }
 

@@ -147,6 +147,9 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     /// the process's peak resident memory, in bytes (Linux; 0 elsewhere)
     pub peak_rss_bytes: u64,
+    /// on a GPU: the most device memory the pool held
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<u64>,
 }
 
 /// The training split, the validation split and the tokenizer of a `data prepare` directory.
@@ -584,7 +587,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     run.optimizer = run.optimizer.to_device(&device)?;
     let s = run.settings.clone();
     let n = run.config.horizon;
-    let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches)?;
+    // the same validation rows whatever the split of B·K into micro-batches
+    let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches * s.grad_accum)?;
     batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
     let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
@@ -672,6 +676,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         elapsed_s: started.elapsed().as_secs_f64(),
         checkpoint: out_dir.into(),
         peak_rss_bytes: crate::bench::peak_rss_bytes(),
+        peak_gpu_bytes: device.gpu().map(|gpu| gpu.memory_stats().peak_held as u64),
     })
 }
 
