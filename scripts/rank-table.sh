@@ -14,6 +14,7 @@ bin=target/release/multitoken
 mkdir -p "$run"
 for corpus in moby-dick python-stdlib; do
   if [ ! -f "$run/$corpus/train.bin" ]; then
+    rm -f "$run/$corpus-tokenizer.json" # from a run stopped before its data was prepared
     "$bin" tokenizer train --input "data/corpora/$corpus.txt" --vocab-size "$vocab" --out "$run/$corpus-tokenizer.json"
     "$bin" data prepare --tokenizer "$run/$corpus-tokenizer.json" --input "data/corpora/$corpus.txt" --out "$run/$corpus"
   fi

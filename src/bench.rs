@@ -73,6 +73,13 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The memory the system has, in bytes (Linux: MemTotal), where known.
+pub fn total_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
+}
+
 /// Full training steps on random tokens; with `MULTITOKEN_PROFILE=1` the tape's table of time
 /// per op comes back too.
 #[allow(clippy::too_many_arguments)]
@@ -91,7 +98,12 @@ pub fn bench_train(
     if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
         return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
     }
+    let most = crate::train::MAX_TOKENS_PER_STEP;
+    if batch.saturating_mul(seq) > most {
+        return invalid!("--batch {batch} × --seq {seq} is more than {most} tokens per step");
+    }
     crate::device::check_available(device)?;
+    crate::train::check_memory(&config, device)?;
     let on = device.open(precision)?;
     let mut rng = Rng::new(0);
     let params = gpt2::init_params::<f32>(&config, &mut rng);

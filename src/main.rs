@@ -426,6 +426,12 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             }
             let params = train::params_to_device(&ckpt.config, &ckpt.params, &device.open(Precision::F32)?)?;
             let losses = evaluate::evaluate_tokens(&ckpt.config, &params, &ids)?;
+            if !losses.joint_loss.is_finite() {
+                anyhow::bail!(
+                    "{}: the losses are not finite: the weights overflow in f32 (a run that diverged?); use another checkpoint",
+                    args.checkpoint.display()
+                );
+            }
             let text = format!(
                 "joint loss {:.4}, next-token loss {:.4}, head losses {:?}, over {} positions",
                 losses.joint_loss, losses.ntp_loss, losses.head_losses, losses.tokens

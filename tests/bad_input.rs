@@ -120,6 +120,14 @@ fn inference_refuses_a_tokenizer_that_does_not_match_the_model() {
         });
     });
     assert!(t.sample_error().contains("cannot print"));
+    t.restore();
+    // the right number of tokens, but an id past them (it would name a row the model lacks)
+    t.edit_json("tokenizer.json", |tok| {
+        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+        let last = vocab.iter().find(|(_, id)| id.as_u64() == Some(299)).map(|(k, _)| k.clone()).unwrap();
+        vocab[&last] = 100_000.into();
+    });
+    assert!(t.eval_error().contains("has id 100000"));
     t.unchanged_but(&["tokenizer.json"]);
 }
 
@@ -184,7 +192,7 @@ fn config_json_is_read_strictly_and_within_limits() {
         fields.remove("mtp_horizon");
         fields.remove("mtp_rank");
     });
-    assert!(t.eval_error().contains("no mtp_horizon and mtp_rank"));
+    assert!(t.eval_error().contains("describes no head"));
     for not_an_object in ["null", "[]", "3"] {
         std::fs::write(t.ckpt.join("config.json"), not_an_object).unwrap();
         assert!(t.eval_error().contains("JSON object"), "{not_an_object}");
@@ -215,6 +223,11 @@ fn every_tensor_in_the_model_file_is_accounted_for_and_finite() {
         t.restore();
     };
     refused(&|tensors| tensors.get_mut("transformer.wte.weight").unwrap().1[7] = f32::NAN, "holds NaN");
+    // finite, but overflowing once used: eval and sample say so instead of printing NaN
+    edit_tensors(&model, |tensors| tensors.get_mut("transformer.ln_f.weight").unwrap().1.fill(3e38));
+    assert!(t.eval_error().contains("not finite"));
+    assert!(t.sample_error().contains("not finite"));
+    t.restore();
     refused(&|tensors| tensors.get_mut("mtp.expand.weight").unwrap().1[0] = f32::INFINITY, "holds inf");
     refused(
         &|tensors| {
@@ -291,6 +304,22 @@ fn sizes_from_flags_and_token_files_are_bounded() {
     }
     let huge_batch = ["train", "--data", s(&ws.data), "--out", s(&out), "--model", "tiny", "--batch", "100000000", "--seq", "128"];
     assert!(run_error(&huge_batch).contains("tokens per step"));
+    // without --seq, the model's n_positions is the sequence
+    assert!(
+        run_error(&["train", "--data", s(&ws.data), "--out", s(&out), "--model", "tiny", "--batch", "1000000"]).contains("tokens per step")
+    );
+    assert!(run_error(&["bench", "train", "--model", "tiny", "--batch", "100000000", "--seq", "128"]).contains("tokens per step"));
+    // within every limit, but more than this machine's memory: refused before allocating
+    if let Some(total) = multitoken::bench::total_memory_bytes().filter(|&t| t < 100 << 30) {
+        let layers = ((total as f64 / 16.0 / (12.0 * 1600.0 * 1600.0)) as usize + 1).to_string();
+        let message = run_error(&train_args(&ws, &out, "2", &["--n-embd", "1600", "--n-head", "25", "--n-layer", &layers]));
+        assert!(message.contains("more than this machine's"), "{message}");
+    }
+    // a tokenizer is never written over a file: here the corpus itself
+    let corpus_before = read(&ws.corpus);
+    let message = run_error(&["tokenizer", "train", "--input", s(&ws.corpus), "--vocab-size", "300", "--out", s(&ws.corpus)]);
+    assert!(message.contains("never written over a file"), "{message}");
+    assert_eq!(read(&ws.corpus), corpus_before);
     let message =
         run_error(&["tokenizer", "train", "--input", s(&ws.corpus), "--vocab-size", "1000000000", "--out", s(&ws.root.join("t.json"))]);
     assert!(message.contains("larger than this program allows"), "{message}");
@@ -370,9 +399,24 @@ fn the_output_directory_is_checked_and_locked_before_the_first_step() {
 
     // a checkpoint that cannot be written beside the directory (here: its hidden staging name
     // is longer than a file name may be) is found before any step is spent
-    let long = ws.root.join("c".repeat(250));
+    // (249 bytes: the lock's name fits, the staging folder's does not, so the probe fails)
+    let long = ws.root.join("c".repeat(249));
     let message = run_error(&train_args(&ws, &long, "2", &[]));
     assert!(message.contains("cannot be written here"), "{message}");
+
+    // a run stopped by a mistake creates nothing: no folders, no lock
+    let nested = ws.root.join("new/sub/ckpt");
+    assert!(run_error(&train_args(&ws, &nested, "2", &["--n-embd", "50"])).contains("not divisible"));
+    assert!(run_error(&train_args(&ws, &nested, "2", &["--n-positions", "16"])).contains("n_positions"));
+    assert!(!ws.root.join("new").exists());
+
+    // --out as a link to a directory: a save would replace the link
+    let target = ws.root.join("target-dir");
+    std::fs::create_dir_all(&target).unwrap();
+    let link = ws.root.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(run_error(&train_args(&ws, &link, "2", &[])).contains("symbolic link"));
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 
     // a second run on the same --out is refused while the first holds it
     let busy = ws.root.join("busy");
@@ -389,13 +433,36 @@ fn the_output_directory_is_checked_and_locked_before_the_first_step() {
     first.wait().unwrap();
     assert!(message.contains("another run is writing to it"), "{message}");
 
-    // staging folders that a kill during a save left behind are removed by the next run
+    // staging folders that a kill during a save left behind (of the checkpoint and of its best
+    // weights) are removed by the next run
     let ckpt = ws.root.join("ckpt");
-    let stale = ws.root.join(".ckpt.staging-999999");
-    std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+    let stale = [ws.root.join(".ckpt.staging-999999"), ws.root.join(".ckpt-best.staging-999998")];
+    for dir in &stale {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"half").unwrap();
+    }
     run_json(&train_args(&ws, &ckpt, "2", &[]));
-    assert!(!stale.exists());
+    assert!(stale.iter().all(|dir| !dir.exists()));
+
+    // --resume where a save would delete someone's file, or the best weights' place is taken:
+    // refused before the first step, not at the first save
+    let resume = ["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--steps", "4"];
+    std::fs::write(ckpt.join("notes.txt"), "mine").unwrap();
+    assert!(run_error(&resume).contains("holds files other than a checkpoint's"));
+    std::fs::remove_file(ckpt.join("notes.txt")).unwrap();
+    let best = ws.root.join("ckpt-best");
+    std::fs::remove_dir_all(&best).unwrap();
+    std::fs::write(&best, "a file").unwrap();
+    assert!(run_error(&resume).contains("is a file"));
+    std::fs::remove_file(&best).unwrap();
+    // a pipe where the metrics are: refused, not waited on
+    std::fs::remove_file(ckpt.join("metrics.jsonl")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(ckpt.join("metrics.jsonl")).status().unwrap().success());
+    assert!(run_error(&resume).contains("not a regular file"));
+    std::fs::remove_file(ckpt.join("metrics.jsonl")).unwrap();
+    // a finished run has nothing to do
+    run_json(&resume);
+    assert!(run_error(&resume).contains("the run is finished"));
 }
 
 #[test]
@@ -409,6 +476,12 @@ fn data_prepare_keeps_data_made_with_another_tokenizer() {
     assert_eq!(files(&ws.data), before);
     // the same tokenizer may prepare it again
     run_json(&["data", "prepare", "--tokenizer", s(&ws.data.join("tokenizer.json")), "--input", s(&ws.corpus), "--out", s(&ws.data)]);
+    // a pipe where the data's tokenizer is: refused, not waited on
+    let piped = ws.root.join("piped");
+    std::fs::create_dir_all(&piped).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(piped.join("tokenizer.json")).status().unwrap().success());
+    let message = run_error(&["data", "prepare", "--tokenizer", s(&other), "--input", s(&ws.corpus), "--out", s(&piped)]);
+    assert!(message.contains("not a regular file"), "{message}");
 }
 
 #[test]

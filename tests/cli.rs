@@ -203,7 +203,7 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     let occupied = ws.root.join("occupied");
     std::fs::create_dir_all(&occupied).unwrap();
     std::fs::write(occupied.join("notes.txt"), "mine").unwrap();
-    assert!(run_error(&train_args(&ws, &occupied, "2", &[])).contains("not empty"));
+    assert!(run_error(&train_args(&ws, &occupied, "2", &[])).contains("holds files other than a checkpoint's"));
     assert_eq!(std::fs::read_to_string(occupied.join("notes.txt")).unwrap(), "mine");
     // --resume cannot change settings
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--lr", "1"]).contains("--lr"));

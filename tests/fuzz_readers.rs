@@ -1,5 +1,5 @@
 //! A property test over mutated files, run for a bounded time: whatever bytes the checkpoint
-//! and token-file readers are given, they return the model or an error, never panic, never
+//! and token-file readers (in memory and through a memory map) are given, they return the model or an error, never panic, never
 //! hand back a weight that is not finite, and never allocate more than the files justify.
 //!
 //! Stable Rust's stand-in for `cargo fuzz` (which needs nightly): each case takes a valid file
@@ -128,9 +128,17 @@ fn mutated_checkpoints_and_token_files_load_or_fail_cleanly() {
         }
         cases += 1;
         let outcome = if targets[which] == "tokens" {
+            // both readers: the whole file in memory, and the memory map training uses
+            let mapped_path = dir.path().join("tokens.bin");
+            std::fs::write(&mapped_path, &bytes).unwrap();
             std::panic::catch_unwind(|| {
+                let mapped = tokens::MappedTokens::open(&mapped_path);
                 tokens::decode(Path::new("tokens.bin"), &bytes).map(|file| {
                     assert!(file.tokens.iter().all(|&t| t < file.vocab_size), "an id outside the vocabulary was accepted");
+                    let mapped = mapped.as_ref().expect("the memory map refused a file the other reader took");
+                    let mut ids = vec![0; mapped.len()];
+                    mapped.copy_into(0, &mut ids);
+                    assert_eq!(ids, file.tokens, "the two readers disagree");
                 })
             })
         } else {

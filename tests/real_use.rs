@@ -23,7 +23,22 @@ fn the_same_command_with_resume_continues_the_run() {
     let ws = workspace("same-command");
     let straight = ws.root.join("straight");
     let resumed = ws.root.join("resumed");
-    let flags = ["--horizon", "2", "--rank", "2", "--lr", "2e-3", "--weight-decay", "0.05", "--beta2", "0.99", "--grad-clip", "0.5"];
+    let flags = [
+        "--horizon",
+        "2",
+        "--rank",
+        "2",
+        "--lr",
+        "2e-3",
+        "--min-lr",
+        "1e-4",
+        "--weight-decay",
+        "0.05",
+        "--beta2",
+        "0.99",
+        "--grad-clip",
+        "0.5",
+    ];
     run_json(&train_args(&ws, &straight, "12", &flags));
     let interrupted =
         binary().args(train_args(&ws, &resumed, "12", &[&flags[..], &["--stop-after-steps", "5"]].concat())).output().unwrap();
@@ -52,9 +67,11 @@ fn a_larger_steps_extends_a_finished_run_and_the_best_weights_are_kept() {
     let ws = workspace("extend");
     let ckpt = ws.root.join("ckpt");
     run_json(&train_args(&ws, &ckpt, "8", &[]));
+    let warmup = train_state(&ckpt)["settings"]["warmup_steps"].clone();
     let extended = run_json(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--steps", "16", "--threads", "2"]);
     assert_eq!(extended["steps"], 16);
     assert_eq!(train_state(&ckpt)["step"], 16);
+    assert_eq!(train_state(&ckpt)["settings"]["warmup_steps"], warmup, "an extension keeps the warm-up");
     let message = run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume", "--steps", "10"]);
     assert!(message.contains("below the 16 steps"), "{message}");
 
@@ -125,7 +142,7 @@ fn any_shape_from_flags_and_refused_shapes_cost_nothing() {
     assert!(run_error(&train_args(&ws, &refused, "2", &["--n-embd", "50", "--n-head", "3"])).contains("not divisible"));
     assert!(run_error(&train_args(&ws, &refused, "2", &["--n-positions", "16"])).contains("n_positions 16"));
     assert!(run_error(&train_args(&ws, &refused, "2", &["--init-from", s(&ckpt), "--n-layer", "2"])).contains("--init-from"));
-    assert!(run_error(&train_args(&ws, &refused, "2", &["--beta2", "1"])).contains("betas"));
+    assert!(run_error(&train_args(&ws, &refused, "2", &["--beta2", "1"])).contains("--beta2 1 must lie in [0, 1)"));
     assert!(run_error(&train_args(&ws, &refused, "2", &["--grad-accum", "0"])).contains("--grad-accum"));
     assert!(!refused.exists());
     // GPT-2's published shapes by their usual names

@@ -110,6 +110,7 @@ fn holds_text(path: &Path) -> Result<bool> {
 struct TokenWriter {
     file: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
+    vocab_size: u32,
     width: usize,
     count: usize,
 }
@@ -119,7 +120,7 @@ impl TokenWriter {
         // read back at the end, to copy the validation tail out
         let file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(|e| Error::io(path, e))?;
-        let mut writer = TokenWriter { file: std::io::BufWriter::new(file), path: path.into(), width: 0, count: 0 };
+        let mut writer = TokenWriter { file: std::io::BufWriter::new(file), path: path.into(), vocab_size, width: 0, count: 0 };
         let header = tokens::encode(vocab_size, &[]);
         writer.width = tokens::width_of(vocab_size);
         writer.file.write_all(&header).map_err(|e| Error::io(path, e))?;
@@ -127,6 +128,9 @@ impl TokenWriter {
     }
 
     fn push(&mut self, ids: &[u32]) -> Result<()> {
+        if let Some(&id) = ids.iter().find(|&&id| id >= self.vocab_size) {
+            return Err(Error::bad_file(&self.path, format!("the tokenizer made id {id}, outside its vocabulary of {}", self.vocab_size)));
+        }
         let mut bytes = Vec::with_capacity(ids.len() * self.width);
         for &id in ids {
             if self.width == 2 {
@@ -168,7 +172,7 @@ pub fn prepare(
     }
     let (tokenizer, tokenizer_json) = tokenizer::load_with_json(tokenizer_path)?;
     let existing = out_dir.join(TOKENIZER_FILE);
-    if existing.exists() && std::fs::read(&existing).ok().as_deref() != Some(tokenizer_json.as_bytes()) {
+    if existing.exists() && super::read_file(&existing)? != tokenizer_json.as_bytes() {
         return Err(Error::bad_file(
             out_dir,
             "holds data made with another tokenizer; choose another --out (or delete it to prepare it again)",

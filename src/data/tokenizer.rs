@@ -41,12 +41,52 @@ fn check_inputs(inputs: &[PathBuf]) -> Result<usize> {
     if total == 0 {
         return invalid!("the input files are empty: nothing to learn a vocabulary from");
     }
+    for path in inputs {
+        if let Some(offset) = first_invalid_utf8(path)? {
+            return Err(Error::bad_file(
+                path,
+                format!("is not UTF-8 text (the first invalid byte is at offset {offset}); convert it to UTF-8 first"),
+            ));
+        }
+    }
     Ok(total)
+}
+
+/// The offset of a file's first byte that is not UTF-8, if any, read in blocks.
+fn first_invalid_utf8(path: &Path) -> Result<Option<u64>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut block = vec![0u8; 1 << 20];
+    let (mut carried, mut offset) = (0, 0u64); // bytes of a character cut by the block's end
+    loop {
+        let read = file.read(&mut block[carried..]).map_err(|e| Error::io(path, e))?;
+        let filled = carried + read;
+        match std::str::from_utf8(&block[..filled]) {
+            Ok(_) if read == 0 => return Ok(None),
+            Ok(_) => carried = 0,
+            Err(e) if e.error_len().is_some() || read == 0 => return Ok(Some(offset + e.valid_up_to() as u64)),
+            Err(e) => {
+                // a character cut at the end: keep its bytes for the next block
+                let valid = e.valid_up_to();
+                block.copy_within(valid..filled, 0);
+                carried = filled - valid;
+                offset += valid as u64;
+                continue;
+            }
+        }
+        offset += filled as u64;
+        if read == 0 {
+            return Ok(None);
+        }
+    }
 }
 
 /// Trains a byte-level BPE tokenizer with `vocab_size` entries (including `<|endoftext|>`) and
 /// writes it to `out` as `tokenizer.json`.
 pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: bool) -> Result<TokenizerSummary> {
+    if out.exists() {
+        return Err(Error::bad_file(out, "exists; a tokenizer is never written over a file (remove it, or choose another --out)"));
+    }
     let input_bytes = check_inputs(inputs)?;
     let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
     if vocab_size < alphabet.len() + 1 {
@@ -148,10 +188,7 @@ pub fn from_bpe_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))?
         .into();
     tokenizer.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
-    let size = tokenizer.get_vocab_size(true);
-    if size > MAX_VOCAB_SIZE {
-        return Err(Error::bad_file(vocab, format!("the vocabulary has {size} tokens, more than this program allows ({MAX_VOCAB_SIZE})")));
-    }
+    check_ids(&tokenizer, vocab)?;
     Ok(tokenizer)
 }
 
@@ -159,15 +196,31 @@ pub fn from_bpe_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
 /// names it in the error.
 pub fn from_json(json: &str, path: &Path) -> Result<Tokenizer> {
     let tokenizer = json.parse::<Tokenizer>().map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json ({e})")))?;
+    check_ids(&tokenizer, path)?;
+    Ok(tokenizer)
+}
+
+/// Refuses a tokenizer that cannot index a model's vocabulary: more tokens than allowed, or
+/// ids that do not run from 0 to V − 1 (an id past V would name a row the model lacks, or be
+/// cut to 16 bits in a token file).
+fn check_ids(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
     let size = tokenizer.get_vocab_size(true);
     if size > MAX_VOCAB_SIZE {
         return Err(Error::bad_file(path, format!("the tokenizer has {size} tokens, more than this program allows ({MAX_VOCAB_SIZE})")));
     }
-    Ok(tokenizer)
+    if let Some((token, id)) = tokenizer.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= size) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "token {token:?} has id {id}, but the ids of a tokenizer of {size} tokens must run from 0 to {}",
+                size.saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
 }
 
-/// The largest vocabulary a model may have (`model::config::LIMITS`), so the largest tokenizer.
-pub const MAX_VOCAB_SIZE: usize = crate::model::config::LIMITS[0].1;
+pub use crate::model::config::MAX_VOCAB_SIZE;
 
 /// A file's text, which must be UTF-8: a text scored or prompted with is never changed behind
 /// the user's back.

@@ -313,7 +313,13 @@ pub fn decode_loop<T: Float>(
                 if states.len() <= kept {
                     states.extend(head.states(&hidden[kept * c..(kept + 1) * c], 1)?);
                 }
-                choose(&states[kept].next_token_probs(), sampling, &mut rng)
+                let probs = states[kept].next_token_probs();
+                if probs.iter().any(|p| !p.as_f64().is_finite()) {
+                    return crate::invalid!(
+                        "the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint"
+                    );
+                }
+                choose(&probs, sampling, &mut rng)
             }
         };
         generation.timing.target_s += tick.elapsed().as_secs_f64();

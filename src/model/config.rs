@@ -40,6 +40,7 @@ pub const PRESETS: [(&str, usize, usize, usize, usize); 7] = [
 
 /// Sizes that replace a preset's (`--n-embd`, `--n-layer`, `--n-head`, `--n-positions`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShapeOverrides {
     /// C
     pub n_embd: Option<usize>,
@@ -62,7 +63,7 @@ impl ShapeOverrides {
 /// `ModelConfig`'s fields: every published GPT-2 (V 50257, P 1024, C up to 1600, L up to 48,
 /// H up to 25) fits with room to spare, and nothing read from a file or a flag can ask for more.
 pub const LIMITS: [(&str, usize); 7] = [
-    ("vocabulary size", 1 << 20),
+    ("vocabulary size", MAX_VOCAB_SIZE),
     ("n_positions", 1 << 16),
     ("n_embd", 16_384),
     ("n_layer", 256),
@@ -70,6 +71,9 @@ pub const LIMITS: [(&str, usize); 7] = [
     ("horizon n", 64),
     ("rank r", 256),
 ];
+
+/// The largest vocabulary (and so the largest tokenizer, and V in a token file's header).
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
 
 /// The most parameters a model may have: 8·10⁹ (32 GB in f32), five times GPT-2 XL's 1.56·10⁹.
 pub const MAX_PARAMETERS: u128 = 8_000_000_000;

@@ -9,6 +9,7 @@ use crate::tensor::{Device, Float, Tensor};
 
 /// AdamW's constants; the learning rate comes with each step, from the schedule.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AdamWConfig {
     /// β1, the decay of the first moment m
     pub beta1: f64,

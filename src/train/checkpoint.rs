@@ -202,7 +202,8 @@ fn is_mask_buffer(name: &str, config: &ModelConfig) -> bool {
     let name = name.strip_prefix("transformer.").unwrap_or(name);
     let Some(rest) = name.strip_prefix("h.") else { return false };
     let Some((layer, buffer)) = rest.split_once('.') else { return false };
-    matches!(buffer, "attn.bias" | "attn.masked_bias") && layer.parse::<usize>().is_ok_and(|i| i < config.n_layer)
+    let is_block = layer.parse::<usize>().is_ok_and(|i| i < config.n_layer && i.to_string() == layer);
+    matches!(buffer, "attn.bias" | "attn.masked_bias") && is_block
 }
 
 /// Reads every tensor of a safetensors file as f32 (from f32, f64, f16 or bf16), except those
@@ -265,7 +266,7 @@ fn params_from_tensors(
 fn refuse_leftovers(config: &ModelConfig, leftovers: HashMap<String, Tensor<f32>>, path: &Path) -> Result<()> {
     let Some(name) = leftovers.keys().min() else { return Ok(()) };
     let message = if name.starts_with("mtp.") && !config.has_head() {
-        format!("holds the multi-token head's tensors ('{name}') but config.json gives no mtp_horizon and mtp_rank; add them")
+        format!("holds the multi-token head's tensors ('{name}') but config.json describes no head (mtp_horizon and mtp_rank absent or 1); give the head's n and r")
     } else {
         format!(
             "holds tensor '{name}', which config.json does not describe (does its n_layer, n = {} and r = {} match?)",
@@ -300,6 +301,36 @@ pub fn best_path(dir: &Path) -> Option<PathBuf> {
     Some(dir.with_file_name(format!("{name}-best")))
 }
 
+/// Checks, reading only, that `dir` can serve as a run's output directory and its `-best`
+/// sibling as the best weights' (each is replaced whole on every save): a directory of its own
+/// (not the current one or one holding it, not a link), holding nothing but a checkpoint's files.
+pub fn check_output(dir: &Path) -> Result<()> {
+    let not_its_own = "--out must name a directory of its own, such as ./ckpt (every save replaces it)";
+    if dir.file_name().is_none() {
+        return Err(Error::bad_file(dir, not_its_own));
+    }
+    if let (Ok(out), Ok(cwd)) = (dir.canonicalize(), std::env::current_dir()) {
+        if cwd.starts_with(&out) {
+            return Err(Error::bad_file(dir, format!("is the current directory or holds it; {not_its_own}")));
+        }
+    }
+    let best = best_path(dir).expect("dir has a file name");
+    for (path, what) in [(dir, "--out"), (best.as_path(), "the best weights' directory")] {
+        let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
+        let problem = if meta.file_type().is_symlink() {
+            "is a symbolic link; a save would replace the link, not what it points to: pass the directory itself"
+        } else if !meta.is_dir() {
+            "is a file, not a directory"
+        } else if !holds_only_checkpoint_files(path) {
+            "holds files other than a checkpoint's, which a save would delete; move them out"
+        } else {
+            continue;
+        };
+        return Err(Error::bad_file(path, format!("{problem} ({what}; or choose another --out)")));
+    }
+    Ok(())
+}
+
 /// One run's exclusive hold on its output directory: a lock on the hidden file `.NAME.lock`
 /// beside it, released when this is dropped or the process ends, however it ends.
 pub struct OutputLock {
@@ -311,15 +342,7 @@ pub struct OutputLock {
 /// directory, checks that a checkpoint can be written beside it, and removes the staging
 /// folders that a run killed during a save left behind.
 pub fn lock_output(dir: &Path) -> Result<OutputLock> {
-    let not_its_own = "--out must name a directory of its own, such as ./ckpt (every save replaces it)";
-    if dir.file_name().is_none() {
-        return Err(Error::bad_file(dir, not_its_own));
-    }
-    if let (Ok(out), Ok(cwd)) = (dir.canonicalize(), std::env::current_dir()) {
-        if cwd.starts_with(&out) {
-            return Err(Error::bad_file(dir, format!("is the current directory or holds it; {not_its_own}")));
-        }
-    }
+    check_output(dir)?;
     let cannot_write = |e: std::io::Error| {
         Error::bad_file(dir, format!("a checkpoint cannot be written here ({e}); choose an --out in a directory you can write"))
     };
@@ -334,10 +357,15 @@ pub fn lock_output(dir: &Path) -> Result<OutputLock> {
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(cannot_write(e)),
     }
-    let staging_prefix = sibling(dir, "staging-").expect("dir has a file name");
-    let staging_prefix = staging_prefix.file_name().expect("a file name").to_string_lossy().into_owned();
+    // staging folders of this directory and of its -best sibling
+    let best = best_path(dir).expect("dir has a file name");
+    let prefixes: Vec<String> = [dir, best.as_path()]
+        .iter()
+        .map(|d| sibling(d, "staging-").expect("a file name").file_name().expect("a file name").to_string_lossy().into_owned())
+        .collect();
     for entry in std::fs::read_dir(parent).map_err(cannot_write)?.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&staging_prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -358,10 +386,16 @@ pub fn exists(dir: &Path) -> bool {
 /// so a damaged optimizer file never stops inference.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     recover_interrupted_save(dir);
-    if !dir.is_dir() {
+    if !dir.exists() {
         return Err(Error::bad_file(dir, "no such checkpoint directory (train one with `multitoken train`)"));
     }
+    if !dir.is_dir() {
+        return Err(Error::bad_file(dir, "is a file; a checkpoint is a directory (config.json, model.safetensors, tokenizer.json)"));
+    }
     let config_path = dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        return Err(Error::bad_file(dir, "has no config.json, so it is not a checkpoint directory (train one with `multitoken train`)"));
+    }
     let config_bytes = crate::data::read_file(&config_path)?;
     let config_text = String::from_utf8(config_bytes).map_err(|_| Error::bad_file(&config_path, "not valid JSON (not UTF-8 text)"))?;
     let config = parse_hf_config(&config_path, &config_text)?;
@@ -399,9 +433,22 @@ pub fn load_for_resume(dir: &Path) -> Result<Checkpoint> {
         return Err(missing(OPTIMIZER_FILE));
     }
     let state_bytes = crate::data::read_file(&state_path)?;
-    let state: TrainStateFile =
-        serde_json::from_slice(&state_bytes).map_err(|e| Error::bad_file(&state_path, format!("not a valid train state ({e})")))?;
+    let bad_state = |e: String| Error::bad_file(&state_path, format!("not a valid train state ({e})"));
+    let raw: Value = serde_json::from_slice(&state_bytes).map_err(|e| bad_state(e.to_string()))?;
+    // runs saved before the warm-up was stored resolved (and before grad_accum existed) hold 0
+    // for "the default rule"
+    let warmup_is_a_rule = raw.pointer("/settings/grad_accum").is_none();
+    let mut state: TrainStateFile = serde_json::from_value(raw).map_err(|e| bad_state(e.to_string()))?;
+    if warmup_is_a_rule && state.settings.warmup_steps == 0 {
+        state.settings.warmup_steps = super::default_warmup(state.settings.steps);
+    }
     state.adamw.validate().map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
+    if (state.settings.beta2, state.settings.weight_decay) != (state.adamw.beta2, state.adamw.weight_decay) {
+        return Err(Error::bad_file(
+            &state_path,
+            "inconsistent: the settings' beta2 and weight_decay differ from adamw's; the file was changed by hand",
+        ));
+    }
     if state.optimizer_steps > state.step || state.step > state.settings.steps {
         return Err(Error::bad_file(
             &state_path,
@@ -449,6 +496,28 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     let backup = backup_path(dir).expect("sibling exists when staging does");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    write_staging(dir, &staging, checkpoint, extra_files).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        Error::bad_file(
+            dir,
+            format!("writing the checkpoint failed ({e}); the one before it is kept (free some space, or choose another --out)"),
+        )
+    })?;
+    let _ = std::fs::remove_dir_all(&backup);
+    if dir.exists() && !holds_only_checkpoint_files(dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(Error::bad_file(dir, "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)"));
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &backup).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(&backup);
+    Ok(())
+}
+
+/// Writes every file of a checkpoint into the staging directory.
+fn write_staging(dir: &Path, staging: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Result<()> {
     let write = |name: &str, bytes: &[u8]| crate::data::write_atomically(&staging.join(name), bytes);
 
     let end_of_text = checkpoint
@@ -484,17 +553,6 @@ pub fn save(dir: &Path, checkpoint: &Checkpoint, extra_files: &ExtraFiles) -> Re
     for (name, bytes) in extra_files {
         write(name, bytes)?;
     }
-
-    let _ = std::fs::remove_dir_all(&backup);
-    if dir.exists() && !holds_only_checkpoint_files(dir) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(Error::bad_file(dir, "exists and holds other files; refusing to replace it with a checkpoint (choose another --out)"));
-    }
-    if dir.exists() {
-        std::fs::rename(dir, &backup).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&backup);
     Ok(())
 }
 

@@ -177,7 +177,7 @@ impl Dataset {
             return Err(Error::bad_file(dir, "train.bin and val.bin disagree on the vocabulary size; run `multitoken data prepare` again"));
         }
         let tokenizer_path = dir.join(data::TOKENIZER_FILE);
-        let tokenizer = data::tokenizer::load(&tokenizer_path)?;
+        let (tokenizer, tokenizer_json) = data::tokenizer::load_with_json(&tokenizer_path)?;
         let tokenizer_size = tokenizer.get_vocab_size(true);
         if tokenizer_size != train.vocab_size() as usize {
             return Err(Error::bad_file(
@@ -188,7 +188,6 @@ impl Dataset {
                 ),
             ));
         }
-        let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
         Ok(Dataset { vocab_size: train.vocab_size() as usize, train, val, tokenizer_json })
     }
 }
@@ -361,6 +360,11 @@ impl Run {
 /// bound on what a batch allocates.
 pub const MAX_TOKENS_PER_STEP: usize = 1 << 24;
 
+/// The warm-up when `--warmup` is not given: a tenth of the run, at most 100 steps.
+pub fn default_warmup(steps: u64) -> u64 {
+    (steps / 10).min(100)
+}
+
 /// The most micro-batches one step may add up.
 pub const MAX_GRAD_ACCUM: usize = 1 << 16;
 
@@ -370,22 +374,24 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
     if s.steps == 0 || s.batch == 0 {
         return invalid!("--steps and --batch must be at least 1");
     }
-    if s.batch.saturating_mul(s.grad_accum).saturating_mul(s.seq.max(1)) > MAX_TOKENS_PER_STEP {
-        return invalid!(
-            "--batch {} × --grad-accum {} × --seq {} is more than {MAX_TOKENS_PER_STEP} tokens per step",
-            s.batch,
-            s.grad_accum,
-            s.seq
-        );
-    }
+    check_tokens_per_step(s)?;
     if !(s.lr > 0.0 && s.lr.is_finite()) {
         return invalid!("--lr must be a positive number");
     }
     if !(s.aux_coef >= 0.0 && s.aux_coef.is_finite()) {
         return invalid!("--aux-coef must be a non-negative number");
     }
-    if !((0.0..=1.0).contains(&s.min_lr_ratio) && s.grad_clip > 0.0 && s.grad_clip.is_finite()) {
-        return invalid!("--min-lr must lie between 0 and --lr, and --grad-clip be positive");
+    if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+        return invalid!("--min-lr must lie between 0 and --lr");
+    }
+    if !(s.grad_clip > 0.0 && s.grad_clip.is_finite()) {
+        return invalid!("--grad-clip must be a positive number");
+    }
+    if !(0.0..1.0).contains(&s.beta2) {
+        return invalid!("--beta2 {} must lie in [0, 1)", s.beta2);
+    }
+    if !(s.weight_decay >= 0.0 && s.weight_decay.is_finite()) {
+        return invalid!("--weight-decay {} must be a non-negative number", s.weight_decay);
     }
     if s.eval_batches == 0 {
         return invalid!("validation needs at least one batch");
@@ -408,12 +414,39 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
+/// Checks that a run's model is the one its settings describe (a preset and the sizes given
+/// beside it, unless the backbone came from `--init-from`).
+fn check_settings_shape(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
+    if s.init_from.is_none() {
+        let described = ModelConfig::shaped(&s.model, &s.shape, config.vocab_size, s.horizon, s.rank)?;
+        if &described != config {
+            return invalid!("the model '{}' with sizes {:?} is not the one in config.json", s.model, s.shape);
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a step of more than [`MAX_TOKENS_PER_STEP`] tokens; with `seq` 0 (not yet resolved)
+/// only the rows count.
+fn check_tokens_per_step(s: &TrainSettings) -> Result<()> {
+    if s.batch.saturating_mul(s.grad_accum).saturating_mul(s.seq.max(1)) > MAX_TOKENS_PER_STEP {
+        return invalid!(
+            "--batch {} × --grad-accum {} × --seq {} is more than {MAX_TOKENS_PER_STEP} tokens per step",
+            s.batch,
+            s.grad_accum,
+            s.seq
+        );
+    }
+    Ok(())
+}
+
 /// Checks settings against the model they train: the sequence fits its positions, the head is
-/// the one the settings name.
+/// the one the settings name, a step's tokens are bounded.
 fn check_settings_fit(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
     if s.seq == 0 || s.seq > config.n_positions {
         return invalid!("--seq {} must lie between 1 and the model's n_positions {}", s.seq, config.n_positions);
     }
+    check_tokens_per_step(s)?;
     if (s.horizon, s.rank) != (config.horizon, config.rank) {
         return invalid!(
             "the settings' n = {}, r = {} differ from the model's n = {}, r = {}",
@@ -431,17 +464,32 @@ fn check_settings_fit(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
 /// end (not below the step reached); any other flag must repeat the saved value.
 fn resumed_settings(saved: &TrainSettings, given: &TrainSettings, explicit: &[(&str, &str)], step: u64) -> Result<TrainSettings> {
     let (saved_json, given_json) = (serde_json::to_value(saved).expect("json"), serde_json::to_value(given).expect("json"));
+    let show = |v: Option<&Value>| v.map_or("none".to_string(), |v| v.to_string());
     for &(flag, pointer) in explicit {
-        let (old, new) = (saved_json.pointer(pointer), given_json.pointer(pointer));
-        if matches!(flag, "--eval-every" | "--save-every" | "--steps") || old == new {
-            continue;
+        let (old, new) = match flag {
+            "--eval-every" | "--save-every" | "--steps" => continue,
+            // the end of the decay as a rate, whatever --lr it came with
+            "--min-lr" => (Some(Value::from(saved.min_lr_ratio * saved.lr)), Some(Value::from(given.min_lr_ratio * given.lr))),
+            // the directory, however its path is spelled
+            "--init-from" => {
+                let place = |p: &Option<PathBuf>| {
+                    p.as_ref().map(|p| Value::from(p.canonicalize().unwrap_or(p.clone()).to_string_lossy().into_owned()))
+                };
+                (place(&saved.init_from), place(&given.init_from))
+            }
+            _ => (saved_json.pointer(pointer).cloned(), given_json.pointer(pointer).cloned()),
+        };
+        let same = match (old.as_ref().and_then(Value::as_f64), new.as_ref().and_then(Value::as_f64)) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * a.abs().max(b.abs()),
+            _ => old == new,
+        };
+        if !same {
+            return invalid!(
+                "{flag} {} differs from the checkpoint's {}; a resumed run keeps its settings (repeat them, leave the flag out, or start a new --out)",
+                show(new.as_ref()),
+                show(old.as_ref())
+            );
         }
-        let show = |v: Option<&Value>| v.map_or("none".to_string(), |v| v.to_string());
-        return invalid!(
-            "{flag} {} differs from the checkpoint's {}; a resumed run keeps its settings (repeat them, leave the flag out, or start a new --out)",
-            show(new),
-            show(old)
-        );
     }
     let given_flag = |flag: &str| explicit.iter().any(|(f, _)| *f == flag);
     let mut settings = saved.clone();
@@ -457,13 +505,17 @@ fn resumed_settings(saved: &TrainSettings, given: &TrainSettings, explicit: &[(&
         }
         settings.steps = given.steps;
     }
+    if step >= settings.steps {
+        return invalid!("the run is finished ({step} of {} steps); pass a larger --steps with --resume to extend it", settings.steps);
+    }
     Ok(settings)
 }
 
 /// Starts a run: fresh, from `--init-from`, or resumed from the checkpoint in `out_dir` (with
 /// `explicit`, the flags given on the command line: (flag, where in the settings' JSON)).
-fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bool, explicit: &[(&str, &str)]) -> Result<Run> {
-    if resume {
+/// Checks and reads; writes nothing.
+fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<Run> {
+    if options.resume {
         if !checkpoint::exists(out_dir) {
             return Err(Error::bad_file(out_dir, "no checkpoint to resume (start a run without --resume)"));
         }
@@ -472,15 +524,17 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         let state_path = out_dir.join(checkpoint::TRAIN_STATE_FILE);
         check_settings(&state.settings)
             .and_then(|()| check_settings_fit(&state.settings, &saved.config))
+            .and_then(|()| check_settings_shape(&state.settings, &saved.config))
             .map_err(|e| Error::bad_file(&state_path, format!("the saved settings are not usable: {e}")))?;
-        let settings = resumed_settings(&state.settings, &settings, explicit, state.step)?;
+        let settings = resumed_settings(&state.settings, &settings, &options.explicit, state.step)?;
         if saved.config.vocab_size != data.vocab_size {
             return invalid!("the checkpoint's vocabulary ({}) differs from the data's ({})", saved.config.vocab_size, data.vocab_size);
         }
         // Keep the metrics up to the checkpoint's step: later rows belong to steps being redone.
         // (`train` writes them back only once the run is about to start.)
-        let metrics: Vec<Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
-            .unwrap_or_default()
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let metrics_text = if metrics_path.exists() { crate::data::read_file(&metrics_path)? } else { Vec::new() };
+        let metrics: Vec<Value> = String::from_utf8_lossy(&metrics_text)
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|r| r.get("step").and_then(Value::as_u64).is_some_and(|s| s <= state.step))
@@ -528,16 +582,16 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
     // the defaults that depend on the model or the run are saved resolved, so a resumed or
     // extended run keeps them
     let seq = if settings.seq == 0 { config.n_positions } else { settings.seq };
-    let warmup_steps = if settings.warmup_steps == 0 { (settings.steps / 10).min(100) } else { settings.warmup_steps };
+    let warmup_steps = if settings.warmup_steps == 0 { default_warmup(settings.steps) } else { settings.warmup_steps };
     let settings = TrainSettings { seq, warmup_steps, ..settings };
     check_settings_fit(&settings, &config)?;
+    check_memory(&config, options.device)?;
     let mut rng = Rng::new(settings.seed);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
     if let Some(init) = init {
         let head = params.head.take();
         params = ModelParams { head, ..init.params };
     }
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
     let optimizer = AdamW::new(settings.adamw(), &refs);
     Ok(Run {
@@ -551,6 +605,29 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, resume: bo
         step: 0,
         best_val_joint_loss: None,
     })
+}
+
+/// Refuses, before anything is allocated, a model whose training state cannot fit this
+/// machine's memory: on the CPU, four f32 copies of the parameters (weights, gradients and
+/// AdamW's two moments) against the memory the system reports. (A GPU's memory is checked by
+/// its pool, which reports running out as an error.)
+pub(crate) fn check_memory(config: &ModelConfig, device: DeviceKind) -> Result<()> {
+    if device != DeviceKind::Cpu {
+        return Ok(());
+    }
+    let needed = config.parameter_count() * 16;
+    if let Some(total) = crate::bench::total_memory_bytes() {
+        if needed > total as u128 {
+            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+            return invalid!(
+                "training this model ({} parameters) needs at least {:.1} GiB for its weights, gradients and AdamW's moments, more than this machine's {:.1} GiB; choose a smaller model",
+                config.parameter_count(),
+                gib(needed),
+                gib(total as u128)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How a run is driven, apart from its settings.
@@ -576,27 +653,30 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let (resume, show_progress) = (options.resume, options.show_progress);
     crate::device::check_available(options.device)?;
     let data = Dataset::load(data_dir)?;
-    if !resume {
-        check_settings(&settings)?; // a mistyped flag creates nothing, not even the lock
-    }
-    let _lock = checkpoint::lock_output(out_dir)?;
-    let mut run = start_run(&data, out_dir, settings, resume, &options.explicit)?;
-    // the run's parameters and optimizer state live on the device from here on
-    let device = options.device.open(options.precision)?;
-    run.params = params_to_device(&run.config, &run.params, &device)?;
-    run.optimizer = run.optimizer.to_device(&device)?;
+    // everything that can be checked is checked before the first write: a mistake creates
+    // nothing, not even the lock
+    checkpoint::check_output(out_dir)?;
+    let mut run = start_run(&data, out_dir, settings, options)?;
     let s = run.settings.clone();
     let n = run.config.horizon;
     // the same validation rows whatever the split of B·K into micro-batches
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches * s.grad_accum)?;
-    batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // fail early if the split is too short
-    let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
-    let warmup = if s.warmup_steps == 0 { (s.steps / 10).min(100) } else { s.warmup_steps };
-
+    batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // the split holds a row
+    let _lock = checkpoint::lock_output(out_dir)?;
+    if !resume && checkpoint::exists(out_dir) {
+        return Err(Error::bad_file(out_dir, "another run wrote a checkpoint here meanwhile; choose another --out"));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     if resume {
         let kept: String = run.metrics.iter().map(|r| format!("{r}\n")).collect();
         data::write_atomically(&out_dir.join("metrics.jsonl"), kept.as_bytes())?;
     }
+    // the run's parameters and optimizer state live on the device from here on
+    let device = options.device.open(options.precision)?;
+    run.params = params_to_device(&run.config, &run.params, &device)?;
+    run.optimizer = run.optimizer.to_device(&device)?;
+    let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
+    let warmup = s.warmup_steps; // resolved when the run started
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();
