@@ -240,12 +240,18 @@ pub fn read_text_lossy(path: &Path) -> Result<(String, usize)> {
     Ok((String::from_utf8_lossy(&bytes).into_owned(), replaced))
 }
 
-/// Whether text may be cut before byte `at` without changing its tokens: at "x\nW", a line
-/// that starts with a word after a line that ends with one, where the whitespace run is exactly
-/// the newline and the byte-level pre-tokenizer splits anyway. Such a cut is also a UTF-8
-/// character boundary.
+/// Whether text may be cut before byte `at` without changing its tokens: where a line break
+/// stands alone between two visible ASCII characters, `x\nW` (cut before `W`) or `x\r\nW`
+/// (cut between `\r` and `\n`). GPT-2's pre-tokenizer splits there anyway, the whitespace
+/// run being only the break (visible ASCII on both sides, so no Unicode space joins it), and
+/// such a cut is a UTF-8 character boundary.
 pub(crate) fn is_safe_cut(bytes: &[u8], at: usize) -> bool {
-    at >= 2 && at < bytes.len() && bytes[at - 1] == b'\n' && !bytes[at].is_ascii_whitespace() && !bytes[at - 2].is_ascii_whitespace()
+    if at < 2 || at + 1 >= bytes.len() {
+        return false;
+    }
+    let unix = bytes[at - 1] == b'\n' && bytes[at - 2].is_ascii_graphic() && bytes[at].is_ascii_graphic();
+    let windows = bytes[at - 1] == b'\r' && bytes[at] == b'\n' && bytes[at - 2].is_ascii_graphic() && bytes[at + 1].is_ascii_graphic();
+    unix || windows
 }
 
 /// Token ids of a text. Long texts are cut into pieces at line starts that begin a word, where
@@ -280,4 +286,67 @@ pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
 /// The id of `<|endoftext|>`, if the tokenizer has it.
 pub fn end_of_text_id(tokenizer: &Tokenizer) -> Option<u32> {
     tokenizer.token_to_id(END_OF_TEXT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level BPE tokenizer trained on `text`: its merges join what the text repeats, so a
+    /// cut that splits a pre-tokenizer piece shows as other tokens.
+    fn tokenizer_of(text: &str) -> Tokenizer {
+        let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        let mut trainer = BpeTrainerBuilder::new().show_progress(false).vocab_size(400).initial_alphabet(alphabet).build();
+        let mut tokenizer = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None::<NormalizerWrapper>)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
+            .with_decoder(Some(ByteLevel::default()))
+            .build()
+            .unwrap();
+        tokenizer.train(&mut trainer, [text.to_string()].into_iter()).unwrap();
+        tokenizer.into()
+    }
+
+    #[test]
+    fn text_cut_at_safe_places_has_the_tokens_of_the_whole_text() {
+        // lines that end and start with every kind of character, Unicode spaces, CRLF
+        let lines = [
+            "the whale",
+            "x\u{00A0}",
+            "\u{3000}\u{3000}y",
+            "tab\t",
+            " leading",
+            "café",
+            "\x0bvt",
+            "end.",
+            "",
+            "  ",
+            "日本語",
+            "x\r",
+            "Word",
+        ];
+        let mut text = String::new();
+        let mut i = 0usize;
+        while text.len() < 60_000 {
+            text += lines[i % lines.len()];
+            text += if i % 3 == 0 { "\r\n" } else { "\n" };
+            i = i * 7 + 3;
+            i %= 1_000_003;
+        }
+        let tokenizer = tokenizer_of(&text);
+        let whole: Vec<u32> = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        let differs_at = |ids: &[u32]| ids.iter().zip(&whole).position(|(a, b)| a != b).or((ids.len() != whole.len()).then_some(0));
+        assert_eq!(differs_at(&encode(&tokenizer, &text).unwrap()), None, "encoded in pieces: the first token that differs");
+        let cuts = (0..text.len()).filter(|&at| is_safe_cut(text.as_bytes(), at)).count();
+        assert!(cuts > 100, "{cuts} safe cuts");
+        // every single safe cut
+        for at in (0..text.len()).filter(|&at| is_safe_cut(text.as_bytes(), at)).step_by(53) {
+            let (a, b) = text.split_at(at);
+            let mut pieces = tokenizer.encode(a, false).unwrap().get_ids().to_vec();
+            pieces.extend(tokenizer.encode(b, false).unwrap().get_ids());
+            assert_eq!(differs_at(&pieces), None, "cut at byte {at}: the first token that differs");
+        }
+    }
 }
