@@ -119,7 +119,7 @@ struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     batch: Option<usize>,
     /// Sequence length, T [default: the model's n_positions]
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
     seq: Option<usize>,
     /// Peak learning rate [default: 1e-3]
     #[arg(long, allow_negative_numbers = true)]
@@ -213,9 +213,9 @@ struct SampleArgs {
     /// Prompts, one a line (empty lines skipped), after --prompt if both are given
     #[arg(long)]
     prompts_file: Option<PathBuf>,
-    /// Samples per prompt, seeded --seed, --seed + 1, ...
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = at_least_one)]
-    num_samples: usize,
+    /// Samples per prompt, seeded --seed, --seed + 1, ... (the JSON then lists them under samples)
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
+    num_samples: Option<usize>,
     #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     max_new_tokens: usize,
     /// Go on past the tokenizer's end-of-text token instead of stopping at it
@@ -377,7 +377,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 seq: args.seq.unwrap_or(d.seq),
                 lr,
                 min_lr_ratio: args.min_lr.map_or(d.min_lr_ratio, |min_lr| min_lr / lr),
-                warmup_steps: args.warmup.unwrap_or(d.warmup_steps),
+                warmup_steps: args.warmup.or(d.warmup_steps),
                 weight_decay: args.weight_decay.unwrap_or(d.weight_decay),
                 beta2: args.beta2.unwrap_or(d.beta2),
                 grad_clip: args.grad_clip.unwrap_or(d.grad_clip),
@@ -460,7 +460,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             let (mut samples, mut texts) = (Vec::new(), Vec::new());
             for (prompt_text, prompt) in prompts.iter().zip(&encoded) {
-                for index in 0..args.num_samples {
+                for index in 0..args.num_samples.unwrap_or(1) {
                     let seed = args.sampling.seed + index as u64;
                     let bar = live_readout(args.max_new_tokens);
                     let request = DecodeRequest {
@@ -498,8 +498,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     }));
                 }
             }
-            // one prompt, one sample: the object itself; otherwise the list under `samples`
-            let value = if samples.len() == 1 && args.prompts_file.is_none() { samples.remove(0) } else { json!({ "samples": samples }) };
+            // with --prompts-file or --num-samples, the list under `samples`; else the one sample
+            let value =
+                if args.prompts_file.is_none() && args.num_samples.is_none() { samples.remove(0) } else { json!({ "samples": samples }) };
             Ok((value, texts.join("\n\n---\n\n")))
         }
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {

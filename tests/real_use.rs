@@ -260,6 +260,29 @@ fn a_published_gpt2_directory_gets_the_head_and_trains_it_alone() {
     let eval = run_json(&["eval", "--checkpoint", s(&published), "--text-file", s(&ws.corpus)]);
     assert!(eval["ntp_loss"].as_f64().unwrap().is_finite());
 
+    // the layout of the original GPT-2 upload: names without `transformer.`, a tied
+    // `lm_head.weight`, and the attention masks older transformers stored (as bytes here)
+    let original = ws.root.join("gpt2-original");
+    std::fs::create_dir_all(&original).unwrap();
+    for file in ["config.json", "vocab.json", "merges.txt"] {
+        std::fs::copy(published.join(file), original.join(file)).unwrap();
+    }
+    let bytes = read(&published.join("model.safetensors"));
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        file.tensors().into_iter().map(|(name, view)| (name.trim_start_matches("transformer.").to_string(), view)).collect();
+    let wte = file.tensor("transformer.wte.weight").unwrap();
+    tensors.push(("lm_head.weight".into(), wte));
+    let ones = [1u8; 16];
+    for layer in 0..2 {
+        let mask = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![1, 1, 4, 4], &ones).unwrap();
+        tensors.push((format!("h.{layer}.attn.bias"), mask));
+    }
+    std::fs::write(original.join("model.safetensors"), safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let reread = checkpoint::load(&original).unwrap();
+    let loss = evaluate::evaluate_tokens(&reread.config, &reread.params, &ids).unwrap().ntp_loss;
+    assert_eq!(loss, ours, "the original layout reads as the one save_pretrained writes");
+
     // a corpus in GPT-2's vocabulary, then the head alone trained on the frozen backbone
     let data = ws.root.join("data-gpt2");
     let prepared = run_json(&["data", "prepare", "--tokenizer", s(&published), "--input", s(&ws.corpus), "--out", s(&data)]);

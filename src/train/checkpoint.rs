@@ -439,8 +439,8 @@ pub fn load_for_resume(dir: &Path) -> Result<Checkpoint> {
     // for "the default rule"
     let warmup_is_a_rule = raw.pointer("/settings/grad_accum").is_none();
     let mut state: TrainStateFile = serde_json::from_value(raw).map_err(|e| bad_state(e.to_string()))?;
-    if warmup_is_a_rule && state.settings.warmup_steps == 0 {
-        state.settings.warmup_steps = super::default_warmup(state.settings.steps);
+    if warmup_is_a_rule && state.settings.warmup_steps == Some(0) {
+        state.settings.warmup_steps = Some(super::default_warmup(state.settings.steps));
     }
     state.adamw.validate().map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
     if (state.settings.beta2, state.settings.weight_decay) != (state.adamw.beta2, state.adamw.weight_decay) {

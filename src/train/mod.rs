@@ -50,8 +50,8 @@ pub struct TrainSettings {
     pub lr: f64,
     /// where the cosine decay ends, as a fraction of `lr`
     pub min_lr_ratio: f64,
-    /// linear warm-up steps; 0 asks for min(100, steps/10)
-    pub warmup_steps: u64,
+    /// linear warm-up steps; `None` asks for [`default_warmup`] (a saved run holds the value used)
+    pub warmup_steps: Option<u64>,
     /// the global gradient-norm limit
     pub grad_clip: f64,
     /// validate every this many steps (and after the last)
@@ -103,7 +103,7 @@ impl Default for TrainSettings {
             seq: 0,
             lr: 1e-3,
             min_lr_ratio: 0.1,
-            warmup_steps: 0,
+            warmup_steps: None,
             grad_clip: 1.0,
             eval_every: 100,
             eval_batches: 8,
@@ -137,7 +137,7 @@ pub struct TrainSummary {
     pub val_joint_loss: f64,
     /// the last validation's next-token loss
     pub val_ntp_loss: f64,
-    /// B·T tokens per step over the time spent in steps
+    /// B·K·T tokens per step over the time spent in steps
     pub tokens_per_s: f64,
     /// the last validation's loss of each horizon s = 0..n−1
     pub val_head_losses: Vec<f64>,
@@ -479,7 +479,10 @@ fn resumed_settings(saved: &TrainSettings, given: &TrainSettings, explicit: &[(&
             }
             _ => (saved_json.pointer(pointer).cloned(), given_json.pointer(pointer).cloned()),
         };
-        let same = match (old.as_ref().and_then(Value::as_f64), new.as_ref().and_then(Value::as_f64)) {
+        debug_assert!(saved_json.pointer(pointer).is_some(), "{flag}: {pointer} names no setting");
+        // integers, strings and paths exactly; rates (floats) up to rounding
+        let float = |v: &Option<Value>| v.as_ref().filter(|v| v.is_f64()).and_then(Value::as_f64);
+        let same = match (float(&old), float(&new)) {
             (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * a.abs().max(b.abs()),
             _ => old == new,
         };
@@ -582,7 +585,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &
     // the defaults that depend on the model or the run are saved resolved, so a resumed or
     // extended run keeps them
     let seq = if settings.seq == 0 { config.n_positions } else { settings.seq };
-    let warmup_steps = if settings.warmup_steps == 0 { default_warmup(settings.steps) } else { settings.warmup_steps };
+    let warmup_steps = Some(settings.warmup_steps.unwrap_or_else(|| default_warmup(settings.steps)));
     let settings = TrainSettings { seq, warmup_steps, ..settings };
     check_settings_fit(&settings, &config)?;
     check_memory(&config, options.device)?;
@@ -652,10 +655,13 @@ pub struct RunOptions {
 pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<TrainSummary> {
     let (resume, show_progress) = (options.resume, options.show_progress);
     crate::device::check_available(options.device)?;
-    let data = Dataset::load(data_dir)?;
-    // everything that can be checked is checked before the first write: a mistake creates
-    // nothing, not even the lock
+    // everything that can be checked is checked before the first write (a mistake creates
+    // nothing, not even the lock), the flags before the corpus is read
+    if !resume {
+        check_settings(&settings)?;
+    }
     checkpoint::check_output(out_dir)?;
+    let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, options)?;
     let s = run.settings.clone();
     let n = run.config.horizon;
@@ -676,7 +682,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     run.params = params_to_device(&run.config, &run.params, &device)?;
     run.optimizer = run.optimizer.to_device(&device)?;
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
-    let warmup = s.warmup_steps; // resolved when the run started
+    let warmup = s.warmup_steps.unwrap_or_else(|| default_warmup(s.steps)); // resolved when the run started
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();
