@@ -331,7 +331,7 @@ mod tests {
         let mut i = 0usize;
         while text.len() < 60_000 {
             text += lines[i % lines.len()];
-            text += if i % 3 == 0 { "\r\n" } else { "\n" };
+            text += if i.is_multiple_of(3) { "\r\n" } else { "\n" };
             i = i * 7 + 3;
             i %= 1_000_003;
         }
