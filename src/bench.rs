@@ -191,9 +191,57 @@ pub struct BenchDecodeResult {
     pub threads: usize,
     /// where the decoders ran
     pub device: DeviceKind,
+    /// the bytes of the weights a speculative pass reads: every block, the final LayerNorm, wte
+    /// (the unembedding) and the head's expanders and gate, in f32 (wpe's few rows and the KV
+    /// cache apart)
+    pub weight_bytes_per_pass: u64,
+    /// `weight_bytes_per_pass` over the median time of a speculative pass
+    pub achieved_bandwidth_bytes_per_s: f64,
+    /// the device's copy bandwidth, measured in the same run: bytes copied per second from one
+    /// buffer of 256 MiB to another (on the GPU device to device, on the CPU by every thread)
+    pub copy_bandwidth_bytes_per_s: f64,
     /// with `MULTITOKEN_PROFILE=1` on the GPU: the passes' phases, summed over every run
     #[serde(skip)]
     pub gpu_profile: Option<String>,
+}
+
+/// The bytes of the weights a speculative decoding pass reads (see
+/// [`BenchDecodeResult::weight_bytes_per_pass`]).
+pub fn weight_bytes_per_pass(params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>) -> u64 {
+    let read = params.named().into_iter().filter(|(name, _)| name != "transformer.wpe.weight");
+    read.map(|(_, tensor)| tensor.len() as u64 * 4).sum()
+}
+
+/// Bytes per second copied between two buffers of 256 MiB on `device`: the median of five
+/// copies, after one untimed.
+pub fn copy_bandwidth(device: &crate::tensor::Device) -> Result<f64> {
+    const BYTES: usize = 256 << 20;
+    let mut times = Vec::new();
+    match device.gpu() {
+        Some(gpu) => {
+            let (source, target) = (gpu.alloc::<f32>(BYTES / 4)?, gpu.alloc::<f32>(BYTES / 4)?);
+            for _ in 0..6 {
+                gpu.synchronize()?;
+                let started = Instant::now();
+                gpu.copy(source.view(), target.view())?;
+                gpu.synchronize()?;
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+        None => {
+            use rayon::prelude::*;
+            let (source, mut target) = (vec![1u8; BYTES], vec![0u8; BYTES]);
+            let chunk = BYTES / rayon::current_num_threads().max(1);
+            for _ in 0..6 {
+                let started = Instant::now();
+                target.par_chunks_mut(chunk).zip(source.par_chunks(chunk)).for_each(|(t, s)| t.copy_from_slice(s));
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    Ok(BYTES as f64 / times[times.len() / 2])
 }
 
 /// New tokens of each decoder's warm-up run in `bench decode`: enough for every shape a pass
@@ -250,6 +298,8 @@ pub fn bench_decode(
     let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
     let (ar, spec) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
     let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
+    let weight_bytes = weight_bytes_per_pass(params);
+    let copy_bandwidth_bytes_per_s = copy_bandwidth(&on)?;
     let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     Ok(BenchDecodeResult {
@@ -267,6 +317,9 @@ pub fn bench_decode(
         repeats: repeats.max(1),
         threads: rayon::current_num_threads(),
         device,
+        weight_bytes_per_pass: weight_bytes,
+        achieved_bandwidth_bytes_per_s: weight_bytes as f64 / spec_step,
+        copy_bandwidth_bytes_per_s,
         gpu_profile,
     })
 }

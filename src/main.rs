@@ -524,7 +524,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             }
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
             let text = format!(
-                "autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes",
+                "autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | it reads {:.1} MB of weights: {:.1} GB/s against {:.1} GB/s copied",
                 result.ar_tokens_per_s,
                 result.spec_tokens_per_s,
                 result.speedup,
@@ -532,7 +532,10 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 ckpt.config.horizon,
                 ckpt.config.rank,
                 rates.join(", "),
-                result.step_cost_ratio
+                result.step_cost_ratio,
+                result.weight_bytes_per_pass as f64 / 1e6,
+                result.achieved_bandwidth_bytes_per_s / 1e9,
+                result.copy_bandwidth_bytes_per_s / 1e9
             );
             Ok((serde_json::to_value(result)?, text))
         }

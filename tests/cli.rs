@@ -82,6 +82,13 @@ fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() 
     for key in ["ar_tokens_per_s", "spec_tokens_per_s", "speedup", "mean_accepted"] {
         assert!(bench.get(key).is_some(), "bench decode JSON lacks {key}");
     }
+    // every weight a speculative pass reads, in f32: all parameters but wpe's table
+    let config = multitoken::model::ModelConfig::preset("tiny", 300, 3, 2).unwrap();
+    let expected_bytes = 4 * (config.parameter_count() - (config.n_positions * config.n_embd) as u128);
+    assert_eq!(bench["weight_bytes_per_pass"].as_u64().map(u128::from), Some(expected_bytes));
+    for key in ["achieved_bandwidth_bytes_per_s", "copy_bandwidth_bytes_per_s"] {
+        assert!(bench[key].as_f64().is_some_and(|b| b > 1e6), "{key}: {}", bench[key]);
+    }
     assert_eq!(bench["identical_output"], true);
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume"]).contains("no optimizer state"));
 }
