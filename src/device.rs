@@ -19,7 +19,7 @@ pub enum DeviceKind {
 }
 
 /// Matrix products in f32, or on TF32 tensor cores (CUDA only; 10-bit mantissa inputs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Plain f32 (the default).

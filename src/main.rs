@@ -163,9 +163,9 @@ struct TrainArgs {
     /// cpu or cuda (one NVIDIA GPU)
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// f32, or tf32 (CUDA matrix products on tensor cores)
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    /// f32, or tf32 (CUDA matrix products on tensor cores); kept by --resume [default: f32]
+    #[arg(long)]
+    precision: Option<String>,
     /// Act as if interrupted after this many steps (for testing --resume)
     #[arg(long, allow_negative_numbers = true, hide = true)]
     stop_after_steps: Option<u64>,
@@ -334,7 +334,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Train(args) => {
             let device = DeviceKind::parse(&args.device)?;
-            let precision = Precision::parse(&args.precision, device)?;
+            let precision = args.precision.as_deref().map(|p| Precision::parse(p, device)).transpose()?;
             // (flag, whether given, where the setting sits in the saved settings' JSON)
             let flags = [
                 ("--model", args.model.is_some(), "/model"),
@@ -360,6 +360,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 ("--init-from", args.init_from.is_some(), "/init_from"),
                 ("--freeze-backbone", args.freeze_backbone, "/freeze_backbone"),
                 ("--seed", args.seed.is_some(), "/seed"),
+                ("--precision", args.precision.is_some(), "/precision"),
             ];
             let explicit: Vec<(&'static str, &'static str)> =
                 flags.iter().filter(|(_, given, _)| *given).map(|&(flag, _, pointer)| (flag, pointer)).collect();
@@ -386,18 +387,13 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 seed: args.seed.unwrap_or(d.seed),
                 init_from: args.init_from.clone(),
                 freeze_backbone: args.freeze_backbone,
+                precision: precision.unwrap_or(d.precision),
                 ..d
             };
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
-            let options = train::RunOptions {
-                resume: args.resume,
-                show_progress: true,
-                stop_after_steps: args.stop_after_steps,
-                device,
-                precision,
-                explicit,
-            };
+            let options =
+                train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps, device, explicit };
             let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",

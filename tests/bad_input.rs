@@ -163,6 +163,12 @@ fn resume_refuses_saved_settings_that_cannot_work() {
     t.restore();
     t.edit_json("train_state.json", |state| state["adamw"]["beta2"] = 1.5.into());
     assert!(t.resume_error().contains("betas"));
+    t.restore();
+    // the precision is the run's: kept by --resume, never switched silently
+    assert_eq!(serde_json::from_slice::<Value>(&read(&t.ckpt.join("train_state.json"))).unwrap()["settings"]["precision"], "f32");
+    t.edit_json("train_state.json", |state| state["settings"]["precision"] = "tf32".into());
+    let extend = ["train", "--data", s(&t.ws.data), "--out", s(&t.ckpt), "--resume", "--steps", "8"];
+    assert!(run_error(&extend).contains("--precision tf32, which needs --device cuda"));
     t.unchanged_but(&["train_state.json"]);
 }
 

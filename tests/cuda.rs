@@ -804,7 +804,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
 // ---- resuming a run on the GPU ----
 
 cuda_test!(resume_on_the_gpu_ends_bit_for_bit_like_an_uninterrupted_run, |gpu| {
-    use multitoken::device::{DeviceKind, Precision};
+    use multitoken::device::DeviceKind;
     use multitoken::train::{train, RunOptions, TrainSettings};
     drop(gpu); // each run opens the device itself, as the command line does
     let dir = tempfile::tempdir().unwrap();
@@ -831,7 +831,6 @@ cuda_test!(resume_on_the_gpu_ends_bit_for_bit_like_an_uninterrupted_run, |gpu| {
         show_progress: false,
         stop_after_steps,
         device: DeviceKind::Cuda,
-        precision: Precision::F32,
         explicit: Vec::new(),
     };
     let (straight, resumed) = (dir.path().join("straight"), dir.path().join("resumed"));

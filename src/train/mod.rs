@@ -78,6 +78,10 @@ pub struct TrainSettings {
     /// K, micro-batches of `batch` rows whose gradients one step sums (a step sees B·K rows)
     #[serde(default = "default_grad_accum")]
     pub grad_accum: usize,
+    /// the matrix products' precision; a resumed run keeps it (runs saved before it was
+    /// recorded read as f32)
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 // runs saved before these settings existed used these values
@@ -115,6 +119,7 @@ impl Default for TrainSettings {
             beta2: default_beta2(),
             weight_decay: default_weight_decay(),
             grad_accum: 1,
+            precision: Precision::F32,
         }
     }
 }
@@ -644,8 +649,6 @@ pub struct RunOptions {
     pub stop_after_steps: Option<u64>,
     /// where the run computes
     pub device: DeviceKind,
-    /// f32 or TF32 matrix products
-    pub precision: Precision,
     /// With `resume`: the setting flags given on the command line, as (flag, JSON pointer into
     /// the settings), each checked against the saved run.
     pub explicit: Vec<(&'static str, &'static str)>,
@@ -664,6 +667,9 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, options)?;
     let s = run.settings.clone();
+    if s.precision == Precision::Tf32 && options.device != DeviceKind::Cuda {
+        return invalid!("this run trains with --precision tf32, which needs --device cuda");
+    }
     let n = run.config.horizon;
     // the same validation rows whatever the split of B·K into micro-batches
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches * s.grad_accum)?;
@@ -678,7 +684,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         data::write_atomically(&out_dir.join("metrics.jsonl"), kept.as_bytes())?;
     }
     // the run's parameters and optimizer state live on the device from here on
-    let device = options.device.open(options.precision)?;
+    let device = options.device.open(s.precision)?;
     run.params = params_to_device(&run.config, &run.params, &device)?;
     run.optimizer = run.optimizer.to_device(&device)?;
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
