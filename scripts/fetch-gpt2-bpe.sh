@@ -14,15 +14,7 @@ SHA256="099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c"
 VOCAB_SHA256="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 MERGES_SHA256="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
-sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
-check_sha256() { # FILE EXPECTED
-  local actual
-  actual="$(sha256_of "$1")"
-  if [ "$actual" != "$2" ]; then
-    echo "error: $1 has sha256 $actual, expected $2; refusing to use it" >&2
-    exit 1
-  fi
-}
+source "$(dirname "$0")/lib/sha256.sh"
 
 # files fetched before are used when they are still the pinned ones
 if [ -s "$out/vocab.json" ] && [ -s "$out/merges.txt" ] \

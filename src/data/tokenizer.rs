@@ -81,6 +81,21 @@ fn first_invalid_utf8(path: &Path) -> Result<Option<u64>> {
     }
 }
 
+/// A BPE model inside GPT-2's byte-level pipeline: no normaliser, GPT-2's pre-tokenizer without
+/// a prefix space, byte-level decoding. Trained tokenizers and GPT-2's own share it.
+type ByteLevelBpe = tokenizers::TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>;
+
+fn byte_level_bpe(model: BPE) -> Result<ByteLevelBpe> {
+    TokenizerBuilder::new()
+        .with_model(model)
+        .with_normalizer(None::<NormalizerWrapper>)
+        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+        .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))
+}
+
 /// Trains a byte-level BPE tokenizer with `vocab_size` entries (including `<|endoftext|>`) and
 /// writes it to `out` as `tokenizer.json`.
 pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: bool) -> Result<TokenizerSummary> {
@@ -102,14 +117,7 @@ pub fn train(inputs: &[PathBuf], vocab_size: usize, out: &Path, show_progress: b
         .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
         .initial_alphabet(alphabet)
         .build();
-    let mut tokenizer = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-        .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut tokenizer = byte_level_bpe(BPE::default())?;
     let files: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     tokenizer.train_from_files(&mut trainer, files).map_err(|e| Error::Invalid(format!("training the tokenizer: {e}")))?;
     let tokenizer: Tokenizer = tokenizer.into();
@@ -178,15 +186,7 @@ pub fn from_bpe_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
     let model = BPE::from_file(&vocab_text, &merges_text)
         .build()
         .map_err(|e| Error::bad_file(vocab.parent().unwrap_or(vocab), format!("GPT-2's BPE files do not make a tokenizer ({e})")))?;
-    let mut tokenizer: Tokenizer = TokenizerBuilder::new()
-        .with_model(model)
-        .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-        .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| Error::Invalid(format!("building the tokenizer: {e}")))?
-        .into();
+    let mut tokenizer: Tokenizer = byte_level_bpe(model)?.into();
     tokenizer.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
     check_ids(&tokenizer, vocab)?;
     Ok(tokenizer)
@@ -297,14 +297,7 @@ mod tests {
     fn tokenizer_of(text: &str) -> Tokenizer {
         let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
         let mut trainer = BpeTrainerBuilder::new().show_progress(false).vocab_size(400).initial_alphabet(alphabet).build();
-        let mut tokenizer = TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None::<NormalizerWrapper>)
-            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-            .with_post_processor(Some(ByteLevel::default().trim_offsets(false)))
-            .with_decoder(Some(ByteLevel::default()))
-            .build()
-            .unwrap();
+        let mut tokenizer = byte_level_bpe(BPE::default()).unwrap();
         tokenizer.train(&mut trainer, [text.to_string()].into_iter()).unwrap();
         tokenizer.into()
     }
