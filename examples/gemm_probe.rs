@@ -3,7 +3,7 @@
 //! few rows), as the host's time to issue a call and the device's time per call. Needs a GPU.
 //! `cargo run --release --example gemm_probe [-- --decoding]` (only the decoding part)
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    use multitoken_cuda::{Epilogue, GemmRoute, Gpu, Operand};
+    use multitoken_cuda::{Epilogue, GemmRoute, Gpu, Operand, ProductPrecision};
     let only_decoding = std::env::args().any(|a| a == "--decoding");
     let mut gpu = Gpu::new(0)?;
     println!("{}", gpu.name());
@@ -20,15 +20,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (16384, 8192, 768, false, false),
         (8192, 16384, 768, true, false),
     ];
-    for tf32 in [false, true] {
-        gpu.tf32 = tf32;
+    // bf16 includes rounding both inputs into bf16 copies, as training does it
+    for precision in [ProductPrecision::F32, ProductPrecision::Tf32, ProductPrecision::Bf16] {
+        gpu.precision = precision;
         for &(m, k, n, a_t, b_t) in shapes.iter().filter(|_| !only_decoding) {
             // random operands: the time of a GEMM on zeros is not the time on data
             let mut rng = multitoken::tensor::Rng::new(1);
             let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };
             let (a, b, c) = (gpu.upload(&random(m * k))?, gpu.upload(&random(k * n))?, gpu.upload(&random(m * n))?);
             let operand = |view, t: bool| if t { Operand::transposed(view) } else { Operand::normal(view) };
-            let mut line = format!("tf32={tf32:<5} {m:>5}×{k:>5}·{k:>5}×{n:>5} a_t={a_t:<5} b_t={b_t:<5}");
+            let mut line = format!("{:<4} {m:>5}×{k:>5}·{k:>5}×{n:>5} a_t={a_t:<5} b_t={b_t:<5}", format!("{precision:?}"));
             for route in [GemmRoute::Blas, GemmRoute::BlasLt] {
                 gpu.gemm_route = route;
                 let run = || gpu.matmul(operand(a.view(), a_t), operand(b.view(), b_t), c.view(), m, k, n, true);
@@ -46,7 +47,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{line}");
         }
     }
-    gpu.tf32 = false;
+    gpu.precision = ProductPrecision::F32;
+    if !only_decoding {
+        // what bf16 adds to a product: rounding an input of B·T·C = 8192 × 768 elements
+        let x = gpu.upload(&vec![0.5f32; 8192 * 768])?;
+        let copy = gpu.alloc::<u16>(x.len())?;
+        let repeats = 50;
+        gpu.round_to_bf16(x.view(), copy.view())?;
+        gpu.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..repeats {
+            gpu.round_to_bf16(x.view(), copy.view())?;
+        }
+        gpu.synchronize()?;
+        let seconds = start.elapsed().as_secs_f64() / repeats as f64;
+        println!(
+            "round_to_bf16 of 8192×768: {:.1} µs, {:.0} GB/s (6 bytes an element)",
+            seconds * 1e6,
+            6.0 * x.len() as f64 / seconds / 1e9
+        );
+    }
     // decoding: `base`'s four linear layers on 1 and 4 rows, and a kernel on 256 elements
     let mut rng = multitoken::tensor::Rng::new(2);
     let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };

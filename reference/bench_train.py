@@ -1,9 +1,13 @@
 """Times full training steps of the PyTorch twin, as `multitoken bench train` does for the Rust
 model: random tokens, forward + backward + clip_grad_norm_(1.0) + AdamW, median step time
-after 3 warm-up steps. Prints one JSON object.
+after 3 warm-up steps. Prints one JSON object. On a GPU, `--bf16` runs forward and loss under
+bf16 autocast (weights, gradients and AdamW state stay f32), `--fused-adamw` uses PyTorch's fused
+AdamW kernel and `--compile` torch.compile: the twin as its users run it.
 
 python reference/bench_train.py --model small --vocab-size 4096 --horizon 1 --rank 1 --batch 8 --seq 256 --threads 2
+python reference/bench_train.py --model base --vocab-size 8192 --horizon 4 --rank 4 --batch 16 --seq 512 --device cuda --bf16 --fused-adamw --compile
 """
+import contextlib
 import argparse
 import json
 import resource
@@ -30,7 +34,11 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast over forward and loss (CUDA)")
+    ap.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True) (CUDA)")
     args = ap.parse_args()
+    if (args.bf16 or args.fused_adamw) and args.device != "cuda":
+        sys.exit("--bf16 and --fused-adamw need --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tf32:
@@ -42,7 +50,7 @@ def main():
     model = Model(cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=args.fused_adamw or None)
     losses = torch.compile(model.losses) if args.compile else model.losses
     n = cfg.horizon
 
@@ -50,7 +58,9 @@ def main():
         rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + n), device=device)
         idx = rows[:, : args.seq]
         targets = torch.stack([rows[:, 1 + s : 1 + s + args.seq] for s in range(n)], dim=-1)
-        objective, *_ = losses(idx, targets)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with autocast:
+            objective, *_ = losses(idx, targets)
         opt.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,6 +85,9 @@ def main():
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "bf16": args.bf16,
+        "fused_adamw": args.fused_adamw,
+        "compile": args.compile,
         "step_ms_all": times,
     }
     if device.type == "cuda":

@@ -1,7 +1,7 @@
-//! Where the work runs (`--device cpu|cuda`) and in what precision (`--precision f32|tf32`):
+//! Where the work runs (`--device cpu|cuda`) and in what precision (`--precision f32|tf32|bf16`):
 //! the choice on the command line, and the place that opens the device it names.
 
-use multitoken_cuda::AttentionRoute;
+use multitoken_cuda::{AttentionRoute, ProductPrecision};
 
 use crate::error::Result;
 use crate::invalid;
@@ -18,15 +18,19 @@ pub enum DeviceKind {
     Cuda,
 }
 
-/// Matrix products in f32, or on TF32 tensor cores (CUDA only; 10-bit mantissa inputs).
+/// Matrix products in f32, or on tensor cores in TF32 or bf16 (CUDA only). Whatever the choice,
+/// parameters, gradients, the optimizer's state and everything outside the products stay f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Plain f32 (the default).
     #[default]
     F32,
-    /// TF32 tensor cores for the matrix products; CUDA only.
+    /// TF32 tensor cores for the matrix products (10-bit mantissa inputs); CUDA only.
     Tf32,
+    /// bf16 tensor cores for the matrix products (inputs rounded to an 8-bit mantissa, f32
+    /// accumulation): mixed precision as PyTorch's autocast does it; CUDA only.
+    Bf16,
 }
 
 impl DeviceKind {
@@ -49,7 +53,11 @@ impl DeviceKind {
             DeviceKind::Cpu => Ok(Device::Cpu),
             DeviceKind::Cuda => {
                 let mut gpu = multitoken_cuda::Gpu::new(0)?;
-                gpu.tf32 = precision == Precision::Tf32;
+                gpu.precision = match precision {
+                    Precision::F32 => ProductPrecision::F32,
+                    Precision::Tf32 => ProductPrecision::Tf32,
+                    Precision::Bf16 => ProductPrecision::Bf16,
+                };
                 gpu.few_row_linear = std::env::var("MULTITOKEN_FEW_ROW_LINEAR").as_deref() != Ok("0");
                 gpu.attention_route = match std::env::var("MULTITOKEN_ATTENTION").as_deref() {
                     Ok("products") => Some(AttentionRoute::Products),
@@ -63,14 +71,33 @@ impl DeviceKind {
 }
 
 impl Precision {
-    /// Parses `--precision`: `f32`, or `tf32` where `device` is CUDA.
+    /// Parses `--precision`: `f32`, or `tf32` or `bf16` where `device` is CUDA.
     pub fn parse(name: &str, device: DeviceKind) -> Result<Self> {
-        match (name, device) {
-            ("f32", _) => Ok(Precision::F32),
-            ("tf32", DeviceKind::Cuda) => Ok(Precision::Tf32),
-            ("tf32", DeviceKind::Cpu) => invalid!("--precision tf32 needs --device cuda (the CPU computes in f32)"),
-            (other, _) => invalid!("unknown --precision '{other}' (use f32 or tf32)"),
+        let precision = match name {
+            "f32" => Precision::F32,
+            "tf32" => Precision::Tf32,
+            "bf16" => Precision::Bf16,
+            other => return invalid!("unknown --precision '{other}' (use f32, tf32 or bf16)"),
+        };
+        precision.check_device(device)?;
+        Ok(precision)
+    }
+
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
         }
+    }
+
+    /// Tensor-core precisions need the GPU.
+    pub fn check_device(self, device: DeviceKind) -> Result<()> {
+        if self != Precision::F32 && device != DeviceKind::Cuda {
+            return invalid!("--precision {} needs --device cuda (the CPU computes in f32)", self.name());
+        }
+        Ok(())
     }
 }
 

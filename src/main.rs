@@ -163,7 +163,7 @@ struct TrainArgs {
     /// cpu or cuda (one NVIDIA GPU)
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// f32, or tf32 (CUDA matrix products on tensor cores); kept by --resume [default: f32]
+    /// f32, or tf32 or bf16 (CUDA matrix products on tensor cores; weights stay f32); kept by --resume [default: f32]
     #[arg(long)]
     precision: Option<String>,
     /// Act as if interrupted after this many steps (for testing --resume)
@@ -179,6 +179,9 @@ struct EvalArgs {
     text_file: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or tf32 or bf16 (CUDA matrix products on tensor cores)
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Args, Clone)]
@@ -252,7 +255,7 @@ enum BenchCommand {
         /// cpu or cuda
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// f32, or tf32 (CUDA only)
+        /// f32, or tf32 or bf16 (CUDA only)
         #[arg(long, default_value = "f32")]
         precision: String,
     },
@@ -408,6 +411,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Eval(args) => {
             let device = DeviceKind::parse(&args.device)?;
+            let precision = Precision::parse(&args.precision, device)?;
             multitoken::device::check_available(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
             let text = tokenizer::read_text(&args.text_file)?;
@@ -420,7 +424,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     ckpt.config.horizon
                 );
             }
-            let params = train::params_to_device(&ckpt.config, &ckpt.params, &device.open(Precision::F32)?)?;
+            let params = train::params_to_device(&ckpt.config, &ckpt.params, &device.open(precision)?)?;
             let losses = evaluate::evaluate_tokens(&ckpt.config, &params, &ids)?;
             if !losses.joint_loss.is_finite() {
                 anyhow::bail!(
@@ -547,8 +551,11 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 _ => format!("peak RSS {:.0} MiB ({} threads)", result.peak_rss_bytes as f64 / (1 << 20) as f64, result.threads),
             };
             let text = format!(
-                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq}: {:.0} tokens/s, {:.1} ms/step, {memory}",
-                result.tokens_per_s, result.step_ms
+                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq} {}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s, {memory}",
+                result.precision.name(),
+                result.tokens_per_s,
+                result.step_ms,
+                result.model_tflop_per_s
             );
             Ok((serde_json::to_value(result)?, text))
         }

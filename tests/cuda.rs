@@ -22,7 +22,7 @@ use multitoken::ops;
 use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{params_to_device, train_step, StepConfig};
-use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, FUSED_ATTENTION_HEAD_SIZES};
+use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, FUSED_ATTENTION_HEAD_SIZES};
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
 macro_rules! cuda_test {
@@ -183,10 +183,14 @@ cuda_test!(cross_entropy_matches_the_cpu, |gpu| {
 /// on its own, so that one cannot hide another's error (dq is the part the fused backward adds
 /// up across key tiles).
 fn compare_attention(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize) {
+    compare_attention_within(device, label, qkv, seq, n_head, 1e-5)
+}
+
+fn compare_attention_within(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize, tolerance: f64) {
     let (reference, reference_grads) =
         run_op::<f64>(&Device::Cpu, std::slice::from_ref(&qkv), |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
     let (ours, our_grads) = run_op::<f32>(device, &[qkv], |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
-    report(&format!("{label} forward"), relative_error(ours.cast::<f32>().data(), reference.data()), 1e-5);
+    report(&format!("{label} forward"), relative_error(ours.cast::<f32>().data(), reference.data()), tolerance);
     let (ours, reference) = (our_grads[0].as_ref().unwrap(), reference_grads[0].as_ref().unwrap());
     let c = ours.shape()[1] / 3;
     let third = |t: &Tensor<f64>, part: usize| -> Vec<f64> {
@@ -194,7 +198,7 @@ fn compare_attention(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize,
     };
     for (part, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
         let ours: Vec<f32> = third(ours, part).iter().map(|&x| x as f32).collect();
-        report(&format!("{label} backward {name}"), relative_error(&ours, &third(reference, part)), 1e-5);
+        report(&format!("{label} backward {name}"), relative_error(&ours, &third(reference, part)), tolerance);
     }
 }
 
@@ -285,14 +289,97 @@ cuda_test!(the_general_ops_match_the_cpu, |gpu| {
     compare_op!(&device, "matmul (3, 37, 20)·(3, 20, 11)", vec![cube, batch_b], 1e-5, |tape, v| ops::matmul(tape, v[0], v[1]));
 });
 
+// ---- bf16 products (`--precision bf16`) ----
+
+/// A product's relative tolerance against f64. bf16 keeps 8 mantissa bits: rounding an input
+/// moves it by up to 2⁻⁹ ≈ 2e-3 relative, and a sum of such products over random signs errs by
+/// about that much; TF32 keeps 11 bits.
+fn product_tolerance(precision: ProductPrecision) -> f64 {
+    match precision {
+        ProductPrecision::F32 => 1e-5,
+        ProductPrecision::Tf32 => 1e-2,
+        ProductPrecision::Bf16 => BF16_OP_TOLERANCE,
+    }
+}
+
+/// An op built of up to three bf16 products (attention, the CP head) against f64: each product
+/// errs by about 2e-3, and the errors of chained products add.
+const BF16_OP_TOLERANCE: f64 = 2e-2;
+
+/// The whole model in bf16 against the CPU in f64 (losses, gradients): every linear layer, the
+/// attention's products and the head's, forward and backward, round their inputs.
+const BF16_MODEL_TOLERANCE: (f64, f64) = (2e-4, 2e-2);
+
+fn bf16_device(route: Option<AttentionRoute>) -> Device {
+    let mut gpu = Gpu::new(0).unwrap();
+    gpu.precision = ProductPrecision::Bf16;
+    device_with(gpu, route)
+}
+
+cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
+    drop(gpu);
+    // attention on the products route: in bf16 the fused kernels compute in f32
+    let device = bf16_device(Some(AttentionRoute::Products));
+    let mut rng = Rng::new(80);
+    let mut randn = |shape: &[usize]| Tensor::<f64>::randn(shape, 1.0, &mut rng);
+    let tolerance = BF16_OP_TOLERANCE;
+    let (x, w, b, r) = (randn(&[333, 96]), randn(&[96, 80]), randn(&[80]), randn(&[333, 80]));
+    compare_op!(&device, "bf16 linear", vec![x.clone(), w.clone(), b.clone()], tolerance, |tape, v| ops::linear(
+        tape,
+        v[0],
+        v[1],
+        Some(v[2])
+    ));
+    compare_op!(&device, "bf16 linear on a residual", vec![x, w, b, r], tolerance, |tape, v| ops::linear_residual(
+        tape, v[0], v[1], v[2], v[3]
+    ));
+    let (h, wte) = (randn(&[48, 32]), randn(&[50, 32]));
+    compare_op!(&device, "bf16 unembed", vec![h, wte], tolerance, |tape, v| ops::unembed(tape, v[0], v[1]));
+    let (m, cube, shared, batched) = (randn(&[37, 20]), randn(&[3, 37, 20]), randn(&[20, 11]), randn(&[3, 20, 11]));
+    compare_op!(&device, "bf16 matmul (37, 20)·(20, 11)", vec![m, shared.clone()], tolerance, |tape, v| ops::matmul(tape, v[0], v[1]));
+    compare_op!(&device, "bf16 matmul (3, 37, 20)·(20, 11)", vec![cube.clone(), shared], tolerance, |tape, v| ops::matmul(
+        tape, v[0], v[1]
+    ));
+    compare_op!(&device, "bf16 matmul (3, 37, 20)·(3, 20, 11)", vec![cube, batched], tolerance, |tape, v| ops::matmul(tape, v[0], v[1]));
+    for hs in [32, 64] {
+        let qkv = Tensor::<f64>::randn(&[2 * 130, 3 * 2 * hs], 1.0, &mut Rng::new(81 + hs as u64));
+        compare_attention_within(&device, &format!("bf16 attention Products, hs = {hs}, T = 130"), qkv, 130, 2, tolerance);
+    }
+    let (positions, c, v, n, r) = (37, 16, 45, 3, 4);
+    let mut rng = Rng::new(82);
+    let inputs = vec![
+        Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng),
+        Tensor::randn(&[v, c], 0.7, &mut rng),
+        Tensor::randn(&[r, n, c, c], 0.5, &mut rng),
+        Tensor::randn(&[r, c], 0.8, &mut rng),
+        Tensor::randn(&[r], 0.5, &mut rng),
+    ];
+    let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
+    compare_op!(&device, "bf16 cp_head n = 3, r = 4", inputs, tolerance, |tape, vars| {
+        let head = ops::CpHeadVars { hidden: vars[0], wte: vars[1], expand: Some(vars[2]), gate: Some((vars[3], vars[4])) };
+        Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
+    });
+});
+
+cuda_test!(the_model_s_gradients_match_the_cpu_in_bf16, |gpu| {
+    drop(gpu);
+    let (fused, products) = (bf16_device(None), bf16_device(Some(AttentionRoute::Products)));
+    assert_eq!(fused.gpu().unwrap().attention_route_for(64), AttentionRoute::Fused);
+    compare_gradients(&fused, "bf16, fused attention", "tiny", 97, 1, 1, 3, 37, BF16_MODEL_TOLERANCE);
+    compare_gradients(&fused, "bf16, fused attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
+    compare_gradients(&products, "bf16, products attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
+    compare_gradients(&fused, "bf16, fused attention", "small", 61, 4, 4, 2, 128, BF16_MODEL_TOLERANCE);
+});
+
 // ---- launchers the ops do not cover on their own ----
 
 cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gpu| {
     let (m, k, n) = (129, 257, 67);
-    for (tf32, route, batch) in
-        [false, true].into_iter().flat_map(|t| [(GemmRoute::Blas, 1), (GemmRoute::BlasLt, 1), (GemmRoute::Blas, 3)].map(|(r, b)| (t, r, b)))
+    let precisions = [ProductPrecision::F32, ProductPrecision::Tf32, ProductPrecision::Bf16];
+    for (precision, route, batch) in
+        precisions.into_iter().flat_map(|p| [(GemmRoute::Blas, 1), (GemmRoute::BlasLt, 1), (GemmRoute::Blas, 3)].map(|(r, b)| (p, r, b)))
     {
-        gpu.tf32 = tf32;
+        gpu.precision = precision;
         gpu.gemm_route = route;
         for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
             let (a, b, c0) = (random(batch * m * k, 1), random(batch * k * n, 2), random(batch * m * n, 3));
@@ -307,9 +394,9 @@ cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gp
             let (da, db, dc) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&c0).unwrap());
             let operand = |view, t: bool, stride| if t { Operand::transposed(view) } else { Operand::normal(view) }.strided(stride);
             gpu.matmul_batched(operand(da.view(), a_t, m * k), operand(db.view(), b_t, k * n), dc.view(), m, k, n, batch, true).unwrap();
-            let tolerance = if tf32 { 1e-2 } else { 1e-5 };
+            let tolerance = product_tolerance(precision);
             report(
-                &format!("matmul {route:?} batch={batch} a_t={a_t} b_t={b_t} tf32={tf32}"),
+                &format!("matmul {route:?} batch={batch} a_t={a_t} b_t={b_t} {precision:?}"),
                 relative_error(&gpu.download(dc.view()).unwrap(), &reference),
                 tolerance,
             );
@@ -523,10 +610,23 @@ fn random_batch(config: &ModelConfig, rows: usize, seq: usize, rng: &mut Rng) ->
     Batch::from_rows(&refs, seq, config.horizon)
 }
 
+/// Relative tolerances of the whole model on the GPU against the CPU in f64: (losses, gradients).
+const F32_MODEL_TOLERANCE: (f64, f64) = (1e-5, 1e-4);
+
 /// The GPU's loss and every parameter's gradient against the CPU tape in f64: the same model
 /// code (`model::gpt2`, the CP head) on both devices.
 #[allow(clippy::too_many_arguments)]
-fn compare_gradients(device: &Device, label: &str, model: &str, vocab: usize, horizon: usize, rank: usize, batch_rows: usize, seq: usize) {
+fn compare_gradients(
+    device: &Device,
+    label: &str,
+    model: &str,
+    vocab: usize,
+    horizon: usize,
+    rank: usize,
+    batch_rows: usize,
+    seq: usize,
+    (loss_tolerance, gradient_tolerance): (f64, f64),
+) {
     let config = ModelConfig::preset(model, vocab, horizon, rank).unwrap();
     let mut rng = Rng::new(5);
     let mut params = gpt2::init_params::<f32>(&config, &mut rng);
@@ -553,14 +653,15 @@ fn compare_gradients(device: &Device, label: &str, model: &str, vocab: usize, ho
     let stats = out.stats.clone();
     let mut grads = tape.backward(out.objective).unwrap();
     let label = format!("{model} n={horizon} r={rank} ({label})");
-    report(&format!("{label} joint loss"), (stats.joint_loss - reference_stats.joint_loss).abs() / reference_stats.joint_loss, 1e-5);
+    let joint_error = (stats.joint_loss - reference_stats.joint_loss).abs() / reference_stats.joint_loss;
+    report(&format!("{label} joint loss"), joint_error, loss_tolerance);
     for (s, (ours, theirs)) in stats.head_losses.iter().zip(&reference_stats.head_losses).enumerate() {
-        report(&format!("{label} head loss {s}"), (ours - theirs).abs() / theirs.abs(), 1e-5);
+        report(&format!("{label} head loss {s}"), (ours - theirs).abs() / theirs.abs(), loss_tolerance);
     }
     for ((name, var), reference) in vars.named().into_iter().zip(reference) {
         match (grads.take(*var), reference) {
             (Some(ours), Some(reference)) => {
-                report(&format!("{label} d {name}"), relative_error(ours.to_host().unwrap().data(), reference.data()), 1e-4)
+                report(&format!("{label} d {name}"), relative_error(ours.to_host().unwrap().data(), reference.data()), gradient_tolerance)
             }
             (None, None) => println!("{label} d {name}: unused on both devices"),
             _ => panic!("{label}: {name} has a gradient on one device only"),
@@ -571,13 +672,13 @@ fn compare_gradients(device: &Device, label: &str, model: &str, vocab: usize, ho
 cuda_test!(the_model_s_gradients_match_the_cpu_on_both_attention_routes, |gpu| {
     let fused = device_with(gpu, Some(AttentionRoute::Fused));
     let products = device_with(Gpu::new(0).unwrap(), Some(AttentionRoute::Products));
-    compare_gradients(&fused, "fused attention", "tiny", 97, 1, 1, 3, 37);
-    compare_gradients(&products, "products attention", "tiny", 97, 1, 1, 3, 37);
-    compare_gradients(&fused, "fused attention", "tiny", 97, 3, 4, 3, 37);
+    compare_gradients(&fused, "fused attention", "tiny", 97, 1, 1, 3, 37, F32_MODEL_TOLERANCE);
+    compare_gradients(&products, "products attention", "tiny", 97, 1, 1, 3, 37, F32_MODEL_TOLERANCE);
+    compare_gradients(&fused, "fused attention", "tiny", 97, 3, 4, 3, 37, F32_MODEL_TOLERANCE);
     // T = 64: two causal chunks on the products route
-    compare_gradients(&products, "products attention", "tiny", 97, 2, 1, 2, 64);
+    compare_gradients(&products, "products attention", "tiny", 97, 2, 1, 2, 64, F32_MODEL_TOLERANCE);
     // T = 128 on `small` (head size 64): two tiles of the fused kernels
-    compare_gradients(&fused, "fused attention", "small", 61, 2, 1, 2, 128);
+    compare_gradients(&fused, "fused attention", "small", 61, 2, 1, 2, 128, F32_MODEL_TOLERANCE);
 });
 
 /// A corpus with structure, so that the loss falls: a noisy repeating pattern.

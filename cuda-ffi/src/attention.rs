@@ -8,7 +8,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::blas::Operand;
+use crate::blas::{Operand, ProductPrecision};
 use crate::constants::{DECODE_THREADS, FUSED_ATTENTION_HEAD_SIZES};
 use crate::device::{block_per_row_config, elementwise_config, warp_per_row_config};
 use crate::memory::{Buffer, View};
@@ -71,11 +71,12 @@ pub enum AttentionRoute {
 }
 
 impl AttentionRoute {
-    /// In f32 the fused kernels, where one exists for the head size: they are faster than the
-    /// products and hold no (T, T) weights. With TF32 the products, whose tensor cores outrun
-    /// the kernels' f32 arithmetic.
-    pub fn default_for(head_size: usize, tf32: bool) -> Self {
-        if FUSED_ATTENTION_HEAD_SIZES.contains(&head_size) && !tf32 {
+    /// The fused kernels, where one exists for the head size: they hold no (T, T) weights, and
+    /// in f32 they are faster than the products. With TF32 the products, whose tensor cores
+    /// outrun the kernels' f32 arithmetic. Not in bf16: there the products would round their
+    /// (T, T) operands into bf16 copies, which costs more than the tensor cores save.
+    pub fn default_for(head_size: usize, precision: ProductPrecision) -> Self {
+        if FUSED_ATTENTION_HEAD_SIZES.contains(&head_size) && precision != ProductPrecision::Tf32 {
             AttentionRoute::Fused
         } else {
             AttentionRoute::Products
@@ -137,7 +138,7 @@ impl Gpu {
         match self.attention_route {
             Some(AttentionRoute::Fused) if FUSED_ATTENTION_HEAD_SIZES.contains(&head_size) => AttentionRoute::Fused,
             Some(_) => AttentionRoute::Products,
-            None => AttentionRoute::default_for(head_size, self.tf32),
+            None => AttentionRoute::default_for(head_size, self.precision),
         }
     }
 
@@ -343,13 +344,14 @@ impl Gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::AttentionRoute;
+    use super::{AttentionRoute, ProductPrecision};
 
     #[test]
-    fn attention_route_is_fused_in_f32_where_a_kernel_exists() {
-        assert_eq!(AttentionRoute::default_for(64, false), AttentionRoute::Fused);
-        assert_eq!(AttentionRoute::default_for(64, true), AttentionRoute::Products);
+    fn attention_route_is_fused_unless_tf32_where_a_kernel_exists() {
+        assert_eq!(AttentionRoute::default_for(64, ProductPrecision::F32), AttentionRoute::Fused);
+        assert_eq!(AttentionRoute::default_for(64, ProductPrecision::Tf32), AttentionRoute::Products);
+        assert_eq!(AttentionRoute::default_for(64, ProductPrecision::Bf16), AttentionRoute::Fused);
         // head size 48: no kernel
-        assert_eq!(AttentionRoute::default_for(48, false), AttentionRoute::Products);
+        assert_eq!(AttentionRoute::default_for(48, ProductPrecision::F32), AttentionRoute::Products);
     }
 }

@@ -2,7 +2,8 @@
 //! adds the bias, and the residual too where asked).
 //!
 //! Row-major products go to cuBLAS as the column-major product of the transposes (`C = A·B` is
-//! `Cᵀ = Bᵀ·Aᵀ`), so nothing is copied.
+//! `Cᵀ = Bᵀ·Aᵀ`), so nothing is copied. In bf16 ([`ProductPrecision::Bf16`]) the two inputs are
+//! rounded into bf16 copies first; the results, and everything outside the products, stay f32.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::linear::Epilogue;
-use crate::memory::{View, Workspace};
+use crate::memory::{Buffer, View, Workspace};
 use crate::{check, CudaError, Gpu, Result};
 
 /// One operand of a matrix product: its view, and whether it is stored transposed.
@@ -26,17 +27,25 @@ pub struct Operand {
     /// elements between consecutive stored rows (0: the stored row length, a dense matrix);
     /// larger when the matrix is a block of columns of a wider one
     pub leading: usize,
+    /// in bf16, a copy of `data` already rounded to bf16 (same layout), so that an input of two
+    /// products is rounded once
+    pub rounded: Option<View<u16>>,
 }
 
 impl Operand {
     /// A dense matrix stored as it is used.
     pub fn normal(data: View<f32>) -> Self {
-        Operand { data, transposed: false, batch_stride: 0, leading: 0 }
+        Operand { data, transposed: false, batch_stride: 0, leading: 0, rounded: None }
     }
 
     /// A dense matrix stored transposed.
     pub fn transposed(data: View<f32>) -> Self {
-        Operand { data, transposed: true, batch_stride: 0, leading: 0 }
+        Operand { data, transposed: true, batch_stride: 0, leading: 0, rounded: None }
+    }
+
+    /// The same matrix, with `rounded` its elements already rounded to bf16 (used in bf16 only).
+    pub fn rounded(self, rounded: View<u16>) -> Self {
+        Operand { rounded: Some(rounded), ..self }
     }
 
     /// Stored rows are `leading` elements apart.
@@ -49,14 +58,28 @@ impl Operand {
         Operand { batch_stride, ..self }
     }
 
-    /// The stored row length and the leading dimension of a logical (rows, cols) matrix, after
-    /// checking that `batch` of them fit in the view.
-    fn layout(&self, rows: usize, cols: usize, batch: usize) -> Option<usize> {
+    /// The leading dimension of a logical (rows, cols) matrix and the elements that `batch` of
+    /// them span, after checking that they fit in the view.
+    fn layout(&self, rows: usize, cols: usize, batch: usize) -> Option<(usize, usize)> {
         let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
         let leading = if self.leading == 0 { stored_cols } else { self.leading };
         let needed = self.batch_stride * (batch - 1) + (stored_rows - 1) * leading + stored_cols;
-        (leading >= stored_cols && self.data.len() >= needed).then_some(leading)
+        (leading >= stored_cols && self.data.len() >= needed).then_some((leading, needed))
     }
+}
+
+/// The arithmetic of matrix products (`--precision`). Every other kernel computes in f32 whatever
+/// this says, and every buffer outside a product's inputs is f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProductPrecision {
+    /// f32 inputs and arithmetic, on the CUDA cores
+    #[default]
+    F32,
+    /// f32 inputs that the tensor cores read as TF32 (10-bit mantissa); f32 accumulation
+    Tf32,
+    /// inputs rounded to bf16 (8-bit mantissa) by a kernel, the bf16 tensor cores (twice TF32's
+    /// rate), f32 accumulation and f32 results
+    Bf16,
 }
 
 /// Which cuBLAS entry point single matrix products go through (batched products always use
@@ -128,7 +151,7 @@ struct LtKey {
     ldb: i32,
     /// the bias epilogue
     bias: bool,
-    tf32: bool,
+    precision: ProductPrecision,
 }
 
 /// A cuBLASLt product made ready: descriptor, matrix layouts, and the heuristic's algorithm.
@@ -147,18 +170,18 @@ impl LtPlan {
     unsafe fn new(handle: cudarc::cublaslt::sys::cublasLtHandle_t, key: LtKey, workspace_bytes: usize) -> Result<Self> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let f32_type = lt_sys::cudaDataType_t::CUDA_R_32F;
-        let compute = if key.tf32 {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        let (compute, input_type) = match key.precision {
+            ProductPrecision::F32 => (lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_type),
+            ProductPrecision::Tf32 => (lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32, f32_type),
+            ProductPrecision::Bf16 => (lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType_t::CUDA_R_16BF),
         };
         let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
         let (a_rows, a_cols) = if key.transposed[0] { (k, m) } else { (m, k) };
         let (b_rows, b_cols) = if key.transposed[1] { (n, k) } else { (k, n) };
         let mut plan = LtPlan {
             desc: lt::create_matmul_desc(compute, f32_type)?,
-            a_layout: lt::create_matrix_layout(f32_type, a_rows, a_cols, key.lda as i64)?,
-            b_layout: lt::create_matrix_layout(f32_type, b_rows, b_cols, key.ldb as i64)?,
+            a_layout: lt::create_matrix_layout(input_type, a_rows, a_cols, key.lda as i64)?,
+            b_layout: lt::create_matrix_layout(input_type, b_rows, b_cols, key.ldb as i64)?,
             c_layout: lt::create_matrix_layout(f32_type, m, n, m as i64)?,
             algo: std::mem::zeroed(),
         };
@@ -207,7 +230,30 @@ impl Drop for LtPlan {
     }
 }
 
+/// A product's input as cuBLAS reads it: the f32 elements, or in bf16 their bf16 copy (one the
+/// operand brought, or one made for this product and kept alive until it is queued).
+struct ProductInput {
+    ptr: u64,
+    _made: Option<Buffer<u16>>,
+}
+
 impl Gpu {
+    /// `data` (the first `span` elements) as the product in `self.precision` reads it.
+    fn product_input(&self, data: View<f32>, rounded: Option<View<u16>>, span: usize) -> Result<ProductInput> {
+        let data = data.slice(0, span);
+        Ok(match (self.precision, rounded) {
+            (ProductPrecision::Bf16, Some(rounded)) => {
+                check(rounded.len() >= span, || format!("matmul: a bf16 copy of {} elements for {span}", rounded.len()))?;
+                ProductInput { ptr: rounded.ptr, _made: None }
+            }
+            (ProductPrecision::Bf16, None) => {
+                let made = self.bf16_copy(data)?;
+                ProductInput { ptr: made.view().ptr, _made: Some(made) }
+            }
+            _ => ProductInput { ptr: data.ptr, _made: None },
+        })
+    }
+
     /// `c (m,n) = a (m,k) · b (k,n)` (plus c when `accumulate`), row-major.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(&self, a: Operand, b: Operand, c: View<f32>, m: usize, k: usize, n: usize, accumulate: bool) -> Result<()> {
@@ -215,7 +261,7 @@ impl Gpu {
     }
 
     /// `c (m,n) = a (m,k) · b (k,n)` (plus c itself when `accumulate`), row-major, for `batch`
-    /// matrices at the operands' batch strides. Through cuBLAS: f32, or TF32 when `self.tf32`.
+    /// matrices at the operands' batch strides. Through cuBLAS, in `self.precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_batched(
         &self,
@@ -256,7 +302,7 @@ impl Gpu {
         }
         let shapes =
             (batch >= 1 && !c.transposed).then(|| Some((a.layout(m, k, batch)?, b.layout(k, n, batch)?, c.layout(m, n, batch)?))).flatten();
-        let Some((a_leading, b_leading, c_leading)) = shapes else {
+        let Some(((a_leading, a_span), (b_leading, b_span), (c_leading, _))) = shapes else {
             return Err(CudaError::Shape(format!(
                 "matmul: operands do not hold {batch} products {m}×{k} · {k}×{n} (a {}, b {}, c {})",
                 a.data.len(),
@@ -269,17 +315,58 @@ impl Gpu {
         // cuBLAS is column-major: a row-major C = A·B is the column-major Cᵀ = Bᵀ·Aᵀ.
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        let math = if self.tf32 { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        let math = if self.precision == ProductPrecision::Tf32 {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
         let handle = *self.blas.cublas.handle();
         let (lda, ldb, ldc) = (b_leading as i32, a_leading as i32, c_leading as i32);
+        let (op_b, op_a) = (op(b.transposed), op(a.transposed));
+        let (a_in, b_in) = (self.product_input(a.data, a.rounded, a_span)?, self.product_input(b.data, b.rounded, b_span)?);
+        if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
+            // SAFETY: the sizes were checked above.
+            return unsafe { self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, c, c, None) };
+        }
+        if self.precision == ProductPrecision::Bf16 {
+            use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+            let bf16 = cudaDataType_t::CUDA_R_16BF;
+            // SAFETY: as below; the bf16 copies span what a and b span, in the same layout.
+            unsafe {
+                cudarc::cublas::sys::cublasGemmStridedBatchedEx(
+                    handle,
+                    op_b,
+                    op_a,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha) as *const f32 as *const _,
+                    b_in.ptr as *const _,
+                    bf16,
+                    lda,
+                    b.batch_stride as i64,
+                    a_in.ptr as *const _,
+                    bf16,
+                    ldb,
+                    a.batch_stride as i64,
+                    (&beta) as *const f32 as *const _,
+                    c.ptr as *mut _,
+                    cudaDataType_t::CUDA_R_32F,
+                    ldc,
+                    c_stride as i64,
+                    batch as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )
+                .result()?;
+            }
+            return Ok(());
+        }
         // SAFETY: the handle is ours and bound to our stream; the sizes were checked above.
         unsafe {
             cudarc::cublas::sys::cublasSetMathMode(handle, math).result()?;
             let (b_ptr, a_ptr, c_ptr) = (b.data.ptr as *const f32, a.data.ptr as *const f32, c.ptr as *mut f32);
-            let (op_b, op_a) = (op(b.transposed), op(a.transposed));
-            if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
-                self.lt_matmul(op_b, op_a, n, m, k, b_ptr, lda, a_ptr, ldb, beta, c_ptr, c_ptr, None)?;
-            } else if batch == 1 {
+            if batch == 1 {
                 cudarc::cublas::sys::cublasSgemm_v2(
                     handle, op_b, op_a, n as i32, m as i32, k as i32, &alpha, b_ptr, lda, a_ptr, ldb, &beta, c_ptr, ldc,
                 )
@@ -314,7 +401,9 @@ impl Gpu {
     /// Column-major `D (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C (+ bias)` through cuBLASLt.
     /// The descriptors and the heuristic's algorithm are made once per shape and kept
     /// ([`LtPlan`]): asking the heuristic costs more host time than a small product takes on
-    /// the device, which is what decoding does, token after token.
+    /// the device, which is what decoding does, token after token. `c` is read with `beta` and
+    /// `d` written (they may be one view); `a` and `b` point at elements of `self.precision`'s
+    /// input type (bf16 copies in bf16).
     #[allow(clippy::too_many_arguments)]
     unsafe fn lt_matmul(
         &self,
@@ -323,18 +412,19 @@ impl Gpu {
         m: usize,
         n: usize,
         k: usize,
-        a: *const f32,
+        a: u64,
         lda: i32,
-        b: *const f32,
+        b: u64,
         ldb: i32,
         beta: f32,
-        c: *const f32,
-        d: *mut f32,
+        c: View<f32>,
+        d: View<f32>,
         bias: Option<View<f32>>,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
-        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), tf32: self.tf32 };
+        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), precision: self.precision };
+
         let blas = &self.blas;
         let mut plans = blas.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let plan = match plans.entry(key) {
@@ -359,9 +449,9 @@ impl Gpu {
             plan.a_layout,
             b as *const _,
             plan.b_layout,
-            c as *const _,
+            c.ptr as *const _,
             plan.c_layout,
-            d as *mut _,
+            d.ptr as *mut _,
             plan.c_layout,
             (&plan.algo) as *const _,
             blas.lt_workspace.view.ptr as *mut _,
@@ -416,26 +506,11 @@ impl Gpu {
         }
         let op_n = cublasOperation_t::CUBLAS_OP_N;
         let (beta, c) = match residual {
-            Some(residual) => (1.0, residual.ptr as *const f32),
-            None => (0.0, out.ptr as *const f32),
+            Some(residual) => (1.0, residual),
+            None => (0.0, out),
         };
+        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x, None, x.len())?);
         // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
-        unsafe {
-            self.lt_matmul(
-                op_n,
-                op_n,
-                n_out,
-                rows,
-                n_in,
-                weight.ptr as *const f32,
-                n_out as i32,
-                x.ptr as *const f32,
-                n_in as i32,
-                beta,
-                c,
-                out.ptr as *mut f32,
-                Some(bias),
-            )
-        }
+        unsafe { self.lt_matmul(op_n, op_n, n_out, rows, n_in, weight.ptr, n_out as i32, x.ptr, n_in as i32, beta, c, out, Some(bias)) }
     }
 }

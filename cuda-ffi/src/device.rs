@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{result as driver, CudaContext, CudaModule, CudaStream, DeviceRepr};
 
 use crate::attention::AttentionRoute;
-use crate::blas::{Blas, GemmRoute};
+use crate::blas::{Blas, GemmRoute, ProductPrecision};
 use crate::constants::KERNEL_DEFINES;
 use crate::linear::FewRowScratch;
 use crate::memory::{same_lengths, Buffer, MemoryStats, PinnedBuffer, Pool, View};
@@ -60,8 +60,8 @@ pub struct Gpu {
     pub(crate) few_rows: FewRowScratch,
     /// the entry point of single matrix products
     pub gemm_route: GemmRoute,
-    /// use TF32 tensor cores in matrix products (`--precision tf32`)
-    pub tf32: bool,
+    /// the arithmetic of matrix products (`--precision`)
+    pub precision: ProductPrecision,
     /// linear layers on up to [`crate::FEW_ROWS_MAX`] rows through `linear_few_rows` (else cuBLASLt)
     pub few_row_linear: bool,
     /// the most blocks `linear_few_rows` aims for: as many as run at once (of its 4-row
@@ -146,7 +146,7 @@ impl Gpu {
             kernels,
             few_rows,
             gemm_route: GemmRoute::BlasLt,
-            tf32: false,
+            precision: ProductPrecision::F32,
             few_row_linear: true,
             few_row_blocks,
             attention_route: None,

@@ -19,6 +19,7 @@ kernel_table! {
     column_partial_sums: "column_partial_sums",
     column_sums_finish: "column_sums_finish",
     chunk_dots: "chunk_dots",
+    round_to_bf16: "round_to_bf16",
 }
 
 /// For a launch over several tensors in chunks of `chunk` elements, a block per chunk: the first
@@ -62,6 +63,28 @@ impl Gpu {
     /// `out = a + b`, elementwise (out may be a or b).
     pub fn add(&self, a: View<f32>, b: View<f32>, out: View<f32>) -> Result<()> {
         self.elementwise("add", &self.kernels.elementwise.add, &[a, b, out])
+    }
+
+    /// `out = x` rounded to bf16 (to nearest, ties to even), each element as its 16 bits.
+    pub fn round_to_bf16(&self, x: View<f32>, out: View<u16>) -> Result<()> {
+        check(x.len() == out.len(), || format!("round_to_bf16: {} elements into {}", x.len(), out.len()))?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        let n = x.len() as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.round_to_bf16);
+        launch.arg(&x.ptr).arg(&out.ptr).arg(&n);
+        // SAFETY: both views hold n elements; a thread takes a pair.
+        unsafe { launch.launch(elementwise_config(x.len().div_ceil(2))) }?;
+        Ok(())
+    }
+
+    /// A bf16 copy of `x` from the pool: a product's input on the bf16 tensor cores. Dropped as
+    /// soon as the product is queued: the pool gives its memory only to work queued after it.
+    pub fn bf16_copy(&self, x: View<f32>) -> Result<crate::Buffer<u16>> {
+        let copy = self.alloc::<u16>(x.len())?;
+        self.round_to_bf16(x, copy.view())?;
+        Ok(copy)
     }
 
     /// `out = a · factor`, elementwise (out may be a).

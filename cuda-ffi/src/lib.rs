@@ -48,7 +48,7 @@ mod general; // general.cu: elementwise functions and arithmetic, sums along an 
 pub use adamw::{AdamWSegment, AdamWStep};
 pub use attention::ProductsAttention;
 pub use attention::{AttentionRoute, AttentionShape, CachePosition};
-pub use blas::{GemmRoute, Operand};
+pub use blas::{GemmRoute, Operand, ProductPrecision};
 pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;

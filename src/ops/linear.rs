@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use multitoken_cuda::{Gpu, Operand};
+use multitoken_cuda::{Gpu, Operand, ProductPrecision};
 
 use super::{column_sums, on_gpu, place, Place};
 use crate::autograd::{Tape, Var};
@@ -118,16 +118,25 @@ fn linear_backward_cuda<T: Float>(
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
     let n = input.len() / c_in;
     let (x, w_view, g) = (on_gpu(input), on_gpu(w), on_gpu(grad));
+    // in bf16 both products read the upstream gradient: round it once
+    let g_rounded = match gpu.precision {
+        ProductPrecision::Bf16 if needs[0] && needs[1] => Some(gpu.bf16_copy(g)?),
+        _ => None,
+    };
+    let g_operand = match &g_rounded {
+        Some(rounded) => Operand::normal(g).rounded(rounded.view()),
+        None => Operand::normal(g),
+    };
     let dx = if needs[0] {
         let dx = gpu.alloc::<f32>(n * c_in)?;
-        gpu.matmul(Operand::normal(g), Operand::transposed(w_view), dx.view(), n, c_out, c_in, false)?;
+        gpu.matmul(g_operand, Operand::transposed(w_view), dx.view(), n, c_out, c_in, false)?;
         Some(Tensor::from_cuda(gpu, dx, input.shape()))
     } else {
         None
     };
     let dw = if needs[1] {
         let dw = gpu.alloc::<f32>(c_in * c_out)?;
-        gpu.matmul(Operand::transposed(x), Operand::normal(g), dw.view(), c_in, n, c_out, false)?;
+        gpu.matmul(Operand::transposed(x), g_operand, dw.view(), c_in, n, c_out, false)?;
         Some(Tensor::from_cuda(gpu, dw, &[c_in, c_out]))
     } else {
         None

@@ -667,8 +667,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let data = Dataset::load(data_dir)?;
     let mut run = start_run(&data, out_dir, settings, options)?;
     let s = run.settings.clone();
-    if s.precision == Precision::Tf32 && options.device != DeviceKind::Cuda {
-        return invalid!("this run trains with --precision tf32, which needs --device cuda");
+    if s.precision.check_device(options.device).is_err() {
+        return invalid!("this run trains with --precision {}, which needs --device cuda", s.precision.name());
     }
     let n = run.config.horizon;
     // the same validation rows whatever the split of B·K into micro-batches
