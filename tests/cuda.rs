@@ -341,9 +341,23 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
         tape, v[0], v[1]
     ));
     compare_op!(&device, "bf16 matmul (3, 37, 20)·(3, 20, 11)", vec![cube, batched], tolerance, |tape, v| ops::matmul(tape, v[0], v[1]));
-    for hs in [32, 64] {
-        let qkv = Tensor::<f64>::randn(&[2 * 130, 3 * 2 * hs], 1.0, &mut Rng::new(81 + hs as u64));
-        compare_attention_within(&device, &format!("bf16 attention Products, hs = {hs}, T = 130"), qkv, 130, 2, tolerance);
+    // both attention routes: the products, and the fused kernels, on tensor cores in bf16
+    // (`tensor_core_attention.cu`); T = 130 is three tiles, the last one ragged
+    let fused = bf16_device(Some(AttentionRoute::Fused));
+    for (route, device) in [("Products", &device), ("Fused", &fused)] {
+        for hs in FUSED_ATTENTION_HEAD_SIZES {
+            let qkv = Tensor::<f64>::randn(&[2 * 130, 3 * 2 * hs], 1.0, &mut Rng::new(81 + hs as u64));
+            compare_attention_within(device, &format!("bf16 attention {route}, hs = {hs}, T = 130"), qkv, 130, 2, tolerance);
+        }
+    }
+    // the tensor-core backward writes every gradient element from one block: the same bits twice
+    let qkv = Tensor::<f64>::randn(&[2 * 200, 3 * 2 * 64], 1.0, &mut Rng::new(89));
+    let attention = |tape: &mut Tape<f32>, v: &[Var]| ops::causal_self_attention(tape, v[0], 200, 2);
+    let (first, second) = (run_op(&fused, std::slice::from_ref(&qkv), attention), run_op(&fused, std::slice::from_ref(&qkv), attention));
+    assert_eq!(first.0.data(), second.0.data());
+    assert_eq!(first.1[0].as_ref().unwrap().data(), second.1[0].as_ref().unwrap().data());
+    for (hs, registers, spilled) in fused.gpu().unwrap().tensor_core_attention_resources().unwrap() {
+        println!("tensor-core attention hs = {hs}: {registers:?} registers per thread (forward, dk dv, dq), {spilled} bytes spilled");
     }
     let (positions, c, v, n, r) = (37, 16, 45, 3, 4);
     let mut rng = Rng::new(82);

@@ -70,3 +70,11 @@ __device__ int segment_of(const int* first_block, int segments, int block) {
     }
     return lo;
 }
+
+// The bits of v rounded to bf16: to nearest, ties to even; a NaN stays a NaN (quiet), an
+// infinity stays infinite, and a finite value past bf16's largest rounds to infinity.
+__device__ unsigned int bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}

@@ -102,14 +102,9 @@ extern "C" __global__ void chunk_dots(const unsigned long long* x, const unsigne
     if (threadIdx.x == 0) partials[block] = total;
 }
 
-// out = x rounded to bf16 (to nearest, ties to even; a NaN stays a NaN), as the bits of each
-// bf16: the inputs of the bf16 tensor-core products (`--precision bf16`). Two elements per
-// thread when x and out are aligned for it (the pair is read as a float2, written as one word).
-__device__ unsigned int bf16_bits(float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
+// out = x rounded to bf16 (common.cuh, bf16_bits), as the bits of each bf16: the inputs of the
+// bf16 tensor-core products (`--precision bf16`). Two elements per thread when x and out are
+// aligned for it (the pair is read as a float2, written as one word).
 
 extern "C" __global__ void round_to_bf16(const float* x, unsigned short* out, long n) {
     long pair = (long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -13,7 +13,7 @@ use crate::memory::{same_lengths, Buffer, MemoryStats, PinnedBuffer, Pool, View}
 use crate::{adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, CudaError, Result};
 
 /// The kernel files, by module name, compiled at run time.
-pub(crate) const KERNEL_SOURCES: [(&str, &str); 9] = [
+pub(crate) const KERNEL_SOURCES: [(&str, &str); 10] = [
     ("elementwise", elementwise::SOURCE),
     ("linear", linear::SOURCE),
     ("layernorm", layernorm::SOURCE),
@@ -21,6 +21,7 @@ pub(crate) const KERNEL_SOURCES: [(&str, &str); 9] = [
     ("embedding", embedding::SOURCE),
     ("attention", attention::SOURCE),
     ("fused_attention", fused_attention::SOURCE),
+    ("tensor_core_attention", fused_attention::TENSOR_CORE_SOURCE),
     ("head", head::SOURCE),
     ("general", general::SOURCE),
 ];
@@ -130,7 +131,7 @@ impl Gpu {
             adamw: adamw::Kernels::load(&modules["adamw"])?,
             embedding: embedding::Kernels::load(&modules["embedding"])?,
             attention: attention::Kernels::load(&modules["attention"])?,
-            fused_attention: fused_attention::Kernels::load(&modules["fused_attention"])?,
+            fused_attention: fused_attention::Kernels::load(&modules["fused_attention"], &modules["tensor_core_attention"])?,
             head: head::Kernels::load(&modules["head"])?,
             general: general::Kernels::load(&modules["general"])?,
         };

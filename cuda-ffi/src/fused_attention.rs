@@ -1,5 +1,7 @@
 //! `kernels/fused_attention.cu`: causal attention in one kernel each way (the FlashAttention-2
-//! scheme, in f32): the (T, T) weights never exist.
+//! scheme, in f32): the (T, T) weights never exist. In bf16 (`--precision bf16`) the same
+//! scheme on tensor cores, `kernels/tensor_core_attention.cu`: one kernel forward, two backward
+//! (dK and dV by key tile, dQ by query tile).
 
 use std::sync::Arc;
 
@@ -10,14 +12,33 @@ use crate::attention::AttentionShape;
 use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, ATTENTION_TILE_PADDING, FUSED_ATTENTION_HEAD_SIZES};
 use crate::device::warp_per_row_config;
 use crate::memory::View;
-use crate::{check, CudaError, Gpu, Result};
+use crate::{check, CudaError, Gpu, ProductPrecision, Result};
 
 pub(crate) const SOURCE: &str = include_str!("../kernels/fused_attention.cu");
+pub(crate) const TENSOR_CORE_SOURCE: &str = include_str!("../kernels/tensor_core_attention.cu");
 
 pub(crate) struct Kernels {
     row_dots: CudaFunction,
     /// (head size, forward, backward)
     pairs: Vec<(usize, CudaFunction, CudaFunction)>,
+    /// bf16 tensor cores: (head size, forward, backward of k and v, backward of q)
+    tensor_core: Vec<(usize, [CudaFunction; 3])>,
+}
+
+/// The tensor-core kernels' rows per tile and threads per block (`kernels/tensor_core_attention.cu`).
+const TC_TILE: usize = 64;
+const TC_THREADS: usize = 128;
+
+/// Bytes of shared memory the tensor-core kernels use for head size `hs`: bf16 tiles (64, hs)
+/// padded by 8 elements a row — forward q, k, v; backward_kv k, v, q, dy and two rows of 64
+/// floats; backward_q q, dy, k, v.
+fn tensor_core_shared_bytes(hs: usize, kernel: usize) -> usize {
+    let tile = 2 * TC_TILE * (hs + 8);
+    match kernel {
+        0 => 3 * tile,
+        1 => 4 * tile + 2 * 4 * TC_TILE,
+        _ => 4 * tile,
+    }
 }
 
 /// Floats of shared memory the kernels use for head size `hs`: the forward holds q, k, v and p
@@ -33,7 +54,7 @@ fn shared_floats(hs: usize, backward: bool) -> usize {
 }
 
 impl Kernels {
-    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+    pub(crate) fn load(module: &Arc<CudaModule>, tensor_core_module: &Arc<CudaModule>) -> Result<Self> {
         let pairs = FUSED_ATTENTION_HEAD_SIZES
             .iter()
             .map(|&hs| {
@@ -47,7 +68,24 @@ impl Kernels {
                 Ok((hs, forward, backward))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Kernels { row_dots: module.load_function("attention_row_dots")?, pairs })
+        let tensor_core = FUSED_ATTENTION_HEAD_SIZES
+            .iter()
+            .map(|&hs| {
+                let load = |name: &str| tensor_core_module.load_function(&format!("tc_attention_{name}_{hs}"));
+                let kernels = [load("forward")?, load("backward_kv")?, load("backward_q")?];
+                for (i, kernel) in kernels.iter().enumerate() {
+                    let bytes = tensor_core_shared_bytes(hs, i) as i32;
+                    kernel.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)?;
+                }
+                Ok((hs, kernels))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Kernels { row_dots: module.load_function("attention_row_dots")?, pairs, tensor_core })
+    }
+
+    fn tensor_core(&self, hs: usize) -> Result<&[CudaFunction; 3]> {
+        let found = self.tensor_core.iter().find(|(size, _)| *size == hs);
+        found.map(|(_, kernels)| kernels).ok_or_else(|| CudaError::Shape(format!("tensor-core attention: no kernel for head size {hs}")))
     }
 
     fn pair(&self, hs: usize) -> Result<&(usize, CudaFunction, CudaFunction)> {
@@ -55,6 +93,14 @@ impl Kernels {
         found.ok_or_else(|| {
             CudaError::Shape(format!("fused attention: no kernel for head size {hs} (built for {FUSED_ATTENTION_HEAD_SIZES:?})"))
         })
+    }
+}
+
+fn tensor_core_config(shape: AttentionShape, kernel: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (shape.seq.div_ceil(TC_TILE) as u32, (shape.batch * shape.n_head) as u32, 1),
+        block_dim: (TC_THREADS as u32, 1, 1),
+        shared_mem_bytes: tensor_core_shared_bytes(shape.head_size, kernel) as u32,
     }
 }
 
@@ -79,6 +125,23 @@ impl Gpu {
         Ok(out)
     }
 
+    /// (head size, registers per thread of the forward, dk-dv and dq kernels, bytes spilled by
+    /// any) of each tensor-core attention kernel set, as compiled for this device.
+    pub fn tensor_core_attention_resources(&self) -> Result<Vec<(usize, [i32; 3], i32)>> {
+        use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
+        let mut out = Vec::new();
+        for (hs, kernels) in &self.kernels.fused_attention.tensor_core {
+            let mut registers = [0; 3];
+            let mut spilled = 0;
+            for (i, kernel) in kernels.iter().enumerate() {
+                registers[i] = kernel.get_attribute(REGISTERS)?;
+                spilled += kernel.get_attribute(LOCAL)?;
+            }
+            out.push((*hs, registers, spilled));
+        }
+        Ok(out)
+    }
+
     fn fused_attention_check(what: &str, views: &[(View<f32>, usize)], shape: AttentionShape) -> Result<()> {
         for (view, factor) in views {
             shape.check(what, view.len(), *factor)?;
@@ -92,16 +155,20 @@ impl Gpu {
 
     /// Causal attention in one kernel: q, k, v read from c_attn's rows `qkv` (B, T, 3C), the
     /// output written to rows `y` (B, T, C), and each query row's log-sum-exp of its scaled
-    /// scores, in base 2, to `lse` (B·H, T) for the backward pass.
+    /// scores, in base 2, to `lse` (B·H, T) for the backward pass. On bf16 tensor cores when
+    /// `self.precision` is bf16, else in f32.
     pub fn fused_attention_forward(&self, qkv: View<f32>, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
         let (_, forward, _) = self.kernels.fused_attention.pair(shape.head_size)?;
         Self::fused_attention_check("fused_attention_forward", &[(qkv, 3), (y, 1)], shape)?;
         check(lse.len() == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
         let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
-        let mut launch = self.stream.launch_builder(forward);
+        let tensor_cores = self.precision == ProductPrecision::Bf16;
+        let kernel = if tensor_cores { &self.kernels.fused_attention.tensor_core(shape.head_size)?[0] } else { forward };
+        let mut launch = self.stream.launch_builder(kernel);
         launch.arg(&qkv.ptr).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        let config = if tensor_cores { tensor_core_config(shape, 0) } else { launch_config(shape, false) };
         // SAFETY: sizes and alignment checked; one block per (query tile, head).
-        unsafe { launch.launch(launch_config(shape, false)) }?;
+        unsafe { launch.launch(config) }?;
         Ok(())
     }
 
@@ -127,12 +194,23 @@ impl Gpu {
         launch.arg(&y.ptr).arg(&dy.ptr).arg(dots.device_ptr()).arg(&rows).arg(&seq).arg(&n_head).arg(&hs);
         // SAFETY: sizes checked; one warp per (row, head).
         unsafe { launch.launch(warp_per_row_config(heads_rows)) }?;
+        let scale = 1.0 / (shape.head_size as f32).sqrt();
+        if self.precision == ProductPrecision::Bf16 {
+            // dk and dv by key tile, then dq by query tile: each writes its part of dqkv whole
+            let kernels = self.kernels.fused_attention.tensor_core(shape.head_size)?;
+            for (i, kernel) in kernels.iter().enumerate().skip(1) {
+                let mut launch = self.stream.launch_builder(kernel);
+                launch.arg(&qkv.ptr).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(&seq).arg(&n_head).arg(&scale);
+                // SAFETY: sizes and alignment checked; one block per (tile, head).
+                unsafe { launch.launch(tensor_core_config(shape, i)) }?;
+            }
+            return Ok(());
+        }
         // dq is summed over key tiles in turn, starting from zeros; a turn counter per (head,
         // query tile), a ticket counter per head
         self.fill_zero(dqkv)?;
         let heads = shape.batch * shape.n_head;
         let (turns, tickets) = (self.zeros::<i32>(heads * shape.seq.div_ceil(ATTENTION_TILE))?, self.zeros::<i32>(heads)?);
-        let scale = 1.0 / (shape.head_size as f32).sqrt();
         let mut launch = self.stream.launch_builder(backward);
         launch
             .arg(&qkv.ptr)

@@ -39,7 +39,7 @@ mod elementwise; // elementwise.cu: GELU, sums, column sums, squares, dots
 mod layernorm; // layernorm.cu
 mod embedding; // embedding.cu
 mod attention; // attention.cu: head layouts, causal softmax, the products route, decoding's attention
-mod fused_attention; // fused_attention.cu: flash attention in f32
+mod fused_attention; // fused_attention.cu: flash attention in f32; tensor_core_attention.cu: in bf16
 mod head; // head.cu: the CP head's per-position work and statistics
 mod adamw; // adamw.cu: the optimizer over many tensors in one launch
 mod linear; // linear.cu: decoding's linear layers on a few rows

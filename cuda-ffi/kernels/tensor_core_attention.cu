@@ -1,0 +1,317 @@
+// Causal self-attention on bf16 tensor cores (`--precision bf16`): the FlashAttention-2 scheme
+// of fused_attention.cu, with every product a warp's mma.sync of 16 × 8 × 16 bf16 tiles and f32
+// accumulation. q, k, v are read as f32 where c_attn wrote them, rows (B, T, 3C), and rounded to
+// bf16 as they enter shared memory; y and the gradients are written as f32. The softmax, its
+// running statistics and log-sum-exp are f32. The log-sum-exp saved per query row has the f32
+// kernels' meaning (base 2, of s·scale·log2 e), so both backward passes read one format.
+//
+// A block of 4 warps works on 64 rows (queries, or keys in the key-side backward); warp w owns
+// rows 16w .. 16w + 15 of them. Three kernels:
+//   forward        block per query tile:  S = Q Kᵀ, online softmax, O += P V
+//   backward_kv    block per key tile:    Sᵀ = K Qᵀ, Pᵀ, dV += Pᵀ dY, dPᵀ = V dYᵀ, dSᵀ, dK += dSᵀ Q
+//   backward_q     block per query tile:  S, P, dP = dY Vᵀ, dS, dQ += dS K
+// dQ has its own kernel (recomputing S and dP) so that every gradient element is written by one
+// block, in a fixed order: no atomics, the same bits on every run.
+//
+// A warp product Out (16 × 8·N) += X (16 × K) · Yᵀ, with X and Y row-major bf16 tiles in shared
+// memory (Out[i][j] = Σ_k X[i][k] Y[j][k]), is mma's "row.col" form. Its fragments, for lane
+// = 4g + t: X rows g and g + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9; Y row g, the same columns;
+// Out rows g, g + 8, columns 2t, 2t + 1 of each 8-column tile. An Out in registers is, packed to
+// bf16, already the X fragment of a next product over its columns (P V, Pᵀ dY, dSᵀ Q, dS K);
+// there the second operand is a row-major tile over the summed index (V's rows are keys), whose
+// fragments `ldmatrix.trans` reads transposed, so no tile is ever stored transposed.
+// Tiles are padded by 8 elements a row, so the 8 rows × 4 words of a fragment load hit 32
+// distinct banks, and every row starts on 16 bytes, as ldmatrix needs.
+
+#define LOG2E 1.4426950408889634f
+#define TC_TILE 64
+#define TC_THREADS 128
+#define TC_PAD 8
+
+typedef unsigned short bf16_t;
+
+template <int WIDTH>
+struct Row {
+    static constexpr int stride = WIDTH + TC_PAD;
+};
+
+__device__ unsigned int pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+
+__device__ float from_bf16(unsigned int bits) {
+    return __uint_as_float(bits << 16);
+}
+
+__device__ void mma_bf16(float d[4], const unsigned int a[4], unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ unsigned int word(const bf16_t* tile, int offset) {
+    return *reinterpret_cast<const unsigned int*>(tile + offset);
+}
+
+// out[j] (16 × 8 tiles j < N) += X rows (x_row .. x_row + 15) · Y rows (8j ..)ᵀ over K columns;
+// X, Y row-major with row strides XS, YS.
+template <int N, int K, int XS, int YS>
+__device__ void warp_product(float out[N][4], const bf16_t* x, int x_row, const bf16_t* y) {
+    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int k = 0; k < K; k += 16) {
+        unsigned int a[4] = {word(x, (x_row + g) * XS + k + 2 * t), word(x, (x_row + g + 8) * XS + k + 2 * t),
+                             word(x, (x_row + g) * XS + k + 8 + 2 * t), word(x, (x_row + g + 8) * XS + k + 8 + 2 * t)};
+#pragma unroll
+        for (int j = 0; j < N; j++) mma_bf16(out[j], a, word(y, (8 * j + g) * YS + k + 2 * t), word(y, (8 * j + g) * YS + k + 8 + 2 * t));
+    }
+}
+
+// out[j] (16 × 8 tiles j < N) += P · Y[.., 8j .. 8j + 7], P (16 × 64) in registers as the Out of
+// an earlier product (8 tiles), rounded to bf16 here; Y (64, ·) row-major with row stride YS.
+// Y's fragment (rows 2t, 2t + 1 and 2t + 8, 2t + 9 of column g) comes from `ldmatrix.trans`:
+// lanes 0–15 name the 16 rows, and each 8 × 8 block arrives transposed.
+template <int N, int YS>
+__device__ void warp_product_from_registers(float out[N][4], const float p[8][4], const bf16_t* y) {
+    int lane = threadIdx.x % 32;
+    unsigned int base = (unsigned int)__cvta_generic_to_shared(y + (lane % 16) * YS);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        unsigned int a[4] = {pack_bf16(p[2 * k][0], p[2 * k][1]), pack_bf16(p[2 * k][2], p[2 * k][3]),
+                             pack_bf16(p[2 * k + 1][0], p[2 * k + 1][1]), pack_bf16(p[2 * k + 1][2], p[2 * k + 1][3])};
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            unsigned int b0, b1, address = base + 2 * (16 * k * YS + 8 * j);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(address));
+            mma_bf16(out[j], a, b0, b1);
+        }
+    }
+}
+
+// Rows first .. first + 63 of one head's (T, HS) f32 matrix (rows `ld` floats apart) rounded to
+// bf16 into `tile` (64, HS); rows past `seq` are 0.
+template <int HS>
+__device__ void load_bf16(bf16_t* tile, const float* source, long ld, int first, int seq) {
+    constexpr int per_row = HS / 4;
+    for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
+        int row = i / per_row, col = (i - row * per_row) * 4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (first + row < seq) v = *reinterpret_cast<const float4*>(source + (long)(first + row) * ld + col);
+        *reinterpret_cast<uint2*>(tile + row * Row<HS>::stride + col) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    }
+}
+
+// Writes a warp's 16 rows × HS of f32 results (HS/8 tiles of Out fragments), times `factor`, to
+// rows first + row0 + … of a (T, ·) matrix `ld` floats apart; rows past `seq` are skipped.
+template <int HS>
+__device__ void store_rows(float* target, long ld, int first, int seq, const float acc[HS / 8][4], float factor) {
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int row = first + 16 * warp + g + 8 * half;
+        if (row >= seq) continue;
+#pragma unroll
+        for (int j = 0; j < HS / 8; j++) {
+            float2 v = make_float2(acc[j][2 * half] * factor, acc[j][2 * half + 1] * factor);
+            *reinterpret_cast<float2*>(target + (long)row * ld + 8 * j + 2 * t) = v;
+        }
+    }
+}
+
+// Grid (⌈T/64⌉, B·H): block (x, bh) computes query tile ⌈T/64⌉ − 1 − x of head bh.
+template <int HS>
+__device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int seq, int n_head, float scale) {
+    constexpr int S = Row<HS>::stride, NT = HS / 8;
+    extern __shared__ float4 shared4[];
+    bf16_t* q_tile = reinterpret_cast<bf16_t*>(shared4);
+    bf16_t* k_tile = q_tile + TC_TILE * S;
+    bf16_t* v_tile = k_tile + TC_TILE * S;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
+    long ld = 3L * c;
+    const float* q = qkv + (long)b * seq * ld + h * HS;
+    int first_query = query_tile * TC_TILE;
+    load_bf16<HS>(q_tile, q, ld, first_query, seq);
+    float o[NT][4] = {}, running_max[2] = {NEG_INF, NEG_INF}, running_sum[2] = {0.0f, 0.0f};
+    float score_scale = scale * LOG2E;
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        __syncthreads();  // the previous tiles are read
+        load_bf16<HS>(k_tile, q + c, ld, key_tile * TC_TILE, seq);
+        load_bf16<HS>(v_tile, q + 2 * c, ld, key_tile * TC_TILE, seq);
+        __syncthreads();
+        float s[8][4] = {};
+        warp_product<8, HS, S, S>(s, q_tile, 16 * warp, k_tile);
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int query = first_query + 16 * warp + g + 8 * half;
+            float tile_max = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int key = key_tile * TC_TILE + 8 * j + 2 * t + e;
+                    float v = key <= query ? s[j][2 * half + e] * score_scale : NEG_INF;
+                    s[j][2 * half + e] = v;
+                    tile_max = fmaxf(tile_max, v);
+                }
+            tile_max = warp_max(tile_max, 4);
+            float new_max = fmaxf(running_max[half], tile_max);
+            float base = new_max == NEG_INF ? 0.0f : new_max;
+            float correction = exp2f(running_max[half] - base);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p = exp2f(s[j][2 * half + e] - base);
+                    s[j][2 * half + e] = p;
+                    sum += p;
+                }
+            running_sum[half] = running_sum[half] * correction + warp_sum(sum, 4);
+            running_max[half] = new_max;
+#pragma unroll
+            for (int j = 0; j < NT; j++) o[j][2 * half] *= correction, o[j][2 * half + 1] *= correction;
+        }
+        warp_product_from_registers<NT, S>(o, s, v_tile);
+    }
+    float inverse[2] = {1.0f / running_sum[0], 1.0f / running_sum[1]};
+#pragma unroll
+    for (int j = 0; j < NT; j++) o[j][0] *= inverse[0], o[j][1] *= inverse[0], o[j][2] *= inverse[1], o[j][3] *= inverse[1];
+    store_rows<HS>(y + (long)b * seq * c + h * HS, c, first_query, seq, o, 1.0f);
+    if (t == 0) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int query = first_query + 16 * warp + g + 8 * half;
+            if (query < seq) lse[(long)bh * seq + query] = running_max[half] + log2f(running_sum[half]);
+        }
+    }
+}
+
+// Grid (⌈T/64⌉, B·H): block (x, bh) owns key tile x of head bh and writes its dK and dV whole,
+// over the query tiles x .. last. `dot` (B·H, T) holds Σ_d y·dy of each query row.
+template <int HS>
+__device__ void tc_attention_backward_kv(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
+                                         int n_head, float scale) {
+    constexpr int S = Row<HS>::stride, NT = HS / 8;
+    extern __shared__ float4 shared4[];
+    bf16_t* k_tile = reinterpret_cast<bf16_t*>(shared4);
+    bf16_t* v_tile = k_tile + TC_TILE * S;
+    bf16_t* q_tile = v_tile + TC_TILE * S;
+    bf16_t* dy_tile = q_tile + TC_TILE * S;
+    float* lse_tile = reinterpret_cast<float*>(dy_tile + TC_TILE * S);
+    float* dot_tile = lse_tile + TC_TILE;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int key_tile = blockIdx.x, bh = blockIdx.y, query_tiles = gridDim.x;
+    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
+    long ld = 3L * c;
+    const float* q = qkv + (long)b * seq * ld + h * HS;
+    const float* dy_head = dy + (long)b * seq * c + h * HS;
+    int first_key = key_tile * TC_TILE;
+    load_bf16<HS>(k_tile, q + c, ld, first_key, seq);
+    load_bf16<HS>(v_tile, q + 2 * c, ld, first_key, seq);
+    float dk[NT][4] = {}, dv[NT][4] = {};
+    float score_scale = scale * LOG2E;
+    for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
+        int first_query = query_tile * TC_TILE;
+        __syncthreads();  // the previous query tile is read
+        load_bf16<HS>(q_tile, q, ld, first_query, seq);
+        load_bf16<HS>(dy_tile, dy_head, c, first_query, seq);
+        for (int i = threadIdx.x; i < TC_TILE; i += TC_THREADS) {
+            bool inside = first_query + i < seq;
+            lse_tile[i] = inside ? lse[(long)bh * seq + first_query + i] : 0.0f;
+            dot_tile[i] = inside ? dot[(long)bh * seq + first_query + i] : 0.0f;
+        }
+        __syncthreads();
+        // pᵀ (16 keys × 64 queries) = exp2(k qᵀ · scale·log2 e − lse), 0 where the query is before the key
+        float p[8][4] = {};
+        warp_product<8, HS, S, S>(p, k_tile, 16 * warp, q_tile);
+        float dp[8][4] = {};
+        warp_product<8, HS, S, S>(dp, v_tile, 16 * warp, dy_tile);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = first_key + 16 * warp + g + 8 * (e / 2), query_in_tile = 8 * j + 2 * t + e % 2;
+                float weight = first_query + query_in_tile >= key ? exp2f(p[j][e] * score_scale - lse_tile[query_in_tile]) : 0.0f;
+                p[j][e] = weight;
+                dp[j][e] = weight * (dp[j][e] - dot_tile[query_in_tile]);  // dsᵀ, the gradient of the unscaled scores
+            }
+        warp_product_from_registers<NT, S>(dv, p, dy_tile);
+        warp_product_from_registers<NT, S>(dk, dp, q_tile);
+    }
+    float* dk_rows = dqkv + (long)b * seq * ld + c + h * HS;
+    store_rows<HS>(dk_rows, ld, first_key, seq, dk, scale);
+    store_rows<HS>(dk_rows + c, ld, first_key, seq, dv, 1.0f);
+}
+
+// Grid (⌈T/64⌉, B·H): block (x, bh) owns query tile ⌈T/64⌉ − 1 − x of head bh and writes its dQ
+// whole, over the key tiles 0 .. its own.
+template <int HS>
+__device__ void tc_attention_backward_q(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
+                                        int n_head, float scale) {
+    constexpr int S = Row<HS>::stride, NT = HS / 8;
+    extern __shared__ float4 shared4[];
+    bf16_t* q_tile = reinterpret_cast<bf16_t*>(shared4);
+    bf16_t* dy_tile = q_tile + TC_TILE * S;
+    bf16_t* k_tile = dy_tile + TC_TILE * S;
+    bf16_t* v_tile = k_tile + TC_TILE * S;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
+    long ld = 3L * c;
+    const float* q = qkv + (long)b * seq * ld + h * HS;
+    int first_query = query_tile * TC_TILE;
+    load_bf16<HS>(q_tile, q, ld, first_query, seq);
+    load_bf16<HS>(dy_tile, dy + (long)b * seq * c + h * HS, c, first_query, seq);
+    float row_lse[2], row_dot[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int query = first_query + 16 * warp + g + 8 * half;
+        row_lse[half] = query < seq ? lse[(long)bh * seq + query] : 0.0f;
+        row_dot[half] = query < seq ? dot[(long)bh * seq + query] : 0.0f;
+    }
+    float dq[NT][4] = {};
+    float score_scale = scale * LOG2E;
+    for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        __syncthreads();
+        load_bf16<HS>(k_tile, q + c, ld, key_tile * TC_TILE, seq);
+        load_bf16<HS>(v_tile, q + 2 * c, ld, key_tile * TC_TILE, seq);
+        __syncthreads();
+        float p[8][4] = {}, dp[8][4] = {};
+        warp_product<8, HS, S, S>(p, q_tile, 16 * warp, k_tile);
+        warp_product<8, HS, S, S>(dp, dy_tile, 16 * warp, v_tile);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int half = e / 2, query = first_query + 16 * warp + g + 8 * half, key = key_tile * TC_TILE + 8 * j + 2 * t + e % 2;
+                float weight = key <= query ? exp2f(p[j][e] * score_scale - row_lse[half]) : 0.0f;
+                dp[j][e] = weight * (dp[j][e] - row_dot[half]);
+            }
+        warp_product_from_registers<NT, S>(dq, dp, k_tile);
+    }
+    store_rows<HS>(dqkv + (long)b * seq * ld + h * HS, ld, first_query, seq, dq, scale);
+}
+
+#define TC_ATTENTION(HS)                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_attention_forward_##HS(const float* qkv, float* y, float* lse, \
+                                                                                      int seq, int n_head, float scale) {     \
+        tc_attention_forward<HS>(qkv, y, lse, seq, n_head, scale);                                                           \
+    }                                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                                 \
+        tc_attention_backward_kv_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,   \
+                                      int seq, int n_head, float scale) {                                                    \
+        tc_attention_backward_kv<HS>(qkv, dy, lse, dot, dqkv, seq, n_head, scale);                                           \
+    }                                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                                 \
+        tc_attention_backward_q_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,    \
+                                     int seq, int n_head, float scale) {                                                     \
+        tc_attention_backward_q<HS>(qkv, dy, lse, dot, dqkv, seq, n_head, scale);                                            \
+    }
+
+TC_ATTENTION(16)
+TC_ATTENTION(32)
+TC_ATTENTION(64)
+TC_ATTENTION(128)
