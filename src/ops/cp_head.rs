@@ -30,7 +30,7 @@
 
 use std::sync::Arc;
 
-use multitoken_cuda::{Buffer, Gpu, HeadShape, Operand, MAX_HORIZON, MAX_RANK};
+use multitoken_cuda::{Buffer, Gpu, HeadShape, Operand, ProductPrecision, View, MAX_HORIZON, MAX_RANK};
 use rayon::prelude::*;
 
 use super::{column_sums, on_gpu, place, Place};
@@ -387,22 +387,35 @@ fn cuda_head<T: Float>(
     let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
     let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
     let logits = gpu.alloc::<f32>(per_block.min(positions) * rn * v)?;
+    // in bf16, what several products read is rounded once: wte and z here, each block's dℓ below
+    let bf16 = gpu.precision == ProductPrecision::Bf16;
+    let (wte_rounded, z_rounded) = if bf16 { (Some(gpu.bf16_copy(wte)?), Some(gpu.bf16_copy(z)?)) } else { (None, None) };
+    let with = |operand: Operand, rounded: Option<View<u16>>| match rounded {
+        Some(rounded) => operand.rounded(rounded),
+        None => operand,
+    };
+    let wte_view = wte_rounded.as_ref().map(Buffer::view);
     for t0 in (0..positions).step_by(per_block) {
         let count = per_block.min(positions - t0);
         let rows = count * rn;
         let block = logits.view().prefix(rows * v);
         let z_block = z.slice(t0 * rn * c, rows * c);
+        let z_block_rounded = z_rounded.as_ref().map(|z| z.view().slice(t0 * rn * c, rows * c));
         // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
-        gpu.matmul(Operand::normal(z_block), Operand::transposed(wte), block, rows, c, v, false)?;
+        gpu.matmul(with(Operand::normal(z_block), z_block_rounded), with(Operand::transposed(wte), wte_view), block, rows, c, v, false)?;
         let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
         let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
         let block_log_p = log_p.view().slice(t0 * rn, rows);
         gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
         if let Some(dz) = &dz {
             // (H8) dz = dℓ wte, dwte += dℓᵀ z
-            gpu.matmul(Operand::normal(block), Operand::normal(wte), dz.view().slice(t0 * rn * c, rows * c), rows, v, c, false)?;
+            let block_rounded = if bf16 && dwte.is_some() { Some(gpu.bf16_copy(block)?) } else { None };
+            let block_view = block_rounded.as_ref().map(Buffer::view);
+            let dz_block = dz.view().slice(t0 * rn * c, rows * c);
+            gpu.matmul(with(Operand::normal(block), block_view), with(Operand::normal(wte), wte_view), dz_block, rows, v, c, false)?;
             if let Some(dwte) = &dwte {
-                gpu.matmul(Operand::transposed(block), Operand::normal(z_block), dwte.view(), v, rows, c, true)?;
+                let (block, z_block) = (with(Operand::transposed(block), block_view), with(Operand::normal(z_block), z_block_rounded));
+                gpu.matmul(block, z_block, dwte.view(), v, rows, c, true)?;
             }
         }
     }
