@@ -54,7 +54,7 @@
 //! - [`gradcheck`]: gradient checks by central finite differences in f64
 //! - [`data`]: tokenizer, token files, corpus preparation, batches
 //! - [`model`]: config, parameters by name, the GPT-2 backbone, the loss
-//! - [`device`]: `--device cpu|cuda`, `--precision f32|tf32`: opening the device
+//! - [`device`]: `--device cpu|cuda`, `--precision f32|tf32|bf16`: opening the device
 //! - [`train`]: AdamW, the schedule, the training loop, checkpoints
 //! - [`decode`]: sampling and generation, on the CPU or a GPU
 //! - [`bench`](mod@bench): `multitoken bench`: timed training steps and decoding

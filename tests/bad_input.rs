@@ -169,6 +169,8 @@ fn resume_refuses_saved_settings_that_cannot_work() {
     t.edit_json("train_state.json", |state| state["settings"]["precision"] = "tf32".into());
     let extend = ["train", "--data", s(&t.ws.data), "--out", s(&t.ckpt), "--resume", "--steps", "8"];
     assert!(run_error(&extend).contains("--precision tf32, which needs --device cuda"));
+    t.edit_json("train_state.json", |state| state["settings"]["precision"] = "bf16".into());
+    assert!(run_error(&extend).contains("--precision bf16, which needs --device cuda"));
     t.unchanged_but(&["train_state.json"]);
 }
 

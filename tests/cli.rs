@@ -189,6 +189,12 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("y")), "--model", "huge"]).contains("preset"));
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ws.root.join("z")), "--device", "tpu"]).contains("device"));
     assert!(run_error(&["bench", "train", "--precision", "tf32", "--steps", "1"]).contains("--device cuda"));
+    assert!(run_error(&["bench", "train", "--precision", "bf16", "--steps", "1"]).contains("--precision bf16 needs --device cuda"));
+    let (x, text) = (ws.root.join("x"), s(&ws.corpus));
+    assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&x), "--precision", "bf16"]).contains("needs --device cuda"));
+    assert!(!x.exists());
+    assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", text, "--precision", "bf16"]).contains("needs --device cuda"));
+    assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", text, "--precision", "fp8"]).contains("use f32, tf32 or bf16"));
     for flag in ["--max-new-tokens", "--repeats"] {
         assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
     }
