@@ -119,6 +119,19 @@ __device__ void store_rows(float* target, long ld, int first, int seq, const flo
     }
 }
 
+// The head of block (x, bh): C, the row stride of qkv (3C), and where the head's columns start
+// in rows (B, T, 3C) (its q; k is C further, v 2C) and in rows (B, T, C) (y, dy).
+struct HeadColumns {
+    int c;
+    long ld, in_qkv, in_rows;
+};
+
+template <int HS>
+__device__ HeadColumns head_columns(int seq, int n_head) {
+    int bh = blockIdx.y, b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
+    return HeadColumns{c, 3L * c, (long)b * seq * 3 * c + h * HS, (long)b * seq * c + h * HS};
+}
+
 // Grid (⌈T/64⌉, B·H): block (x, bh) computes query tile ⌈T/64⌉ − 1 − x of head bh.
 template <int HS>
 __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int seq, int n_head, float scale) {
@@ -129,9 +142,10 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
     bf16_t* v_tile = k_tile + TC_TILE * S;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
-    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
-    long ld = 3L * c;
-    const float* q = qkv + (long)b * seq * ld + h * HS;
+    HeadColumns head = head_columns<HS>(seq, n_head);
+    int c = head.c;
+    long ld = head.ld;
+    const float* q = qkv + head.in_qkv;
     int first_query = query_tile * TC_TILE;
     load_bf16<HS>(q_tile, q, ld, first_query, seq);
     float o[NT][4] = {}, running_max[2] = {NEG_INF, NEG_INF}, running_sum[2] = {0.0f, 0.0f};
@@ -179,7 +193,7 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
     float inverse[2] = {1.0f / running_sum[0], 1.0f / running_sum[1]};
 #pragma unroll
     for (int j = 0; j < NT; j++) o[j][0] *= inverse[0], o[j][1] *= inverse[0], o[j][2] *= inverse[1], o[j][3] *= inverse[1];
-    store_rows<HS>(y + (long)b * seq * c + h * HS, c, first_query, seq, o, 1.0f);
+    store_rows<HS>(y + head.in_rows, c, first_query, seq, o, 1.0f);
     if (t == 0) {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
@@ -204,10 +218,11 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
     float* dot_tile = lse_tile + TC_TILE;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     int key_tile = blockIdx.x, bh = blockIdx.y, query_tiles = gridDim.x;
-    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
-    long ld = 3L * c;
-    const float* q = qkv + (long)b * seq * ld + h * HS;
-    const float* dy_head = dy + (long)b * seq * c + h * HS;
+    HeadColumns head = head_columns<HS>(seq, n_head);
+    int c = head.c;
+    long ld = head.ld;
+    const float* q = qkv + head.in_qkv;
+    const float* dy_head = dy + head.in_rows;
     int first_key = key_tile * TC_TILE;
     load_bf16<HS>(k_tile, q + c, ld, first_key, seq);
     load_bf16<HS>(v_tile, q + 2 * c, ld, first_key, seq);
@@ -241,7 +256,7 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
         warp_product_from_registers<NT, S>(dv, p, dy_tile);
         warp_product_from_registers<NT, S>(dk, dp, q_tile);
     }
-    float* dk_rows = dqkv + (long)b * seq * ld + c + h * HS;
+    float* dk_rows = dqkv + head.in_qkv + c;
     store_rows<HS>(dk_rows, ld, first_key, seq, dk, scale);
     store_rows<HS>(dk_rows + c, ld, first_key, seq, dv, 1.0f);
 }
@@ -259,12 +274,13 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
     bf16_t* v_tile = k_tile + TC_TILE * S;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
-    int b = bh / n_head, h = bh - b * n_head, c = n_head * HS;
-    long ld = 3L * c;
-    const float* q = qkv + (long)b * seq * ld + h * HS;
+    HeadColumns head = head_columns<HS>(seq, n_head);
+    int c = head.c;
+    long ld = head.ld;
+    const float* q = qkv + head.in_qkv;
     int first_query = query_tile * TC_TILE;
     load_bf16<HS>(q_tile, q, ld, first_query, seq);
-    load_bf16<HS>(dy_tile, dy + (long)b * seq * c + h * HS, c, first_query, seq);
+    load_bf16<HS>(dy_tile, dy + head.in_rows, c, first_query, seq);
     float row_lse[2], row_dot[2];
 #pragma unroll
     for (int half = 0; half < 2; half++) {
@@ -292,7 +308,7 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
             }
         warp_product_from_registers<NT, S>(dq, dp, k_tile);
     }
-    store_rows<HS>(dqkv + (long)b * seq * ld + h * HS, ld, first_query, seq, dq, scale);
+    store_rows<HS>(dqkv + head.in_qkv, ld, first_query, seq, dq, scale);
 }
 
 #define TC_ATTENTION(HS)                                                                                                     \
