@@ -86,6 +86,7 @@ fn main() -> Result<()> {
             seed: 0,
             progress: &mut |_| {},
             stop_at: None,
+            draft: Default::default(),
         };
         let generation = decode::decode(&config, &params, request, speculative)?;
         println!(
@@ -100,7 +101,15 @@ fn main() -> Result<()> {
     // Then sampled (temperature 0.8, top-k 50), where speculative decoding keeps the model's
     // distribution rather than its exact tokens; a model this small repeats itself when greedy.
     let sampling = SamplingConfig { greedy: false, temperature: 0.8, top_k: 50, top_p: 1.0 };
-    let request = DecodeRequest { prompt: &prompt, max_new_tokens: 60, sampling: &sampling, seed: 1, progress: &mut |_| {}, stop_at: None };
+    let request = DecodeRequest {
+        prompt: &prompt,
+        max_new_tokens: 60,
+        sampling: &sampling,
+        seed: 1,
+        progress: &mut |_| {},
+        stop_at: None,
+        draft: Default::default(),
+    };
     let generation = decode::decode(&config, &params, request, true)?;
     println!("sampled, self-speculative ({:.2} tokens per pass):", generation.mean_accepted());
     println!("{}{}", tokenizer::decode(&tokenizer, &prompt)?, tokenizer::decode(&tokenizer, &generation.tokens)?);

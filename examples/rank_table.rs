@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use multitoken::bench::bench_decode;
 use multitoken::data::tokenizer;
-use multitoken::decode::SamplingConfig;
+use multitoken::decode::{Draft, SamplingConfig};
 use multitoken::device::DeviceKind;
 use multitoken::train::{self, checkpoint, RunOptions, TrainSettings};
 use plotters::prelude::*;
@@ -97,7 +97,7 @@ fn decode_row(corpus: &str, kind: &str, dir: &Path, data: &Path, summary: &train
     let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
     let prompt = &val[..64.min(val.len())];
     let _ = tokenizer::decode(&tok, prompt)?;
-    let greedy = bench_decode(&ckpt.config, &ckpt.params, prompt, 128, &SamplingConfig::greedy(), 0, 1, DeviceKind::Cpu)?;
+    let greedy = bench_decode(&ckpt.config, &ckpt.params, prompt, 128, &SamplingConfig::greedy(), 0, 1, DeviceKind::Cpu, Draft::Mixture)?;
     let sampled = bench_decode(
         &ckpt.config,
         &ckpt.params,
@@ -107,6 +107,7 @@ fn decode_row(corpus: &str, kind: &str, dir: &Path, data: &Path, summary: &train
         0,
         1,
         DeviceKind::Cpu,
+        Draft::Mixture,
     )?;
     Ok(json!({
         "corpus": corpus,

@@ -184,6 +184,8 @@ pub fn bench_train(
 /// self-speculative decoding, same model, same prompt, same sampling settings.
 #[derive(Debug, Serialize)]
 pub struct BenchDecodeResult {
+    /// how the speculative decoder drafted (`--draft`)
+    pub draft: crate::decode::Draft,
     /// autoregressive decoding: new tokens per second, the median over the repeats
     pub ar_tokens_per_s: f64,
     /// self-speculative decoding: new tokens per second, the median over the repeats
@@ -281,6 +283,7 @@ pub fn bench_decode(
     seed: u64,
     repeats: usize,
     device: DeviceKind,
+    draft: crate::decode::Draft,
 ) -> Result<BenchDecodeResult> {
     use crate::decode::{decode, DecodeRequest, Generation};
     crate::device::check_available(device)?;
@@ -294,7 +297,7 @@ pub fn bench_decode(
     // the first repeat and in the profile of where a pass goes
     let mut run = |speculative: bool, warm_up: bool| -> Result<Generation> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
-        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {}, stop_at: None };
+        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {}, stop_at: None, draft };
         if let Some(decoder) = gpu_decoder.as_mut() {
             let generation = decoder.decode(params, request, speculative);
             if warm_up {
@@ -324,6 +327,7 @@ pub fn bench_decode(
     let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
     Ok(BenchDecodeResult {
+        draft,
         ar_tokens_per_s,
         spec_tokens_per_s,
         speedup: spec_tokens_per_s / ar_tokens_per_s,

@@ -199,6 +199,10 @@ struct SamplingArgs {
     top_p: f64,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
+    /// How speculative decoding drafts: mixture (the CP head's, r·(n − 1) unembedding rows a
+    /// step) or top-component (the likeliest component's, n − 1 rows); the output is exact either way
+    #[arg(long, default_value = "mixture")]
+    draft: String,
 }
 
 impl SamplingArgs {
@@ -442,6 +446,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let device = DeviceKind::parse(&args.device)?;
             multitoken::device::check_available(device)?;
             args.sampling.config().validate()?;
+            let draft = decode::Draft::parse(&args.sampling.draft)?;
             let mut prompts: Vec<String> = args.prompt.iter().cloned().collect();
             if let Some(file) = &args.prompts_file {
                 prompts.extend(tokenizer::read_text(file)?.lines().filter(|l| !l.trim().is_empty()).map(String::from));
@@ -470,6 +475,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                         seed,
                         progress: &mut |done| bar.set_position(done as u64),
                         stop_at,
+                        draft,
                     };
                     let generation = match gpu_decoder.as_mut() {
                         None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
@@ -495,6 +501,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                         "mean_accepted": generation.mean_accepted(),
                         "acceptance_rates": generation.acceptance_rates(),
                         "speculative": args.speculative,
+                        "draft": draft,
                     }));
                 }
             }
@@ -506,6 +513,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
             let device = DeviceKind::parse(device)?;
             sampling.config().validate()?;
+            let draft = decode::Draft::parse(&sampling.draft)?;
             multitoken::device::check_available(device)?;
             let (ckpt, tok) = load_checkpoint_with_tokenizer(checkpoint)?;
             let ids = tokenizer::encode(&tok, prompt)?;
@@ -518,6 +526,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 sampling.seed,
                 *repeats,
                 device,
+                draft,
             )?;
             if let (true, Some(profile)) = (multitoken::autograd::profiling_enabled(), &result.gpu_profile) {
                 eprint!("{profile}");

@@ -905,8 +905,15 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
         let start = rng.below(stream.len() - prompt_len);
         let prompt = &stream[start..start + prompt_len];
         let mut run = |speculative: bool| {
-            let request =
-                DecodeRequest { prompt, max_new_tokens: new_tokens, sampling: &sampling, seed: 0, progress: &mut |_| {}, stop_at: None };
+            let request = DecodeRequest {
+                prompt,
+                max_new_tokens: new_tokens,
+                sampling: &sampling,
+                seed: 0,
+                progress: &mut |_| {},
+                stop_at: None,
+                draft: Default::default(),
+            };
             decoder.decode(&params, request, speculative).unwrap()
         };
         let (ar, spec) = (run(false), run(true));

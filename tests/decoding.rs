@@ -4,7 +4,7 @@
 
 use multitoken::data::Batch;
 use multitoken::decode::generate::AcceptanceRule;
-use multitoken::decode::{decode, generate_reference, DecodeRequest, Generation, SamplingConfig};
+use multitoken::decode::{decode, generate_reference, DecodeRequest, Draft, Generation, SamplingConfig};
 use multitoken::model::{gpt2, ModelConfig, ModelParams};
 use multitoken::tensor::{Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
@@ -23,7 +23,21 @@ fn run(
     seed: u64,
     speculative: bool,
 ) -> Generation {
-    let request = DecodeRequest { prompt, max_new_tokens: new, sampling, seed, progress: &mut |_| {}, stop_at: None };
+    run_drafting(config, params, prompt, new, sampling, seed, speculative, Draft::Mixture)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_drafting(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<f32>>,
+    prompt: &[u32],
+    new: usize,
+    sampling: &SamplingConfig,
+    seed: u64,
+    speculative: bool,
+    draft: Draft,
+) -> Generation {
+    let request = DecodeRequest { prompt, max_new_tokens: new, sampling, seed, progress: &mut |_| {}, stop_at: None, draft };
     decode(config, params, request, speculative).unwrap()
 }
 
@@ -54,16 +68,18 @@ fn greedy_speculative_output_equals_greedy_autoregressive_output() {
         for prompt_length in [1, 2, 5, 17] {
             let prompt: Vec<u32> = (0..prompt_length).map(|_| rng.below(24) as u32).collect();
             let ar = run(&config, &params, &prompt, 40, &greedy, 0, false);
-            let spec = run(&config, &params, &prompt, 40, &greedy, 0, true);
-            assert_eq!(ar.tokens, spec.tokens, "n={n} r={r} prompt {prompt:?}");
             assert_eq!(ar.forward_passes, 40);
-            assert!(spec.forward_passes <= 40 && spec.mean_accepted() <= n as f64);
-            accepted_somewhere |= spec.accepted.iter().sum::<usize>() > 0;
-            println!(
-                "n={n} r={r} prompt of {prompt_length}: mean accepted {:.2}, acceptance {:?}",
-                spec.mean_accepted(),
-                spec.acceptance_rates()
-            );
+            for draft in [Draft::Mixture, Draft::TopComponent] {
+                let spec = run_drafting(&config, &params, &prompt, 40, &greedy, 0, true, draft);
+                assert_eq!(ar.tokens, spec.tokens, "n={n} r={r} {draft:?} prompt {prompt:?}");
+                assert!(spec.forward_passes <= 40 && spec.mean_accepted() <= n as f64);
+                accepted_somewhere |= spec.accepted.iter().sum::<usize>() > 0;
+                println!(
+                    "n={n} r={r} {draft:?} draft, prompt of {prompt_length}: mean accepted {:.2}, acceptance {:?}",
+                    spec.mean_accepted(),
+                    spec.acceptance_rates()
+                );
+            }
         }
     }
     assert!(accepted_somewhere, "no draft was ever accepted: the test would not exercise acceptance");
@@ -144,6 +160,7 @@ fn sample_pairs(
     prompt: &[u32],
     runs: usize,
     rule: Option<AcceptanceRule>,
+    draft: Draft,
 ) -> Vec<usize> {
     let sampling = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
     let v = config.vocab_size;
@@ -152,7 +169,8 @@ fn sample_pairs(
         let generation = match rule {
             None => run(config, params, prompt, 3, &sampling, seed, false),
             Some(rule) => {
-                let request = DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {}, stop_at: None };
+                let request =
+                    DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {}, stop_at: None, draft };
                 multitoken::decode::generate::decode_with_rule(config, params, request, true, rule).unwrap()
             }
         };
@@ -174,13 +192,15 @@ fn speculative_sampling_is_exact_and_a_wrong_acceptance_rule_is_caught() {
     assert!((exact.iter().sum::<f64>() - 1.0).abs() < 1e-4);
     let runs = 3000;
     let cases = [
-        ("autoregressive", None, true),
-        ("speculative", Some(AcceptanceRule::Exact), true),
-        ("always-accept", Some(AcceptanceRule::AlwaysAccept), false),
-        ("resample-from-target", Some(AcceptanceRule::ResampleFromTarget), false),
+        ("autoregressive", None, Draft::Mixture, true),
+        ("speculative", Some(AcceptanceRule::Exact), Draft::Mixture, true),
+        ("speculative, top-component draft", Some(AcceptanceRule::Exact), Draft::TopComponent, true),
+        ("always-accept", Some(AcceptanceRule::AlwaysAccept), Draft::Mixture, false),
+        ("always-accept, top-component draft", Some(AcceptanceRule::AlwaysAccept), Draft::TopComponent, false),
+        ("resample-from-target", Some(AcceptanceRule::ResampleFromTarget), Draft::Mixture, false),
     ];
-    for (name, rule, must_pass) in cases {
-        let counts = sample_pairs(&config, &params, &prompt, runs, rule);
+    for (name, rule, draft, must_pass) in cases {
+        let counts = sample_pairs(&config, &params, &prompt, runs, rule, draft);
         let (statistic, df) = chi_square(&counts, &exact);
         let critical = critical_value(df);
         println!("{name}: chi-square {statistic:.1} on {df} degrees of freedom, critical value {critical:.1} at 0.001");
@@ -203,13 +223,20 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
     let prompt = [3u32, 10, 17];
     let sampled = SamplingConfig { greedy: false, temperature: 0.9, top_k: 0, top_p: 1.0 };
     for sampling in [SamplingConfig::greedy(), sampled] {
-        for speculative in [false, true] {
+        for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
             let mut backbone = CachedBackbone::new(&config, &params);
-            let request =
-                DecodeRequest { prompt: &prompt, max_new_tokens: 40, sampling: &sampling, seed: 9, progress: &mut |_| {}, stop_at: None };
+            let request = DecodeRequest {
+                prompt: &prompt,
+                max_new_tokens: 40,
+                sampling: &sampling,
+                seed: 9,
+                progress: &mut |_| {},
+                stop_at: None,
+                draft,
+            };
             let device = decode_loop(&config, &mut backbone, &device_head, request, speculative, AcceptanceRule::Exact).unwrap();
-            let cpu = run(&config, &params, &prompt, 40, &sampling, 9, speculative);
-            assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative}", sampling.greedy);
+            let cpu = run_drafting(&config, &params, &prompt, 40, &sampling, 9, speculative, draft);
+            assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative} {draft:?}", sampling.greedy);
         }
     }
 }

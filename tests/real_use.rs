@@ -211,7 +211,15 @@ fn decoding_stops_at_the_stop_token_and_keeps_it() {
     let greedy = SamplingConfig::greedy();
     for speculative in [false, true] {
         let run = |stop_at| {
-            let request = DecodeRequest { prompt: &[1, 2], max_new_tokens: 30, sampling: &greedy, seed: 0, progress: &mut |_| {}, stop_at };
+            let request = DecodeRequest {
+                prompt: &[1, 2],
+                max_new_tokens: 30,
+                sampling: &greedy,
+                seed: 0,
+                progress: &mut |_| {},
+                stop_at,
+                draft: Default::default(),
+            };
             decode(&config, &params, request, speculative).unwrap().tokens
         };
         let full = run(None);

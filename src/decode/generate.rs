@@ -122,6 +122,31 @@ pub fn generate_reference<T: Float>(
     })
 }
 
+/// Which distribution proposes the drafts of self-speculative decoding. Verification keeps the
+/// output exact whatever the draft; a draft closer to the model is accepted more often.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Draft {
+    /// the CP head's mixture (docs/decoding.md, step 1): every component, weighted by its
+    /// posterior given the drafts so far; r·(n − 1) unembedding rows a step
+    #[default]
+    Mixture,
+    /// the single component α* most likely given the pending token, `argmax_α w[α] P[α,0](c)`,
+    /// whose horizons draft independently: `q_s = P[α*,s]`; n − 1 unembedding rows a step
+    TopComponent,
+}
+
+impl Draft {
+    /// Parses `--draft`: `mixture` or `top-component`.
+    pub fn parse(name: &str) -> crate::error::Result<Self> {
+        match name {
+            "mixture" => Ok(Draft::Mixture),
+            "top-component" => Ok(Draft::TopComponent),
+            other => crate::invalid!("unknown --draft '{other}' (use mixture or top-component)"),
+        }
+    }
+}
+
 /// What a decoder needs besides the model: how many tokens, how to choose them, and a callback
 /// told the number of new tokens after every step (for a live readout).
 pub struct DecodeRequest<'a> {
@@ -138,6 +163,8 @@ pub struct DecodeRequest<'a> {
     /// a token that ends the generation once emitted (it is kept): the tokenizer's
     /// end-of-text, or `None` to always make `max_new_tokens`
     pub stop_at: Option<u32>,
+    /// how speculative decoding drafts (autoregressive decoding drafts nothing)
+    pub draft: Draft,
 }
 
 /// How sampled drafts are accepted. Only `Exact` is correct; the other exists so that the
@@ -166,7 +193,15 @@ pub enum AcceptanceRule {
 /// let greedy = SamplingConfig::greedy();
 /// let mut outputs = Vec::new();
 /// for speculative in [false, true] {
-///     let request = DecodeRequest { prompt: &[1, 2, 3], max_new_tokens: 20, sampling: &greedy, seed: 0, progress: &mut |_| {}, stop_at: None };
+///     let request = DecodeRequest {
+///         prompt: &[1, 2, 3],
+///         max_new_tokens: 20,
+///         sampling: &greedy,
+///         seed: 0,
+///         progress: &mut |_| {},
+///         stop_at: None,
+///         draft: Default::default(),
+///     };
 ///     let generation = decode(&config, &params, request, speculative)?;
 ///     println!("{:.2} tokens per forward pass", generation.mean_accepted());
 ///     outputs.push(generation.tokens);
@@ -204,7 +239,7 @@ pub fn decode_loop<T: Float>(
     speculative: bool,
     rule: AcceptanceRule,
 ) -> Result<Generation> {
-    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at } = request;
+    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at, draft: draft_kind } = request;
     check_prompt(config, prompt, sampling)?;
     let (n, positions) = (if speculative { config.horizon } else { 1 }, config.n_positions);
     let mut rng = Rng::new(seed);
@@ -249,9 +284,14 @@ pub fn decode_loop<T: Float>(
         // 1. draft d_1..d_{m−1} from the head at S, conditioned on the pending token
         let tick = Instant::now();
         let (drafts, draft_probs) = match head_at_s.as_mut() {
-            Some(s_state) if run_length > 1 => {
+            Some(s_state) if run_length > 1 && draft_kind == Draft::Mixture => {
                 head.fill(&mut [s_state], n)?;
                 draft(s_state, pending, run_length - 1, sampling, &mut rng)
+            }
+            Some(s_state) if run_length > 1 => {
+                let alpha = top_component(s_state, pending);
+                let probs = head.component_probabilities(&s_state.hidden, alpha, 1..run_length)?;
+                draft_independently(&probs, sampling, &mut rng)
             }
             _ => (vec![], vec![]),
         };
@@ -339,6 +379,28 @@ pub fn decode_loop<T: Float>(
     generation.tokens = sequence[prompt.len()..].to_vec();
     generation.elapsed_s = started.elapsed().as_secs_f64();
     Ok(generation)
+}
+
+/// The component most likely given the pending token c: `argmax_α w[α] P[α,0](c)`.
+fn top_component<T: Float>(state: &HeadState<T>, pending: u32) -> usize {
+    let score = |alpha: usize| (state.weights[alpha] * state.prob(alpha, 0)[pending as usize]).as_f64();
+    (0..state.weights.len()).fold(0, |best, alpha| if score(alpha) > score(best) { alpha } else { best })
+}
+
+/// A draft from each distribution in turn, each on its own (one component's horizons are
+/// independent of each other); returns the drafts and, when sampling, what each was drawn from.
+fn draft_independently<T: Float>(probs: &[Vec<T>], sampling: &SamplingConfig, rng: &mut Rng) -> (Vec<u32>, Vec<Vec<f64>>) {
+    let (mut drafts, mut used) = (Vec::with_capacity(probs.len()), Vec::new());
+    for q in probs {
+        if sampling.greedy {
+            drafts.push(sampling::argmax(q));
+        } else {
+            let distribution = sampling::distribution_from_probs(q, sampling);
+            drafts.push(sampling::draw(&distribution, rng));
+            used.push(distribution);
+        }
+    }
+    (drafts, used)
 }
 
 /// Drafts `count` tokens after the pending token c from the head at S (docs/decoding.md, step 1;

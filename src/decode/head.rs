@@ -108,6 +108,44 @@ impl<'a, T: Float> Head<'a, T> {
         Ok(())
     }
 
+    /// P[α,s] of one component α for the horizons `horizons` at hidden state h (C): V each, the
+    /// top-component draft's distributions. On the CPU n − 1 rows of the unembedding, not r·(n − 1);
+    /// a device computes every component's and keeps α's.
+    pub fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>) -> Result<Vec<Vec<T>>> {
+        let v = self.config.vocab_size;
+        if let Some(device) = self.device {
+            let requests: Vec<(&[T], usize)> = horizons.map(|s| (hidden, s)).collect();
+            return Ok(device.probabilities(&requests)?.into_iter().map(|block| block[alpha * v..][..v].to_vec()).collect());
+        }
+        let (c, r) = (self.config.n_embd, self.config.rank);
+        let rows = horizons.len();
+        // a horizon past 0 means n > 1, so n·r > 1 and the head has its expanders
+        debug_assert!(!self.expand_by_horizon.is_empty() || rows == 0, "draft horizons without expanders");
+        // z rows W[α,s] h for each horizon
+        let mut z = vec![T::zero(); rows * c];
+        let mut logits = vec![T::zero(); rows * v];
+        let z_each: Vec<SharedRows<T>> = z.chunks_mut(c).map(|row| SharedRows::new(row, c)).collect();
+        let (z_rows, logits_rows) = (SharedRows::new(&mut z, c), SharedRows::new(&mut logits, v));
+        let (wte, expanders) = (self.params.wte.data(), &self.expand_by_horizon);
+        let pass = |team: &Team| {
+            // SAFETY: each thread writes its own columns of each z row and of the logits, then
+            // its own rows of the logits, with a barrier before anything written is read.
+            unsafe {
+                for (out, s) in z_each.iter().zip(horizons.clone()) {
+                    team.product_into_columns(hidden, &expanders[(s * r + alpha) * c * c..][..c * c], 1, c, out);
+                }
+                team.sync();
+                team.product_into_columns(z_rows.read(), wte, rows, c, &logits_rows);
+                team.sync();
+                for row in team.share(rows, 1) {
+                    T::softmax_row(logits_rows.row_mut(row));
+                }
+            }
+        };
+        together(pass);
+        Ok(logits.chunks(v).map(<[T]>::to_vec).collect())
+    }
+
     /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
     /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
     /// the same horizon or with consecutive horizons of one state, then one unembedding
@@ -260,6 +298,27 @@ mod tests {
         for alpha in 0..4 {
             for s in 0..3 {
                 assert!((state.prob(alpha, s).iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            }
+        }
+    }
+
+    /// The top-component draft's distributions, computed alone, are the component's blocks of
+    /// the full computation, with three components and with one.
+    #[test]
+    fn one_component_s_distributions_are_that_component_s_blocks() {
+        for (rank, alpha) in [(3, 0), (3, 2), (1, 0)] {
+            let config = ModelConfig { vocab_size: 40, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 3, rank };
+            let mut rng = Rng::new(7);
+            let params = gpt2::init_params::<f64>(&config, &mut rng);
+            let hidden = Tensor::<f64>::randn(&[1, 8], 1.0, &mut rng);
+            let head = Head::new(&config, &params);
+            let mut state = head.states(hidden.data(), 3).unwrap().remove(0);
+            head.fill(&mut [&mut state], 3).unwrap();
+            let alone = head.component_probabilities(hidden.data(), alpha, 1..3).unwrap();
+            for (s, probs) in (1..3).zip(&alone) {
+                let full = state.prob(alpha, s);
+                let worst = probs.iter().zip(full).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-14, "rank {rank}, component {alpha}, horizon {s}: {worst:e}");
             }
         }
     }

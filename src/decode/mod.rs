@@ -9,5 +9,5 @@ pub mod kv_cache;
 pub mod pass;
 pub mod sampling;
 
-pub use generate::{decode, generate_reference, DecodeRequest, Generation};
+pub use generate::{decode, generate_reference, DecodeRequest, Draft, Generation};
 pub use sampling::SamplingConfig;
