@@ -195,6 +195,8 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(!x.exists());
     assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", text, "--precision", "bf16"]).contains("needs --device cuda"));
     assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", text, "--precision", "fp8"]).contains("use f32, tf32 or bf16"));
+    assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "best"])
+        .contains("use mixture or top-component"));
     for flag in ["--max-new-tokens", "--repeats"] {
         assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
     }

@@ -15,7 +15,7 @@ use multitoken::data::Batch;
 use multitoken::decode::cuda::GpuDecoder;
 use multitoken::decode::head::Head;
 use multitoken::decode::kv_cache::CachedBackbone;
-use multitoken::decode::{DecodeRequest, SamplingConfig};
+use multitoken::decode::{DecodeRequest, Draft, SamplingConfig};
 use multitoken::error::Result;
 use multitoken::model::{gpt2, loss::model_loss, ModelConfig, ModelParams};
 use multitoken::ops;
@@ -904,7 +904,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
     for (prompt_len, new_tokens) in [(1, 40), (5, 60), (17, 50), (100, 60), (127, 20)] {
         let start = rng.below(stream.len() - prompt_len);
         let prompt = &stream[start..start + prompt_len];
-        let mut run = |speculative: bool| {
+        let mut run = |speculative: bool, draft: Draft| {
             let request = DecodeRequest {
                 prompt,
                 max_new_tokens: new_tokens,
@@ -912,15 +912,18 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
                 seed: 0,
                 progress: &mut |_| {},
                 stop_at: None,
-                draft: Default::default(),
+                draft,
             };
             decoder.decode(&params, request, speculative).unwrap()
         };
-        let (ar, spec) = (run(false), run(true));
-        assert_eq!(ar.tokens, spec.tokens, "prompt of {prompt_len}: speculative output differs from autoregressive");
-        accepted.push(spec.mean_accepted());
+        let ar = run(false, Draft::Mixture);
+        for draft in [Draft::Mixture, Draft::TopComponent] {
+            let spec = run(true, draft);
+            assert_eq!(ar.tokens, spec.tokens, "prompt of {prompt_len}, {draft:?}: speculative output differs from autoregressive");
+            accepted.push(spec.mean_accepted());
+        }
     }
-    println!("greedy speculative == autoregressive on the GPU for 5 prompts; mean accepted per pass {accepted:.2?}");
+    println!("greedy speculative == autoregressive on the GPU for 5 prompts, both drafts; mean accepted per pass {accepted:.2?}");
 });
 
 // ---- resuming a run on the GPU ----
