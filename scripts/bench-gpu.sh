@@ -53,7 +53,7 @@ print(json.dumps({
     "model": "base", "V": 8192, "B": 16, "T": 512, "n": int(n), "r": int(r), "precision": precision, "torch_mode": mode,
     "gpu": rust[0].get("gpu"), "rounds": len(rust),
     "multitoken_step_ms": round(med(rust, "step_ms"), 2),
-    "multitoken_tokens_per_s": round(med(rust, "tokens_per_s")), "torch_tokens_per_s": round(med(torch, "tokens_per_s")), "torch_step_ms": round(med(torch, "step_ms"), 2),
+    "multitoken_tokens_per_s": round(med(rust, "tokens_per_s")), "multitoken_model_tflop_per_s": round(med(rust, "model_tflop_per_s"), 1), "torch_tokens_per_s": round(med(torch, "tokens_per_s")), "torch_step_ms": round(med(torch, "step_ms"), 2),
     "speed_ratio": round(med(torch, "step_ms") / med(rust, "step_ms"), 3),
     "multitoken_peak_gpu_mib": round(med(rust, "peak_gpu_bytes") / 2**20), "torch_peak_reserved_mib": round(med(torch, "peak_gpu_reserved_bytes") / 2**20),
     "memory_ratio": round(med(rust, "peak_gpu_bytes") / med(torch, "peak_gpu_reserved_bytes"), 3),

@@ -364,5 +364,12 @@ mod tests {
         let estimate = 6.0 * parameters + 12.0 * l * seq * c;
         let ours = model_flops_per_token(&config, 1024);
         assert!((ours / estimate - 1.0).abs() < 0.01, "{ours:e} against {estimate:e}");
+        // the CP head at n = 4, r = 4: its expanders and gate are parameters (6 FLOPs each a
+        // token); its n·r − 1 further logit rows reuse wte, 6·C·V each
+        let (one, cp) = (ModelConfig::preset("gpt2", 50257, 1, 1).unwrap(), ModelConfig::preset("gpt2", 50257, 4, 4).unwrap());
+        let head_parameters = (cp.parameter_count() - one.parameter_count()) as f64;
+        let estimate = 6.0 * head_parameters + 6.0 * 15.0 * c * 50257.0;
+        let extra = model_flops_per_token(&cp, 1024) - model_flops_per_token(&one, 1024);
+        assert!((extra / estimate - 1.0).abs() < 0.01, "{extra:e} against {estimate:e}");
     }
 }

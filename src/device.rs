@@ -49,6 +49,7 @@ impl DeviceKind {
     /// `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's linear layers to cuBLASLt instead of the
     /// few-row kernel.
     pub fn open(self, precision: Precision) -> Result<Device> {
+        precision.check_device(self)?;
         match self {
             DeviceKind::Cpu => Ok(Device::Cpu),
             DeviceKind::Cuda => {

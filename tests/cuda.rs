@@ -183,14 +183,18 @@ cuda_test!(cross_entropy_matches_the_cpu, |gpu| {
 /// on its own, so that one cannot hide another's error (dq is the part the fused backward adds
 /// up across key tiles).
 fn compare_attention(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize) {
-    compare_attention_within(device, label, qkv, seq, n_head, 1e-5)
+    compare_attention_within(device, label, qkv, seq, n_head, 1e-5, 0.0)
 }
 
-fn compare_attention_within(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize, tolerance: f64) {
+/// As [`compare_attention`] within `tolerance`; the output's error must also reach `floor` (in
+/// bf16: evidence that the inputs were rounded).
+fn compare_attention_within(device: &Device, label: &str, qkv: Tensor<f64>, seq: usize, n_head: usize, tolerance: f64, floor: f64) {
     let (reference, reference_grads) =
         run_op::<f64>(&Device::Cpu, std::slice::from_ref(&qkv), |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
     let (ours, our_grads) = run_op::<f32>(device, &[qkv], |tape, v| ops::causal_self_attention(tape, v[0], seq, n_head));
-    report(&format!("{label} forward"), relative_error(ours.cast::<f32>().data(), reference.data()), tolerance);
+    let forward_error = relative_error(ours.cast::<f32>().data(), reference.data());
+    report(&format!("{label} forward"), forward_error, tolerance);
+    assert!(forward_error >= floor, "{label}: error {forward_error:e} below {floor:e}: were the inputs rounded?");
     let (ours, reference) = (our_grads[0].as_ref().unwrap(), reference_grads[0].as_ref().unwrap());
     let c = ours.shape()[1] / 3;
     let third = |t: &Tensor<f64>, part: usize| -> Vec<f64> {
@@ -292,22 +296,30 @@ cuda_test!(the_general_ops_match_the_cpu, |gpu| {
 // ---- bf16 products (`--precision bf16`) ----
 
 /// A product's relative tolerance against f64. bf16 keeps 8 mantissa bits: rounding an input
-/// moves it by up to 2⁻⁹ ≈ 2e-3 relative, and a sum of such products over random signs errs by
-/// about that much; TF32 keeps 11 bits.
+/// moves it by up to 2⁻⁹ ≈ 2e-3 relative (about 1e-3 on average), and a sum of such products
+/// over random signs errs by about that much; TF32 keeps 11 bits.
 fn product_tolerance(precision: ProductPrecision) -> f64 {
     match precision {
         ProductPrecision::F32 => 1e-5,
         ProductPrecision::Tf32 => 1e-2,
-        ProductPrecision::Bf16 => BF16_OP_TOLERANCE,
+        ProductPrecision::Bf16 => BF16_PRODUCT_TOLERANCE,
     }
 }
 
-/// An op built of up to three bf16 products (attention, the CP head) against f64: each product
-/// errs by about 2e-3, and the errors of chained products add.
+/// One bf16 product (a linear layer, unembed, matmul) against f64: about 2e-3 expected.
+const BF16_PRODUCT_TOLERANCE: f64 = 5e-3;
+
+/// An op built of two or three bf16 products (attention, the CP head) against f64: the errors of
+/// chained products add.
 const BF16_OP_TOLERANCE: f64 = 2e-2;
 
+/// Below this a bf16 product's error would mean its inputs were not rounded (f32 errs by 1e-7).
+const BF16_ROUNDED_AT_LEAST: f64 = 1e-4;
+
 /// The whole model in bf16 against the CPU in f64 (losses, gradients): every linear layer, the
-/// attention's products and the head's, forward and backward, round their inputs.
+/// attention's products and the head's, forward and backward, round their inputs. The losses
+/// average thousands of log-probabilities whose rounding errors mostly cancel (2e-5 seen), the
+/// gradients sum the errors of up to three chained products (5e-3 seen).
 const BF16_MODEL_TOLERANCE: (f64, f64) = (2e-4, 2e-2);
 
 fn bf16_device(route: Option<AttentionRoute>) -> Device {
@@ -322,7 +334,7 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
     let device = bf16_device(Some(AttentionRoute::Products));
     let mut rng = Rng::new(80);
     let mut randn = |shape: &[usize]| Tensor::<f64>::randn(shape, 1.0, &mut rng);
-    let tolerance = BF16_OP_TOLERANCE;
+    let tolerance = BF16_PRODUCT_TOLERANCE;
     let (x, w, b, r) = (randn(&[333, 96]), randn(&[96, 80]), randn(&[80]), randn(&[333, 80]));
     compare_op!(&device, "bf16 linear", vec![x.clone(), w.clone(), b.clone()], tolerance, |tape, v| ops::linear(
         tape,
@@ -347,7 +359,8 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
     for (route, device) in [("Products", &device), ("Fused", &fused)] {
         for hs in FUSED_ATTENTION_HEAD_SIZES {
             let qkv = Tensor::<f64>::randn(&[2 * 130, 3 * 2 * hs], 1.0, &mut Rng::new(81 + hs as u64));
-            compare_attention_within(device, &format!("bf16 attention {route}, hs = {hs}, T = 130"), qkv, 130, 2, tolerance);
+            let label = format!("bf16 attention {route}, hs = {hs}, T = 130");
+            compare_attention_within(device, &label, qkv, 130, 2, BF16_OP_TOLERANCE, BF16_ROUNDED_AT_LEAST);
         }
     }
     // the tensor-core backward writes every gradient element from one block: the same bits twice
@@ -369,7 +382,7 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
         Tensor::randn(&[r], 0.5, &mut rng),
     ];
     let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
-    compare_op!(&device, "bf16 cp_head n = 3, r = 4", inputs, tolerance, |tape, vars| {
+    compare_op!(&device, "bf16 cp_head n = 3, r = 4", inputs, BF16_OP_TOLERANCE, |tape, vars| {
         let head = ops::CpHeadVars { hidden: vars[0], wte: vars[1], expand: Some(vars[2]), gate: Some((vars[3], vars[4])) };
         Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
     });
@@ -383,6 +396,40 @@ cuda_test!(the_model_s_gradients_match_the_cpu_in_bf16, |gpu| {
     compare_gradients(&fused, "bf16, fused attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
     compare_gradients(&products, "bf16, products attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
     compare_gradients(&fused, "bf16, fused attention", "small", 61, 4, 4, 2, 128, BF16_MODEL_TOLERANCE);
+});
+
+cuda_test!(rounding_to_bf16_matches_the_host_s_rounding, |gpu| {
+    // ties to even (1 + 2⁻⁸ down, 1 + 3·2⁻⁸ up), NaN, infinities, the largest finite value (past
+    // bf16's largest: to infinity), bf16's own largest, subnormals, and plain values; 21 of them,
+    // so the last pair is a single element, and again from the second, off the 8-byte alignment
+    let mut values = vec![
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        -(1.0 + 3.0 * 2f32.powi(-8)),
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        half::bf16::MAX.to_f32(),
+        1e-40,
+        -3e-39,
+        f32::MIN_POSITIVE,
+    ];
+    values.extend(random(6, 90));
+    let x = gpu.upload(&values).unwrap();
+    for first in [0, 1] {
+        let view = x.view().slice(first, values.len() - first);
+        let out = gpu.alloc::<u16>(view.len()).unwrap();
+        gpu.round_to_bf16(view, out.view()).unwrap();
+        let ours = gpu.download(out.view()).unwrap();
+        for (&value, &bits) in values[first..].iter().zip(&ours) {
+            assert_eq!(bits, half::bf16::from_f32(value).to_bits(), "{value:e} (from element {first})");
+        }
+    }
 });
 
 // ---- launchers the ops do not cover on their own ----
@@ -408,12 +455,12 @@ cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gp
             let (da, db, dc) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&c0).unwrap());
             let operand = |view, t: bool, stride| if t { Operand::transposed(view) } else { Operand::normal(view) }.strided(stride);
             gpu.matmul_batched(operand(da.view(), a_t, m * k), operand(db.view(), b_t, k * n), dc.view(), m, k, n, batch, true).unwrap();
-            let tolerance = product_tolerance(precision);
-            report(
-                &format!("matmul {route:?} batch={batch} a_t={a_t} b_t={b_t} {precision:?}"),
-                relative_error(&gpu.download(dc.view()).unwrap(), &reference),
-                tolerance,
-            );
+            let error = relative_error(&gpu.download(dc.view()).unwrap(), &reference);
+            let label = format!("matmul {route:?} batch={batch} a_t={a_t} b_t={b_t} {precision:?}");
+            report(&label, error, product_tolerance(precision));
+            if precision == ProductPrecision::Bf16 {
+                assert!(error >= BF16_ROUNDED_AT_LEAST, "{label}: error {error:e}: were the inputs rounded to bf16?");
+            }
         }
     }
 });

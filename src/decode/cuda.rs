@@ -526,17 +526,54 @@ impl HeadProducts<f32> for GpuHead<'_> {
                 }
                 None => h,
             };
-            let logits = self.logits.view().prefix(count * r * v);
-            self.gpu.matmul(Operand::normal(z), Operand::transposed(self.wte), logits, count * r, c, v, false)?;
-            self.gpu.softmax_rows(logits, v)?;
-            self.profile.mark(self.gpu, "head: products + softmax")?;
-            let mut staging = self.staging.borrow_mut();
-            let staged = &mut staging[..count * r * v];
-            self.gpu.download_into(logits, staged)?;
-            out.extend(staged.chunks(r * v).map(<[f32]>::to_vec));
-            self.profile.mark(self.gpu, "head: download")?;
+            out.extend(self.distributions(z, count * r)?.chunks(r * v).map(<[f32]>::to_vec));
         }
         Ok(out)
+    }
+
+    /// One component's rows only: z[s] = W[α,s] h for each horizon in one batched product (the
+    /// W[α,s] of consecutive horizons are r·C·C apart), then their logits.
+    fn component_probabilities(
+        &self,
+        hidden: &[f32],
+        alpha: usize,
+        horizons: std::ops::Range<usize>,
+        vocab: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (c, r) = (self.config.n_embd, self.config.rank);
+        let (count, first) = (horizons.len(), horizons.start);
+        let Some(w) =
+            self.expand_by_horizon.as_ref().filter(|_| count > 0 && count <= self.rows * r && horizons.end <= self.config.horizon)
+        else {
+            // nothing to draft, or more than the buffers hold: every component's, keeping α's
+            let requests: Vec<(&[f32], usize)> = horizons.map(|s| (hidden, s)).collect();
+            return Ok(self.probabilities(&requests)?.into_iter().map(|block| block[alpha * vocab..][..vocab].to_vec()).collect());
+        };
+        let h = self.hidden.view().prefix(c);
+        self.profile.resume(self.gpu, "host: the loop between calls")?;
+        self.gpu.write(h, hidden)?;
+        self.profile.mark(self.gpu, "head: upload hidden")?;
+        let z = self.z.view().prefix(count * c);
+        let w_rows = w.view().slice((first * r + alpha) * c * c, ((count - 1) * r + 1) * c * c);
+        let (h, w_rows) = (Operand::normal(h), Operand::transposed(w_rows).strided(r * c * c));
+        self.gpu.matmul_batched(h, w_rows, z, 1, c, c, count, false)?;
+        Ok(self.distributions(z, count)?.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl GpuHead<'_> {
+    /// softmax(z · wteᵀ) for `rows` rows of z, downloaded: (rows, V) on the host.
+    fn distributions(&self, z: View<f32>, rows: usize) -> Result<Vec<f32>> {
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let logits = self.logits.view().prefix(rows * v);
+        self.gpu.matmul(Operand::normal(z.prefix(rows * c)), Operand::transposed(self.wte), logits, rows, c, v, false)?;
+        self.gpu.softmax_rows(logits, v)?;
+        self.profile.mark(self.gpu, "head: products + softmax")?;
+        let mut staging = self.staging.borrow_mut();
+        let staged = &mut staging[..rows * v];
+        self.gpu.download_into(logits, staged)?;
+        self.profile.mark(self.gpu, "head: download")?;
+        Ok(staged.to_vec())
     }
 }
 

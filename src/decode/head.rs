@@ -10,9 +10,17 @@ use crate::tensor::{Float, Tensor};
 /// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (r, V), one vector
 /// per request. The CPU computes it in [`Head`]; `decode::cuda` on the GPU, all requests in one
 /// round trip.
-pub trait HeadProducts<T> {
+pub trait HeadProducts<T: Clone> {
     /// For each request (h (C), horizon s): `P[α,s]` for every α, laid out (r, V).
     fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>>;
+
+    /// `P[α,s]` of the one component α, for each horizon s of `horizons` at h (C): V each, the
+    /// top-component draft's. By default every component's, keeping α's; a device that can
+    /// computes α's rows alone.
+    fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>, vocab: usize) -> Result<Vec<Vec<T>>> {
+        let requests: Vec<(&[T], usize)> = horizons.map(|s| (hidden, s)).collect();
+        Ok(self.probabilities(&requests)?.into_iter().map(|block| block[alpha * vocab..][..vocab].to_vec()).collect())
+    }
 }
 
 /// The head's distributions at one hidden state h.
@@ -109,13 +117,11 @@ impl<'a, T: Float> Head<'a, T> {
     }
 
     /// P[α,s] of one component α for the horizons `horizons` at hidden state h (C): V each, the
-    /// top-component draft's distributions. On the CPU n − 1 rows of the unembedding, not r·(n − 1);
-    /// a device computes every component's and keeps α's.
+    /// top-component draft's distributions: n − 1 rows of the unembedding, not r·(n − 1).
     pub fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>) -> Result<Vec<Vec<T>>> {
         let v = self.config.vocab_size;
         if let Some(device) = self.device {
-            let requests: Vec<(&[T], usize)> = horizons.map(|s| (hidden, s)).collect();
-            return Ok(device.probabilities(&requests)?.into_iter().map(|block| block[alpha * v..][..v].to_vec()).collect());
+            return device.component_probabilities(hidden, alpha, horizons, v);
         }
         let (c, r) = (self.config.n_embd, self.config.rank);
         let rows = horizons.len();
@@ -237,6 +243,10 @@ impl<T: Float> HeadProducts<T> for Head<'_, T> {
             Some(device) => device.probabilities(requests),
             None => Ok(self.cpu_probabilities(requests)),
         }
+    }
+
+    fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>, _vocab: usize) -> Result<Vec<Vec<T>>> {
+        Head::component_probabilities(self, hidden, alpha, horizons)
     }
 }
 
