@@ -929,6 +929,21 @@ cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
         }
     }
     report("head probabilities P[α,s], GPU against CPU", worst, 1e-5);
+    // one component's alone (the top-component draft's), every α, from horizon 1 and from 0
+    let (cpu_head, h) = (Head::new(&config, &params), &hidden.data()[..config.n_embd]);
+    let mut worst: f64 = 0.0;
+    for alpha in 0..config.rank {
+        for first in [0, 1] {
+            let ours = decoder.component_probabilities(&params, h, alpha, first..config.horizon).unwrap();
+            let reference = cpu_head.component_probabilities(h, alpha, first..config.horizon).unwrap();
+            assert_eq!(ours.len(), config.horizon - first);
+            for (ours, reference) in ours.iter().zip(&reference) {
+                let reference: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
+                worst = worst.max(relative_error(ours, &reference));
+            }
+        }
+    }
+    report("one component's P[α,s], GPU against CPU", worst, 1e-5);
 });
 
 cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {

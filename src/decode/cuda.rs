@@ -159,6 +159,18 @@ impl<'a> GpuDecoder<'a> {
         Head::with_device(&self.config, params, &self.head).states(hidden, horizons)
     }
 
+    /// One component's distributions P[α,s] for the horizons `horizons` at hidden state h (C),
+    /// products on the GPU: the top-component draft's.
+    pub fn component_probabilities(
+        &self,
+        params: &ModelParams<Tensor<f32>>,
+        hidden: &[f32],
+        alpha: usize,
+        horizons: std::ops::Range<usize>,
+    ) -> Result<Vec<Vec<f32>>> {
+        Head::with_device(&self.config, params, &self.head).component_probabilities(hidden, alpha, horizons)
+    }
+
     /// With `MULTITOKEN_PROFILE=1`: where the decodes' time went, autoregressive and speculative
     /// apart: the backbone's and the head's uploads, device work and downloads, and the host's
     /// own work between them.
@@ -526,7 +538,7 @@ impl HeadProducts<f32> for GpuHead<'_> {
                 }
                 None => h,
             };
-            out.extend(self.distributions(z, count * r)?.chunks(r * v).map(<[f32]>::to_vec));
+            out.extend(self.distributions(z, count * r, r * v)?);
         }
         Ok(out)
     }
@@ -557,13 +569,13 @@ impl HeadProducts<f32> for GpuHead<'_> {
         let w_rows = w.view().slice((first * r + alpha) * c * c, ((count - 1) * r + 1) * c * c);
         let (h, w_rows) = (Operand::normal(h), Operand::transposed(w_rows).strided(r * c * c));
         self.gpu.matmul_batched(h, w_rows, z, 1, c, c, count, false)?;
-        Ok(self.distributions(z, count)?.chunks(vocab).map(<[f32]>::to_vec).collect())
+        self.distributions(z, count, vocab)
     }
 }
 
 impl GpuHead<'_> {
-    /// softmax(z · wteᵀ) for `rows` rows of z, downloaded: (rows, V) on the host.
-    fn distributions(&self, z: View<f32>, rows: usize) -> Result<Vec<f32>> {
+    /// softmax(z · wteᵀ) for `rows` rows of z, downloaded: on the host in blocks of `block`.
+    fn distributions(&self, z: View<f32>, rows: usize, block: usize) -> Result<Vec<Vec<f32>>> {
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
         let logits = self.logits.view().prefix(rows * v);
         self.gpu.matmul(Operand::normal(z.prefix(rows * c)), Operand::transposed(self.wte), logits, rows, c, v, false)?;
@@ -573,7 +585,7 @@ impl GpuHead<'_> {
         let staged = &mut staging[..rows * v];
         self.gpu.download_into(logits, staged)?;
         self.profile.mark(self.gpu, "head: download")?;
-        Ok(staged.to_vec())
+        Ok(staged.chunks(block).map(<[f32]>::to_vec).collect())
     }
 }
 

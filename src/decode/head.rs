@@ -10,17 +10,13 @@ use crate::tensor::{Float, Tensor};
 /// horizon s), `P[α,s](v) = softmax(wte · W[α,s] h)` for every α, laid out (r, V), one vector
 /// per request. The CPU computes it in [`Head`]; `decode::cuda` on the GPU, all requests in one
 /// round trip.
-pub trait HeadProducts<T: Clone> {
+pub trait HeadProducts<T> {
     /// For each request (h (C), horizon s): `P[α,s]` for every α, laid out (r, V).
     fn probabilities(&self, requests: &[(&[T], usize)]) -> Result<Vec<Vec<T>>>;
 
     /// `P[α,s]` of the one component α, for each horizon s of `horizons` at h (C): V each, the
-    /// top-component draft's. By default every component's, keeping α's; a device that can
-    /// computes α's rows alone.
-    fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>, vocab: usize) -> Result<Vec<Vec<T>>> {
-        let requests: Vec<(&[T], usize)> = horizons.map(|s| (hidden, s)).collect();
-        Ok(self.probabilities(&requests)?.into_iter().map(|block| block[alpha * vocab..][..vocab].to_vec()).collect())
-    }
+    /// top-component draft's, from α's rows alone.
+    fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>, vocab: usize) -> Result<Vec<Vec<T>>>;
 }
 
 /// The head's distributions at one hidden state h.
