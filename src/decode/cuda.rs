@@ -159,7 +159,7 @@ impl<'a> GpuDecoder<'a> {
         Head::with_device(&self.config, params, &self.head).states(hidden, horizons)
     }
 
-    /// One component's distributions P[α,s] for the horizons `horizons` at hidden state h (C),
+    /// One component's distributions `P[α,s]` for the horizons `horizons` at hidden state h (C),
     /// products on the GPU: the top-component draft's.
     pub fn component_probabilities(
         &self,

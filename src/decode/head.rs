@@ -112,7 +112,7 @@ impl<'a, T: Float> Head<'a, T> {
         Ok(())
     }
 
-    /// P[α,s] of one component α for the horizons `horizons` at hidden state h (C): V each, the
+    /// `P[α,s]` of one component α for the horizons `horizons` at hidden state h (C): V each, the
     /// top-component draft's distributions: n − 1 rows of the unembedding, not r·(n − 1).
     pub fn component_probabilities(&self, hidden: &[T], alpha: usize, horizons: std::ops::Range<usize>) -> Result<Vec<Vec<T>>> {
         let v = self.config.vocab_size;
