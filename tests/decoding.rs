@@ -14,20 +14,9 @@ fn config(n: usize, r: usize, vocab: usize, positions: usize) -> ModelConfig {
     ModelConfig { vocab_size: vocab, n_positions: positions, n_embd: 32, n_layer: 2, n_head: 4, horizon: n, rank: r }
 }
 
-fn run(
-    config: &ModelConfig,
-    params: &ModelParams<Tensor<f32>>,
-    prompt: &[u32],
-    new: usize,
-    sampling: &SamplingConfig,
-    seed: u64,
-    speculative: bool,
-) -> Generation {
-    run_drafting(config, params, prompt, new, sampling, seed, speculative, Draft::Mixture)
-}
-
+/// Decodes `new` tokens after `prompt`, autoregressively or speculatively with `draft`.
 #[allow(clippy::too_many_arguments)]
-fn run_drafting(
+fn run(
     config: &ModelConfig,
     params: &ModelParams<Tensor<f32>>,
     prompt: &[u32],
@@ -67,10 +56,10 @@ fn greedy_speculative_output_equals_greedy_autoregressive_output() {
         let (config, params) = trained_model(n, r);
         for prompt_length in [1, 2, 5, 17] {
             let prompt: Vec<u32> = (0..prompt_length).map(|_| rng.below(24) as u32).collect();
-            let ar = run(&config, &params, &prompt, 40, &greedy, 0, false);
+            let ar = run(&config, &params, &prompt, 40, &greedy, 0, false, Draft::Mixture);
             assert_eq!(ar.forward_passes, 40);
             for draft in [Draft::Mixture, Draft::TopComponent] {
-                let spec = run_drafting(&config, &params, &prompt, 40, &greedy, 0, true, draft);
+                let spec = run(&config, &params, &prompt, 40, &greedy, 0, true, draft);
                 assert_eq!(ar.tokens, spec.tokens, "n={n} r={r} {draft:?} prompt {prompt:?}");
                 assert!(spec.forward_passes <= 40 && spec.mean_accepted() <= n as f64);
                 accepted_somewhere |= spec.accepted.iter().sum::<usize>() > 0;
@@ -95,8 +84,8 @@ fn decoders_agree_with_the_reference_across_the_end_of_the_context() {
         for prompt_length in [3, 14, 16, 30] {
             let prompt: Vec<u32> = (0..prompt_length).map(|i| (i * 3 % 20) as u32).collect();
             let reference = generate_reference(&config, &params, &prompt, 60, &greedy, 0).unwrap();
-            let ar = run(&config, &params, &prompt, 60, &greedy, 0, false);
-            let spec = run(&config, &params, &prompt, 60, &greedy, 0, true);
+            let ar = run(&config, &params, &prompt, 60, &greedy, 0, false, Draft::Mixture);
+            let spec = run(&config, &params, &prompt, 60, &greedy, 0, true, Draft::Mixture);
             assert_eq!(reference.tokens, ar.tokens, "cached autoregressive decoding, prompt of {prompt_length}");
             assert_eq!(reference.tokens, spec.tokens, "speculative decoding, prompt of {prompt_length}");
         }
@@ -167,7 +156,7 @@ fn sample_pairs(
     let mut counts = vec![0; v * v];
     for seed in 0..runs as u64 {
         let generation = match rule {
-            None => run(config, params, prompt, 3, &sampling, seed, false),
+            None => run(config, params, prompt, 3, &sampling, seed, false, draft),
             Some(rule) => {
                 let request =
                     DecodeRequest { prompt, max_new_tokens: 3, sampling: &sampling, seed, progress: &mut |_| {}, stop_at: None, draft };
@@ -235,7 +224,7 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
                 draft,
             };
             let device = decode_loop(&config, &mut backbone, &device_head, request, speculative, AcceptanceRule::Exact).unwrap();
-            let cpu = run_drafting(&config, &params, &prompt, 40, &sampling, 9, speculative, draft);
+            let cpu = run(&config, &params, &prompt, 40, &sampling, 9, speculative, draft);
             assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative} {draft:?}", sampling.greedy);
         }
     }

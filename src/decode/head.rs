@@ -125,51 +125,31 @@ impl<'a, T: Float> Head<'a, T> {
         debug_assert!(!self.expand_by_horizon.is_empty() || rows == 0, "draft horizons without expanders");
         // z rows W[α,s] h for each horizon
         let mut z = vec![T::zero(); rows * c];
-        let mut logits = vec![T::zero(); rows * v];
         let z_each: Vec<SharedRows<T>> = z.chunks_mut(c).map(|row| SharedRows::new(row, c)).collect();
-        let (z_rows, logits_rows) = (SharedRows::new(&mut z, c), SharedRows::new(&mut logits, v));
-        let (wte, expanders) = (self.params.wte.data(), &self.expand_by_horizon);
-        let pass = |team: &Team| {
-            // SAFETY: each thread writes its own columns of each z row and of the logits, then
-            // its own rows of the logits, with a barrier before anything written is read.
-            unsafe {
-                for (out, s) in z_each.iter().zip(horizons.clone()) {
-                    team.product_into_columns(hidden, &expanders[(s * r + alpha) * c * c..][..c * c], 1, c, out);
-                }
-                team.sync();
-                team.product_into_columns(z_rows.read(), wte, rows, c, &logits_rows);
-                team.sync();
-                for row in team.share(rows, 1) {
-                    T::softmax_row(logits_rows.row_mut(row));
-                }
+        let expanders = &self.expand_by_horizon;
+        let fill_z = |team: &Team| {
+            for (out, s) in z_each.iter().zip(horizons.clone()) {
+                // SAFETY: each thread writes its own columns of each z row
+                unsafe { team.product_into_columns(hidden, &expanders[(s * r + alpha) * c * c..][..c * c], 1, c, out) };
             }
         };
-        together(pass);
-        Ok(logits.chunks(v).map(<[T]>::to_vec).collect())
+        Ok(self.distributions_after(&mut z, fill_z, v))
     }
 
-    /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
-    /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
-    /// the same horizon or with consecutive horizons of one state, then one unembedding
-    /// product for all and a softmax per row. The threads work as a team (`decode::team`): each
-    /// its columns of every product, then its rows of the softmax.
-    fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<Vec<T>> {
-        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
-        let block = r * c;
-        let mut z = vec![T::zero(); requests.len() * block];
-        let runs = self.expander_runs(requests, &mut z);
-        let rows = requests.len() * r;
+    /// softmax(z · wteᵀ) for the rows of z (·, C), once `fill_z` has written z, each thread of
+    /// the team (`decode::team`) its own columns; on the host in blocks of `block`. The team
+    /// then takes its columns of the unembedding product, then its rows of the softmax.
+    fn distributions_after(&self, z: &mut [T], fill_z: impl Fn(&Team) + Sync, block: usize) -> Vec<Vec<T>> {
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        let rows = z.len() / c;
         let mut logits = vec![T::zero(); rows * v];
-        let (z_rows, logits_rows) = (SharedRows::new(&mut z, c), SharedRows::new(&mut logits, v));
-        let (wte, expanders) = (self.params.wte.data(), &self.expand_by_horizon);
+        let (z_rows, logits_rows) = (SharedRows::new(z, c), SharedRows::new(&mut logits, v));
+        let wte = self.params.wte.data();
         let pass = |team: &Team| {
-            // SAFETY: each thread writes its own columns of each run's z block and of the logits,
-            // then its own rows of the logits, with a barrier before anything written is read.
+            fill_z(team);
+            // SAFETY: each thread writes its own columns of the logits, then its own rows of
+            // them, with a barrier before anything written is read (z's, then the logits').
             unsafe {
-                for run in &runs {
-                    let weight = &expanders[run.horizon * block * c..][..run.out.width() * c];
-                    team.product_into_columns(&run.hidden, weight, run.rows, c, &run.out);
-                }
                 team.sync();
                 team.product_into_columns(z_rows.read(), wte, rows, c, &logits_rows);
                 team.sync();
@@ -180,7 +160,27 @@ impl<'a, T: Float> Head<'a, T> {
         };
         // a request is at most r·n rows, few enough for the few-row kernel on every thread
         together(pass);
-        logits.chunks(r * v).map(<[T]>::to_vec).collect()
+        logits.chunks(block).map(<[T]>::to_vec).collect()
+    }
+
+    /// P[α,s] for (hidden row, s) requests on the CPU, (r, V) per request: z rows
+    /// z[α,s] = W[α,s] h (or h itself without expanders), one product per run of requests with
+    /// the same horizon or with consecutive horizons of one state, then one unembedding
+    /// product for all and a softmax per row.
+    fn cpu_probabilities(&self, requests: &[(&[T], usize)]) -> Vec<Vec<T>> {
+        let (c, v, r) = (self.config.n_embd, self.config.vocab_size, self.config.rank);
+        let block = r * c;
+        let mut z = vec![T::zero(); requests.len() * block];
+        let runs = self.expander_runs(requests, &mut z);
+        let expanders = &self.expand_by_horizon;
+        let fill_z = |team: &Team| {
+            for run in &runs {
+                let weight = &expanders[run.horizon * block * c..][..run.out.width() * c];
+                // SAFETY: each thread writes its own columns of each run's z block
+                unsafe { team.product_into_columns(&run.hidden, weight, run.rows, c, &run.out) };
+            }
+        };
+        self.distributions_after(&mut z, fill_z, r * v)
     }
 
     /// The expander products the requests need, one per run of requests with the same horizon
