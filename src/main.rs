@@ -447,6 +447,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             multitoken::device::check_available(device)?;
             args.sampling.config().validate()?;
             let draft = decode::Draft::parse(&args.sampling.draft)?;
+            if draft != decode::Draft::Mixture && !args.speculative {
+                anyhow::bail!("--draft {} chooses how --speculative drafts; add --speculative", args.sampling.draft);
+            }
             let mut prompts: Vec<String> = args.prompt.iter().cloned().collect();
             if let Some(file) = &args.prompts_file {
                 prompts.extend(tokenizer::read_text(file)?.lines().filter(|l| !l.trim().is_empty()).map(String::from));

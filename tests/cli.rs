@@ -197,6 +197,7 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["eval", "--checkpoint", s(&ckpt), "--text-file", text, "--precision", "fp8"]).contains("use f32, tf32 or bf16"));
     assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "best"])
         .contains("use mixture or top-component"));
+    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "top-component"]).contains("add --speculative"));
     for flag in ["--max-new-tokens", "--repeats"] {
         assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
     }
