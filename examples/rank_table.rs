@@ -10,19 +10,60 @@
 //!
 //! cargo run --release --example rank_table -- RUN_DIR STEPS MODEL SEQ BATCH CORPUS=DATA_DIR...
 //! (with RANK_TABLE_RENDER_ONLY=1 it only redraws from RUN_DIR/results.jsonl)
+//!
+//! For the study at GPU scale, through the environment:
+//! - `RANK_TABLE_DEVICE=cuda` trains and decodes on the GPU, `RANK_TABLE_PRECISION=bf16` trains
+//!   in that precision (decoding stays f32);
+//! - `RANK_TABLE_SEEDS=K` trains every cell with seeds 1337 … 1337 + K − 1 (each head-only run
+//!   on the next-token model of its own seed);
+//! - `RANK_TABLE_PROMPTS=P` decodes after P prompts of 64 validation tokens, evenly spaced
+//!   through the held-out split, and reports medians over them.
+//!
+//! Each finished cell is written to RUN_DIR/results.jsonl at once, and a cell already there is
+//! not run again: a study stopped anywhere (a device session ending) continues where it stopped
+//! when started again with the same arguments.
 
 use std::path::{Path, PathBuf};
 
 use multitoken::bench::bench_decode;
 use multitoken::data::tokenizer;
 use multitoken::decode::{Draft, SamplingConfig};
-use multitoken::device::DeviceKind;
+use multitoken::device::{DeviceKind, Precision};
 use multitoken::train::{self, checkpoint, RunOptions, TrainSettings};
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
 const RANKS: [usize; 4] = [1, 2, 4, 8];
 const HORIZON: usize = 4;
+/// Tokens of each prompt, and new tokens decoded after it.
+const PROMPT_TOKENS: usize = 64;
+const NEW_TOKENS: usize = 128;
+
+/// What the environment asks of the study (see the top of this file).
+struct Study {
+    device: DeviceKind,
+    precision: Precision,
+    seeds: u64,
+    prompts: usize,
+}
+
+impl Study {
+    fn from_env() -> anyhow::Result<Self> {
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        let device = DeviceKind::parse(&var("RANK_TABLE_DEVICE", "cpu"))?;
+        let precision = Precision::parse(&var("RANK_TABLE_PRECISION", "f32"), device)?;
+        let seeds: u64 = var("RANK_TABLE_SEEDS", "1").parse()?;
+        let prompts: usize = var("RANK_TABLE_PROMPTS", "1").parse()?;
+        anyhow::ensure!(seeds >= 1 && prompts >= 1, "RANK_TABLE_SEEDS and RANK_TABLE_PROMPTS must be at least 1");
+        Ok(Study { device, precision, seeds, prompts })
+    }
+}
+
+/// The cell a results row belongs to: corpus, training, rank, seed.
+fn cell_of(row: &Value) -> (String, String, u64, u64) {
+    let text = |key: &str| row[key].as_str().unwrap_or_default().to_string();
+    (text("corpus"), text("kind"), row["rank"].as_u64().unwrap_or(0), row["seed"].as_u64().unwrap_or(1337))
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,14 +79,17 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     std::fs::create_dir_all(&run_dir)?;
-    let mut rows = Vec::new();
-    if std::env::var("RANK_TABLE_RENDER_ONLY").is_ok_and(|v| v == "1") {
-        // redraw the table and plot from an earlier run's results
-        let text = std::fs::read_to_string(run_dir.join("results.jsonl"))?;
-        rows = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
-    }
-    let render_only = !rows.is_empty();
-    for (corpus, data) in corpora.iter().filter(|_| !render_only) {
+    let study = Study::from_env()?;
+    // the cells finished before: kept, and not run again
+    let results_path = run_dir.join("results.jsonl");
+    let mut rows: Vec<Value> = match std::fs::read_to_string(&results_path) {
+        Ok(text) => text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?,
+        Err(_) => Vec::new(),
+    };
+    let render_only = std::env::var("RANK_TABLE_RENDER_ONLY").is_ok_and(|v| v == "1");
+    anyhow::ensure!(!render_only || !rows.is_empty(), "{} holds no results to render", results_path.display());
+    let cells = corpora.iter().filter(|_| !render_only).flat_map(|corpus| (0..study.seeds).map(move |k| (corpus, 1337 + k)));
+    for ((corpus, data), seed) in cells {
         let base = TrainSettings {
             model: model.clone(),
             steps,
@@ -54,34 +98,50 @@ fn main() -> anyhow::Result<()> {
             eval_every: steps,
             save_every: 0,
             lr: 3e-3,
+            seed,
+            precision: study.precision,
             ..TrainSettings::default()
         };
-        let ntp_dir = run_dir.join(format!("{corpus}-ntp"));
+        // the first seed keeps the directory names of single-seed tables
+        let tag = if seed == 1337 { String::new() } else { format!("-seed{seed}") };
+        let ntp_dir = run_dir.join(format!("{corpus}-ntp{tag}"));
         let mut variants = vec![("next-token".to_string(), 1, ntp_dir.clone(), TrainSettings { horizon: 1, rank: 1, ..base.clone() })];
         for r in RANKS {
             variants.push((
                 "scratch".into(),
                 r,
-                run_dir.join(format!("{corpus}-n4-r{r}")),
+                run_dir.join(format!("{corpus}-n4-r{r}{tag}")),
                 TrainSettings { horizon: HORIZON, rank: r, ..base.clone() },
             ));
         }
         for r in RANKS {
             let settings =
                 TrainSettings { horizon: HORIZON, rank: r, init_from: Some(ntp_dir.clone()), freeze_backbone: true, ..base.clone() };
-            variants.push(("head-only".into(), r, run_dir.join(format!("{corpus}-ft-r{r}")), settings));
+            variants.push(("head-only".into(), r, run_dir.join(format!("{corpus}-ft-r{r}{tag}")), settings));
         }
         for (kind, rank, out, settings) in variants {
-            eprintln!("== {corpus}: {kind} n={} r={rank}", settings.horizon);
-            let _ = std::fs::remove_dir_all(&out);
-            let summary = train::train(data, &out, settings.clone(), &RunOptions { show_progress: true, ..Default::default() })?;
-            let row = decode_row(corpus, &kind, &out, data, &summary)?;
+            let cell = (corpus.clone(), kind.clone(), rank as u64, seed);
+            // a finished cell is skipped; the next-token model is kept for the head-only runs
+            if rows.iter().any(|row| cell_of(row) == cell) && (kind != "next-token" || checkpoint::exists(&out)) {
+                continue;
+            }
+            eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed}", settings.horizon);
+            // a cell stopped midway starts again, its best weights too
+            for dir in std::iter::once(out.clone()).chain(checkpoint::best_path(&out)) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let options = RunOptions { show_progress: true, device: study.device, ..Default::default() };
+            let summary = train::train(data, &out, settings.clone(), &options)?;
+            let row = decode_row(corpus, &kind, seed, &out, data, &summary, &study)?;
             eprintln!("{row}");
+            rows.retain(|other| cell_of(other) != cell);
             rows.push(row);
+            // every finished cell is on disk at once, the file replaced whole (a redone cell
+            // replaces its row)
+            let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            multitoken::data::write_atomically(&results_path, text.as_bytes())?;
         }
     }
-    let results: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(run_dir.join("results.jsonl"), results)?;
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     std::fs::write(docs.join("rank-table.svg"), plot(&rows))?;
     let table = markdown(&rows, steps, &model, seq, batch);
@@ -90,42 +150,85 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decoding measurements of one trained checkpoint, on a prompt from the validation split.
-fn decode_row(corpus: &str, kind: &str, dir: &Path, data: &Path, summary: &train::TrainSummary) -> anyhow::Result<Value> {
+/// The median of `values` (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The element-wise median of equal-length lists.
+fn median_lists(lists: &[Vec<f64>]) -> Vec<f64> {
+    let len = lists.first().map_or(0, Vec::len);
+    (0..len).map(|i| median(lists.iter().map(|l| l[i]).collect())).collect()
+}
+
+/// Decoding measurements of one trained checkpoint, after `study.prompts` prompts from the
+/// validation split (medians over them), with its training's loss, time and gate statistics.
+#[allow(clippy::too_many_arguments)]
+fn decode_row(
+    corpus: &str,
+    kind: &str,
+    seed: u64,
+    dir: &Path,
+    data: &Path,
+    summary: &train::TrainSummary,
+    study: &Study,
+) -> anyhow::Result<Value> {
     let ckpt = checkpoint::load(dir)?;
     let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), dir)?;
     let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
-    let prompt = &val[..64.min(val.len())];
-    let _ = tokenizer::decode(&tok, prompt)?;
-    let greedy = bench_decode(&ckpt.config, &ckpt.params, prompt, 128, &SamplingConfig::greedy(), 0, 1, DeviceKind::Cpu, Draft::Mixture)?;
-    let sampled = bench_decode(
-        &ckpt.config,
-        &ckpt.params,
-        prompt,
-        128,
-        &SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 },
-        0,
-        1,
-        DeviceKind::Cpu,
-        Draft::Mixture,
-    )?;
+    let room = val.len().saturating_sub(PROMPT_TOKENS).max(1);
+    let prompts: Vec<&[u32]> =
+        (0..study.prompts).map(|i| i * room / study.prompts).map(|start| &val[start..(start + PROMPT_TOKENS).min(val.len())]).collect();
+    let sampled_config = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let (mut greedy, mut sampled) = (Vec::new(), Vec::new());
+    for prompt in &prompts {
+        let _ = tokenizer::decode(&tok, prompt)?;
+        let run = |sampling: &SamplingConfig| {
+            bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, sampling, 0, 1, study.device, Draft::Mixture)
+        };
+        greedy.push(run(&SamplingConfig::greedy())?);
+        sampled.push(run(&sampled_config)?);
+    }
+    let of = |runs: &[multitoken::bench::BenchDecodeResult], key: fn(&multitoken::bench::BenchDecodeResult) -> f64| {
+        median(runs.iter().map(key).collect())
+    };
+    let acceptance =
+        |runs: &[multitoken::bench::BenchDecodeResult]| median_lists(&runs.iter().map(|r| r.acceptance_rates.clone()).collect::<Vec<_>>());
+    // the gate's entropy and the experts' share at the last validation
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+    let last_validation: Value = metrics
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|row| row.get("val_joint_loss").is_some())
+        .unwrap_or(Value::Null);
     Ok(json!({
         "corpus": corpus,
         "kind": kind,
+        "seed": seed,
         "horizon": ckpt.config.horizon,
         "rank": ckpt.config.rank,
         "val_joint_loss": summary.val_joint_loss,
         "val_ntp_loss": summary.val_ntp_loss,
-        "greedy_mean_accepted": greedy.mean_accepted,
-        "greedy_acceptance": greedy.acceptance_rates,
-        "greedy_speedup": greedy.speedup,
-        "greedy_identical": greedy.identical_output,
-        "sampled_mean_accepted": sampled.mean_accepted,
-        "sampled_acceptance": sampled.acceptance_rates,
-        "sampled_speedup": sampled.speedup,
-        "ar_tokens_per_s": greedy.ar_tokens_per_s,
-        "spec_tokens_per_s": greedy.spec_tokens_per_s,
-        "step_cost_ratio": greedy.step_cost_ratio,
+        "val_head_losses": summary.val_head_losses,
+        "train_seconds": summary.elapsed_s,
+        "train_tokens_per_s": summary.tokens_per_s,
+        "gate_entropy": last_validation.get("gate_entropy"),
+        "expert_fraction": last_validation.get("expert_fraction"),
+        "prompts": prompts.len(),
+        "greedy_mean_accepted": of(&greedy, |r| r.mean_accepted),
+        "greedy_acceptance": acceptance(&greedy),
+        "greedy_speedup": of(&greedy, |r| r.speedup),
+        "greedy_identical": greedy.iter().all(|r| r.identical_output != Some(false)),
+        "sampled_mean_accepted": of(&sampled, |r| r.mean_accepted),
+        "sampled_acceptance": acceptance(&sampled),
+        "sampled_speedup": of(&sampled, |r| r.speedup),
+        "ar_tokens_per_s": of(&greedy, |r| r.ar_tokens_per_s),
+        "spec_tokens_per_s": of(&greedy, |r| r.spec_tokens_per_s),
+        "step_cost_ratio": of(&greedy, |r| r.step_cost_ratio),
+        "device": study.device,
+        "precision": study.precision,
     }))
 }
 
@@ -134,18 +237,20 @@ fn fmt_list(v: &Value) -> String {
 }
 
 fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -> String {
+    let prompts = rows.iter().filter_map(|r| r["prompts"].as_u64()).max().unwrap_or(1);
     let mut out = format!(
-        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}; decoding 128 new tokens after the first 64 validation tokens.\n\n",
+        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}; decoding {NEW_TOKENS} new tokens after {prompts} prompt(s) of {PROMPT_TOKENS} validation tokens (medians over them).\n\n",
         steps as usize * batch * seq
     );
-    out += "| corpus | training | r | val joint | val next-token | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "| corpus | training | r | seed | val joint | val next-token | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass | training s |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in rows {
         out += &format!(
-            "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.2}× | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.2}× | {:.2} | {:.0} |\n",
             r["corpus"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             r["rank"],
+            r["seed"].as_u64().unwrap_or(1337),
             r["val_joint_loss"].as_f64().unwrap_or(f64::NAN),
             r["val_ntp_loss"].as_f64().unwrap_or(f64::NAN),
             r["greedy_mean_accepted"].as_f64().unwrap_or(f64::NAN),
@@ -153,6 +258,7 @@ fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -
             r["sampled_mean_accepted"].as_f64().unwrap_or(f64::NAN),
             r["greedy_speedup"].as_f64().unwrap_or(f64::NAN),
             r["step_cost_ratio"].as_f64().unwrap_or(f64::NAN),
+            r["train_seconds"].as_f64().unwrap_or(f64::NAN),
         );
     }
     out
