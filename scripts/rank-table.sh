@@ -4,12 +4,13 @@
 # 20 minutes on 2 cores; more steps give better models and higher acceptance.
 # Usage: scripts/rank-table.sh [STEPS=600] [MODEL=tiny] [VOCAB=1024]
 # At GPU scale: RANK_TABLE_DEVICE=cuda RANK_TABLE_PRECISION=bf16 RANK_TABLE_SEEDS=2
-# RANK_TABLE_PROMPTS=20 scripts/rank-table.sh STEPS small 8192 (examples/rank_table.rs); a
-# stopped study continues where it stopped when run again with the same arguments.
+# RANK_TABLE_PROMPTS=20 RANK_TABLE_SEQ=512 RANK_TABLE_BATCH=32 scripts/rank-table.sh STEPS small 8192
+# (examples/rank_table.rs); a stopped study continues where it stopped when run again with the
+# same arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-600}"; model="${2:-tiny}"; vocab="${3:-1024}"
-seq=128; batch=16
+seq="${RANK_TABLE_SEQ:-128}"; batch="${RANK_TABLE_BATCH:-16}"
 run=runs/rank-table
 scripts/fetch-data.sh data/corpora moby-dick python-stdlib
 cargo build --release --quiet --example rank_table
