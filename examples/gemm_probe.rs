@@ -48,25 +48,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     gpu.precision = ProductPrecision::F32;
-    if !only_decoding {
-        // what bf16 adds to a product: rounding an input of B·T·C = 8192 × 768 elements
-        let x = gpu.upload(&vec![0.5f32; 8192 * 768])?;
-        let copy = gpu.alloc::<u16>(x.len())?;
-        let repeats = 50;
-        gpu.round_to_bf16(x.view(), copy.view())?;
-        gpu.synchronize()?;
-        let start = std::time::Instant::now();
-        for _ in 0..repeats {
-            gpu.round_to_bf16(x.view(), copy.view())?;
-        }
-        gpu.synchronize()?;
-        let seconds = start.elapsed().as_secs_f64() / repeats as f64;
-        println!(
-            "round_to_bf16 of 8192×768: {:.1} µs, {:.0} GB/s (6 bytes an element)",
-            seconds * 1e6,
-            6.0 * x.len() as f64 / seconds / 1e9
-        );
-    }
     // decoding: `base`'s four linear layers on 1 and 4 rows, and a kernel on 256 elements
     let mut rng = multitoken::tensor::Rng::new(2);
     let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform() as f32 - 0.5).collect() };
@@ -82,6 +63,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gpu.synchronize()?;
         Ok((issued * 1e6 / repeats as f64, start.elapsed().as_secs_f64() * 1e6 / repeats as f64))
     };
+    if !only_decoding {
+        // what bf16 adds to a product: rounding an input of B·T·C = 8192 × 768 elements
+        let x = gpu.upload(&vec![0.5f32; 8192 * 768])?;
+        let copy = gpu.alloc::<u16>(x.len())?;
+        let (_, micros) = time(&gpu, &|| gpu.round_to_bf16(x.view(), copy.view()))?;
+        println!("round_to_bf16 of 8192×768: {micros:.1} µs, {:.0} GB/s (6 bytes an element)", 6.0 * x.len() as f64 / micros / 1e3);
+    }
     for ((registers, spilled, blocks), rows) in gpu.few_row_linear_resources()?.into_iter().zip([4, 8]) {
         println!("decoding: linear_few_rows for {rows} rows: {registers} registers, {spilled} bytes spilled, {blocks} blocks per SM");
     }

@@ -390,17 +390,21 @@ fn top_component<T: Float>(state: &HeadState<T>, pending: u32) -> usize {
 /// A draft from each distribution in turn, each on its own (one component's horizons are
 /// independent of each other); returns the drafts and, when sampling, what each was drawn from.
 fn draft_independently<T: Float>(probs: &[Vec<T>], sampling: &SamplingConfig, rng: &mut Rng) -> (Vec<u32>, Vec<Vec<f64>>) {
-    let (mut drafts, mut used) = (Vec::with_capacity(probs.len()), Vec::new());
-    for q in probs {
-        if sampling.greedy {
-            drafts.push(sampling::argmax(q));
-        } else {
-            let distribution = sampling::distribution_from_probs(q, sampling);
-            drafts.push(sampling::draw(&distribution, rng));
-            used.push(distribution);
-        }
-    }
+    let mut used = Vec::new();
+    let drafts = probs.iter().map(|q| propose(q, sampling, rng, &mut used)).collect();
     (drafts, used)
+}
+
+/// One draft from the draft distribution q: its argmax when greedy, else a draw from q after
+/// temperature, top-k and top-p, that distribution kept in `used` for the acceptance test.
+fn propose<T: Float>(q: &[T], sampling: &SamplingConfig, rng: &mut Rng, used: &mut Vec<Vec<f64>>) -> u32 {
+    if sampling.greedy {
+        return sampling::argmax(q);
+    }
+    let distribution = sampling::distribution_from_probs(q, sampling);
+    let d = sampling::draw(&distribution, rng);
+    used.push(distribution);
+    d
 }
 
 /// Drafts `count` tokens after the pending token c from the head at S (docs/decoding.md, step 1;
@@ -430,14 +434,7 @@ fn draft<T: Float>(
         for (alpha, &weight) in posterior.iter().enumerate() {
             T::axpy(T::of(weight), state.prob(alpha, s), &mut q);
         }
-        let d = if sampling.greedy {
-            sampling::argmax(&q)
-        } else {
-            let distribution = sampling::distribution_from_probs(&q, sampling);
-            let d = sampling::draw(&distribution, rng);
-            used.push(distribution);
-            d
-        };
+        let d = propose(&q, sampling, rng, &mut used);
         for (alpha, weight) in posterior.iter_mut().enumerate() {
             *weight *= state.prob(alpha, s)[d as usize].as_f64();
         }
