@@ -426,12 +426,13 @@ fn the_output_directory_is_checked_and_locked_before_the_first_step() {
     assert!(run_error(&train_args(&ws, &link, "2", &[])).contains("symbolic link"));
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 
-    // a second run on the same --out is refused while the first holds it
+    // a second run on the same --out is refused while the first holds it, and said so even once
+    // the first has written files there (which would otherwise read as "not empty")
     let busy = ws.root.join("busy");
     let mut first =
         binary().args(train_args(&ws, &busy, "100000", &["--save-every", "0"])).stderr(std::process::Stdio::null()).spawn().unwrap();
-    for _ in 0..1000 {
-        if busy.is_dir() {
+    for _ in 0..3000 {
+        if std::fs::read_dir(&busy).is_ok_and(|mut d| d.next().is_some()) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));

@@ -314,6 +314,7 @@ pub fn check_output(dir: &Path) -> Result<()> {
             return Err(Error::bad_file(dir, format!("is the current directory or holds it; {not_its_own}")));
         }
     }
+    check_not_in_use(dir)?;
     let best = best_path(dir).expect("dir has a file name");
     for (path, what) in [(dir, "--out"), (best.as_path(), "the best weights' directory")] {
         let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
@@ -329,6 +330,19 @@ pub fn check_output(dir: &Path) -> Result<()> {
         return Err(Error::bad_file(path, format!("{problem} ({what}; or choose another --out)")));
     }
     Ok(())
+}
+
+const IN_USE: &str = "another run is writing to it; wait for that run to end, or choose another --out";
+
+/// Refuses `dir` while another run holds its lock, creating nothing: that run's files would
+/// otherwise make the directory look merely "not empty", which hides what is going on.
+fn check_not_in_use(dir: &Path) -> Result<()> {
+    let Some(lock_path) = sibling(dir, "lock") else { return Ok(()) };
+    let Ok(file) = std::fs::File::open(&lock_path) else { return Ok(()) };
+    match file.try_lock_shared() {
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::bad_file(dir, IN_USE)),
+        _ => Ok(()),
+    }
 }
 
 /// One run's exclusive hold on its output directory: a lock on the hidden file `.NAME.lock`
@@ -353,7 +367,7 @@ pub fn lock_output(dir: &Path) -> Result<OutputLock> {
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::bad_file(dir, "another run is writing to it; wait for that run to end, or choose another --out"));
+            return Err(Error::bad_file(dir, IN_USE));
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(cannot_write(e)),
     }
