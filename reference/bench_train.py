@@ -6,10 +6,15 @@ AdamW kernel and `--compile` torch.compile: the twin as its users run it.
 
 python reference/bench_train.py --model small --vocab-size 4096 --horizon 1 --rank 1 --batch 8 --seq 256 --threads 2
 python reference/bench_train.py --model base --vocab-size 8192 --horizon 4 --rank 4 --batch 16 --seq 512 --device cuda --bf16 --fused-adamw --compile
+
+Under torchrun it is the DistributedDataParallel twin of `bench train --gpus N`, --batch the
+global batch (each rank takes batch / N rows):
+torchrun --standalone --nproc-per-node 2 reference/bench_train.py --model base --vocab-size 8192 --batch 32 --seq 512 --device cuda --bf16 --fused-adamw
 """
 import contextlib
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -44,23 +49,38 @@ def main():
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
+    # under torchrun (WORLD_SIZE > 1): DistributedDataParallel, --batch the global batch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
     device = torch.device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if args.device != "cuda" or args.batch % world:
+            sys.exit(f"DDP needs --device cuda and a --batch that {world} ranks share evenly")
+        dist.init_process_group("nccl")
+        rank, local = dist.get_rank(), int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    torch.manual_seed(0)
     cfg = Config.preset(args.model, args.vocab_size, args.horizon, args.rank)
     model = Model(cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=args.fused_adamw or None)
-    losses = torch.compile(model.losses) if args.compile else model.losses
+    objective_of = Objective(model)
+    if world > 1:
+        objective_of = torch.nn.parallel.DistributedDataParallel(objective_of, device_ids=[device.index])
+    objective_of = torch.compile(objective_of) if args.compile else objective_of
     n = cfg.horizon
 
     def step():
-        rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + n), device=device)
+        rows = torch.randint(0, cfg.vocab_size, (args.batch // world, args.seq + n), device=device)
         idx = rows[:, : args.seq]
         targets = torch.stack([rows[:, 1 + s : 1 + s + args.seq] for s in range(n)], dim=-1)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         with autocast:
-            objective, *_ = losses(idx, targets)
+            objective = objective_of(idx, targets)
         opt.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -88,6 +108,7 @@ def main():
         "bf16": args.bf16,
         "fused_adamw": args.fused_adamw,
         "compile": args.compile,
+        "gpus": world,
         "step_ms_all": times,
     }
     if device.type == "cuda":
@@ -95,7 +116,21 @@ def main():
         # what `multitoken bench train` reports as peak_gpu_bytes (its pool's peak)
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    print(json.dumps(out))
+    if rank == 0:
+        print(json.dumps(out))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+class Objective(torch.nn.Module):
+    """The training objective as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return self.model.losses(idx, targets)[0]
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ use serde::Serialize;
 
 use crate::data::Batch;
 use crate::device::{DeviceKind, Precision};
+use crate::distributed::{DataParallel, Replica};
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{gpt2, ModelConfig};
 use crate::tensor::{Rng, Tensor};
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::{params_to_device, train_step, StepConfig};
+use crate::train::{accumulate_gradients, apply_gradients, params_to_device, train_step, StepConfig};
 
 /// Untimed steps before the timed ones of `bench train`.
 pub const WARMUP_STEPS: usize = 3;
@@ -67,6 +68,19 @@ pub struct BenchTrainResult {
     /// CUDA: the device's name
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
+    /// the GPUs the batch was shared out over, data parallel (1: one device)
+    pub gpus: usize,
+    /// several GPUs: the median device time of a step's gradient all-reduce, in milliseconds;
+    /// it runs after the backward pass, so none of it is hidden
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_reduce_ms: Option<f64>,
+}
+
+/// The middle value (the upper one of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 /// The process's peak resident set size in bytes (Linux), or 0 where unknown.
@@ -97,8 +111,34 @@ pub fn model_flops_per_token(config: &ModelConfig, seq: usize) -> f64 {
     3.0 * (24.0 * l * c * c + expanders + 2.0 * components * c * v) + 12.0 * l * seq as f64 * c
 }
 
+/// The model `bench train` times, once its flags are checked.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_config(
+    model: &str,
+    vocab_size: usize,
+    horizon: usize,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    device: DeviceKind,
+) -> Result<ModelConfig> {
+    let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
+    if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
+        return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
+    }
+    let most = crate::train::MAX_TOKENS_PER_STEP;
+    if batch.saturating_mul(seq) > most {
+        return invalid!("--batch {batch} × --seq {seq} is more than {most} tokens per step");
+    }
+    crate::device::check_available(device)?;
+    crate::train::check_memory(&config, device)?;
+    Ok(config)
+}
+
 /// Full training steps on random tokens; with `MULTITOKEN_PROFILE=1` the tape's table of time
-/// per op comes back too.
+/// per op comes back too. With `replica`, this process is one rank of a data-parallel run:
+/// `batch` is the global batch, of which it trains its share.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     model: &str,
@@ -110,18 +150,11 @@ pub fn bench_train(
     steps: usize,
     device: DeviceKind,
     precision: Precision,
+    replica: Option<&Replica>,
 ) -> Result<BenchTrainResult> {
-    let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
-    if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
-        return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
-    }
-    let most = crate::train::MAX_TOKENS_PER_STEP;
-    if batch.saturating_mul(seq) > most {
-        return invalid!("--batch {batch} × --seq {seq} is more than {most} tokens per step");
-    }
-    crate::device::check_available(device)?;
-    crate::train::check_memory(&config, device)?;
-    let on = device.open(precision)?;
+    let config = bench_config(model, vocab_size, horizon, rank, batch, seq, steps, device)?;
+    let on = device.open_on(precision, replica.map_or(0, |r| r.local_rank))?;
+    let mut replicas = replica.map(|r| DataParallel::join(r, &on)).transpose()?;
     let mut rng = Rng::new(0);
     let params = gpt2::init_params::<f32>(&config, &mut rng);
     let refs: Vec<&Tensor<f32>> = params.named().into_iter().map(|(_, t)| t).collect();
@@ -129,11 +162,15 @@ pub fn bench_train(
     let mut params = params_to_device(&config, &params, &on)?;
     let step_config = StepConfig { lr: 1e-4, grad_clip: 1.0, aux_coef: 0.01 };
     let mut times = Vec::new();
+    let mut all_reduce_times = Vec::new();
     let mut driver_allocations_before = 0;
     for step in 0..WARMUP_STEPS + steps {
         let rows: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq + horizon).map(|_| rng.below(vocab_size) as u32).collect()).collect();
         let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-        let data = Batch::from_rows(&row_refs, seq, horizon);
+        let mut data = Batch::from_rows(&row_refs, seq, horizon);
+        if let Some(replicas) = &replicas {
+            data = data.shard(replicas.rank(), replicas.world_size());
+        }
         if step == WARMUP_STEPS {
             let _ = crate::autograd::profile_report(); // forget the warm-up's times
             if let Some(gpu) = on.gpu() {
@@ -145,14 +182,25 @@ pub fn bench_train(
         // on a GPU a step returns once the gradient norm is read, with only the optimizer's
         // update still queued; the next step waits for it, so over the timed steps the times
         // add up to the device's work
-        train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true)?;
+        match &mut replicas {
+            None => {
+                train_step(&config, &mut params, &mut optimizer, &data, step_config, &|_| true)?;
+            }
+            Some(replicas) => {
+                let (objective, mut grads) =
+                    accumulate_gradients(&config, &params, std::slice::from_ref(&data), step_config.aux_coef, &|_| true)?;
+                replicas.average(&mut grads, objective, false)?;
+                apply_gradients(&mut params, &mut optimizer, &grads, 1, step_config)?;
+            }
+        }
         if step >= WARMUP_STEPS {
             times.push(tick.elapsed().as_secs_f64() * 1e3);
+            if let Some(replicas) = &replicas {
+                all_reduce_times.push(replicas.last_all_reduce_ms()?);
+            }
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let step_ms = sorted[sorted.len() / 2];
+    let step_ms = median(&times);
     let memory = on.gpu().map(|gpu| gpu.memory_stats());
     let tokens_per_s = (batch * seq) as f64 / (step_ms / 1e3);
     let flops_per_token = model_flops_per_token(&config, seq);
@@ -177,6 +225,8 @@ pub fn bench_train(
         peak_gpu_in_use_bytes: memory.map(|m| m.peak_in_use as u64),
         driver_allocations_timed: memory.map(|m| m.driver_allocations - driver_allocations_before),
         gpu: on.gpu().map(|gpu| gpu.name().to_string()),
+        gpus: replica.map_or(1, |r| r.world_size),
+        all_reduce_ms: (!all_reduce_times.is_empty()).then(|| median(&all_reduce_times)),
     })
 }
 

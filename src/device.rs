@@ -14,7 +14,7 @@ pub enum DeviceKind {
     /// The CPU (the default).
     #[default]
     Cpu,
-    /// GPU 0, through CUDA.
+    /// GPU 0 (each rank's own, in a multi-GPU run), through CUDA.
     Cuda,
 }
 
@@ -49,11 +49,16 @@ impl DeviceKind {
     /// `MULTITOKEN_FEW_ROW_LINEAR=0` sends decoding's linear layers to cuBLASLt instead of the
     /// few-row kernel.
     pub fn open(self, precision: Precision) -> Result<Device> {
+        self.open_on(precision, 0)
+    }
+
+    /// [`DeviceKind::open`] on GPU `ordinal` (a multi-GPU run's rank opens its own).
+    pub fn open_on(self, precision: Precision, ordinal: usize) -> Result<Device> {
         precision.check_device(self)?;
         match self {
             DeviceKind::Cpu => Ok(Device::Cpu),
             DeviceKind::Cuda => {
-                let mut gpu = multitoken_cuda::Gpu::new(0)?;
+                let mut gpu = multitoken_cuda::Gpu::new(ordinal)?;
                 gpu.precision = match precision {
                     Precision::F32 => ProductPrecision::F32,
                     Precision::Tf32 => ProductPrecision::Tf32,

@@ -43,6 +43,17 @@ pub enum Error {
         /// the run's output directory, where the checkpoint is
         path: PathBuf,
     },
+    /// A rank of a multi-GPU run failed, and the launcher stopped the others. With no signal,
+    /// the rank printed its own message, and this one is not printed.
+    #[error("{}", rank_failed(*rank, *signal))]
+    RankFailed {
+        /// the rank that failed first
+        rank: usize,
+        /// its exit status (the launcher exits with it)
+        code: u8,
+        /// the signal that killed it, if one did
+        signal: Option<i32>,
+    },
     /// A GPU's error: no driver, out of memory, a failed launch.
     #[error(transparent)]
     Cuda(#[from] multitoken_cuda::CudaError),
@@ -60,6 +71,15 @@ impl Error {
     /// An [`Error::BadFile`] for `path`, saying `message`.
     pub fn bad_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::BadFile { path: path.into(), message: message.into() }
+    }
+}
+
+fn rank_failed(rank: usize, signal: Option<i32>) -> String {
+    match signal {
+        Some(signal) => format!(
+            "rank {rank} was killed by signal {signal}; the other ranks were stopped, and the checkpoint in --out is the last one saved (continue with --resume)"
+        ),
+        None => format!("rank {rank} failed; the other ranks were stopped"),
     }
 }
 

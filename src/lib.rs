@@ -56,6 +56,7 @@
 //! - [`model`]: config, parameters by name, the GPT-2 backbone, the loss
 //! - [`device`]: `--device cpu|cuda`, `--precision f32|tf32|bf16`: opening the device
 //! - [`train`]: AdamW, the schedule, the training loop, checkpoints
+//! - [`distributed`]: several GPUs: the launcher, the rendezvous, the gradient all-reduce
 //! - [`decode`]: sampling and generation, on the CPU or a GPU
 //! - [`bench`](mod@bench): `multitoken bench`: timed training steps and decoding
 //! - [`experiments`]: checks against known ground truth
@@ -70,6 +71,7 @@ pub mod data;
 pub mod model;
 pub mod device;
 pub mod train;
+pub mod distributed;
 pub mod decode;
 pub mod bench;
 pub mod experiments;

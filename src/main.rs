@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use multitoken::data::{self, tokenizer};
 use multitoken::decode::{self, DecodeRequest, SamplingConfig};
 use multitoken::device::{DeviceKind, Precision};
+use multitoken::distributed::{self, Replica, Topology};
 use multitoken::error::Error;
 use multitoken::model::config::ShapeOverrides;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
@@ -169,6 +170,40 @@ struct TrainArgs {
     /// Act as if interrupted after this many steps (for testing --resume)
     #[arg(long, allow_negative_numbers = true, hide = true)]
     stop_after_steps: Option<u64>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+/// Data parallel on several GPUs (docs/distributed.md); several hosts as torchrun names them.
+#[derive(Args, Clone)]
+struct ParallelArgs {
+    /// GPUs of this host to train on, one process each, sharing --batch out (--device cuda)
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
+    gpus: usize,
+    /// Hosts in the run, each running the same command with its own --node-rank
+    #[arg(long, env = "NNODES", allow_negative_numbers = true, default_value_t = 1)]
+    nnodes: usize,
+    /// This host's place among the hosts, 0 to nnodes − 1
+    #[arg(long, env = "NODE_RANK", allow_negative_numbers = true, default_value_t = 0)]
+    node_rank: usize,
+    /// Node 0's address, where the ranks meet
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    master_addr: String,
+    /// The port where the ranks meet [default: a free one on one host, 29500 across hosts]
+    #[arg(long, env = "MASTER_PORT")]
+    master_port: Option<u16>,
+}
+
+impl ParallelArgs {
+    fn topology(&self) -> Topology {
+        Topology {
+            gpus: self.gpus,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -262,6 +297,8 @@ enum BenchCommand {
         /// f32, or tf32 or bf16 (CUDA only)
         #[arg(long, default_value = "f32")]
         precision: String,
+        #[command(flatten)]
+        parallel: ParallelArgs,
     },
     /// Autoregressive against self-speculative decoding on a checkpoint
     Decode {
@@ -399,8 +436,30 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
-            let options =
-                train::RunOptions { resume: args.resume, show_progress: true, stop_after_steps: args.stop_after_steps, device, explicit };
+            let topology = args.parallel.topology();
+            topology.check(device, settings.batch)?;
+            let replica = Replica::from_env()?;
+            let mut options = train::RunOptions {
+                resume: args.resume,
+                show_progress: true,
+                stop_after_steps: args.stop_after_steps,
+                device,
+                explicit,
+                replica: replica.clone(),
+            };
+            if replica.is_none() && topology.world_size() > 1 {
+                // the launcher: checks the run as rank 0 will, then starts the ranks, which print
+                topology.check_host()?;
+                // as this host's first rank will: on node 0 that is rank 0, which checks --out
+                let (rank, world_size) = (topology.node_rank * topology.gpus, topology.world_size());
+                options.replica = Some(Replica { rank, local_rank: 0, world_size, rendezvous: String::new() });
+                train::check_run(&args.data, &args.out, settings, &options)?;
+                distributed::launch(&topology)?;
+                return Ok((Value::Null, String::new()));
+            }
+            if replica.is_some() {
+                distributed::die_with_launcher();
+            }
             let summary = train::train(&args.data, &args.out, settings, &options)?;
             let text = format!(
                 "trained {} steps: train loss {:.4}, val joint loss {:.4}, val next-token loss {:.4}, {:.0} tokens/s → {}",
@@ -551,10 +610,33 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             );
             Ok((serde_json::to_value(result)?, text))
         }
-        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device, precision }) => {
+        Command::Bench(BenchCommand::Train { model, vocab_size, horizon, rank, batch, seq, steps, device, precision, parallel }) => {
             let device = DeviceKind::parse(device)?;
             let precision = Precision::parse(precision, device)?;
-            let result = multitoken::bench::bench_train(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device, precision)?;
+            let topology = parallel.topology();
+            topology.check(device, *batch)?;
+            let replica = Replica::from_env()?;
+            if replica.is_none() && topology.world_size() > 1 {
+                topology.check_host()?;
+                multitoken::bench::bench_config(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device)?;
+                distributed::launch(&topology)?;
+                return Ok((Value::Null, String::new()));
+            }
+            if replica.is_some() {
+                distributed::die_with_launcher();
+            }
+            let result = multitoken::bench::bench_train(
+                model,
+                *vocab_size,
+                *horizon,
+                *rank,
+                *batch,
+                *seq,
+                *steps,
+                device,
+                precision,
+                replica.as_ref(),
+            )?;
             if multitoken::autograd::profiling_enabled() {
                 eprint!("{}", multitoken::autograd::profile_report());
             }
@@ -563,8 +645,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 _ => format!("peak RSS {:.0} MiB ({} threads)", result.peak_rss_bytes as f64 / (1 << 20) as f64, result.threads),
             };
             let text = format!(
-                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq} {}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s, {memory}",
+                "bench train {model} V={vocab_size} n={horizon} r={rank} B={batch} T={seq} {}{}: {:.0} tokens/s, {:.1} ms/step, {:.2} model TFLOP/s, {memory}",
                 result.precision.name(),
+                if result.gpus > 1 { format!(" on {} GPUs", result.gpus) } else { String::new() },
                 result.tokens_per_s,
                 result.step_ms,
                 result.model_tflop_per_s
@@ -628,6 +711,8 @@ fn main() -> ExitCode {
         }
     };
     match pool.install(|| run(&cli)) {
+        // a launcher of ranks, which printed the result themselves
+        Ok((Value::Null, _)) => ExitCode::SUCCESS,
         Ok((value, text)) => {
             if cli.json {
                 println!("{value}");
@@ -637,9 +722,18 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let interrupted = matches!(e.downcast_ref::<Error>(), Some(Error::Interrupted { .. }));
+            let error = e.downcast_ref::<Error>();
+            let interrupted = matches!(error, Some(Error::Interrupted { .. }));
             let message = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {message}");
+            match (error, Replica::from_env().ok().flatten()) {
+                // a rank that failed printed why; the launcher only passes its status on
+                (Some(Error::RankFailed { code, signal: None, .. }), _) => return ExitCode::from(*code),
+                (Some(Error::RankFailed { .. }), _) => eprintln!("error: {message}"),
+                // every rank stops alike; rank 0 says so for all
+                (Some(Error::Interrupted { .. } | Error::NonFiniteLoss { .. }), Some(replica)) if replica.rank > 0 => {}
+                (_, Some(replica)) if replica.rank > 0 => eprintln!("error: rank {}: {message}", replica.rank),
+                _ => eprintln!("error: {message}"),
+            }
             ExitCode::from(if interrupted { 130 } else { 1 })
         }
     }

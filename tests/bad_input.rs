@@ -522,3 +522,32 @@ fn a_missing_cuda_library_is_named_before_anything_is_written() {
     assert!(!message.contains("internal error"));
     assert!(!out.exists());
 }
+
+#[test]
+fn several_gpus_are_asked_for_consistently() {
+    let ws = workspace("gpus");
+    let out = ws.root.join("ckpt");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--gpus", "2"], "needs --device cuda"),
+        (&["--gpus", "0", "--device", "cuda"], "--gpus and --nnodes must be at least 1"),
+        (&["--gpus", "3", "--device", "cuda"], "--batch 4 is the global batch and must divide among the 3 GPUs"),
+        (&["--gpus", "2", "--nnodes", "2", "--node-rank", "2", "--device", "cuda"], "--node-rank 2 must be below --nnodes 2"),
+        (&["--gpus", "2", "--master-port", "70000"], "--master-port"),
+        (&["--gpus", "-1"], "--gpus"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = train_args(&ws, &out, "2", &[]);
+        args.extend(extra);
+        let message = run_error(&args);
+        assert!(message.contains(expected), "{extra:?}: {message}");
+    }
+    let message = run_error(&["bench", "train", "--model", "tiny", "--gpus", "2", "--batch", "4"]);
+    assert!(message.contains("needs --device cuda"), "{message}");
+    if !multitoken_cuda_driver_present() {
+        // the launcher checks the host before it starts anything
+        let args = train_args(&ws, &out, "2", &["--gpus", "2", "--device", "cuda"]);
+        let message = run_error(&args);
+        assert!(message.contains("no CUDA driver found"), "{message}");
+    }
+    assert!(!out.exists(), "nothing written");
+}

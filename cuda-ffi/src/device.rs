@@ -53,7 +53,7 @@ pub(crate) struct Kernels {
 
 /// An open device: context, stream, cuBLAS, compiled kernels and the memory pool.
 pub struct Gpu {
-    context: Arc<CudaContext>,
+    pub(crate) context: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: Blas,
     pub(crate) kernels: Kernels,
@@ -154,6 +154,11 @@ impl Gpu {
             name,
             _stream_owner: stream_owner,
         })
+    }
+
+    /// Makes this device's context the calling thread's current one.
+    pub(crate) fn bind(&self) -> Result<()> {
+        Ok(self.context.bind_to_thread()?)
     }
 
     /// The device's name, as the driver reports it.

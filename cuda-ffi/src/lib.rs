@@ -44,11 +44,13 @@ mod head; // head.cu: the CP head's per-position work and statistics
 mod adamw; // adamw.cu: the optimizer over many tensors in one launch
 mod linear; // linear.cu: decoding's linear layers on a few rows
 mod general; // general.cu: elementwise functions and arithmetic, sums along an axis, transposes, log-softmax
+mod collective; // NCCL: all-reduce across the GPUs of a data-parallel run
 
 pub use adamw::{AdamWSegment, AdamWStep};
 pub use attention::ProductsAttention;
 pub use attention::{AttentionRoute, AttentionShape, CachePosition};
 pub use blas::{GemmRoute, Operand, ProductPrecision};
+pub use collective::{check_nccl, nccl_present, unique_id, Communicator, UNIQUE_ID_BYTES};
 pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
@@ -101,6 +103,9 @@ pub enum CudaError {
     /// NVRTC could not compile a kernel file; its log.
     #[error("compiling the CUDA kernels failed: {0}")]
     Compile(String),
+    /// An NCCL call failed, or the other ranks of a data-parallel run stopped answering.
+    #[error("{0}")]
+    Collective(String),
     /// A call that cannot be carried out as asked (views of the wrong lengths, a shape no kernel
     /// handles, a capture of nothing); the message says which.
     #[error("{0}")]
@@ -159,6 +164,14 @@ pub fn check_libraries() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The number of CUDA devices this process sees (0 where no driver is installed).
+pub fn device_count() -> usize {
+    if check_libraries().is_err() {
+        return 0;
+    }
+    cudarc::driver::CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
 }
 
 /// Whether NVRTC (the run-time compiler) can be loaded on this machine.

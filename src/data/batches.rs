@@ -55,6 +55,14 @@ impl Batch {
             })
             .collect()
     }
+
+    /// Rank `rank`'s rows when `world` ranks share the batch out: the `rank`-th of `world` equal,
+    /// contiguous parts (`world` must divide B). The mean of a per-row loss over the ranks'
+    /// means is the mean over the whole batch.
+    pub fn shard(&self, rank: usize, world: usize) -> Batch {
+        assert!(rank < world, "rank {rank} of {world}");
+        self.split_rows(world).swap_remove(rank)
+    }
 }
 
 /// A stream of token ids that batches are cut from: a slice in memory, or a token file read

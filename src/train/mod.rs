@@ -19,6 +19,7 @@ use self::checkpoint::{Checkpoint, ResumeState};
 use crate::autograd::Tape;
 use crate::data::{self, batches, tokens, Batch};
 use crate::device::{DeviceKind, Precision};
+use crate::distributed::{DataParallel, Replica};
 use crate::error::{Error, Result};
 use crate::invalid;
 use crate::model::config::ShapeOverrides;
@@ -234,18 +235,31 @@ pub fn train_step_accumulated<T: Float>(
     step: StepConfig,
     trainable: &dyn Fn(&str) -> bool,
 ) -> Result<(f64, f64)> {
+    let (objective, grad_sums) = accumulate_gradients(config, params, micro_batches, step.aux_coef, trainable)?;
+    if !objective.is_finite() {
+        return Ok((objective, f64::NAN));
+    }
+    let norm = apply_gradients(params, optimizer, &grad_sums, micro_batches.len(), step)?;
+    Ok((objective, norm))
+}
+
+/// The forward and backward passes of a step over K micro-batches: the micro-batches' mean
+/// objective, and each parameter's gradient summed over them (None where it is frozen).
+pub fn accumulate_gradients<T: Float>(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<T>>,
+    micro_batches: &[Batch],
+    aux_coef: f64,
+    trainable: &dyn Fn(&str) -> bool,
+) -> Result<(f64, Vec<Option<Tensor<T>>>)> {
     let parts = micro_batches.len() as f64;
     let mut objective = 0.0;
     let mut grad_sums: Vec<Option<Tensor<T>>> = Vec::new();
     for batch in micro_batches {
         let mut tape = Tape::new();
         let vars = gpt2::params_on_tape(&mut tape, config, params, trainable);
-        let out = model_loss(&mut tape, config, &vars, batch, step.aux_coef)?;
-        let value = tape.value(out.objective).item().as_f64();
-        if !value.is_finite() {
-            return Ok((value, f64::NAN));
-        }
-        objective += value / parts;
+        let out = model_loss(&mut tape, config, &vars, batch, aux_coef)?;
+        objective += tape.value(out.objective).item().as_f64() / parts;
         let mut grads = tape.backward(out.objective)?;
         let grad_list: Vec<Option<Tensor<T>>> = vars.named().into_iter().map(|(_, v)| grads.take(*v)).collect();
         if grad_sums.is_empty() {
@@ -258,13 +272,26 @@ pub fn train_step_accumulated<T: Float>(
             }
         }
     }
+    Ok((objective, grad_sums))
+}
+
+/// The update from gradients summed over `parts` micro-batches: the global norm of their mean
+/// (returned), clipping by it, and AdamW. Nothing changes when the norm is not finite.
+pub fn apply_gradients<T: Float>(
+    params: &mut ModelParams<Tensor<T>>,
+    optimizer: &mut AdamW<T>,
+    grad_sums: &[Option<Tensor<T>>],
+    parts: usize,
+    step: StepConfig,
+) -> Result<f64> {
+    let parts = parts as f64;
     // the mean gradient is the sum / K: its norm, and the update's scale, carry the 1/K
-    let norm = grad_norm(&grad_sums)? / parts;
+    let norm = grad_norm(grad_sums)? / parts;
     if norm.is_finite() {
         let grad_refs: Vec<Option<&Tensor<T>>> = grad_sums.iter().map(Option::as_ref).collect();
         optimizer.step(&mut params.values_mut(), &grad_refs, step.lr, clip_scale(norm, step.grad_clip) / parts)?;
     }
-    Ok((objective, norm))
+    Ok(norm)
 }
 
 /// The parameters on `device`.
@@ -284,6 +311,9 @@ pub fn params_to_device<T: Float>(
 /// A run in progress: model, optimizer, settings and the metrics logged so far.
 struct Run {
     out_dir: PathBuf,
+    /// whether this process writes the run's files: always, but for the ranks other than 0 of
+    /// a multi-GPU run
+    writes: bool,
     settings: TrainSettings,
     config: ModelConfig,
     params: ModelParams<Tensor<f32>>,
@@ -297,8 +327,10 @@ struct Run {
 impl Run {
     fn log(&mut self, row: Value) {
         let path = self.out_dir.join("metrics.jsonl");
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(file, "{row}");
+        if self.writes {
+            if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = writeln!(file, "{row}");
+            }
         }
         self.metrics.push(row);
     }
@@ -320,6 +352,9 @@ impl Run {
     /// have diverged: a checkpoint is written only if `probe` (a validation batch) still has a
     /// finite loss under its weights, so the last one on disk is always usable.
     fn save(&self, probe: &Batch) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let probe_loss = evaluate::evaluate_batches(&self.config, &self.params, std::slice::from_ref(probe))?.joint_loss;
         let params = params_to_device(&self.config, &self.params, &Device::Cpu)?;
         let finite = params.named().iter().all(|(_, t)| t.data().iter().all(|x| x.is_finite()));
@@ -345,7 +380,7 @@ impl Run {
     /// Keeps the weights in the `-best` sibling of the output directory when `val_joint_loss`
     /// is the lowest so far (the model only: for `eval`, `sample` and `--init-from`).
     fn keep_if_best(&mut self, val_joint_loss: f64) -> Result<()> {
-        if !val_joint_loss.is_finite() || self.best_val_joint_loss.is_some_and(|best| best <= val_joint_loss) {
+        if !self.writes || !val_joint_loss.is_finite() || self.best_val_joint_loss.is_some_and(|best| best <= val_joint_loss) {
             return Ok(());
         }
         let dir = checkpoint::best_path(&self.out_dir).ok_or_else(|| Error::bad_file(&self.out_dir, "not a directory path"))?;
@@ -550,6 +585,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &
         let tokenizer_json = saved.tokenizer_json.unwrap_or_else(|| data.tokenizer_json.clone());
         return Ok(Run {
             out_dir: out_dir.into(),
+            writes: options.writes(),
             settings,
             config: saved.config,
             params: saved.params,
@@ -561,13 +597,14 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &
         });
     }
     check_settings(&settings)?;
-    if checkpoint::exists(out_dir) {
+    // rank 0 of a multi-GPU run has checked the directory, and may have written to it already
+    if options.writes() && checkpoint::exists(out_dir) {
         return Err(Error::bad_file(out_dir, "already holds a checkpoint; pass --resume to continue it, or choose another --out"));
     }
-    if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if options.writes() && out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::bad_file(out_dir, "exists and is not empty; choose another --out"));
     }
-    if let Some(best) = checkpoint::best_path(out_dir).filter(|b| b.exists()) {
+    if let Some(best) = checkpoint::best_path(out_dir).filter(|b| options.writes() && b.exists()) {
         return Err(Error::bad_file(best, "exists, from an earlier run with this --out; remove it or choose another --out"));
     }
     let mut config = ModelConfig::shaped(&settings.model, &settings.shape, data.vocab_size, settings.horizon, settings.rank)?;
@@ -604,6 +641,7 @@ fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &
     let optimizer = AdamW::new(settings.adamw(), &refs);
     Ok(Run {
         out_dir: out_dir.into(),
+        writes: options.writes(),
         settings,
         config,
         params,
@@ -652,39 +690,78 @@ pub struct RunOptions {
     /// With `resume`: the setting flags given on the command line, as (flag, JSON pointer into
     /// the settings), each checked against the saved run.
     pub explicit: Vec<(&'static str, &'static str)>,
+    /// This process's place in a multi-GPU run (`train --gpus N`); None for one device.
+    pub replica: Option<Replica>,
 }
 
-/// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
-pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<TrainSummary> {
-    let (resume, show_progress) = (options.resume, options.show_progress);
+impl RunOptions {
+    /// Whether this process writes the run's files: rank 0 only, in a multi-GPU run.
+    fn writes(&self) -> bool {
+        self.replica.as_ref().is_none_or(Replica::writes)
+    }
+}
+
+/// What a run reads and checks before anything is written.
+struct Prepared {
+    data: Dataset,
+    run: Run,
+    val_batches: Vec<Batch>,
+}
+
+/// Everything `train` checks before its first write, reading only: a mistake creates nothing,
+/// not even the lock. The launcher of a multi-GPU run calls it before it starts the ranks.
+fn prepare(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<Prepared> {
     crate::device::check_available(options.device)?;
-    // everything that can be checked is checked before the first write (a mistake creates
-    // nothing, not even the lock), the flags before the corpus is read
-    if !resume {
+    // the flags before the corpus is read
+    if !options.resume {
         check_settings(&settings)?;
     }
-    checkpoint::check_output(out_dir)?;
+    if options.writes() {
+        checkpoint::check_output(out_dir)?;
+    }
     let data = Dataset::load(data_dir)?;
-    let mut run = start_run(&data, out_dir, settings, options)?;
-    let s = run.settings.clone();
+    let run = start_run(&data, out_dir, settings, options)?;
+    let s = &run.settings;
     if s.precision.check_device(options.device).is_err() {
         return invalid!("this run trains with --precision {}, which needs --device cuda", s.precision.name());
+    }
+    let world = options.replica.as_ref().map_or(1, |r| r.world_size);
+    if !s.batch.is_multiple_of(world) {
+        return invalid!("this run's batch of {} rows does not divide among {world} GPUs; choose a --gpus that divides it", s.batch);
     }
     let n = run.config.horizon;
     // the same validation rows whatever the split of B·K into micro-batches
     let val_batches = batches::validation_batches(&data.val, s.batch, s.seq, n, s.eval_batches * s.grad_accum)?;
     batches::training_batch(&data.train, 1, s.seq, n, s.seed, 0)?; // the split holds a row
-    let _lock = checkpoint::lock_output(out_dir)?;
-    if !resume && checkpoint::exists(out_dir) {
-        return Err(Error::bad_file(out_dir, "another run wrote a checkpoint here meanwhile; choose another --out"));
-    }
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    if resume {
-        let kept: String = run.metrics.iter().map(|r| format!("{r}\n")).collect();
-        data::write_atomically(&out_dir.join("metrics.jsonl"), kept.as_bytes())?;
+    Ok(Prepared { data, run, val_batches })
+}
+
+/// Checks a run as [`train`] would before its first write, and writes nothing: what the
+/// launcher of a multi-GPU run does before it starts the ranks.
+pub fn check_run(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<()> {
+    prepare(data_dir, out_dir, settings, options).map(|_| ())
+}
+
+/// Trains a model on a prepared data directory, writing checkpoints to `out_dir`.
+pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<TrainSummary> {
+    let (resume, show_progress) = (options.resume, options.show_progress && options.writes());
+    let Prepared { data, mut run, val_batches } = prepare(data_dir, out_dir, settings, options)?;
+    let s = run.settings.clone();
+    let n = run.config.horizon;
+    let _lock = if options.writes() { Some(checkpoint::lock_output(out_dir)?) } else { None };
+    if options.writes() {
+        if !resume && checkpoint::exists(out_dir) {
+            return Err(Error::bad_file(out_dir, "another run wrote a checkpoint here meanwhile; choose another --out"));
+        }
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        if resume {
+            let kept: String = run.metrics.iter().map(|r| format!("{r}\n")).collect();
+            data::write_atomically(&out_dir.join("metrics.jsonl"), kept.as_bytes())?;
+        }
     }
     // the run's parameters and optimizer state live on the device from here on
-    let device = options.device.open(s.precision)?;
+    let device = options.device.open_on(s.precision, options.replica.as_ref().map_or(0, |r| r.local_rank))?;
+    let mut replicas = options.replica.as_ref().map(|r| DataParallel::join(r, &device)).transpose()?;
     run.params = params_to_device(&run.config, &run.params, &device)?;
     run.optimizer = run.optimizer.to_device(&device)?;
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
@@ -695,8 +772,11 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let (mut step_time, mut steps_timed) = (Duration::ZERO, 0u64);
     let mut train_loss = f64::NAN;
     let mut last_val = None;
+    let mut stop_agreed = false;
     while run.step < s.steps {
-        if STOP_REQUESTED.load(Ordering::SeqCst) || options.stop_after_steps.is_some_and(|k| run.step >= k) {
+        // every rank of a multi-GPU run stops at the step they agreed on, so rank 0 saves once
+        let stop = if replicas.is_some() { stop_agreed } else { STOP_REQUESTED.load(Ordering::SeqCst) };
+        if stop || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
             run.save(&val_batches[0])?;
             return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
@@ -705,12 +785,28 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         let lr = schedule::learning_rate(step, s.steps, warmup, s.lr, s.min_lr_ratio);
         // one draw of B·K rows, cut into K micro-batches: the rows do not depend on K
         let batch = batches::training_batch(&data.train, s.batch * s.grad_accum, s.seq, n, s.seed, step)?;
-        let micro_batches = batch.split_rows(s.grad_accum);
+        let mut micro_batches = batch.split_rows(s.grad_accum);
+        if let Some(replicas) = &replicas {
+            // this rank's rows of every micro-batch: their mean over the ranks is the whole's
+            micro_batches = micro_batches.iter().map(|b| b.shard(replicas.rank(), replicas.world_size())).collect();
+        }
         let tick = Instant::now();
         let step_config = StepConfig { lr, grad_clip: s.grad_clip, aux_coef: s.aux_coef };
-        let (loss, grad_norm) =
-            train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable)
-                .inspect_err(|_| bar.abandon())?;
+        let (loss, grad_norm) = match &mut replicas {
+            None => train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable),
+            Some(replicas) => {
+                accumulate_gradients(&run.config, &run.params, &micro_batches, s.aux_coef, &trainable).and_then(|(objective, mut grads)| {
+                    let (objective, stop) = replicas.average(&mut grads, objective, STOP_REQUESTED.load(Ordering::SeqCst))?;
+                    stop_agreed = stop;
+                    if !objective.is_finite() {
+                        return Ok((objective, f64::NAN));
+                    }
+                    let norm = apply_gradients(&mut run.params, &mut run.optimizer, &grads, micro_batches.len(), step_config)?;
+                    Ok((objective, norm))
+                })
+            }
+        }
+        .inspect_err(|_| bar.abandon())?;
         step_time += tick.elapsed();
         steps_timed += 1;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -729,7 +825,9 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
         if run.step % s.eval_every.max(1) == 0 || last {
             let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?;
             let line = format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss);
-            if bar.is_hidden() {
+            if !options.writes() {
+                // every rank validates alike; rank 0 reports it
+            } else if bar.is_hidden() {
                 eprintln!("{line}");
             } else {
                 bar.println(line);

@@ -9,8 +9,10 @@ use serde_json::Value;
 
 use super::temp_dir;
 
+/// The binary under test: this build's, or `MULTITOKEN_BINARY` (a test binary carried to a
+/// GPU machine with the release binary beside it).
 pub fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_multitoken"))
+    Command::new(std::env::var_os("MULTITOKEN_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_multitoken").into()))
 }
 
 pub fn run(args: &[&str]) -> Output {
