@@ -48,7 +48,8 @@ fn nccl_error(what: &str, error: nccl::NcclError) -> CudaError {
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES]> {
     check_nccl()?;
     let id = nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-    Ok(id.internal.map(|c| c as u8))
+    // (c_char is i8 on x86-64 and u8 on aarch64: the same byte either way)
+    Ok(id.internal.map(|c| c.to_ne_bytes()[0]))
 }
 
 /// This rank's membership of an NCCL communicator, on one [`Gpu`]'s stream.
@@ -76,7 +77,7 @@ impl Communicator {
         check_nccl()?;
         crate::check(rank < world_size, || format!("rank {rank} is not below the world size {world_size}"))?;
         gpu.bind()?;
-        let id = sys::ncclUniqueId { internal: id.map(|b| b as std::ffi::c_char) };
+        let id = sys::ncclUniqueId { internal: id.map(|b| std::ffi::c_char::from_ne_bytes([b])) };
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL before it is read; the id came from `unique_id`.
         let comm = unsafe {
