@@ -16,8 +16,9 @@
 //!   in that precision (decoding stays f32);
 //! - `RANK_TABLE_SEEDS=K` trains every cell with seeds 1337 … 1337 + K − 1 (each head-only run
 //!   on the next-token model of its own seed);
-//! - `RANK_TABLE_PROMPTS=P` decodes after P prompts of 64 validation tokens, evenly spaced
-//!   through the held-out split, and reports medians over them.
+//! - `RANK_TABLE_PROMPTS=P` decodes after the first P of the committed held-out prompts of the
+//!   corpus (`examples/prompts/prose.jsonl` and `code.jsonl`, 24 each, cut from the end of the
+//!   corpus that validation holds out by `scripts/held-out-prompts.py`), and reports medians.
 //!
 //! Each finished cell is written to RUN_DIR/results.jsonl at once, and a cell already there is
 //! not run again: a study stopped anywhere (a device session ending) continues where it stopped
@@ -131,11 +132,41 @@ fn main() -> anyhow::Result<()> {
                 let _ = std::fs::remove_dir_all(dir);
             }
             let options = RunOptions { show_progress: true, device: study.device, ..Default::default() };
-            let summary = train::train(data, &out, settings.clone(), &options)?;
-            let row = decode_row(corpus, &kind, seed, &out, data, &summary, &study)?;
-            eprintln!("{row}");
-            rows.retain(|other| cell_of(other) != cell);
-            rows.push(row);
+            // the equal-wall-clock view: a rank above 1 stops first at the time its r = 1 run
+            // took, is measured there, and then resumes to the same number of tokens (a resumed
+            // run ends bit for bit as an uninterrupted one)
+            let r1_seconds = rows
+                .iter()
+                .find(|row| cell_of(row) == (corpus.clone(), kind.clone(), 1, seed))
+                .and_then(|row| row["train_seconds"].as_f64())
+                .filter(|_| rank > 1 && kind != "next-token");
+            let mut new_rows = Vec::new();
+            let summary = match r1_seconds {
+                None => train::train(data, &out, settings.clone(), &options)?,
+                Some(seconds) => {
+                    let timed = RunOptions { stop_after_seconds: Some(seconds), ..options.clone() };
+                    let at_time = match train::train(data, &out, settings.clone(), &timed) {
+                        Ok(summary) => summary, // finished within r = 1's time: the views agree
+                        Err(multitoken::error::Error::Interrupted { .. }) => measure_checkpoint(&out, data, &settings, seconds, &study)?,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let equal_time = run_dir.join(format!("{}-at-r1-time", out.file_name().unwrap_or_default().to_string_lossy()));
+                    copy_dir(&out, &equal_time)?;
+                    new_rows.push(decode_row(corpus, &format!("{kind}, r=1's time"), seed, &equal_time, data, &at_time, &study)?);
+                    if at_time.steps >= settings.steps {
+                        at_time
+                    } else {
+                        let rest = train::train(data, &out, settings.clone(), &RunOptions { resume: true, ..options.clone() })?;
+                        train::TrainSummary { elapsed_s: at_time.elapsed_s + rest.elapsed_s, ..rest }
+                    }
+                }
+            };
+            new_rows.insert(0, decode_row(corpus, &kind, seed, &out, data, &summary, &study)?);
+            for row in new_rows {
+                eprintln!("{row}");
+                rows.retain(|other| cell_of(other) != cell_of(&row));
+                rows.push(row);
+            }
             // every finished cell is on disk at once, the file replaced whole (a redone cell
             // replaces its row)
             let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
@@ -162,6 +193,76 @@ fn median_lists(lists: &[Vec<f64>]) -> Vec<f64> {
     (0..len).map(|i| median(lists.iter().map(|l| l[i]).collect())).collect()
 }
 
+/// What `train` would have reported for the checkpoint an interrupted run left in `dir`: its
+/// validation losses (on the run's validation rows), its steps, and `elapsed_s`, the time it
+/// was stopped at.
+fn measure_checkpoint(
+    dir: &Path,
+    data: &Path,
+    settings: &TrainSettings,
+    elapsed_s: f64,
+    study: &Study,
+) -> anyhow::Result<train::TrainSummary> {
+    let ckpt = checkpoint::load_for_resume(dir)?;
+    let state = ckpt.resume.as_ref().ok_or_else(|| anyhow::anyhow!("{} has no training state", dir.display()))?;
+    let dataset = train::Dataset::load(data)?;
+    let n = ckpt.config.horizon;
+    let val = multitoken::data::batches::validation_batches(&dataset.val, settings.batch, settings.seq, n, settings.eval_batches)?;
+    let device = study.device.open(Precision::F32)?;
+    let params = train::params_to_device(&ckpt.config, &ckpt.params, &device)?;
+    let losses = train::evaluate::evaluate_batches(&ckpt.config, &params, &val)?;
+    let metrics: Vec<Value> =
+        std::fs::read_to_string(dir.join("metrics.jsonl"))?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let last = |key: &str| metrics.iter().rev().find_map(|r| r[key].as_f64()).unwrap_or(f64::NAN);
+    Ok(train::TrainSummary {
+        steps: state.step,
+        train_loss: last("train_loss"),
+        val_joint_loss: losses.joint_loss,
+        val_ntp_loss: losses.ntp_loss,
+        tokens_per_s: last("tokens_per_s"),
+        val_head_losses: losses.head_losses,
+        elapsed_s,
+        checkpoint: dir.into(),
+        peak_rss_bytes: 0,
+        peak_gpu_bytes: None,
+    })
+}
+
+/// Copies a checkpoint directory (files only), replacing `to`.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The study's prompts for `corpus`: the first `count` of the committed held-out prompts in
+/// examples/prompts/CORPUS.jsonl (cut from the end of the corpus that validation holds out, by
+/// scripts/held-out-prompts.py), each at most [`PROMPT_TOKENS`] tokens; for a corpus without
+/// such a file, `count` windows evenly spaced through the validation split.
+fn prompts_for(corpus: &str, data: &Path, tok: &tokenizers::Tokenizer, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prompts").join(format!("{corpus}.jsonl"));
+    if let Ok(text) = std::fs::read_to_string(&committed) {
+        let texts: Vec<String> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        anyhow::ensure!(texts.len() >= count, "{} holds {} prompts, fewer than the {count} asked for", committed.display(), texts.len());
+        return texts[..count]
+            .iter()
+            .map(|t| {
+                let ids = tokenizer::encode(tok, t)?;
+                Ok(ids[ids.len().saturating_sub(PROMPT_TOKENS)..].to_vec())
+            })
+            .collect();
+    }
+    let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
+    let room = val.len().saturating_sub(PROMPT_TOKENS).max(1);
+    Ok((0..count).map(|i| i * room / count).map(|start| val[start..(start + PROMPT_TOKENS).min(val.len())].to_vec()).collect())
+}
+
 /// Decoding measurements of one trained checkpoint, after `study.prompts` prompts from the
 /// validation split (medians over them), with its training's loss, time and gate statistics.
 #[allow(clippy::too_many_arguments)]
@@ -176,10 +277,7 @@ fn decode_row(
 ) -> anyhow::Result<Value> {
     let ckpt = checkpoint::load(dir)?;
     let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), dir)?;
-    let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
-    let room = val.len().saturating_sub(PROMPT_TOKENS).max(1);
-    let prompts: Vec<&[u32]> =
-        (0..study.prompts).map(|i| i * room / study.prompts).map(|start| &val[start..(start + PROMPT_TOKENS).min(val.len())]).collect();
+    let prompts = prompts_for(corpus, data, &tok, study.prompts)?;
     let sampled_config = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
     let (mut greedy, mut sampled) = (Vec::new(), Vec::new());
     for prompt in &prompts {
@@ -212,6 +310,7 @@ fn decode_row(
         "val_joint_loss": summary.val_joint_loss,
         "val_ntp_loss": summary.val_ntp_loss,
         "val_head_losses": summary.val_head_losses,
+        "steps": summary.steps,
         "train_seconds": summary.elapsed_s,
         "train_tokens_per_s": summary.tokens_per_s,
         "gate_entropy": last_validation.get("gate_entropy"),
@@ -239,12 +338,13 @@ fn fmt_list(v: &Value) -> String {
 fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -> String {
     let prompts = rows.iter().filter_map(|r| r["prompts"].as_u64()).max().unwrap_or(1);
     let mut out = format!(
-        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}; decoding {NEW_TOKENS} new tokens after {prompts} prompt(s) of {PROMPT_TOKENS} validation tokens (medians over them).\n\n",
+        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}; decoding {NEW_TOKENS} new tokens after each of {prompts} held-out prompt(s) of at most {PROMPT_TOKENS} tokens (examples/prompts; medians over them).\n\n",
         steps as usize * batch * seq
     );
     out += "| corpus | training | r | seed | val joint | val next-token | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass | training s |\n";
     out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
-    for r in rows {
+    let at_r1_time = |r: &&Value| r["kind"].as_str().is_some_and(|k| k.ends_with("r=1's time"));
+    for r in rows.iter().filter(|r| !at_r1_time(r)) {
         out += &format!(
             "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.2}× | {:.2} | {:.0} |\n",
             r["corpus"].as_str().unwrap_or(""),
@@ -260,6 +360,31 @@ fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -
             r["step_cost_ratio"].as_f64().unwrap_or(f64::NAN),
             r["train_seconds"].as_f64().unwrap_or(f64::NAN),
         );
+    }
+    let timed: Vec<&Value> = rows.iter().filter(at_r1_time).collect();
+    if !timed.is_empty() {
+        out += "\nEqual wall-clock: each rank above 1 stopped at the training time of its r = 1 run (same corpus, training and seed), beside the same run at equal tokens.\n\n";
+        out += "| corpus | training | r | seed | tokens seen at r = 1's time | val next-token: equal time / equal tokens | greedy accepted/pass: equal time / equal tokens | sampled accepted/pass: equal time / equal tokens |\n";
+        out += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+        for t in timed {
+            let kind = t["kind"].as_str().unwrap_or_default().trim_end_matches(", r=1's time");
+            let same = |r: &&Value| r["corpus"] == t["corpus"] && r["kind"] == kind && r["rank"] == t["rank"] && r["seed"] == t["seed"];
+            let Some(full) = rows.iter().find(same) else { continue };
+            let pair = |key: &str, digits: usize| {
+                format!("{:.digits$} / {:.digits$}", t[key].as_f64().unwrap_or(f64::NAN), full[key].as_f64().unwrap_or(f64::NAN))
+            };
+            out += &format!(
+                "| {} | {kind} | {} | {} | {} of {} | {} | {} | {} |\n",
+                t["corpus"].as_str().unwrap_or(""),
+                t["rank"],
+                t["seed"].as_u64().unwrap_or(1337),
+                t["steps"].as_u64().unwrap_or(0) as usize * batch * seq,
+                steps as usize * batch * seq,
+                pair("val_ntp_loss", 3),
+                pair("greedy_mean_accepted", 2),
+                pair("sampled_mean_accepted", 2),
+            );
+        }
     }
     out
 }

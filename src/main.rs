@@ -443,6 +443,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 resume: args.resume,
                 show_progress: true,
                 stop_after_steps: args.stop_after_steps,
+                stop_after_seconds: None,
                 device,
                 explicit,
                 replica: replica.clone(),

@@ -1019,7 +1019,7 @@ cuda_test!(resume_on_the_gpu_ends_bit_for_bit_like_an_uninterrupted_run, |gpu| {
         stop_after_steps,
         device: DeviceKind::Cuda,
         explicit: Vec::new(),
-        replica: None,
+        ..RunOptions::default()
     };
     let (straight, resumed) = (dir.path().join("straight"), dir.path().join("resumed"));
     train(&data, &straight, settings.clone(), &options(None, false)).unwrap();

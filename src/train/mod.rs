@@ -685,6 +685,9 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// Behave as if interrupted once this many steps are done (tests of `--resume` use it).
     pub stop_after_steps: Option<u64>,
+    /// Behave as if interrupted once this many seconds of the training loop have passed: the
+    /// rank study's equal-wall-clock checkpoints.
+    pub stop_after_seconds: Option<f64>,
     /// where the run computes
     pub device: DeviceKind,
     /// With `resume`: the setting flags given on the command line, as (flag, JSON pointer into
@@ -776,7 +779,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     while run.step < s.steps {
         // every rank of a multi-GPU run stops at the step they agreed on, so rank 0 saves once
         let stop = if replicas.is_some() { stop_agreed } else { STOP_REQUESTED.load(Ordering::SeqCst) };
-        if stop || options.stop_after_steps.is_some_and(|k| run.step >= k) {
+        let out_of_time = options.stop_after_seconds.is_some_and(|limit| started.elapsed().as_secs_f64() >= limit);
+        if stop || out_of_time || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
             run.save(&val_batches[0])?;
             return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
