@@ -11,7 +11,7 @@
 //!
 //! Several hosts follow torchrun's conventions: each host runs the launcher with the same
 //! `--nnodes` and `--gpus`, its own `--node-rank`, and the address of node 0 as
-//! `--master-addr` (or `MASTER_ADDR`, `MASTER_PORT`, `NNODES`, `NODE_RANK`). docs/distributed.md
+//! `--master-addr` (or `MASTER_ADDR`, `MASTER_PORT`, `PET_NNODES`, `PET_NODE_RANK`). docs/distributed.md
 //! tells the whole story.
 
 use std::io::{Read, Write};
@@ -36,6 +36,8 @@ pub const LOCAL_RANK_VARIABLE: &str = "MULTITOKEN_LOCAL_RANK";
 pub const WORLD_SIZE_VARIABLE: &str = "MULTITOKEN_WORLD_SIZE";
 /// Rank 0's rendezvous address, `host:port`.
 pub const RENDEZVOUS_VARIABLE: &str = "MULTITOKEN_RENDEZVOUS";
+/// The launcher's process id, which a rank checks is still its parent.
+pub const LAUNCHER_VARIABLE: &str = "MULTITOKEN_LAUNCHER_PID";
 /// Seconds a rank waits for the others in a collective before it gives up (default 45).
 pub const COLLECTIVE_TIMEOUT_VARIABLE: &str = "MULTITOKEN_COLLECTIVE_TIMEOUT";
 /// Seconds the ranks wait for each other at the rendezvous (default 300).
@@ -72,8 +74,9 @@ impl Topology {
     }
 
     /// Checks the flags against each other, the device and the global batch of `batch` rows,
-    /// which every rank shares out (`batch` / world size rows each).
-    pub fn check(&self, device: DeviceKind, batch: usize) -> Result<()> {
+    /// which every rank shares out (`batch` / world size rows each); None where the batch is
+    /// not known yet (a resumed run's is saved with it, and checked when it is read).
+    pub fn check(&self, device: DeviceKind, batch: Option<usize>) -> Result<()> {
         if self.gpus == 0 || self.nnodes == 0 {
             return invalid!("--gpus and --nnodes must be at least 1");
         }
@@ -87,7 +90,7 @@ impl Topology {
         if device != DeviceKind::Cuda {
             return invalid!("--gpus {} (or --nnodes {}) needs --device cuda", self.gpus, self.nnodes);
         }
-        if !batch.is_multiple_of(world) {
+        if let Some(batch) = batch.filter(|b| !b.is_multiple_of(world)) {
             return invalid!(
                 "--batch {batch} is the global batch and must divide among the {world} GPUs (each takes batch / {world} rows); pass a multiple of {world}"
             );
@@ -257,12 +260,12 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr().map_err(|e| Error::Invalid(format!("no free port for the rendezvous ({e}); pass --master-port")))?.port())
 }
 
-/// How a launched run ended, when it did not end well.
+/// How a launched run ended, when it did not end well: a signal's death exits 128 + N.
 fn failure(rank: usize, status: ExitStatus) -> Error {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => Error::RankFailed { rank, code: code.clamp(1, 255) as u8, signal: None },
-        (None, signal) => Error::RankFailed { rank, code: 1, signal },
+        (None, signal) => Error::RankFailed { rank, code: (128 + signal.unwrap_or(0)).clamp(1, 255) as u8, signal },
     }
 }
 
@@ -273,11 +276,21 @@ fn send_signal(child: &Child, signal: i32) {
     }
 }
 
+/// The exit status of a rank that stopped because every rank agreed to (Ctrl-C, SIGTERM,
+/// `--stop-after-steps`): its peers, rank 0 saving, end by themselves.
+const INTERRUPTED_STATUS: i32 = 130;
+
+/// How long the other ranks get to end by themselves after a rank failed with an error of its
+/// own (they may be failing alike, and saying so), before the launcher stops them.
+const GRACE: Duration = Duration::from_secs(2);
+
 /// Starts this command once per GPU of this host, as ranks `node_rank · gpus + i`, and waits for
 /// them. Ctrl-C and SIGTERM are passed on to every rank, which stop at the same step (rank 0
-/// saves once). When a rank fails, the others are stopped at once; the error names the rank.
-/// `NCCL_NVLS_ENABLE=0` is set for every rank, whatever the environment says.
+/// saves once). A rank killed by a signal stops the others at once; a rank that fails with an
+/// error of its own (which it printed) stops them after a moment's grace; the error names the
+/// rank. `NCCL_NVLS_ENABLE=0` is set for every rank, whatever the environment says.
 pub fn launch(topology: &Topology) -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
     // on one host the ranks meet on the loopback, whatever MASTER_ADDR the environment holds
     let (address, port) = match (topology.nnodes, topology.master_port) {
         (1, port) => ("127.0.0.1", port.map_or_else(free_port, Ok)?),
@@ -286,6 +299,9 @@ pub fn launch(topology: &Topology) -> Result<()> {
     let rendezvous = format!("{address}:{port}");
     resolve(&rendezvous)?;
     let program = std::env::current_exe().map_err(|e| Error::Invalid(format!("cannot find this program to start the ranks ({e})")))?;
+    if crate::train::STOP_REQUESTED.load(Ordering::SeqCst) {
+        return invalid!("interrupted before the ranks started; nothing was written");
+    }
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..topology.gpus {
         let rank = topology.node_rank * topology.gpus + local;
@@ -296,6 +312,7 @@ pub fn launch(topology: &Topology) -> Result<()> {
             .env(LOCAL_RANK_VARIABLE, local.to_string())
             .env(WORLD_SIZE_VARIABLE, topology.world_size().to_string())
             .env(RENDEZVOUS_VARIABLE, &rendezvous)
+            .env(LAUNCHER_VARIABLE, std::process::id().to_string())
             // NVLink multicast (NVLS) can take a shared host's GPUs out of service: always off
             .env("NCCL_NVLS_ENABLE", "0");
         if rank != 0 {
@@ -314,6 +331,7 @@ pub fn launch(topology: &Topology) -> Result<()> {
     }
     let mut finished: Vec<Option<ExitStatus>> = vec![None; children.len()];
     let mut stop_passed_on = false;
+    let mut first_error: Option<(usize, Instant)> = None;
     loop {
         if crate::train::STOP_REQUESTED.load(Ordering::SeqCst) && !stop_passed_on {
             children.iter().for_each(|(_, child)| send_signal(child, libc::SIGTERM));
@@ -322,27 +340,30 @@ pub fn launch(topology: &Topology) -> Result<()> {
         for (i, (_, child)) in children.iter_mut().enumerate() {
             if finished[i].is_none() {
                 finished[i] = child.try_wait().map_err(|e| Error::Invalid(format!("waiting for the ranks failed ({e})")))?;
+                if finished[i].is_some_and(|s| !s.success() && s.code() != Some(INTERRUPTED_STATUS)) && first_error.is_none() {
+                    first_error = Some((i, Instant::now()));
+                }
             }
         }
-        let failed = finished.iter().position(|s| s.is_some_and(|s| !s.success()));
-        // after a stop request every rank ends by itself, rank 0 after its save: wait for all
-        if let (Some(i), false) = (failed, stop_passed_on) {
+        let killed = finished.iter().position(|s| s.is_some_and(|s| s.signal().is_some()));
+        let give_up = killed.or(first_error.filter(|(_, at)| at.elapsed() > GRACE).map(|(i, _)| i));
+        let all_done = finished.iter().all(Option::is_some);
+        if give_up.is_some() || all_done {
             for (j, (_, child)) in children.iter_mut().enumerate() {
                 if finished[j].is_none() {
                     let _ = child.kill();
                     let _ = child.wait();
                 }
             }
-            return Err(failure(children[i].0, finished[i].expect("finished")));
-        }
-        if finished.iter().all(Option::is_some) {
-            return match failed {
-                // rank 0's error is the run's (each rank stopped at the same step)
-                Some(_) => {
-                    let i = finished.iter().position(|s| !s.expect("finished").success()).expect("one failed");
-                    let i = if finished[0].is_some_and(|s| !s.success()) { 0 } else { i };
-                    Err(failure(children[i].0, finished[i].expect("finished")))
-                }
+            // the run's outcome: a rank's death by a signal, else the first error of a rank's own,
+            // else rank 0's (an agreed stop: every rank stopped at the same step)
+            let failed = |s: &Option<ExitStatus>| s.is_some_and(|s| !s.success());
+            let reported = killed
+                .or(first_error.map(|(i, _)| i))
+                .or_else(|| failed(&finished[0]).then_some(0))
+                .or_else(|| finished.iter().position(failed));
+            return match reported {
+                Some(i) => Err(failure(children[i].0, finished[i].expect("a reported rank has ended"))),
                 None => Ok(()),
             };
         }
@@ -353,9 +374,14 @@ pub fn launch(topology: &Topology) -> Result<()> {
 /// Makes a rank die with its launcher, so that a launcher killed outright leaves no rank behind.
 pub fn die_with_launcher() {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) changes only this process's own setting.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) changes only this process's own setting; getppid reads.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // the launcher may have died before the line above: then this rank is someone else's
+        let launcher = std::env::var(LAUNCHER_VARIABLE).ok().and_then(|p| p.parse::<i32>().ok());
+        if launcher.is_some_and(|pid| pid != libc::getppid()) {
+            std::process::exit(1);
+        }
     }
 }
 
@@ -365,7 +391,12 @@ pub struct DataParallel {
     gpu: Arc<Gpu>,
     /// how long a collective may take before the others are taken for dead
     limit: Duration,
+    /// added to the next collective's limit: rank 0 is writing a checkpoint meanwhile
+    allowance: Duration,
 }
+
+/// The time rank 0's saves may add to the wait of the collective that follows them.
+pub const SAVE_ALLOWANCE: Duration = Duration::from_secs(120);
 
 impl DataParallel {
     /// Meets the other ranks and joins their NCCL communicator on `device`.
@@ -374,8 +405,35 @@ impl DataParallel {
         let id = if replica.rank == 0 { Some(multitoken_cuda::unique_id()?) } else { None };
         let limit = seconds_from_env(RENDEZVOUS_TIMEOUT_VARIABLE, 300);
         let id = rendezvous(&replica.rendezvous, replica.rank, replica.world_size, id, limit)?;
-        let communicator = Communicator::join(gpu, &id, replica.rank, replica.world_size)?;
-        Ok(DataParallel { communicator, gpu: gpu.clone(), limit: seconds_from_env(COLLECTIVE_TIMEOUT_VARIABLE, 45) })
+        let limit = seconds_from_env(COLLECTIVE_TIMEOUT_VARIABLE, 45);
+        // joining NCCL waits for every rank, with no limit of its own: a rank that died since
+        // the rendezvous would hold the others forever, so a watchdog ends this process
+        let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watched = joined.clone();
+        let rank = replica.rank;
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !watched.load(Ordering::SeqCst) {
+                if started.elapsed() > limit {
+                    eprintln!(
+                        "error: rank {rank}: the other ranks did not join NCCL within {} s (one of them died or hangs)",
+                        limit.as_secs()
+                    );
+                    std::process::exit(1);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let communicator = Communicator::join(gpu, &id, replica.rank, replica.world_size);
+        joined.store(true, Ordering::SeqCst);
+        Ok(DataParallel { communicator: communicator?, gpu: gpu.clone(), limit, allowance: Duration::ZERO })
+    }
+
+    /// Lets the next collective wait [`SAVE_ALLOWANCE`] longer: every rank calls it after a step
+    /// at which rank 0 writes a checkpoint (which every rank knows, since each reaches the same
+    /// decisions), so that a slow disk is not taken for a dead rank.
+    pub fn allow_for_save(&mut self) {
+        self.allowance = SAVE_ALLOWANCE;
     }
 
     /// This process's rank.
@@ -404,7 +462,7 @@ impl DataParallel {
             views.push(cuda.view());
         }
         self.communicator.all_reduce(&self.gpu, &views, &[scalars.view()])?;
-        self.communicator.wait(&self.gpu, self.limit)?;
+        self.communicator.wait(&self.gpu, self.limit + std::mem::take(&mut self.allowance))?;
         let totals = self.gpu.download(scalars.view())?;
         Ok((totals[0] / self.world_size() as f64, totals[1] > 0.0))
     }
@@ -432,15 +490,16 @@ mod tests {
     #[test]
     fn the_topology_is_checked_before_anything_starts() {
         let two = Topology { gpus: 2, ..Topology::default() };
-        assert!(two.check(DeviceKind::Cuda, 32).is_ok());
-        let message = |t: &Topology, device, batch| t.check(device, batch).unwrap_err().to_string();
+        assert!(two.check(DeviceKind::Cuda, Some(32)).is_ok());
+        assert!(two.check(DeviceKind::Cuda, None).is_ok(), "a resumed run's batch is checked when it is read");
+        let message = |t: &Topology, device, batch| t.check(device, Some(batch)).unwrap_err().to_string();
         assert!(message(&two, DeviceKind::Cpu, 32).contains("needs --device cuda"));
         assert!(message(&two, DeviceKind::Cuda, 15).contains("must divide among the 2 GPUs"));
         assert!(message(&Topology { gpus: 0, ..Topology::default() }, DeviceKind::Cuda, 8).contains("at least 1"));
         let nodes = Topology { gpus: 2, nnodes: 2, node_rank: 2, ..Topology::default() };
         assert!(message(&nodes, DeviceKind::Cuda, 8).contains("--node-rank 2 must be below --nnodes 2"));
         assert_eq!(Topology { gpus: 4, nnodes: 3, ..Topology::default() }.world_size(), 12);
-        assert!(Topology::default().check(DeviceKind::Cpu, 7).is_ok(), "one GPU: any batch, any device");
+        assert!(Topology::default().check(DeviceKind::Cpu, Some(7)).is_ok(), "one GPU: any batch, any device");
     }
 
     #[test]

@@ -181,10 +181,10 @@ struct ParallelArgs {
     #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     gpus: usize,
     /// Hosts in the run, each running the same command with its own --node-rank
-    #[arg(long, env = "NNODES", allow_negative_numbers = true, default_value_t = 1)]
+    #[arg(long, env = "PET_NNODES", allow_negative_numbers = true, default_value_t = 1)]
     nnodes: usize,
     /// This host's place among the hosts, 0 to nnodes − 1
-    #[arg(long, env = "NODE_RANK", allow_negative_numbers = true, default_value_t = 0)]
+    #[arg(long, env = "PET_NODE_RANK", allow_negative_numbers = true, default_value_t = 0)]
     node_rank: usize,
     /// Node 0's address, where the ranks meet
     #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
@@ -437,7 +437,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             ctrlc::set_handler(|| train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst))
                 .context("installing the Ctrl-C handler")?;
             let topology = args.parallel.topology();
-            topology.check(device, settings.batch)?;
+            // a resumed run's batch is its saved one, checked once read (unless --batch is given)
+            topology.check(device, (!args.resume || args.batch.is_some()).then_some(settings.batch))?;
             let replica = Replica::from_env()?;
             let mut options = train::RunOptions {
                 resume: args.resume,
@@ -615,7 +616,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let device = DeviceKind::parse(device)?;
             let precision = Precision::parse(precision, device)?;
             let topology = parallel.topology();
-            topology.check(device, *batch)?;
+            topology.check(device, Some(*batch))?;
             let replica = Replica::from_env()?;
             if replica.is_none() && topology.world_size() > 1 {
                 topology.check_host()?;

@@ -548,6 +548,10 @@ fn several_gpus_are_asked_for_consistently() {
         let args = train_args(&ws, &out, "2", &["--gpus", "2", "--device", "cuda"]);
         let message = run_error(&args);
         assert!(message.contains("no CUDA driver found"), "{message}");
+        // a resumed run's batch is its saved one: the default --batch is not held against --gpus
+        let args = ["train", "--data", s(&ws.data), "--out", s(&out), "--resume", "--gpus", "3", "--device", "cuda"];
+        let message = run_error(&args);
+        assert!(!message.contains("must divide"), "{message}");
     }
     assert!(!out.exists(), "nothing written");
 }

@@ -12,12 +12,16 @@ use std::time::{Duration, Instant};
 use common::cli::*;
 use serde_json::Value;
 
-fn two_gpus(test: &str) -> bool {
-    let ready = multitoken_cuda::device_count() >= 2 && multitoken_cuda::nccl_present();
-    if !ready {
-        println!("{test}: skipped (needs two CUDA devices and NCCL)");
+/// Whether this machine has two GPUs (else the test says it was skipped); with two GPUs,
+/// NCCL must load, or the test fails instead of passing unrun. The tests take the GPUs in turn.
+fn two_gpus(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static GPUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if multitoken_cuda::device_count() < 2 {
+        println!("{test}: skipped (needs two CUDA devices)");
+        return None;
     }
-    ready
+    assert!(multitoken_cuda::nccl_present(), "{test}: two GPUs, but NCCL (libnccl.so) does not load");
+    Some(GPUS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
 /// `tiny` n = 2, r = 2 on the GPU, B = 8 global, T = 32.
@@ -41,9 +45,7 @@ fn value_at(rows: &[Value], key: &str, step: u64) -> f64 {
 
 #[test]
 fn two_gpus_train_the_model_that_one_gpu_trains() {
-    if !two_gpus("two_gpus_train_the_model_that_one_gpu_trains") {
-        return;
-    }
+    let Some(_gpus) = two_gpus("two_gpus_train_the_model_that_one_gpu_trains") else { return };
     let ws = workspace("two-gpus");
     let (one, two) = (ws.root.join("one"), ws.root.join("two"));
     let summary_one = run_json(&args(&ws, &one, "20", "1", &[])[..]);
@@ -71,9 +73,7 @@ fn two_gpus_train_the_model_that_one_gpu_trains() {
 
 #[test]
 fn resume_on_two_gpus_ends_bit_for_bit_like_an_uninterrupted_run() {
-    if !two_gpus("resume_on_two_gpus_ends_bit_for_bit_like_an_uninterrupted_run") {
-        return;
-    }
+    let Some(_gpus) = two_gpus("resume_on_two_gpus_ends_bit_for_bit_like_an_uninterrupted_run") else { return };
     let ws = workspace("two-gpus-resume");
     let (straight, resumed) = (ws.root.join("straight"), ws.root.join("resumed"));
     run_json(&args(&ws, &straight, "12", "2", &["--save-every", "4"])[..]);
@@ -161,9 +161,7 @@ fn checkpoint_loads(out: &Path) {
 
 #[test]
 fn a_rank_that_dies_or_hangs_ends_the_run_within_a_minute() {
-    if !two_gpus("a_rank_that_dies_or_hangs_ends_the_run_within_a_minute") {
-        return;
-    }
+    let Some(_gpus) = two_gpus("a_rank_that_dies_or_hangs_ends_the_run_within_a_minute") else { return };
     let ws = workspace("two-gpus-fail");
 
     // kill -9 of rank 1: the launcher stops rank 0 at once and says what happened
@@ -209,9 +207,7 @@ fn gone(pid: i32) -> bool {
 
 #[test]
 fn sigterm_stops_every_rank_at_one_step_and_rank_0_saves_once() {
-    if !two_gpus("sigterm_stops_every_rank_at_one_step_and_rank_0_saves_once") {
-        return;
-    }
+    let Some(_gpus) = two_gpus("sigterm_stops_every_rank_at_one_step_and_rank_0_saves_once") else { return };
     let ws = workspace("two-gpus-term");
     let out = ws.root.join("term");
     let launcher = start_long_run(&ws, &out, &[]);

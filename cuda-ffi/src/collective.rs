@@ -30,12 +30,9 @@ pub fn check_nccl() -> Result<()> {
     if nccl_present() {
         return Ok(());
     }
-    Err(CudaError::MissingLibrary {
-        library: "NCCL",
-        file: "libnccl.so",
-        install: "install NCCL (libnccl) for CUDA 13",
-        searched: String::new(),
-    })
+    Err(CudaError::Collective(
+        "NCCL could not be loaded (no libnccl.so on the library path); install NCCL for CUDA 13 (where only libnccl.so.2 is installed, link libnccl.so to it in a directory on LD_LIBRARY_PATH), or train on one GPU".into(),
+    ))
 }
 
 fn nccl_error(what: &str, error: nccl::NcclError) -> CudaError {
@@ -62,8 +59,6 @@ pub struct Communicator {
     /// around the last [`Communicator::all_reduce`], to time it on the device
     reduce_started: cudarc::driver::CudaEvent,
     reduce_finished: cudarc::driver::CudaEvent,
-    /// set once a wait gave up: the communicator is then aborted, not destroyed
-    broken: bool,
 }
 
 // SAFETY: an NCCL communicator may be used from any one thread at a time; `&mut self` on every
@@ -87,7 +82,7 @@ impl Communicator {
         let progress = gpu.context.new_event(None)?;
         let timed = || gpu.context.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
         let (reduce_started, reduce_finished) = (timed()?, timed()?);
-        Ok(Communicator { comm, rank, world_size, progress, reduce_started, reduce_finished, broken: false })
+        Ok(Communicator { comm, rank, world_size, progress, reduce_started, reduce_finished })
     }
 
     /// This process's rank, 0 to world size − 1.
@@ -139,15 +134,14 @@ impl Communicator {
         self.progress.record(&gpu.stream)?;
         let started = Instant::now();
         while !self.progress.try_is_complete()? {
-            let mut async_error = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: a live communicator; NCCL writes the result code.
-            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
-            if async_error != sys::ncclResult_t::ncclSuccess && async_error != sys::ncclResult_t::ncclInProgress {
-                self.broken = true;
-                return Err(nccl_error("a collective", nccl::NcclError(async_error)));
+            // read as a plain integer: another NCCL version may return a code the enum lacks
+            let mut async_error: i32 = 0;
+            // SAFETY: a live communicator; NCCL writes one result code (a C enum, an int).
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, (&mut async_error as *mut i32).cast()) };
+            if async_error != sys::ncclResult_t::ncclSuccess as i32 && async_error != sys::ncclResult_t::ncclInProgress as i32 {
+                return Err(CudaError::Collective(format!("NCCL reported error {async_error} during a collective (a rank died?)")));
             }
             if started.elapsed() > limit {
-                self.broken = true;
                 return Err(CudaError::Collective(format!(
                     "the other ranks did not answer within {} s (one of them died or hangs)",
                     limit.as_secs()
@@ -167,10 +161,12 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        // SAFETY: a live communicator, released once. Destroying one waits for its peers;
-        // after a failed wait they may be gone, so it is aborted instead.
+        // SAFETY: a live communicator, released once. Aborted rather than destroyed: destroying
+        // waits for the peers, which a rank that fails alone (or whose peer died) would wait for
+        // until the others time out; a communicator is dropped only when no collective of it
+        // is still to come.
         unsafe {
-            let _ = if self.broken { nccl::comm_abort(self.comm) } else { nccl::comm_destroy(self.comm) };
+            let _ = nccl::comm_abort(self.comm);
         }
     }
 }

@@ -777,10 +777,13 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let mut last_val = None;
     let mut stop_agreed = false;
     while run.step < s.steps {
-        // every rank of a multi-GPU run stops at the step they agreed on, so rank 0 saves once
-        let stop = if replicas.is_some() { stop_agreed } else { STOP_REQUESTED.load(Ordering::SeqCst) };
+        // a request to stop (Ctrl-C, SIGTERM, --stop-after-seconds) is this process's own; the
+        // ranks of a multi-GPU run pass theirs through the all-reduce and stop at the step they
+        // agreed on, so that rank 0 saves once
         let out_of_time = options.stop_after_seconds.is_some_and(|limit| started.elapsed().as_secs_f64() >= limit);
-        if stop || out_of_time || options.stop_after_steps.is_some_and(|k| run.step >= k) {
+        let stop_asked = STOP_REQUESTED.load(Ordering::SeqCst) || out_of_time;
+        let stop = if replicas.is_some() { stop_agreed } else { stop_asked };
+        if stop || options.stop_after_steps.is_some_and(|k| run.step >= k) {
             bar.abandon();
             run.save(&val_batches[0])?;
             return Err(Error::Interrupted { step: run.step, path: out_dir.into() });
@@ -800,7 +803,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             None => train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable),
             Some(replicas) => {
                 accumulate_gradients(&run.config, &run.params, &micro_batches, s.aux_coef, &trainable).and_then(|(objective, mut grads)| {
-                    let (objective, stop) = replicas.average(&mut grads, objective, STOP_REQUESTED.load(Ordering::SeqCst))?;
+                    let (objective, stop) = replicas.average(&mut grads, objective, stop_asked)?;
                     stop_agreed = stop;
                     if !objective.is_finite() {
                         return Ok((objective, f64::NAN));
@@ -849,8 +852,13 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             run.keep_if_best(val.joint_loss).inspect_err(|_| bar.abandon())?;
             last_val = Some(val);
         }
-        if (s.save_every > 0 && run.step % s.save_every == 0) || last {
+        let validated = run.step % s.eval_every.max(1) == 0 || last; // rank 0 may have kept the best weights
+        let saves = (s.save_every > 0 && run.step % s.save_every == 0) || last;
+        if saves {
             run.save(&val_batches[0]).inspect_err(|_| bar.abandon())?;
+        }
+        if let Some(replicas) = replicas.as_mut().filter(|_| validated || saves) {
+            replicas.allow_for_save();
         }
     }
     bar.finish_and_clear();
