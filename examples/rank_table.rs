@@ -361,6 +361,7 @@ fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -
             r["train_seconds"].as_f64().unwrap_or(f64::NAN),
         );
     }
+    out += &over_seeds(rows);
     let timed: Vec<&Value> = rows.iter().filter(at_r1_time).collect();
     if !timed.is_empty() {
         out += "\nEqual wall-clock: each rank above 1 stopped at the training time of its r = 1 run (same corpus, training and seed), beside the same run at equal tokens.\n\n";
@@ -385,6 +386,49 @@ fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -
                 pair("sampled_mean_accepted", 2),
             );
         }
+    }
+    out
+}
+
+/// Medians over seeds with their spread (lowest to highest), one row per corpus, training and
+/// rank; empty when every cell has one seed.
+fn over_seeds(rows: &[Value]) -> String {
+    let mut cells: Vec<(String, String, u64)> = Vec::new();
+    for row in rows {
+        let (corpus, kind, rank, _) = cell_of(row);
+        if !cells.contains(&(corpus.clone(), kind.clone(), rank)) {
+            cells.push((corpus, kind, rank));
+        }
+    }
+    let seeded = |cell: &(String, String, u64)| -> Vec<&Value> {
+        rows.iter().filter(|r| (cell_of(r).0, cell_of(r).1, cell_of(r).2) == *cell).collect()
+    };
+    if cells.iter().all(|cell| seeded(cell).len() < 2) {
+        return String::new();
+    }
+    let spread = |of: &[&Value], key: &str, digits: usize| {
+        let values: Vec<f64> = of.iter().filter_map(|r| r[key].as_f64()).collect();
+        let (low, high) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        format!("{:.digits$} ({low:.digits$}–{high:.digits$})", median(values.clone()))
+    };
+    let mut out = String::from("\nOver seeds: the median, and the lowest to the highest in brackets.\n\n");
+    out += "| corpus | training | r | seeds | val joint | val next-token | greedy accepted/pass | sampled accepted/pass | training tokens/s | training s |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for cell in &cells {
+        let of = seeded(cell);
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            cell.0,
+            cell.1,
+            cell.2,
+            of.len(),
+            spread(&of, "val_joint_loss", 3),
+            spread(&of, "val_ntp_loss", 3),
+            spread(&of, "greedy_mean_accepted", 2),
+            spread(&of, "sampled_mean_accepted", 2),
+            spread(&of, "train_tokens_per_s", 0),
+            spread(&of, "train_seconds", 0),
+        );
     }
     out
 }

@@ -111,48 +111,49 @@ pub fn model_flops_per_token(config: &ModelConfig, seq: usize) -> f64 {
     3.0 * (24.0 * l * c * c + expanders + 2.0 * components * c * v) + 12.0 * l * seq as f64 * c
 }
 
-/// The model `bench train` times, once its flags are checked.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_config(
-    model: &str,
-    vocab_size: usize,
-    horizon: usize,
-    rank: usize,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    device: DeviceKind,
-) -> Result<ModelConfig> {
-    let config = ModelConfig::preset(model, vocab_size, horizon, rank)?;
-    if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
-        return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
+/// What `bench train` times: a preset with its head, and the shape of the steps.
+#[derive(Clone, Debug)]
+pub struct TrainBench {
+    /// the model preset
+    pub model: String,
+    /// V, of the random tokens
+    pub vocab_size: usize,
+    /// n, the head's horizon
+    pub horizon: usize,
+    /// r, the head's rank
+    pub rank: usize,
+    /// B, rows per step (over all GPUs)
+    pub batch: usize,
+    /// T, positions per row
+    pub seq: usize,
+    /// the number of timed steps
+    pub steps: usize,
+}
+
+impl TrainBench {
+    /// The model, once the flags are checked against it and this machine's memory.
+    pub fn config(&self, device: DeviceKind) -> Result<ModelConfig> {
+        let TrainBench { batch, seq, steps, .. } = *self;
+        let config = ModelConfig::preset(&self.model, self.vocab_size, self.horizon, self.rank)?;
+        if seq == 0 || seq > config.n_positions || batch == 0 || steps == 0 {
+            return invalid!("need 1 ≤ --seq ≤ {} and --batch, --steps ≥ 1", config.n_positions);
+        }
+        let most = crate::train::MAX_TOKENS_PER_STEP;
+        if batch.saturating_mul(seq) > most {
+            return invalid!("--batch {batch} × --seq {seq} is more than {most} tokens per step");
+        }
+        crate::device::check_available(device)?;
+        crate::train::check_memory(&config, device)?;
+        Ok(config)
     }
-    let most = crate::train::MAX_TOKENS_PER_STEP;
-    if batch.saturating_mul(seq) > most {
-        return invalid!("--batch {batch} × --seq {seq} is more than {most} tokens per step");
-    }
-    crate::device::check_available(device)?;
-    crate::train::check_memory(&config, device)?;
-    Ok(config)
 }
 
 /// Full training steps on random tokens; with `MULTITOKEN_PROFILE=1` the tape's table of time
 /// per op comes back too. With `replica`, this process is one rank of a data-parallel run:
-/// `batch` is the global batch, of which it trains its share.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_train(
-    model: &str,
-    vocab_size: usize,
-    horizon: usize,
-    rank: usize,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    device: DeviceKind,
-    precision: Precision,
-    replica: Option<&Replica>,
-) -> Result<BenchTrainResult> {
-    let config = bench_config(model, vocab_size, horizon, rank, batch, seq, steps, device)?;
+/// `bench.batch` is the global batch, of which it trains its share.
+pub fn bench_train(bench: &TrainBench, device: DeviceKind, precision: Precision, replica: Option<&Replica>) -> Result<BenchTrainResult> {
+    let config = bench.config(device)?;
+    let TrainBench { vocab_size, horizon, rank, batch, seq, steps, .. } = *bench;
     let on = device.open_on(precision, replica.map_or(0, |r| r.local_rank))?;
     let mut replicas = replica.map(|r| DataParallel::join(r, &on)).transpose()?;
     let mut rng = Rng::new(0);
@@ -208,7 +209,7 @@ pub fn bench_train(
         tokens_per_s,
         step_ms,
         peak_rss_bytes: peak_rss_bytes(),
-        model: model.into(),
+        model: bench.model.clone(),
         vocab_size,
         horizon,
         rank,

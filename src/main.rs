@@ -617,28 +617,26 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let precision = Precision::parse(precision, device)?;
             let topology = parallel.topology();
             topology.check(device, Some(*batch))?;
+            let bench = multitoken::bench::TrainBench {
+                model: model.clone(),
+                vocab_size: *vocab_size,
+                horizon: *horizon,
+                rank: *rank,
+                batch: *batch,
+                seq: *seq,
+                steps: *steps,
+            };
             let replica = Replica::from_env()?;
             if replica.is_none() && topology.world_size() > 1 {
                 topology.check_host()?;
-                multitoken::bench::bench_config(model, *vocab_size, *horizon, *rank, *batch, *seq, *steps, device)?;
+                bench.config(device)?;
                 distributed::launch(&topology)?;
                 return Ok((Value::Null, String::new()));
             }
             if replica.is_some() {
                 distributed::die_with_launcher();
             }
-            let result = multitoken::bench::bench_train(
-                model,
-                *vocab_size,
-                *horizon,
-                *rank,
-                *batch,
-                *seq,
-                *steps,
-                device,
-                precision,
-                replica.as_ref(),
-            )?;
+            let result = multitoken::bench::bench_train(&bench, device, precision, replica.as_ref())?;
             if multitoken::autograd::profiling_enabled() {
                 eprint!("{}", multitoken::autograd::profile_report());
             }
