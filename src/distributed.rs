@@ -389,14 +389,10 @@ pub fn die_with_launcher() {
 pub struct DataParallel {
     communicator: Communicator,
     gpu: Arc<Gpu>,
-    /// how long a collective may take before the others are taken for dead
+    /// how long a collective may take before the others are taken for dead (rank 0's saves
+    /// happen between two collectives, so they must fit in it too)
     limit: Duration,
-    /// added to the next collective's limit: rank 0 is writing a checkpoint meanwhile
-    allowance: Duration,
 }
-
-/// The time rank 0's saves may add to the wait of the collective that follows them.
-pub const SAVE_ALLOWANCE: Duration = Duration::from_secs(120);
 
 impl DataParallel {
     /// Meets the other ranks and joins their NCCL communicator on `device`.
@@ -426,14 +422,7 @@ impl DataParallel {
         });
         let communicator = Communicator::join(gpu, &id, replica.rank, replica.world_size);
         joined.store(true, Ordering::SeqCst);
-        Ok(DataParallel { communicator: communicator?, gpu: gpu.clone(), limit, allowance: Duration::ZERO })
-    }
-
-    /// Lets the next collective wait [`SAVE_ALLOWANCE`] longer: every rank calls it after a step
-    /// at which rank 0 writes a checkpoint (which every rank knows, since each reaches the same
-    /// decisions), so that a slow disk is not taken for a dead rank.
-    pub fn allow_for_save(&mut self) {
-        self.allowance = SAVE_ALLOWANCE;
+        Ok(DataParallel { communicator: communicator?, gpu: gpu.clone(), limit })
     }
 
     /// This process's rank.
@@ -462,7 +451,7 @@ impl DataParallel {
             views.push(cuda.view());
         }
         self.communicator.all_reduce(&self.gpu, &views, &[scalars.view()])?;
-        self.communicator.wait(&self.gpu, self.limit + std::mem::take(&mut self.allowance))?;
+        self.communicator.wait(&self.gpu, self.limit)?;
         let totals = self.gpu.download(scalars.view())?;
         Ok((totals[0] / self.world_size() as f64, totals[1] > 0.0))
     }

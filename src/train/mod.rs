@@ -852,13 +852,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             run.keep_if_best(val.joint_loss).inspect_err(|_| bar.abandon())?;
             last_val = Some(val);
         }
-        let validated = run.step % s.eval_every.max(1) == 0 || last; // rank 0 may have kept the best weights
-        let saves = (s.save_every > 0 && run.step % s.save_every == 0) || last;
-        if saves {
+        if (s.save_every > 0 && run.step % s.save_every == 0) || last {
             run.save(&val_batches[0]).inspect_err(|_| bar.abandon())?;
-        }
-        if let Some(replicas) = replicas.as_mut().filter(|_| validated || saves) {
-            replicas.allow_for_save();
         }
     }
     bar.finish_and_clear();
