@@ -290,7 +290,6 @@ const GRACE: Duration = Duration::from_secs(2);
 /// error of its own (which it printed) stops them after a moment's grace; the error names the
 /// rank. `NCCL_NVLS_ENABLE=0` is set for every rank, whatever the environment says.
 pub fn launch(topology: &Topology) -> Result<()> {
-    use std::os::unix::process::ExitStatusExt;
     // on one host the ranks meet on the loopback, whatever MASTER_ADDR the environment holds
     let (address, port) = match (topology.nnodes, topology.master_port) {
         (1, port) => ("127.0.0.1", port.map_or_else(free_port, Ok)?),
@@ -345,23 +344,14 @@ pub fn launch(topology: &Topology) -> Result<()> {
                 }
             }
         }
-        let killed = finished.iter().position(|s| s.is_some_and(|s| s.signal().is_some()));
-        let give_up = killed.or(first_error.filter(|(_, at)| at.elapsed() > GRACE).map(|(i, _)| i));
-        let all_done = finished.iter().all(Option::is_some);
-        if give_up.is_some() || all_done {
+        let error_waited = first_error.map(|(i, at)| (i, at.elapsed()));
+        if let Some(reported) = outcome(&finished, error_waited) {
             for (j, (_, child)) in children.iter_mut().enumerate() {
                 if finished[j].is_none() {
                     let _ = child.kill();
                     let _ = child.wait();
                 }
             }
-            // the run's outcome: a rank's death by a signal, else the first error of a rank's own,
-            // else rank 0's (an agreed stop: every rank stopped at the same step)
-            let failed = |s: &Option<ExitStatus>| s.is_some_and(|s| !s.success());
-            let reported = killed
-                .or(first_error.map(|(i, _)| i))
-                .or_else(|| failed(&finished[0]).then_some(0))
-                .or_else(|| finished.iter().position(failed));
             return match reported {
                 Some(i) => Err(failure(children[i].0, finished[i].expect("a reported rank has ended"))),
                 None => Ok(()),
@@ -369,6 +359,26 @@ pub fn launch(topology: &Topology) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether the launcher stops now, given how each rank has ended so far (`finished`, in order of
+/// rank on this host) and which failed first with an error of its own, how long ago: None to
+/// wait on; Some(None) when every rank succeeded; Some(Some(i)) to stop the rest and report
+/// rank i. A death by a signal is reported at once; an error of a rank's own after [`GRACE`]
+/// or once all have ended; an agreed stop (every rank exits [`INTERRUPTED_STATUS`]) by rank 0's,
+/// once all have ended.
+fn outcome(finished: &[Option<ExitStatus>], first_error: Option<(usize, Duration)>) -> Option<Option<usize>> {
+    use std::os::unix::process::ExitStatusExt;
+    let killed = finished.iter().position(|s| s.is_some_and(|s| s.signal().is_some()));
+    let given_up = killed.or(first_error.filter(|(_, waited)| *waited > GRACE).map(|(i, _)| i));
+    if given_up.is_some() {
+        return Some(given_up);
+    }
+    if !finished.iter().all(Option::is_some) {
+        return None;
+    }
+    let failed = |s: &Option<ExitStatus>| s.is_some_and(|s| !s.success());
+    Some(first_error.map(|(i, _)| i).or_else(|| failed(&finished[0]).then_some(0)).or_else(|| finished.iter().position(failed)))
 }
 
 /// Makes a rank die with its launcher, so that a launcher killed outright leaves no rank behind.
@@ -474,6 +484,29 @@ mod tests {
             assert_eq!(shards.iter().flat_map(|s| s.targets.clone()).collect::<Vec<_>>(), whole.targets);
         }
         assert_eq!(whole.shard(1, 4).inputs, [200, 201, 202, 300, 301, 302], "rank 1 of 4: rows 2 and 3");
+    }
+
+    #[test]
+    fn the_launcher_reports_the_rank_that_ended_the_run() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = |code: i32| Some(ExitStatus::from_raw(code << 8));
+        let signalled = |signal: i32| Some(ExitStatus::from_raw(signal));
+        let (ok, interrupted, error) = (exited(0), exited(INTERRUPTED_STATUS), exited(1));
+        let soon = Some((1, Duration::from_millis(100)));
+        let later = Some((1, GRACE + Duration::from_millis(1)));
+        assert_eq!(outcome(&[None, None], None), None, "running");
+        assert_eq!(outcome(&[ok, ok], None), Some(None), "success");
+        assert_eq!(outcome(&[None, signalled(9)], None), Some(Some(1)), "a kill -9 stops the rest at once");
+        assert_eq!(outcome(&[None, error], soon), None, "an error of its own: a grace for the others");
+        assert_eq!(outcome(&[None, error], later), Some(Some(1)), "then they are stopped");
+        assert_eq!(outcome(&[exited(1), error], soon), Some(Some(1)), "all ended: the first error");
+        // an agreed stop: rank 1 ends first, and rank 0, still saving, is waited for
+        assert_eq!(outcome(&[None, interrupted], None), None);
+        assert_eq!(outcome(&[interrupted, interrupted], None), Some(Some(0)), "rank 0 reports the stop");
+        assert_eq!(outcome(&[signalled(15), interrupted], None), Some(Some(0)), "a signal's death is named");
+        let reported = |finished: &[Option<ExitStatus>], i: usize| failure(i, finished[i].unwrap());
+        assert!(matches!(reported(&[signalled(9)], 0), Error::RankFailed { rank: 0, code: 137, signal: Some(9) }));
+        assert!(matches!(reported(&[interrupted], 0), Error::RankFailed { code: 130, signal: None, .. }));
     }
 
     #[test]
