@@ -8,7 +8,7 @@ python reference/bench_train.py --model small --vocab-size 4096 --horizon 1 --ra
 python reference/bench_train.py --model base --vocab-size 8192 --horizon 4 --rank 4 --batch 16 --seq 512 --device cuda --bf16 --fused-adamw --compile
 
 Under torchrun it is the DistributedDataParallel twin of `bench train --gpus N`, --batch the
-global batch (each rank takes batch / N rows):
+global batch (each rank takes batch / N rows; NCCL on GPUs, gloo on the CPU):
 torchrun --standalone --nproc-per-node 2 reference/bench_train.py --model base --vocab-size 8192 --batch 32 --seq 512 --device cuda --bf16 --fused-adamw
 """
 import contextlib
@@ -56,12 +56,13 @@ def main():
     if world > 1:
         import torch.distributed as dist
 
-        if args.device != "cuda" or args.batch % world:
-            sys.exit(f"DDP needs --device cuda and a --batch that {world} ranks share evenly")
-        dist.init_process_group("nccl")
+        if args.batch % world:
+            sys.exit(f"DDP needs a --batch that {world} ranks share evenly")
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, local = dist.get_rank(), int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        if args.device == "cuda":
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
     torch.manual_seed(0)
     cfg = Config.preset(args.model, args.vocab_size, args.horizon, args.rank)
     model = Model(cfg).to(device)
@@ -70,7 +71,7 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=args.fused_adamw or None)
     objective_of = Objective(model)
     if world > 1:
-        objective_of = torch.nn.parallel.DistributedDataParallel(objective_of, device_ids=[device.index])
+        objective_of = torch.nn.parallel.DistributedDataParallel(objective_of, device_ids=[device.index] if device.type == "cuda" else None)
     objective_of = torch.compile(objective_of) if args.compile else objective_of
     n = cfg.horizon
 
