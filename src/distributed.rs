@@ -98,10 +98,13 @@ impl Topology {
         Ok(())
     }
 
-    /// Checks that this host has the GPUs asked for and NCCL.
+    /// Checks that this host has the GPUs asked for and NCCL (`libnccl.so`, or its soname
+    /// `libnccl.so.2`, which [`launch`] makes loadable for the ranks).
     pub fn check_host(&self) -> Result<()> {
         crate::device::check_available(DeviceKind::Cuda)?;
-        multitoken_cuda::check_nccl()?;
+        if multitoken_cuda::nccl_soname_path().is_none() {
+            multitoken_cuda::check_nccl()?;
+        }
         let present = multitoken_cuda::device_count();
         if present < self.gpus {
             return invalid!("--gpus {} asks for more GPUs than this host has ({present})", self.gpus);
@@ -301,6 +304,7 @@ pub fn launch(topology: &Topology) -> Result<()> {
     if crate::train::STOP_REQUESTED.load(Ordering::SeqCst) {
         return invalid!("interrupted before the ranks started; nothing was written");
     }
+    let nccl_link = nccl_link()?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..topology.gpus {
         let rank = topology.node_rank * topology.gpus + local;
@@ -316,6 +320,15 @@ pub fn launch(topology: &Topology) -> Result<()> {
             .env("NCCL_NVLS_ENABLE", "0");
         if rank != 0 {
             command.stdout(std::process::Stdio::null());
+        }
+        if let Some(link) = &nccl_link {
+            let paths = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+            let mut joined = link.0.as_os_str().to_os_string();
+            if !paths.is_empty() {
+                joined.push(":");
+                joined.push(paths);
+            }
+            command.env("LD_LIBRARY_PATH", joined);
         }
         match command.spawn() {
             Ok(child) => children.push((rank, child)),
@@ -359,6 +372,27 @@ pub fn launch(topology: &Topology) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A directory of this launcher's own that holds `libnccl.so`, a link to NCCL's `libnccl.so.2`,
+/// where only the latter is installed (the name cudarc loads NCCL by); removed when dropped.
+struct NcclLink(std::path::PathBuf);
+
+impl Drop for NcclLink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn nccl_link() -> Result<Option<NcclLink>> {
+    if multitoken_cuda::nccl_present() {
+        return Ok(None);
+    }
+    let Some(target) = multitoken_cuda::nccl_soname_path() else { return Ok(None) };
+    let dir = std::env::temp_dir().join(format!("multitoken-nccl-{}", std::process::id()));
+    let made = std::fs::create_dir_all(&dir).and_then(|()| std::os::unix::fs::symlink(&target, dir.join("libnccl.so")));
+    made.map_err(|e| Error::Invalid(format!("cannot link libnccl.so to {} in {} ({e})", target.display(), dir.display())))?;
+    Ok(Some(NcclLink(dir)))
 }
 
 /// Whether the launcher stops now, given how each rank has ended so far (`finished`, in order of

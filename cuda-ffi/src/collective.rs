@@ -25,13 +25,33 @@ pub fn nccl_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// NCCL's own soname, which is all that some installations hold (pip's `nvidia-nccl-cu13`, the
+/// one PyTorch loads): cudarc looks for `libnccl.so` and numbered names of CUDA's versions only.
+pub const NCCL_SONAME: &str = "libnccl.so.2";
+
+/// Where `libnccl.so.2` is when cudarc cannot load NCCL by its own names: in the directory that
+/// [`crate::LIB_DIR_VARIABLE`] names, else wherever the loader finds it. A launcher of ranks
+/// links `libnccl.so` to it in a directory of its own, on the ranks' `LD_LIBRARY_PATH`.
+pub fn nccl_soname_path() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os(crate::LIB_DIR_VARIABLE).filter(|d| !d.is_empty()) {
+        let path = std::path::Path::new(&dir).join(NCCL_SONAME);
+        return path.is_file().then_some(path);
+    }
+    // SAFETY: opening NCCL runs only its initialisers; it stays loaded, as cudarc's would.
+    let library = unsafe { libloading::Library::new(NCCL_SONAME) }.ok()?;
+    std::mem::forget(library);
+    // the loader chose the file: the process's memory map names it
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().filter_map(|line| line.split_whitespace().nth(5)).find(|path| path.ends_with(NCCL_SONAME)).map(Into::into)
+}
+
 /// Checks that NCCL can be loaded, so that a missing library is a [`CudaError`] naming it.
 pub fn check_nccl() -> Result<()> {
     if nccl_present() {
         return Ok(());
     }
     Err(CudaError::Collective(
-        "NCCL could not be loaded (no libnccl.so on the library path); install NCCL for CUDA 13 (where only libnccl.so.2 is installed, link libnccl.so to it in a directory on LD_LIBRARY_PATH), or train on one GPU".into(),
+        "NCCL could not be loaded (neither libnccl.so nor libnccl.so.2 on the library path); install NCCL for CUDA 13, or name the directory of its libnccl.so.2 in MULTITOKEN_CUDA_LIB_DIR, or train on one GPU".into(),
     ))
 }
 

@@ -50,7 +50,7 @@ pub use adamw::{AdamWSegment, AdamWStep};
 pub use attention::ProductsAttention;
 pub use attention::{AttentionRoute, AttentionShape, CachePosition};
 pub use blas::{GemmRoute, Operand, ProductPrecision};
-pub use collective::{check_nccl, nccl_present, unique_id, Communicator, UNIQUE_ID_BYTES};
+pub use collective::{check_nccl, nccl_present, nccl_soname_path, unique_id, Communicator, NCCL_SONAME, UNIQUE_ID_BYTES};
 pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
