@@ -27,20 +27,9 @@ pub struct BenchTrainResult {
     pub step_ms: f64,
     /// the process's peak resident memory (VmHWM), model and all
     pub peak_rss_bytes: u64,
-    /// the model preset's name
-    pub model: String,
-    /// V, of the random tokens
-    pub vocab_size: usize,
-    /// n, the head's horizon
-    pub horizon: usize,
-    /// r, the head's rank
-    pub rank: usize,
-    /// B, rows per step
-    pub batch: usize,
-    /// T, positions per row
-    pub seq: usize,
-    /// the number of timed steps
-    pub steps: usize,
+    /// what was timed: `model`, `vocab_size`, `horizon`, `rank`, `batch`, `seq`, `steps`
+    #[serde(flatten)]
+    pub bench: TrainBench,
     /// the CPU threads of rayon's pool
     pub threads: usize,
     /// every timed step's time in milliseconds, in order
@@ -112,7 +101,7 @@ pub fn model_flops_per_token(config: &ModelConfig, seq: usize) -> f64 {
 }
 
 /// What `bench train` times: a preset with its head, and the shape of the steps.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct TrainBench {
     /// the model preset
     pub model: String,
@@ -153,7 +142,7 @@ impl TrainBench {
 /// `bench.batch` is the global batch, of which it trains its share.
 pub fn bench_train(bench: &TrainBench, device: DeviceKind, precision: Precision, replica: Option<&Replica>) -> Result<BenchTrainResult> {
     let config = bench.config(device)?;
-    let TrainBench { vocab_size, horizon, rank, batch, seq, steps, .. } = *bench;
+    let TrainBench { vocab_size, horizon, batch, seq, steps, .. } = *bench;
     let on = device.open_on(precision, replica.map_or(0, |r| r.local_rank))?;
     let mut replicas = replica.map(|r| DataParallel::join(r, &on)).transpose()?;
     let mut rng = Rng::new(0);
@@ -209,13 +198,7 @@ pub fn bench_train(bench: &TrainBench, device: DeviceKind, precision: Precision,
         tokens_per_s,
         step_ms,
         peak_rss_bytes: peak_rss_bytes(),
-        model: bench.model.clone(),
-        vocab_size,
-        horizon,
-        rank,
-        batch,
-        seq,
-        steps,
+        bench: bench.clone(),
         threads: rayon::current_num_threads(),
         step_ms_all: times,
         device,
