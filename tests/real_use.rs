@@ -316,3 +316,18 @@ fn a_published_gpt2_directory_gets_the_head_and_trains_it_alone() {
     };
     assert_eq!(sample(true), sample(false));
 }
+
+#[test]
+fn a_run_out_of_time_saves_where_it_stopped_and_resumes_to_the_end() {
+    use multitoken::train::{train, RunOptions, TrainSettings};
+    let ws = workspace("out-of-time");
+    let out = ws.root.join("timed");
+    let settings = TrainSettings { model: "tiny".into(), steps: 6, batch: 2, seq: 16, eval_every: 3, ..TrainSettings::default() };
+    // no time at all: stopped before the first step, with a checkpoint of step 0
+    let timed = RunOptions { stop_after_seconds: Some(0.0), ..RunOptions::default() };
+    let stopped = train(&ws.data, &out, settings.clone(), &timed);
+    assert!(matches!(stopped, Err(multitoken::error::Error::Interrupted { step: 0, .. })), "{stopped:?}");
+    assert_eq!(train_state(&out)["step"], 0);
+    let finished = train(&ws.data, &out, settings, &RunOptions { resume: true, ..RunOptions::default() }).unwrap();
+    assert_eq!(finished.steps, 6);
+}
