@@ -4,9 +4,10 @@
 //! validation joint and next-token loss, mean accepted tokens per pass (greedy, and sampling at
 //! temperature 1), acceptance rate per draft position, and speed against autoregressive decoding.
 //!
-//! Writes `docs/rank-table.svg`, `runs/rank-table/results.jsonl`, and the table into
-//! docs/results.md between the `rank-table` markers. Run through `scripts/rank-table.sh`, which
-//! fetches the corpora and prepares the data first.
+//! Writes `runs/rank-table/results.jsonl` (a copy goes to `docs/rank-table.jsonl`),
+//! `docs/rank-table.svg`, and the table into docs/results.md between the `rank-table` markers. Run from the repository root (it reads
+//! `examples/prompts` and writes `docs/` there) through `scripts/rank-table.sh`, which fetches
+//! the corpora and prepares the data first.
 //!
 //! cargo run --release --example rank_table -- RUN_DIR STEPS MODEL SEQ BATCH CORPUS=DATA_DIR...
 //! (with RANK_TABLE_RENDER_ONLY=1 it only redraws from RUN_DIR/results.jsonl)
@@ -39,6 +40,11 @@ const HORIZON: usize = 4;
 /// Tokens of each prompt, and new tokens decoded after it.
 const PROMPT_TOKENS: usize = 64;
 const NEW_TOKENS: usize = 128;
+/// Validations per run: the study measures each run at its best one (early stopping).
+const VALIDATIONS: u64 = 6;
+/// The committed held-out prompts, and where the table and plot go, from the repository root.
+const PROMPTS_DIR: &str = "examples/prompts";
+const DOCS_DIR: &str = "docs";
 
 /// What the environment asks of the study (see the top of this file).
 struct Study {
@@ -79,6 +85,10 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("expected NAME=DATA_DIR, got {a}"))
         })
         .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        Path::new(PROMPTS_DIR).is_dir() && Path::new(DOCS_DIR).is_dir(),
+        "{PROMPTS_DIR} and {DOCS_DIR} are not here: run this from the repository root (scripts/rank-table.sh does)"
+    );
     std::fs::create_dir_all(&run_dir)?;
     let study = Study::from_env()?;
     // the cells finished before: kept, and not run again
@@ -89,14 +99,15 @@ fn main() -> anyhow::Result<()> {
     };
     let render_only = std::env::var("RANK_TABLE_RENDER_ONLY").is_ok_and(|v| v == "1");
     anyhow::ensure!(!render_only || !rows.is_empty(), "{} holds no results to render", results_path.display());
-    let cells = corpora.iter().filter(|_| !render_only).flat_map(|corpus| (0..study.seeds).map(move |k| (corpus, 1337 + k)));
+    // seed by seed, so that a study stopped early holds every corpus
+    let cells = (0..study.seeds).filter(|_| !render_only).flat_map(|k| corpora.iter().map(move |corpus| (corpus, 1337 + k)));
     for ((corpus, data), seed) in cells {
         let base = TrainSettings {
             model: model.clone(),
             steps,
             batch,
             seq,
-            eval_every: steps,
+            eval_every: (steps / VALIDATIONS).max(1),
             save_every: 0,
             lr: 3e-3,
             seed,
@@ -116,14 +127,24 @@ fn main() -> anyhow::Result<()> {
             ));
         }
         for r in RANKS {
-            let settings =
-                TrainSettings { horizon: HORIZON, rank: r, init_from: Some(ntp_dir.clone()), freeze_backbone: true, ..base.clone() };
+            // on the next-token model's best weights
+            let settings = TrainSettings {
+                horizon: HORIZON,
+                rank: r,
+                init_from: checkpoint::best_path(&ntp_dir),
+                freeze_backbone: true,
+                ..base.clone()
+            };
             variants.push(("head-only".into(), r, run_dir.join(format!("{corpus}-ft-r{r}{tag}")), settings));
         }
+        let finished = |rows: &[Value], kind: &str, rank: usize| {
+            rows.iter().any(|row| cell_of(row) == (corpus.clone(), kind.into(), rank as u64, seed))
+        };
+        // the next-token model is trained again (bit for bit the same) when a head-only run
+        // still needs it and a new device session no longer holds it
+        let ntp_needed = RANKS.iter().any(|&r| !finished(&rows, "head-only", r)) && !checkpoint::exists(&ntp_dir);
         for (kind, rank, out, settings) in variants {
-            let cell = (corpus.clone(), kind.clone(), rank as u64, seed);
-            // a finished cell is skipped; the next-token model is kept for the head-only runs
-            if rows.iter().any(|row| cell_of(row) == cell) && (kind != "next-token" || checkpoint::exists(&out)) {
+            if finished(&rows, &kind, rank) && !(kind == "next-token" && ntp_needed) {
                 continue;
             }
             eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed}", settings.horizon);
@@ -145,23 +166,33 @@ fn main() -> anyhow::Result<()> {
                 None => train::train(data, &out, settings.clone(), &options)?,
                 Some(seconds) => {
                     let timed = RunOptions { stop_after_seconds: Some(seconds), ..options.clone() };
-                    let at_time = match train::train(data, &out, settings.clone(), &timed) {
-                        Ok(summary) => summary, // finished within r = 1's time: the views agree
-                        Err(multitoken::error::Error::Interrupted { .. }) => measure_checkpoint(&out, data, &settings, seconds, &study)?,
+                    let stopped = match train::train(data, &out, settings.clone(), &timed) {
+                        Ok(summary) => Some(summary), // finished within r = 1's time: the views agree
+                        Err(multitoken::error::Error::Interrupted { .. }) => None,
                         Err(e) => return Err(e.into()),
                     };
                     let equal_time = run_dir.join(format!("{}-at-r1-time", out.file_name().unwrap_or_default().to_string_lossy()));
-                    copy_dir(&out, &equal_time)?;
-                    new_rows.push(decode_row(corpus, &format!("{kind}, r=1's time"), seed, &equal_time, data, &at_time, &study)?);
-                    if at_time.steps >= settings.steps {
-                        at_time
-                    } else {
-                        let rest = train::train(data, &out, settings.clone(), &RunOptions { resume: true, ..options.clone() })?;
-                        train::TrainSummary { elapsed_s: at_time.elapsed_s + rest.elapsed_s, ..rest }
+                    let best = checkpoint::best_path(&out).zip(checkpoint::best_path(&equal_time));
+                    for (from, to) in std::iter::once((out.clone(), equal_time.clone())).chain(best) {
+                        if from.exists() {
+                            copy_dir(&from, &to)?;
+                        }
+                    }
+                    let (training, chosen) = match &stopped {
+                        Some(summary) => (Training::of(summary), best_validation(&equal_time)?),
+                        None => measure_stopped(&equal_time, data, &settings, seconds, &study)?,
+                    };
+                    new_rows.push(decode_row(corpus, &format!("{kind}, r=1's time"), seed, &chosen, &training, &study)?);
+                    match stopped {
+                        Some(summary) => summary,
+                        None => {
+                            let rest = train::train(data, &out, settings.clone(), &RunOptions { resume: true, ..options.clone() })?;
+                            train::TrainSummary { elapsed_s: seconds + rest.elapsed_s, ..rest }
+                        }
                     }
                 }
             };
-            new_rows.insert(0, decode_row(corpus, &kind, seed, &out, data, &summary, &study)?);
+            new_rows.insert(0, decode_row(corpus, &kind, seed, &best_validation(&out)?, &Training::of(&summary), &study)?);
             for row in new_rows {
                 eprintln!("{row}");
                 rows.retain(|other| cell_of(other) != cell_of(&row));
@@ -173,8 +204,10 @@ fn main() -> anyhow::Result<()> {
             multitoken::data::write_atomically(&results_path, text.as_bytes())?;
         }
     }
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let docs = Path::new(DOCS_DIR);
     std::fs::write(docs.join("rank-table.svg"), plot(&rows))?;
+    // the rows themselves, for a reader to check the table against
+    std::fs::copy(&results_path, docs.join("rank-table.jsonl"))?;
     let table = markdown(&rows, steps, &model, seq, batch);
     update_results(&docs.join("results.md"), &table)?;
     println!("{table}");
@@ -193,16 +226,47 @@ fn median_lists(lists: &[Vec<f64>]) -> Vec<f64> {
     (0..len).map(|i| median(lists.iter().map(|l| l[i]).collect())).collect()
 }
 
-/// What `train` would have reported for the checkpoint an interrupted run left in `dir`: its
-/// validation losses (on the run's validation rows), its steps, and `elapsed_s`, the time it
-/// was stopped at.
-fn measure_checkpoint(
-    dir: &Path,
-    data: &Path,
-    settings: &TrainSettings,
-    elapsed_s: f64,
-    study: &Study,
-) -> anyhow::Result<train::TrainSummary> {
+/// How long a run trained, and how fast.
+struct Training {
+    steps: u64,
+    seconds: f64,
+    tokens_per_s: f64,
+}
+
+impl Training {
+    fn of(summary: &train::TrainSummary) -> Self {
+        Training { steps: summary.steps, seconds: summary.elapsed_s, tokens_per_s: summary.tokens_per_s }
+    }
+}
+
+/// The weights a run is measured at, and the validation (a metrics.jsonl row: step, losses,
+/// gate statistics) that chose them.
+struct Chosen {
+    weights: PathBuf,
+    validation: Value,
+}
+
+/// Early stopping: the run's weights with the lowest validation joint loss (its `-best`
+/// sibling) and the validation that chose them. Every run sees the same tokens, but a small
+/// corpus seen many times over is overfitted well before the end, the next-token model most.
+fn best_validation(dir: &Path) -> anyhow::Result<Chosen> {
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
+    let validation = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|row| row["val_joint_loss"].is_f64())
+        .min_by(|a, b| a["val_joint_loss"].as_f64().unwrap_or(f64::NAN).total_cmp(&b["val_joint_loss"].as_f64().unwrap_or(f64::NAN)))
+        .ok_or_else(|| anyhow::anyhow!("{} holds no validation", dir.display()))?;
+    let weights = checkpoint::best_path(dir)
+        .filter(|best| checkpoint::exists(best))
+        .ok_or_else(|| anyhow::anyhow!("{} has no best weights", dir.display()))?;
+    Ok(Chosen { weights, validation })
+}
+
+/// A run stopped at `seconds` (its checkpoint in `dir`), measured as [`best_validation`] would
+/// had it validated where it stopped: its stopped weights when they beat its best validation
+/// so far, else that validation's weights.
+fn measure_stopped(dir: &Path, data: &Path, settings: &TrainSettings, seconds: f64, study: &Study) -> anyhow::Result<(Training, Chosen)> {
     let ckpt = checkpoint::load_for_resume(dir)?;
     let state = ckpt.resume.as_ref().ok_or_else(|| anyhow::anyhow!("{} has no training state", dir.display()))?;
     let dataset = train::Dataset::load(data)?;
@@ -213,19 +277,24 @@ fn measure_checkpoint(
     let losses = train::evaluate::evaluate_batches(&ckpt.config, &params, &val)?;
     let metrics: Vec<Value> =
         std::fs::read_to_string(dir.join("metrics.jsonl"))?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let last = |key: &str| metrics.iter().rev().find_map(|r| r[key].as_f64()).unwrap_or(f64::NAN);
-    Ok(train::TrainSummary {
-        steps: state.step,
-        train_loss: last("train_loss"),
-        val_joint_loss: losses.joint_loss,
-        val_ntp_loss: losses.ntp_loss,
-        tokens_per_s: last("tokens_per_s"),
-        val_head_losses: losses.head_losses,
-        elapsed_s,
-        checkpoint: dir.into(),
-        peak_rss_bytes: 0,
-        peak_gpu_bytes: None,
-    })
+    let tokens_per_s = metrics.iter().rev().find_map(|r| r["tokens_per_s"].as_f64()).unwrap_or(f64::NAN);
+    let training = Training { steps: state.step, seconds, tokens_per_s };
+    let stopped = Chosen {
+        weights: dir.into(),
+        validation: json!({
+            "step": state.step,
+            "val_joint_loss": losses.joint_loss,
+            "val_ntp_loss": losses.ntp_loss,
+            "val_head_losses": losses.head_losses,
+            "gate_entropy": losses.gate_entropy,
+            "expert_fraction": losses.expert_fraction,
+        }),
+    };
+    let chosen = match best_validation(dir) {
+        Ok(best) if best.validation["val_joint_loss"].as_f64().is_some_and(|b| b <= losses.joint_loss) => best,
+        _ => stopped,
+    };
+    Ok((training, chosen))
 }
 
 /// Copies a checkpoint directory (files only), replacing `to`.
@@ -243,41 +312,29 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// The study's prompts for `corpus`: the first `count` of the committed held-out prompts in
 /// examples/prompts/CORPUS.jsonl (cut from the end of the corpus that validation holds out, by
-/// scripts/held-out-prompts.py), each at most [`PROMPT_TOKENS`] tokens; for a corpus without
-/// such a file, `count` windows evenly spaced through the validation split.
-fn prompts_for(corpus: &str, data: &Path, tok: &tokenizers::Tokenizer, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
-    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prompts").join(format!("{corpus}.jsonl"));
-    if let Ok(text) = std::fs::read_to_string(&committed) {
-        let texts: Vec<String> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
-        anyhow::ensure!(texts.len() >= count, "{} holds {} prompts, fewer than the {count} asked for", committed.display(), texts.len());
-        return texts[..count]
-            .iter()
-            .map(|t| {
-                let ids = tokenizer::encode(tok, t)?;
-                Ok(ids[ids.len().saturating_sub(PROMPT_TOKENS)..].to_vec())
-            })
-            .collect();
-    }
-    let val = multitoken::data::tokens::read(&data.join("val.bin"))?.tokens;
-    let room = val.len().saturating_sub(PROMPT_TOKENS).max(1);
-    Ok((0..count).map(|i| i * room / count).map(|start| val[start..(start + PROMPT_TOKENS).min(val.len())].to_vec()).collect())
+/// scripts/held-out-prompts.py), each at most [`PROMPT_TOKENS`] tokens.
+fn prompts_for(corpus: &str, tok: &tokenizers::Tokenizer, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let committed = Path::new(PROMPTS_DIR).join(format!("{corpus}.jsonl"));
+    let text = std::fs::read_to_string(&committed)
+        .map_err(|e| anyhow::anyhow!("cannot read the prompts of corpus {corpus}, {}: {e}", committed.display()))?;
+    let texts: Vec<String> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    anyhow::ensure!(texts.len() >= count, "{} holds {} prompts, fewer than the {count} asked for", committed.display(), texts.len());
+    texts[..count]
+        .iter()
+        .map(|t| {
+            let ids = tokenizer::encode(tok, t)?;
+            Ok(ids[ids.len().saturating_sub(PROMPT_TOKENS)..].to_vec())
+        })
+        .collect()
 }
 
 /// Decoding measurements of one trained checkpoint, after `study.prompts` prompts from the
 /// validation split (medians over them), with its training's loss, time and gate statistics.
 #[allow(clippy::too_many_arguments)]
-fn decode_row(
-    corpus: &str,
-    kind: &str,
-    seed: u64,
-    dir: &Path,
-    data: &Path,
-    summary: &train::TrainSummary,
-    study: &Study,
-) -> anyhow::Result<Value> {
-    let ckpt = checkpoint::load(dir)?;
-    let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), dir)?;
-    let prompts = prompts_for(corpus, data, &tok, study.prompts)?;
+fn decode_row(corpus: &str, kind: &str, seed: u64, chosen: &Chosen, training: &Training, study: &Study) -> anyhow::Result<Value> {
+    let ckpt = checkpoint::load(&chosen.weights)?;
+    let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), &chosen.weights)?;
+    let prompts = prompts_for(corpus, &tok, study.prompts)?;
     let sampled_config = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
     let (mut greedy, mut sampled) = (Vec::new(), Vec::new());
     for prompt in &prompts {
@@ -293,28 +350,22 @@ fn decode_row(
     };
     let acceptance =
         |runs: &[multitoken::bench::BenchDecodeResult]| median_lists(&runs.iter().map(|r| r.acceptance_rates.clone()).collect::<Vec<_>>());
-    // the gate's entropy and the experts' share at the last validation
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
-    let last_validation: Value = metrics
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|row| row.get("val_joint_loss").is_some())
-        .unwrap_or(Value::Null);
+    let validation = &chosen.validation;
     Ok(json!({
         "corpus": corpus,
         "kind": kind,
         "seed": seed,
         "horizon": ckpt.config.horizon,
         "rank": ckpt.config.rank,
-        "val_joint_loss": summary.val_joint_loss,
-        "val_ntp_loss": summary.val_ntp_loss,
-        "val_head_losses": summary.val_head_losses,
-        "steps": summary.steps,
-        "train_seconds": summary.elapsed_s,
-        "train_tokens_per_s": summary.tokens_per_s,
-        "gate_entropy": last_validation.get("gate_entropy"),
-        "expert_fraction": last_validation.get("expert_fraction"),
+        "val_joint_loss": validation["val_joint_loss"],
+        "val_ntp_loss": validation["val_ntp_loss"],
+        "val_head_losses": validation["val_head_losses"],
+        "measured_step": validation["step"],
+        "steps": training.steps,
+        "train_seconds": training.seconds,
+        "train_tokens_per_s": training.tokens_per_s,
+        "gate_entropy": validation["gate_entropy"],
+        "expert_fraction": validation["expert_fraction"],
         "prompts": prompts.len(),
         "greedy_mean_accepted": of(&greedy, |r| r.mean_accepted),
         "greedy_acceptance": acceptance(&greedy),
@@ -338,26 +389,31 @@ fn fmt_list(v: &Value) -> String {
 fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -> String {
     let prompts = rows.iter().filter_map(|r| r["prompts"].as_u64()).max().unwrap_or(1);
     let mut out = format!(
-        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}; decoding {NEW_TOKENS} new tokens after each of {prompts} held-out prompt(s) of at most {PROMPT_TOKENS} tokens (examples/prompts; medians over them).\n\n",
-        steps as usize * batch * seq
+        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}, validated every {} steps; each run is measured at its weights of lowest validation joint loss (at the step shown). Decoding: {NEW_TOKENS} new tokens after each of {prompts} held-out prompt(s) of at most {PROMPT_TOKENS} tokens (examples/prompts; medians over them).\n\n",
+        steps as usize * batch * seq,
+        (steps / VALIDATIONS).max(1)
     );
-    out += "| corpus | training | r | seed | val joint | val next-token | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass | training s |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "| corpus | training | r | seed | step | val joint | val next-token | val by horizon | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass | gate entropy | expert shares | training s |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     let at_r1_time = |r: &&Value| r["kind"].as_str().is_some_and(|k| k.ends_with("r=1's time"));
     for r in rows.iter().filter(|r| !at_r1_time(r)) {
         out += &format!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.2}× | {:.2} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2} | {} | {} | {:.0} |\n",
             r["corpus"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             r["rank"],
             r["seed"].as_u64().unwrap_or(1337),
+            r["measured_step"],
             r["val_joint_loss"].as_f64().unwrap_or(f64::NAN),
             r["val_ntp_loss"].as_f64().unwrap_or(f64::NAN),
+            fmt_list(&r["val_head_losses"]),
             r["greedy_mean_accepted"].as_f64().unwrap_or(f64::NAN),
             fmt_list(&r["greedy_acceptance"]),
             r["sampled_mean_accepted"].as_f64().unwrap_or(f64::NAN),
             r["greedy_speedup"].as_f64().unwrap_or(f64::NAN),
             r["step_cost_ratio"].as_f64().unwrap_or(f64::NAN),
+            r["gate_entropy"].as_f64().map_or(String::new(), |e| format!("{e:.2}")),
+            fmt_list(&r["expert_fraction"]),
             r["train_seconds"].as_f64().unwrap_or(f64::NAN),
         );
     }
@@ -433,55 +489,115 @@ fn over_seeds(rows: &[Value]) -> String {
     out
 }
 
-/// Mean accepted tokens per pass against rank, one line per (corpus, training, decoding).
+/// The median over seeds of `key` at each rank, for one corpus and training.
+fn by_rank(rows: &[Value], corpus: &str, kind: &str, key: &str) -> Vec<(f64, f64)> {
+    RANKS
+        .iter()
+        .filter_map(|&r| {
+            let values: Vec<f64> = rows
+                .iter()
+                .filter(|row| row["corpus"] == corpus && row["kind"] == kind && row["rank"].as_u64() == Some(r as u64))
+                .filter_map(|row| row[key].as_f64())
+                .collect();
+            (!values.is_empty()).then(|| (r as f64, median(values)))
+        })
+        .collect()
+}
+
+/// One plotted series.
+struct Line {
+    label: String,
+    color: RGBColor,
+    dashed: bool,
+    points: Vec<(f64, f64)>,
+}
+
+/// Two panels against rank, medians over seeds, one line per corpus and training: mean accepted
+/// tokens per pass (greedy solid, sampled at T = 1 dashed), and the validation joint loss as a
+/// change from r = 1's.
 fn plot(rows: &[Value]) -> String {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1200, 480)).into_drawing_area();
         let _ = root.fill(&WHITE);
-        let top = rows
-            .iter()
-            .flat_map(|r| [r["greedy_mean_accepted"].as_f64(), r["sampled_mean_accepted"].as_f64()])
-            .flatten()
-            .fold(2.0f64, f64::max);
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Mean accepted tokens per forward pass (n = 4)", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.8f64..8.5f64, 0.9f64..top + 0.2)
-            .expect("chart");
-        let _ = chart.configure_mesh().x_desc("rank r").y_desc("tokens per pass").draw();
-        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
-        let mut index = 0;
+        let (left, right) = root.split_horizontally(600);
         let corpora: Vec<String> = rows.iter().filter_map(|r| r["corpus"].as_str().map(String::from)).fold(Vec::new(), |mut v, c| {
             if !v.contains(&c) {
                 v.push(c);
             }
             v
         });
-        for corpus in &corpora {
-            for kind in ["scratch", "head-only"] {
-                for (mode, key) in [("greedy", "greedy_mean_accepted"), ("sampled", "sampled_mean_accepted")] {
-                    let points: Vec<(f64, f64)> = rows
-                        .iter()
-                        .filter(|r| r["corpus"] == corpus.as_str() && r["kind"] == kind)
-                        .filter_map(|r| Some((r["rank"].as_f64()?, r[key].as_f64()?)))
-                        .collect();
-                    let color = colors[index % colors.len()];
-                    index += 1;
-                    if let Ok(series) = chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))) {
-                        series
-                            .label(format!("{corpus} {kind} {mode}"))
-                            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-                    }
-                    let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
-                }
+        let lines: Vec<(String, &str, RGBColor)> = corpora
+            .iter()
+            .flat_map(|c| ["scratch", "head-only"].map(|k| (c.clone(), k)))
+            .zip([BLUE, RED, GREEN, MAGENTA, CYAN, BLACK].into_iter().cycle())
+            .map(|((c, k), color)| (c, k, color))
+            .collect();
+
+        let accepted: Vec<Line> =
+            lines
+                .iter()
+                .flat_map(|(c, k, color)| {
+                    [("greedy", "greedy_mean_accepted", false), ("sampled", "sampled_mean_accepted", true)].map(|(mode, key, dashed)| {
+                        Line { label: format!("{c} {k} {mode}"), color: *color, dashed, points: by_rank(rows, c, k, key) }
+                    })
+                })
+                .collect();
+        let top = accepted.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(2.0f64, f64::max);
+        let mut chart = ChartBuilder::on(&left)
+            .caption("Mean accepted tokens per pass (n = 4): greedy solid, sampled dashed", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.8f64..8.5f64, 0.9f64..top + 0.4 * (top - 0.9))
+            .expect("chart");
+        let _ = chart.configure_mesh().x_desc("rank r").y_desc("tokens per pass").draw();
+        for Line { label, color, dashed, points } in accepted {
+            let style = color.stroke_width(2);
+            // one legend entry per colour: the greedy line's
+            if dashed {
+                let _ = chart.draw_series(DashedLineSeries::new(points.clone(), 6, 4, style));
+            } else if let Ok(series) = chart.draw_series(LineSeries::new(points.clone(), style)) {
+                let label = label.trim_end_matches(" greedy").to_string();
+                series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             }
+            let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
         }
         let _ = chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw();
+
+        let change: Vec<Line> = lines
+            .iter()
+            .map(|(c, k, color)| {
+                let points = by_rank(rows, c, k, "val_joint_loss");
+                let at_r1 = points.first().filter(|p| p.0 == 1.0).map(|p| p.1);
+                let relative = at_r1.map_or(Vec::new(), |base| points.iter().map(|&(r, v)| (r, 100.0 * (v / base - 1.0))).collect());
+                Line { label: format!("{c} {k}"), color: *color, dashed: false, points: relative }
+            })
+            .collect();
+        let low = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(-2.0f64, f64::min);
+        let mut chart = ChartBuilder::on(&right)
+            .caption("Validation joint loss, change from r = 1", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.8f64..8.5f64, (low - 1.0)..1.0f64)
+            .expect("chart");
+        let _ = chart.configure_mesh().x_desc("rank r").y_desc("%").draw();
+        for Line { label, color, points, .. } in change {
+            let style = color.stroke_width(2);
+            if let Ok(series) = chart.draw_series(LineSeries::new(points.clone(), style)) {
+                series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            }
+            let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
+        }
+        let _ = chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw();
