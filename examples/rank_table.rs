@@ -504,17 +504,17 @@ fn by_rank(rows: &[Value], corpus: &str, kind: &str, key: &str) -> Vec<(f64, f64
         .collect()
 }
 
-/// One plotted series.
+/// One plotted series; only a labelled one has a legend entry.
 struct Line {
-    label: String,
+    label: Option<String>,
     color: RGBColor,
     dashed: bool,
     points: Vec<(f64, f64)>,
 }
 
-/// Two panels against rank, medians over seeds, one line per corpus and training: mean accepted
-/// tokens per pass (greedy solid, sampled at T = 1 dashed), and the validation joint loss as a
-/// change from r = 1's.
+/// Two panels against rank, medians over seeds, one colour per corpus and training: mean
+/// accepted tokens per pass (greedy solid, sampled at T = 1 dashed), and the validation joint
+/// loss as a change from r = 1's.
 fn plot(rows: &[Value]) -> String {
     let mut svg = String::new();
     {
@@ -527,83 +527,80 @@ fn plot(rows: &[Value]) -> String {
             }
             v
         });
-        let lines: Vec<(String, &str, RGBColor)> = corpora
+        let series: Vec<(String, &str, RGBColor)> = corpora
             .iter()
             .flat_map(|c| ["scratch", "head-only"].map(|k| (c.clone(), k)))
             .zip([BLUE, RED, GREEN, MAGENTA, CYAN, BLACK].into_iter().cycle())
             .map(|((c, k), color)| (c, k, color))
             .collect();
 
-        let accepted: Vec<Line> =
-            lines
-                .iter()
-                .flat_map(|(c, k, color)| {
-                    [("greedy", "greedy_mean_accepted", false), ("sampled", "sampled_mean_accepted", true)].map(|(mode, key, dashed)| {
-                        Line { label: format!("{c} {k} {mode}"), color: *color, dashed, points: by_rank(rows, c, k, key) }
-                    })
-                })
-                .collect();
+        let accepted: Vec<Line> = series
+            .iter()
+            .flat_map(|(c, k, color)| {
+                [
+                    Line {
+                        label: Some(format!("{c} {k}")),
+                        color: *color,
+                        dashed: false,
+                        points: by_rank(rows, c, k, "greedy_mean_accepted"),
+                    },
+                    Line { label: None, color: *color, dashed: true, points: by_rank(rows, c, k, "sampled_mean_accepted") },
+                ]
+            })
+            .collect();
         let top = accepted.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(2.0f64, f64::max);
-        let mut chart = ChartBuilder::on(&left)
-            .caption("Mean accepted tokens per pass (n = 4): greedy solid, sampled dashed", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.8f64..8.5f64, 0.9f64..top + 0.4 * (top - 0.9))
-            .expect("chart");
-        let _ = chart.configure_mesh().x_desc("rank r").y_desc("tokens per pass").draw();
-        for Line { label, color, dashed, points } in accepted {
-            let style = color.stroke_width(2);
-            // one legend entry per colour: the greedy line's
-            if dashed {
-                let _ = chart.draw_series(DashedLineSeries::new(points.clone(), 6, 4, style));
-            } else if let Ok(series) = chart.draw_series(LineSeries::new(points.clone(), style)) {
-                let label = label.trim_end_matches(" greedy").to_string();
-                series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-            }
-            let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
-        }
-        let _ = chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw();
+        let caption = "Mean accepted tokens per pass (n = 4): greedy solid, sampled dashed";
+        panel(&left, caption, "tokens per pass", 0.9..top + 0.4 * (top - 0.9), accepted, SeriesLabelPosition::UpperLeft);
 
-        let change: Vec<Line> = lines
+        let change: Vec<Line> = series
             .iter()
             .map(|(c, k, color)| {
                 let points = by_rank(rows, c, k, "val_joint_loss");
                 let at_r1 = points.first().filter(|p| p.0 == 1.0).map(|p| p.1);
                 let relative = at_r1.map_or(Vec::new(), |base| points.iter().map(|&(r, v)| (r, 100.0 * (v / base - 1.0))).collect());
-                Line { label: format!("{c} {k}"), color: *color, dashed: false, points: relative }
+                Line { label: Some(format!("{c} {k}")), color: *color, dashed: false, points: relative }
             })
             .collect();
         let low = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(-2.0f64, f64::min);
-        let mut chart = ChartBuilder::on(&right)
-            .caption("Validation joint loss, change from r = 1", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.8f64..8.5f64, (low - 1.0)..1.0f64)
-            .expect("chart");
-        let _ = chart.configure_mesh().x_desc("rank r").y_desc("%").draw();
-        for Line { label, color, points, .. } in change {
-            let style = color.stroke_width(2);
-            if let Ok(series) = chart.draw_series(LineSeries::new(points.clone(), style)) {
-                series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-            }
-            let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
-        }
-        let _ = chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw();
+        let caption = "Validation joint loss, change from r = 1";
+        panel(&right, caption, "%", (low - 1.0)..1.0, change, SeriesLabelPosition::LowerRight);
         let _ = root.present();
     }
     svg
+}
+
+/// One panel of [`plot`]: `lines` against rank over `y_range`.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    y_desc: &str,
+    y_range: std::ops::Range<f64>,
+    lines: Vec<Line>,
+    legend_at: SeriesLabelPosition,
+) {
+    let Ok(mut chart) = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.8f64..8.5f64, y_range)
+    else {
+        return;
+    };
+    let _ = chart.configure_mesh().x_desc("rank r").y_desc(y_desc).draw();
+    for Line { label, color, dashed, points } in lines {
+        let style = color.stroke_width(2);
+        let drawn = if dashed {
+            chart.draw_series(DashedLineSeries::new(points.clone(), 6, 4, style))
+        } else {
+            chart.draw_series(LineSeries::new(points.clone(), style))
+        };
+        if let (Ok(drawn), Some(label)) = (drawn, label) {
+            drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        }
+        let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())));
+    }
+    let _ = chart.configure_series_labels().position(legend_at).background_style(WHITE.mix(0.8)).border_style(BLACK).draw();
 }
 
 /// Replaces the text between the rank-table markers of docs/results.md.
