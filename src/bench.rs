@@ -179,7 +179,7 @@ pub fn bench_train(bench: &TrainBench, device: DeviceKind, precision: Precision,
             Some(replicas) => {
                 let (objective, mut grads) =
                     accumulate_gradients(&config, &params, std::slice::from_ref(&data), step_config.aux_coef, &|_| true)?;
-                replicas.average(&mut grads, objective, false)?;
+                replicas.average(&mut grads, objective, false, std::time::Duration::ZERO)?;
                 apply_gradients(&mut params, &mut optimizer, &grads, 1, step_config)?;
             }
         }

@@ -486,8 +486,10 @@ impl DataParallel {
 
     /// Replaces every gradient by its mean over the ranks, in place, and returns the mean of
     /// `objective` over the ranks and whether any rank asked to stop: what every rank then
-    /// acts on alike.
-    pub fn average(&mut self, grads: &mut [Option<Tensor<f32>>], objective: f64, stop: bool) -> Result<(f64, bool)> {
+    /// acts on alike. A rank gives up when the others have not answered within the collective
+    /// time limit plus `allowance`: the time rank 0 may take to write files after the previous
+    /// step, which the other ranks do not wait for otherwise.
+    pub fn average(&mut self, grads: &mut [Option<Tensor<f32>>], objective: f64, stop: bool, allowance: Duration) -> Result<(f64, bool)> {
         let scalars = self.gpu.upload(&[objective, if stop { 1.0 } else { 0.0 }])?;
         let mut views = Vec::new();
         for grad in grads.iter_mut().flatten() {
@@ -495,7 +497,7 @@ impl DataParallel {
             views.push(cuda.view());
         }
         self.communicator.all_reduce(&self.gpu, &views, &[scalars.view()])?;
-        self.communicator.wait(&self.gpu, self.limit)?;
+        self.communicator.wait(&self.gpu, self.limit + allowance)?;
         let totals = self.gpu.download(scalars.view())?;
         Ok((totals[0] / self.world_size() as f64, totals[1] > 0.0))
     }

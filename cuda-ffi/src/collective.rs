@@ -30,12 +30,15 @@ pub fn nccl_present() -> bool {
 pub const NCCL_SONAME: &str = "libnccl.so.2";
 
 /// Where `libnccl.so.2` is when cudarc cannot load NCCL by its own names: in the directory that
-/// [`crate::LIB_DIR_VARIABLE`] names, else wherever the loader finds it. A launcher of ranks
-/// links `libnccl.so` to it in a directory of its own, on the ranks' `LD_LIBRARY_PATH`.
+/// [`crate::LIB_DIR_VARIABLE`] names, else wherever the loader finds it (pip keeps NCCL in a
+/// directory of its own, apart from cuBLAS and NVRTC). A launcher of ranks links `libnccl.so`
+/// to it in a directory of its own, on the ranks' `LD_LIBRARY_PATH`.
 pub fn nccl_soname_path() -> Option<std::path::PathBuf> {
     if let Some(dir) = std::env::var_os(crate::LIB_DIR_VARIABLE).filter(|d| !d.is_empty()) {
         let path = std::path::Path::new(&dir).join(NCCL_SONAME);
-        return path.is_file().then_some(path);
+        if path.is_file() {
+            return Some(path);
+        }
     }
     // SAFETY: opening NCCL runs only its initialisers; it stays loaded, as cudarc's would.
     let library = unsafe { libloading::Library::new(NCCL_SONAME) }.ok()?;
