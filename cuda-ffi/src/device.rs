@@ -30,7 +30,26 @@ pub(crate) const KERNEL_SOURCES: [(&str, &str); 10] = [
 /// prepended to each: NVRTC cannot resolve an `#include` of an embedded source.
 const KERNEL_COMMON: &str = include_str!("../kernels/common.cuh");
 
-pub(crate) fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
+/// Every kernel file compiled for `architecture`, with its module name. NVRTC takes seconds for
+/// them all, so a process compiles them once per architecture, however often it opens a device
+/// (a study that measures many checkpoints, the test suite).
+pub(crate) fn compiled_kernels(architecture: &str) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    type Compiled = Vec<(&'static str, cudarc::nvrtc::Ptx)>;
+    static COMPILED: std::sync::Mutex<std::collections::BTreeMap<String, Compiled>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut compiled = COMPILED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(kernels) = compiled.get(architecture) {
+        return Ok(kernels.clone());
+    }
+    let kernels = KERNEL_SOURCES
+        .iter()
+        .map(|&(module, source)| Ok((module, compile(module, source, architecture)?)))
+        .collect::<Result<Compiled>>()?;
+    compiled.insert(architecture.to_string(), kernels.clone());
+    Ok(kernels)
+}
+
+fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
     let mut options = vec![format!("--gpu-architecture={architecture}")];
     options.extend(KERNEL_DEFINES.iter().chain(&general::OP_DEFINES).map(|(name, value)| format!("-D{name}={value}")));
     let options = cudarc::nvrtc::CompileOptions { options, ..Default::default() };
@@ -120,8 +139,7 @@ impl Gpu {
         let (major, minor) = context.compute_capability()?;
         let name = context.name().unwrap_or_else(|_| "CUDA device".into());
         let mut modules = std::collections::HashMap::<&str, Arc<CudaModule>>::new();
-        for (module, source) in KERNEL_SOURCES {
-            let ptx = compile(module, source, &format!("compute_{major}{minor}"))?;
+        for (module, ptx) in compiled_kernels(&format!("compute_{major}{minor}"))? {
             modules.insert(module, context.load_module(ptx)?);
         }
         let kernels = Kernels {

@@ -183,10 +183,7 @@ pub fn nvrtc_present() -> bool {
 /// Compiles every kernel for `architecture` (such as `compute_90`) without a device: NVRTC
 /// alone, so that a machine without a GPU can check the kernels' source.
 pub fn compile_all_kernels(architecture: &str) -> Result<()> {
-    for (module, source) in device::KERNEL_SOURCES {
-        device::compile(module, source, architecture)?;
-    }
-    Ok(())
+    device::compiled_kernels(architecture).map(drop)
 }
 
 /// `Err(Shape(what()))` unless `ok`: the launchers' check of the views they are given.
@@ -211,6 +208,14 @@ mod tests {
             if let Err(e) = super::compile_all_kernels(architecture) {
                 panic!("{architecture}: {e}");
             }
+            // a second device of the architecture takes the kernels compiled for the first
+            let (first, again) = (super::device::compiled_kernels(architecture), super::device::compiled_kernels(architecture));
+            let sources = |kernels: super::Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>>| {
+                kernels.unwrap().into_iter().map(|(module, ptx)| (module, ptx.to_src())).collect::<Vec<_>>()
+            };
+            let first = sources(first);
+            assert_eq!(first.len(), super::device::KERNEL_SOURCES.len());
+            assert_eq!(first, sources(again));
         }
     }
 }
