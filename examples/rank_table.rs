@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&run_dir)?;
     let study = Study::from_env()?;
+    let started = std::time::Instant::now();
     // the cells finished before: kept, and not run again
     let results_path = run_dir.join("results.jsonl");
     let mut rows: Vec<Value> = match std::fs::read_to_string(&results_path) {
@@ -147,7 +148,8 @@ fn main() -> anyhow::Result<()> {
             if finished(&rows, &kind, rank) && !(kind == "next-token" && ntp_needed) {
                 continue;
             }
-            eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed}", settings.horizon);
+            let at = started.elapsed().as_secs();
+            eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed} ({at} s into this session of the study)", settings.horizon);
             // a cell stopped midway starts again, its best weights too
             for dir in std::iter::once(out.clone()).chain(checkpoint::best_path(&out)) {
                 let _ = std::fs::remove_dir_all(dir);
