@@ -4,7 +4,7 @@
 //! validation joint and next-token loss, mean accepted tokens per pass (greedy, and sampling at
 //! temperature 1), acceptance rate per draft position, and speed against autoregressive decoding.
 //!
-//! Writes `runs/rank-table/results.jsonl` (a copy goes to `docs/rank-table.jsonl`),
+//! Writes RUN_DIR/results.jsonl (a copy goes to `docs/rank-table.jsonl`),
 //! `docs/rank-table.svg`, and the table into docs/results.md between the `rank-table` markers. Run from the repository root (it reads
 //! `examples/prompts` and writes `docs/` there) through `scripts/rank-table.sh`, which fetches
 //! the corpora and prepares the data first.

@@ -12,21 +12,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-600}"; model="${2:-tiny}"; vocab="${3:-1024}"
 seq="${RANK_TABLE_SEQ:-128}"; batch="${RANK_TABLE_BATCH:-16}"
-run=runs/rank-table
+# one directory per study: a study with other arguments, device or precision starts its own
+# (the finished cells it skips are only those of the same study)
+device="${RANK_TABLE_DEVICE:-cpu}"; precision="${RANK_TABLE_PRECISION:-f32}"; prompts="${RANK_TABLE_PROMPTS:-1}"
+data=runs/rank-table/data-v$vocab
+run=runs/rank-table/$model-v$vocab-steps$steps-T$seq-B$batch-$device-$precision-p$prompts
 scripts/fetch-data.sh data/corpora shakespeare milton moby-dick python-stdlib
-cargo build --release --quiet --example rank_table
+cargo build --release --quiet --bin multitoken --example rank_table
 bin=target/release/multitoken
-mkdir -p "$run"
+mkdir -p "$data" "$run"
 # the committed prompts (examples/prompts) come from the last 8 % of moby-dick.txt and of
 # python-stdlib.txt, inside the last 10 % of tokens that validation holds out
 declare -A texts=([prose]="shakespeare milton moby-dick" [code]="python-stdlib")
 for corpus in prose code; do
-  if [ ! -f "$run/$corpus/train.bin" ]; then
+  if [ ! -f "$data/$corpus/train.bin" ]; then
     inputs=()
     for text in ${texts[$corpus]}; do inputs+=("data/corpora/$text.txt"); done
-    rm -f "$run/$corpus-tokenizer.json" # from a run stopped before its data was prepared
-    "$bin" tokenizer train --input "${inputs[@]}" --vocab-size "$vocab" --out "$run/$corpus-tokenizer.json"
-    "$bin" data prepare --tokenizer "$run/$corpus-tokenizer.json" --input "${inputs[@]}" --val-fraction 0.1 --out "$run/$corpus"
+    rm -f "$data/$corpus-tokenizer.json" # from a run stopped before its data was prepared
+    "$bin" tokenizer train --input "${inputs[@]}" --vocab-size "$vocab" --out "$data/$corpus-tokenizer.json"
+    "$bin" data prepare --tokenizer "$data/$corpus-tokenizer.json" --input "${inputs[@]}" --val-fraction 0.1 --out "$data/$corpus"
   fi
 done
-target/release/examples/rank_table "$run" "$steps" "$model" "$seq" "$batch" "prose=$run/prose" "code=$run/code"
+target/release/examples/rank_table "$run" "$steps" "$model" "$seq" "$batch" "prose=$data/prose" "code=$data/code"
