@@ -4,10 +4,11 @@
 //! validation joint and next-token loss, mean accepted tokens per pass (greedy, and sampling at
 //! temperature 1), acceptance rate per draft position, and speed against autoregressive decoding.
 //!
-//! Writes RUN_DIR/results.jsonl (a copy goes to `docs/rank-table.jsonl`),
-//! `docs/rank-table.svg`, and the table into docs/results.md between the `rank-table` markers. Run from the repository root (it reads
-//! `examples/prompts` and writes `docs/` there) through `scripts/rank-table.sh`, which fetches
-//! the corpora and prepares the data first.
+//! Writes RUN_DIR/results.jsonl, RUN_DIR/table.md and RUN_DIR/rank-table.svg; with
+//! `RANK_TABLE_DOCS=1` also `docs/rank-table.jsonl` (the rows), `docs/rank-table.svg`, and the
+//! table into docs/results.md between the `rank-table` markers. Run from the repository root
+//! (it reads `examples/prompts` and writes `docs/` there) through `scripts/rank-table.sh`, which
+//! fetches the corpora and prepares the data first.
 //!
 //! cargo run --release --example rank_table -- RUN_DIR STEPS MODEL SEQ BATCH CORPUS=DATA_DIR...
 //! (with RANK_TABLE_RENDER_ONLY=1 it only redraws from RUN_DIR/results.jsonl)
@@ -98,6 +99,11 @@ fn main() -> anyhow::Result<()> {
         Ok(text) => text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?,
         Err(_) => Vec::new(),
     };
+    // what every run of this study shares; a row of another study is not this one's to skip
+    let budget = json!({ "model": model, "steps": steps, "seq": seq, "batch": batch });
+    if let Some(other) = rows.iter().find(|row| row.get("budget").is_some_and(|b| *b != budget)) {
+        anyhow::bail!("{} holds a study of {} (this one: {budget}); choose another RUN_DIR", results_path.display(), other["budget"]);
+    }
     let render_only = std::env::var("RANK_TABLE_RENDER_ONLY").is_ok_and(|v| v == "1");
     anyhow::ensure!(!render_only || !rows.is_empty(), "{} holds no results to render", results_path.display());
     // seed by seed, so that a study stopped early holds every corpus
@@ -145,35 +151,39 @@ fn main() -> anyhow::Result<()> {
         // still needs it and a new device session no longer holds it
         let ntp_needed = RANKS.iter().any(|&r| !finished(&rows, "head-only", r)) && !checkpoint::exists(&ntp_dir);
         for (kind, rank, out, settings) in variants {
-            if finished(&rows, &kind, rank) && !(kind == "next-token" && ntp_needed) {
-                continue;
-            }
-            let at = started.elapsed().as_secs();
-            eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed} ({at} s into this session of the study)", settings.horizon);
-            // a cell stopped midway starts again, its best weights too
-            for dir in std::iter::once(out.clone()).chain(checkpoint::best_path(&out)) {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            let options = RunOptions { show_progress: true, device: study.device, ..Default::default() };
-            // the equal-wall-clock view: a rank above 1 stops first at the time its r = 1 run
-            // took, is measured there, and then resumes to the same number of tokens (a resumed
-            // run ends bit for bit as an uninterrupted one)
+            // the equal-wall-clock view: a rank above 1 is also measured at the time its r = 1
+            // run took (that run is measured first: the ranks go in increasing order)
+            let timed_kind = format!("{kind}, r=1's time");
             let r1_seconds = rows
                 .iter()
                 .find(|row| cell_of(row) == (corpus.clone(), kind.clone(), 1, seed))
                 .and_then(|row| row["train_seconds"].as_f64())
                 .filter(|_| rank > 1 && kind != "next-token");
+            let full_done = finished(&rows, &kind, rank);
+            let timed_done = r1_seconds.is_none() || finished(&rows, &timed_kind, rank);
+            if full_done && timed_done && !(kind == "next-token" && ntp_needed) {
+                continue;
+            }
+            let at = started.elapsed().as_secs();
+            eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed} ({at} s into this session of the study)", settings.horizon);
+            let equal_time = run_dir.join(format!("{}-at-r1-time", out.file_name().unwrap_or_default().to_string_lossy()));
+            // a cell stopped midway starts again, its best weights too
+            for dir in [&out, &equal_time].into_iter().flat_map(|dir| std::iter::once(dir.clone()).chain(checkpoint::best_path(dir))) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let options = RunOptions { show_progress: true, device: study.device, ..Default::default() };
             let mut new_rows = Vec::new();
-            let summary = match r1_seconds {
-                None => train::train(data, &out, settings.clone(), &options)?,
+            let summary = match r1_seconds.filter(|_| !timed_done) {
+                None => Some(train::train(data, &out, settings.clone(), &options)?),
                 Some(seconds) => {
+                    // first only for r = 1's time; then on to the same number of tokens (a
+                    // resumed run ends bit for bit as an uninterrupted one)
                     let timed = RunOptions { stop_after_seconds: Some(seconds), ..options.clone() };
                     let stopped = match train::train(data, &out, settings.clone(), &timed) {
                         Ok(summary) => Some(summary), // finished within r = 1's time: the views agree
                         Err(multitoken::error::Error::Interrupted { .. }) => None,
                         Err(e) => return Err(e.into()),
                     };
-                    let equal_time = run_dir.join(format!("{}-at-r1-time", out.file_name().unwrap_or_default().to_string_lossy()));
                     let best = checkpoint::best_path(&out).zip(checkpoint::best_path(&equal_time));
                     for (from, to) in std::iter::once((out.clone(), equal_time.clone())).chain(best) {
                         if from.exists() {
@@ -182,19 +192,23 @@ fn main() -> anyhow::Result<()> {
                     }
                     let (training, chosen) = match &stopped {
                         Some(summary) => (Training::of(summary), best_validation(&equal_time)?),
-                        None => measure_stopped(&equal_time, data, &settings, seconds, &study)?,
+                        None => measure_stopped(&equal_time, data, seconds, &study)?,
                     };
-                    new_rows.push(decode_row(corpus, &format!("{kind}, r=1's time"), seed, &chosen, &training, &study)?);
+                    new_rows.push(decode_row(corpus, &timed_kind, seed, &chosen, &training, &study, &budget)?);
                     match stopped {
-                        Some(summary) => summary,
+                        Some(summary) => Some(summary),
+                        // measured at equal tokens before: only its equal-time row was missing
+                        None if full_done => None,
                         None => {
                             let rest = train::train(data, &out, settings.clone(), &RunOptions { resume: true, ..options.clone() })?;
-                            train::TrainSummary { elapsed_s: seconds + rest.elapsed_s, ..rest }
+                            Some(train::TrainSummary { elapsed_s: seconds + rest.elapsed_s, ..rest })
                         }
                     }
                 }
             };
-            new_rows.insert(0, decode_row(corpus, &kind, seed, &best_validation(&out)?, &Training::of(&summary), &study)?);
+            if let Some(summary) = summary {
+                new_rows.insert(0, decode_row(corpus, &kind, seed, &best_validation(&out)?, &Training::of(&summary), &study, &budget)?);
+            }
             for row in new_rows {
                 eprintln!("{row}");
                 rows.retain(|other| cell_of(other) != cell_of(&row));
@@ -206,26 +220,43 @@ fn main() -> anyhow::Result<()> {
             multitoken::data::write_atomically(&results_path, text.as_bytes())?;
         }
     }
-    let docs = Path::new(DOCS_DIR);
-    std::fs::write(docs.join("rank-table.svg"), plot(&rows))?;
-    // the rows themselves, for a reader to check the table against
-    std::fs::copy(&results_path, docs.join("rank-table.jsonl"))?;
-    let table = markdown(&rows, steps, &model, seq, batch);
-    update_results(&docs.join("results.md"), &table)?;
+    let (table, svg) = (markdown(&rows, steps, &model, seq, batch), plot(&rows));
+    std::fs::write(run_dir.join("table.md"), &table)?;
+    std::fs::write(run_dir.join("rank-table.svg"), &svg)?;
+    // docs/ holds one study, the one its text reads: written only when asked for
+    if std::env::var("RANK_TABLE_DOCS").is_ok_and(|v| v == "1") {
+        let docs = Path::new(DOCS_DIR);
+        std::fs::write(docs.join("rank-table.svg"), &svg)?;
+        // the rows themselves, for a reader to check the table against
+        std::fs::copy(&results_path, docs.join("rank-table.jsonl"))?;
+        update_results(&docs.join("results.md"), &table)?;
+    }
     println!("{table}");
     Ok(())
 }
 
-/// The median of `values` (the upper one of an even count).
+/// The median of `values`: the middle one, or the mean of the two middle ones of an even count
+/// (over two seeds, their mean).
 fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
+/// The upper median of `values`, the ⌊len/2⌋-th smallest (0-based): a value some prompt reached,
+/// as the medians over prompts are.
+fn upper_median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// The element-wise median of equal-length lists.
-fn median_lists(lists: &[Vec<f64>]) -> Vec<f64> {
+/// The element-wise upper median of equal-length lists (acceptance by position over prompts).
+fn upper_median_lists(lists: &[Vec<f64>]) -> Vec<f64> {
     let len = lists.first().map_or(0, Vec::len);
-    (0..len).map(|i| median(lists.iter().map(|l| l[i]).collect())).collect()
+    (0..len).map(|i| upper_median(lists.iter().map(|l| l[i]).collect())).collect()
 }
 
 /// How long a run trained, and how fast.
@@ -268,13 +299,15 @@ fn best_validation(dir: &Path) -> anyhow::Result<Chosen> {
 /// A run stopped at `seconds` (its checkpoint in `dir`), measured as [`best_validation`] would
 /// had it validated where it stopped: its stopped weights when they beat its best validation
 /// so far, else that validation's weights.
-fn measure_stopped(dir: &Path, data: &Path, settings: &TrainSettings, seconds: f64, study: &Study) -> anyhow::Result<(Training, Chosen)> {
+fn measure_stopped(dir: &Path, data: &Path, seconds: f64, study: &Study) -> anyhow::Result<(Training, Chosen)> {
     let ckpt = checkpoint::load_for_resume(dir)?;
     let state = ckpt.resume.as_ref().ok_or_else(|| anyhow::anyhow!("{} has no training state", dir.display()))?;
     let dataset = train::Dataset::load(data)?;
-    let n = ckpt.config.horizon;
-    let val = multitoken::data::batches::validation_batches(&dataset.val, settings.batch, settings.seq, n, settings.eval_batches)?;
-    let device = study.device.open(Precision::F32)?;
+    // the validation rows and precision of the run's own validations, to compare with them
+    let settings = &state.settings;
+    let batches = settings.eval_batches * settings.grad_accum;
+    let val = multitoken::data::batches::validation_batches(&dataset.val, settings.batch, settings.seq, ckpt.config.horizon, batches)?;
+    let device = study.device.open(settings.precision)?;
     let params = train::params_to_device(&ckpt.config, &ckpt.params, &device)?;
     let losses = train::evaluate::evaluate_batches(&ckpt.config, &params, &val)?;
     let metrics: Vec<Value> =
@@ -333,7 +366,15 @@ fn prompts_for(corpus: &str, tok: &tokenizers::Tokenizer, count: usize) -> anyho
 /// Decoding measurements of one trained checkpoint, after `study.prompts` prompts from the
 /// validation split (medians over them), with its training's loss, time and gate statistics.
 #[allow(clippy::too_many_arguments)]
-fn decode_row(corpus: &str, kind: &str, seed: u64, chosen: &Chosen, training: &Training, study: &Study) -> anyhow::Result<Value> {
+fn decode_row(
+    corpus: &str,
+    kind: &str,
+    seed: u64,
+    chosen: &Chosen,
+    training: &Training,
+    study: &Study,
+    budget: &Value,
+) -> anyhow::Result<Value> {
     let ckpt = checkpoint::load(&chosen.weights)?;
     let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), &chosen.weights)?;
     let prompts = prompts_for(corpus, &tok, study.prompts)?;
@@ -348,10 +389,11 @@ fn decode_row(corpus: &str, kind: &str, seed: u64, chosen: &Chosen, training: &T
         sampled.push(run(&sampled_config)?);
     }
     let of = |runs: &[multitoken::bench::BenchDecodeResult], key: fn(&multitoken::bench::BenchDecodeResult) -> f64| {
-        median(runs.iter().map(key).collect())
+        upper_median(runs.iter().map(key).collect())
     };
-    let acceptance =
-        |runs: &[multitoken::bench::BenchDecodeResult]| median_lists(&runs.iter().map(|r| r.acceptance_rates.clone()).collect::<Vec<_>>());
+    let acceptance = |runs: &[multitoken::bench::BenchDecodeResult]| {
+        upper_median_lists(&runs.iter().map(|r| r.acceptance_rates.clone()).collect::<Vec<_>>())
+    };
     let validation = &chosen.validation;
     Ok(json!({
         "corpus": corpus,
@@ -368,6 +410,8 @@ fn decode_row(corpus: &str, kind: &str, seed: u64, chosen: &Chosen, training: &T
         "train_tokens_per_s": training.tokens_per_s,
         "gate_entropy": validation["gate_entropy"],
         "expert_fraction": validation["expert_fraction"],
+        "budget": budget,
+        "vocab_size": ckpt.config.vocab_size,
         "prompts": prompts.len(),
         "greedy_mean_accepted": of(&greedy, |r| r.mean_accepted),
         "greedy_acceptance": acceptance(&greedy),
@@ -391,16 +435,16 @@ fn fmt_list(v: &Value) -> String {
 fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -> String {
     let prompts = rows.iter().filter_map(|r| r["prompts"].as_u64()).max().unwrap_or(1);
     let mut out = format!(
-        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}, validated every {} steps; each run is measured at its weights of lowest validation joint loss (at the step shown). Decoding: {NEW_TOKENS} new tokens after each of {prompts} held-out prompt(s) of at most {PROMPT_TOKENS} tokens (examples/prompts; medians over them).\n\n",
+        "Model `{model}`, {steps} steps of B = {batch}, T = {seq} ({} tokens per run), n = {HORIZON}, validated every {} steps; each run is measured at its weights of lowest validation joint loss (at the step shown). Decoding: {NEW_TOKENS} new tokens after each of {prompts} held-out prompt(s) of at most {PROMPT_TOKENS} tokens (examples/prompts; upper medians over them, the ⌊P/2⌋-th smallest from 0 of P).\n\n",
         steps as usize * batch * seq,
         (steps / VALIDATIONS).max(1)
     );
-    out += "| corpus | training | r | seed | step | val joint | val next-token | val by horizon | greedy accepted/pass | acceptance by draft position | sampled (T=1) accepted/pass | greedy speed-up | spec pass / AR pass | gate entropy | expert shares | training s |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "| corpus | training | r | seed | step | val joint | val next-token | val by horizon | greedy accepted/pass | greedy acceptance by draft position | sampled (T=1) accepted/pass | sampled acceptance by draft position | greedy speed-up | spec pass / AR pass | gate entropy | expert shares | training tokens/s | training s |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     let at_r1_time = |r: &&Value| r["kind"].as_str().is_some_and(|k| k.ends_with("r=1's time"));
     for r in rows.iter().filter(|r| !at_r1_time(r)) {
         out += &format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {:.2} | {} | {:.2} | {} | {:.2}× | {:.2} | {} | {} | {:.0} | {:.0} |\n",
             r["corpus"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             r["rank"],
@@ -412,10 +456,12 @@ fn markdown(rows: &[Value], steps: u64, model: &str, seq: usize, batch: usize) -
             r["greedy_mean_accepted"].as_f64().unwrap_or(f64::NAN),
             fmt_list(&r["greedy_acceptance"]),
             r["sampled_mean_accepted"].as_f64().unwrap_or(f64::NAN),
+            fmt_list(&r["sampled_acceptance"]),
             r["greedy_speedup"].as_f64().unwrap_or(f64::NAN),
             r["step_cost_ratio"].as_f64().unwrap_or(f64::NAN),
             r["gate_entropy"].as_f64().map_or(String::new(), |e| format!("{e:.2}")),
             fmt_list(&r["expert_fraction"]),
+            r["train_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
             r["train_seconds"].as_f64().unwrap_or(f64::NAN),
         );
     }
@@ -564,8 +610,9 @@ fn plot(rows: &[Value]) -> String {
             })
             .collect();
         let low = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(-2.0f64, f64::min);
+        let high = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(0.0f64, f64::max);
         let caption = "Validation joint loss, change from r = 1";
-        panel(&right, caption, "%", (low - 1.0)..1.0, change, SeriesLabelPosition::LowerRight);
+        panel(&right, caption, "%", (low - 1.0)..(high + 1.0), change, SeriesLabelPosition::LowerRight);
         let _ = root.present();
     }
     svg

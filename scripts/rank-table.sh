@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The rank table of docs/results.md, rerun with one command: prose (Shakespeare, Milton, then
+# The rank study of docs/results.md, rerun with one command: prose (Shakespeare, Milton, then
 # Moby-Dick, whose end is held out) and code (the Python standard library), the same token
-# budget for every run. Defaults finish in about
-# 20 minutes on 2 cores; more steps give better models and higher acceptance.
+# budget for every run. Defaults (a `tiny` table) finish in about 20 minutes on 2 cores; the
+# table and plot go to the study's directory under runs/rank-table/ (and, with
+# RANK_TABLE_DOCS=1, into docs/).
 # Usage: scripts/rank-table.sh [STEPS=600] [MODEL=tiny] [VOCAB=1024]
 # At GPU scale: RANK_TABLE_DEVICE=cuda RANK_TABLE_PRECISION=bf16 RANK_TABLE_SEEDS=2
-# RANK_TABLE_PROMPTS=20 RANK_TABLE_SEQ=256 RANK_TABLE_BATCH=64 scripts/rank-table.sh 3072 small 8192
+# RANK_TABLE_PROMPTS=20 RANK_TABLE_SEQ=256 RANK_TABLE_BATCH=64 RANK_TABLE_DOCS=1 scripts/rank-table.sh 3072 small 8192
 # (examples/rank_table.rs); a stopped study continues where it stopped when run again with the
 # same arguments.
 set -euo pipefail
