@@ -43,9 +43,11 @@ pub fn nccl_soname_path() -> Option<std::path::PathBuf> {
     // SAFETY: opening NCCL runs only its initialisers; it stays loaded, as cudarc's would.
     let library = unsafe { libloading::Library::new(NCCL_SONAME) }.ok()?;
     std::mem::forget(library);
-    // the loader chose the file: the process's memory map names it
+    // the loader chose the file: the process's memory map names it, by the name a link to it
+    // resolves to (a system's libnccl.so.2 is a link to libnccl.so.2.X.Y)
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().filter_map(|line| line.split_whitespace().nth(5)).find(|path| path.ends_with(NCCL_SONAME)).map(Into::into)
+    let is_nccl = |path: &&str| std::path::Path::new(path).file_name().is_some_and(|name| name.to_string_lossy().starts_with(NCCL_SONAME));
+    maps.lines().filter_map(|line| line.split_whitespace().nth(5)).find(is_nccl).map(Into::into)
 }
 
 /// Checks that NCCL can be loaded, so that a missing library is a [`CudaError`] naming it.

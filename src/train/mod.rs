@@ -776,11 +776,16 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let mut train_loss = f64::NAN;
     let mut last_val = None;
     let mut stop_agreed = false;
-    // rank 0 writes the best weights and checkpoints while the other ranks go on to the next
-    // all-reduce: they allow it time to write a checkpoint (weights and both AdamW moments) at
-    // a slow disk's 50 MB/s
-    let write_allowance = Duration::from_secs_f64((16 * run.config.parameter_count()) as f64 / 50e6);
-    let writes_at = |step: u64| step.is_multiple_of(s.eval_every.max(1)) || (s.save_every > 0 && step.is_multiple_of(s.save_every));
+    // rank 0 writes while the other ranks go on to the next all-reduce: after a step where it
+    // validated (the best weights, 4 bytes a parameter) or saved (weights and both AdamW
+    // moments, 12), they allow it the time that takes at 200 MB/s
+    let parameters = run.config.parameter_count() as f64;
+    let write_allowance = |step: u64| {
+        let validated = step.is_multiple_of(s.eval_every.max(1));
+        let saved = s.save_every > 0 && step.is_multiple_of(s.save_every);
+        let bytes = parameters * (if validated { 4.0 } else { 0.0 } + if saved { 12.0 } else { 0.0 });
+        Duration::from_secs_f64(bytes / 200e6)
+    };
     while run.step < s.steps {
         // a request to stop (Ctrl-C, SIGTERM, --stop-after-seconds) is this process's own; the
         // ranks of a multi-GPU run pass theirs through the all-reduce and stop at the step they
@@ -808,8 +813,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             None => train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable),
             Some(replicas) => {
                 accumulate_gradients(&run.config, &run.params, &micro_batches, s.aux_coef, &trainable).and_then(|(objective, mut grads)| {
-                    let allowance = if writes_at(step) { write_allowance } else { Duration::ZERO };
-                    let (objective, stop) = replicas.average(&mut grads, objective, stop_asked, allowance)?;
+                    let (objective, stop) = replicas.average(&mut grads, objective, stop_asked, write_allowance(step))?;
                     stop_agreed = stop;
                     if !objective.is_finite() {
                         return Ok((objective, f64::NAN));
