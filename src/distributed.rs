@@ -479,6 +479,15 @@ impl DataParallel {
         self.communicator.world_size()
     }
 
+    /// Replaces `values` by their sums over the ranks (the validation's running sums).
+    pub fn sum(&mut self, values: &mut [f64]) -> Result<()> {
+        let sums = self.gpu.upload(values)?;
+        self.communicator.all_reduce(&self.gpu, &[], &[sums.view()])?;
+        self.communicator.wait(&self.gpu, self.limit)?;
+        values.copy_from_slice(&self.gpu.download(sums.view())?);
+        Ok(())
+    }
+
     /// The device time of the last [`DataParallel::average`]'s all-reduce, in milliseconds.
     pub fn last_all_reduce_ms(&self) -> Result<f64> {
         Ok(self.communicator.last_all_reduce_ms()?)

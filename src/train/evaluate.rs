@@ -59,6 +59,22 @@ impl Mean {
         self.count += count;
     }
 
+    /// The running sums, flat: joint, entropy, count, then the heads', fractions' and weights'.
+    fn to_sums(&self) -> Vec<f64> {
+        let scalars = [self.joint, self.entropy, self.count as f64];
+        scalars.into_iter().chain(self.heads.iter().chain(&self.fraction).chain(&self.weight).copied()).collect()
+    }
+
+    /// Replaces the running sums by `sums`, laid out as [`Mean::to_sums`] lays out this one's.
+    fn set_sums(&mut self, sums: &[f64]) {
+        let (heads, fractions) = (self.heads.len(), self.fraction.len());
+        (self.joint, self.entropy, self.count) = (sums[0], sums[1], sums[2].round() as usize);
+        let rest = &sums[3..];
+        self.heads.copy_from_slice(&rest[..heads]);
+        self.fraction.copy_from_slice(&rest[heads..heads + fractions]);
+        self.weight.copy_from_slice(&rest[heads + fractions..]);
+    }
+
     fn finish(self) -> Losses {
         let n = self.count.max(1) as f64;
         let mean = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| x / n).collect() };
@@ -87,6 +103,31 @@ pub fn evaluate_batches(config: &ModelConfig, params: &ModelParams<Tensor<f32>>,
         let out = model_loss(&mut tape, config, &vars, batch, 0.0)?;
         mean.add(&out.stats, batch.inputs.len());
     }
+    Ok(mean.finish())
+}
+
+/// [`evaluate_batches`] shared out among the `world` ranks of a data-parallel run: this rank
+/// scores its shard of every batch ([`Batch::shard`]), and `all_sum` adds up every rank's sums
+/// in place (an all-reduce), so that each rank returns the losses of the whole batches, as one
+/// device would have scored them but for the order of the sums.
+pub fn evaluate_batch_shards(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<f32>>,
+    batches: &[Batch],
+    (rank, world): (usize, usize),
+    all_sum: &mut dyn FnMut(&mut [f64]) -> Result<()>,
+) -> Result<Losses> {
+    let mut mean = Mean::default();
+    for batch in batches {
+        let shard = batch.shard(rank, world);
+        let mut tape = Tape::inference();
+        let vars = gpt2::params_on_tape(&mut tape, config, params, |_| false);
+        let out = model_loss(&mut tape, config, &vars, &shard, 0.0)?;
+        mean.add(&out.stats, shard.inputs.len());
+    }
+    let mut sums = mean.to_sums();
+    all_sum(&mut sums)?;
+    mean.set_sums(&sums);
     Ok(mean.finish())
 }
 
@@ -140,6 +181,47 @@ pub fn evaluate_tokens(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_shared_out_among_ranks_equals_validation_on_one() {
+        use crate::data::batches::validation_batches;
+        let config = ModelConfig::preset("tiny", 64, 3, 2).unwrap();
+        let params = gpt2::init_params::<f32>(&config, &mut crate::tensor::Rng::new(7));
+        let tokens: Vec<u32> = (0..4000u32).map(|i| (i * 7 + i / 13) % 64).collect();
+        let batches = validation_batches(&tokens[..], 4, 16, config.horizon, 3).unwrap();
+        let whole = evaluate_batches(&config, &params, &batches).unwrap();
+        // each rank's sums, as an all-reduce would see them
+        let sums_of = |rank| {
+            let mut seen = Vec::new();
+            evaluate_batch_shards(&config, &params, &batches, (rank, 2), &mut |sums| {
+                seen = sums.to_vec();
+                Ok(())
+            })
+            .unwrap();
+            seen
+        };
+        let others = sums_of(1);
+        assert_ne!(others, sums_of(0), "the ranks score different rows");
+        let shared = evaluate_batch_shards(&config, &params, &batches, (0, 2), &mut |sums| {
+            sums.iter_mut().zip(&others).for_each(|(mine, theirs)| *mine += theirs);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shared.tokens, whole.tokens);
+        let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} against {b}");
+        close(shared.joint_loss, whole.joint_loss);
+        close(shared.gate_entropy, whole.gate_entropy);
+        close(shared.aux, whole.aux);
+        for (a, b) in shared
+            .head_losses
+            .iter()
+            .chain(&shared.expert_fraction)
+            .chain(&shared.expert_weight)
+            .zip(whole.head_losses.iter().chain(&whole.expert_fraction).chain(&whole.expert_weight))
+        {
+            close(*a, *b);
+        }
+    }
 
     #[test]
     fn scoring_windows_score_every_position_with_all_its_targets_once() {

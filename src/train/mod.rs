@@ -769,6 +769,14 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     run.optimizer = run.optimizer.to_device(&device)?;
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
     let warmup = s.warmup_steps.unwrap_or_else(|| default_warmup(s.steps)); // resolved when the run started
+                                                                            // several ranks validate a shard of the validation rows each, and an all-reduce sums them
+    let validate = |run: &Run, replicas: &mut Option<DataParallel>| match replicas {
+        None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
+        Some(replicas) => {
+            let shard = (replicas.rank(), replicas.world_size());
+            evaluate::evaluate_batch_shards(&run.config, &run.params, &val_batches, shard, &mut |sums| replicas.sum(sums))
+        }
+    };
 
     let bar = progress_bar(s.steps, run.step, show_progress);
     let started = Instant::now();
@@ -840,10 +848,10 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             run.log(json!({ "step": run.step, "lr": lr, "train_loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s }));
         }
         if run.step % s.eval_every.max(1) == 0 || last {
-            let val = evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?;
+            let val = validate(&run, &mut replicas)?;
             let line = format!("step {:>6} | train {loss:.4} | val joint {:.4} ntp {:.4}", run.step, val.joint_loss, val.ntp_loss);
             if !options.writes() {
-                // every rank validates alike; rank 0 reports it
+                // every rank holds the whole validation; rank 0 reports it
             } else if bar.is_hidden() {
                 eprintln!("{line}");
             } else {
@@ -869,7 +877,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     bar.finish_and_clear();
     let val = match last_val {
         Some(v) => v,
-        None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches)?,
+        None => validate(&run, &mut replicas)?,
     };
     let tokens_per_s =
         if steps_timed > 0 { (steps_timed * (s.batch * s.grad_accum * s.seq) as u64) as f64 / step_time.as_secs_f64() } else { 0.0 };
