@@ -769,7 +769,8 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     run.optimizer = run.optimizer.to_device(&device)?;
     let trainable = |name: &str| !s.freeze_backbone || name.starts_with("mtp.");
     let warmup = s.warmup_steps.unwrap_or_else(|| default_warmup(s.steps)); // resolved when the run started
-                                                                            // several ranks validate a shard of the validation rows each, and an all-reduce sums them
+
+    // several ranks validate a shard of the validation rows each, and an all-reduce sums them
     let validate = |run: &Run, replicas: &mut Option<DataParallel>| match replicas {
         None => evaluate::evaluate_batches(&run.config, &run.params, &val_batches),
         Some(replicas) => {
