@@ -140,19 +140,46 @@ fn start_long_run(ws: &Workspace, out: &Path, environment: &[(&str, &str)]) -> L
     LongRun { launcher, stderr }
 }
 
-/// Waits for the launcher to end; returns its status, its error lines and how long it took.
-fn end_of(run: LongRun, since: Instant) -> (std::process::ExitStatus, String, Duration) {
-    let LongRun { mut launcher, stderr } = run;
+/// Whom a test signals: one rank of a long run (by its index among the ranks), or the launcher.
+enum Target {
+    Rank(usize),
+    Launcher,
+}
+
+/// How a signalled run ended: the launcher's status, its error lines, the time from the signal
+/// to its end, and the ranks' pids.
+struct Ending {
+    status: std::process::ExitStatus,
+    stderr: String,
+    took: Duration,
+    ranks: Vec<i32>,
+}
+
+/// Starts a long run into `out`, sends `signal` to `target` once the first checkpoint is written,
+/// and waits for the launcher to end (90 s at most), saying how long that took.
+fn signal_long_run(ws: &Workspace, out: &Path, environment: &[(&str, &str)], target: Target, signal: i32) -> Ending {
+    let LongRun { mut launcher, stderr } = start_long_run(ws, out, environment);
+    let ranks = ranks_of(&launcher);
+    assert_eq!(ranks.len(), 2, "one process per GPU");
+    let pid = match target {
+        Target::Rank(index) => ranks[index],
+        Target::Launcher => launcher.id() as i32,
+    };
+    let sent = Instant::now();
+    // SAFETY: kill(2) on a child of ours (or its child).
+    unsafe { libc::kill(pid, signal) };
     let status = loop {
         if let Some(status) = launcher.try_wait().unwrap() {
             break status;
         }
-        assert!(since.elapsed() < Duration::from_secs(90), "the run was still going 90 s later");
+        assert!(sent.elapsed() < Duration::from_secs(90), "the run was still going 90 s later");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let took = since.elapsed();
+    let took = sent.elapsed();
     let errors: Vec<String> = stderr.join().unwrap().lines().filter(|l| l.starts_with("error")).map(String::from).collect();
-    (status, errors.join("\n"), took)
+    let stderr = errors.join("\n");
+    println!("signal {signal}: the run ended {:.1} s later: {}", took.as_secs_f64(), stderr.trim());
+    Ending { status, stderr, took, ranks }
 }
 
 fn checkpoint_loads(out: &Path) {
@@ -167,32 +194,19 @@ fn a_rank_that_dies_or_hangs_ends_the_run_within_a_minute() {
 
     // kill -9 of rank 1: the launcher stops rank 0 at once and says what happened
     let out = ws.root.join("killed");
-    let launcher = start_long_run(&ws, &out, &[]);
-    let ranks = ranks_of(&launcher.launcher);
-    assert_eq!(ranks.len(), 2, "one process per GPU");
-    let killed_at = Instant::now();
-    // SAFETY: kill(2) on a child of ours.
-    unsafe { libc::kill(ranks[1], libc::SIGKILL) };
-    let (status, stderr, took) = end_of(launcher, killed_at);
-    println!("kill -9 of a rank: the run ended {:.1} s later: {}", took.as_secs_f64(), stderr.trim());
-    assert!(!status.success() && took < Duration::from_secs(60));
-    assert!(stderr.contains("was killed by signal 9"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+    let killed = signal_long_run(&ws, &out, &[], Target::Rank(1), libc::SIGKILL);
+    assert!(!killed.status.success() && killed.took < Duration::from_secs(60));
+    assert!(killed.stderr.contains("was killed by signal 9"), "{}", killed.stderr);
+    assert_eq!(killed.stderr.lines().count(), 1, "one error line: {}", killed.stderr);
     checkpoint_loads(&out);
 
     // a rank that stops answering (SIGSTOP): rank 0 gives up on the all-reduce
     let out = ws.root.join("hung");
-    let launcher = start_long_run(&ws, &out, &[("MULTITOKEN_COLLECTIVE_TIMEOUT", "15")]);
-    let ranks = ranks_of(&launcher.launcher);
-    let stopped_at = Instant::now();
-    // SAFETY: kill(2) on a child of ours.
-    unsafe { libc::kill(ranks[1], libc::SIGSTOP) };
-    let (status, stderr, took) = end_of(launcher, stopped_at);
-    println!("a hung rank: the run ended {:.1} s later: {}", took.as_secs_f64(), stderr.trim());
-    assert!(!status.success() && took < Duration::from_secs(60));
-    assert!(stderr.contains("did not answer within 15 s"), "{stderr}");
+    let hung = signal_long_run(&ws, &out, &[("MULTITOKEN_COLLECTIVE_TIMEOUT", "15")], Target::Rank(1), libc::SIGSTOP);
+    assert!(!hung.status.success() && hung.took < Duration::from_secs(60));
+    assert!(hung.stderr.contains("did not answer within 15 s"), "{}", hung.stderr);
     checkpoint_loads(&out);
-    assert!(gone(ranks[1]), "the launcher killed the hung rank");
+    assert!(gone(hung.ranks[1]), "the launcher killed the hung rank");
 }
 
 fn gone(pid: i32) -> bool {
@@ -211,12 +225,7 @@ fn sigterm_stops_every_rank_at_one_step_and_rank_0_saves_once() {
     let Some(_gpus) = two_gpus("sigterm_stops_every_rank_at_one_step_and_rank_0_saves_once") else { return };
     let ws = workspace("two-gpus-term");
     let out = ws.root.join("term");
-    let launcher = start_long_run(&ws, &out, &[]);
-    let sent = Instant::now();
-    // SAFETY: kill(2) on a child of ours.
-    unsafe { libc::kill(launcher.launcher.id() as i32, libc::SIGTERM) };
-    let (status, stderr, took) = end_of(launcher, sent);
-    println!("SIGTERM: the run ended {:.1} s later: {}", took.as_secs_f64(), stderr.trim());
+    let Ending { status, stderr, .. } = signal_long_run(&ws, &out, &[], Target::Launcher, libc::SIGTERM);
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one error line, not one per rank: {stderr}");
     let step: u64 = stderr.split("interrupted at step ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();

@@ -49,7 +49,13 @@ pub(crate) fn compiled_kernels(architecture: &str) -> Result<Vec<(&'static str, 
     Ok(kernels)
 }
 
+/// NVRTC compilations in this process, for the test that the cache above spares them.
+#[cfg(test)]
+pub(crate) static COMPILATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn compile(module: &str, source: &str, architecture: &str) -> Result<cudarc::nvrtc::Ptx> {
+    #[cfg(test)]
+    COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut options = vec![format!("--gpu-architecture={architecture}")];
     options.extend(KERNEL_DEFINES.iter().chain(&general::OP_DEFINES).map(|(name, value)| format!("-D{name}={value}")));
     let options = cudarc::nvrtc::CompileOptions { options, ..Default::default() };

@@ -209,7 +209,9 @@ mod tests {
                 panic!("{architecture}: {e}");
             }
             // a second device of the architecture takes the kernels compiled for the first
+            let compiled_before = super::device::COMPILATIONS.load(std::sync::atomic::Ordering::SeqCst);
             let (first, again) = (super::device::compiled_kernels(architecture), super::device::compiled_kernels(architecture));
+            assert_eq!(super::device::COMPILATIONS.load(std::sync::atomic::Ordering::SeqCst), compiled_before, "compiled again");
             let sources = |kernels: super::Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>>| {
                 kernels.unwrap().into_iter().map(|(module, ptx)| (module, ptx.to_src())).collect::<Vec<_>>()
             };

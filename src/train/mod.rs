@@ -480,6 +480,17 @@ fn check_tokens_per_step(s: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
+/// How much longer than the collective time limit the other ranks of a data-parallel run wait in
+/// the all-reduce after `step`: rank 0 writes while they go on, after a step where it validated
+/// (the best weights, 4 bytes a parameter) or saved (weights and both AdamW moments, 12), and
+/// they allow it the time that takes at 200 MB/s.
+fn write_allowance(s: &TrainSettings, parameters: u128, step: u64) -> Duration {
+    let validated = step.is_multiple_of(s.eval_every.max(1));
+    let saved = s.save_every > 0 && step.is_multiple_of(s.save_every);
+    let bytes_per_parameter = if validated { 4.0 } else { 0.0 } + if saved { 12.0 } else { 0.0 };
+    Duration::from_secs_f64(parameters as f64 * bytes_per_parameter / 200e6)
+}
+
 /// Checks settings against the model they train: the sequence fits its positions, the head is
 /// the one the settings name, a step's tokens are bounded.
 fn check_settings_fit(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
@@ -785,16 +796,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
     let mut train_loss = f64::NAN;
     let mut last_val = None;
     let mut stop_agreed = false;
-    // rank 0 writes while the other ranks go on to the next all-reduce: after a step where it
-    // validated (the best weights, 4 bytes a parameter) or saved (weights and both AdamW
-    // moments, 12), they allow it the time that takes at 200 MB/s
-    let parameters = run.config.parameter_count() as f64;
-    let write_allowance = |step: u64| {
-        let validated = step.is_multiple_of(s.eval_every.max(1));
-        let saved = s.save_every > 0 && step.is_multiple_of(s.save_every);
-        let bytes = parameters * (if validated { 4.0 } else { 0.0 } + if saved { 12.0 } else { 0.0 });
-        Duration::from_secs_f64(bytes / 200e6)
-    };
+    let parameters = run.config.parameter_count();
     while run.step < s.steps {
         // a request to stop (Ctrl-C, SIGTERM, --stop-after-seconds) is this process's own; the
         // ranks of a multi-GPU run pass theirs through the all-reduce and stop at the step they
@@ -822,7 +824,7 @@ pub fn train(data_dir: &Path, out_dir: &Path, settings: TrainSettings, options: 
             None => train_step_accumulated(&run.config, &mut run.params, &mut run.optimizer, &micro_batches, step_config, &trainable),
             Some(replicas) => {
                 accumulate_gradients(&run.config, &run.params, &micro_batches, s.aux_coef, &trainable).and_then(|(objective, mut grads)| {
-                    let (objective, stop) = replicas.average(&mut grads, objective, stop_asked, write_allowance(step))?;
+                    let (objective, stop) = replicas.average(&mut grads, objective, stop_asked, write_allowance(&s, parameters, step))?;
                     stop_agreed = stop;
                     if !objective.is_finite() {
                         return Ok((objective, f64::NAN));
@@ -907,4 +909,22 @@ fn progress_bar(total: u64, position: u64, show: bool) -> indicatif::ProgressBar
             .progress_chars("=> "),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_allow_rank_0_the_time_its_writes_take_after_the_steps_where_it_writes() {
+        let s = TrainSettings { eval_every: 10, save_every: 15, ..TrainSettings::default() };
+        let gpt2_small = 124_000_000;
+        let seconds = |step| write_allowance(&s, gpt2_small, step).as_secs_f64();
+        assert_eq!(seconds(7), 0.0, "rank 0 wrote nothing after step 7");
+        assert!((seconds(10) - 2.48).abs() < 1e-9, "the best weights, 4 bytes a parameter at 200 MB/s");
+        assert!((seconds(15) - 7.44).abs() < 1e-9, "a checkpoint, 12 bytes a parameter");
+        assert!((seconds(30) - 9.92).abs() < 1e-9, "both");
+        let no_saves = TrainSettings { save_every: 0, ..s.clone() };
+        assert_eq!(write_allowance(&no_saves, gpt2_small, 15).as_secs_f64(), 0.0);
+    }
 }
