@@ -20,7 +20,10 @@
 //!   on the next-token model of its own seed);
 //! - `RANK_TABLE_PROMPTS=P` decodes after the first P of the committed held-out prompts of the
 //!   corpus (`examples/prompts/prose.jsonl` and `code.jsonl`, 24 each, cut from the end of the
-//!   corpus that validation holds out by `scripts/held-out-prompts.py`), and reports medians.
+//!   corpus that validation holds out by `scripts/held-out-prompts.py`), and reports medians;
+//! - `RANK_TABLE_DEADLINE_S=S` starts no cell that would end more than S seconds after the
+//!   study started, as judged from the same kind and rank in the rows already written (for a
+//!   machine lent for a fixed time: no cell is cut off midway and lost).
 //!
 //! Each finished cell is written to RUN_DIR/results.jsonl at once, and a cell already there is
 //! not run again: a study stopped anywhere (a device session ending) continues where it stopped
@@ -43,6 +46,9 @@ const PROMPT_TOKENS: usize = 64;
 const NEW_TOKENS: usize = 128;
 /// Validations per run: the study measures each run at its best one (early stopping).
 const VALIDATIONS: u64 = 6;
+/// Seconds beyond training that a cell's measurements take at most (validation, decoding of
+/// the prompts), for `RANK_TABLE_DEADLINE_S`.
+const MEASURE_ALLOWANCE_S: f64 = 30.0;
 /// The committed held-out prompts, and where the table and plot go, from the repository root.
 const PROMPTS_DIR: &str = "examples/prompts";
 const DOCS_DIR: &str = "docs";
@@ -53,6 +59,7 @@ struct Study {
     precision: Precision,
     seeds: u64,
     prompts: usize,
+    deadline_s: Option<f64>,
 }
 
 impl Study {
@@ -63,7 +70,8 @@ impl Study {
         let seeds: u64 = var("RANK_TABLE_SEEDS", "1").parse()?;
         let prompts: usize = var("RANK_TABLE_PROMPTS", "1").parse()?;
         anyhow::ensure!(seeds >= 1 && prompts >= 1, "RANK_TABLE_SEEDS and RANK_TABLE_PROMPTS must be at least 1");
-        Ok(Study { device, precision, seeds, prompts })
+        let deadline_s = std::env::var("RANK_TABLE_DEADLINE_S").ok().map(|s| s.parse()).transpose()?;
+        Ok(Study { device, precision, seeds, prompts, deadline_s })
     }
 }
 
@@ -108,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!render_only || !rows.is_empty(), "{} holds no results to render", results_path.display());
     // seed by seed, so that a study stopped early holds every corpus
     let cells = (0..study.seeds).filter(|_| !render_only).flat_map(|k| corpora.iter().map(move |corpus| (corpus, 1337 + k)));
-    for ((corpus, data), seed) in cells {
+    'cells: for ((corpus, data), seed) in cells {
         let base = TrainSettings {
             model: model.clone(),
             steps,
@@ -169,6 +177,21 @@ fn main() -> anyhow::Result<()> {
             if full_done && timed_done && !(kind == "next-token" && ntp_needed) {
                 continue;
             }
+            if let Some(deadline) = study.deadline_s {
+                // a full run as long as the longest of its kind and rank so far; a timed-only
+                // redo as long as r = 1's run
+                let full_s = rows
+                    .iter()
+                    .filter(|row| row["kind"] == kind.as_str() && row["rank"] == rank)
+                    .filter_map(|row| row["train_seconds"].as_f64())
+                    .fold(0.0, f64::max);
+                let trains_in_full = !full_done || kind == "next-token";
+                let expected = if trains_in_full { full_s } else { r1_seconds.unwrap_or(0.0) } + MEASURE_ALLOWANCE_S;
+                if started.elapsed().as_secs_f64() + expected > deadline {
+                    eprintln!("== stopping before {corpus}: {kind} r={rank} seed {seed}: about {expected:.0} s would pass the deadline");
+                    break 'cells;
+                }
+            }
             let at = started.elapsed().as_secs();
             eprintln!("== {corpus}: {kind} n={} r={rank} seed {seed} ({at} s into this session of the study)", settings.horizon);
             let equal_time = run_dir.join(format!("{}-at-r1-time", out.file_name().unwrap_or_default().to_string_lossy()));
@@ -225,6 +248,14 @@ fn main() -> anyhow::Result<()> {
             multitoken::data::write_atomically(&results_path, text.as_bytes())?;
         }
     }
+    // read in the study's order, whatever order the cells were measured in
+    let kinds = ["next-token", "scratch", "scratch, r=1's time", "head-only", "head-only, r=1's time"];
+    rows.sort_by_key(|row| {
+        let (corpus, kind, rank, seed) = cell_of(row);
+        let corpus_at = corpora.iter().position(|(name, _)| *name == corpus).unwrap_or(usize::MAX);
+        let kind_at = kinds.iter().position(|name| *name == kind).unwrap_or(usize::MAX);
+        (corpus_at, kind_at, rank, seed)
+    });
     let (table, svg) = (markdown(&rows, steps, &model, seq, batch), plot(&rows));
     std::fs::write(run_dir.join("table.md"), &table)?;
     std::fs::write(run_dir.join("rank-table.svg"), &svg)?;

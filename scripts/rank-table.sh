@@ -8,7 +8,7 @@
 # At GPU scale: RANK_TABLE_DEVICE=cuda RANK_TABLE_PRECISION=bf16 RANK_TABLE_SEEDS=2
 # RANK_TABLE_PROMPTS=20 RANK_TABLE_SEQ=256 RANK_TABLE_BATCH=64 RANK_TABLE_DOCS=1 scripts/rank-table.sh 3072 small 8192
 # (examples/rank_table.rs); a stopped study continues where it stopped when run again with the
-# same arguments.
+# same arguments, and RANK_TABLE_DEADLINE_S=S starts no cell that would end after S seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-600}"; model="${2:-tiny}"; vocab="${3:-1024}"
