@@ -220,6 +220,9 @@ pub fn bench_train(bench: &TrainBench, device: DeviceKind, precision: Precision,
 pub struct BenchDecodeResult {
     /// how the speculative decoder drafted (`--draft`)
     pub draft: crate::decode::Draft,
+    /// sequences decoded together (`--batch`): copies of the prompt seeded `seed`, `seed` + 1, …;
+    /// the tokens/s count the new tokens of all of them
+    pub batch: usize,
     /// autoregressive decoding: new tokens per second, the median over the repeats
     pub ar_tokens_per_s: f64,
     /// self-speculative decoding: new tokens per second, the median over the repeats
@@ -306,7 +309,8 @@ pub fn copy_bandwidth(device: &crate::tensor::Device) -> Result<f64> {
 const WARM_UP_TOKENS: usize = 32;
 
 /// Times both decoders `repeats` times, alternating, after an untimed warm-up, and reports the
-/// medians.
+/// medians. With `batch` > 1 (the CPU only) each run decodes that many copies of the prompt
+/// together ([`decode_batch`](crate::decode::generate::decode_batch)).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(
     config: &crate::model::ModelConfig,
@@ -318,9 +322,16 @@ pub fn bench_decode(
     repeats: usize,
     device: DeviceKind,
     draft: crate::decode::Draft,
+    batch: usize,
 ) -> Result<BenchDecodeResult> {
-    use crate::decode::{decode, DecodeRequest, Generation};
+    use crate::decode::generate::{decode_batch, AcceptanceRule};
+    use crate::decode::{DecodeRequest, Generation};
     crate::device::check_available(device)?;
+    if batch == 0 || (batch > 1 && device != DeviceKind::Cpu) {
+        return crate::invalid!(
+            "--batch {batch}: decoding several sequences together runs on the CPU (--device cpu), with --batch 1 or more"
+        );
+    }
     let on = device.open(Precision::F32)?;
     let mut gpu_decoder = match on.gpu() {
         Some(gpu) => Some(crate::decode::cuda::GpuDecoder::new(gpu, config, params)?),
@@ -329,17 +340,34 @@ pub fn bench_decode(
     // a warm-up run is untimed and shorter: the first passes pay for what is made once (on the
     // GPU: modules loaded, cuBLASLt plans for each product shape), which would otherwise land in
     // the first repeat and in the profile of where a pass goes
-    let mut run = |speculative: bool, warm_up: bool| -> Result<Generation> {
+    // each run: the batch's generations as one (tokens of every sequence, passes of every
+    // sequence, the batch's wall-clock), and the number of backbone passes the batch ran
+    let mut run = |speculative: bool, warm_up: bool| -> Result<(Generation, usize)> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
-        let request = DecodeRequest { prompt, max_new_tokens, sampling, seed, progress: &mut |_| {}, stop_at: None, draft };
+        let request = |seed, progress| DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at: None, draft };
         if let Some(decoder) = gpu_decoder.as_mut() {
-            let generation = decoder.decode(params, request, speculative);
+            let generation = decoder.decode(params, request(seed, &mut |_| {}), speculative)?;
             if warm_up {
                 decoder.reset_profile();
             }
-            return generation;
+            let passes = generation.forward_passes;
+            return Ok((generation, passes));
         }
-        decode(config, params, request, speculative)
+        let mut callbacks: Vec<_> = (0..batch).map(|_| |_| {}).collect();
+        let requests = callbacks.iter_mut().zip(0..).map(|(progress, k)| request(seed + k, progress)).collect();
+        let started = Instant::now();
+        let generations = decode_batch(config, params, requests, speculative, AcceptanceRule::Exact)?;
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let passes = generations.iter().map(|g| g.forward_passes).max().unwrap_or(0);
+        let mut all = generations[0].clone();
+        for more in &generations[1..] {
+            all.tokens.extend(&more.tokens);
+            all.forward_passes += more.forward_passes;
+            all.drafted.iter_mut().zip(&more.drafted).for_each(|(a, b)| *a += b);
+            all.accepted.iter_mut().zip(&more.accepted).for_each(|(a, b)| *a += b);
+        }
+        all.elapsed_s = elapsed_s;
+        Ok((all, passes))
     };
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -352,16 +380,18 @@ pub fn bench_decode(
         ar_runs.push(run(false, false)?);
         spec_runs.push(run(true, false)?);
     }
-    let ar_tokens_per_s = median(ar_runs.iter().map(Generation::tokens_per_s).collect());
-    let spec_tokens_per_s = median(spec_runs.iter().map(Generation::tokens_per_s).collect());
-    let (ar, spec) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
+    let ar_tokens_per_s = median(ar_runs.iter().map(|(g, _)| g.tokens_per_s()).collect());
+    let spec_tokens_per_s = median(spec_runs.iter().map(|(g, _)| g.tokens_per_s()).collect());
+    let ((ar, _), (spec, _)) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
     let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
     let weight_bytes = weight_bytes_per_pass(params);
     let copy_bandwidth_bytes_per_s = copy_bandwidth(&on)?;
-    let ar_step = median(ar_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
-    let spec_step = median(spec_runs.iter().map(|g| g.elapsed_s / g.forward_passes.max(1) as f64).collect());
+    // time per backbone pass (of the whole batch)
+    let ar_step = median(ar_runs.iter().map(|(g, passes)| g.elapsed_s / (*passes).max(1) as f64).collect());
+    let spec_step = median(spec_runs.iter().map(|(g, passes)| g.elapsed_s / (*passes).max(1) as f64).collect());
     Ok(BenchDecodeResult {
         draft,
+        batch,
         ar_tokens_per_s,
         spec_tokens_per_s,
         speedup: spec_tokens_per_s / ar_tokens_per_s,

@@ -258,6 +258,10 @@ struct SampleArgs {
     /// Samples per prompt, seeded --seed, --seed + 1, ... (the JSON then lists them under samples)
     #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
     num_samples: Option<usize>,
+    /// Samples decoded together on the CPU, one backbone pass for all of them (each holds a KV
+    /// cache of its own)
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one, default_value_t = 8)]
+    batch: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     max_new_tokens: usize,
     /// Go on past the tokenizer's end-of-text token instead of stopping at it
@@ -315,6 +319,9 @@ enum BenchCommand {
         repeats: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Copies of the prompt decoded together (CPU), seeded --seed, --seed + 1, ...
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = at_least_one)]
+        batch: usize,
     },
 }
 
@@ -527,54 +534,100 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 Some(gpu) => Some(multitoken::decode::cuda::GpuDecoder::new(gpu, &ckpt.config, &ckpt.params)?),
                 None => None,
             };
-            let (mut samples, mut texts) = (Vec::new(), Vec::new());
-            for (prompt_text, prompt) in prompts.iter().zip(&encoded) {
-                for index in 0..args.num_samples.unwrap_or(1) {
-                    let seed = args.sampling.seed + index as u64;
-                    let bar = live_readout(args.max_new_tokens);
-                    let request = DecodeRequest {
-                        prompt,
-                        max_new_tokens: args.max_new_tokens,
-                        sampling: &sampling,
-                        seed,
-                        progress: &mut |done| bar.set_position(done as u64),
-                        stop_at,
-                        draft,
-                    };
-                    let generation = match gpu_decoder.as_mut() {
-                        None => decode::decode(&ckpt.config, &ckpt.params, request, args.speculative)?,
-                        Some(decoder) => decoder.decode(&ckpt.params, request, args.speculative)?,
-                    };
-                    bar.finish_and_clear();
-                    let continuation = tokenizer::decode(&tok, &generation.tokens)?;
-                    let mode =
-                        if args.speculative { format!(", {:.2} tokens per pass", generation.mean_accepted()) } else { String::new() };
-                    texts.push(format!(
-                        "{prompt_text}{continuation}\n\n[{} tokens, {:.1} tokens/s, {} forward passes{mode}]",
-                        generation.tokens.len(),
-                        generation.tokens_per_s(),
-                        generation.forward_passes
-                    ));
-                    samples.push(json!({
-                        "text": continuation,
-                        "prompt": prompt_text,
-                        "seed": seed,
-                        "tokens": generation.tokens,
-                        "tokens_per_s": generation.tokens_per_s(),
-                        "forward_passes": generation.forward_passes,
-                        "mean_accepted": generation.mean_accepted(),
-                        "acceptance_rates": generation.acceptance_rates(),
-                        "speculative": args.speculative,
-                        "draft": draft,
-                    }));
+            // every (prompt, seed) pair, prompt by prompt
+            let jobs: Vec<(usize, u64)> = (0..prompts.len())
+                .flat_map(|p| (0..args.num_samples.unwrap_or(1) as u64).map(move |k| (p, args.sampling.seed + k)))
+                .collect();
+            // one (prompt, seed) pair's request
+            let settings = (args.max_new_tokens, &sampling, stop_at, draft);
+            fn request<'a>(
+                prompt: &'a [u32],
+                seed: u64,
+                (max_new_tokens, sampling, stop_at, draft): (usize, &'a SamplingConfig, Option<u32>, decode::Draft),
+                progress: &'a mut dyn FnMut(usize),
+            ) -> DecodeRequest<'a> {
+                DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at, draft }
+            }
+            let started = std::time::Instant::now();
+            let mut generations = Vec::with_capacity(jobs.len());
+            match gpu_decoder.as_mut() {
+                // the GPU decodes one sequence at a time
+                Some(decoder) => {
+                    for &job in &jobs {
+                        let bar = live_readout(args.max_new_tokens);
+                        let (p, seed) = job;
+                        let progress = &mut |done: usize| bar.set_position(done as u64);
+                        generations.push(decoder.decode(&ckpt.params, request(&encoded[p], seed, settings, progress), args.speculative)?);
+                        bar.finish_and_clear();
+                    }
+                }
+                None => {
+                    for group in jobs.chunks(args.batch) {
+                        let bar = live_readout(args.max_new_tokens * group.len());
+                        let done: Vec<std::cell::Cell<usize>> = group.iter().map(|_| Default::default()).collect();
+                        let mut callbacks: Vec<_> = (0..group.len())
+                            .map(|i| {
+                                let (done, bar) = (&done, &bar);
+                                move |n: usize| {
+                                    done[i].set(n);
+                                    bar.set_position(done.iter().map(std::cell::Cell::get).sum::<usize>() as u64);
+                                }
+                            })
+                            .collect();
+                        let requests = group
+                            .iter()
+                            .zip(callbacks.iter_mut())
+                            .map(|(&(p, seed), callback)| request(&encoded[p], seed, settings, callback))
+                            .collect();
+                        generations.extend(decode::generate::decode_batch(
+                            &ckpt.config,
+                            &ckpt.params,
+                            requests,
+                            args.speculative,
+                            decode::generate::AcceptanceRule::Exact,
+                        )?);
+                        bar.finish_and_clear();
+                    }
                 }
             }
+            let all_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+            let all_tokens_per_s = all_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let (mut samples, mut texts) = (Vec::new(), Vec::new());
+            for (&(p, seed), generation) in jobs.iter().zip(&generations) {
+                let continuation = tokenizer::decode(&tok, &generation.tokens)?;
+                let mode = if args.speculative { format!(", {:.2} tokens per pass", generation.mean_accepted()) } else { String::new() };
+                texts.push(format!(
+                    "{}{continuation}\n\n[{} tokens, {:.1} tokens/s, {} forward passes{mode}]",
+                    prompts[p],
+                    generation.tokens.len(),
+                    generation.tokens_per_s(),
+                    generation.forward_passes
+                ));
+                samples.push(json!({
+                    "text": continuation,
+                    "prompt": prompts[p],
+                    "seed": seed,
+                    "tokens": generation.tokens,
+                    "tokens_per_s": generation.tokens_per_s(),
+                    "forward_passes": generation.forward_passes,
+                    "mean_accepted": generation.mean_accepted(),
+                    "acceptance_rates": generation.acceptance_rates(),
+                    "speculative": args.speculative,
+                    "draft": draft,
+                }));
+            }
+            if jobs.len() > 1 {
+                texts.push(format!("[{} samples: {all_tokens} tokens, {all_tokens_per_s:.1} tokens/s in all]", jobs.len()));
+            }
             // with --prompts-file or --num-samples, the list under `samples`; else the one sample
-            let value =
-                if args.prompts_file.is_none() && args.num_samples.is_none() { samples.remove(0) } else { json!({ "samples": samples }) };
+            let value = if args.prompts_file.is_none() && args.num_samples.is_none() {
+                samples.remove(0)
+            } else {
+                json!({ "samples": samples, "tokens_per_s": all_tokens_per_s, "batch": args.batch })
+            };
             Ok((value, texts.join("\n\n---\n\n")))
         }
-        Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device }) => {
+        Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device, batch }) => {
             let device = DeviceKind::parse(device)?;
             sampling.config().validate()?;
             let draft = decode::Draft::parse(&sampling.draft)?;
@@ -591,13 +644,15 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 *repeats,
                 device,
                 draft,
+                *batch,
             )?;
             if let (true, Some(profile)) = (multitoken::autograd::profiling_enabled(), &result.gpu_profile) {
                 eprint!("{profile}");
             }
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
+            let batch = if result.batch > 1 { format!("{} sequences together: ", result.batch) } else { String::new() };
             let text = format!(
-                "autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | it reads {:.1} MB of weights: {:.1} GB/s against {:.1} GB/s copied",
+                "{batch}autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | it reads {:.1} MB of weights: {:.1} GB/s against {:.1} GB/s copied",
                 result.ar_tokens_per_s,
                 result.spec_tokens_per_s,
                 result.speedup,

@@ -229,3 +229,65 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
         }
     }
 }
+
+/// Several requests decoded as one batch: each sequence gets the tokens it gets alone, greedy
+/// and sampled, autoregressive and speculative, with prompts of different lengths, different
+/// token counts, a stop token, and sequences that run past the end of the context (their
+/// windows move at different steps).
+#[test]
+fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
+    use multitoken::decode::generate::decode_batch;
+    let (config, params) = trained_model(4, 2);
+    let long: Vec<u32> = (0..27).map(|i| (i * 5 % 24) as u32).collect();
+    let prompts: [&[u32]; 4] = [&[3], &[3, 10, 17, 0, 7], &[5; 20], &long];
+    let new_tokens = [40, 7, 30, 50];
+    let sampled = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let mut accepted_somewhere = false;
+    for sampling in [SamplingConfig::greedy(), sampled] {
+        for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
+            let alone = |i: usize, stop_at: Option<u32>| {
+                let request = DecodeRequest {
+                    prompt: prompts[i],
+                    max_new_tokens: new_tokens[i],
+                    sampling: &sampling,
+                    seed: 11 + i as u64,
+                    progress: &mut |_| {},
+                    stop_at,
+                    draft,
+                };
+                decode(&config, &params, request, speculative).unwrap()
+            };
+            // sequence 2 stops at the sixth token it makes without a stop, or sooner
+            let stop = alone(2, None).tokens[5];
+            let stops = [None, None, Some(stop), None];
+            let singles: Vec<Generation> = (0..prompts.len()).map(|i| alone(i, stops[i])).collect();
+            let mut progress: Vec<Vec<usize>> = vec![Vec::new(); prompts.len()];
+            let mut callbacks: Vec<_> = progress.iter_mut().map(|seen| move |done| seen.push(done)).collect();
+            let requests = callbacks
+                .iter_mut()
+                .enumerate()
+                .map(|(i, callback)| DecodeRequest {
+                    prompt: prompts[i],
+                    max_new_tokens: new_tokens[i],
+                    sampling: &sampling,
+                    seed: 11 + i as u64,
+                    progress: callback,
+                    stop_at: stops[i],
+                    draft,
+                })
+                .collect();
+            let together = decode_batch(&config, &params, requests, speculative, AcceptanceRule::Exact).unwrap();
+            drop(callbacks);
+            for (i, (batched, single)) in together.iter().zip(&singles).enumerate() {
+                let case = format!("sequence {i}, greedy={} speculative={speculative} {draft:?}", sampling.greedy);
+                assert_eq!(batched.tokens, single.tokens, "{case}");
+                assert_eq!((batched.forward_passes, &batched.accepted), (single.forward_passes, &single.accepted), "{case}");
+                accepted_somewhere |= batched.accepted.iter().sum::<usize>() > 0;
+            }
+            assert!(together[2].tokens.len() <= 6 && together[2].tokens.last() == Some(&stop), "the stop token ends its sequence");
+            assert_eq!(together[3].tokens.len(), 50, "the others run on, past the end of the context");
+            assert!(progress.iter().all(|seen| !seen.is_empty()), "every sequence reports its progress");
+        }
+    }
+    assert!(accepted_somewhere, "the trained model should draft some tokens right");
+}

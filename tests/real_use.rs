@@ -201,6 +201,15 @@ fn sample_takes_several_prompts_and_samples_and_stops_at_the_end_of_text() {
     ]);
     assert_eq!(single["tokens"], samples[1]["tokens"], "the second sample is the one seeded --seed + 1");
     assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--num-samples", "2"]).contains("--prompt"));
+    // the four decode as one batch by default (8); in batches of one or of three, the same tokens
+    assert_eq!((out["batch"].as_u64(), out["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)), (Some(8), true));
+    for batch in ["1", "3"] {
+        let args = ["sample", "--checkpoint", s(&ckpt), "--prompts-file", s(&prompts), "--num-samples", "2", "--max-new-tokens", "6"];
+        let again = run_json(&[&args[..], &["--top-k", "20", "--seed", "5", "--speculative", "--batch", batch]].concat());
+        let tokens = |o: &serde_json::Value| o["samples"].as_array().unwrap().iter().map(|x| x["tokens"].clone()).collect::<Vec<_>>();
+        assert_eq!(tokens(&again), tokens(&out), "--batch {batch}");
+    }
+    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the", "--batch", "0"]).contains("--batch"));
 }
 
 #[test]

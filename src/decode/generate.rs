@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::context::context_start;
 use super::head::{Head, HeadState};
-use super::kv_cache::CachedBackbone;
+use super::kv_cache::{CachedBackbone, OneSequence};
 use super::pass::Backbone;
 use super::sampling::{self, SamplingConfig};
 use crate::autograd::Tape;
@@ -239,83 +239,214 @@ pub fn decode_loop<T: Float>(
     speculative: bool,
     rule: AcceptanceRule,
 ) -> Result<Generation> {
-    let DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at, draft: draft_kind } = request;
-    check_prompt(config, prompt, sampling)?;
-    let (n, positions) = (if speculative { config.horizon } else { 1 }, config.n_positions);
-    let mut rng = Rng::new(seed);
-    let mut sequence = prompt.to_vec();
-    let mut generation = Generation {
-        tokens: vec![],
-        forward_passes: 0,
-        elapsed_s: 0.0,
-        drafted: vec![0; n.saturating_sub(1)],
-        accepted: vec![0; n.saturating_sub(1)],
-        timing: Timing::default(),
-    };
-    let started = Instant::now();
-    let mut window_start = usize::MAX;
-    // S: the head at the state of the token before the pending one, once known
-    let mut head_at_s: Option<HeadState<T>> = None;
-    while sequence.len() - prompt.len() < max_new_tokens {
-        let length = sequence.len();
-        let pending = sequence[length - 1];
-        let start = context_start(length, positions);
-        if start != window_start {
+    let mut sequence = SequenceDecoder::new(config, request, speculative)?;
+    while let Some(run) = sequence.draft(backbone, head)? {
+        // 2. one backbone pass over c, d_1, …, d_{m−1}
+        let tick = Instant::now();
+        let hidden = backbone.forward(&run)?;
+        sequence.generation.timing.backbone_s += tick.elapsed().as_secs_f64();
+        // on a device, every state's target in one round trip; on the CPU, lazily
+        let tick = Instant::now();
+        let states = if head.on_device() { head.states(&hidden, 1)? } else { Vec::new() };
+        sequence.generation.timing.target_s += tick.elapsed().as_secs_f64();
+        sequence.verify(backbone, head, &hidden, states, rule)?;
+    }
+    Ok(sequence.finish())
+}
+
+/// Several requests decoded together on the CPU (docs/decoding.md, "Several prompts at once"):
+/// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
+/// stacked, so that each linear layer reads its weights once for the batch; verification,
+/// acceptance and rollback stay each sequence's own. Every sequence gets the tokens that
+/// [`decode`] gives its request alone (the same arithmetic row by row, the same random numbers).
+pub fn decode_batch<T: Float>(
+    config: &ModelConfig,
+    params: &ModelParams<Tensor<T>>,
+    requests: Vec<DecodeRequest>,
+    speculative: bool,
+    rule: AcceptanceRule,
+) -> Result<Vec<Generation>> {
+    let mut backbone = CachedBackbone::with_sequences(config, params, requests.len());
+    let head = Head::new(config, params);
+    let mut sequences = requests.into_iter().map(|r| SequenceDecoder::new(config, r, speculative)).collect::<Result<Vec<_>>>()?;
+    loop {
+        // 1. every unfinished sequence's drafts (and its prefill when its window moves); the
+        //    mixture's horizons at S for all of them first, in one product (a sequence whose
+        //    window then moves computes its own again)
+        if speculative {
+            let tick = Instant::now();
+            let mut at_s: Vec<&mut HeadState<T>> = sequences
+                .iter_mut()
+                .filter(|sequence| !sequence.finished && sequence.request.draft == Draft::Mixture)
+                .filter_map(|sequence| sequence.head_at_s.as_mut())
+                .collect();
+            head.fill(&mut at_s, config.horizon)?;
+            let fill_s = tick.elapsed().as_secs_f64();
+            sequences.iter_mut().filter(|sequence| !sequence.finished).for_each(|sequence| sequence.generation.timing.draft_s += fill_s);
+        }
+        let mut runs = Vec::with_capacity(sequences.len());
+        for (index, sequence) in sequences.iter_mut().enumerate() {
+            let mut alone = OneSequence { backbone: &mut backbone, sequence: index };
+            runs.push(sequence.draft(&mut alone, &head)?.unwrap_or_default());
+        }
+        if runs.iter().all(Vec::is_empty) {
+            break;
+        }
+        // 2. one pass over every sequence's run, stacked
+        let tick = Instant::now();
+        let hidden = backbone.forward_batch(&runs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let pass_s = tick.elapsed().as_secs_f64();
+        // without drafts every state is a target: all of them in one product, the unembedding
+        // read once; with drafts each sequence computes its targets lazily, as alone
+        let tick = Instant::now();
+        let mut targets = if speculative { Vec::new() } else { head.states(&hidden.concat(), 1)? }.into_iter();
+        let targets_s = tick.elapsed().as_secs_f64();
+        // 3–4. each sequence's verification, acceptance and rollback
+        for (index, (sequence, hidden)) in sequences.iter_mut().zip(&hidden).enumerate() {
+            if !runs[index].is_empty() {
+                sequence.generation.timing.backbone_s += pass_s;
+                sequence.generation.timing.target_s += targets_s;
+                let states = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
+                sequence.verify(&mut OneSequence { backbone: &mut backbone, sequence: index }, &head, hidden, states, rule)?;
+            }
+        }
+    }
+    Ok(sequences.into_iter().map(SequenceDecoder::finish).collect())
+}
+
+/// One sequence's decoding, a step at a time: [`draft`](Self::draft) chooses the tokens of the
+/// next pass, the caller runs the backbone over them, and [`verify`](Self::verify) accepts,
+/// rolls back and emits. `decode_loop` drives one sequence, `decode_batch` several.
+struct SequenceDecoder<'c, 'r, T: Float> {
+    config: &'c ModelConfig,
+    request: DecodeRequest<'r>,
+    /// tokens a pass runs at most: n when speculative, else 1
+    n: usize,
+    rng: Rng,
+    /// the prompt, then every token emitted
+    sequence: Vec<u32>,
+    generation: Generation,
+    started: Instant,
+    finished: bool,
+    /// where the cache's window starts (usize::MAX before the first step)
+    window_start: usize,
+    /// S: the head at the state of the token before the pending one, once known
+    head_at_s: Option<HeadState<T>>,
+    /// this step's drafts, and (when sampling) the distribution each was drawn from
+    drafts: Vec<u32>,
+    draft_probs: Vec<Vec<f64>>,
+    /// positions in the cache before this step's pass
+    cache_before: usize,
+}
+
+impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
+    fn new(config: &'c ModelConfig, request: DecodeRequest<'r>, speculative: bool) -> Result<Self> {
+        check_prompt(config, request.prompt, request.sampling)?;
+        let n = if speculative { config.horizon } else { 1 };
+        Ok(SequenceDecoder {
+            config,
+            n,
+            rng: Rng::new(request.seed),
+            sequence: request.prompt.to_vec(),
+            generation: Generation {
+                tokens: vec![],
+                forward_passes: 0,
+                elapsed_s: 0.0,
+                drafted: vec![0; n.saturating_sub(1)],
+                accepted: vec![0; n.saturating_sub(1)],
+                timing: Timing::default(),
+            },
+            started: Instant::now(),
+            finished: request.max_new_tokens == 0,
+            window_start: usize::MAX,
+            head_at_s: None,
+            drafts: vec![],
+            draft_probs: vec![],
+            cache_before: 0,
+            request,
+        })
+    }
+
+    /// Tokens emitted so far.
+    fn emitted(&self) -> usize {
+        self.sequence.len() - self.request.prompt.len()
+    }
+
+    /// Step 1 (and the prefill when the window moves): the tokens of the next pass, the pending
+    /// token c and the drafts d_1..d_{m−1}; `None` once the sequence is finished.
+    fn draft(&mut self, backbone: &mut dyn Backbone<T>, head: &Head<T>) -> Result<Option<Vec<u32>>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let (config, sampling) = (self.config, self.request.sampling);
+        let length = self.sequence.len();
+        let pending = self.sequence[length - 1];
+        let start = context_start(length, config.n_positions);
+        if start != self.window_start {
             // (re)build the cache over the window, all but the pending token
             let tick = Instant::now();
             backbone.truncate(0);
-            window_start = start;
-            head_at_s = if length - 1 > start {
-                let h = backbone.forward(&sequence[start..length - 1])?;
+            self.window_start = start;
+            self.head_at_s = if length - 1 > start {
+                let h = backbone.forward(&self.sequence[start..length - 1])?;
                 Some(head.states(&h[h.len() - config.n_embd..], 1)?.remove(0))
             } else {
                 None
             };
-            generation.timing.prefill_s += tick.elapsed().as_secs_f64();
+            self.generation.timing.prefill_s += tick.elapsed().as_secs_f64();
         }
         // tokens this pass runs: targets at indices length.. must share the window, and no
         // more are needed than remain to be emitted
-        let remaining = max_new_tokens - (length - prompt.len());
+        let remaining = self.request.max_new_tokens - self.emitted();
         let mut run_length = 1;
-        while head_at_s.is_some() && run_length < n.min(remaining) && context_start(length + run_length, positions) == start {
+        while self.head_at_s.is_some()
+            && run_length < self.n.min(remaining)
+            && context_start(length + run_length, config.n_positions) == start
+        {
             run_length += 1;
         }
 
         // 1. draft d_1..d_{m−1} from the head at S, conditioned on the pending token
         let tick = Instant::now();
-        let (drafts, draft_probs) = match head_at_s.as_mut() {
-            Some(s_state) if run_length > 1 && draft_kind == Draft::Mixture => {
-                head.fill(&mut [s_state], n)?;
-                draft(s_state, pending, run_length - 1, sampling, &mut rng)
+        (self.drafts, self.draft_probs) = match self.head_at_s.as_mut() {
+            Some(s_state) if run_length > 1 && self.request.draft == Draft::Mixture => {
+                head.fill(&mut [s_state], self.n)?;
+                draft(s_state, pending, run_length - 1, sampling, &mut self.rng)
             }
             Some(s_state) if run_length > 1 => {
                 let alpha = top_component(s_state, pending);
                 let probs = head.component_probabilities(&s_state.hidden, alpha, 1..run_length)?;
-                draft_independently(&probs, sampling, &mut rng)
+                draft_independently(&probs, sampling, &mut self.rng)
             }
             _ => (vec![], vec![]),
         };
-        generation.timing.draft_s += tick.elapsed().as_secs_f64();
-
-        // 2. one backbone pass over c, d_1, …, d_{m−1}
-        let tick = Instant::now();
+        self.generation.timing.draft_s += tick.elapsed().as_secs_f64();
+        self.cache_before = backbone.positions();
+        self.generation.forward_passes += 1;
         let mut run = vec![pending];
-        run.extend(&drafts);
-        let cache_before = backbone.positions();
-        let hidden = backbone.forward(&run)?;
-        generation.forward_passes += 1;
-        generation.timing.backbone_s += tick.elapsed().as_secs_f64();
+        run.extend(&self.drafts);
+        Ok(Some(run))
+    }
 
-        // 3. verify against the next-token marginal at each state, computing a state's target
-        //    only once every draft before it was accepted
+    /// Steps 3 and 4, after the pass over [`draft`](Self::draft)'s tokens gave their hidden
+    /// states (m, C): verify the drafts against the next-token marginal at each state, keep c
+    /// and the accepted drafts in the cache, and emit them and one more token. `states` holds
+    /// the first states' targets when the caller computed them already; the others are
+    /// computed here, a state's only once every draft before it was accepted.
+    fn verify(
+        &mut self,
+        backbone: &mut dyn Backbone<T>,
+        head: &Head<T>,
+        hidden: &[T],
+        mut states: Vec<HeadState<T>>,
+        rule: AcceptanceRule,
+    ) -> Result<()> {
+        let (c, sampling) = (self.config.n_embd, self.request.sampling);
         let tick = Instant::now();
-        let c = config.n_embd;
-        // on a device, every state's target in one round trip; on the CPU, lazily
-        let mut states: Vec<HeadState<T>> = if head.on_device() { head.states(&hidden, 1)? } else { Vec::with_capacity(run.len()) };
         let mut kept = 0;
         let mut next = None;
-        for (j, &d) in drafts.iter().enumerate() {
-            generation.drafted[j] += 1;
+        for (j, &d) in self.drafts.iter().enumerate() {
+            self.generation.drafted[j] += 1;
             if states.len() <= j {
                 states.extend(head.states(&hidden[j * c..(j + 1) * c], 1)?);
             }
@@ -328,11 +459,11 @@ pub fn decode_loop<T: Float>(
                 }
             } else {
                 let p = sampling::distribution_from_probs(&target, sampling);
-                let q = &draft_probs[j];
+                let q = &self.draft_probs[j];
                 let (pd, qd) = (p[d as usize], q[d as usize]);
                 let accept = match rule {
                     AcceptanceRule::AlwaysAccept => true,
-                    _ => rng.uniform() < (pd / qd).min(1.0),
+                    _ => self.rng.uniform() < (pd / qd).min(1.0),
                 };
                 if !accept {
                     // rejected: draw from normalise(max(0, p − q))
@@ -340,11 +471,11 @@ pub fn decode_loop<T: Float>(
                     let total: f64 = residual.iter().sum();
                     let residual =
                         if total > 0.0 && rule == AcceptanceRule::Exact { residual.iter().map(|x| x / total).collect() } else { p };
-                    next = Some(sampling::draw(&residual, &mut rng));
+                    next = Some(sampling::draw(&residual, &mut self.rng));
                     break;
                 }
             }
-            generation.accepted[j] += 1;
+            self.generation.accepted[j] += 1;
             kept += 1;
         }
         let next = match next {
@@ -359,26 +490,40 @@ pub fn decode_loop<T: Float>(
                         "the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint"
                     );
                 }
-                choose(&probs, sampling, &mut rng)
+                choose(&probs, sampling, &mut self.rng)
             }
         };
-        generation.timing.target_s += tick.elapsed().as_secs_f64();
+        self.generation.timing.target_s += tick.elapsed().as_secs_f64();
 
         // 4. keep c, d_1..d_k in the cache; the new S is the state of d_k
-        backbone.truncate(cache_before + 1 + kept);
-        sequence.extend(&drafts[..kept]);
-        sequence.push(next);
-        head_at_s = Some(states.swap_remove(kept));
-        progress((sequence.len() - prompt.len()).min(max_new_tokens));
-        if let Some(at) = stop_at.and_then(|stop| sequence[length..].iter().position(|&t| t == stop)) {
-            sequence.truncate(length + at + 1);
-            break;
+        let length = self.sequence.len();
+        backbone.truncate(self.cache_before + 1 + kept);
+        self.sequence.extend(&self.drafts[..kept]);
+        self.sequence.push(next);
+        self.head_at_s = Some(states.swap_remove(kept));
+        let (max_new_tokens, emitted) = (self.request.max_new_tokens, self.emitted());
+        (self.request.progress)(emitted.min(max_new_tokens));
+        let stopped = self.request.stop_at.and_then(|stop| self.sequence[length..].iter().position(|&t| t == stop));
+        if let Some(at) = stopped {
+            self.sequence.truncate(length + at + 1);
         }
+        self.finished = stopped.is_some() || self.emitted() >= max_new_tokens;
+        if self.finished {
+            self.generation.elapsed_s = self.started.elapsed().as_secs_f64();
+        }
+        Ok(())
     }
-    sequence.truncate(prompt.len() + max_new_tokens);
-    generation.tokens = sequence[prompt.len()..].to_vec();
-    generation.elapsed_s = started.elapsed().as_secs_f64();
-    Ok(generation)
+
+    /// The generation: the new tokens (at most `max_new_tokens`) and what they cost.
+    fn finish(mut self) -> Generation {
+        let prompt = self.request.prompt.len();
+        self.sequence.truncate(prompt + self.request.max_new_tokens);
+        self.generation.tokens = self.sequence[prompt..].to_vec();
+        if !self.finished || self.generation.elapsed_s == 0.0 {
+            self.generation.elapsed_s = self.started.elapsed().as_secs_f64();
+        }
+        self.generation
+    }
 }
 
 /// The component most likely given the pending token c: `argmax_α w[α] P[α,0](c)`.

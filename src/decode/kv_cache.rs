@@ -2,6 +2,11 @@
 //! rollback by truncation, each pass [`pass::pass`](super::pass::pass) with the kernels of this
 //! file. Inference only (no tape), the same math as `model::gpt2` (docs/math.md, "The model").
 //!
+//! It can hold several sequences, each with its own cache: a pass then stacks the new tokens of
+//! all of them, so that every linear layer reads its weights once for the whole batch, and only
+//! the attention looks at each sequence's cache on its own (docs/decoding.md, "Several prompts
+//! at once").
+//!
 //! A pass of a few tokens runs as a team of threads (`kernels::team`): every thread runs the
 //! whole pass, taking its share of each step (its heads of the attention, its columns of each
 //! linear layer), and the threads meet at a barrier wherever a step reads what the others
@@ -25,16 +30,30 @@ struct LayerCache<T> {
     values: Vec<T>,
 }
 
+/// One sequence's KV cache: every layer's, filled up to `len` positions.
+struct SequenceCache<T> {
+    layers: Vec<LayerCache<T>>,
+    len: usize,
+}
+
 /// The backbone for decoding on the CPU: the model's weights (the linear layers' transposed to
-/// (out, in)) and a KV cache of every layer, filled up to `len` positions.
+/// (out, in)) and the KV caches of one or more sequences.
 pub struct CachedBackbone<'a, T: Float> {
     config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
     /// each block's four weight matrices, transposed to (out, in), in the order of [`Linear`]
     weights: Vec<[TransposedWeight<T>; 4]>,
-    layers: Vec<LayerCache<T>>,
-    /// positions filled
-    len: usize,
+    sequences: Vec<SequenceCache<T>>,
+}
+
+/// One sequence's part of a pass: its new tokens are rows `first..first + m` of the stacked
+/// buffers, at positions `p0..p0 + m` of its cache.
+#[derive(Clone, Copy)]
+struct RunRows {
+    sequence: usize,
+    first: usize,
+    m: usize,
+    p0: usize,
 }
 
 /// A weight matrix stored (out, in): decoding multiplies a few rows by it, and then each output
@@ -76,44 +95,77 @@ fn layernorm_rows<T: Float>(x: &[T], weight: &Tensor<T>, bias: &Tensor<T>) -> Ve
 }
 
 impl<'a, T: Float> CachedBackbone<'a, T> {
-    /// An empty cache for the model `params`, with room for n_positions tokens.
+    /// An empty cache of one sequence for the model `params`, with room for n_positions tokens.
     pub fn new(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>) -> Self {
+        Self::with_sequences(config, params, 1)
+    }
+
+    /// Empty caches for `count` sequences, decoded together by [`forward_batch`](Self::forward_batch).
+    pub fn with_sequences(config: &'a ModelConfig, params: &'a ModelParams<Tensor<T>>, count: usize) -> Self {
         let size = config.n_positions * config.n_embd;
-        let layers = (0..config.n_layer).map(|_| LayerCache { keys: vec![T::zero(); size], values: vec![T::zero(); size] }).collect();
+        let empty = || SequenceCache {
+            layers: (0..config.n_layer).map(|_| LayerCache { keys: vec![T::zero(); size], values: vec![T::zero(); size] }).collect(),
+            len: 0,
+        };
         let weights = params
             .blocks
             .iter()
             .map(|b| [&b.attn_c_attn_weight, &b.attn_c_proj_weight, &b.mlp_c_fc_weight, &b.mlp_c_proj_weight].map(TransposedWeight::new))
             .collect();
-        CachedBackbone { config, params, weights, layers, len: 0 }
+        CachedBackbone { config, params, weights, sequences: (0..count).map(|_| empty()).collect() }
     }
 
-    /// Positions held in the cache.
+    /// Positions held in the (first) sequence's cache.
     pub fn len(&self) -> usize {
-        self.len
+        self.sequences[0].len
     }
 
-    /// Whether the cache holds no positions.
+    /// Whether the (first) sequence's cache holds no positions.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Room left before n_positions.
+    /// Room left before n_positions in the (first) sequence's cache.
     pub fn room(&self) -> usize {
-        self.config.n_positions - self.len
+        self.config.n_positions - self.len()
     }
 
-    /// Forgets every position from `len` on (rollback of rejected drafts).
+    /// Forgets every position from `len` on in the (first) sequence's cache (rollback of
+    /// rejected drafts).
     pub fn truncate(&mut self, len: usize) {
-        assert!(len <= self.len, "truncate beyond the cache");
-        self.len = len;
+        self.truncate_sequence(0, len);
     }
 
-    /// Runs `tokens` at positions len.. and appends their keys and values.
-    /// Returns the final hidden states h (after ln_f), (m, C).
+    /// Forgets every position from `len` on in sequence `sequence`'s cache.
+    pub fn truncate_sequence(&mut self, sequence: usize, len: usize) {
+        let cache = &mut self.sequences[sequence];
+        assert!(len <= cache.len, "truncate beyond the cache");
+        cache.len = len;
+    }
+
+    /// Runs `tokens` at the next positions of the (only) sequence and appends their keys and
+    /// values. Returns the final hidden states h (after ln_f), (m, C).
     pub fn forward(&mut self, tokens: &[u32]) -> Vec<T> {
-        let (c, m, p0) = (self.config.n_embd, tokens.len(), self.len);
-        assert!(p0 + m <= self.config.n_positions, "the cache holds n_positions tokens at most");
+        assert_eq!(self.sequences.len(), 1, "a backbone of several sequences runs them with forward_batch");
+        self.forward_batch(&[tokens]).remove(0)
+    }
+
+    /// One pass over the new tokens of every sequence (`runs[i]` for sequence i, possibly none),
+    /// each at its next positions. Returns each sequence's final hidden states (m_i, C).
+    pub fn forward_batch(&mut self, runs: &[&[u32]]) -> Vec<Vec<T>> {
+        assert_eq!(runs.len(), self.sequences.len(), "one run of tokens per sequence");
+        let c = self.config.n_embd;
+        let mut rows = Vec::with_capacity(runs.len());
+        let mut first = 0;
+        for (sequence, run) in runs.iter().enumerate() {
+            let p0 = self.sequences[sequence].len;
+            assert!(p0 + run.len() <= self.config.n_positions, "the cache holds n_positions tokens at most");
+            if !run.is_empty() {
+                rows.push(RunRows { sequence, first, m: run.len(), p0 });
+            }
+            first += run.len();
+        }
+        let (tokens, m): (Vec<u32>, usize) = (runs.concat(), first);
         let (mut x, mut attended, mut activated, mut hidden) =
             (vec![T::zero(); m * c], vec![T::zero(); m * c], vec![T::zero(); m * 4 * c], vec![T::zero(); m * c]);
         let buffers = PassBuffers {
@@ -122,8 +174,11 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
             activated: SharedRows::new(&mut activated, 4 * c),
             hidden: SharedRows::new(&mut hidden, c),
         };
-        let caches: Vec<(SharedMut<T>, SharedMut<T>)> =
-            self.layers.iter_mut().map(|l| (SharedMut::new(l.keys.as_mut_ptr()), SharedMut::new(l.values.as_mut_ptr()))).collect();
+        let caches: Vec<Vec<(SharedMut<T>, SharedMut<T>)>> = self
+            .sequences
+            .iter_mut()
+            .map(|s| s.layers.iter_mut().map(|l| (SharedMut::new(l.keys.as_mut_ptr()), SharedMut::new(l.values.as_mut_ptr()))).collect())
+            .collect();
         let run = |team: &Team| {
             let mut kernels = TeamKernels {
                 team,
@@ -132,8 +187,8 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 weights: &self.weights,
                 caches: &caches,
                 buffers: &buffers,
-                tokens,
-                p0,
+                tokens: &tokens,
+                rows: &rows,
                 queries_keys_values: Vec::new(),
             };
             // the CPU's kernels return no errors
@@ -146,12 +201,22 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         } else {
             run(&Team::solo());
         }
-        self.len += m;
-        hidden
+        for (sequence, run) in runs.iter().enumerate() {
+            self.sequences[sequence].len += run.len();
+        }
+        let mut rest = hidden.as_slice();
+        runs.iter()
+            .map(|run| {
+                let (mine, after) = rest.split_at(run.len() * c);
+                rest = after;
+                mine.to_vec()
+            })
+            .collect()
     }
 }
 
-/// One pass's buffers, shared by the team: the residual stream x (m, C), the attention's output
+/// One pass's buffers, shared by the team (m the rows of every sequence, stacked): the residual
+/// stream x (m, C), the attention's output
 /// before its projection (m, C), the MLP's hidden activations (m, 4C) and the final hidden
 /// states (m, C). Each thread writes its own columns (or rows) of them, and reads them whole
 /// only after the barrier that follows the writes.
@@ -168,12 +233,13 @@ struct TeamKernels<'a, T: Float> {
     config: &'a ModelConfig,
     params: &'a ModelParams<Tensor<T>>,
     weights: &'a [[TransposedWeight<T>; 4]],
-    /// each layer's cache, (H, n_positions, hs) keys and values
-    caches: &'a [(SharedMut<T>, SharedMut<T>)],
+    /// each sequence's caches of every layer, (H, n_positions, hs) keys and values
+    caches: &'a [Vec<(SharedMut<T>, SharedMut<T>)>],
     buffers: &'a PassBuffers<T>,
+    /// every sequence's new tokens, stacked
     tokens: &'a [u32],
-    /// position of the first new row
-    p0: usize,
+    /// which rows belong to which sequence, and at what positions
+    rows: &'a [RunRows],
     /// this thread's heads' q, k and v of the current layer (m, |heads|·hs) each, one after the
     /// other: from `layernorm_linear(Qkv)` to `attend`
     queries_keys_values: Vec<T>,
@@ -195,6 +261,59 @@ impl<T: Float> TeamKernels<'_, T> {
         let hs = self.config.head_size();
         (heads.clone(), heads.start * hs..heads.end * hs)
     }
+
+    /// One sequence's attention for this thread's heads: its new keys and values into its cache
+    /// of `layer`, then each new row i (position p0 + i) over positions 0..=p0 + i.
+    fn attend_one(&self, layer: usize, run: &RunRows, queries: &[T], new_keys: &[T], new_values: &[T], attended: &mut [T]) {
+        let config = self.config;
+        let (m, p0) = (run.m, run.p0);
+        let (hs, positions) = (config.head_size(), config.n_positions);
+        let (heads, columns) = self.heads();
+        let width = columns.len();
+        // this thread's heads' caches: (heads, n_positions, hs) each
+        let (keys, values) = self.caches[run.sequence][layer];
+        let cache_range = heads.start * positions * hs..heads.end * positions * hs;
+        // SAFETY: a sequence's cache is written only by the threads that own its heads, each
+        // its own heads' range, and a sequence runs once a pass
+        let (head_keys, head_values) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(keys.get().add(cache_range.start), cache_range.len()),
+                std::slice::from_raw_parts_mut(values.get().add(cache_range.start), cache_range.len()),
+            )
+        };
+        for i in 0..m {
+            for (h, local) in heads.clone().zip(0..) {
+                let at = (local * positions + p0 + i) * hs;
+                let from = i * width + (h - heads.start) * hs;
+                head_keys[at..at + hs].copy_from_slice(&new_keys[from..from + hs]);
+                head_values[at..at + hs].copy_from_slice(&new_values[from..from + hs]);
+            }
+        }
+        let scale = T::one() / T::of(hs as f64).sqrt();
+        let visible_keys = p0 + m;
+        let mut query = vec![T::zero(); m * hs];
+        let mut scores = vec![T::zero(); m * visible_keys];
+        let mut head_out = vec![T::zero(); m * hs];
+        for local in 0..heads.len() {
+            for i in 0..m {
+                query[i * hs..(i + 1) * hs].copy_from_slice(&queries[i * width + local * hs..][..hs]);
+            }
+            let k = &head_keys[local * positions * hs..(local * positions + visible_keys) * hs];
+            let v = &head_values[local * positions * hs..(local * positions + visible_keys) * hs];
+            // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
+            self.team.product(&query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
+            for (i, row) in scores.chunks_mut(visible_keys).enumerate() {
+                let visible = p0 + i + 1;
+                row[..visible].iter_mut().for_each(|x| *x *= scale);
+                T::softmax_row(&mut row[..visible]);
+                row[visible..].fill(T::zero());
+            }
+            self.team.product(&scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
+            for i in 0..m {
+                attended[i * width + local * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
+            }
+        }
+    }
 }
 
 // SAFETY (for every method): all threads of the team run the same pass, so they meet at the same
@@ -206,9 +325,11 @@ impl<T: Float> PassKernels for TeamKernels<'_, T> {
         let (wte, wpe) = (self.params.wte.data(), self.params.wpe.data());
         let columns = self.team.share(c, 16);
         let mut x = Vec::with_capacity(self.tokens.len() * columns.len());
-        for (i, &token) in self.tokens.iter().enumerate() {
-            let (te, pe) = (&wte[token as usize * c..][columns.clone()], &wpe[(self.p0 + i) * c..][columns.clone()]);
-            x.extend(te.iter().zip(pe).map(|(&a, &b)| a + b));
+        for run in self.rows {
+            for (i, &token) in self.tokens[run.first..run.first + run.m].iter().enumerate() {
+                let (te, pe) = (&wte[token as usize * c..][columns.clone()], &wpe[(run.p0 + i) * c..][columns.clone()]);
+                x.extend(te.iter().zip(pe).map(|(&a, &b)| a + b));
+            }
         }
         unsafe { self.buffers.x.write_columns(0, columns, &x, false) };
         self.team.sync();
@@ -244,55 +365,17 @@ impl<T: Float> PassKernels for TeamKernels<'_, T> {
     }
 
     fn attend(&mut self, layer: usize) -> Result<()> {
-        let config = self.config;
-        let (m, p0) = (self.tokens.len(), self.p0);
-        let (hs, positions) = (config.head_size(), config.n_positions);
-        let (heads, columns) = self.heads();
+        let m_all = self.tokens.len();
+        let (_, columns) = self.heads();
         let width = columns.len();
-        let (queries, rest) = self.queries_keys_values.split_at(m * width);
-        let (new_keys, new_values) = rest.split_at(m * width);
-        // this thread's heads' caches: (heads, n_positions, hs) each
-        let (keys, values) = self.caches[layer];
-        let cache_range = heads.start * positions * hs..heads.end * positions * hs;
-        let (head_keys, head_values) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(keys.get().add(cache_range.start), cache_range.len()),
-                std::slice::from_raw_parts_mut(values.get().add(cache_range.start), cache_range.len()),
-            )
-        };
-        for i in 0..m {
-            for (h, local) in heads.clone().zip(0..) {
-                let at = (local * positions + p0 + i) * hs;
-                let from = i * width + (h - heads.start) * hs;
-                head_keys[at..at + hs].copy_from_slice(&new_keys[from..from + hs]);
-                head_values[at..at + hs].copy_from_slice(&new_values[from..from + hs]);
-            }
-        }
-        // attention of each new row i (position p0 + i) over positions 0..=p0 + i
-        let scale = T::one() / T::of(hs as f64).sqrt();
-        let visible_keys = p0 + m;
-        let mut attended = vec![T::zero(); m * width];
-        let mut query = vec![T::zero(); m * hs];
-        let mut scores = vec![T::zero(); m * visible_keys];
-        let mut head_out = vec![T::zero(); m * hs];
-        for local in 0..heads.len() {
-            for i in 0..m {
-                query[i * hs..(i + 1) * hs].copy_from_slice(&queries[i * width + local * hs..][..hs]);
-            }
-            let k = &head_keys[local * positions * hs..(local * positions + visible_keys) * hs];
-            let v = &head_values[local * positions * hs..(local * positions + visible_keys) * hs];
-            // S = q Kᵀ / √hs, masked causally, softmax by row; out = P V
-            self.team.product(&query, k, Layout::Transposed, &mut scores, m, hs, visible_keys, false);
-            for (i, row) in scores.chunks_mut(visible_keys).enumerate() {
-                let visible = p0 + i + 1;
-                row[..visible].iter_mut().for_each(|x| *x *= scale);
-                T::softmax_row(&mut row[..visible]);
-                row[visible..].fill(T::zero());
-            }
-            self.team.product(&scores, v, Layout::Normal, &mut head_out, m, visible_keys, hs, false);
-            for i in 0..m {
-                attended[i * width + local * hs..][..hs].copy_from_slice(&head_out[i * hs..(i + 1) * hs]);
-            }
+        let (queries, rest) = self.queries_keys_values.split_at(m_all * width);
+        let (new_keys, new_values) = rest.split_at(m_all * width);
+        let mut attended = vec![T::zero(); m_all * width];
+        for run in self.rows {
+            // this sequence's rows of q, k, v and of the output, (m, |heads|·hs) each
+            let rows = run.first * width..(run.first + run.m) * width;
+            let (q, k, v) = (&queries[rows.clone()], &new_keys[rows.clone()], &new_values[rows.clone()]);
+            self.attend_one(layer, run, q, k, v, &mut attended[rows]);
         }
         unsafe { self.buffers.attended.write_columns(0, columns, &attended, false) };
         self.team.sync();
@@ -340,6 +423,31 @@ impl<T: Float> Backbone<T> for CachedBackbone<'_, T> {
     }
 }
 
+/// One sequence of a backbone of several, as a [`Backbone`] of its own: its passes run that
+/// sequence alone (a batch's prefill, a rebuilt window).
+pub struct OneSequence<'b, 'a, T: Float> {
+    /// the backbone of every sequence
+    pub backbone: &'b mut CachedBackbone<'a, T>,
+    /// which of its sequences this is
+    pub sequence: usize,
+}
+
+impl<T: Float> Backbone<T> for OneSequence<'_, '_, T> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>> {
+        let mut runs = vec![&[][..]; self.backbone.sequences.len()];
+        runs[self.sequence] = tokens;
+        Ok(self.backbone.forward_batch(&runs).swap_remove(self.sequence))
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.backbone.truncate_sequence(self.sequence, len);
+    }
+
+    fn positions(&self) -> usize {
+        self.backbone.sequences[self.sequence].len
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +476,40 @@ mod tests {
         let worst = full.iter().zip(&cached).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert_eq!(cached.len(), full.len());
         assert!(worst < 1e-12, "cached and full forward differ by {worst}");
+    }
+
+    #[test]
+    fn a_batch_of_sequences_gives_each_the_hidden_states_it_gets_alone() {
+        // three sequences of different lengths, passes of a few rows (a team) and of many (the
+        // products on the whole pool), one sequence idle in a pass, one rolled back
+        let config = ModelConfig { vocab_size: 40, n_positions: 24, n_embd: 16, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
+        let mut rng = Rng::new(8);
+        let params = gpt2::init_params::<f64>(&config, &mut rng);
+        let streams: Vec<Vec<u32>> = [19, 12, 22].iter().map(|&len| (0..len).map(|_| rng.below(40) as u32).collect()).collect();
+        let alone: Vec<Vec<f64>> = streams.iter().map(|s| CachedBackbone::new(&config, &params).forward(s)).collect();
+        let mut batch = CachedBackbone::with_sequences(&config, &params, 3);
+        let mut together: Vec<Vec<f64>> = batch.forward_batch(&[&streams[0][..9], &streams[1][..2], &streams[2][..10]]);
+        // a pass past a draft that is then rolled back
+        batch.forward_batch(&[&[1, 2], &[], &[3]]);
+        batch.truncate_sequence(0, 9);
+        batch.truncate_sequence(2, 10);
+        for pieces in [[9..12, 2..3, 10..14], [12..19, 3..12, 14..22]] {
+            let runs: Vec<&[u32]> = pieces.iter().zip(&streams).map(|(range, s)| &s[range.clone()]).collect();
+            for (mine, new) in together.iter_mut().zip(batch.forward_batch(&runs)) {
+                mine.extend(new);
+            }
+        }
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert_eq!(a.len(), b.len(), "sequence {i}");
+            assert!(worst < 1e-12, "sequence {i}: batched and alone differ by {worst}");
+        }
+        let mut one = OneSequence { backbone: &mut batch, sequence: 1 };
+        assert_eq!(one.positions(), 12);
+        one.truncate(4);
+        let again = one.forward(&streams[1][4..6]).unwrap();
+        let worst = again.iter().zip(&alone[1][4 * 16..6 * 16]).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-12, "one sequence run alone after a rollback differs by {worst}");
     }
 
     #[test]
