@@ -623,7 +623,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let value = if args.prompts_file.is_none() && args.num_samples.is_none() {
                 samples.remove(0)
             } else {
-                json!({ "samples": samples, "tokens_per_s": all_tokens_per_s, "batch": args.batch })
+                // the GPU decodes one sample at a time
+                let batch = if gpu.is_some() { 1 } else { args.batch };
+                json!({ "samples": samples, "tokens_per_s": all_tokens_per_s, "batch": batch })
             };
             Ok((value, texts.join("\n\n---\n\n")))
         }

@@ -232,61 +232,70 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
 
 /// Several requests decoded as one batch: each sequence gets the tokens it gets alone, greedy
 /// and sampled, autoregressive and speculative, with prompts of different lengths, different
-/// token counts, a stop token, and sequences that run past the end of the context (their
-/// windows move at different steps).
+/// token counts (none too), a stop token, and sequences that run past the end of the context
+/// (their windows move at different steps). Five sequences of n = 4 stack up to 20 rows, more
+/// than a team of threads takes: on the pool and on a single thread, the same tokens.
 #[test]
 fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
     use multitoken::decode::generate::decode_batch;
     let (config, params) = trained_model(4, 2);
     let long: Vec<u32> = (0..27).map(|i| (i * 5 % 24) as u32).collect();
-    let prompts: [&[u32]; 4] = [&[3], &[3, 10, 17, 0, 7], &[5; 20], &long];
-    let new_tokens = [40, 7, 30, 50];
+    let prompts: [&[u32]; 6] = [&[3], &[3, 10, 17, 0, 7], &[5; 20], &long, &[8, 9], &[4]];
+    let new_tokens = [40, 7, 30, 50, 33, 0];
     let sampled = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut accepted_somewhere = false;
     for sampling in [SamplingConfig::greedy(), sampled] {
         for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
+            // each sequence alone: its tokens and what it reported as it went
             let alone = |i: usize, stop_at: Option<u32>| {
+                let mut seen = Vec::new();
                 let request = DecodeRequest {
                     prompt: prompts[i],
                     max_new_tokens: new_tokens[i],
                     sampling: &sampling,
                     seed: 11 + i as u64,
-                    progress: &mut |_| {},
+                    progress: &mut |done| seen.push(done),
                     stop_at,
                     draft,
                 };
-                decode(&config, &params, request, speculative).unwrap()
+                (decode(&config, &params, request, speculative).unwrap(), seen)
             };
             // sequence 2 stops at the sixth token it makes without a stop, or sooner
-            let stop = alone(2, None).tokens[5];
-            let stops = [None, None, Some(stop), None];
-            let singles: Vec<Generation> = (0..prompts.len()).map(|i| alone(i, stops[i])).collect();
-            let mut progress: Vec<Vec<usize>> = vec![Vec::new(); prompts.len()];
-            let mut callbacks: Vec<_> = progress.iter_mut().map(|seen| move |done| seen.push(done)).collect();
-            let requests = callbacks
-                .iter_mut()
-                .enumerate()
-                .map(|(i, callback)| DecodeRequest {
-                    prompt: prompts[i],
-                    max_new_tokens: new_tokens[i],
-                    sampling: &sampling,
-                    seed: 11 + i as u64,
-                    progress: callback,
-                    stop_at: stops[i],
-                    draft,
-                })
-                .collect();
-            let together = decode_batch(&config, &params, requests, speculative, AcceptanceRule::Exact).unwrap();
-            drop(callbacks);
-            for (i, (batched, single)) in together.iter().zip(&singles).enumerate() {
-                let case = format!("sequence {i}, greedy={} speculative={speculative} {draft:?}", sampling.greedy);
-                assert_eq!(batched.tokens, single.tokens, "{case}");
-                assert_eq!((batched.forward_passes, &batched.accepted), (single.forward_passes, &single.accepted), "{case}");
-                accepted_somewhere |= batched.accepted.iter().sum::<usize>() > 0;
+            let stop = alone(2, None).0.tokens[5];
+            let stops = [None, None, Some(stop), None, None, None];
+            let singles: Vec<(Generation, Vec<usize>)> = (0..prompts.len()).map(|i| alone(i, stops[i])).collect();
+            let together = || {
+                let mut progress: Vec<Vec<usize>> = vec![Vec::new(); prompts.len()];
+                let mut callbacks: Vec<_> = progress.iter_mut().map(|seen| move |done| seen.push(done)).collect();
+                let requests = callbacks
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, callback)| DecodeRequest {
+                        prompt: prompts[i],
+                        max_new_tokens: new_tokens[i],
+                        sampling: &sampling,
+                        seed: 11 + i as u64,
+                        progress: callback,
+                        stop_at: stops[i],
+                        draft,
+                    })
+                    .collect();
+                let generations = decode_batch(&config, &params, requests, speculative, AcceptanceRule::Exact).unwrap();
+                drop(callbacks);
+                (generations, progress)
+            };
+            for (pool, (batched, progress)) in [("the pool", together()), ("one thread", one_thread.install(together))] {
+                for (i, ((generation, seen), (single, seen_alone))) in batched.iter().zip(&progress).zip(&singles).enumerate() {
+                    let case = format!("{pool}, sequence {i}, greedy={} speculative={speculative} {draft:?}", sampling.greedy);
+                    assert_eq!(generation.tokens, single.tokens, "{case}");
+                    assert_eq!((generation.forward_passes, &generation.accepted), (single.forward_passes, &single.accepted), "{case}");
+                    assert_eq!(seen, seen_alone, "{case}: its progress as it went");
+                    accepted_somewhere |= generation.accepted.iter().sum::<usize>() > 0;
+                }
+                assert!(batched[2].tokens.len() <= 6 && batched[2].tokens.last() == Some(&stop), "the stop token ends its sequence");
+                assert_eq!((batched[3].tokens.len(), batched[5].tokens.len()), (50, 0), "the others run on; none asked, none made");
             }
-            assert!(together[2].tokens.len() <= 6 && together[2].tokens.last() == Some(&stop), "the stop token ends its sequence");
-            assert_eq!(together[3].tokens.len(), 50, "the others run on, past the end of the context");
-            assert!(progress.iter().all(|seen| !seen.is_empty()), "every sequence reports its progress");
         }
     }
     assert!(accepted_somewhere, "the trained model should draft some tokens right");

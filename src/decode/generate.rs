@@ -36,7 +36,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// backbone passes spent on decoding (prefill not counted)
     pub forward_passes: usize,
-    /// wall-clock seconds of the whole run, the prompt's prefill included
+    /// wall-clock seconds from the start of decoding (the prompt's prefill included) to the step
+    /// that finished it; in a batch, from the batch's start
     pub elapsed_s: f64,
     /// for draft position s = 1..n−1: steps whose verification reached it (every earlier draft
     /// accepted)
@@ -275,14 +276,12 @@ pub fn decode_batch<T: Float>(
         //    window then moves computes its own again)
         if speculative {
             let tick = Instant::now();
-            let mut at_s: Vec<&mut HeadState<T>> = sequences
-                .iter_mut()
-                .filter(|sequence| !sequence.finished && sequence.request.draft == Draft::Mixture)
-                .filter_map(|sequence| sequence.head_at_s.as_mut())
-                .collect();
+            let drafting = |sequence: &SequenceDecoder<T>| !sequence.finished && sequence.request.draft == Draft::Mixture;
+            let mut at_s: Vec<&mut HeadState<T>> =
+                sequences.iter_mut().filter(|s| drafting(s)).filter_map(|sequence| sequence.head_at_s.as_mut()).collect();
             head.fill(&mut at_s, config.horizon)?;
             let fill_s = tick.elapsed().as_secs_f64();
-            sequences.iter_mut().filter(|sequence| !sequence.finished).for_each(|sequence| sequence.generation.timing.draft_s += fill_s);
+            sequences.iter_mut().filter(|s| drafting(s)).for_each(|sequence| sequence.generation.timing.draft_s += fill_s);
         }
         let mut runs = Vec::with_capacity(sequences.len());
         for (index, sequence) in sequences.iter_mut().enumerate() {
@@ -324,7 +323,7 @@ struct SequenceDecoder<'c, 'r, T: Float> {
     n: usize,
     rng: Rng,
     /// the prompt, then every token emitted
-    sequence: Vec<u32>,
+    tokens: Vec<u32>,
     generation: Generation,
     started: Instant,
     finished: bool,
@@ -347,7 +346,7 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
             config,
             n,
             rng: Rng::new(request.seed),
-            sequence: request.prompt.to_vec(),
+            tokens: request.prompt.to_vec(),
             generation: Generation {
                 tokens: vec![],
                 forward_passes: 0,
@@ -369,7 +368,7 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
 
     /// Tokens emitted so far.
     fn emitted(&self) -> usize {
-        self.sequence.len() - self.request.prompt.len()
+        self.tokens.len() - self.request.prompt.len()
     }
 
     /// Step 1 (and the prefill when the window moves): the tokens of the next pass, the pending
@@ -379,8 +378,8 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
             return Ok(None);
         }
         let (config, sampling) = (self.config, self.request.sampling);
-        let length = self.sequence.len();
-        let pending = self.sequence[length - 1];
+        let length = self.tokens.len();
+        let pending = self.tokens[length - 1];
         let start = context_start(length, config.n_positions);
         if start != self.window_start {
             // (re)build the cache over the window, all but the pending token
@@ -388,7 +387,7 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
             backbone.truncate(0);
             self.window_start = start;
             self.head_at_s = if length - 1 > start {
-                let h = backbone.forward(&self.sequence[start..length - 1])?;
+                let h = backbone.forward(&self.tokens[start..length - 1])?;
                 Some(head.states(&h[h.len() - config.n_embd..], 1)?.remove(0))
             } else {
                 None
@@ -496,16 +495,16 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
         self.generation.timing.target_s += tick.elapsed().as_secs_f64();
 
         // 4. keep c, d_1..d_k in the cache; the new S is the state of d_k
-        let length = self.sequence.len();
+        let length = self.tokens.len();
         backbone.truncate(self.cache_before + 1 + kept);
-        self.sequence.extend(&self.drafts[..kept]);
-        self.sequence.push(next);
+        self.tokens.extend(&self.drafts[..kept]);
+        self.tokens.push(next);
         self.head_at_s = Some(states.swap_remove(kept));
         let (max_new_tokens, emitted) = (self.request.max_new_tokens, self.emitted());
         (self.request.progress)(emitted.min(max_new_tokens));
-        let stopped = self.request.stop_at.and_then(|stop| self.sequence[length..].iter().position(|&t| t == stop));
+        let stopped = self.request.stop_at.and_then(|stop| self.tokens[length..].iter().position(|&t| t == stop));
         if let Some(at) = stopped {
-            self.sequence.truncate(length + at + 1);
+            self.tokens.truncate(length + at + 1);
         }
         self.finished = stopped.is_some() || self.emitted() >= max_new_tokens;
         if self.finished {
@@ -514,14 +513,12 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
         Ok(())
     }
 
-    /// The generation: the new tokens (at most `max_new_tokens`) and what they cost.
+    /// The generation: the new tokens (at most `max_new_tokens`) and what they cost, timed
+    /// to the step that finished the sequence.
     fn finish(mut self) -> Generation {
         let prompt = self.request.prompt.len();
-        self.sequence.truncate(prompt + self.request.max_new_tokens);
-        self.generation.tokens = self.sequence[prompt..].to_vec();
-        if !self.finished || self.generation.elapsed_s == 0.0 {
-            self.generation.elapsed_s = self.started.elapsed().as_secs_f64();
-        }
+        self.tokens.truncate(prompt + self.request.max_new_tokens);
+        self.generation.tokens = self.tokens[prompt..].to_vec();
         self.generation
     }
 }

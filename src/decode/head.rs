@@ -158,7 +158,8 @@ impl<'a, T: Float> Head<'a, T> {
                 }
             }
         };
-        // a request is at most r·n rows, few enough for the few-row kernel on every thread
+        // the few-row kernel on every thread, on a team of one too (`product_by_rows`): a
+        // state's distributions come out the same whatever else is stacked with them
         together(pass);
         logits.chunks(block).map(<[T]>::to_vec).collect()
     }
@@ -310,6 +311,29 @@ mod tests {
 
     /// The top-component draft's distributions, computed alone, are the component's blocks of
     /// the full computation, with three components and with one.
+    #[test]
+    fn stacked_states_get_the_bits_each_gets_alone() {
+        // 6 states, r = 4: 24 rows of the unembedding at once, more than the few-row kernel's
+        // 16; on one thread and on two, each state's distributions as when it is asked alone
+        let config = ModelConfig { vocab_size: 40, n_positions: 8, n_embd: 32, n_layer: 1, n_head: 2, horizon: 3, rank: 4 };
+        let mut rng = Rng::new(5);
+        let params = gpt2::init_params::<f32>(&config, &mut rng);
+        let hidden = Tensor::<f32>::randn(&[6, 32], 1.0, &mut rng);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let head = Head::new(&config, &params);
+                let mut stacked = head.states(hidden.data(), 1).unwrap();
+                head.fill(&mut stacked.iter_mut().collect::<Vec<_>>(), 3).unwrap();
+                for (i, state) in stacked.iter().enumerate() {
+                    let mut alone = head.states(&hidden.data()[i * 32..(i + 1) * 32], 3).unwrap().remove(0);
+                    head.fill(&mut [&mut alone], 3).unwrap();
+                    assert_eq!(state.probs, alone.probs, "state {i}, {threads} thread(s)");
+                }
+            });
+        }
+    }
+
     #[test]
     fn one_component_s_distributions_are_that_component_s_blocks() {
         for (rank, alpha) in [(3, 0), (3, 2), (1, 0)] {

@@ -10,7 +10,9 @@
 //! A pass of a few tokens runs as a team of threads (`kernels::team`): every thread runs the
 //! whole pass, taking its share of each step (its heads of the attention, its columns of each
 //! linear layer), and the threads meet at a barrier wherever a step reads what the others
-//! wrote. A longer pass (the prompt) runs on one thread whose products use the whole pool.
+//! wrote. A longer pass (a prompt, or a stack of more than 16 rows from several sequences) runs
+//! on one thread whose products use the whole pool; a stack's products then keep to the
+//! few-row kernel, 16 rows at a time, so that each row comes out as it would alone.
 
 use std::ops::Range;
 
@@ -74,13 +76,18 @@ impl<T: Float> TransposedWeight<T> {
 
     /// Output columns `columns` of `x (m, n_in) · W + b`, laid out (m, |columns|). A team of
     /// one computes them with `matmul` (a GEMM on every thread for a long prompt, the few-row
-    /// kernel for a few rows); a thread of a larger team with the few-row kernel on its own. On
-    /// a few rows each output then adds the same terms in the same order, whoever computes it.
-    fn apply(&self, team: &Team, x: &[T], bias: &Tensor<T>, columns: Range<usize>) -> Vec<T> {
+    /// kernel for a few rows), or `by_rows` with the few-row kernel only (a stack of several
+    /// sequences); a thread of a larger team with the few-row kernel on its own. On a few rows
+    /// each output then adds the same terms in the same order, whoever computes it.
+    fn apply(&self, team: &Team, x: &[T], bias: &Tensor<T>, columns: Range<usize>, by_rows: bool) -> Vec<T> {
         let (m, width) = (x.len() / self.n_in, columns.len());
         let mut out = bias.data()[columns.clone()].repeat(m);
         let weight = &self.transposed[columns.start * self.n_in..columns.end * self.n_in];
-        team.product(x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
+        if by_rows {
+            team.product_by_rows(x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
+        } else {
+            team.product(x, weight, Layout::Transposed, &mut out, m, self.n_in, width, true);
+        }
         out
     }
 }
@@ -115,24 +122,31 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         CachedBackbone { config, params, weights, sequences: (0..count).map(|_| empty()).collect() }
     }
 
-    /// Positions held in the (first) sequence's cache.
-    pub fn len(&self) -> usize {
-        self.sequences[0].len
+    /// The cache of a backbone of one sequence.
+    fn only(&self) -> &SequenceCache<T> {
+        assert_eq!(self.sequences.len(), 1, "a backbone of several sequences is asked by sequence");
+        &self.sequences[0]
     }
 
-    /// Whether the (first) sequence's cache holds no positions.
+    /// Positions held in the cache (of a backbone of one sequence).
+    pub fn len(&self) -> usize {
+        self.only().len
+    }
+
+    /// Whether the cache holds no positions (of a backbone of one sequence).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Room left before n_positions in the (first) sequence's cache.
+    /// Room left before n_positions (in a backbone of one sequence).
     pub fn room(&self) -> usize {
         self.config.n_positions - self.len()
     }
 
-    /// Forgets every position from `len` on in the (first) sequence's cache (rollback of
-    /// rejected drafts).
+    /// Forgets every position from `len` on (rollback of rejected drafts; a backbone of one
+    /// sequence).
     pub fn truncate(&mut self, len: usize) {
+        self.only();
         self.truncate_sequence(0, len);
     }
 
@@ -146,7 +160,7 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
     /// Runs `tokens` at the next positions of the (only) sequence and appends their keys and
     /// values. Returns the final hidden states h (after ln_f), (m, C).
     pub fn forward(&mut self, tokens: &[u32]) -> Vec<T> {
-        assert_eq!(self.sequences.len(), 1, "a backbone of several sequences runs them with forward_batch");
+        self.only();
         self.forward_batch(&[tokens]).remove(0)
     }
 
@@ -189,6 +203,7 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
                 buffers: &buffers,
                 tokens: &tokens,
                 rows: &rows,
+                stacked: rows.len() > 1,
                 queries_keys_values: Vec::new(),
             };
             // the CPU's kernels return no errors
@@ -216,10 +231,9 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
 }
 
 /// One pass's buffers, shared by the team (m the rows of every sequence, stacked): the residual
-/// stream x (m, C), the attention's output
-/// before its projection (m, C), the MLP's hidden activations (m, 4C) and the final hidden
-/// states (m, C). Each thread writes its own columns (or rows) of them, and reads them whole
-/// only after the barrier that follows the writes.
+/// stream x (m, C), the attention's output before its projection (m, C), the MLP's hidden
+/// activations (m, 4C) and the final hidden states (m, C). Each thread writes its own columns
+/// (or rows) of them, and reads them whole only after the barrier that follows the writes.
 struct PassBuffers<T> {
     x: SharedRows<T>,
     attended: SharedRows<T>,
@@ -240,6 +254,8 @@ struct TeamKernels<'a, T: Float> {
     tokens: &'a [u32],
     /// which rows belong to which sequence, and at what positions
     rows: &'a [RunRows],
+    /// whether the rows are several sequences': then every product keeps to the few-row kernel
+    stacked: bool,
     /// this thread's heads' q, k and v of the current layer (m, |heads|·hs) each, one after the
     /// other: from `layernorm_linear(Qkv)` to `attend`
     queries_keys_values: Vec<T>,
@@ -345,15 +361,17 @@ impl<T: Float> PassKernels for TeamKernels<'_, T> {
                 let a = layernorm_rows(x, &block.ln_1_weight, &block.ln_1_bias);
                 let (_, columns) = self.heads();
                 let weight = self.weight(layer, Linear::Qkv);
-                let part =
-                    |offset: usize| weight.apply(self.team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end);
+                let part = |offset: usize| {
+                    weight.apply(self.team, &a, &block.attn_c_attn_bias, offset + columns.start..offset + columns.end, self.stacked)
+                };
                 self.queries_keys_values = [part(0), part(c), part(2 * c)].concat();
             }
             Linear::MlpUp => {
                 // this thread's hidden units
                 let normed = layernorm_rows(x, &block.ln_2_weight, &block.ln_2_bias);
                 let columns = self.team.share(4 * c, 16);
-                let hidden = self.weight(layer, Linear::MlpUp).apply(self.team, &normed, &block.mlp_c_fc_bias, columns.clone());
+                let hidden =
+                    self.weight(layer, Linear::MlpUp).apply(self.team, &normed, &block.mlp_c_fc_bias, columns.clone(), self.stacked);
                 let mut activated = vec![T::zero(); hidden.len()];
                 T::gelu_forward(&hidden, &mut activated);
                 unsafe { self.buffers.activated.write_columns(0, columns, &activated, false) };
@@ -391,7 +409,7 @@ impl<T: Float> PassKernels for TeamKernels<'_, T> {
         };
         // x += y · W + b, this thread's columns
         let columns = self.team.share(self.config.n_embd, 16);
-        let projected = self.weight(layer, linear).apply(self.team, unsafe { input.read() }, bias, columns.clone());
+        let projected = self.weight(layer, linear).apply(self.team, unsafe { input.read() }, bias, columns.clone(), self.stacked);
         unsafe { self.buffers.x.write_columns(0, columns, &projected, true) };
         self.team.sync();
         Ok(())
@@ -510,6 +528,37 @@ mod tests {
         let again = one.forward(&streams[1][4..6]).unwrap();
         let worst = again.iter().zip(&alone[1][4 * 16..6 * 16]).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-12, "one sequence run alone after a rollback differs by {worst}");
+    }
+
+    #[test]
+    fn a_stack_of_more_rows_than_a_team_takes_gives_each_sequence_its_bits_alone() {
+        // 4 + 8 + 7 = 19 rows: above 16 the pass runs on one thread, and its products must still
+        // add each output's terms as the few rows of one sequence do; on one thread and on two
+        let config = ModelConfig { vocab_size: 50, n_positions: 32, n_embd: 64, n_layer: 2, n_head: 4, horizon: 1, rank: 1 };
+        let params = gpt2::init_params::<f32>(&config, &mut Rng::new(6));
+        let streams: Vec<Vec<u32>> = [7, 11, 10].iter().map(|&len| (0..len).map(|i| (i * 13 % 50) as u32).collect()).collect();
+        let prefill = [3, 3, 3];
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (alone, together) = pool.install(|| {
+                let alone: Vec<Vec<f32>> = streams
+                    .iter()
+                    .zip(prefill)
+                    .map(|(s, p)| {
+                        let mut cache = CachedBackbone::new(&config, &params);
+                        cache.forward(&s[..p]);
+                        cache.forward(&s[p..])
+                    })
+                    .collect();
+                let mut batch = CachedBackbone::with_sequences(&config, &params, 3);
+                for (i, (s, p)) in streams.iter().zip(prefill).enumerate() {
+                    OneSequence { backbone: &mut batch, sequence: i }.forward(&s[..p]).unwrap();
+                }
+                let runs: Vec<&[u32]> = streams.iter().zip(prefill).map(|(s, p)| &s[p..]).collect();
+                (alone, batch.forward_batch(&runs))
+            });
+            assert_eq!(together, alone, "{threads} thread(s)");
+        }
     }
 
     #[test]

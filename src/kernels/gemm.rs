@@ -104,7 +104,7 @@ pub fn matmul<T: Float>(a: &[T], a_layout: Layout, b: &[T], b_layout: Layout, c:
 }
 
 /// At most this many rows of A take the vector path (decoding's products).
-const FEW_ROWS: usize = 16;
+pub(crate) const FEW_ROWS: usize = 16;
 
 /// Output columns per parallel task on the vector path, at most: narrower outputs are split
 /// into one task per thread, so that a 256-wide projection does not run on one core.

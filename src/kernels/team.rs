@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, TryLockError};
 
-use super::gemm::{matmul, Layout};
+use super::gemm::{matmul, Layout, FEW_ROWS};
 use super::Float;
 use super::SharedMut;
 
@@ -79,6 +79,31 @@ impl Team<'_> {
         }
     }
 
+    /// [`product`](Self::product), with each output's terms added in the same order whatever
+    /// the number of rows, in a team of one too: there the few-row kernel on blocks of at most
+    /// 16 rows instead of a GEMM over many. A decoding pass that stacks several sequences, and
+    /// the head that stacks their states, use it, so that each sequence's rows come out as they
+    /// would alone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn product_by_rows<T: Float>(
+        &self,
+        a: &[T],
+        b: &[T],
+        b_layout: Layout,
+        c: &mut [T],
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        if self.size > 1 || m <= FEW_ROWS {
+            return self.product(a, b, b_layout, c, m, k, n, accumulate);
+        }
+        for (a_block, c_block) in a.chunks(FEW_ROWS * k).zip(c.chunks_mut(FEW_ROWS * n)) {
+            matmul(a_block, Layout::Normal, b, b_layout, c_block, a_block.len() / k, k, n, accumulate);
+        }
+    }
+
     /// This thread's share of the columns of `a (m, k) · bᵀ`, b (n, k) with n = `out`'s width,
     /// written into those columns of `out` (m, n).
     ///
@@ -87,7 +112,7 @@ impl Team<'_> {
     pub unsafe fn product_into_columns<T: Float>(&self, a: &[T], b: &[T], m: usize, k: usize, out: &SharedRows<T>) {
         let columns = self.share(out.width, 16);
         let mut values = vec![T::zero(); m * columns.len()];
-        self.product(a, &b[columns.start * k..columns.end * k], Layout::Transposed, &mut values, m, k, columns.len(), false);
+        self.product_by_rows(a, &b[columns.start * k..columns.end * k], Layout::Transposed, &mut values, m, k, columns.len(), false);
         out.write_columns(0, columns, &values, false);
     }
 }
