@@ -219,6 +219,10 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         for (sequence, run) in runs.iter().enumerate() {
             self.sequences[sequence].len += run.len();
         }
+        if runs.len() == 1 {
+            // one sequence (every pass of `decode`): its rows are the whole buffer
+            return vec![hidden];
+        }
         let mut rest = hidden.as_slice();
         runs.iter()
             .map(|run| {
