@@ -90,6 +90,13 @@ fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() 
         assert!(bench[key].as_f64().is_some_and(|b| b > 1e6), "{key}: {}", bench[key]);
     }
     assert_eq!(bench["identical_output"], true);
+    // three copies together: all their tokens counted, and each decoder's the same as alone
+    let args = ["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "20", "--greedy"];
+    let batched = run_json(&[&args[..], &["--repeats", "1", "--batch", "3"]].concat());
+    assert_eq!((batched["batch"].as_u64(), batched["identical_output"].as_bool()), (Some(3), Some(true)));
+    let passes = |b: &Value| b["forward_passes"].as_u64().unwrap();
+    assert_eq!(passes(&batched), 3 * passes(&bench), "greedy copies: three times one copy's passes");
+    assert_eq!(batched["mean_accepted"], bench["mean_accepted"]);
     assert!(run_error(&["train", "--data", s(&ws.data), "--out", s(&ckpt), "--resume"]).contains("no optimizer state"));
 }
 
@@ -198,7 +205,7 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "best"])
         .contains("use mixture or top-component"));
     assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "top-component"]).contains("add --speculative"));
-    for flag in ["--max-new-tokens", "--repeats"] {
+    for flag in ["--max-new-tokens", "--repeats", "--batch"] {
         assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
     }
     if !multitoken_cuda_driver_present() {
