@@ -648,7 +648,7 @@ fn plot(rows: &[Value]) -> String {
         let low = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(-2.0f64, f64::min);
         let high = change.iter().flat_map(|l| l.points.iter().map(|p| p.1)).fold(0.0f64, f64::max);
         let caption = "Validation joint loss, change from r = 1";
-        panel(&right, caption, "%", (low - 1.0)..(high + 1.0), change, SeriesLabelPosition::LowerRight);
+        panel(&right, caption, "%", (low - 1.0)..(high + 1.0), change, SeriesLabelPosition::UpperRight);
         let _ = root.present();
     }
     svg
