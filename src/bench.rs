@@ -309,8 +309,9 @@ pub fn copy_bandwidth(device: &crate::tensor::Device) -> Result<f64> {
 const WARM_UP_TOKENS: usize = 32;
 
 /// Times both decoders `repeats` times, alternating, after an untimed warm-up, and reports the
-/// medians. With `batch` > 1 (the CPU only) each run decodes that many copies of the prompt
-/// together ([`decode_batch`](crate::decode::generate::decode_batch)).
+/// medians. With `batch` > 1 each run decodes that many copies of the prompt together
+/// ([`decode_batch`](crate::decode::generate::decode_batch), on a GPU
+/// [`GpuDecoder::decode_batch`](crate::decode::cuda::GpuDecoder::decode_batch)).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_decode(
     config: &crate::model::ModelConfig,
@@ -327,14 +328,12 @@ pub fn bench_decode(
     use crate::decode::generate::{decode_batch, AcceptanceRule};
     use crate::decode::{DecodeRequest, Generation};
     crate::device::check_available(device)?;
-    if batch == 0 || (batch > 1 && device != DeviceKind::Cpu) {
-        return crate::invalid!(
-            "--batch {batch}: decoding several sequences together runs on the CPU (--device cpu), with --batch 1 or more"
-        );
+    if batch == 0 {
+        return crate::invalid!("--batch 0: decode at least one sequence (--batch 1 or more)");
     }
     let on = device.open(Precision::F32)?;
     let mut gpu_decoder = match on.gpu() {
-        Some(gpu) => Some(crate::decode::cuda::GpuDecoder::new(gpu, config, params)?),
+        Some(gpu) => Some(crate::decode::cuda::GpuDecoder::with_sequences(gpu, config, params, batch)?),
         None => None,
     };
     // a warm-up run is untimed and shorter: the first passes pay for what is made once (on the
@@ -345,17 +344,29 @@ pub fn bench_decode(
     let mut run = |speculative: bool, warm_up: bool| -> Result<(Generation, usize)> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
         let request = |seed, progress| DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at: None, draft };
-        if let Some(decoder) = gpu_decoder.as_mut() {
-            let generation = decoder.decode(params, request(seed, &mut |_| {}), speculative)?;
-            if warm_up {
-                decoder.reset_profile();
+        if batch == 1 {
+            if let Some(decoder) = gpu_decoder.as_mut() {
+                // one sequence through the one-sequence loop, as `sample` runs it
+                let generation = decoder.decode(params, request(seed, &mut |_| {}), speculative)?;
+                if warm_up {
+                    decoder.reset_profile();
+                }
+                let passes = generation.forward_passes;
+                return Ok((generation, passes));
             }
-            let passes = generation.forward_passes;
-            return Ok((generation, passes));
         }
         let mut callbacks: Vec<_> = (0..batch).map(|_| |_| {}).collect();
         let requests = callbacks.iter_mut().zip(0..).map(|(progress, k)| request(seed + k, progress)).collect();
-        let generations = decode_batch(config, params, requests, speculative, AcceptanceRule::Exact)?;
+        let generations = match gpu_decoder.as_mut() {
+            Some(decoder) => {
+                let generations = decoder.decode_batch(params, requests, speculative)?;
+                if warm_up {
+                    decoder.reset_profile();
+                }
+                generations
+            }
+            None => decode_batch(config, params, requests, speculative, AcceptanceRule::Exact)?,
+        };
         // from the batch's start (its caches and weights set up) to its last sequence's end
         let elapsed_s = generations.iter().map(|g| g.elapsed_s).fold(0.0, f64::max);
         let passes = generations.iter().map(|g| g.forward_passes).max().unwrap_or(0);

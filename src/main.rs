@@ -531,7 +531,10 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let sampling = args.sampling.config();
             let gpu = device.open(Precision::F32)?.gpu().cloned();
             let mut gpu_decoder = match &gpu {
-                Some(gpu) => Some(multitoken::decode::cuda::GpuDecoder::new(gpu, &ckpt.config, &ckpt.params)?),
+                Some(gpu) => {
+                    let sequences = args.batch.min(prompts.len() * args.num_samples.unwrap_or(1));
+                    Some(multitoken::decode::cuda::GpuDecoder::with_sequences(gpu, &ckpt.config, &ckpt.params, sequences)?)
+                }
                 None => None,
             };
             // every (prompt, seed) pair, prompt by prompt
@@ -550,45 +553,34 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             }
             let started = std::time::Instant::now();
             let mut generations = Vec::with_capacity(jobs.len());
-            match gpu_decoder.as_mut() {
-                // the GPU decodes one sequence at a time
-                Some(decoder) => {
-                    for &job in &jobs {
-                        let bar = live_readout(args.max_new_tokens);
-                        let (p, seed) = job;
-                        let progress = &mut |done: usize| bar.set_position(done as u64);
-                        generations.push(decoder.decode(&ckpt.params, request(&encoded[p], seed, settings, progress), args.speculative)?);
-                        bar.finish_and_clear();
-                    }
-                }
-                None => {
-                    for group in jobs.chunks(args.batch) {
-                        let bar = live_readout(args.max_new_tokens * group.len());
-                        let done: Vec<std::cell::Cell<usize>> = group.iter().map(|_| Default::default()).collect();
-                        let mut callbacks: Vec<_> = (0..group.len())
-                            .map(|i| {
-                                let (done, bar) = (&done, &bar);
-                                move |n: usize| {
-                                    done[i].set(n);
-                                    bar.set_position(done.iter().map(std::cell::Cell::get).sum::<usize>() as u64);
-                                }
-                            })
-                            .collect();
-                        let requests = group
-                            .iter()
-                            .zip(callbacks.iter_mut())
-                            .map(|(&(p, seed), callback)| request(&encoded[p], seed, settings, callback))
-                            .collect();
-                        generations.extend(decode::generate::decode_batch(
-                            &ckpt.config,
-                            &ckpt.params,
-                            requests,
-                            args.speculative,
-                            decode::generate::AcceptanceRule::Exact,
-                        )?);
-                        bar.finish_and_clear();
-                    }
-                }
+            for group in jobs.chunks(args.batch) {
+                let bar = live_readout(args.max_new_tokens * group.len());
+                let done: Vec<std::cell::Cell<usize>> = group.iter().map(|_| Default::default()).collect();
+                let mut callbacks: Vec<_> = (0..group.len())
+                    .map(|i| {
+                        let (done, bar) = (&done, &bar);
+                        move |n: usize| {
+                            done[i].set(n);
+                            bar.set_position(done.iter().map(std::cell::Cell::get).sum::<usize>() as u64);
+                        }
+                    })
+                    .collect();
+                let requests = group
+                    .iter()
+                    .zip(callbacks.iter_mut())
+                    .map(|(&(p, seed), callback)| request(&encoded[p], seed, settings, callback))
+                    .collect();
+                generations.extend(match gpu_decoder.as_mut() {
+                    Some(decoder) => decoder.decode_batch(&ckpt.params, requests, args.speculative)?,
+                    None => decode::generate::decode_batch(
+                        &ckpt.config,
+                        &ckpt.params,
+                        requests,
+                        args.speculative,
+                        decode::generate::AcceptanceRule::Exact,
+                    )?,
+                });
+                bar.finish_and_clear();
             }
             let all_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
             let all_tokens_per_s = all_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -623,9 +615,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let value = if args.prompts_file.is_none() && args.num_samples.is_none() {
                 samples.remove(0)
             } else {
-                // the GPU decodes one sample at a time
-                let batch = if gpu.is_some() { 1 } else { args.batch };
-                json!({ "samples": samples, "tokens_per_s": all_tokens_per_s, "batch": batch })
+                json!({ "samples": samples, "tokens_per_s": all_tokens_per_s, "batch": args.batch })
             };
             Ok((value, texts.join("\n\n---\n\n")))
         }

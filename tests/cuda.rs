@@ -15,6 +15,7 @@ use multitoken::data::Batch;
 use multitoken::decode::cuda::GpuDecoder;
 use multitoken::decode::head::Head;
 use multitoken::decode::kv_cache::CachedBackbone;
+use multitoken::decode::pass::Backbone;
 use multitoken::decode::{DecodeRequest, Draft, SamplingConfig};
 use multitoken::error::Result;
 use multitoken::model::{gpt2, loss::model_loss, ModelConfig, ModelParams};
@@ -908,6 +909,55 @@ cuda_test!(gpu_kv_cache_passes_match_the_cpu_cache, |gpu| {
     assert!(hidden[0] == hidden[1], "replayed graphs and kernels launched one by one differ");
 });
 
+cuda_test!(gpu_batched_passes_match_the_cpu_batch, |gpu| {
+    let (config, params) = noisy_tiny_model(97);
+    let mut decoder = GpuDecoder::with_sequences(&gpu, &config, &params, 3).unwrap();
+    let mut cpu = CachedBackbone::with_sequences(&config, &params, 3);
+    let streams: Vec<Vec<u32>> = (0..3).map(|k| (0..30).map(|i| ((i * 13 + k * 29) % 97) as u32).collect()).collect();
+    // prefills of different lengths stacked in one pass, then stacked runs of up to n = 3 tokens
+    // (graphs captured per shape), a sequence left out, rollbacks, as batched decoding does
+    // each pass: every sequence's run, then the lengths to roll back to, if any
+    type Pass = ([std::ops::Range<usize>; 3], Option<[usize; 3]>);
+    let passes: [Pass; 6] = [
+        ([0..9, 0..2, 0..10], None),
+        ([9..11, 2..2, 10..11], None),
+        ([11..14, 2..5, 11..14], Some([12, 5, 11])),
+        ([12..15, 5..8, 11..14], None),
+        ([15..16, 8..9, 14..15], None),
+        ([16..17, 9..10, 15..16], None),
+    ];
+    let mut worst: f64 = 0.0;
+    let mut hidden = [vec![], vec![]];
+    for (graphs, hidden) in [true, false].into_iter().zip(&mut hidden) {
+        decoder.use_graphs(graphs);
+        for sequence in 0..3 {
+            decoder.batch_backbone().truncate_sequence(sequence, 0);
+            cpu.truncate_sequence(sequence, 0);
+        }
+        for (ranges, truncate_to) in passes.clone() {
+            let runs: Vec<&[u32]> = ranges.iter().zip(&streams).map(|(range, stream)| &stream[range.clone()]).collect();
+            let ours = decoder.batch_backbone().forward_batch(&runs).unwrap();
+            let reference = cpu.forward_batch(&runs);
+            for (ours, reference) in ours.iter().zip(&reference) {
+                assert_eq!(ours.len(), reference.len());
+                worst = worst.max(relative_error(ours, &widen(reference)));
+                hidden.extend_from_slice(ours);
+            }
+            if let Some(lens) = truncate_to {
+                for (sequence, len) in lens.into_iter().enumerate() {
+                    decoder.batch_backbone().truncate_sequence(sequence, len);
+                    cpu.truncate_sequence(sequence, len);
+                }
+            }
+        }
+        // the five short passes have 3 or 9 rows, each length captured once (whichever sequences
+        // at whatever positions); the prefill of 21 rows is not
+        assert_eq!(decoder.captured_passes(), if graphs { 2 } else { 0 });
+    }
+    report("batched KV-cache passes of 3 sequences, GPU against CPU", worst, 1e-5);
+    assert!(hidden[0] == hidden[1], "replayed graphs and kernels launched one by one differ");
+});
+
 cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
     let (config, params) = noisy_tiny_model(97);
     let hidden = Tensor::<f32>::randn(&[3, config.n_embd], 1.0, &mut Rng::new(4));
@@ -963,9 +1013,11 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
     let sampling = SamplingConfig::greedy();
     let mut accepted = Vec::new();
     // short prompts, and long ones whose continuation crosses the end of the 128-token context
+    let mut cases = Vec::new();
     for (prompt_len, new_tokens) in [(1, 40), (5, 60), (17, 50), (100, 60), (127, 20)] {
         let start = rng.below(stream.len() - prompt_len);
         let prompt = &stream[start..start + prompt_len];
+        cases.push((prompt.to_vec(), new_tokens));
         let mut run = |speculative: bool, draft: Draft| {
             let request = DecodeRequest {
                 prompt,
@@ -986,6 +1038,37 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
         }
     }
     println!("greedy speculative == autoregressive on the GPU for 5 prompts, both drafts; mean accepted per pass {accepted:.2?}");
+
+    // the same prompts decoded together, greedy and sampled: each sequence gets the tokens it
+    // gets alone
+    let mut batch_decoder = GpuDecoder::with_sequences(&gpu, &config, &params, cases.len()).unwrap();
+    for sampling in [SamplingConfig::greedy(), SamplingConfig { greedy: false, ..SamplingConfig::greedy() }] {
+        for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
+            let mut callbacks: Vec<_> = cases.iter().map(|_| |_: usize| {}).collect();
+            fn request<'a>(
+                (prompt, new_tokens): &'a (Vec<u32>, usize),
+                sampling: &'a SamplingConfig,
+                draft: Draft,
+                seed: u64,
+                progress: &'a mut dyn FnMut(usize),
+            ) -> DecodeRequest<'a> {
+                DecodeRequest { prompt, max_new_tokens: *new_tokens, sampling, seed, progress, stop_at: None, draft }
+            }
+            let requests = cases
+                .iter()
+                .zip(callbacks.iter_mut())
+                .zip(0..)
+                .map(|((case, progress), seed)| request(case, &sampling, draft, seed, progress))
+                .collect();
+            let together = batch_decoder.decode_batch(&params, requests, speculative).unwrap();
+            for ((case, seed), together) in cases.iter().zip(0..).zip(&together) {
+                let alone = decoder.decode(&params, request(case, &sampling, draft, seed, &mut |_| {}), speculative).unwrap();
+                assert_eq!(together.tokens, alone.tokens, "prompt of {}, {sampling:?}, speculative {speculative}, {draft:?}", case.0.len());
+                assert_eq!(together.forward_passes, alone.forward_passes);
+            }
+        }
+    }
+    println!("{} prompts decoded together on the GPU: each one's tokens as alone, greedy and sampled, both drafts", cases.len());
 });
 
 // ---- resuming a run on the GPU ----

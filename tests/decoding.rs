@@ -234,10 +234,13 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
 /// and sampled, autoregressive and speculative, with prompts of different lengths, different
 /// token counts (none too), a stop token, and sequences that run past the end of the context
 /// (their windows move at different steps). Five sequences of n = 4 stack up to 20 rows, more
-/// than a team of threads takes: on the pool and on a single thread, the same tokens.
+/// than a team of threads takes: on the pool, on a single thread, and with the head behind the
+/// device interface, the same tokens.
 #[test]
 fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
-    use multitoken::decode::generate::decode_batch;
+    use multitoken::decode::generate::{decode_batch, decode_batch_on};
+    use multitoken::decode::head::Head;
+    use multitoken::decode::kv_cache::CachedBackbone;
     let (config, params) = trained_model(4, 2);
     let long: Vec<u32> = (0..27).map(|i| (i * 5 % 24) as u32).collect();
     let prompts: [&[u32]; 6] = [&[3], &[3, 10, 17, 0, 7], &[5; 20], &long, &[8, 9], &[4]];
@@ -265,7 +268,9 @@ fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
             let stop = alone(2, None).0.tokens[5];
             let stops = [None, None, Some(stop), None, None, None];
             let singles: Vec<(Generation, Vec<usize>)> = (0..prompts.len()).map(|i| alone(i, stops[i])).collect();
-            let together = || {
+            // `on_device`: the backbone and the head behind the device interfaces, as a GPU's are
+            // driven (the CPU's products as the stand-in)
+            let together = |on_device: bool| {
                 let mut progress: Vec<Vec<usize>> = vec![Vec::new(); prompts.len()];
                 let mut callbacks: Vec<_> = progress.iter_mut().map(|seen| move |done| seen.push(done)).collect();
                 let requests = callbacks
@@ -281,11 +286,22 @@ fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
                         draft,
                     })
                     .collect();
-                let generations = decode_batch(&config, &params, requests, speculative, AcceptanceRule::Exact).unwrap();
+                let generations = if on_device {
+                    let (cpu_head, mut backbone) = (Head::new(&config, &params), CachedBackbone::with_sequences(&config, &params, 6));
+                    let head = Head::with_device(&config, &params, &cpu_head);
+                    decode_batch_on(&config, &mut backbone, &head, requests, speculative, AcceptanceRule::Exact).unwrap()
+                } else {
+                    decode_batch(&config, &params, requests, speculative, AcceptanceRule::Exact).unwrap()
+                };
                 drop(callbacks);
                 (generations, progress)
             };
-            for (pool, (batched, progress)) in [("the pool", together()), ("one thread", one_thread.install(together))] {
+            let runs = [
+                ("the pool", together(false)),
+                ("one thread", one_thread.install(|| together(false))),
+                ("a device's head", together(true)),
+            ];
+            for (pool, (batched, progress)) in runs {
                 for (i, ((generation, seen), (single, seen_alone))) in batched.iter().zip(&progress).zip(&singles).enumerate() {
                     let case = format!("{pool}, sequence {i}, greedy={} speculative={speculative} {draft:?}", sampling.greedy);
                     assert_eq!(generation.tokens, single.tokens, "{case}");

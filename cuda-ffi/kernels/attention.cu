@@ -71,36 +71,41 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 }
 
 // Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), and their keys and values appended to the
-// cache (H, positions, hs) at positions start..start + m. One thread per element. The decoding
-// kernels read start from device memory, so that a captured pass replays at any position.
+// caches (S, H, positions, hs) of several sequences: row j goes to sequence rows[3j + 1] at
+// position rows[3j + 2] (rows holds (token id, sequence, position) per new row). One thread per
+// element. The decoding kernels read the rows' places from device memory, so that a captured
+// pass replays for any sequences at any positions.
 extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions,
-                                     const unsigned int* start_at) {
-    int c = n_head * hs, start = *start_at;
+                                     const unsigned int* rows) {
+    int c = n_head * hs;
     int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= m * 3 * c) return;
     int j = index / (3 * c), i = index - j * 3 * c;
     int which = i / c, rest = i - which * c;
     int h = rest / hs, d = rest - h * hs;
+    long sequence = rows[3 * j + 1], position = rows[3 * j + 2];
     if (which == 0) q[((long)h * m + j) * hs + d] = qkv[index];
-    else (which == 1 ? keys : values)[((long)h * positions + start + j) * hs + d] = qkv[index];
+    else (which == 1 ? keys : values)[((sequence * n_head + h) * positions + position) * hs + d] = qkv[index];
 }
 
 
-// Decoding: the attention of m new query rows q (H, m, hs) over the cache (H, positions, hs),
-// whose positions up to start + m are filled; new row i sees positions ≤ start + i. Writes rows
-// y (m, C). One block per (new row, head) with the row's scores in shared memory (after the
-// query itself): one launch for what training does in four.
+// Decoding: the attention of m new query rows q (H, m, hs), each over its own sequence's cache
+// (of the caches (S, H, positions, hs)): row i, of sequence rows[3i + 1] at position
+// rows[3i + 2] (after append_kv), sees that sequence's positions ≤ its own. Writes rows y (m, C).
+// One block per (new row, head) with the row's scores in shared memory (after the query itself):
+// one launch for what training does in four, and for every sequence of a batch.
 extern "C" __global__ void decode_attention(const float* q, const float* keys, const float* values, float* y, int m, int n_head, int hs,
-                                            int positions, const unsigned int* start_at, float scale) {
+                                            int positions, const unsigned int* rows, float scale) {
     extern __shared__ float decode_shared[];
     __shared__ float reduce[DECODE_THREADS / 32];
-    int i = blockIdx.x, h = blockIdx.y, visible = *start_at + i + 1;
+    int i = blockIdx.x, h = blockIdx.y, visible = rows[3 * i + 2] + 1;
+    long sequence = rows[3 * i + 1];
     float* query = decode_shared;
     float* scores = decode_shared + hs;
     for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) query[d] = q[((long)h * m + i) * hs + d];
     __syncthreads();
-    const float* k = keys + (long)h * positions * hs;
-    const float* v = values + (long)h * positions * hs;
+    const float* k = keys + (sequence * n_head + h) * positions * hs;
+    const float* v = values + (sequence * n_head + h) * positions * hs;
     // one warp per key, its lanes along the head (coalesced reads of the cached row)
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float local_max = NEG_INF;

@@ -8,14 +8,14 @@ extern "C" __global__ void embedding_forward(const unsigned int* idx, const floa
     out[i] = wte[(long)idx[row] * c + j] + wpe[(long)(offset + row % seq) * c + j];
 }
 
-// Decoding: x[row] = wte[idx[row]] + wpe[start + row], start read from device memory (see
-// append_kv).
-extern "C" __global__ void embedding_forward_at(const unsigned int* idx, const unsigned int* start_at, const float* wte, const float* wpe,
-                                                float* out, int rows, int c) {
+// Decoding: x[row] = wte[token] + wpe[position] for new rows given as (token id, sequence,
+// position) in device memory (see append_kv).
+extern "C" __global__ void embedding_forward_at(const unsigned int* new_rows, const float* wte, const float* wpe, float* out, int rows,
+                                                int c) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * c) return;
     int row = i / c, j = i % c;
-    out[i] = wte[(long)idx[row] * c + j] + wpe[(long)(*start_at + row) * c + j];
+    out[i] = wte[(long)new_rows[3 * row] * c + j] + wpe[(long)new_rows[3 * row + 2] * c + j];
 }
 
 // dwte[v] += Σ dout[row] over the rows whose token is v, without atomics: the host groups the

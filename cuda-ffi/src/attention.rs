@@ -93,15 +93,18 @@ pub struct ProductsAttention {
     pub weights: Buffer<f32>,
 }
 
-/// Where decoding's new rows start in the KV cache: the host's copy, for the checks, and a
-/// one-element device buffer holding the same number, which the decoding kernels read. Read from
-/// device memory, the position is not baked into a captured pass ([`Gpu::capture`]), so one
-/// capture replays at every position; whoever writes the device copy keeps the two equal.
+/// A decoding pass's new rows and where they go in the KV caches of one or several sequences:
+/// (token id, sequence, position) for each row, three numbers in device memory, which the
+/// decoding kernels read. Read from device memory, the places are not baked into a captured
+/// pass ([`Gpu::capture`]), so one capture of m rows replays for any sequences at any positions;
+/// the host's bounds are for the checks, and whoever writes the device copy keeps within them.
 #[derive(Clone, Copy, Debug)]
-pub struct CachePosition {
-    /// the position of the first new row, on the host
-    pub start: usize,
-    /// the same number in one element of device memory, which the kernels read
+pub struct CacheRows {
+    /// every row's position is below this (on the host)
+    pub positions_below: usize,
+    /// every row's sequence is below this (on the host)
+    pub sequences_below: usize,
+    /// (token id, sequence, position) of each new row: 3m numbers
     pub on_device: View<u32>,
 }
 
@@ -270,19 +273,30 @@ impl Gpu {
         self.qkv_heads(dqkv, d_heads.view(), shape, true)
     }
 
-    /// The kernels' cache dimensions [m, H, hs, positions] of a KV cache (H, positions, hs),
-    /// after checking that `shape.seq` = m new rows of one sequence fit at `at`.
-    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, at: CachePosition) -> Result<[i32; 4]> {
-        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let (positions, start) = (keys.len() / (h * hs).max(1), at.start);
-        check(shape.batch == 1 && m > 0 && values.len() == keys.len() && start + m <= positions && at.on_device.len() == 1, || {
-            format!("{what}: {m} rows at {start} do not fit a cache of {positions} positions")
-        })?;
+    /// The kernels' cache dimensions [m, H, hs, positions] of the KV caches (S, H, positions, hs)
+    /// of `shape.batch` = S sequences, after checking that `shape.seq` = m new rows fit there.
+    fn cache_dims(what: &str, keys: View<f32>, values: View<f32>, shape: AttentionShape, rows: CacheRows) -> Result<[i32; 4]> {
+        let (sequences, m, h, hs) = (shape.batch, shape.seq, shape.n_head, shape.head_size);
+        let positions = keys.len() / (sequences * h * hs).max(1);
+        check(
+            m > 0
+                && values.len() == keys.len()
+                && keys.len() == sequences * h * positions * hs
+                && rows.on_device.len() == 3 * m
+                && rows.positions_below <= positions
+                && rows.sequences_below <= sequences,
+            || {
+                format!(
+                    "{what}: {m} rows below position {} of sequences below {} do not fit caches of {sequences} sequences of {positions} positions",
+                    rows.positions_below, rows.sequences_below
+                )
+            },
+        )?;
         Ok([m as i32, h as i32, hs as i32, positions as i32])
     }
 
     /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
-    /// caches (H, positions, hs) at `at.start..at.start + m`.
+    /// caches (S, H, positions, hs), each row at its sequence and position in `rows`.
     pub fn append_kv(
         &self,
         qkv: View<f32>,
@@ -290,25 +304,25 @@ impl Gpu {
         keys: View<f32>,
         values: View<f32>,
         shape: AttentionShape,
-        at: CachePosition,
+        rows: CacheRows,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let dims = Self::cache_dims("append_kv", keys, values, shape, at)?;
+        let dims = Self::cache_dims("append_kv", keys, values, shape, rows)?;
         check(qkv.len() == 3 * m * h * hs && q.len() == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
         let mut launch = self.stream.launch_builder(&self.kernels.attention.append_kv);
         launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
         for d in &dims {
             launch.arg(d);
         }
-        launch.arg(&at.on_device.ptr);
+        launch.arg(&rows.on_device.ptr);
         // SAFETY: sizes checked; one thread per element of the new rows.
         unsafe { launch.launch(elementwise_config(3 * m * h * hs)) }?;
         Ok(())
     }
 
-    /// Decoding: the attention of m new query rows `q` (H, m, hs) over the caches (H,
-    /// positions, hs) filled up to `start + m`, row i seeing positions ≤ start + i; writes rows
-    /// `y` (m, C). `shape.seq` is m.
+    /// Decoding: the attention of m new query rows `q` (H, m, hs), each over its own sequence's
+    /// cache (of the caches (S, H, positions, hs)) up to its own position in `rows`, appended
+    /// before; writes rows `y` (m, C). `shape.seq` is m, `shape.batch` is S.
     pub fn decode_attention(
         &self,
         q: View<f32>,
@@ -316,10 +330,10 @@ impl Gpu {
         values: View<f32>,
         y: View<f32>,
         shape: AttentionShape,
-        at: CachePosition,
+        rows: CacheRows,
     ) -> Result<()> {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let dims = Self::cache_dims("decode_attention", keys, values, shape, at)?;
+        let dims = Self::cache_dims("decode_attention", keys, values, shape, rows)?;
         let positions = dims[3] as usize;
         check(q.len() == m * h * hs && y.len() == q.len(), || format!("decode_attention: q and y do not hold {m} rows"))?;
         check(
@@ -332,7 +346,7 @@ impl Gpu {
         for d in &dims {
             launch.arg(d);
         }
-        launch.arg(&at.on_device.ptr).arg(&scale);
+        launch.arg(&rows.on_device.ptr).arg(&scale);
         // the query and up to `positions` scores per block
         let shared_mem_bytes = (4 * (hs + positions)) as u32;
         let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS as u32, 1, 1), shared_mem_bytes };

@@ -304,7 +304,7 @@ impl Gpu {
     /// [`Gpu::replay`] runs with one launch. A decoding pass is some 80 small kernels; launched
     /// one by one, each costs the host microseconds that the device spends waiting. `issue` may
     /// only queue kernels and products (no copies to or from the host, nothing that waits, no
-    /// allocation), and what they read at run time (a `CachePosition`'s device copy) may change
+    /// allocation), and what they read at run time (a `CacheRows`' device copy) may change
     /// between replays; their arguments may not.
     pub fn capture<E: From<CudaError>>(&self, issue: impl FnOnce() -> std::result::Result<(), E>) -> std::result::Result<Graph, E> {
         self.context.bind_to_thread().map_err(CudaError::from)?;

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::attention::CachePosition;
+use crate::attention::CacheRows;
 use crate::constants::THREADS;
 use crate::device::elementwise_config;
 use crate::memory::View;
@@ -77,27 +77,19 @@ impl Gpu {
         Ok(())
     }
 
-    /// Decoding: `out[row] = wte[idx[row]] + wpe[at.start + row]` for the new rows `idx`.
-    pub fn embedding_forward_at(
-        &self,
-        idx: View<u32>,
-        wte: View<f32>,
-        wpe: View<f32>,
-        out: View<f32>,
-        at: CachePosition,
-        c: usize,
-    ) -> Result<()> {
-        let rows = idx.len();
+    /// Decoding: `out[row] = wte[token] + wpe[position]` for each new row of `rows`.
+    pub fn embedding_forward_at(&self, rows: CacheRows, wte: View<f32>, wpe: View<f32>, out: View<f32>, c: usize) -> Result<()> {
+        let m = rows.on_device.len() / 3;
         check(
-            out.len() == rows * c && wpe.len() >= (at.start + rows) * c && wte.len().is_multiple_of(c) && at.on_device.len() == 1,
-            || format!("embedding_forward_at: buffers do not fit {rows} rows of {c} at position {}", at.start),
+            rows.on_device.len() == 3 * m && out.len() == m * c && wpe.len() >= rows.positions_below * c && wte.len().is_multiple_of(c),
+            || format!("embedding_forward_at: buffers do not fit {m} rows of {c} below position {}", rows.positions_below),
         )?;
-        let (rows_i, c_i) = (rows as i32, c as i32);
+        let (rows_i, c_i) = (m as i32, c as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.embedding.forward_at);
-        launch.arg(&idx.ptr).arg(&at.on_device.ptr).arg(&wte.ptr).arg(&wpe.ptr).arg(&out.ptr).arg(&rows_i).arg(&c_i);
+        launch.arg(&rows.on_device.ptr).arg(&wte.ptr).arg(&wpe.ptr).arg(&out.ptr).arg(&rows_i).arg(&c_i);
         // SAFETY: token ids are checked against the vocabulary by the caller, the rows' positions
-        // against wpe above (the device's start equals at.start: `CachePosition`).
-        unsafe { launch.launch(elementwise_config(rows * c)) }?;
+        // against wpe above (the device's positions are below rows.positions_below: `CacheRows`).
+        unsafe { launch.launch(elementwise_config(m * c)) }?;
         Ok(())
     }
 

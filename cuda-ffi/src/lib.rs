@@ -48,7 +48,7 @@ mod collective; // NCCL: all-reduce across the GPUs of a data-parallel run
 
 pub use adamw::{AdamWSegment, AdamWStep};
 pub use attention::ProductsAttention;
-pub use attention::{AttentionRoute, AttentionShape, CachePosition};
+pub use attention::{AttentionRoute, AttentionShape, CacheRows};
 pub use blas::{GemmRoute, Operand, ProductPrecision};
 pub use collective::{check_nccl, nccl_present, nccl_soname_path, unique_id, Communicator, NCCL_SONAME, UNIQUE_ID_BYTES};
 pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};

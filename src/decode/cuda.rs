@@ -7,11 +7,11 @@
 
 use std::rc::Rc;
 
-use multitoken_cuda::{AttentionShape, Buffer, CachePosition, Epilogue, Gpu, Graph, Operand, PinnedBuffer, View};
+use multitoken_cuda::{AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, View};
 
-use crate::decode::generate::{decode_loop, AcceptanceRule};
+use crate::decode::generate::{decode_batch_on, decode_loop, AcceptanceRule};
 use crate::decode::head::{Head, HeadProducts, HeadState};
-use crate::decode::pass::{pass, Backbone, Linear, PassKernels};
+use crate::decode::pass::{pass, BatchBackbone, Linear, OneSequence, PassKernels};
 use crate::decode::{DecodeRequest, Generation};
 use crate::error::Result;
 use crate::invalid;
@@ -127,8 +127,17 @@ pub struct GpuDecoder<'a> {
 
 impl<'a> GpuDecoder<'a> {
     /// Uploads `params` to `gpu` as one allocation and prepares the backbone (KV cache, scratch
-    /// buffers) and the head for decoding.
+    /// buffers) and the head for decoding one sequence at a time.
     pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
+        Self::with_sequences(gpu, config, params, 1)
+    }
+
+    /// As [`new`](Self::new), with a KV cache for each of `sequences` sequences decoded together
+    /// ([`decode_batch`](Self::decode_batch)).
+    pub fn with_sequences(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>, sequences: usize) -> Result<Self> {
+        if sequences == 0 {
+            return invalid!("a decoder needs room for at least one sequence");
+        }
         let mut flat: Vec<f32> = Vec::new();
         for (_, tensor) in params.named() {
             flat.extend(tensor.to_host()?.into_vec());
@@ -138,8 +147,8 @@ impl<'a> GpuDecoder<'a> {
         let profile = Rc::new(PhaseProfile::from_env());
         Ok(GpuDecoder {
             config: config.clone(),
-            backbone: GpuBackbone::new(gpu, config, views.clone(), profile.clone())?,
-            head: GpuHead::new(gpu, config, views, profile)?,
+            backbone: GpuBackbone::new(gpu, config, views.clone(), sequences, profile.clone())?,
+            head: GpuHead::new(gpu, config, views, sequences, profile)?,
             _weights: weights,
             profiles: Default::default(),
         })
@@ -147,11 +156,27 @@ impl<'a> GpuDecoder<'a> {
 
     /// Decodes as `decode::decode` does on the CPU; `params` is the host copy (for the gate).
     pub fn decode(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
-        self.backbone.len = 0;
         let head = Head::with_device(&self.config, params, &self.head);
-        let generation = decode_loop(&self.config, &mut self.backbone, &head, request, speculative, AcceptanceRule::Exact);
+        let mut first = OneSequence { backbone: &mut self.backbone, sequence: 0 };
+        let generation = decode_loop(&self.config, &mut first, &head, request, speculative, AcceptanceRule::Exact);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
         generation
+    }
+
+    /// Decodes up to as many requests as the decoder has sequences together, as
+    /// `decode::generate::decode_batch` does on the CPU: one backbone pass a step for all of
+    /// them, and the head's products of all of them in one round trip where they are known
+    /// together.
+    pub fn decode_batch(
+        &mut self,
+        params: &ModelParams<Tensor<f32>>,
+        requests: Vec<DecodeRequest>,
+        speculative: bool,
+    ) -> Result<Vec<Generation>> {
+        let head = Head::with_device(&self.config, params, &self.head);
+        let generations = decode_batch_on(&self.config, &mut self.backbone, &head, requests, speculative, AcceptanceRule::Exact);
+        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        generations
     }
 
     /// The head's states at hidden rows (m, C) with horizons 0..`horizons`, products on the GPU.
@@ -184,12 +209,18 @@ impl<'a> GpuDecoder<'a> {
         self.profiles.iter().for_each(PhaseProfile::reset);
     }
 
-    /// The backbone alone, for tests: hidden states of new tokens after the cached ones.
-    pub fn backbone(&mut self) -> &mut dyn Backbone<f32> {
+    /// The first sequence's backbone alone, for tests: hidden states of new tokens after the
+    /// cached ones.
+    pub fn backbone(&mut self) -> OneSequence<'_, f32> {
+        OneSequence { backbone: &mut self.backbone, sequence: 0 }
+    }
+
+    /// The backbone of every sequence, for tests.
+    pub fn batch_backbone(&mut self) -> &mut dyn BatchBackbone<f32> {
         &mut self.backbone
     }
 
-    /// Whether passes of up to n tokens replay a captured graph (the default, unless
+    /// Whether passes of up to n tokens a sequence replay a captured graph (the default, unless
     /// `MULTITOKEN_CUDA_GRAPHS=0`) or launch their kernels one by one.
     pub fn use_graphs(&mut self, on: bool) {
         self.backbone.use_graphs = on;
@@ -202,34 +233,40 @@ impl<'a> GpuDecoder<'a> {
     }
 }
 
-/// GPT-2 with a KV cache on the device: one layer's keys and values are (H, n_positions, hs)
-/// each, so a head's cached keys are one contiguous matrix for `decode_attention` to walk.
+/// GPT-2 with KV caches on the device, one per sequence decoded together: one layer's keys and
+/// values are (S, H, n_positions, hs) each, so a head's cached keys in one sequence are one
+/// contiguous matrix for `decode_attention` to walk.
 ///
-/// A decoding pass (m ≤ n new tokens) is some 80 small kernels, and launching them one by one
-/// leaves the device idle for much of the pass, each waiting for the host's launch of it. So the
-/// first pass of each m is captured as a graph and every later one replays it: the kernels read
-/// the pass's position and tokens from a device buffer written before the replay, and
-/// everything else they touch (weights, cache, scratch) stays where it was.
+/// A pass stacks the new tokens of every sequence that has some (m rows in all): the linear
+/// layers run once over all the rows, and one attention kernel runs every row over its own
+/// sequence's cache, each row's sequence and position read from a device table of
+/// (token id, sequence, position) per row. A decoding pass is some 80 small kernels, and
+/// launching them one by one leaves the device idle for much of the pass, each waiting for the
+/// host's launch of it. So the first pass of each m (up to n a sequence) is captured as a graph
+/// and every later one replays it: the table is written before the replay, and everything else
+/// the kernels touch (weights, caches, scratch) stays where it was; one capture serves every
+/// mix of sequences and positions.
 struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
     p: ModelParams<View<f32>>,
+    /// per layer, every sequence's keys and values: (S, H, n_positions, hs) each
     keys: Vec<Buffer<f32>>,
     values: Vec<Buffer<f32>>,
-    /// positions filled
-    len: usize,
+    /// positions filled, per sequence
+    lens: Vec<usize>,
     scratch: Scratch,
-    /// the captured pass of m new tokens at index m, for m = 1..=n
+    /// the captured pass of m rows at index m, for m up to n·S
     graphs: Vec<Option<Graph>>,
     use_graphs: bool,
     /// shared with the head: one table for the whole pass
     profile: Rc<PhaseProfile>,
 }
 
-/// Buffers for up to n_positions new rows.
+/// Buffers for the rows of one pass: up to n_positions (a prefill), or n for every sequence.
 struct Scratch {
-    /// the pass's first position, then its token ids
-    start_and_ids: Buffer<u32>,
+    /// (token id, sequence, position) of each row
+    rows: Buffer<u32>,
     x: Buffer<f32>,
     x_mid: Buffer<f32>,
     normed: Buffer<f32>,
@@ -242,56 +279,70 @@ struct Scratch {
 }
 
 impl<'a> GpuBackbone<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, profile: Rc<PhaseProfile>) -> Result<Self> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, sequences: usize, profile: Rc<PhaseProfile>) -> Result<Self> {
         let (c, positions) = (config.n_embd, config.n_positions);
+        let rows = positions.max(sequences * config.horizon);
         let f = |len: usize| gpu.zeros::<f32>(len);
         let scratch = Scratch {
-            start_and_ids: gpu.zeros(positions + 1)?,
-            x: f(positions * c)?,
-            x_mid: f(positions * c)?,
-            normed: f(positions * c)?,
-            mean: f(positions)?,
-            rstd: f(positions)?,
-            qkv: f(positions * 3 * c)?,
-            q: f(positions * c)?,
-            att_y: f(positions * c)?,
-            fc_gelu: f(positions * 4 * c)?,
+            rows: gpu.zeros(3 * rows)?,
+            x: f(rows * c)?,
+            x_mid: f(rows * c)?,
+            normed: f(rows * c)?,
+            mean: f(rows)?,
+            rstd: f(rows)?,
+            qkv: f(rows * 3 * c)?,
+            q: f(rows * c)?,
+            att_y: f(rows * c)?,
+            fc_gelu: f(rows * 4 * c)?,
         };
-        let cache = || (0..config.n_layer).map(|_| f(positions * c)).collect::<std::result::Result<Vec<_>, _>>();
+        let cache = || (0..config.n_layer).map(|_| f(sequences * positions * c)).collect::<std::result::Result<Vec<_>, _>>();
         let (graphs, use_graphs) =
-            ((0..=config.horizon).map(|_| None).collect(), std::env::var("MULTITOKEN_CUDA_GRAPHS").as_deref() != Ok("0"));
-        Ok(GpuBackbone { gpu, config: config.clone(), p, keys: cache()?, values: cache()?, len: 0, scratch, graphs, use_graphs, profile })
+            ((0..=sequences * config.horizon).map(|_| None).collect(), std::env::var("MULTITOKEN_CUDA_GRAPHS").as_deref() != Ok("0"));
+        Ok(GpuBackbone {
+            gpu,
+            config: config.clone(),
+            p,
+            keys: cache()?,
+            values: cache()?,
+            lens: vec![0; sequences],
+            scratch,
+            graphs,
+            use_graphs,
+            profile,
+        })
     }
 
-    /// Queues a pass over m new tokens at `at`, whose ids follow the position in `start_and_ids`;
-    /// the final hidden states land in `scratch.normed`.
-    fn queue_pass(&self, m: usize, at: CachePosition) -> Result<()> {
+    /// Queues a pass over m new rows, their places in `rows`; the final hidden states land in
+    /// `scratch.normed`.
+    fn queue_pass(&self, m: usize, rows: CacheRows) -> Result<()> {
         let mut kernels = GpuPassKernels {
             gpu: self.gpu,
             config: &self.config,
             p: &self.p,
             keys: &self.keys,
             values: &self.values,
+            sequences: self.lens.len(),
             s: &self.scratch,
             m,
-            at,
+            rows,
         };
         pass(&mut kernels, self.config.n_layer)
     }
 }
 
-/// The GPU's kernels of a decoding pass over m new rows: each step one or two launches on the
-/// scratch buffers (the residual stream alternates between `x` and `x_mid`), recorded into a
-/// graph by the caller.
+/// The GPU's kernels of a decoding pass over m new rows, the runs of every sequence stacked:
+/// each step one or two launches on the scratch buffers (the residual stream alternates between
+/// `x` and `x_mid`); recorded into a graph by the caller.
 struct GpuPassKernels<'a> {
     gpu: &'a Gpu,
     config: &'a ModelConfig,
     p: &'a ModelParams<View<f32>>,
     keys: &'a [Buffer<f32>],
     values: &'a [Buffer<f32>],
+    sequences: usize,
     s: &'a Scratch,
     m: usize,
-    at: CachePosition,
+    rows: CacheRows,
 }
 
 impl GpuPassKernels<'_> {
@@ -305,17 +356,17 @@ impl GpuPassKernels<'_> {
         (self.rows(&self.s.normed, self.config.n_embd), self.rows(&self.s.mean, 1), self.rows(&self.s.rstd, 1))
     }
 
+    /// m new rows over the caches of every sequence.
     fn shape(&self) -> AttentionShape {
         let (c, h) = (self.config.n_embd, self.config.n_head);
-        AttentionShape { batch: 1, seq: self.m, n_head: h, head_size: c / h }
+        AttentionShape { batch: self.sequences, seq: self.m, n_head: h, head_size: c / h }
     }
 }
 
 impl PassKernels for GpuPassKernels<'_> {
     fn embed(&mut self) -> Result<()> {
         let c = self.config.n_embd;
-        let ids = self.s.start_and_ids.view().slice(1, self.m);
-        Ok(self.gpu.embedding_forward_at(ids, self.p.wte, self.p.wpe, self.rows(&self.s.x, c), self.at, c)?)
+        Ok(self.gpu.embedding_forward_at(self.rows, self.p.wte, self.p.wpe, self.rows(&self.s.x, c), c)?)
     }
 
     fn layernorm_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
@@ -345,8 +396,8 @@ impl PassKernels for GpuPassKernels<'_> {
         let c = self.config.n_embd;
         let (keys, values) = (self.keys[layer].view(), self.values[layer].view());
         let (qkv, q, att_y) = (self.rows(&self.s.qkv, 3 * c), self.rows(&self.s.q, c), self.rows(&self.s.att_y, c));
-        self.gpu.append_kv(qkv, q, keys, values, self.shape(), self.at)?;
-        Ok(self.gpu.decode_attention(q, keys, values, att_y, self.shape(), self.at)?)
+        self.gpu.append_kv(qkv, q, keys, values, self.shape(), self.rows)?;
+        Ok(self.gpu.decode_attention(q, keys, values, att_y, self.shape(), self.rows)?)
     }
 
     fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
@@ -378,44 +429,68 @@ impl PassKernels for GpuPassKernels<'_> {
     }
 }
 
-impl Backbone<f32> for GpuBackbone<'_> {
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (gpu, positions) = (self.gpu, self.config.n_positions);
-        let (m, start) = (tokens.len(), self.len);
-        let keys = start + m;
-        if m == 0 || keys > positions {
-            return invalid!("the KV cache holds {positions} positions; {start} are filled and {m} more do not fit");
+impl BatchBackbone<f32> for GpuBackbone<'_> {
+    fn sequences(&self) -> usize {
+        self.lens.len()
+    }
+
+    fn forward_batch(&mut self, runs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let (gpu, positions, c) = (self.gpu, self.config.n_positions, self.config.n_embd);
+        if runs.len() > self.lens.len() {
+            return invalid!("{} runs of tokens for a backbone of {} sequences", runs.len(), self.lens.len());
         }
-        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(t) = runs.iter().flat_map(|run| run.iter()).find(|&&t| t as usize >= self.config.vocab_size) {
             return invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size);
         }
+        // (token id, sequence, position) of every new row, the runs one after the other
+        let mut table: Vec<u32> = Vec::new();
+        for (sequence, run) in runs.iter().enumerate() {
+            let start = self.lens[sequence];
+            if start + run.len() > positions {
+                return invalid!("the KV cache holds {positions} positions; {start} are filled and {} more do not fit", run.len());
+            }
+            for (j, &token) in run.iter().enumerate() {
+                table.extend([token, sequence as u32, (start + j) as u32]);
+            }
+        }
+        let m = table.len() / 3;
+        if m == 0 || m > self.scratch.mean.len() {
+            return invalid!("a decoding pass runs 1 to {} rows, not {m}", self.scratch.mean.len());
+        }
         self.profile.resume(gpu, "host: the loop between calls")?;
-        let start_and_ids: Vec<u32> = std::iter::once(start as u32).chain(tokens.iter().copied()).collect();
-        gpu.write(self.scratch.start_and_ids.view().prefix(m + 1), &start_and_ids)?;
+        let on_device = self.scratch.rows.view().prefix(3 * m);
+        gpu.write(on_device, &table)?;
         self.profile.mark(gpu, "backbone: upload tokens")?;
-        let at = CachePosition { start, on_device: self.scratch.start_and_ids.view().prefix(1) };
+        let rows = CacheRows { positions_below: positions, sequences_below: runs.len(), on_device };
         if self.use_graphs && m < self.graphs.len() {
             if self.graphs[m].is_none() {
-                let graph = gpu.capture(|| self.queue_pass(m, at))?;
+                let graph = gpu.capture(|| self.queue_pass(m, rows))?;
                 self.graphs[m] = Some(graph);
             }
             gpu.replay(self.graphs[m].as_ref().expect("captured above"))?;
         } else {
-            self.queue_pass(m, at)?;
+            self.queue_pass(m, rows)?;
         }
         self.profile.mark(gpu, "backbone: layers")?;
-        self.len = keys;
-        let hidden = gpu.download(self.scratch.normed.view().prefix(m * self.config.n_embd))?;
+        let hidden = gpu.download(self.scratch.normed.view().prefix(m * c))?;
         self.profile.mark(gpu, "backbone: download")?;
-        Ok(hidden)
+        let mut rest = hidden.as_slice();
+        let mut out = Vec::with_capacity(runs.len());
+        for (sequence, run) in runs.iter().enumerate() {
+            self.lens[sequence] += run.len();
+            let (mine, after) = rest.split_at(run.len() * c);
+            out.push(mine.to_vec());
+            rest = after;
+        }
+        Ok(out)
     }
 
-    fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    fn truncate_sequence(&mut self, sequence: usize, len: usize) {
+        self.lens[sequence] = self.lens[sequence].min(len);
     }
 
-    fn positions(&self) -> usize {
-        self.len
+    fn sequence_positions(&self, sequence: usize) -> usize {
+        self.lens[sequence]
     }
 }
 
@@ -463,7 +538,7 @@ struct GpuHead<'a> {
 }
 
 impl<'a> GpuHead<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, profile: Rc<PhaseProfile>) -> Result<Self> {
+    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, sequences: usize, profile: Rc<PhaseProfile>) -> Result<Self> {
         let (c, v, r, n) = (config.n_embd, config.vocab_size, config.rank, config.horizon);
         let expand_by_horizon = match &p.head {
             Some(head) => {
@@ -478,8 +553,9 @@ impl<'a> GpuHead<'a> {
             }
             None => None,
         };
-        // a request batch: every horizon of the draft state, or every verified state
-        let rows = 2 * n.max(1);
+        // a request batch: every horizon of the draft state, or every verified state, of every
+        // sequence
+        let rows = 2 * n.max(1) * sequences;
         Ok(GpuHead {
             gpu,
             config: config.clone(),

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::context::context_start;
 use super::head::{Head, HeadState};
-use super::kv_cache::{CachedBackbone, OneSequence};
-use super::pass::Backbone;
+use super::kv_cache::CachedBackbone;
+use super::pass::{Backbone, BatchBackbone, OneSequence};
 use super::sampling::{self, SamplingConfig};
 use crate::autograd::Tape;
 use crate::error::Result;
@@ -256,10 +256,8 @@ pub fn decode_loop<T: Float>(
 }
 
 /// Several requests decoded together on the CPU (docs/decoding.md, "Several prompts at once"):
-/// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
-/// stacked, so that each linear layer reads its weights once for the batch; verification,
-/// acceptance and rollback stay each sequence's own. Every sequence gets the tokens that
-/// [`decode`] gives its request alone (the same arithmetic row by row, the same random numbers).
+/// [`decode_batch_on`] with a cache per request. Every sequence gets the tokens that [`decode`]
+/// gives its request alone (the same arithmetic row by row, the same random numbers).
 pub fn decode_batch<T: Float>(
     config: &ModelConfig,
     params: &ModelParams<Tensor<T>>,
@@ -268,7 +266,24 @@ pub fn decode_batch<T: Float>(
     rule: AcceptanceRule,
 ) -> Result<Vec<Generation>> {
     let mut backbone = CachedBackbone::with_sequences(config, params, requests.len());
-    let head = Head::new(config, params);
+    decode_batch_on(config, &mut backbone, &Head::new(config, params), requests, speculative, rule)
+}
+
+/// Several requests decoded together on any device's backbone, request i in its sequence i:
+/// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
+/// stacked, so that each linear layer reads its weights once for the batch; verification,
+/// acceptance and rollback stay each sequence's own.
+pub fn decode_batch_on<T: Float>(
+    config: &ModelConfig,
+    backbone: &mut dyn BatchBackbone<T>,
+    head: &Head<T>,
+    requests: Vec<DecodeRequest>,
+    speculative: bool,
+    rule: AcceptanceRule,
+) -> Result<Vec<Generation>> {
+    if requests.len() > backbone.sequences() {
+        return invalid!("{} requests to decode together, but the backbone holds {} sequences", requests.len(), backbone.sequences());
+    }
     let mut sequences = requests.into_iter().map(|r| SequenceDecoder::new(config, r, speculative)).collect::<Result<Vec<_>>>()?;
     loop {
         // 1. every unfinished sequence's drafts (and its prefill when its window moves); the
@@ -285,18 +300,20 @@ pub fn decode_batch<T: Float>(
         }
         let mut runs = Vec::with_capacity(sequences.len());
         for (index, sequence) in sequences.iter_mut().enumerate() {
-            let mut alone = OneSequence { backbone: &mut backbone, sequence: index };
-            runs.push(sequence.draft(&mut alone, &head)?.unwrap_or_default());
+            let mut alone = OneSequence { backbone: &mut *backbone, sequence: index };
+            runs.push(sequence.draft(&mut alone, head)?.unwrap_or_default());
         }
         if runs.iter().all(Vec::is_empty) {
             break;
         }
         // 2. one pass over every sequence's run, stacked
         let tick = Instant::now();
-        let hidden = backbone.forward_batch(&runs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let hidden = backbone.forward_batch(&runs.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
         let pass_s = tick.elapsed().as_secs_f64();
         // without drafts every state is a target: all of them in one product, the unembedding
-        // read once; with drafts each sequence computes its targets lazily, as alone
+        // read once; with drafts each sequence computes its targets lazily, as alone (on a GPU,
+        // every sequence's n targets in one round trip measured no faster at 16 and 64
+        // sequences: n·S·r·V probabilities to download where most drafts fail early)
         let tick = Instant::now();
         let mut targets = if speculative { Vec::new() } else { head.states(&hidden.concat(), 1)? }.into_iter();
         let targets_s = tick.elapsed().as_secs_f64();
@@ -306,7 +323,7 @@ pub fn decode_batch<T: Float>(
                 sequence.generation.timing.backbone_s += pass_s;
                 sequence.generation.timing.target_s += targets_s;
                 let states = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
-                sequence.verify(&mut OneSequence { backbone: &mut backbone, sequence: index }, &head, hidden, states, rule)?;
+                sequence.verify(&mut OneSequence { backbone: &mut *backbone, sequence: index }, head, hidden, states, rule)?;
             }
         }
     }

@@ -16,7 +16,7 @@
 
 use std::ops::Range;
 
-use super::pass::{pass, Backbone, Linear, PassKernels};
+use super::pass::{pass, Backbone, BatchBackbone, Linear, PassKernels};
 use crate::error::Result;
 use crate::kernels::gemm::Layout;
 use crate::kernels::team::{together, SharedRows, Team, TEAM_ROWS};
@@ -164,10 +164,11 @@ impl<'a, T: Float> CachedBackbone<'a, T> {
         self.forward_batch(&[tokens]).remove(0)
     }
 
-    /// One pass over the new tokens of every sequence (`runs[i]` for sequence i, possibly none),
-    /// each at its next positions. Returns each sequence's final hidden states (m_i, C).
+    /// One pass over the new tokens of the sequences (`runs[i]` for sequence i, possibly none;
+    /// sequences past the last run run nothing), each at its next positions. Returns each run's
+    /// final hidden states (m_i, C).
     pub fn forward_batch(&mut self, runs: &[&[u32]]) -> Vec<Vec<T>> {
-        assert_eq!(runs.len(), self.sequences.len(), "one run of tokens per sequence");
+        assert!(runs.len() <= self.sequences.len(), "a run of tokens for a sequence the backbone does not hold");
         let c = self.config.n_embd;
         let mut rows = Vec::with_capacity(runs.len());
         let mut first = 0;
@@ -445,28 +446,21 @@ impl<T: Float> Backbone<T> for CachedBackbone<'_, T> {
     }
 }
 
-/// One sequence of a backbone of several, as a [`Backbone`] of its own: its passes run that
-/// sequence alone (a batch's prefill, a rebuilt window).
-pub struct OneSequence<'b, 'a, T: Float> {
-    /// the backbone of every sequence
-    pub backbone: &'b mut CachedBackbone<'a, T>,
-    /// which of its sequences this is
-    pub sequence: usize,
-}
-
-impl<T: Float> Backbone<T> for OneSequence<'_, '_, T> {
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>> {
-        let mut runs = vec![&[][..]; self.backbone.sequences.len()];
-        runs[self.sequence] = tokens;
-        Ok(self.backbone.forward_batch(&runs).swap_remove(self.sequence))
+impl<T: Float> BatchBackbone<T> for CachedBackbone<'_, T> {
+    fn sequences(&self) -> usize {
+        self.sequences.len()
     }
 
-    fn truncate(&mut self, len: usize) {
-        self.backbone.truncate_sequence(self.sequence, len);
+    fn forward_batch(&mut self, runs: &[&[u32]]) -> Result<Vec<Vec<T>>> {
+        Ok(CachedBackbone::forward_batch(self, runs))
     }
 
-    fn positions(&self) -> usize {
-        self.backbone.sequences[self.sequence].len
+    fn truncate_sequence(&mut self, sequence: usize, len: usize) {
+        CachedBackbone::truncate_sequence(self, sequence, len);
+    }
+
+    fn sequence_positions(&self, sequence: usize) -> usize {
+        self.sequences[sequence].len
     }
 }
 
@@ -474,6 +468,7 @@ impl<T: Float> Backbone<T> for OneSequence<'_, '_, T> {
 mod tests {
     use super::*;
     use crate::autograd::Tape;
+    use crate::decode::pass::OneSequence;
     use crate::model::gpt2;
     use crate::tensor::Rng;
 

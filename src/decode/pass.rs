@@ -58,7 +58,8 @@ pub fn pass(kernels: &mut impl PassKernels, n_layer: usize) -> Result<()> {
 
 /// A backbone with a KV cache, as the decoding loop sees it: new tokens in, their hidden states
 /// (m, C) out; rollback by truncation. On the CPU `kv_cache::CachedBackbone`, on a GPU
-/// `cuda::GpuDecoder`'s backbone; both run [`pass`].
+/// `cuda::GpuDecoder`'s backbone; both run [`pass`]. One sequence of a [`BatchBackbone`] is one
+/// too ([`OneSequence`]).
 pub trait Backbone<T> {
     /// Runs `tokens` at the next positions, appends their keys and values to the cache, and
     /// returns their final hidden states h (m, C), after ln_f.
@@ -67,4 +68,45 @@ pub trait Backbone<T> {
     fn truncate(&mut self, len: usize);
     /// positions in the cache
     fn positions(&self) -> usize;
+}
+
+/// The caches of several sequences behind one backbone, as batched decoding sees them: one pass
+/// runs every sequence's new tokens stacked, so that each linear layer reads its weights once
+/// for all of them, while each sequence attends over its own cache at its own positions.
+pub trait BatchBackbone<T> {
+    /// How many sequences it holds a cache for.
+    fn sequences(&self) -> usize;
+    /// One pass over `runs[i]` at sequence i's next positions, for every i (an empty run leaves
+    /// its sequence as it was; sequences past the last run too). Returns each run's hidden
+    /// states (m_i, C), after ln_f.
+    fn forward_batch(&mut self, runs: &[&[u32]]) -> Result<Vec<Vec<T>>>;
+    /// Keeps the first `len` positions of sequence `sequence`'s cache (a rollback).
+    fn truncate_sequence(&mut self, sequence: usize, len: usize);
+    /// positions in sequence `sequence`'s cache
+    fn sequence_positions(&self, sequence: usize) -> usize;
+}
+
+/// One sequence of a [`BatchBackbone`], as a [`Backbone`] of its own: its passes run that
+/// sequence alone (a batch's prefill, a rebuilt window, every step of its verification).
+pub struct OneSequence<'b, T> {
+    /// the backbone of every sequence
+    pub backbone: &'b mut dyn BatchBackbone<T>,
+    /// which of its sequences this is
+    pub sequence: usize,
+}
+
+impl<T> Backbone<T> for OneSequence<'_, T> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<T>> {
+        let mut runs = vec![&[][..]; self.sequence + 1];
+        runs[self.sequence] = tokens;
+        Ok(self.backbone.forward_batch(&runs)?.swap_remove(self.sequence))
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.backbone.truncate_sequence(self.sequence, len);
+    }
+
+    fn positions(&self) -> usize {
+        self.backbone.sequence_positions(self.sequence)
+    }
 }
