@@ -344,17 +344,6 @@ pub fn bench_decode(
     let mut run = |speculative: bool, warm_up: bool| -> Result<(Generation, usize)> {
         let max_new_tokens = if warm_up { max_new_tokens.min(WARM_UP_TOKENS) } else { max_new_tokens };
         let request = |seed, progress| DecodeRequest { prompt, max_new_tokens, sampling, seed, progress, stop_at: None, draft };
-        if batch == 1 {
-            if let Some(decoder) = gpu_decoder.as_mut() {
-                // one sequence through the one-sequence loop, as `sample` runs it
-                let generation = decoder.decode(params, request(seed, &mut |_| {}), speculative)?;
-                if warm_up {
-                    decoder.reset_profile();
-                }
-                let passes = generation.forward_passes;
-                return Ok((generation, passes));
-            }
-        }
         let mut callbacks: Vec<_> = (0..batch).map(|_| |_| {}).collect();
         let requests = callbacks.iter_mut().zip(0..).map(|(progress, k)| request(seed + k, progress)).collect();
         let generations = match gpu_decoder.as_mut() {

@@ -258,8 +258,8 @@ struct SampleArgs {
     /// Samples per prompt, seeded --seed, --seed + 1, ... (the JSON then lists them under samples)
     #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
     num_samples: Option<usize>,
-    /// Samples decoded together on the CPU, one backbone pass for all of them (each holds a KV
-    /// cache of its own)
+    /// Samples decoded together, one backbone pass for all of them (each holds a KV cache of its
+    /// own)
     #[arg(long, allow_negative_numbers = true, value_parser = at_least_one, default_value_t = 8)]
     batch: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
@@ -319,7 +319,7 @@ enum BenchCommand {
         repeats: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Copies of the prompt decoded together (CPU), seeded --seed, --seed + 1, ...
+        /// Copies of the prompt decoded together, seeded --seed, --seed + 1, ...
         #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = at_least_one)]
         batch: usize,
     },

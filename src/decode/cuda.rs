@@ -1,9 +1,10 @@
-//! Decoding on the GPU (`sample` and `bench decode` with `--device cuda`): the KV cache and the
+//! Decoding on the GPU (`sample` and `bench decode` with `--device cuda`): the KV caches and the
 //! backbone passes run on the device (`decode::pass::pass` with this file's kernels, each pass
 //! length recorded once into a CUDA graph and replayed), and so do the head's vocabulary-sized
 //! products. The decoding loop itself (drafts, verification, acceptance, sampling) is
-//! `decode::generate::decode_loop` on the host, the same code as on the CPU; per step it moves
-//! only hidden states (C floats a token) and the probabilities it reads (r·V floats a horizon).
+//! `decode::generate::decode_loop` for one sequence and `decode_batch_on` for several, on the
+//! host, the same code as on the CPU; per step it moves only hidden states (C floats a token)
+//! and the probabilities it reads (r·V floats a horizon).
 
 use std::rc::Rc;
 
@@ -166,13 +167,18 @@ impl<'a> GpuDecoder<'a> {
     /// Decodes up to as many requests as the decoder has sequences together, as
     /// `decode::generate::decode_batch` does on the CPU: one backbone pass a step for all of
     /// them, and the head's products of all of them in one round trip where they are known
-    /// together.
+    /// together. One request alone runs [`decode`](Self::decode)'s loop, which asks for all its
+    /// verified states' targets in one round trip.
     pub fn decode_batch(
         &mut self,
         params: &ModelParams<Tensor<f32>>,
-        requests: Vec<DecodeRequest>,
+        mut requests: Vec<DecodeRequest>,
         speculative: bool,
     ) -> Result<Vec<Generation>> {
+        if requests.len() == 1 {
+            let request = requests.pop().expect("one request");
+            return Ok(vec![self.decode(params, request, speculative)?]);
+        }
         let head = Head::with_device(&self.config, params, &self.head);
         let generations = decode_batch_on(&self.config, &mut self.backbone, &head, requests, speculative, AcceptanceRule::Exact);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
@@ -242,8 +248,8 @@ impl<'a> GpuDecoder<'a> {
 /// sequence's cache, each row's sequence and position read from a device table of
 /// (token id, sequence, position) per row. A decoding pass is some 80 small kernels, and
 /// launching them one by one leaves the device idle for much of the pass, each waiting for the
-/// host's launch of it. So the first pass of each m (up to n a sequence) is captured as a graph
-/// and every later one replays it: the table is written before the replay, and everything else
+/// host's launch of it. So the first pass of each m up to n·S (S sequences; prefills of that
+/// many rows or fewer too) is captured as a graph and every later one replays it: the table is written before the replay, and everything else
 /// the kernels touch (weights, caches, scratch) stays where it was; one capture serves every
 /// mix of sequences and positions.
 struct GpuBackbone<'a> {
@@ -553,9 +559,10 @@ impl<'a> GpuHead<'a> {
             }
             None => None,
         };
-        // a request batch: every horizon of the draft state, or every verified state, of every
-        // sequence
-        let rows = 2 * n.max(1) * sequences;
+        // a request batch: every horizon of the draft state and every verified state of one
+        // sequence, or one horizon of every sequence's state (the draft's at S, the targets
+        // without drafts)
+        let rows = (2 * n.max(1)).max(n * sequences);
         Ok(GpuHead {
             gpu,
             config: config.clone(),

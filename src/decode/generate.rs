@@ -332,7 +332,7 @@ pub fn decode_batch_on<T: Float>(
 
 /// One sequence's decoding, a step at a time: [`draft`](Self::draft) chooses the tokens of the
 /// next pass, the caller runs the backbone over them, and [`verify`](Self::verify) accepts,
-/// rolls back and emits. `decode_loop` drives one sequence, `decode_batch` several.
+/// rolls back and emits. `decode_loop` drives one sequence, `decode_batch_on` several.
 struct SequenceDecoder<'c, 'r, T: Float> {
     config: &'c ModelConfig,
     request: DecodeRequest<'r>,
