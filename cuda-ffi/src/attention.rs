@@ -96,16 +96,35 @@ pub struct ProductsAttention {
 /// A decoding pass's new rows and where they go in the KV caches of one or several sequences:
 /// (token id, sequence, position) for each row, three numbers in device memory, which the
 /// decoding kernels read. Read from device memory, the places are not baked into a captured
-/// pass ([`Gpu::capture`]), so one capture of m rows replays for any sequences at any positions;
-/// the host's bounds are for the checks, and whoever writes the device copy keeps within them.
+/// pass ([`Gpu::capture`]), so one capture of m rows replays for any sequences at any positions.
+/// Only [`Gpu::write_cache_rows`] makes one, after checking every row against the bounds it
+/// keeps, so that the kernels given it stay inside the caches.
 #[derive(Clone, Copy, Debug)]
 pub struct CacheRows {
-    /// every row's position is below this (on the host)
-    pub positions_below: usize,
-    /// every row's sequence is below this (on the host)
-    pub sequences_below: usize,
+    /// every row's position is below this
+    pub(crate) positions_below: usize,
+    /// every row's sequence is below this
+    pub(crate) sequences_below: usize,
     /// (token id, sequence, position) of each new row: 3m numbers
-    pub on_device: View<u32>,
+    pub(crate) on_device: View<u32>,
+}
+
+impl CacheRows {
+    /// m, the number of new rows.
+    pub fn rows(&self) -> usize {
+        self.on_device.len() / 3
+    }
+}
+
+/// Checks that every new row's token id, sequence and position lie below their bounds.
+fn check_cache_rows(rows: &[[u32; 3]], vocab: usize, sequences: usize, positions: usize) -> Result<()> {
+    let outside = rows.iter().position(|&[token, sequence, position]| {
+        token as usize >= vocab || sequence as usize >= sequences || position as usize >= positions
+    });
+    check(outside.is_none(), || {
+        let i = outside.unwrap_or_default();
+        format!("cache rows: row {i}, {:?}, is not below {vocab} tokens, {sequences} sequences and {positions} positions", rows[i])
+    })
 }
 
 /// Attention dimensions: T, the head size, B·H matrices, and the causal query chunks.
@@ -136,6 +155,27 @@ fn thirds(all: View<f32>) -> (View<f32>, View<f32>, View<f32>) {
 }
 
 impl Gpu {
+    /// Writes a decoding pass's new rows into `table` (3 numbers a row, from its start): each
+    /// row's token id, below `vocab`; its sequence, below `sequences`; its position in that
+    /// sequence's cache, below `positions`. All are checked here, and the returned [`CacheRows`]
+    /// carries the bounds for the kernels' own checks of the buffers they are given.
+    pub fn write_cache_rows(
+        &self,
+        table: View<u32>,
+        rows: &[[u32; 3]],
+        vocab: usize,
+        sequences: usize,
+        positions: usize,
+    ) -> Result<CacheRows> {
+        check_cache_rows(rows, vocab, sequences, positions)?;
+        check(!rows.is_empty() && 3 * rows.len() <= table.len(), || {
+            format!("cache rows: {} rows do not fit a table of {} numbers", rows.len(), table.len())
+        })?;
+        let on_device = table.prefix(3 * rows.len());
+        self.write(on_device, rows.as_flattened())?;
+        Ok(CacheRows { positions_below: positions, sequences_below: sequences, on_device })
+    }
+
     /// How attention runs on this device for head size `head_size`.
     pub fn attention_route_for(&self, head_size: usize) -> AttentionRoute {
         match self.attention_route {
@@ -358,7 +398,16 @@ impl Gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{AttentionRoute, ProductPrecision};
+    use super::{check_cache_rows, AttentionRoute, ProductPrecision};
+
+    #[test]
+    fn cache_rows_outside_the_caches_are_refused() {
+        let rows = [[5, 0, 3], [6, 1, 0], [7, 1, 1]];
+        assert!(check_cache_rows(&rows, 8, 2, 4).is_ok());
+        for (vocab, sequences, positions) in [(7, 2, 4), (8, 1, 4), (8, 2, 3)] {
+            assert!(check_cache_rows(&rows, vocab, sequences, positions).is_err(), "{vocab} {sequences} {positions}");
+        }
+    }
 
     #[test]
     fn attention_route_is_fused_unless_tf32_where_a_kernel_exists() {

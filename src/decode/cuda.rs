@@ -449,25 +449,21 @@ impl BatchBackbone<f32> for GpuBackbone<'_> {
             return invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size);
         }
         // (token id, sequence, position) of every new row, the runs one after the other
-        let mut table: Vec<u32> = Vec::new();
+        let mut table: Vec<[u32; 3]> = Vec::new();
         for (sequence, run) in runs.iter().enumerate() {
             let start = self.lens[sequence];
             if start + run.len() > positions {
                 return invalid!("the KV cache holds {positions} positions; {start} are filled and {} more do not fit", run.len());
             }
-            for (j, &token) in run.iter().enumerate() {
-                table.extend([token, sequence as u32, (start + j) as u32]);
-            }
+            table.extend(run.iter().zip(start..).map(|(&token, position)| [token, sequence as u32, position as u32]));
         }
-        let m = table.len() / 3;
+        let m = table.len();
         if m == 0 || m > self.scratch.mean.len() {
             return invalid!("a decoding pass runs 1 to {} rows, not {m}", self.scratch.mean.len());
         }
         self.profile.resume(gpu, "host: the loop between calls")?;
-        let on_device = self.scratch.rows.view().prefix(3 * m);
-        gpu.write(on_device, &table)?;
+        let rows = gpu.write_cache_rows(self.scratch.rows.view(), &table, self.config.vocab_size, self.lens.len(), positions)?;
         self.profile.mark(gpu, "backbone: upload tokens")?;
-        let rows = CacheRows { positions_below: positions, sequences_below: runs.len(), on_device };
         if self.use_graphs && m < self.graphs.len() {
             if self.graphs[m].is_none() {
                 let graph = gpu.capture(|| self.queue_pass(m, rows))?;
