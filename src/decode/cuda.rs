@@ -249,9 +249,9 @@ impl<'a> GpuDecoder<'a> {
 /// (token id, sequence, position) per row. A decoding pass is some 80 small kernels, and
 /// launching them one by one leaves the device idle for much of the pass, each waiting for the
 /// host's launch of it. So the first pass of each m up to n·S (S sequences; prefills of that
-/// many rows or fewer too) is captured as a graph and every later one replays it: the table is written before the replay, and everything else
-/// the kernels touch (weights, caches, scratch) stays where it was; one capture serves every
-/// mix of sequences and positions.
+/// many rows or fewer too) is captured as a graph and every later one replays it: the table is
+/// written before the replay, and everything else the kernels touch (weights, caches, scratch)
+/// stays where it was; one capture serves every mix of sequences and positions.
 struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
