@@ -118,13 +118,12 @@ impl CacheRows {
 
 /// Checks that every new row's token id, sequence and position lie below their bounds.
 fn check_cache_rows(rows: &[[u32; 3]], vocab: usize, sequences: usize, positions: usize) -> Result<()> {
-    let outside = rows.iter().position(|&[token, sequence, position]| {
-        token as usize >= vocab || sequence as usize >= sequences || position as usize >= positions
-    });
-    check(outside.is_none(), || {
-        let i = outside.unwrap_or_default();
-        format!("cache rows: row {i}, {:?}, is not below {vocab} tokens, {sequences} sequences and {positions} positions", rows[i])
-    })
+    for &[token, sequence, position] in rows {
+        check((token as usize) < vocab, || format!("token id {token} is outside the vocabulary of {vocab}"))?;
+        check((sequence as usize) < sequences, || format!("sequence {sequence} is not one of the {sequences} the caches hold"))?;
+        check((position as usize) < positions, || format!("position {position} is past the {positions} a cache holds"))?;
+    }
+    Ok(())
 }
 
 /// Attention dimensions: T, the head size, B·H matrices, and the causal query chunks.

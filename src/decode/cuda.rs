@@ -167,18 +167,13 @@ impl<'a> GpuDecoder<'a> {
     /// Decodes up to as many requests as the decoder has sequences together, as
     /// `decode::generate::decode_batch` does on the CPU: one backbone pass a step for all of
     /// them, and the head's products of all of them in one round trip where they are known
-    /// together. One request alone runs [`decode`](Self::decode)'s loop, which asks for all its
-    /// verified states' targets in one round trip.
+    /// together.
     pub fn decode_batch(
         &mut self,
         params: &ModelParams<Tensor<f32>>,
-        mut requests: Vec<DecodeRequest>,
+        requests: Vec<DecodeRequest>,
         speculative: bool,
     ) -> Result<Vec<Generation>> {
-        if requests.len() == 1 {
-            let request = requests.pop().expect("one request");
-            return Ok(vec![self.decode(params, request, speculative)?]);
-        }
         let head = Head::with_device(&self.config, params, &self.head);
         let generations = decode_batch_on(&self.config, &mut self.backbone, &head, requests, speculative, AcceptanceRule::Exact);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
@@ -445,16 +440,11 @@ impl BatchBackbone<f32> for GpuBackbone<'_> {
         if runs.len() > self.lens.len() {
             return invalid!("{} runs of tokens for a backbone of {} sequences", runs.len(), self.lens.len());
         }
-        if let Some(t) = runs.iter().flat_map(|run| run.iter()).find(|&&t| t as usize >= self.config.vocab_size) {
-            return invalid!("token id {t} is outside the vocabulary of {}", self.config.vocab_size);
-        }
-        // (token id, sequence, position) of every new row, the runs one after the other
+        // (token id, sequence, position) of every new row, the runs one after the other; token
+        // ids and positions are checked as the table is written
         let mut table: Vec<[u32; 3]> = Vec::new();
         for (sequence, run) in runs.iter().enumerate() {
             let start = self.lens[sequence];
-            if start + run.len() > positions {
-                return invalid!("the KV cache holds {positions} positions; {start} are filled and {} more do not fit", run.len());
-            }
             table.extend(run.iter().zip(start..).map(|(&token, position)| [token, sequence as u32, position as u32]));
         }
         let m = table.len();

@@ -272,7 +272,8 @@ pub fn decode_batch<T: Float>(
 /// Several requests decoded together on any device's backbone, request i in its sequence i:
 /// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
 /// stacked, so that each linear layer reads its weights once for the batch; verification,
-/// acceptance and rollback stay each sequence's own.
+/// acceptance and rollback stay each sequence's own. One request alone is [`decode_loop`]'s
+/// (which on a device asks for all its verified states' targets in one round trip).
 pub fn decode_batch_on<T: Float>(
     config: &ModelConfig,
     backbone: &mut dyn BatchBackbone<T>,
@@ -283,6 +284,11 @@ pub fn decode_batch_on<T: Float>(
 ) -> Result<Vec<Generation>> {
     if requests.len() > backbone.sequences() {
         return invalid!("{} requests to decode together, but the backbone holds {} sequences", requests.len(), backbone.sequences());
+    }
+    if let [_] = requests[..] {
+        let request = requests.into_iter().next().expect("one request");
+        let generation = decode_loop(config, &mut OneSequence { backbone, sequence: 0 }, head, request, speculative, rule)?;
+        return Ok(vec![generation]);
     }
     let mut sequences = requests.into_iter().map(|r| SequenceDecoder::new(config, r, speculative)).collect::<Result<Vec<_>>>()?;
     loop {
