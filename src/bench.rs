@@ -257,6 +257,11 @@ pub struct BenchDecodeResult {
     pub weight_bytes_per_pass: u64,
     /// `weight_bytes_per_pass` over the median time of a speculative pass
     pub achieved_bandwidth_bytes_per_s: f64,
+    /// the bytes of the weights an autoregressive pass reads: as a speculative pass's, but of
+    /// the expanders only the next-token horizon's W[α,0]
+    pub ar_weight_bytes_per_pass: u64,
+    /// `ar_weight_bytes_per_pass` over the median time of an autoregressive pass
+    pub ar_achieved_bandwidth_bytes_per_s: f64,
     /// the device's copy bandwidth, measured in the same run: bytes copied per second from one
     /// buffer of 256 MiB to another (on the GPU device to device, on the CPU by every thread)
     pub copy_bandwidth_bytes_per_s: f64,
@@ -265,11 +270,18 @@ pub struct BenchDecodeResult {
     pub gpu_profile: Option<String>,
 }
 
-/// The bytes of the weights a speculative decoding pass reads (see
+/// The bytes of the weights a decoding pass reads that uses the expanders of the first
+/// `horizons` horizons: all n for a speculative pass, one for an autoregressive pass (see
 /// [`BenchDecodeResult::weight_bytes_per_pass`]).
-pub fn weight_bytes_per_pass(params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>) -> u64 {
+pub fn weight_bytes_per_pass(params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>, horizons: usize) -> u64 {
     let read = params.named().into_iter().filter(|(name, _)| name != "transformer.wpe.weight");
-    read.map(|(_, tensor)| tensor.len() as u64 * 4).sum()
+    let all: u64 = read.map(|(_, tensor)| tensor.len() as u64 * 4).sum();
+    // the expanders W (r, n, C, C): of each component, only the horizons used
+    let unused = params.head.as_ref().map_or(0, |head| {
+        let n = head.expand_weight.shape()[1];
+        head.expand_weight.len() as u64 * 4 / n as u64 * n.saturating_sub(horizons) as u64
+    });
+    all - unused
 }
 
 /// Bytes per second copied between two buffers of 256 MiB on `device`: the median of five
@@ -384,7 +396,8 @@ pub fn bench_decode(
     let spec_tokens_per_s = median(spec_runs.iter().map(|(g, _)| g.tokens_per_s()).collect());
     let ((ar, _), (spec, _)) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
     let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
-    let weight_bytes = weight_bytes_per_pass(params);
+    let weight_bytes = weight_bytes_per_pass(params, config.horizon);
+    let ar_weight_bytes = weight_bytes_per_pass(params, 1);
     let copy_bandwidth_bytes_per_s = copy_bandwidth(&on)?;
     // time per backbone pass (of the whole batch)
     let ar_step = median(ar_runs.iter().map(|(g, passes)| g.elapsed_s / (*passes).max(1) as f64).collect());
@@ -408,6 +421,8 @@ pub fn bench_decode(
         device,
         weight_bytes_per_pass: weight_bytes,
         achieved_bandwidth_bytes_per_s: weight_bytes as f64 / spec_step,
+        ar_weight_bytes_per_pass: ar_weight_bytes,
+        ar_achieved_bandwidth_bytes_per_s: ar_weight_bytes as f64 / ar_step,
         copy_bandwidth_bytes_per_s,
         gpu_profile,
     })

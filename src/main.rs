@@ -644,7 +644,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
             let batch = if result.batch > 1 { format!("{} sequences together: ", result.batch) } else { String::new() };
             let text = format!(
-                "{batch}autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | it reads {:.1} MB of weights: {:.1} GB/s against {:.1} GB/s copied",
+                "{batch}autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | weights read: {:.1} MB an autoregressive pass at {:.1} GB/s, {:.1} MB a speculative pass at {:.1} GB/s, against {:.1} GB/s copied",
                 result.ar_tokens_per_s,
                 result.spec_tokens_per_s,
                 result.speedup,
@@ -653,6 +653,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 ckpt.config.rank,
                 rates.join(", "),
                 result.step_cost_ratio,
+                result.ar_weight_bytes_per_pass as f64 / 1e6,
+                result.ar_achieved_bandwidth_bytes_per_s / 1e9,
                 result.weight_bytes_per_pass as f64 / 1e6,
                 result.achieved_bandwidth_bytes_per_s / 1e9,
                 result.copy_bandwidth_bytes_per_s / 1e9

@@ -10,6 +10,8 @@
 //!   against the CPU's loss curve, two runs of the same steps to the bit, the memory pool asking
 //!   the driver for nothing after the first step, evaluation, a frozen backbone, and decoding.
 
+mod common;
+
 use multitoken::autograd::{Tape, Var};
 use multitoken::data::Batch;
 use multitoken::decode::cuda::GpuDecoder;
@@ -1036,8 +1038,33 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
             assert_eq!(ar.tokens, spec.tokens, "prompt of {prompt_len}, {draft:?}: speculative output differs from autoregressive");
             accepted.push(spec.mean_accepted());
         }
+        // the step on the device against the step on the host, and against the CPU: the same
+        // tokens, and the same passes where speculative
+        for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
+            fn request<'a>(
+                prompt: &'a [u32],
+                new_tokens: usize,
+                sampling: &'a SamplingConfig,
+                draft: Draft,
+                progress: &'a mut dyn FnMut(usize),
+            ) -> DecodeRequest<'a> {
+                DecodeRequest { prompt, max_new_tokens: new_tokens, sampling, seed: 0, progress, stop_at: None, draft }
+            }
+            let on_device = decoder.decode(&params, request(prompt, new_tokens, &sampling, draft, &mut |_| {}), speculative).unwrap();
+            let on_host = decoder.decode_on_host(&params, request(prompt, new_tokens, &sampling, draft, &mut |_| {}), speculative).unwrap();
+            let cpu = multitoken::decode::decode(&config, &params, request(prompt, new_tokens, &sampling, draft, &mut |_| {}), speculative)
+                .unwrap();
+            let label = format!("prompt of {prompt_len}, speculative {speculative}, {draft:?}");
+            assert_eq!(on_device.tokens, on_host.tokens, "{label}: the device's step and the host's differ");
+            assert_eq!(on_device.tokens, cpu.tokens, "{label}: the GPU and the CPU differ");
+            assert_eq!(on_device.forward_passes, on_host.forward_passes, "{label}");
+            assert_eq!((&on_device.drafted, &on_device.accepted), (&on_host.drafted, &on_host.accepted), "{label}");
+        }
     }
-    println!("greedy speculative == autoregressive on the GPU for 5 prompts, both drafts; mean accepted per pass {accepted:.2?}");
+    println!(
+        "greedy speculative == autoregressive on the GPU for 5 prompts, both drafts, the step on the device and on the host, and on \
+         the CPU; mean accepted per pass {accepted:.2?}"
+    );
 
     // the same prompts decoded together, greedy and sampled: each sequence gets the tokens it
     // gets alone
@@ -1062,13 +1089,59 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
                 .collect();
             let together = batch_decoder.decode_batch(&params, requests, speculative).unwrap();
             for ((case, seed), together) in cases.iter().zip(0..).zip(&together) {
-                let alone = decoder.decode(&params, request(case, &sampling, draft, seed, &mut |_| {}), speculative).unwrap();
+                // a batch's steps run on the host, which draws its random numbers as one
+                // sequence's host step does
+                let alone = decoder.decode_on_host(&params, request(case, &sampling, draft, seed, &mut |_| {}), speculative).unwrap();
                 assert_eq!(together.tokens, alone.tokens, "prompt of {}, {sampling:?}, speculative {speculative}, {draft:?}", case.0.len());
                 assert_eq!(together.forward_passes, alone.forward_passes);
             }
         }
     }
     println!("{} prompts decoded together on the GPU: each one's tokens as alone, greedy and sampled, both drafts", cases.len());
+});
+
+cuda_test!(speculative_sampling_on_the_gpu_is_exact_and_a_wrong_acceptance_rule_is_caught, |gpu| {
+    use common::exactness::{chi_square, critical_value, exact_pair_distribution};
+    use multitoken::decode::generate::AcceptanceRule;
+    // as the CPU's test (tests/decoding.rs): a small vocabulary and a peaked random model, 64
+    // cells, drafts often wrong; the first two tokens of 3000 samples against their exact
+    // distribution, with the whole step on the device
+    let config = ModelConfig { vocab_size: 8, n_positions: 16, n_embd: 32, n_layer: 2, n_head: 4, horizon: 3, rank: 3 };
+    let mut params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
+    params.wte.data_mut().iter_mut().for_each(|x| *x *= 3.0);
+    let prompt = [1, 5, 2];
+    let exact = exact_pair_distribution(&config, &params, &prompt);
+    let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
+    let sampling = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let cases = [
+        ("autoregressive", false, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("speculative", true, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("speculative, top-component draft", true, AcceptanceRule::Exact, Draft::TopComponent, true),
+        ("always-accept", true, AcceptanceRule::AlwaysAccept, Draft::Mixture, false),
+        ("always-accept, top-component draft", true, AcceptanceRule::AlwaysAccept, Draft::TopComponent, false),
+        ("resample-from-target", true, AcceptanceRule::ResampleFromTarget, Draft::Mixture, false),
+    ];
+    for (name, speculative, rule, draft, must_pass) in cases {
+        let v = config.vocab_size;
+        let mut counts = vec![0; v * v];
+        for seed in 0..3000 {
+            let request = DecodeRequest {
+                prompt: &prompt,
+                max_new_tokens: 3,
+                sampling: &sampling,
+                seed,
+                progress: &mut |_| {},
+                stop_at: None,
+                draft,
+            };
+            let generation = decoder.decode_with_rule(&params, request, speculative, rule).unwrap();
+            counts[generation.tokens[0] as usize * v + generation.tokens[1] as usize] += 1;
+        }
+        let (statistic, df) = chi_square(&counts, &exact);
+        let critical = critical_value(df);
+        println!("GPU, {name}: chi-square {statistic:.1} on {df} degrees of freedom, critical value {critical:.1} at 0.001");
+        assert_eq!(statistic <= critical, must_pass, "{name}: chi-square {statistic:.1}, critical {critical:.1}");
+    }
 });
 
 // ---- resuming a run on the GPU ----

@@ -2,6 +2,9 @@
 //! and the exactness of speculative sampling (a chi-square test that can fail, and does for a
 //! wrong acceptance rule).
 
+mod common;
+
+use common::exactness::{chi_square, critical_value, exact_pair_distribution};
 use multitoken::data::Batch;
 use multitoken::decode::generate::AcceptanceRule;
 use multitoken::decode::{decode, generate_reference, DecodeRequest, Draft, Generation, SamplingConfig};
@@ -92,57 +95,6 @@ fn decoders_agree_with_the_reference_across_the_end_of_the_context() {
     }
 }
 
-/// Exact probabilities of the first two new tokens, by enumeration with the reference decoder.
-fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt: &[u32]) -> Vec<f64> {
-    use multitoken::decode::head::Head;
-    let v = config.vocab_size;
-    let next = |context: &[u32]| -> Vec<f64> {
-        let mut backbone = multitoken::decode::kv_cache::CachedBackbone::new(config, params);
-        let h = backbone.forward(context);
-        let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).unwrap().remove(0);
-        state.next_token_probs().iter().map(|&x| x as f64).collect()
-    };
-    let first = next(prompt);
-    let mut joint = vec![0.0; v * v];
-    for a in 0..v {
-        let mut context = prompt.to_vec();
-        context.push(a as u32);
-        for (b, p) in next(&context).iter().enumerate() {
-            joint[a * v + b] = first[a] * p;
-        }
-    }
-    joint
-}
-
-/// Pearson's statistic of observed counts against expected probabilities, cells with expected
-/// count under 5 pooled; returns (statistic, degrees of freedom).
-fn chi_square(counts: &[usize], probs: &[f64]) -> (f64, usize) {
-    let total: usize = counts.iter().sum();
-    let (mut statistic, mut cells) = (0.0, 0);
-    let (mut pooled_observed, mut pooled_expected) = (0.0, 0.0);
-    for (&c, &p) in counts.iter().zip(probs) {
-        let expected = p * total as f64;
-        if expected < 5.0 {
-            pooled_observed += c as f64;
-            pooled_expected += expected;
-        } else {
-            statistic += (c as f64 - expected).powi(2) / expected;
-            cells += 1;
-        }
-    }
-    if pooled_expected > 0.0 {
-        statistic += (pooled_observed - pooled_expected).powi(2) / pooled_expected.max(1e-9);
-        cells += 1;
-    }
-    (statistic, cells - 1)
-}
-
-/// The chi-square critical value at significance 0.001 (Wilson–Hilferty approximation).
-fn critical_value(df: usize) -> f64 {
-    let (k, z) = (df as f64, 3.090);
-    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
-}
-
 fn sample_pairs(
     config: &ModelConfig,
     params: &ModelParams<Tensor<f32>>,
@@ -202,7 +154,7 @@ fn speculative_sampling_is_exact_and_a_wrong_acceptance_rule_is_caught() {
 /// greedy and sampled, so the GPU path's shared loop is checked here too, where CI runs.
 #[test]
 fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
-    use multitoken::decode::generate::decode_loop;
+    use multitoken::decode::generate::{decode_loop, HostEngine};
     use multitoken::decode::head::Head;
     use multitoken::decode::kv_cache::CachedBackbone;
     let (config, params) = trained_model(3, 4);
@@ -223,7 +175,8 @@ fn the_device_branch_of_the_decoding_loop_decodes_like_the_cpu() {
                 stop_at: None,
                 draft,
             };
-            let device = decode_loop(&config, &mut backbone, &device_head, request, speculative, AcceptanceRule::Exact).unwrap();
+            let mut engine = HostEngine::new(&mut backbone, &device_head, AcceptanceRule::Exact);
+            let device = decode_loop(&config, &mut engine, request, speculative).unwrap();
             let cpu = run(&config, &params, &prompt, 40, &sampling, 9, speculative, draft);
             assert_eq!(device.tokens, cpu.tokens, "greedy={} speculative={speculative} {draft:?}", sampling.greedy);
         }

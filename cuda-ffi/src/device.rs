@@ -10,10 +10,12 @@ use crate::blas::{Blas, GemmRoute, ProductPrecision};
 use crate::constants::KERNEL_DEFINES;
 use crate::linear::FewRowScratch;
 use crate::memory::{same_lengths, Buffer, MemoryStats, PinnedBuffer, Pool, View};
-use crate::{adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, CudaError, Result};
+use crate::{
+    adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, speculative, CudaError, Result,
+};
 
 /// The kernel files, by module name, compiled at run time.
-pub(crate) const KERNEL_SOURCES: [(&str, &str); 10] = [
+pub(crate) const KERNEL_SOURCES: [(&str, &str); 11] = [
     ("elementwise", elementwise::SOURCE),
     ("linear", linear::SOURCE),
     ("layernorm", layernorm::SOURCE),
@@ -23,6 +25,7 @@ pub(crate) const KERNEL_SOURCES: [(&str, &str); 10] = [
     ("fused_attention", fused_attention::SOURCE),
     ("tensor_core_attention", fused_attention::TENSOR_CORE_SOURCE),
     ("head", head::SOURCE),
+    ("speculative", speculative::SOURCE),
     ("general", general::SOURCE),
 ];
 
@@ -73,6 +76,7 @@ pub(crate) struct Kernels {
     pub(crate) attention: attention::Kernels,
     pub(crate) fused_attention: fused_attention::Kernels,
     pub(crate) head: head::Kernels,
+    pub(crate) speculative: speculative::Kernels,
     pub(crate) general: general::Kernels,
 }
 
@@ -157,6 +161,7 @@ impl Gpu {
             attention: attention::Kernels::load(&modules["attention"])?,
             fused_attention: fused_attention::Kernels::load(&modules["fused_attention"], &modules["tensor_core_attention"])?,
             head: head::Kernels::load(&modules["head"])?,
+            speculative: speculative::Kernels::load(&modules["speculative"])?,
             general: general::Kernels::load(&modules["general"])?,
         };
         let blas = Blas::new(&context, &stream)?;

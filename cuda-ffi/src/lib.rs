@@ -41,6 +41,7 @@ mod embedding; // embedding.cu
 mod attention; // attention.cu: head layouts, causal softmax, the products route, decoding's attention
 mod fused_attention; // fused_attention.cu: flash attention in f32; tensor_core_attention.cu: in bf16
 mod head; // head.cu: the CP head's per-position work and statistics
+mod speculative; // speculative.cu: the speculative step on the device (gate, verification, drafts)
 mod adamw; // adamw.cu: the optimizer over many tensors in one launch
 mod linear; // linear.cu: decoding's linear layers on a few rows
 mod general; // general.cu: elementwise functions and arithmetic, sums along an axis, transposes, log-softmax
@@ -58,6 +59,7 @@ pub use general::{Binary, Unary};
 pub use head::HeadShape;
 pub use linear::{Epilogue, FEW_ROWS_MAX};
 pub use memory::{Buffer, MemoryStats, PinnedBuffer, View};
+pub use speculative::{StepBuffers, StepChoice, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE};
 
 /// Everything the CUDA layer can fail with; `Display` gives a one-line message for the user.
 #[derive(Debug, thiserror::Error)]

@@ -8,16 +8,19 @@
 
 use std::rc::Rc;
 
-use multitoken_cuda::{AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, View};
+use multitoken_cuda::{
+    AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, StepBuffers, StepChoice, View, STEP_ACCEPTED,
+    STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
+};
 
-use crate::decode::generate::{decode_batch_on, decode_loop, AcceptanceRule};
+use crate::decode::generate::{decode_batch_on, decode_loop, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
 use crate::decode::head::{Head, HeadProducts, HeadState};
 use crate::decode::pass::{pass, BatchBackbone, Linear, OneSequence, PassKernels};
-use crate::decode::{DecodeRequest, Generation};
+use crate::decode::{DecodeRequest, Draft, Generation, SamplingConfig};
 use crate::error::Result;
 use crate::invalid;
 use crate::model::{ModelConfig, ModelParams};
-use crate::tensor::Tensor;
+use crate::tensor::{Rng, Tensor};
 
 /// With `MULTITOKEN_PROFILE=1`, a decoding pass waits for the device after each phase and adds
 /// its wall time to a table (printed by `bench decode`); otherwise nothing is measured.
@@ -122,6 +125,11 @@ pub struct GpuDecoder<'a> {
     _weights: Buffer<f32>,
     backbone: GpuBackbone<'a>,
     head: GpuHead<'a>,
+    /// the speculative step's buffers and graphs (the first sequence's)
+    step: DeviceStep,
+    /// whether one sequence's step runs on the device where it can (the default, unless
+    /// `MULTITOKEN_DEVICE_STEP=0`, which keeps it on the host for a comparison)
+    device_step: bool,
     /// with `MULTITOKEN_PROFILE=1`: the phases of every autoregressive, then speculative, decode
     profiles: [PhaseProfile; 2],
 }
@@ -150,16 +158,53 @@ impl<'a> GpuDecoder<'a> {
             config: config.clone(),
             backbone: GpuBackbone::new(gpu, config, views.clone(), sequences, profile.clone())?,
             head: GpuHead::new(gpu, config, views, sequences, profile)?,
+            step: DeviceStep::new(gpu, config)?,
+            device_step: std::env::var("MULTITOKEN_DEVICE_STEP").as_deref() != Ok("0"),
             _weights: weights,
             profiles: Default::default(),
         })
     }
 
     /// Decodes as `decode::decode` does on the CPU; `params` is the host copy (for the gate).
+    /// The whole step runs on the device where it can ([`device_step_supports`]: greedy, or
+    /// sampling without top-k and top-p); otherwise on the host with the head's products here.
     pub fn decode(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
+        self.decode_with_rule(params, request, speculative, AcceptanceRule::Exact)
+    }
+
+    /// [`decode`](Self::decode) with a choice of acceptance rule for sampled drafts (for tests).
+    pub fn decode_with_rule(
+        &mut self,
+        params: &ModelParams<Tensor<f32>>,
+        request: DecodeRequest,
+        speculative: bool,
+        rule: AcceptanceRule,
+    ) -> Result<Generation> {
+        if !(self.device_step && device_step_supports(request.sampling)) {
+            return self.decode_on_host(params, request, speculative);
+        }
+        let mut engine = GpuStepEngine {
+            gpu: self.backbone.gpu,
+            backbone: &mut self.backbone,
+            head: &self.head,
+            step: &mut self.step,
+            n: if speculative { self.config.horizon } else { 1 },
+            rule,
+            drafts: Vec::new(),
+            unprimed_s: None,
+        };
+        let generation = decode_loop(&self.config, &mut engine, request, speculative);
+        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        generation
+    }
+
+    /// Decodes with the step on the host (drafts, verification and sampling there; the backbone
+    /// and the head's products on the device): any sampling, and the comparison for the
+    /// device's step.
+    pub fn decode_on_host(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
         let head = Head::with_device(&self.config, params, &self.head);
         let mut first = OneSequence { backbone: &mut self.backbone, sequence: 0 };
-        let generation = decode_loop(&self.config, &mut first, &head, request, speculative, AcceptanceRule::Exact);
+        let generation = decode_loop(&self.config, &mut HostEngine::new(&mut first, &head, AcceptanceRule::Exact), request, speculative);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
         generation
     }
@@ -174,6 +219,10 @@ impl<'a> GpuDecoder<'a> {
         requests: Vec<DecodeRequest>,
         speculative: bool,
     ) -> Result<Vec<Generation>> {
+        if let [_] = requests[..] {
+            let request = requests.into_iter().next().expect("one request");
+            return Ok(vec![self.decode(params, request, speculative)?]);
+        }
         let head = Head::with_device(&self.config, params, &self.head);
         let generations = decode_batch_on(&self.config, &mut self.backbone, &head, requests, speculative, AcceptanceRule::Exact);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
@@ -226,6 +275,7 @@ impl<'a> GpuDecoder<'a> {
     pub fn use_graphs(&mut self, on: bool) {
         self.backbone.use_graphs = on;
         self.backbone.graphs.iter_mut().for_each(|graph| *graph = None);
+        self.step.graphs.clear();
     }
 
     /// How many pass lengths have a captured graph (for tests).
@@ -328,6 +378,29 @@ impl<'a> GpuBackbone<'a> {
             rows,
         };
         pass(&mut kernels, self.config.n_layer)
+    }
+
+    /// Writes the table of a pass over `runs[i]` at sequence i's next positions: (token id,
+    /// sequence, position) of every new row, the runs one after the other, token ids and
+    /// positions checked as it is written. Returns the number of rows and the table.
+    fn write_rows(&self, runs: &[&[u32]]) -> Result<(usize, CacheRows)> {
+        if runs.len() > self.lens.len() {
+            return invalid!("{} runs of tokens for a backbone of {} sequences", runs.len(), self.lens.len());
+        }
+        let mut table: Vec<[u32; 3]> = Vec::new();
+        for (sequence, run) in runs.iter().enumerate() {
+            let start = self.lens[sequence];
+            table.extend(run.iter().zip(start..).map(|(&token, position)| [token, sequence as u32, position as u32]));
+        }
+        let m = table.len();
+        if m == 0 || m > self.scratch.mean.len() {
+            return invalid!("a decoding pass runs 1 to {} rows, not {m}", self.scratch.mean.len());
+        }
+        self.profile.resume(self.gpu, "host: the loop between calls")?;
+        let (vocab, positions) = (self.config.vocab_size, self.config.n_positions);
+        let rows = self.gpu.write_cache_rows(self.scratch.rows.view(), &table, vocab, self.lens.len(), positions)?;
+        self.profile.mark(self.gpu, "backbone: upload tokens")?;
+        Ok((m, rows))
     }
 }
 
@@ -436,24 +509,8 @@ impl BatchBackbone<f32> for GpuBackbone<'_> {
     }
 
     fn forward_batch(&mut self, runs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let (gpu, positions, c) = (self.gpu, self.config.n_positions, self.config.n_embd);
-        if runs.len() > self.lens.len() {
-            return invalid!("{} runs of tokens for a backbone of {} sequences", runs.len(), self.lens.len());
-        }
-        // (token id, sequence, position) of every new row, the runs one after the other; token
-        // ids and positions are checked as the table is written
-        let mut table: Vec<[u32; 3]> = Vec::new();
-        for (sequence, run) in runs.iter().enumerate() {
-            let start = self.lens[sequence];
-            table.extend(run.iter().zip(start..).map(|(&token, position)| [token, sequence as u32, position as u32]));
-        }
-        let m = table.len();
-        if m == 0 || m > self.scratch.mean.len() {
-            return invalid!("a decoding pass runs 1 to {} rows, not {m}", self.scratch.mean.len());
-        }
-        self.profile.resume(gpu, "host: the loop between calls")?;
-        let rows = gpu.write_cache_rows(self.scratch.rows.view(), &table, self.config.vocab_size, self.lens.len(), positions)?;
-        self.profile.mark(gpu, "backbone: upload tokens")?;
+        let (gpu, c) = (self.gpu, self.config.n_embd);
+        let (m, rows) = self.write_rows(runs)?;
         if self.use_graphs && m < self.graphs.len() {
             if self.graphs[m].is_none() {
                 let graph = gpu.capture(|| self.queue_pass(m, rows))?;
@@ -483,6 +540,253 @@ impl BatchBackbone<f32> for GpuBackbone<'_> {
 
     fn sequence_positions(&self, sequence: usize) -> usize {
         self.lens[sequence]
+    }
+}
+
+/// Whether the device keeps the whole step for this way of choosing tokens: greedy, or sampling
+/// at a temperature; top-k and top-p sort the vocabulary, which stays on the host.
+pub fn device_step_supports(sampling: &SamplingConfig) -> bool {
+    sampling.greedy || (sampling.top_k == 0 && sampling.top_p >= 1.0)
+}
+
+/// The speculative step's buffers on the device, for one sequence and runs of up to n rows,
+/// and the step captured as a graph for each run length m.
+struct DeviceStep {
+    /// (n, r): the gate at each row of the run
+    w: Buffer<f32>,
+    /// (n, r·C) and (n, r, V): z[α,0] = W[α,0] h at each row, then P[α,0]
+    z: Buffer<f32>,
+    probs: Buffer<f32>,
+    /// ((n − 1), r·C) and ((n − 1), r, V): S's z[α,s] and P[α,s] for the draft horizons
+    z_s: Buffer<f32>,
+    probs_s: Buffer<f32>,
+    /// S's hidden state (C) and the drafts' first posterior (r), from verification
+    s_hidden: Buffer<f32>,
+    posterior: Buffer<f32>,
+    /// (n − 1, V): the distributions the drafts were drawn from
+    draft_q: Buffer<f32>,
+    /// 2n − 1 uniforms a step: acceptance tests, the next token's draw, the drafts'
+    uniforms: Buffer<f32>,
+    /// (V): a tempered marginal or a residual
+    work: Buffer<f32>,
+    /// what the host reads back: accepted count, next token, not-finite flag, drafts
+    step: Buffer<u32>,
+    /// page-locked room for `step`
+    staging: PinnedBuffer<u32>,
+    /// for each way of stepping used so far (choice, n, draft), the pass and the step over m
+    /// rows captured at index m; autoregressive and speculative decodes alternate in a benchmark
+    graphs: Vec<(StepSettings, Vec<Option<Graph>>)>,
+}
+
+/// What a captured step depends on besides its run length: how tokens are chosen, n, the draft.
+type StepSettings = (StepChoice, usize, Draft);
+
+/// Captured steps kept for this many settings at most (the oldest go first).
+const STEP_SETTINGS_KEPT: usize = 4;
+
+impl DeviceStep {
+    fn new(gpu: &Gpu, config: &ModelConfig) -> Result<Self> {
+        let (c, v, r, n) = (config.n_embd, config.vocab_size, config.rank, config.horizon);
+        let drafts = (n - 1).max(1);
+        Ok(DeviceStep {
+            w: gpu.zeros(n * r)?,
+            z: gpu.zeros(n * r * c)?,
+            probs: gpu.zeros(n * r * v)?,
+            z_s: gpu.zeros(drafts * r * c)?,
+            probs_s: gpu.zeros(drafts * r * v)?,
+            s_hidden: gpu.zeros(c)?,
+            posterior: gpu.zeros(r)?,
+            draft_q: gpu.zeros(drafts * v)?,
+            uniforms: gpu.zeros(2 * n - 1)?,
+            work: gpu.zeros(v)?,
+            step: gpu.zeros(STEP_DRAFTS + n - 1)?,
+            staging: gpu.pinned(STEP_DRAFTS + n - 1)?,
+            graphs: Vec::new(),
+        })
+    }
+
+    /// The captured steps for `settings`, by run length (none captured yet for new settings).
+    fn graphs_for(&mut self, settings: StepSettings, n: usize) -> &mut Vec<Option<Graph>> {
+        let index = match self.graphs.iter().position(|(kept, _)| *kept == settings) {
+            Some(index) => index,
+            None => {
+                if self.graphs.len() == STEP_SETTINGS_KEPT {
+                    self.graphs.remove(0);
+                }
+                self.graphs.push((settings, (0..=n).map(|_| None).collect()));
+                self.graphs.len() - 1
+            }
+        };
+        &mut self.graphs[index].1
+    }
+
+    /// The step's buffers for runs of up to `n` rows (n = 1: autoregressive), hidden states
+    /// `hidden` (m, C).
+    fn buffers(&self, hidden: View<f32>, n: usize, vocab: usize) -> StepBuffers {
+        StepBuffers {
+            hidden,
+            s_hidden: self.s_hidden.view(),
+            posterior: self.posterior.view(),
+            draft_q: self.draft_q.view().prefix((n - 1) * vocab),
+            uniforms: self.uniforms.view().prefix(2 * n - 1),
+            work: self.work.view(),
+            step: self.step.view().prefix(STEP_DRAFTS + n - 1),
+        }
+    }
+}
+
+/// The whole speculative step on the GPU, for the first sequence of a [`GpuDecoder`]: one
+/// upload of the run's tokens (and, sampling, its random numbers), one replayed graph (the
+/// backbone pass, the head at every new row, verification, S's distributions and the next
+/// step's drafts), and one download of a few numbers: how many drafts were accepted, the token
+/// after them, and the next drafts. With n = 1 the same graph is autoregressive decoding.
+struct GpuStepEngine<'d, 'a> {
+    gpu: &'a Gpu,
+    backbone: &'d mut GpuBackbone<'a>,
+    head: &'d GpuHead<'a>,
+    step: &'d mut DeviceStep,
+    /// tokens a pass runs at most: the horizon when speculative, else 1
+    n: usize,
+    rule: AcceptanceRule,
+    /// the drafts the device made after the last step's next token
+    drafts: Vec<u32>,
+    /// after a rebuild: the row of the prefill's hidden states that is S, not yet primed
+    unprimed_s: Option<usize>,
+}
+
+impl<'d, 'a> GpuStepEngine<'d, 'a> {
+    fn choice(&self, sampling: &SamplingConfig) -> StepChoice {
+        let rule = match self.rule {
+            AcceptanceRule::Exact => 0,
+            AcceptanceRule::AlwaysAccept => 1,
+            AcceptanceRule::ResampleFromTarget => 2,
+        };
+        StepChoice { greedy: sampling.greedy, inv_temperature: (1.0 / sampling.temperature) as f32, rule }
+    }
+
+    /// The head's work after a pass (or a prefill) over m rows `hidden` (m, C): the gate, the
+    /// next-token distributions P[α,0] at each row, verification (or, `forced`, S primed at
+    /// the one row with that next token), then S's draft horizons and the next drafts.
+    fn queue_step(&self, hidden: View<f32>, rows: CacheRows, choice: StepChoice, draft: Draft, forced: Option<u32>) -> Result<()> {
+        let (gpu, config, step) = (self.gpu, &self.backbone.config, &*self.step);
+        let (c, v, r) = (config.n_embd, config.vocab_size, config.rank);
+        let m = rows.rows();
+        let gate = self.backbone.p.head.as_ref().filter(|_| r > 1).map(|head| (head.gate_weight, head.gate_bias));
+        let w = step.w.view().prefix(m * r);
+        gpu.decode_gate(hidden, gate, w, c)?;
+        // z[α,0] = W[α,0] h for every row (h itself without expanders), then P[α,0]
+        let z = match &self.head.expand_by_horizon {
+            Some(expanders) => {
+                let z = step.z.view().prefix(m * r * c);
+                let w_0 = Operand::transposed(expanders.view().prefix(r * c * c));
+                gpu.matmul(Operand::normal(hidden), w_0, z, m, c, r * c, false)?;
+                z
+            }
+            None => hidden,
+        };
+        let probs = step.probs.view().prefix(m * r * v);
+        gpu.matmul(Operand::normal(z), Operand::transposed(self.head.wte), probs, m * r, c, v, false)?;
+        gpu.softmax_rows(probs, v)?;
+        let buffers = step.buffers(hidden, self.n, v);
+        gpu.speculative_verify(probs, w, rows, buffers, self.n, choice, forced)?;
+        if let (Some(expanders), true) = (&self.head.expand_by_horizon, self.n > 1) {
+            // S's horizons 1..n: one row against the stacked W[α,s], then P[α,s]
+            let count = self.n - 1;
+            let z_s = step.z_s.view().prefix(count * r * c);
+            let w_s = Operand::transposed(expanders.view().slice(r * c * c, count * r * c * c));
+            gpu.matmul(Operand::normal(step.s_hidden.view()), w_s, z_s, 1, c, count * r * c, false)?;
+            let probs_s = step.probs_s.view().prefix(count * r * v);
+            gpu.matmul(Operand::normal(z_s), Operand::transposed(self.head.wte), probs_s, count * r, c, v, false)?;
+            gpu.softmax_rows(probs_s, v)?;
+            gpu.speculative_draft(probs_s, buffers, count, choice, draft == Draft::TopComponent)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the step's uniforms when sampling: 2n − 1 of them, each below 1 in f32 too.
+    fn write_uniforms(&self, choice: StepChoice, rng: &mut Rng) -> Result<()> {
+        if choice.greedy {
+            return Ok(());
+        }
+        let below_one = f32::from_bits(0x3f7f_ffff);
+        let uniforms: Vec<f32> = (0..2 * self.n - 1).map(|_| (rng.uniform() as f32).min(below_one)).collect();
+        Ok(self.gpu.write(self.step.uniforms.view().prefix(2 * self.n - 1), &uniforms)?)
+    }
+
+    /// Downloads what the step left for the host: (accepted drafts, next token), and the next
+    /// step's drafts into `self.drafts`.
+    fn read_step(&mut self) -> Result<(usize, u32)> {
+        let numbers = &mut self.step.staging[..STEP_DRAFTS + self.n - 1];
+        self.gpu.download_into(self.step.step.view().prefix(numbers.len()), numbers)?;
+        if numbers[STEP_NOT_FINITE] != 0 {
+            return invalid!("the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint");
+        }
+        self.drafts = numbers[STEP_DRAFTS..].to_vec();
+        Ok((numbers[STEP_ACCEPTED] as usize, numbers[STEP_NEXT]))
+    }
+}
+
+impl StepEngine for GpuStepEngine<'_, '_> {
+    fn rebuild(&mut self, context: &[u32], generation: &mut Generation) -> Result<()> {
+        let tick = std::time::Instant::now();
+        self.backbone.truncate_sequence(0, 0);
+        self.drafts.clear();
+        self.unprimed_s = None;
+        if !context.is_empty() {
+            // the prefill's hidden states stay in the scratch rows until the next pass
+            self.backbone.forward_batch(&[context])?;
+            self.unprimed_s = Some(context.len() - 1);
+        }
+        generation.timing.prefill_s += tick.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn step(&mut self, request: StepRequest, rng: &mut Rng, generation: &mut Generation) -> Result<StepOutcome> {
+        let (gpu, c) = (self.gpu, self.backbone.config.n_embd);
+        let choice = self.choice(request.sampling);
+        if let Some(row) = self.unprimed_s.take() {
+            // S at the prefill's last row, and its drafts after the pending token
+            let tick = std::time::Instant::now();
+            let (_, rows) = self.backbone.write_rows(&[&[request.pending]])?;
+            self.write_uniforms(choice, rng)?;
+            let hidden = self.backbone.scratch.normed.view().slice(row * c, c);
+            self.queue_step(hidden, rows, choice, request.draft, Some(request.pending))?;
+            self.read_step()?;
+            generation.timing.draft_s += tick.elapsed().as_secs_f64();
+        }
+        let tick = std::time::Instant::now();
+        let drafts = &self.drafts[..request.max_drafts.min(self.drafts.len())];
+        let run: Vec<u32> = std::iter::once(request.pending).chain(drafts.iter().copied()).collect();
+        let cache_before = self.backbone.lens[0];
+        let (m, rows) = self.backbone.write_rows(&[&run])?;
+        self.write_uniforms(choice, rng)?;
+        self.backbone.profile.mark(gpu, "step: upload uniforms")?;
+        let hidden = self.backbone.scratch.normed.view().prefix(m * c);
+        if self.backbone.use_graphs {
+            let settings = (choice, self.n, request.draft);
+            if self.step.graphs_for(settings, self.n)[m].is_none() {
+                let graph = gpu.capture(|| {
+                    self.backbone.queue_pass(m, rows)?;
+                    self.queue_step(hidden, rows, choice, request.draft, None)
+                })?;
+                self.step.graphs_for(settings, self.n)[m] = Some(graph);
+            }
+            gpu.replay(self.step.graphs_for(settings, self.n)[m].as_ref().expect("captured above"))?;
+        } else {
+            self.backbone.queue_pass(m, rows)?;
+            self.queue_step(hidden, rows, choice, request.draft, None)?;
+        }
+        self.backbone.profile.mark(gpu, "step: pass, head, acceptance, drafts")?;
+        let (kept, next) = self.read_step()?;
+        self.backbone.profile.mark(gpu, "step: download tokens")?;
+        // 4. keep c, d_1..d_k in the cache
+        self.backbone.lens[0] = cache_before + 1 + kept;
+        for j in 0..(kept + 1).min(m - 1) {
+            generation.drafted[j] += 1;
+            generation.accepted[j] += usize::from(j < kept);
+        }
+        generation.timing.backbone_s += tick.elapsed().as_secs_f64();
+        Ok(StepOutcome { accepted: run[1..1 + kept].to_vec(), next })
     }
 }
 

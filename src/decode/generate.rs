@@ -228,29 +228,97 @@ pub fn decode_with_rule<T: Float>(
     rule: AcceptanceRule,
 ) -> Result<Generation> {
     let mut backbone = CachedBackbone::new(config, params);
-    decode_loop(config, &mut backbone, &Head::new(config, params), request, speculative, rule)
+    let head = Head::new(config, params);
+    decode_loop(config, &mut HostEngine::new(&mut backbone, &head, rule), request, speculative)
 }
 
-/// The decoding loop over any backbone and head (docs/decoding.md, "One step", steps 1–4).
-pub fn decode_loop<T: Float>(
-    config: &ModelConfig,
-    backbone: &mut dyn Backbone<T>,
-    head: &Head<T>,
-    request: DecodeRequest,
-    speculative: bool,
-    rule: AcceptanceRule,
-) -> Result<Generation> {
-    let mut sequence = SequenceDecoder::new(config, request, speculative)?;
-    while let Some(run) = sequence.draft(backbone, head)? {
+/// What the loop asks of one step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRequest<'a> {
+    /// c: the token emitted last, not yet run through the backbone
+    pub pending: u32,
+    /// how many drafts may follow c in the pass (an engine proposes none while its cache has no
+    /// state S, after a prompt of one token)
+    pub max_drafts: usize,
+    /// how tokens are chosen
+    pub sampling: &'a SamplingConfig,
+    /// how drafts are proposed
+    pub draft: Draft,
+}
+
+/// What one step gave: the drafts it accepted and the token after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// d_1..d_k, the drafts accepted, in order
+    pub accepted: Vec<u32>,
+    /// the token after them: the target's where a draft was rejected, else a fresh one
+    pub next: u32,
+}
+
+/// The model's side of one sequence's decoding, on some device (docs/decoding.md, "One step").
+/// [`decode_loop`] decides what each step runs (where the window starts, how many drafts fit,
+/// when to stop) and emits what comes back; an engine drafts, runs the backbone, verifies and
+/// rolls its cache back. The CPU's is [`HostEngine`]; the GPU's (`decode::cuda`) keeps the
+/// whole step on the device and sends back only tokens. Both draw their random numbers from
+/// the sequence's own generator.
+pub trait StepEngine {
+    /// Empties the cache and runs `context`, the window's tokens before the pending one; the next
+    /// step drafts from the state of its last token (from none when it is empty).
+    fn rebuild(&mut self, context: &[u32], generation: &mut Generation) -> Result<()>;
+
+    /// Steps 1–4: up to `max_drafts` drafts after c, one backbone pass over c and the drafts,
+    /// their verification, and the cache kept up to c and the accepted drafts. Adds its time and
+    /// its draft counts to `generation`.
+    fn step(&mut self, request: StepRequest, rng: &mut Rng, generation: &mut Generation) -> Result<StepOutcome>;
+}
+
+/// The step on the host, over any backbone and head: the CPU's engine, and the GPU's where the
+/// device cannot keep the whole step (its head's products then run there, one round trip for
+/// every verified state's target).
+pub struct HostEngine<'e, 'h, T: Float> {
+    backbone: &'e mut dyn Backbone<T>,
+    head: &'e Head<'h, T>,
+    step: HostStep<T>,
+}
+
+impl<'e, 'h, T: Float> HostEngine<'e, 'h, T> {
+    /// An engine over `backbone` and `head`, accepting sampled drafts by `rule`.
+    pub fn new(backbone: &'e mut dyn Backbone<T>, head: &'e Head<'h, T>, rule: AcceptanceRule) -> Self {
+        HostEngine { backbone, head, step: HostStep::new(rule) }
+    }
+}
+
+impl<T: Float> StepEngine for HostEngine<'_, '_, T> {
+    fn rebuild(&mut self, context: &[u32], generation: &mut Generation) -> Result<()> {
+        self.step.rebuild(self.backbone, self.head, context, generation)
+    }
+
+    fn step(&mut self, request: StepRequest, rng: &mut Rng, generation: &mut Generation) -> Result<StepOutcome> {
+        let run = self.step.draft(&*self.backbone, self.head, request, rng, generation)?;
         // 2. one backbone pass over c, d_1, …, d_{m−1}
         let tick = Instant::now();
-        let hidden = backbone.forward(&run)?;
-        sequence.generation.timing.backbone_s += tick.elapsed().as_secs_f64();
+        let hidden = self.backbone.forward(&run)?;
+        generation.timing.backbone_s += tick.elapsed().as_secs_f64();
         // on a device, every state's target in one round trip; on the CPU, lazily
         let tick = Instant::now();
-        let states = if head.on_device() { head.states(&hidden, 1)? } else { Vec::new() };
-        sequence.generation.timing.target_s += tick.elapsed().as_secs_f64();
-        sequence.verify(backbone, head, &hidden, states, rule)?;
+        self.step.targets = if self.head.on_device() { self.head.states(&hidden, 1)? } else { Vec::new() };
+        generation.timing.target_s += tick.elapsed().as_secs_f64();
+        self.step.verify(self.backbone, self.head, &hidden, request, rng, generation)
+    }
+}
+
+/// The decoding loop over any engine (docs/decoding.md, "One step"): the window, the number of
+/// drafts each step may run, the emitted tokens and when to stop are decided here, once for
+/// every device.
+pub fn decode_loop(config: &ModelConfig, engine: &mut dyn StepEngine, request: DecodeRequest, speculative: bool) -> Result<Generation> {
+    let mut sequence = SequenceDecoder::new(config, request, speculative)?;
+    while let Some(plan) = sequence.plan() {
+        if plan.rebuild {
+            let context = sequence.context().to_vec();
+            engine.rebuild(&context, &mut sequence.generation)?;
+        }
+        let outcome = engine.step(plan.request, &mut sequence.rng, &mut sequence.generation)?;
+        sequence.emit(outcome);
     }
     Ok(sequence.finish())
 }
@@ -272,8 +340,8 @@ pub fn decode_batch<T: Float>(
 /// Several requests decoded together on any device's backbone, request i in its sequence i:
 /// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
 /// stacked, so that each linear layer reads its weights once for the batch; verification,
-/// acceptance and rollback stay each sequence's own. One request alone is [`decode_loop`]'s
-/// (which on a device asks for all its verified states' targets in one round trip).
+/// acceptance and rollback stay each sequence's own, on the host ([`HostStep`]). One request
+/// alone is [`decode_loop`]'s over a [`HostEngine`].
 pub fn decode_batch_on<T: Float>(
     config: &ModelConfig,
     backbone: &mut dyn BatchBackbone<T>,
@@ -287,27 +355,48 @@ pub fn decode_batch_on<T: Float>(
     }
     if let [_] = requests[..] {
         let request = requests.into_iter().next().expect("one request");
-        let generation = decode_loop(config, &mut OneSequence { backbone, sequence: 0 }, head, request, speculative, rule)?;
+        let mut alone = OneSequence { backbone, sequence: 0 };
+        let generation = decode_loop(config, &mut HostEngine::new(&mut alone, head, rule), request, speculative)?;
         return Ok(vec![generation]);
     }
     let mut sequences = requests.into_iter().map(|r| SequenceDecoder::new(config, r, speculative)).collect::<Result<Vec<_>>>()?;
+    let mut steps: Vec<HostStep<T>> = sequences.iter().map(|_| HostStep::new(rule)).collect();
     loop {
-        // 1. every unfinished sequence's drafts (and its prefill when its window moves); the
-        //    mixture's horizons at S for all of them first, in one product (a sequence whose
-        //    window then moves computes its own again)
+        // every unfinished sequence's plan, and its prefill where its window moves
+        let mut plans = Vec::with_capacity(sequences.len());
+        for (index, (sequence, step)) in sequences.iter_mut().zip(&mut steps).enumerate() {
+            let plan = sequence.plan();
+            if plan.as_ref().is_some_and(|plan| plan.rebuild) {
+                let context = sequence.context().to_vec();
+                step.rebuild(&mut OneSequence { backbone: &mut *backbone, sequence: index }, head, &context, &mut sequence.generation)?;
+            }
+            plans.push(plan);
+        }
+        // 1. the mixture's horizons at S for every sequence that drafts from it, in one product;
+        //    then each sequence's drafts
         if speculative {
             let tick = Instant::now();
-            let drafting = |sequence: &SequenceDecoder<T>| !sequence.finished && sequence.request.draft == Draft::Mixture;
+            let drafting =
+                |plan: &Option<Plan>| plan.as_ref().is_some_and(|plan| plan.request.max_drafts > 0 && plan.request.draft == Draft::Mixture);
             let mut at_s: Vec<&mut HeadState<T>> =
-                sequences.iter_mut().filter(|s| drafting(s)).filter_map(|sequence| sequence.head_at_s.as_mut()).collect();
+                steps.iter_mut().zip(&plans).filter(|(_, plan)| drafting(plan)).filter_map(|(step, _)| step.head_at_s.as_mut()).collect();
             head.fill(&mut at_s, config.horizon)?;
             let fill_s = tick.elapsed().as_secs_f64();
-            sequences.iter_mut().filter(|s| drafting(s)).for_each(|sequence| sequence.generation.timing.draft_s += fill_s);
+            sequences
+                .iter_mut()
+                .zip(&plans)
+                .filter(|(_, plan)| drafting(plan))
+                .for_each(|(sequence, _)| sequence.generation.timing.draft_s += fill_s);
         }
         let mut runs = Vec::with_capacity(sequences.len());
-        for (index, sequence) in sequences.iter_mut().enumerate() {
-            let mut alone = OneSequence { backbone: &mut *backbone, sequence: index };
-            runs.push(sequence.draft(&mut alone, head)?.unwrap_or_default());
+        for (index, ((sequence, step), plan)) in sequences.iter_mut().zip(&mut steps).zip(&plans).enumerate() {
+            runs.push(match plan {
+                Some(plan) => {
+                    let alone = OneSequence { backbone: &mut *backbone, sequence: index };
+                    step.draft(&alone, head, plan.request, &mut sequence.rng, &mut sequence.generation)?
+                }
+                None => Vec::new(),
+            });
         }
         if runs.iter().all(Vec::is_empty) {
             break;
@@ -324,22 +413,31 @@ pub fn decode_batch_on<T: Float>(
         let mut targets = if speculative { Vec::new() } else { head.states(&hidden.concat(), 1)? }.into_iter();
         let targets_s = tick.elapsed().as_secs_f64();
         // 3–4. each sequence's verification, acceptance and rollback
-        for (index, (sequence, hidden)) in sequences.iter_mut().zip(&hidden).enumerate() {
-            if !runs[index].is_empty() {
+        for (index, (((sequence, step), plan), hidden)) in sequences.iter_mut().zip(&mut steps).zip(&plans).zip(&hidden).enumerate() {
+            if let Some(plan) = plan {
                 sequence.generation.timing.backbone_s += pass_s;
                 sequence.generation.timing.target_s += targets_s;
-                let states = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
-                sequence.verify(&mut OneSequence { backbone: &mut *backbone, sequence: index }, head, hidden, states, rule)?;
+                step.targets = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
+                let mut alone = OneSequence { backbone: &mut *backbone, sequence: index };
+                let outcome = step.verify(&mut alone, head, hidden, plan.request, &mut sequence.rng, &mut sequence.generation)?;
+                sequence.emit(outcome);
             }
         }
     }
     Ok(sequences.into_iter().map(SequenceDecoder::finish).collect())
 }
 
-/// One sequence's decoding, a step at a time: [`draft`](Self::draft) chooses the tokens of the
-/// next pass, the caller runs the backbone over them, and [`verify`](Self::verify) accepts,
-/// rolls back and emits. `decode_loop` drives one sequence, `decode_batch_on` several.
-struct SequenceDecoder<'c, 'r, T: Float> {
+/// What the loop runs next for one sequence: whether its window moved (the cache is then
+/// rebuilt over [`SequenceDecoder::context`] first), and the step.
+struct Plan<'r> {
+    rebuild: bool,
+    request: StepRequest<'r>,
+}
+
+/// One sequence's decoding, as the loop keeps it: its tokens, its window, how many it still
+/// makes, and what they cost. [`plan`](Self::plan) says what the next step runs, an engine (or
+/// a [`HostStep`] of a batch) runs it, and [`emit`](Self::emit) takes what it gave.
+struct SequenceDecoder<'c, 'r> {
     config: &'c ModelConfig,
     request: DecodeRequest<'r>,
     /// tokens a pass runs at most: n when speculative, else 1
@@ -352,16 +450,9 @@ struct SequenceDecoder<'c, 'r, T: Float> {
     finished: bool,
     /// where the cache's window starts (usize::MAX before the first step)
     window_start: usize,
-    /// S: the head at the state of the token before the pending one, once known
-    head_at_s: Option<HeadState<T>>,
-    /// this step's drafts, and (when sampling) the distribution each was drawn from
-    drafts: Vec<u32>,
-    draft_probs: Vec<Vec<f64>>,
-    /// positions in the cache before this step's pass
-    cache_before: usize,
 }
 
-impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
+impl<'c, 'r> SequenceDecoder<'c, 'r> {
     fn new(config: &'c ModelConfig, request: DecodeRequest<'r>, speculative: bool) -> Result<Self> {
         check_prompt(config, request.prompt, request.sampling)?;
         let n = if speculative { config.horizon } else { 1 };
@@ -381,10 +472,6 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
             started: Instant::now(),
             finished: request.max_new_tokens == 0,
             window_start: usize::MAX,
-            head_at_s: None,
-            drafts: vec![],
-            draft_probs: vec![],
-            cache_before: 0,
             request,
         })
     }
@@ -394,81 +481,157 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
         self.tokens.len() - self.request.prompt.len()
     }
 
-    /// Step 1 (and the prefill when the window moves): the tokens of the next pass, the pending
-    /// token c and the drafts d_1..d_{m−1}; `None` once the sequence is finished.
-    fn draft(&mut self, backbone: &mut dyn Backbone<T>, head: &Head<T>) -> Result<Option<Vec<u32>>> {
+    /// The window's tokens before the pending one: what the cache holds after a rebuild.
+    fn context(&self) -> &[u32] {
+        &self.tokens[self.window_start..self.tokens.len() - 1]
+    }
+
+    /// The next step: the pending token c, how many drafts may follow it, and whether the
+    /// window moved; `None` once the sequence is finished.
+    fn plan(&mut self) -> Option<Plan<'r>> {
         if self.finished {
-            return Ok(None);
+            return None;
         }
-        let (config, sampling) = (self.config, self.request.sampling);
         let length = self.tokens.len();
-        let pending = self.tokens[length - 1];
-        let start = context_start(length, config.n_positions);
-        if start != self.window_start {
-            // (re)build the cache over the window, all but the pending token
-            let tick = Instant::now();
-            backbone.truncate(0);
-            self.window_start = start;
-            self.head_at_s = if length - 1 > start {
-                let h = backbone.forward(&self.tokens[start..length - 1])?;
-                Some(head.states(&h[h.len() - config.n_embd..], 1)?.remove(0))
-            } else {
-                None
-            };
-            self.generation.timing.prefill_s += tick.elapsed().as_secs_f64();
-        }
+        let start = context_start(length, self.config.n_positions);
+        let rebuild = start != self.window_start;
+        self.window_start = start;
         // tokens this pass runs: targets at indices length.. must share the window, and no
         // more are needed than remain to be emitted
         let remaining = self.request.max_new_tokens - self.emitted();
         let mut run_length = 1;
-        while self.head_at_s.is_some()
-            && run_length < self.n.min(remaining)
-            && context_start(length + run_length, config.n_positions) == start
-        {
+        while run_length < self.n.min(remaining) && context_start(length + run_length, self.config.n_positions) == start {
             run_length += 1;
         }
+        self.generation.forward_passes += 1;
+        let request = StepRequest {
+            pending: self.tokens[length - 1],
+            max_drafts: run_length - 1,
+            sampling: self.request.sampling,
+            draft: self.request.draft,
+        };
+        Some(Plan { rebuild, request })
+    }
 
-        // 1. draft d_1..d_{m−1} from the head at S, conditioned on the pending token
+    /// Step 4's emission: the accepted drafts and the next token join the sequence, which
+    /// finishes at the stop token or once it has its tokens.
+    fn emit(&mut self, outcome: StepOutcome) {
+        let length = self.tokens.len();
+        self.tokens.extend(&outcome.accepted);
+        self.tokens.push(outcome.next);
+        let (max_new_tokens, emitted) = (self.request.max_new_tokens, self.emitted());
+        (self.request.progress)(emitted.min(max_new_tokens));
+        let stopped = self.request.stop_at.and_then(|stop| self.tokens[length..].iter().position(|&t| t == stop));
+        if let Some(at) = stopped {
+            self.tokens.truncate(length + at + 1);
+        }
+        self.finished = stopped.is_some() || self.emitted() >= max_new_tokens;
+        if self.finished {
+            self.generation.elapsed_s = self.started.elapsed().as_secs_f64();
+        }
+    }
+
+    /// The generation: the new tokens (at most `max_new_tokens`) and what they cost, timed
+    /// to the step that finished the sequence.
+    fn finish(mut self) -> Generation {
+        let prompt = self.request.prompt.len();
+        self.tokens.truncate(prompt + self.request.max_new_tokens);
+        self.generation.tokens = self.tokens[prompt..].to_vec();
+        self.generation
+    }
+}
+
+/// One sequence's step on the host, split where a batch runs its stacked pass: [`draft`]
+/// (step 1), the caller's pass, [`verify`] (steps 3–4). Between steps it keeps the head at S.
+///
+/// [`draft`]: Self::draft
+/// [`verify`]: Self::verify
+struct HostStep<T> {
+    /// how sampled drafts are accepted
+    rule: AcceptanceRule,
+    /// S: the head at the state of the token before the pending one, once known
+    head_at_s: Option<HeadState<T>>,
+    /// this step's drafts, and (when sampling) the distribution each was drawn from
+    drafts: Vec<u32>,
+    draft_probs: Vec<Vec<f64>>,
+    /// positions in the cache before this step's pass
+    cache_before: usize,
+    /// the first states' targets, when the caller computed them with others'; the rest are
+    /// computed in [`verify`](Self::verify), a state's only once every draft before it was
+    /// accepted
+    targets: Vec<HeadState<T>>,
+}
+
+impl<T: Float> HostStep<T> {
+    fn new(rule: AcceptanceRule) -> Self {
+        HostStep { rule, head_at_s: None, drafts: vec![], draft_probs: vec![], cache_before: 0, targets: vec![] }
+    }
+
+    /// The prefill of a moved window: the cache over `context`, and S at its last token.
+    fn rebuild(&mut self, backbone: &mut dyn Backbone<T>, head: &Head<T>, context: &[u32], generation: &mut Generation) -> Result<()> {
+        let tick = Instant::now();
+        backbone.truncate(0);
+        self.head_at_s = match context {
+            [] => None,
+            _ => {
+                let h = backbone.forward(context)?;
+                Some(head.states(&h[h.len() - head.config.n_embd..], 1)?.remove(0))
+            }
+        };
+        generation.timing.prefill_s += tick.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Step 1: drafts d_1..d_{m−1} from the head at S, conditioned on the pending token c;
+    /// returns the pass's tokens c, d_1, …, d_{m−1}.
+    fn draft(
+        &mut self,
+        backbone: &dyn Backbone<T>,
+        head: &Head<T>,
+        request: StepRequest,
+        rng: &mut Rng,
+        generation: &mut Generation,
+    ) -> Result<Vec<u32>> {
+        let (pending, count, sampling) = (request.pending, request.max_drafts, request.sampling);
         let tick = Instant::now();
         (self.drafts, self.draft_probs) = match self.head_at_s.as_mut() {
-            Some(s_state) if run_length > 1 && self.request.draft == Draft::Mixture => {
-                head.fill(&mut [s_state], self.n)?;
-                draft(s_state, pending, run_length - 1, sampling, &mut self.rng)
+            Some(s_state) if count > 0 && request.draft == Draft::Mixture => {
+                head.fill(&mut [s_state], head.config.horizon)?;
+                draft(s_state, pending, count, sampling, rng)
             }
-            Some(s_state) if run_length > 1 => {
+            Some(s_state) if count > 0 => {
                 let alpha = top_component(s_state, pending);
-                let probs = head.component_probabilities(&s_state.hidden, alpha, 1..run_length)?;
-                draft_independently(&probs, sampling, &mut self.rng)
+                let probs = head.component_probabilities(&s_state.hidden, alpha, 1..count + 1)?;
+                draft_independently(&probs, sampling, rng)
             }
             _ => (vec![], vec![]),
         };
-        self.generation.timing.draft_s += tick.elapsed().as_secs_f64();
+        generation.timing.draft_s += tick.elapsed().as_secs_f64();
         self.cache_before = backbone.positions();
-        self.generation.forward_passes += 1;
         let mut run = vec![pending];
         run.extend(&self.drafts);
-        Ok(Some(run))
+        Ok(run)
     }
 
     /// Steps 3 and 4, after the pass over [`draft`](Self::draft)'s tokens gave their hidden
     /// states (m, C): verify the drafts against the next-token marginal at each state, keep c
-    /// and the accepted drafts in the cache, and emit them and one more token. `states` holds
-    /// the first states' targets when the caller computed them already; the others are
-    /// computed here, a state's only once every draft before it was accepted.
+    /// and the accepted drafts in the cache, and choose the token after them.
     fn verify(
         &mut self,
         backbone: &mut dyn Backbone<T>,
         head: &Head<T>,
         hidden: &[T],
-        mut states: Vec<HeadState<T>>,
-        rule: AcceptanceRule,
-    ) -> Result<()> {
-        let (c, sampling) = (self.config.n_embd, self.request.sampling);
+        request: StepRequest,
+        rng: &mut Rng,
+        generation: &mut Generation,
+    ) -> Result<StepOutcome> {
+        let (c, sampling) = (head.config.n_embd, request.sampling);
+        let mut states = std::mem::take(&mut self.targets);
         let tick = Instant::now();
         let mut kept = 0;
         let mut next = None;
         for (j, &d) in self.drafts.iter().enumerate() {
-            self.generation.drafted[j] += 1;
+            generation.drafted[j] += 1;
             if states.len() <= j {
                 states.extend(head.states(&hidden[j * c..(j + 1) * c], 1)?);
             }
@@ -483,21 +646,21 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
                 let p = sampling::distribution_from_probs(&target, sampling);
                 let q = &self.draft_probs[j];
                 let (pd, qd) = (p[d as usize], q[d as usize]);
-                let accept = match rule {
+                let accept = match self.rule {
                     AcceptanceRule::AlwaysAccept => true,
-                    _ => self.rng.uniform() < (pd / qd).min(1.0),
+                    _ => rng.uniform() < (pd / qd).min(1.0),
                 };
                 if !accept {
                     // rejected: draw from normalise(max(0, p − q))
                     let residual: Vec<f64> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
                     let total: f64 = residual.iter().sum();
                     let residual =
-                        if total > 0.0 && rule == AcceptanceRule::Exact { residual.iter().map(|x| x / total).collect() } else { p };
-                    next = Some(sampling::draw(&residual, &mut self.rng));
+                        if total > 0.0 && self.rule == AcceptanceRule::Exact { residual.iter().map(|x| x / total).collect() } else { p };
+                    next = Some(sampling::draw(&residual, rng));
                     break;
                 }
             }
-            self.generation.accepted[j] += 1;
+            generation.accepted[j] += 1;
             kept += 1;
         }
         let next = match next {
@@ -512,37 +675,15 @@ impl<'c, 'r, T: Float> SequenceDecoder<'c, 'r, T> {
                         "the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint"
                     );
                 }
-                choose(&probs, sampling, &mut self.rng)
+                choose(&probs, sampling, rng)
             }
         };
-        self.generation.timing.target_s += tick.elapsed().as_secs_f64();
+        generation.timing.target_s += tick.elapsed().as_secs_f64();
 
         // 4. keep c, d_1..d_k in the cache; the new S is the state of d_k
-        let length = self.tokens.len();
         backbone.truncate(self.cache_before + 1 + kept);
-        self.tokens.extend(&self.drafts[..kept]);
-        self.tokens.push(next);
         self.head_at_s = Some(states.swap_remove(kept));
-        let (max_new_tokens, emitted) = (self.request.max_new_tokens, self.emitted());
-        (self.request.progress)(emitted.min(max_new_tokens));
-        let stopped = self.request.stop_at.and_then(|stop| self.tokens[length..].iter().position(|&t| t == stop));
-        if let Some(at) = stopped {
-            self.tokens.truncate(length + at + 1);
-        }
-        self.finished = stopped.is_some() || self.emitted() >= max_new_tokens;
-        if self.finished {
-            self.generation.elapsed_s = self.started.elapsed().as_secs_f64();
-        }
-        Ok(())
-    }
-
-    /// The generation: the new tokens (at most `max_new_tokens`) and what they cost, timed
-    /// to the step that finished the sequence.
-    fn finish(mut self) -> Generation {
-        let prompt = self.request.prompt.len();
-        self.tokens.truncate(prompt + self.request.max_new_tokens);
-        self.generation.tokens = self.tokens[prompt..].to_vec();
-        self.generation
+        Ok(StepOutcome { accepted: self.drafts[..kept].to_vec(), next })
     }
 }
 

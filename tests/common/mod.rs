@@ -9,6 +9,7 @@ use multitoken::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 pub mod cli;
+pub mod exactness;
 
 /// A fixture written by reference/make_fixtures.py: f64 tensors, i64 token ids, metadata.
 pub struct Fixture {

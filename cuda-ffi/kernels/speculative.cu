@@ -1,0 +1,270 @@
+// The speculative step on the device (docs/decoding.md, "One step"; the host's version is
+// src/decode/generate.rs of the main crate): the gate at each new row, the verification of the
+// drafts against each row's next-token marginal, and the drafts of the next step from the
+// state S it keeps. One block of THREADS threads walks a whole step, so that the host learns
+// only a few numbers: how many drafts were accepted, the token after them, and the next drafts.
+//
+// Probabilities, not logs, as on the host: a row's marginal is Σ_α w[α] P[α,0], a draft's
+// distribution Σ_α π[α] P[α,s]. Sampling tempers a distribution p into p^(1/T) / Σ p^(1/T),
+// which is softmax(log p / T); random numbers come from the host, one per decision.
+
+// what the host learns from a step: step[STEP_ACCEPTED], step[STEP_NEXT], step[STEP_NOT_FINITE],
+// then the next step's drafts from step[STEP_DRAFTS] on
+#define STEP_ACCEPTED 0
+#define STEP_NEXT 1
+#define STEP_NOT_FINITE 2
+#define STEP_DRAFTS 3
+
+// how sampled drafts are accepted (the host's AcceptanceRule): only RULE_EXACT is correct
+#define RULE_EXACT 0
+#define RULE_ALWAYS_ACCEPT 1
+#define RULE_RESAMPLE_FROM_TARGET 2
+
+// p^(1/T), with 0 staying 0
+__device__ float tempered(float p, float inv_temperature) {
+    if (inv_temperature == 1.0f) return p;
+    return p > 0.0f ? expf(logf(p) * inv_temperature) : 0.0f;
+}
+
+// The index of the largest of each thread's (value, index), the lowest index among equals, as
+// the host's argmax; every thread gets it. `values` and `indices` hold one entry per warp.
+__device__ int block_argmax(float value, int index, float* values, int* indices) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float other = __shfl_xor_sync(0xffffffff, value, offset);
+        int other_index = __shfl_xor_sync(0xffffffff, index, offset);
+        if (other > value || (other == value && other_index < index)) {
+            value = other;
+            index = other_index;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) {
+        values[threadIdx.x / 32] = value;
+        indices[threadIdx.x / 32] = index;
+    }
+    __syncthreads();
+    int best = 0;
+    for (int w = 1; w < THREADS / 32; w++) {
+        if (values[w] > values[best] || (values[w] == values[best] && indices[w] < indices[best])) best = w;
+    }
+    return indices[best];
+}
+
+// A draw from weights[0..v) (not normalised, summing to `total`) with the uniform u: the first
+// index whose running sum passes u·total, else (rounding) the last index with weight. Each
+// thread sums a contiguous chunk; thread 0 finds the chunk, then the index in it. Every thread
+// gets the index. `sums` holds THREADS floats. The weights may have just been written by other
+// threads of the block.
+__device__ int block_draw(const float* weights, int v, float total, float u, float* sums, int* chosen) {
+    __syncthreads();
+    int chunk = (v + THREADS - 1) / THREADS;
+    int first = threadIdx.x * chunk, last = min(v, first + chunk);
+    float s = 0.0f;
+    for (int i = first; i < last; i++) s += weights[i];
+    __syncthreads();
+    sums[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float target = u * total, running = 0.0f;
+        int found = -1;
+        for (int t = 0; t < THREADS && found < 0; t++) {
+            if (running + sums[t] > target) {
+                for (int i = t * chunk; i < min(v, (t + 1) * chunk); i++) {
+                    running += weights[i];
+                    if (running > target) {
+                        found = i;
+                        break;
+                    }
+                }
+                // rounding within the chunk: go on to the next one
+            } else {
+                running += sums[t];
+            }
+        }
+        if (found < 0) {
+            found = 0;
+            for (int i = v - 1; i >= 0; i--) {
+                if (weights[i] > 0.0f) {
+                    found = i;
+                    break;
+                }
+            }
+        }
+        *chosen = found;
+    }
+    __syncthreads();
+    return *chosen;
+}
+
+// The gate at each of m rows of h (m, C), one block a row: w = softmax(G h + g) (m, r); w = 1
+// without a gate (r = 1).
+extern "C" __global__ void decode_gate(const float* hidden, const float* gate_weight, const float* gate_bias, float* w, int c, int r) {
+    __shared__ float logits[MAX_RANK];
+    const float* h = hidden + (long)blockIdx.x * c;
+    if (gate_weight == nullptr) {
+        if (threadIdx.x == 0) w[blockIdx.x] = 1.0f;
+        return;
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int a = warp; a < r; a += THREADS / 32) {
+        float s = 0.0f;
+        for (int j = lane; j < c; j += 32) s += gate_weight[(long)a * c + j] * h[j];
+        s = warp_sum(s);
+        if (lane == 0) logits[a] = s + gate_bias[a];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = NEG_INF;
+        for (int a = 0; a < r; a++) m = fmaxf(m, logits[a]);
+        float total = 0.0f;
+        for (int a = 0; a < r; a++) total += expf(logits[a] - m);
+        for (int a = 0; a < r; a++) w[(long)blockIdx.x * r + a] = expf(logits[a] - m) / total;
+    }
+}
+
+// Steps 3–4 of a step over a run of m tokens c, d_1, …, d_{m−1} (their ids in `rows`, the
+// pass's table of (token, sequence, position)), by one block. Row j's marginal
+// p_j = Σ_α w[j,α] P[j,α,0] (P: `probs` (m, r, V), each row a softmax) verifies d_{j+1}: greedy,
+// d_{j+1} must be p_j's argmax; sampling, d_{j+1} is kept with probability
+// min(1, p_j(d)/q_j(d)), q_j (`draft_q`, (n − 1, V)) the distribution it was drawn from, and a
+// rejection draws from normalise(max(0, p_j − q_j)). The first rejected row k, or the last row,
+// chooses the next token. Then S becomes row k: its hidden state into `s_hidden` (C) and the
+// drafts' first posterior π[α] = w[k,α] P[k,α,0](next) into `posterior` (r).
+// With forced ≥ 0 (m = 1, priming S after a prefill) nothing is verified: next = forced.
+// uniforms: [0, n − 1) the acceptance tests, [n − 1] the draw of the next token.
+extern "C" __global__ void speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
+                                              const float* uniforms, const float* hidden, float* s_hidden, float* posterior, float* work,
+                                              unsigned int* step, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
+                                              int rule, int forced) {
+    __shared__ float warp_values[THREADS / 32];
+    __shared__ int warp_indices[THREADS / 32];
+    __shared__ float sums[THREADS];
+    __shared__ int chosen;
+    int k = 0, next = forced, not_finite = 0;
+    for (int j = 0; j < m && forced < 0; j++) {
+        // the previous row's reads of `work` are done before this row writes it
+        __syncthreads();
+        const float* p = probs + (long)j * r * v;
+        const float* wj = w + (long)j * r;
+        float best = NEG_INF, total = 0.0f;
+        int best_index = 0, bad = 0;
+        for (int i = threadIdx.x; i < v; i += THREADS) {
+            float marginal = 0.0f;
+            for (int a = 0; a < r; a++) marginal += wj[a] * p[(long)a * v + i];
+            bad |= !isfinite(marginal);
+            if (greedy) {
+                if (marginal > best) {
+                    best = marginal;
+                    best_index = i;
+                }
+            } else {
+                float t = tempered(marginal, inv_temperature);
+                work[i] = t;
+                total += t;
+            }
+        }
+        bad = __syncthreads_or(bad);
+        bool last = j == m - 1;
+        unsigned int draft = last ? 0 : rows[3 * (j + 1)];
+        k = j;
+        if (greedy) {
+            next = block_argmax(best, best_index, warp_values, warp_indices);
+            if (!last && (unsigned int)next == draft) continue;
+        } else {
+            total = block_reduce(total, false, warp_values);
+            if (!last) {
+                const float* q = draft_q + (long)j * v;
+                float ratio = (work[draft] / total) / q[draft];
+                if (rule == RULE_ALWAYS_ACCEPT || uniforms[j] < fminf(1.0f, ratio)) continue;
+                if (rule == RULE_EXACT) {
+                    // the residual max(0, p − q); where it has no mass, p itself
+                    float residual_total = 0.0f;
+                    for (int i = threadIdx.x; i < v; i += THREADS) residual_total += fmaxf(0.0f, work[i] / total - q[i]);
+                    residual_total = block_reduce(residual_total, false, warp_values);
+                    if (residual_total > 0.0f) {
+                        __syncthreads();
+                        for (int i = threadIdx.x; i < v; i += THREADS) work[i] = fmaxf(0.0f, work[i] / total - q[i]);
+                        total = residual_total;
+                    }
+                }
+            }
+            next = block_draw(work, v, total, uniforms[n - 1], sums, &chosen);
+        }
+        not_finite = bad;
+        break;
+    }
+    // S is row k
+    for (int i = threadIdx.x; i < c; i += THREADS) s_hidden[i] = hidden[(long)k * c + i];
+    if (threadIdx.x < r) posterior[threadIdx.x] = w[(long)k * r + threadIdx.x] * probs[((long)k * r + threadIdx.x) * v + next];
+    if (threadIdx.x == 0) {
+        step[STEP_ACCEPTED] = k;
+        step[STEP_NEXT] = next;
+        step[STEP_NOT_FINITE] = not_finite;
+    }
+}
+
+// Step 1 of the next step, by one block: `count` drafts after the token just chosen, from S's
+// distributions P[α,s] (`probs_s`, (count, r, V), horizons 1..count) and the posterior π that
+// speculative_verify left: q_s = Σ_α π[α] P[α,s] with π normalised, d_s its argmax (greedy) or
+// a draw from q_s tempered (kept in `draft_q` for the acceptance test), then π[α] *= P[α,s](d_s).
+// top_component: π is one-hot at its largest entry (the top-component draft, whose horizons
+// draft independently). uniforms: one per draft. The drafts go to step[STEP_DRAFTS..].
+extern "C" __global__ void speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
+                                             unsigned int* step, int count, int v, int r, int greedy, float inv_temperature,
+                                             int top_component) {
+    __shared__ float warp_values[THREADS / 32];
+    __shared__ int warp_indices[THREADS / 32];
+    __shared__ float sums[THREADS];
+    __shared__ float pi[MAX_RANK];
+    __shared__ int chosen;
+    if (threadIdx.x == 0) {
+        int top = 0;
+        for (int a = 0; a < r; a++) {
+            pi[a] = posterior[a];
+            if (pi[a] > pi[top]) top = a;
+        }
+        if (top_component) {
+            for (int a = 0; a < r; a++) pi[a] = a == top ? 1.0f : 0.0f;
+        }
+    }
+    for (int s = 0; s < count; s++) {
+        if (threadIdx.x == 0) {
+            float total = 0.0f;
+            for (int a = 0; a < r; a++) total += pi[a];
+            for (int a = 0; a < r; a++) pi[a] = total > 0.0f ? pi[a] / total : 1.0f / r;
+        }
+        __syncthreads();
+        const float* p = probs_s + (long)s * r * v;
+        float* q = draft_q + (long)s * v;
+        float best = NEG_INF, total = 0.0f;
+        int best_index = 0;
+        for (int i = threadIdx.x; i < v; i += THREADS) {
+            float mixture = 0.0f;
+            for (int a = 0; a < r; a++) mixture += pi[a] * p[(long)a * v + i];
+            if (greedy) {
+                if (mixture > best) {
+                    best = mixture;
+                    best_index = i;
+                }
+            } else {
+                float t = tempered(mixture, inv_temperature);
+                q[i] = t;
+                total += t;
+            }
+        }
+        int d;
+        if (greedy) {
+            d = block_argmax(best, best_index, warp_values, warp_indices);
+        } else {
+            total = block_reduce(total, false, warp_values);
+            __syncthreads();
+            for (int i = threadIdx.x; i < v; i += THREADS) q[i] /= total;
+            d = block_draw(q, v, 1.0f, uniforms[s], sums, &chosen);
+        }
+        if (threadIdx.x == 0) {
+            step[STEP_DRAFTS + s] = d;
+            for (int a = 0; a < r; a++) pi[a] *= p[(long)a * v + d];
+        }
+        __syncthreads();
+    }
+}
