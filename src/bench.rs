@@ -258,7 +258,7 @@ pub struct BenchDecodeResult {
     /// `weight_bytes_per_pass` over the median time of a speculative pass
     pub achieved_bandwidth_bytes_per_s: f64,
     /// the bytes of the weights an autoregressive pass reads: as a speculative pass's, but of
-    /// the expanders only the next-token horizon's W[α,0]
+    /// the expanders only the next-token horizon's `W[α,0]`
     pub ar_weight_bytes_per_pass: u64,
     /// `ar_weight_bytes_per_pass` over the median time of an autoregressive pass
     pub ar_achieved_bandwidth_bytes_per_s: f64,

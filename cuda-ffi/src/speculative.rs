@@ -50,7 +50,7 @@ pub struct StepBuffers {
     pub hidden: View<f32>,
     /// (C): S's hidden state, written by verification
     pub s_hidden: View<f32>,
-    /// (r): the drafts' first posterior w[α]·P[α,0](next), written by verification
+    /// (r): the drafts' first posterior `w[α]·P[α,0](next)`, written by verification
     pub posterior: View<f32>,
     /// (n − 1, V): the distribution each draft was drawn from (sampling)
     pub draft_q: View<f32>,

@@ -1,10 +1,12 @@
 //! Decoding on the GPU (`sample` and `bench decode` with `--device cuda`): the KV caches and the
 //! backbone passes run on the device (`decode::pass::pass` with this file's kernels, each pass
-//! length recorded once into a CUDA graph and replayed), and so do the head's vocabulary-sized
-//! products. The decoding loop itself (drafts, verification, acceptance, sampling) is
-//! `decode::generate::decode_loop` for one sequence and `decode_batch_on` for several, on the
-//! host, the same code as on the CPU; per step it moves only hidden states (C floats a token)
-//! and the probabilities it reads (r·V floats a horizon).
+//! length recorded once into a CUDA graph and replayed). One sequence's whole speculative step
+//! runs there too (`GpuStepEngine`, a `StepEngine` for `decode::generate::decode_loop`): the
+//! pass, the head at the new rows, verification, acceptance and the next drafts in one graph,
+//! the host learning only tokens. With top-k or top-p, and for several sequences
+//! (`decode_batch_on`), the step runs on the host instead, the head's vocabulary-sized products
+//! here; per step that moves hidden states (C floats a token) and the probabilities it reads
+//! (r·V floats a horizon).
 
 use std::rc::Rc;
 

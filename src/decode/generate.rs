@@ -340,8 +340,9 @@ pub fn decode_batch<T: Float>(
 /// Several requests decoded together on any device's backbone, request i in its sequence i:
 /// each step drafts for every unfinished sequence, then one backbone pass runs all their tokens
 /// stacked, so that each linear layer reads its weights once for the batch; verification,
-/// acceptance and rollback stay each sequence's own, on the host ([`HostStep`]). One request
-/// alone is [`decode_loop`]'s over a [`HostEngine`].
+/// acceptance and rollback stay each sequence's own, on the host (the steps [`HostEngine`] runs
+/// for one sequence, split around the stacked pass). One request alone is [`decode_loop`]'s over
+/// a [`HostEngine`].
 pub fn decode_batch_on<T: Float>(
     config: &ModelConfig,
     backbone: &mut dyn BatchBackbone<T>,

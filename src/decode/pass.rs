@@ -6,8 +6,8 @@
 //! stream x (m, C), the attention's input qkv and output, the MLP's hidden activations, and the
 //! hidden states h (m, C) it ends with.
 //!
-//! The speculative step's device-side parts (drafts, targets, acceptance) are meant to join this
-//! interface as further kernels over the same buffers, so that a device can keep a whole step.
+//! A device that keeps the whole speculative step (drafts, targets, acceptance) runs its own
+//! kernels after the pass over the same buffers: `decode::generate::StepEngine`.
 
 use crate::error::Result;
 
