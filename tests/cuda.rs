@@ -1065,6 +1065,27 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
         "greedy speculative == autoregressive on the GPU for 5 prompts, both drafts, the step on the device and on the host, and on \
          the CPU; mean accepted per pass {accepted:.2?}"
     );
+    // the device's step launched kernel by kernel gives the bits its replayed graphs give
+    let (prompt, new_tokens) = &cases[3];
+    let sampled = SamplingConfig { greedy: false, ..SamplingConfig::greedy() };
+    for sampling in [SamplingConfig::greedy(), sampled] {
+        let mut both = Vec::new();
+        for graphs in [true, false] {
+            decoder.use_graphs(graphs);
+            let request = DecodeRequest {
+                prompt,
+                max_new_tokens: *new_tokens,
+                sampling: &sampling,
+                seed: 5,
+                progress: &mut |_| {},
+                stop_at: None,
+                draft: Draft::Mixture,
+            };
+            both.push(decoder.decode(&params, request, true).unwrap().tokens);
+        }
+        assert_eq!(both[0], both[1], "{sampling:?}: graphs and direct launches differ");
+    }
+    decoder.use_graphs(true);
 
     // the same prompts decoded together, greedy and sampled: each sequence gets the tokens it
     // gets alone
@@ -1110,18 +1131,21 @@ cuda_test!(speculative_sampling_on_the_gpu_is_exact_and_a_wrong_acceptance_rule_
     let mut params = gpt2::init_params::<f32>(&config, &mut Rng::new(4));
     params.wte.data_mut().iter_mut().for_each(|x| *x *= 3.0);
     let prompt = [1, 5, 2];
-    let exact = exact_pair_distribution(&config, &params, &prompt);
     let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
-    let sampling = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
+    // (T = 0.6 too: the device tempers each distribution against its largest entry)
     let cases = [
-        ("autoregressive", false, AcceptanceRule::Exact, Draft::Mixture, true),
-        ("speculative", true, AcceptanceRule::Exact, Draft::Mixture, true),
-        ("speculative, top-component draft", true, AcceptanceRule::Exact, Draft::TopComponent, true),
-        ("always-accept", true, AcceptanceRule::AlwaysAccept, Draft::Mixture, false),
-        ("always-accept, top-component draft", true, AcceptanceRule::AlwaysAccept, Draft::TopComponent, false),
-        ("resample-from-target", true, AcceptanceRule::ResampleFromTarget, Draft::Mixture, false),
+        ("autoregressive", 1.0, false, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("speculative", 1.0, true, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("speculative, top-component draft", 1.0, true, AcceptanceRule::Exact, Draft::TopComponent, true),
+        ("autoregressive, T = 0.6", 0.6, false, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("speculative, T = 0.6", 0.6, true, AcceptanceRule::Exact, Draft::Mixture, true),
+        ("always-accept", 1.0, true, AcceptanceRule::AlwaysAccept, Draft::Mixture, false),
+        ("always-accept, top-component draft", 1.0, true, AcceptanceRule::AlwaysAccept, Draft::TopComponent, false),
+        ("resample-from-target", 1.0, true, AcceptanceRule::ResampleFromTarget, Draft::Mixture, false),
     ];
-    for (name, speculative, rule, draft, must_pass) in cases {
+    for (name, temperature, speculative, rule, draft, must_pass) in cases {
+        let exact = exact_pair_distribution(&config, &params, &prompt, temperature);
+        let sampling = SamplingConfig { greedy: false, temperature, top_k: 0, top_p: 1.0 };
         let v = config.vocab_size;
         let mut counts = vec![0; v * v];
         for seed in 0..3000 {

@@ -129,7 +129,7 @@ fn speculative_sampling_is_exact_and_a_wrong_acceptance_rule_is_caught() {
     wte.data_mut().iter_mut().for_each(|x| *x *= 3.0);
     params.wte = wte;
     let prompt = [1, 5, 2];
-    let exact = exact_pair_distribution(&config, &params, &prompt);
+    let exact = exact_pair_distribution(&config, &params, &prompt, 1.0);
     assert!((exact.iter().sum::<f64>() - 1.0).abs() < 1e-4);
     let runs = 3000;
     let cases = [

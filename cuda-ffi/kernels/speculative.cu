@@ -8,22 +8,17 @@
 // distribution Σ_α π[α] P[α,s]. Sampling tempers a distribution p into p^(1/T) / Σ p^(1/T),
 // which is softmax(log p / T); random numbers come from the host, one per decision.
 
-// what the host learns from a step: step[STEP_ACCEPTED], step[STEP_NEXT], step[STEP_NOT_FINITE],
-// then the next step's drafts from step[STEP_DRAFTS] on
-#define STEP_ACCEPTED 0
-#define STEP_NEXT 1
-#define STEP_NOT_FINITE 2
-#define STEP_DRAFTS 3
+// What the host reads back of a step (`readback`): STEP_ACCEPTED, STEP_NEXT, STEP_NOT_FINITE,
+// then the next step's drafts from STEP_DRAFTS on; how sampled drafts are accepted: ACCEPT_EXACT,
+// or, for the test that must catch them, ACCEPT_ALWAYS and ACCEPT_RESAMPLE_FROM_TARGET (all from
+// cuda-ffi/src/constants.rs).
 
-// how sampled drafts are accepted (the host's AcceptanceRule): only RULE_EXACT is correct
-#define RULE_EXACT 0
-#define RULE_ALWAYS_ACCEPT 1
-#define RULE_RESAMPLE_FROM_TARGET 2
-
-// p^(1/T), with 0 staying 0
-__device__ float tempered(float p, float inv_temperature) {
+// p^(1/T) relative to the distribution's largest entry, (p / p_max)^(1/T), so that a low
+// temperature cannot underflow every entry to 0 (the host subtracts the largest log too); 0
+// stays 0. At T = 1, p itself.
+__device__ float tempered(float p, float log_max, float inv_temperature) {
     if (inv_temperature == 1.0f) return p;
-    return p > 0.0f ? expf(logf(p) * inv_temperature) : 0.0f;
+    return p > 0.0f ? expf((logf(p) - log_max) * inv_temperature) : 0.0f;
 }
 
 // The index of the largest of each thread's (value, index), the lowest index among equals, as
@@ -50,21 +45,23 @@ __device__ int block_argmax(float value, int index, float* values, int* indices)
     return indices[best];
 }
 
-// A draw from weights[0..v) (not normalised, summing to `total`) with the uniform u: the first
-// index whose running sum passes u·total, else (rounding) the last index with weight. Each
-// thread sums a contiguous chunk; thread 0 finds the chunk, then the index in it. Every thread
-// gets the index. `sums` holds THREADS floats. The weights may have just been written by other
+// A draw from weights[0..v) (not normalised) with the uniform u: the first index whose running
+// sum passes u·Σ weights, else (rounding) the last index with weight. Each thread sums a
+// contiguous chunk; thread 0 adds the chunks' sums in order (the total the target is taken of,
+// so that it is the running sum's own), finds the chunk, then the index in it. Every thread gets
+// the index. `sums` holds THREADS floats. The weights may have just been written by other
 // threads of the block.
-__device__ int block_draw(const float* weights, int v, float total, float u, float* sums, int* chosen) {
+__device__ int block_draw(const float* weights, int v, float u, float* sums, int* chosen) {
     __syncthreads();
     int chunk = (v + THREADS - 1) / THREADS;
     int first = threadIdx.x * chunk, last = min(v, first + chunk);
     float s = 0.0f;
     for (int i = first; i < last; i++) s += weights[i];
-    __syncthreads();
     sums[threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int t = 0; t < THREADS; t++) total += sums[t];
         float target = u * total, running = 0.0f;
         int found = -1;
         for (int t = 0; t < THREADS && found < 0; t++) {
@@ -134,7 +131,7 @@ extern "C" __global__ void decode_gate(const float* hidden, const float* gate_we
 // uniforms: [0, n − 1) the acceptance tests, [n − 1] the draw of the next token.
 extern "C" __global__ void speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
                                               const float* uniforms, const float* hidden, float* s_hidden, float* posterior, float* work,
-                                              unsigned int* step, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
+                                              unsigned int* readback, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
                                               int rule, int forced) {
     __shared__ float warp_values[THREADS / 32];
     __shared__ int warp_indices[THREADS / 32];
@@ -146,22 +143,18 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
         __syncthreads();
         const float* p = probs + (long)j * r * v;
         const float* wj = w + (long)j * r;
-        float best = NEG_INF, total = 0.0f;
+        float best = NEG_INF;
         int best_index = 0, bad = 0;
         for (int i = threadIdx.x; i < v; i += THREADS) {
             float marginal = 0.0f;
             for (int a = 0; a < r; a++) marginal += wj[a] * p[(long)a * v + i];
             bad |= !isfinite(marginal);
-            if (greedy) {
-                if (marginal > best) {
-                    best = marginal;
-                    best_index = i;
-                }
-            } else {
-                float t = tempered(marginal, inv_temperature);
-                work[i] = t;
-                total += t;
+            // greedy: the argmax; sampling: the largest entry, to temper against
+            if (marginal > best) {
+                best = marginal;
+                best_index = i;
             }
+            if (!greedy) work[i] = marginal;
         }
         bad = __syncthreads_or(bad);
         bool last = j == m - 1;
@@ -171,12 +164,18 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
             next = block_argmax(best, best_index, warp_values, warp_indices);
             if (!last && (unsigned int)next == draft) continue;
         } else {
+            float log_max = logf(block_reduce(best, true, warp_values));
+            float total = 0.0f;
+            for (int i = threadIdx.x; i < v; i += THREADS) {
+                work[i] = tempered(work[i], log_max, inv_temperature);
+                total += work[i];
+            }
             total = block_reduce(total, false, warp_values);
             if (!last) {
                 const float* q = draft_q + (long)j * v;
                 float ratio = (work[draft] / total) / q[draft];
-                if (rule == RULE_ALWAYS_ACCEPT || uniforms[j] < fminf(1.0f, ratio)) continue;
-                if (rule == RULE_EXACT) {
+                if (rule == ACCEPT_ALWAYS || uniforms[j] < fminf(1.0f, ratio)) continue;
+                if (rule == ACCEPT_EXACT) {
                     // the residual max(0, p − q); where it has no mass, p itself
                     float residual_total = 0.0f;
                     for (int i = threadIdx.x; i < v; i += THREADS) residual_total += fmaxf(0.0f, work[i] / total - q[i]);
@@ -184,11 +183,10 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
                     if (residual_total > 0.0f) {
                         __syncthreads();
                         for (int i = threadIdx.x; i < v; i += THREADS) work[i] = fmaxf(0.0f, work[i] / total - q[i]);
-                        total = residual_total;
                     }
                 }
             }
-            next = block_draw(work, v, total, uniforms[n - 1], sums, &chosen);
+            next = block_draw(work, v, uniforms[n - 1], sums, &chosen);
         }
         not_finite = bad;
         break;
@@ -197,9 +195,9 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
     for (int i = threadIdx.x; i < c; i += THREADS) s_hidden[i] = hidden[(long)k * c + i];
     if (threadIdx.x < r) posterior[threadIdx.x] = w[(long)k * r + threadIdx.x] * probs[((long)k * r + threadIdx.x) * v + next];
     if (threadIdx.x == 0) {
-        step[STEP_ACCEPTED] = k;
-        step[STEP_NEXT] = next;
-        step[STEP_NOT_FINITE] = not_finite;
+        readback[STEP_ACCEPTED] = k;
+        readback[STEP_NEXT] = next;
+        readback[STEP_NOT_FINITE] = not_finite;
     }
 }
 
@@ -208,9 +206,9 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
 // speculative_verify left: q_s = Σ_α π[α] P[α,s] with π normalised, d_s its argmax (greedy) or
 // a draw from q_s tempered (kept in `draft_q` for the acceptance test), then π[α] *= P[α,s](d_s).
 // top_component: π is one-hot at its largest entry (the top-component draft, whose horizons
-// draft independently). uniforms: one per draft. The drafts go to step[STEP_DRAFTS..].
+// draft independently). uniforms: one per draft. The drafts go to readback[STEP_DRAFTS..].
 extern "C" __global__ void speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
-                                             unsigned int* step, int count, int v, int r, int greedy, float inv_temperature,
+                                             unsigned int* readback, int count, int v, int r, int greedy, float inv_temperature,
                                              int top_component) {
     __shared__ float warp_values[THREADS / 32];
     __shared__ int warp_indices[THREADS / 32];
@@ -236,33 +234,34 @@ extern "C" __global__ void speculative_draft(const float* probs_s, const float* 
         __syncthreads();
         const float* p = probs_s + (long)s * r * v;
         float* q = draft_q + (long)s * v;
-        float best = NEG_INF, total = 0.0f;
+        float best = NEG_INF;
         int best_index = 0;
         for (int i = threadIdx.x; i < v; i += THREADS) {
             float mixture = 0.0f;
             for (int a = 0; a < r; a++) mixture += pi[a] * p[(long)a * v + i];
-            if (greedy) {
-                if (mixture > best) {
-                    best = mixture;
-                    best_index = i;
-                }
-            } else {
-                float t = tempered(mixture, inv_temperature);
-                q[i] = t;
-                total += t;
+            if (mixture > best) {
+                best = mixture;
+                best_index = i;
             }
+            if (!greedy) q[i] = mixture;
         }
         int d;
         if (greedy) {
             d = block_argmax(best, best_index, warp_values, warp_indices);
         } else {
+            float log_max = logf(block_reduce(best, true, warp_values));
+            float total = 0.0f;
+            for (int i = threadIdx.x; i < v; i += THREADS) {
+                q[i] = tempered(q[i], log_max, inv_temperature);
+                total += q[i];
+            }
             total = block_reduce(total, false, warp_values);
             __syncthreads();
             for (int i = threadIdx.x; i < v; i += THREADS) q[i] /= total;
-            d = block_draw(q, v, 1.0f, uniforms[s], sums, &chosen);
+            d = block_draw(q, v, uniforms[s], sums, &chosen);
         }
         if (threadIdx.x == 0) {
-            step[STEP_DRAFTS + s] = d;
+            readback[STEP_DRAFTS + s] = d;
             for (int a = 0; a < r; a++) pi[a] *= p[(long)a * v + d];
         }
         __syncthreads();

@@ -35,8 +35,27 @@ pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
 /// Elements of a tensor per block of the many-tensor AdamW kernel.
 pub(crate) const ADAMW_CHUNK: usize = 4096;
 
+/// Where the speculative step leaves what the host reads back (`kernels/speculative.cu`): how
+/// many drafts were accepted, the next token, 1 where the marginal it came from was not
+/// finite, then the next step's drafts.
+pub const STEP_ACCEPTED: usize = 0;
+/// the token after the accepted drafts
+pub const STEP_NEXT: usize = 1;
+/// 1 where the marginal the next token came from was not finite
+pub const STEP_NOT_FINITE: usize = 2;
+/// where the next step's drafts start
+pub const STEP_DRAFTS: usize = 3;
+/// How the speculative step accepts sampled drafts: only `ACCEPT_EXACT` is correct (accept d
+/// with probability min(1, p(d)/q(d)), else draw from max(0, p − q)); the others (accept every
+/// draft; on rejection draw from p) exist for the test that shows a wrong rule is caught.
+pub const ACCEPT_EXACT: usize = 0;
+/// accept every draft (wrong)
+pub const ACCEPT_ALWAYS: usize = 1;
+/// the exact test, but a rejection draws from p instead of the residual (wrong)
+pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
+
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 16] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -53,4 +72,11 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 16] = [
     ("FEW_ROW_TILE_COLUMNS", FEW_ROW_TILE_COLUMNS),
     ("FEW_ROW_K_CHUNK_MAX", FEW_ROW_K_CHUNK_MAX),
     ("ADAMW_CHUNK", ADAMW_CHUNK),
+    ("STEP_ACCEPTED", STEP_ACCEPTED),
+    ("STEP_NEXT", STEP_NEXT),
+    ("STEP_NOT_FINITE", STEP_NOT_FINITE),
+    ("STEP_DRAFTS", STEP_DRAFTS),
+    ("ACCEPT_EXACT", ACCEPT_EXACT),
+    ("ACCEPT_ALWAYS", ACCEPT_ALWAYS),
+    ("ACCEPT_RESAMPLE_FROM_TARGET", ACCEPT_RESAMPLE_FROM_TARGET),
 ];

@@ -52,14 +52,17 @@ pub use attention::ProductsAttention;
 pub use attention::{AttentionRoute, AttentionShape, CacheRows};
 pub use blas::{GemmRoute, Operand, ProductPrecision};
 pub use collective::{check_nccl, nccl_present, nccl_soname_path, unique_id, Communicator, NCCL_SONAME, UNIQUE_ID_BYTES};
-pub use constants::{FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK};
+pub use constants::{
+    ACCEPT_ALWAYS, ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, FUSED_ATTENTION_HEAD_SIZES, MAX_HORIZON, MAX_RANK, STEP_ACCEPTED,
+    STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
+};
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
 pub use general::{Binary, Unary};
 pub use head::HeadShape;
 pub use linear::{Epilogue, FEW_ROWS_MAX};
 pub use memory::{Buffer, MemoryStats, PinnedBuffer, View};
-pub use speculative::{StepBuffers, StepChoice, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE};
+pub use speculative::{StepBuffers, StepChoice};
 
 /// Everything the CUDA layer can fail with; `Display` gives a one-line message for the user.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::attention::CacheRows;
-use crate::constants::{MAX_RANK, THREADS};
+use crate::constants::{MAX_RANK, STEP_DRAFTS, THREADS};
 use crate::device::block_per_row_config;
 use crate::memory::View;
 use crate::{check, Gpu, Result};
@@ -18,17 +18,6 @@ kernel_table! {
     draft: "speculative_draft",
 }
 
-/// What the host reads back of a step, as [`Gpu::speculative_verify`] and
-/// [`Gpu::speculative_draft`] leave it: the accepted drafts' count, the next token, whether the
-/// chosen row's marginal was finite, then the next step's drafts.
-pub const STEP_ACCEPTED: usize = 0;
-/// the token after the accepted drafts
-pub const STEP_NEXT: usize = 1;
-/// 1 where the marginal the next token came from was not finite
-pub const STEP_NOT_FINITE: usize = 2;
-/// where the next step's drafts start
-pub const STEP_DRAFTS: usize = 3;
-
 /// How tokens are chosen: the argmax, or a draw at a temperature (no top-k or top-p on the
 /// device), with the acceptance rule for sampled drafts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,10 +26,9 @@ pub struct StepChoice {
     pub greedy: bool,
     /// 1/T: a distribution p is drawn from as p^(1/T), renormalised
     pub inv_temperature: f32,
-    /// 0: exact (accept d with probability min(1, p(d)/q(d)), else draw from max(0, p − q));
-    /// 1: always accept; 2: on rejection draw from p. Only 0 is correct; the others exist for
-    /// the test that shows a wrong rule is caught.
-    pub rule: u32,
+    /// how sampled drafts are accepted: [`crate::ACCEPT_EXACT`], or a wrong rule for the test that
+    /// must catch it ([`crate::ACCEPT_ALWAYS`], [`crate::ACCEPT_RESAMPLE_FROM_TARGET`])
+    pub rule: usize,
 }
 
 /// The buffers of the speculative step, shared by verification and drafting.
@@ -58,8 +46,9 @@ pub struct StepBuffers {
     pub uniforms: View<f32>,
     /// (V): room for a tempered marginal or a residual
     pub work: View<f32>,
-    /// [`STEP_DRAFTS`] + n − 1 numbers for the host
-    pub step: View<u32>,
+    /// what the host reads back: [`STEP_DRAFTS`] + n − 1 numbers (the accepted drafts' count,
+    /// the next token, a not-finite flag, the next drafts)
+    pub readback: View<u32>,
 }
 
 impl Gpu {
@@ -90,6 +79,8 @@ impl Gpu {
     /// Verification of the run in `rows` (c and m − 1 drafts) against each row's next-token
     /// marginal from `probs` (m, r, V) and `w` (m, r): how many drafts are accepted, the next
     /// token, and S (its hidden state and the drafts' first posterior) at the row that chose it.
+    /// Sampling tempers relative to each distribution's largest entry, so no temperature
+    /// underflows it.
     /// With `forced = Some(token)` (m = 1) nothing is verified and the next token is `token`:
     /// priming S after a prefill. `n` is the horizon the buffers are laid out for.
     #[allow(clippy::too_many_arguments)]
@@ -116,7 +107,7 @@ impl Gpu {
                 && buffers.hidden.len() == m * c
                 && buffers.draft_q.len() == (n - 1) * v
                 && buffers.uniforms.len() == 2 * n - 1
-                && buffers.step.len() == STEP_DRAFTS + n - 1
+                && buffers.readback.len() == STEP_DRAFTS + n - 1
                 && forced.is_none_or(|token| (token as usize) < v && m == 1),
             || format!("speculative_verify: a run of {m} rows, r {r}, V {v}, n {n}: buffers do not fit"),
         )?;
@@ -126,7 +117,7 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(&self.kernels.speculative.verify);
         launch.arg(&probs.ptr).arg(&w.ptr).arg(&rows.on_device.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.uniforms.ptr);
         launch.arg(&buffers.hidden.ptr).arg(&buffers.s_hidden.ptr).arg(&buffers.posterior.ptr).arg(&buffers.work.ptr);
-        launch.arg(&buffers.step.ptr).arg(&m_i).arg(&v_i).arg(&r_i).arg(&c_i).arg(&n_i).arg(&greedy_i);
+        launch.arg(&buffers.readback.ptr).arg(&m_i).arg(&v_i).arg(&r_i).arg(&c_i).arg(&n_i).arg(&greedy_i);
         launch.arg(&choice.inv_temperature).arg(&rule_i).arg(&forced_i);
         // SAFETY: sizes checked; the table's token ids were checked as it was written
         // (`write_cache_rows`); one block.
@@ -155,13 +146,13 @@ impl Gpu {
                 && probs_s.len() == count * r * v
                 && buffers.draft_q.len() == count * v
                 && buffers.uniforms.len() == 2 * n - 1
-                && buffers.step.len() == STEP_DRAFTS + count,
+                && buffers.readback.len() == STEP_DRAFTS + count,
             || format!("speculative_draft: {count} drafts, r {r}, V {v}: buffers do not fit"),
         )?;
         let uniforms = buffers.uniforms.slice(n, count);
         let (count_i, v_i, r_i, greedy_i, top_i) = (count as i32, v as i32, r as i32, i32::from(choice.greedy), i32::from(top_component));
         let mut launch = self.stream.launch_builder(&self.kernels.speculative.draft);
-        launch.arg(&probs_s.ptr).arg(&buffers.posterior.ptr).arg(&uniforms.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.step.ptr);
+        launch.arg(&probs_s.ptr).arg(&buffers.posterior.ptr).arg(&uniforms.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.readback.ptr);
         launch.arg(&count_i).arg(&v_i).arg(&r_i).arg(&greedy_i).arg(&choice.inv_temperature).arg(&top_i);
         // SAFETY: sizes checked; one block.
         unsafe { launch.launch(one_block()) }?;

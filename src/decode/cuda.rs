@@ -11,11 +11,11 @@
 use std::rc::Rc;
 
 use multitoken_cuda::{
-    AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, StepBuffers, StepChoice, View, STEP_ACCEPTED,
-    STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
+    AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, StepBuffers, StepChoice, View, ACCEPT_ALWAYS,
+    ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
 };
 
-use crate::decode::generate::{decode_batch_on, decode_loop, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
+use crate::decode::generate::{decode_batch_on, decode_loop, not_finite, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
 use crate::decode::head::{Head, HeadProducts, HeadState};
 use crate::decode::pass::{pass, BatchBackbone, Linear, OneSequence, PassKernels};
 use crate::decode::{DecodeRequest, Draft, Generation, SamplingConfig};
@@ -183,10 +183,9 @@ impl<'a> GpuDecoder<'a> {
         rule: AcceptanceRule,
     ) -> Result<Generation> {
         if !(self.device_step && device_step_supports(request.sampling)) {
-            return self.decode_on_host(params, request, speculative);
+            return self.decode_on_host_with_rule(params, request, speculative, rule);
         }
         let mut engine = GpuStepEngine {
-            gpu: self.backbone.gpu,
             backbone: &mut self.backbone,
             head: &self.head,
             step: &mut self.step,
@@ -204,9 +203,19 @@ impl<'a> GpuDecoder<'a> {
     /// and the head's products on the device): any sampling, and the comparison for the
     /// device's step.
     pub fn decode_on_host(&mut self, params: &ModelParams<Tensor<f32>>, request: DecodeRequest, speculative: bool) -> Result<Generation> {
+        self.decode_on_host_with_rule(params, request, speculative, AcceptanceRule::Exact)
+    }
+
+    fn decode_on_host_with_rule(
+        &mut self,
+        params: &ModelParams<Tensor<f32>>,
+        request: DecodeRequest,
+        speculative: bool,
+        rule: AcceptanceRule,
+    ) -> Result<Generation> {
         let head = Head::with_device(&self.config, params, &self.head);
         let mut first = OneSequence { backbone: &mut self.backbone, sequence: 0 };
-        let generation = decode_loop(&self.config, &mut HostEngine::new(&mut first, &head, AcceptanceRule::Exact), request, speculative);
+        let generation = decode_loop(&self.config, &mut HostEngine::new(&mut first, &head, rule), request, speculative);
         self.backbone.profile.move_into(&self.profiles[speculative as usize]);
         generation
     }
@@ -572,8 +581,8 @@ struct DeviceStep {
     /// (V): a tempered marginal or a residual
     work: Buffer<f32>,
     /// what the host reads back: accepted count, next token, not-finite flag, drafts
-    step: Buffer<u32>,
-    /// page-locked room for `step`
+    readback: Buffer<u32>,
+    /// page-locked room for `readback`
     staging: PinnedBuffer<u32>,
     /// for each way of stepping used so far (choice, n, draft), the pass and the step over m
     /// rows captured at index m; autoregressive and speculative decodes alternate in a benchmark
@@ -601,25 +610,23 @@ impl DeviceStep {
             draft_q: gpu.zeros(drafts * v)?,
             uniforms: gpu.zeros(2 * n - 1)?,
             work: gpu.zeros(v)?,
-            step: gpu.zeros(STEP_DRAFTS + n - 1)?,
+            readback: gpu.zeros(STEP_DRAFTS + n - 1)?,
             staging: gpu.pinned(STEP_DRAFTS + n - 1)?,
             graphs: Vec::new(),
         })
     }
 
-    /// The captured steps for `settings`, by run length (none captured yet for new settings).
-    fn graphs_for(&mut self, settings: StepSettings, n: usize) -> &mut Vec<Option<Graph>> {
-        let index = match self.graphs.iter().position(|(kept, _)| *kept == settings) {
-            Some(index) => index,
-            None => {
-                if self.graphs.len() == STEP_SETTINGS_KEPT {
-                    self.graphs.remove(0);
-                }
-                self.graphs.push((settings, (0..=n).map(|_| None).collect()));
-                self.graphs.len() - 1
-            }
-        };
-        &mut self.graphs[index].1
+    /// Where in `graphs` the captured steps for `settings` are, by run length (a new entry,
+    /// nothing captured yet, for new settings).
+    fn graph_index(&mut self, settings: StepSettings, n: usize) -> usize {
+        if let Some(index) = self.graphs.iter().position(|(kept, _)| *kept == settings) {
+            return index;
+        }
+        if self.graphs.len() == STEP_SETTINGS_KEPT {
+            self.graphs.remove(0);
+        }
+        self.graphs.push((settings, (0..=n).map(|_| None).collect()));
+        self.graphs.len() - 1
     }
 
     /// The step's buffers for runs of up to `n` rows (n = 1: autoregressive), hidden states
@@ -632,7 +639,7 @@ impl DeviceStep {
             draft_q: self.draft_q.view().prefix((n - 1) * vocab),
             uniforms: self.uniforms.view().prefix(2 * n - 1),
             work: self.work.view(),
-            step: self.step.view().prefix(STEP_DRAFTS + n - 1),
+            readback: self.readback.view().prefix(STEP_DRAFTS + n - 1),
         }
     }
 }
@@ -643,7 +650,6 @@ impl DeviceStep {
 /// step's drafts), and one download of a few numbers: how many drafts were accepted, the token
 /// after them, and the next drafts. With n = 1 the same graph is autoregressive decoding.
 struct GpuStepEngine<'d, 'a> {
-    gpu: &'a Gpu,
     backbone: &'d mut GpuBackbone<'a>,
     head: &'d GpuHead<'a>,
     step: &'d mut DeviceStep,
@@ -657,20 +663,23 @@ struct GpuStepEngine<'d, 'a> {
 }
 
 impl<'d, 'a> GpuStepEngine<'d, 'a> {
+    /// How this decode chooses tokens, as the kernels take it (greedy ignores the temperature,
+    /// so that greedy decodes share their graphs whatever it is).
     fn choice(&self, sampling: &SamplingConfig) -> StepChoice {
         let rule = match self.rule {
-            AcceptanceRule::Exact => 0,
-            AcceptanceRule::AlwaysAccept => 1,
-            AcceptanceRule::ResampleFromTarget => 2,
+            AcceptanceRule::Exact => ACCEPT_EXACT,
+            AcceptanceRule::AlwaysAccept => ACCEPT_ALWAYS,
+            AcceptanceRule::ResampleFromTarget => ACCEPT_RESAMPLE_FROM_TARGET,
         };
-        StepChoice { greedy: sampling.greedy, inv_temperature: (1.0 / sampling.temperature) as f32, rule }
+        let inv_temperature = if sampling.greedy { 1.0 } else { (1.0 / sampling.temperature) as f32 };
+        StepChoice { greedy: sampling.greedy, inv_temperature, rule }
     }
 
     /// The head's work after a pass (or a prefill) over m rows `hidden` (m, C): the gate, the
     /// next-token distributions P[α,0] at each row, verification (or, `forced`, S primed at
     /// the one row with that next token), then S's draft horizons and the next drafts.
     fn queue_step(&self, hidden: View<f32>, rows: CacheRows, choice: StepChoice, draft: Draft, forced: Option<u32>) -> Result<()> {
-        let (gpu, config, step) = (self.gpu, &self.backbone.config, &*self.step);
+        let (gpu, config, step) = (self.backbone.gpu, &self.backbone.config, &*self.step);
         let (c, v, r) = (config.n_embd, config.vocab_size, config.rank);
         let m = rows.rows();
         let gate = self.backbone.p.head.as_ref().filter(|_| r > 1).map(|head| (head.gate_weight, head.gate_bias));
@@ -712,16 +721,16 @@ impl<'d, 'a> GpuStepEngine<'d, 'a> {
         }
         let below_one = f32::from_bits(0x3f7f_ffff);
         let uniforms: Vec<f32> = (0..2 * self.n - 1).map(|_| (rng.uniform() as f32).min(below_one)).collect();
-        Ok(self.gpu.write(self.step.uniforms.view().prefix(2 * self.n - 1), &uniforms)?)
+        Ok(self.backbone.gpu.write(self.step.uniforms.view().prefix(2 * self.n - 1), &uniforms)?)
     }
 
     /// Downloads what the step left for the host: (accepted drafts, next token), and the next
     /// step's drafts into `self.drafts`.
     fn read_step(&mut self) -> Result<(usize, u32)> {
         let numbers = &mut self.step.staging[..STEP_DRAFTS + self.n - 1];
-        self.gpu.download_into(self.step.step.view().prefix(numbers.len()), numbers)?;
+        self.backbone.gpu.download_into(self.step.readback.view().prefix(numbers.len()), numbers)?;
         if numbers[STEP_NOT_FINITE] != 0 {
-            return invalid!("the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint");
+            return Err(not_finite());
         }
         self.drafts = numbers[STEP_DRAFTS..].to_vec();
         Ok((numbers[STEP_ACCEPTED] as usize, numbers[STEP_NEXT]))
@@ -735,16 +744,17 @@ impl StepEngine for GpuStepEngine<'_, '_> {
         self.drafts.clear();
         self.unprimed_s = None;
         if !context.is_empty() {
-            // the prefill's hidden states stay in the scratch rows until the next pass
+            // the prefill's hidden states stay in the scratch rows until the next pass; S is
+            // primed there only for drafting
             self.backbone.forward_batch(&[context])?;
-            self.unprimed_s = Some(context.len() - 1);
+            self.unprimed_s = Some(context.len() - 1).filter(|_| self.n > 1);
         }
         generation.timing.prefill_s += tick.elapsed().as_secs_f64();
         Ok(())
     }
 
     fn step(&mut self, request: StepRequest, rng: &mut Rng, generation: &mut Generation) -> Result<StepOutcome> {
-        let (gpu, c) = (self.gpu, self.backbone.config.n_embd);
+        let (gpu, c) = (self.backbone.gpu, self.backbone.config.n_embd);
         let choice = self.choice(request.sampling);
         if let Some(row) = self.unprimed_s.take() {
             // S at the prefill's last row, and its drafts after the pending token
@@ -766,14 +776,15 @@ impl StepEngine for GpuStepEngine<'_, '_> {
         let hidden = self.backbone.scratch.normed.view().prefix(m * c);
         if self.backbone.use_graphs {
             let settings = (choice, self.n, request.draft);
-            if self.step.graphs_for(settings, self.n)[m].is_none() {
+            let captured = self.step.graph_index(settings, self.n);
+            if self.step.graphs[captured].1[m].is_none() {
                 let graph = gpu.capture(|| {
                     self.backbone.queue_pass(m, rows)?;
                     self.queue_step(hidden, rows, choice, request.draft, None)
                 })?;
-                self.step.graphs_for(settings, self.n)[m] = Some(graph);
+                self.step.graphs[captured].1[m] = Some(graph);
             }
-            gpu.replay(self.step.graphs_for(settings, self.n)[m].as_ref().expect("captured above"))?;
+            gpu.replay(self.step.graphs[captured].1[m].as_ref().expect("captured above"))?;
         } else {
             self.backbone.queue_pass(m, rows)?;
             self.queue_step(hidden, rows, choice, request.draft, None)?;

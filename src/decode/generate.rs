@@ -16,12 +16,13 @@ use crate::invalid;
 use crate::model::{gpt2, ModelConfig, ModelParams};
 use crate::tensor::{Float, Rng, Tensor};
 
-/// Where decoding time went, in seconds.
+/// Where decoding time went, in seconds. With the whole step on a GPU a step is one graph, all
+/// of it `backbone_s`, and priming S after a prefill `draft_s`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timing {
     /// backbone passes over new tokens (the decoding passes)
     pub backbone_s: f64,
-    /// the head's target distributions at the states of those tokens (verification)
+    /// the head's target distributions at the states of those tokens, and the acceptance test
     pub target_s: f64,
     /// the head's other horizons at S and the draft conditionals
     pub draft_s: f64,
@@ -672,9 +673,7 @@ impl<T: Float> HostStep<T> {
                 }
                 let probs = states[kept].next_token_probs();
                 if probs.iter().any(|p| !p.as_f64().is_finite()) {
-                    return crate::invalid!(
-                        "the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint"
-                    );
+                    return Err(not_finite());
                 }
                 choose(&probs, sampling, rng)
             }
@@ -686,6 +685,13 @@ impl<T: Float> HostStep<T> {
         self.head_at_s = Some(states.swap_remove(kept));
         Ok(StepOutcome { accepted: self.drafts[..kept].to_vec(), next })
     }
+}
+
+/// The error of a next-token distribution that is not finite (every device reports it alike).
+pub(crate) fn not_finite() -> crate::error::Error {
+    crate::error::Error::Invalid(
+        "the model's next-token probabilities are not finite: its weights overflow in f32; use another checkpoint".into(),
+    )
 }
 
 /// The component most likely given the pending token c: `argmax_α w[α] P[α,0](c)`.

@@ -6,14 +6,19 @@ use multitoken::decode::kv_cache::CachedBackbone;
 use multitoken::model::{ModelConfig, ModelParams};
 use multitoken::tensor::Tensor;
 
-/// Exact probabilities of the first two new tokens, by enumeration with the reference decoder.
-pub fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt: &[u32]) -> Vec<f64> {
+/// Exact probabilities of the first two new tokens sampled at `temperature`, by enumeration
+/// with the reference decoder (each next-token distribution p tempered into p^(1/T), normalised).
+pub fn exact_pair_distribution(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, prompt: &[u32], temperature: f64) -> Vec<f64> {
     let v = config.vocab_size;
     let next = |context: &[u32]| -> Vec<f64> {
         let mut backbone = CachedBackbone::new(config, params);
         let h = backbone.forward(context);
         let state = Head::new(config, params).states(&h[h.len() - config.n_embd..], 1).unwrap().remove(0);
-        state.next_token_probs().iter().map(|&x| x as f64).collect()
+        let probs: Vec<f64> = state.next_token_probs().iter().map(|&x| x as f64).collect();
+        let largest = probs.iter().copied().fold(0.0, f64::max);
+        let tempered: Vec<f64> = probs.iter().map(|p| (p / largest).powf(1.0 / temperature)).collect();
+        let total: f64 = tempered.iter().sum();
+        tempered.iter().map(|p| p / total).collect()
     };
     let first = next(prompt);
     let mut joint = vec![0.0; v * v];
