@@ -7,7 +7,8 @@
 //! one `bench decode` each. Appends a row per (seed, stage, decoding) to RUN_DIR/recipe.jsonl
 //! with every prompt's numbers and their medians, then prints the medians over prompts and
 //! seeds per stage from every row in the file (rows of several machine sessions add up; a later
-//! row of the same seed, stage and decoding replaces an earlier one).
+//! row of the same seed, stage and decoding replaces an earlier one) and draws them against the
+//! training steps beside the rows (`recipe.svg`; `decode-recipe.svg` for docs/decode-recipe.jsonl).
 //!
 //! cargo run --release --example decode_recipe -- RUN_DIR DATA_DIR SEED[,SEED…] [STAGE,STAGE,…]
 //! (scripts/decode-recipe.sh prepares the data and runs it. RECIPE_DEVICE=cpu RECIPE_MODEL=tiny
@@ -21,6 +22,7 @@ use multitoken::data::tokenizer;
 use multitoken::decode::{Draft, SamplingConfig};
 use multitoken::device::{DeviceKind, Precision};
 use multitoken::train::{self, checkpoint, RunOptions, TrainSettings};
+use plotters::prelude::*;
 use serde_json::{json, Value};
 
 const PROMPTS: &str = "examples/prompts/code.jsonl";
@@ -175,5 +177,83 @@ fn summarise(rows_path: &Path) -> anyhow::Result<()> {
             seeds.join(", ")
         );
     }
+    let svg = rows_path.with_extension("svg");
+    std::fs::write(&svg, plot(&rows))?;
+    eprintln!("plot: {}", svg.display());
     Ok(())
+}
+
+/// (training steps, value) pairs.
+type Points = Vec<(f64, f64)>;
+
+/// Per decoding, the medians over prompts and seeds at each stage (one line), and each seed's
+/// median (points): `key` the per-prompt list, `seed_key` the row's median.
+fn by_step(rows: &[Value], decoding: &str, key: &str, seed_key: &str) -> (Points, Points) {
+    let mut steps: Vec<u64> = rows.iter().filter_map(|r| r["step"].as_u64()).collect();
+    steps.sort();
+    steps.dedup();
+    let at = |step: u64| rows.iter().filter(move |r| r["step"].as_u64() == Some(step) && r["decoding"] == decoding);
+    let line = steps
+        .iter()
+        .map(|&step| {
+            (step as f64, median(at(step).flat_map(|r| r[key].as_array().into_iter().flatten().filter_map(Value::as_f64)).collect()))
+        })
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let points = steps.iter().flat_map(|&step| at(step).filter_map(|r| r[seed_key].as_f64()).map(move |y| (step as f64, y))).collect();
+    (line, points)
+}
+
+/// Two panels against the training steps: tokens per pass, and the speed-up over autoregressive
+/// decoding (1× dotted), greedy and sampled, the medians over prompts and seeds as lines and
+/// each seed's median as points.
+fn plot(rows: &[Value]) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1100, 440)).into_drawing_area();
+        let _ = root.fill(&WHITE);
+        let (left, right) = root.split_horizontally(550);
+        let last_step = rows.iter().filter_map(|r| r["step"].as_u64()).max().unwrap_or(1000) as f64;
+        let panels = [
+            (&left, "Tokens per speculative pass (n = 4)", "mean_accepted", "median_mean_accepted"),
+            (&right, "Speed-up over autoregressive decoding", "speedup", "median_speedup"),
+        ];
+        for (area, caption, key, seed_key) in panels {
+            let series: Vec<(&str, RGBColor, _)> = [("greedy", BLUE), ("sampled, T = 1", RED)]
+                .into_iter()
+                .map(|(decoding, color)| (decoding, color, by_step(rows, decoding, key, seed_key)))
+                .collect();
+            let top = series.iter().flat_map(|(_, _, (line, points))| line.iter().chain(points).map(|p| p.1)).fold(2.0f64, f64::max);
+            let Ok(mut chart) = ChartBuilder::on(area)
+                .caption(caption, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(48)
+                .build_cartesian_2d(0.0..last_step * 1.05, 0.8..top * 1.15)
+            else {
+                continue;
+            };
+            let _ = chart.configure_mesh().x_desc("training steps (B = 16, T = 512)").draw();
+            if key == "speedup" {
+                let _ = chart.draw_series(DashedLineSeries::new(vec![(0.0, 1.0), (last_step * 1.05, 1.0)], 3, 3, BLACK.stroke_width(1)));
+            }
+            for (decoding, color, (line, points)) in series {
+                let style = color.stroke_width(2);
+                if let Ok(drawn) = chart.draw_series(LineSeries::new(line.clone(), style)) {
+                    drawn
+                        .label(format!("{decoding}: median of prompts and seeds"))
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                }
+                let _ = chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.mix(0.5).filled())));
+            }
+            let _ = chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw();
+        }
+        let _ = root.present();
+    }
+    svg
 }
