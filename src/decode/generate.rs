@@ -302,9 +302,9 @@ impl<T: Float> StepEngine for HostEngine<'_, '_, T> {
         generation.timing.backbone_s += tick.elapsed().as_secs_f64();
         // on a device, every state's target in one round trip; on the CPU, lazily
         let tick = Instant::now();
-        self.step.targets = if self.head.on_device() { self.head.states(&hidden, 1)? } else { Vec::new() };
+        let computed = if self.head.on_device() { self.head.states(&hidden, 1)? } else { Vec::new() };
         generation.timing.target_s += tick.elapsed().as_secs_f64();
-        self.step.verify(self.backbone, self.head, &hidden, request, rng, generation)
+        self.step.verify(self.backbone, self.head, Targets { hidden: &hidden, computed }, request, rng, generation)
     }
 }
 
@@ -419,9 +419,10 @@ pub fn decode_batch_on<T: Float>(
             if let Some(plan) = plan {
                 sequence.generation.timing.backbone_s += pass_s;
                 sequence.generation.timing.target_s += targets_s;
-                step.targets = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
+                let computed = targets.by_ref().take(if speculative { 0 } else { runs[index].len() }).collect();
                 let mut alone = OneSequence { backbone: &mut *backbone, sequence: index };
-                let outcome = step.verify(&mut alone, head, hidden, plan.request, &mut sequence.rng, &mut sequence.generation)?;
+                let targets = Targets { hidden, computed };
+                let outcome = step.verify(&mut alone, head, targets, plan.request, &mut sequence.rng, &mut sequence.generation)?;
                 sequence.emit(outcome);
             }
         }
@@ -558,15 +559,19 @@ struct HostStep<T> {
     draft_probs: Vec<Vec<f64>>,
     /// positions in the cache before this step's pass
     cache_before: usize,
-    /// the first states' targets, when the caller computed them with others'; the rest are
-    /// computed in [`verify`](Self::verify), a state's only once every draft before it was
-    /// accepted
-    targets: Vec<HeadState<T>>,
+}
+
+/// What verification checks the drafts against: the pass's hidden states (m, C), and the head
+/// at the first of them where the caller computed it with others' (the rest are computed in
+/// [`HostStep::verify`], a state's only once every draft before it was accepted).
+struct Targets<'h, T> {
+    hidden: &'h [T],
+    computed: Vec<HeadState<T>>,
 }
 
 impl<T: Float> HostStep<T> {
     fn new(rule: AcceptanceRule) -> Self {
-        HostStep { rule, head_at_s: None, drafts: vec![], draft_probs: vec![], cache_before: 0, targets: vec![] }
+        HostStep { rule, head_at_s: None, drafts: vec![], draft_probs: vec![], cache_before: 0 }
     }
 
     /// The prefill of a moved window: the cache over `context`, and S at its last token.
@@ -616,19 +621,19 @@ impl<T: Float> HostStep<T> {
     }
 
     /// Steps 3 and 4, after the pass over [`draft`](Self::draft)'s tokens gave their hidden
-    /// states (m, C): verify the drafts against the next-token marginal at each state, keep c
-    /// and the accepted drafts in the cache, and choose the token after them.
+    /// states: verify the drafts against the next-token marginal at each state, keep c and the
+    /// accepted drafts in the cache, and choose the token after them.
     fn verify(
         &mut self,
         backbone: &mut dyn Backbone<T>,
         head: &Head<T>,
-        hidden: &[T],
+        targets: Targets<T>,
         request: StepRequest,
         rng: &mut Rng,
         generation: &mut Generation,
     ) -> Result<StepOutcome> {
         let (c, sampling) = (head.config.n_embd, request.sampling);
-        let mut states = std::mem::take(&mut self.targets);
+        let Targets { hidden, computed: mut states } = targets;
         let tick = Instant::now();
         let mut kept = 0;
         let mut next = None;
