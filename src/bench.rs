@@ -451,4 +451,20 @@ mod tests {
         let extra = model_flops_per_token(&cp, 1024) - model_flops_per_token(&one, 1024);
         assert!((extra / estimate - 1.0).abs() < 0.01, "{extra:e} against {estimate:e}");
     }
+
+    /// A speculative pass reads every weight but wpe; an autoregressive one, of the expanders W
+    /// (r, n, C, C), only the next-token horizon's r·C·C.
+    #[test]
+    fn an_autoregressive_pass_reads_one_horizon_of_the_expanders() {
+        let config = ModelConfig { vocab_size: 40, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 4, rank: 3 };
+        let params = crate::model::gpt2::init_params::<f32>(&config, &mut crate::tensor::Rng::new(0));
+        let all: u64 = params.named().iter().map(|(_, t)| t.len() as u64 * 4).sum();
+        let (wpe, expanders) = ((8 * 8 * 4) as u64, (3 * 4 * 8 * 8 * 4) as u64);
+        assert_eq!(weight_bytes_per_pass(&params, 4), all - wpe);
+        assert_eq!(weight_bytes_per_pass(&params, 1), all - wpe - expanders / 4 * 3);
+        // without a head (n = r = 1) both passes read the same
+        let plain = ModelConfig { horizon: 1, rank: 1, ..config };
+        let params = crate::model::gpt2::init_params::<f32>(&plain, &mut crate::tensor::Rng::new(0));
+        assert_eq!(weight_bytes_per_pass(&params, 1), weight_bytes_per_pass(&params, plain.horizon));
+    }
 }
