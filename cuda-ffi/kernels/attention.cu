@@ -70,50 +70,59 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
     for (int j = lane; j < seq; j += 32) g[j] = j <= t ? scale * a[j] * (g[j] - dot) : 0.0f;
 }
 
-// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), and their keys and values appended to the
-// caches (S, H, positions, hs) of several sequences: row j goes to sequence rows[3j + 1] at
-// position rows[3j + 2] (rows holds (token id, sequence, position) per new row). One thread per
-// element. The decoding kernels read the rows' places from device memory, so that a captured
-// pass replays for any sequences at any positions.
-extern "C" __global__ void append_kv(const float* qkv, float* q, float* keys, float* values, int m, int n_head, int hs, int positions,
-                                     const unsigned int* rows) {
-    int c = n_head * hs;
-    int index = blockIdx.x * blockDim.x + threadIdx.x;
-    if (index >= m * 3 * c) return;
-    int j = index / (3 * c), i = index - j * 3 * c;
-    int which = i / c, rest = i - which * c;
-    int h = rest / hs, d = rest - h * hs;
-    long sequence = rows[3 * j + 1], position = rows[3 * j + 2];
-    if (which == 0) q[((long)h * m + j) * hs + d] = qkv[index];
-    else (which == 1 ? keys : values)[((sequence * n_head + h) * positions + position) * hs + d] = qkv[index];
-}
-
-
-// Decoding: the attention of m new query rows q (H, m, hs), each over its own sequence's cache
-// (of the caches (S, H, positions, hs)): row i, of sequence rows[3i + 1] at position
-// rows[3i + 2] (after append_kv), sees that sequence's positions ≤ its own. Writes rows y (m, C).
-// One block per (new row, head) with the row's scores in shared memory (after the query itself):
-// one launch for what training does in four, and for every sequence of a batch.
-extern "C" __global__ void decode_attention(const float* q, const float* keys, const float* values, float* y, int m, int n_head, int hs,
+// Decoding: the attention of m new rows of qkv (m, 3C), each over its own sequence's cache (of
+// the caches (S, H, positions, hs)); rows holds (token id, sequence, position) per new row, read
+// from device memory so that a captured pass replays for any sequences at any positions. Row
+// i, of sequence rows[3i + 1] at position rows[3i + 2], sees that sequence's positions up to its
+// own; writes rows y (m, C). One block per (new row, head), one launch for every sequence of a
+// batch.
+//
+// Block (i, h) also writes row i's key and value for head h into the cache. Within the launch
+// no block reads a new row's key or value from there, only from qkv: a sequence's new rows are
+// consecutive, at consecutive positions (write_cache_rows checks), so the rows i, i − 1, … that
+// hold positions p, p − 1, … of row i's sequence are exactly its new ones.
+extern "C" __global__ void decode_attention(const float* qkv, float* keys, float* values, float* y, int m, int n_head, int hs,
                                             int positions, const unsigned int* rows, float scale) {
     extern __shared__ float decode_shared[];
     __shared__ float reduce[DECODE_THREADS / 32];
-    int i = blockIdx.x, h = blockIdx.y, visible = rows[3 * i + 2] + 1;
+    __shared__ float group_sums[DECODE_THREADS * 4];
+    let_next_kernel_start();
+    wait_for_previous_kernel();
+    int i = blockIdx.x, h = blockIdx.y, c = n_head * hs;
     long sequence = rows[3 * i + 1];
+    int position = rows[3 * i + 2], visible = position + 1;
+    const float* own = qkv + (long)i * 3 * c + h * hs;
+    float* k = keys + (sequence * n_head + h) * positions * hs;
+    float* v = values + (sequence * n_head + h) * positions * hs;
     float* query = decode_shared;
     float* scores = decode_shared + hs;
-    for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) query[d] = q[((long)h * m + i) * hs + d];
-    __syncthreads();
-    const float* k = keys + (sequence * n_head + h) * positions * hs;
-    const float* v = values + (sequence * n_head + h) * positions * hs;
-    // one warp per key, its lanes along the head (coalesced reads of the cached row)
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
+        query[d] = own[d];
+        k[(long)position * hs + d] = own[c + d];
+        v[(long)position * hs + d] = own[2 * c + d];
+    }
+    // how many of rows i, i − 1, … hold positions p, p − 1, … of this sequence: those are new
+    int fresh = i + 1;
+    for (int t = threadIdx.x; t <= i; t += DECODE_THREADS) {
+        int r = i - t;
+        if (rows[3 * r + 1] != sequence || (int)rows[3 * r + 2] != position - t) fresh = min(fresh, t);
+    }
+    fresh = -(int)block_reduce(-(float)fresh, true, reduce);
+    int first_new = visible - fresh;
+    // position j's key (value one C further on): from qkv when new, else from the cache
+#define DECODE_KEY(j) ((j) >= first_new ? own - (long)(position - (j)) * 3 * c + c : k + (long)(j) * hs)
+#define DECODE_VALUE(j) ((j) >= first_new ? own - (long)(position - (j)) * 3 * c + 2 * c : v + (long)(j) * hs)
+
+    // the scores: thread t takes keys t, t + DECODE_THREADS, …, a whole dot product each, so
+    // that all of its loads are independent (the block reduction's barriers published the query)
     float local_max = NEG_INF;
-    for (int j = warp; j < visible; j += DECODE_THREADS / 32) {
+    for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
+        const float* key = DECODE_KEY(j);
         float s = 0.0f;
-        for (int d = lane; d < hs; d += 32) s += query[d] * k[(long)j * hs + d];
-        s = scale * warp_sum(s);
-        if (lane == 0) scores[j] = s;
+#pragma unroll 8
+        for (int d = 0; d < hs; d++) s += query[d] * key[d];
+        s *= scale;
+        scores[j] = s;
         local_max = fmaxf(local_max, s);
     }
     float row_max = block_reduce(local_max, true, reduce);
@@ -124,25 +133,31 @@ extern "C" __global__ void decode_attention(const float* q, const float* keys, c
         local_sum += e;
     }
     float inverse = 1.0f / block_reduce(local_sum, false, reduce);
-    // y = Σ_j p_j v_j: the threads in groups of hs, group g taking keys g, g + groups, …, so
-    // that more loads are in flight than one walk over the keys would have; then the groups' sums
-    __shared__ float group_sums[DECODE_THREADS];
-    int groups = hs <= DECODE_THREADS ? DECODE_THREADS / hs : 1;
-    int group = threadIdx.x / hs;
-    for (int d0 = 0; d0 < hs; d0 += DECODE_THREADS) {
-        int d = d0 + threadIdx.x % hs;
-        float acc = 0.0f;
-        if (group < groups && d < hs) {
+    // y = Σ_j p_j v_j: a value row is taken by hs / width threads, `width` neighbouring entries
+    // each; the block holds `groups` such teams, team g taking keys g, g + groups, …; then the
+    // teams' sums are added in order
+    int width = hs % 4 == 0 ? 4 : 1, team = hs / width, groups = DECODE_THREADS / team;
+    int group = threadIdx.x / team, d0 = (threadIdx.x % team) * width;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (group < groups) {
 #pragma unroll 4
-            for (int j = group; j < visible; j += groups) acc += scores[j] * v[(long)j * hs + d];
+        for (int j = group; j < visible; j += groups) {
+            const float* value = DECODE_VALUE(j) + d0;
+            float p = scores[j];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (e < width) acc[e] += p * value[e];
         }
-        __syncthreads();
-        group_sums[threadIdx.x] = acc;
-        __syncthreads();
-        if (group == 0 && d < hs) {
-            float sum = 0.0f;
-            for (int g = 0; g < groups; g++) sum += group_sums[g * hs + threadIdx.x];
-            y[(long)i * n_head * hs + h * hs + d] = sum * inverse;
-        }
+    }
+#undef DECODE_KEY
+#undef DECODE_VALUE
+#pragma unroll
+    for (int e = 0; e < 4; e++) group_sums[threadIdx.x * 4 + e] = acc[e];
+    __syncthreads();
+    for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
+        int lane = d / width, e = d % width;
+        float sum = 0.0f;
+        for (int g = 0; g < groups; g++) sum += group_sums[(g * team + lane) * 4 + e];
+        y[(long)i * c + h * hs + d] = sum * inverse;
     }
 }

@@ -5,6 +5,23 @@
 #define POS_INF __int_as_float(0x7f800000)
 #define NEG_INF_F64 __longlong_as_double(0xfff0000000000000LL)
 
+// Programmatic dependent launch (cuda-ffi/src/device.rs, `EarlyLaunch`). A kernel launched early
+// may start while the kernel before it still runs: it waits here, before it reads anything a
+// kernel before it wrote or writes anything itself, until those kernels have finished and their
+// writes are visible. And a kernel lets the one after it be placed as soon as each of its blocks
+// has begun. Before compute capability 9.0, and after an ordinary launch, neither does anything.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_next_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Over groups of `lanes` neighbouring lanes of a warp (a power of two; the whole warp by
 // default), by shuffles; every lane gets its group's result.
 __device__ float warp_max(float v, int lanes = 32) {

@@ -12,6 +12,8 @@ extern "C" __global__ void embedding_forward(const unsigned int* idx, const floa
 // position) in device memory (see append_kv).
 extern "C" __global__ void embedding_forward_at(const unsigned int* new_rows, const float* wte, const float* wpe, float* out, int rows,
                                                 int c) {
+    let_next_kernel_start();
+    wait_for_previous_kernel();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * c) return;
     int row = i / c, j = i % c;

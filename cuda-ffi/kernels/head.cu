@@ -143,6 +143,8 @@ extern "C" __global__ void gate_gradient(const float* log_w, const float* poster
 
 // Decoding: each row of V logits becomes its probabilities, in place. One block per row.
 extern "C" __global__ void softmax_rows(float* logits, int v) {
+    let_next_kernel_start();
+    wait_for_previous_kernel();
     __shared__ float shared[THREADS / 32];
     float* row = logits + (long)blockIdx.x * v;
     float lse = block_log_sum_exp(row, v, shared);

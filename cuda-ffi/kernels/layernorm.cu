@@ -2,6 +2,8 @@
 
 // out = (x − mean)·rstd·w + b; keeps mean and rstd of each row for the backward pass
 extern "C" __global__ void layernorm_forward(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int rows, int c) {
+    let_next_kernel_start();
+    wait_for_previous_kernel();
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -59,6 +61,8 @@ extern "C" __global__ void layernorm_backward(const float* x, const float* dout,
 // The forward for a few rows (decoding): one block of 256 threads per row, so that a row's
 // three passes run wide instead of one warp walking it alone.
 extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int c) {
+    let_next_kernel_start();
+    wait_for_previous_kernel();
     __shared__ float shared[32];
     int row = blockIdx.x;
     const float* xr = x + (long)row * c;

@@ -17,6 +17,14 @@
 
 __device__ float4 operator+(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 
+// Rows k0 + j, k0 + j + FEW_ROW_WARPS, … (LOADS_IN_FLIGHT of them, those below k0 + width) of
+// w at a warp's columns, all in flight at once
+__device__ __forceinline__ void load_weight_rows(float4 (&w_rows)[LOADS_IN_FLIGHT], const float* w, int k0, int j, int width, int n, int column) {
+#pragma unroll
+    for (int u = 0; u < LOADS_IN_FLIGHT; u++)
+        if (j + u * FEW_ROW_WARPS < width) w_rows[u] = __ldg((const float4*)(w + (long)(k0 + j + u * FEW_ROW_WARPS) * n + column));
+}
+
 // FEW_ROWS_MAX: the most rows an instance takes (its sums live in registers); the LayerNorm
 // prologue stages x's whole rows in the warps' sums' shared memory, rows · k ≤ 1024 · FEW_ROWS_MAX
 template <int FEW_ROWS_MAX>
@@ -28,9 +36,17 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     __shared__ float4 pool[FEW_ROW_WARPS * FEW_ROWS_MAX * 32];
     __shared__ float row_mean[FEW_ROWS_MAX], row_rstd[FEW_ROWS_MAX];
     __shared__ bool last_to_arrive;
+    let_next_kernel_start();
     float4 (*warp_sums)[FEW_ROWS_MAX][32] = (float4 (*)[FEW_ROWS_MAX][32])pool;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int k0 = blockIdx.y * k_chunk, k1 = min(k, k0 + k_chunk), width = k1 - k0;
+    int column = blockIdx.x * FEW_ROW_TILE_COLUMNS + lane * 4;
+
+    // this warp's first rows of w (every 8th of the block's), loaded before the kernel ahead
+    // has finished: no kernel writes a weight
+    float4 w_rows[LOADS_IN_FLIGHT];
+    if (column < n) load_weight_rows(w_rows, w, k0, warp, width, n, column);
+    wait_for_previous_kernel();
 
     // x's rows k0..k1, layer-normed over the whole row first when asked: the rows come into
     // shared memory in one sweep of float4 loads, then warp r takes row r's two passes (as
@@ -57,17 +73,13 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     }
     __syncthreads();
 
-    // this warp's rows of w (every 8th of the block's), eight loads in flight at a time
-    int column = blockIdx.x * FEW_ROW_TILE_COLUMNS + lane * 4;
+    // the warp's rows of w, eight loads in flight at a time (the first eight already are)
     float4 sum[FEW_ROWS_MAX];
 #pragma unroll
     for (int r = 0; r < FEW_ROWS_MAX; r++) sum[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (column < n) {
         for (int j = warp; j < width; j += LOADS_IN_FLIGHT * FEW_ROW_WARPS) {
-            float4 w_rows[LOADS_IN_FLIGHT];
-#pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++)
-                if (j + u * FEW_ROW_WARPS < width) w_rows[u] = __ldg((const float4*)(w + (long)(k0 + j + u * FEW_ROW_WARPS) * n + column));
+            if (j != warp) load_weight_rows(w_rows, w, k0, j, width, n, column);
 #pragma unroll
             for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 if (j + u * FEW_ROW_WARPS >= width) break;

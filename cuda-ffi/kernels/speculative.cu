@@ -1,7 +1,7 @@
 // The speculative step on the device (docs/decoding.md, "One step"; the host's version is
 // src/decode/generate.rs of the main crate): the gate at each new row, the verification of the
 // drafts against each row's next-token marginal, and the drafts of the next step from the
-// state S it keeps. One block of THREADS threads walks a whole step, so that the host learns
+// state S it keeps. One block of STEP_THREADS threads walks a whole step, so that the host learns
 // only a few numbers: how many drafts were accepted, the token after them, and the next drafts.
 //
 // Probabilities, not logs, as on the host: a row's marginal is Σ_α w[α] P[α,0], a draft's
@@ -39,25 +39,27 @@ __device__ int block_argmax(float value, int index, float* values, int* indices)
     }
     __syncthreads();
     int best = 0;
-    for (int w = 1; w < THREADS / 32; w++) {
+    for (int w = 1; w < blockDim.x / 32; w++) {
         if (values[w] > values[best] || (values[w] == values[best] && indices[w] < indices[best])) best = w;
     }
     return indices[best];
 }
 
 // A draw from weights[0..v) (not normalised) with the uniform u: the first index whose running
-// sum passes u·Σ weights, else (rounding) the last index with weight. Each thread sums a
-// contiguous chunk; thread 0 adds the chunks' sums in order (the total the target is taken of,
+// sum passes u·Σ weights, else (rounding) the last index with weight. Each of the first THREADS
+// threads sums a contiguous chunk; thread 0 adds the chunks' sums in order (the total the target is taken of,
 // so that it is the running sum's own), finds the chunk, then the index in it. Every thread gets
 // the index. `sums` holds THREADS floats. The weights may have just been written by other
 // threads of the block.
 __device__ int block_draw(const float* weights, int v, float u, float* sums, int* chosen) {
     __syncthreads();
     int chunk = (v + THREADS - 1) / THREADS;
-    int first = threadIdx.x * chunk, last = min(v, first + chunk);
-    float s = 0.0f;
-    for (int i = first; i < last; i++) s += weights[i];
-    sums[threadIdx.x] = s;
+    if (threadIdx.x < THREADS) {
+        int first = threadIdx.x * chunk, last = min(v, first + chunk);
+        float s = 0.0f;
+        for (int i = first; i < last; i++) s += weights[i];
+        sums[threadIdx.x] = s;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         float total = 0.0f;
@@ -94,20 +96,41 @@ __device__ int block_draw(const float* weights, int v, float u, float* sums, int
 }
 
 // The gate at each of m rows of h (m, C), one block a row: w = softmax(G h + g) (m, r); w = 1
-// without a gate (r = 1).
+// without a gate (r = 1). Thread t takes entries t, t + THREADS, … of h against every
+// component's row of G, so that all of a thread's loads are in flight together; the warps'
+// sums then meet in order.
 extern "C" __global__ void decode_gate(const float* hidden, const float* gate_weight, const float* gate_bias, float* w, int c, int r) {
+    __shared__ float warp_logits[MAX_RANK][THREADS / 32];
     __shared__ float logits[MAX_RANK];
+    let_next_kernel_start();
+    wait_for_previous_kernel();
     const float* h = hidden + (long)blockIdx.x * c;
     if (gate_weight == nullptr) {
         if (threadIdx.x == 0) w[blockIdx.x] = 1.0f;
         return;
     }
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int a = warp; a < r; a += THREADS / 32) {
-        float s = 0.0f;
-        for (int j = lane; j < c; j += 32) s += gate_weight[(long)a * c + j] * h[j];
-        s = warp_sum(s);
-        if (lane == 0) logits[a] = s + gate_bias[a];
+    float s[MAX_RANK];
+#pragma unroll
+    for (int a = 0; a < MAX_RANK; a++) s[a] = 0.0f;
+    for (int j = threadIdx.x; j < c; j += THREADS) {
+        float hj = h[j];
+#pragma unroll
+        for (int a = 0; a < MAX_RANK; a++)
+            if (a < r) s[a] += __ldg(gate_weight + (long)a * c + j) * hj;
+    }
+#pragma unroll
+    for (int a = 0; a < MAX_RANK; a++) {
+        if (a < r) {
+            float total = warp_sum(s[a]);
+            if (lane == 0) warp_logits[a][warp] = total;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < r) {
+        float total = gate_bias[threadIdx.x];
+        for (int v = 0; v < THREADS / 32; v++) total += warp_logits[threadIdx.x][v];
+        logits[threadIdx.x] = total;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -129,12 +152,14 @@ extern "C" __global__ void decode_gate(const float* hidden, const float* gate_we
 // drafts' first posterior π[α] = w[k,α] P[k,α,0](next) into `posterior` (r).
 // With forced ≥ 0 (m = 1, priming S after a prefill) nothing is verified: next = forced.
 // uniforms: [0, n − 1) the acceptance tests, [n − 1] the draw of the next token.
-extern "C" __global__ void speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
+extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
                                               const float* uniforms, const float* hidden, float* s_hidden, float* posterior, float* work,
                                               unsigned int* readback, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
                                               int rule, int forced) {
-    __shared__ float warp_values[THREADS / 32];
-    __shared__ int warp_indices[THREADS / 32];
+    let_next_kernel_start();
+    wait_for_previous_kernel();
+    __shared__ float warp_values[STEP_THREADS / 32];
+    __shared__ int warp_indices[STEP_THREADS / 32];
     __shared__ float sums[THREADS];
     __shared__ int chosen;
     int k = 0, next = forced, not_finite = 0;
@@ -145,7 +170,7 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
         const float* wj = w + (long)j * r;
         float best = NEG_INF;
         int best_index = 0, bad = 0;
-        for (int i = threadIdx.x; i < v; i += THREADS) {
+        for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
             float marginal = 0.0f;
             for (int a = 0; a < r; a++) marginal += wj[a] * p[(long)a * v + i];
             bad |= !isfinite(marginal);
@@ -166,7 +191,7 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
         } else {
             float log_max = logf(block_reduce(best, true, warp_values));
             float total = 0.0f;
-            for (int i = threadIdx.x; i < v; i += THREADS) {
+            for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
                 work[i] = tempered(work[i], log_max, inv_temperature);
                 total += work[i];
             }
@@ -178,11 +203,11 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
                 if (rule == ACCEPT_EXACT) {
                     // the residual max(0, p − q); where it has no mass, p itself
                     float residual_total = 0.0f;
-                    for (int i = threadIdx.x; i < v; i += THREADS) residual_total += fmaxf(0.0f, work[i] / total - q[i]);
+                    for (int i = threadIdx.x; i < v; i += STEP_THREADS) residual_total += fmaxf(0.0f, work[i] / total - q[i]);
                     residual_total = block_reduce(residual_total, false, warp_values);
                     if (residual_total > 0.0f) {
                         __syncthreads();
-                        for (int i = threadIdx.x; i < v; i += THREADS) work[i] = fmaxf(0.0f, work[i] / total - q[i]);
+                        for (int i = threadIdx.x; i < v; i += STEP_THREADS) work[i] = fmaxf(0.0f, work[i] / total - q[i]);
                     }
                 }
             }
@@ -192,7 +217,7 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
         break;
     }
     // S is row k
-    for (int i = threadIdx.x; i < c; i += THREADS) s_hidden[i] = hidden[(long)k * c + i];
+    for (int i = threadIdx.x; i < c; i += STEP_THREADS) s_hidden[i] = hidden[(long)k * c + i];
     if (threadIdx.x < r) posterior[threadIdx.x] = w[(long)k * r + threadIdx.x] * probs[((long)k * r + threadIdx.x) * v + next];
     if (threadIdx.x == 0) {
         readback[STEP_ACCEPTED] = k;
@@ -207,11 +232,13 @@ extern "C" __global__ void speculative_verify(const float* probs, const float* w
 // a draw from q_s tempered (kept in `draft_q` for the acceptance test), then π[α] *= P[α,s](d_s).
 // top_component: π is one-hot at its largest entry (the top-component draft, whose horizons
 // draft independently). uniforms: one per draft. The drafts go to readback[STEP_DRAFTS..].
-extern "C" __global__ void speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
+extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
                                              unsigned int* readback, int count, int v, int r, int greedy, float inv_temperature,
                                              int top_component) {
-    __shared__ float warp_values[THREADS / 32];
-    __shared__ int warp_indices[THREADS / 32];
+    let_next_kernel_start();
+    wait_for_previous_kernel();
+    __shared__ float warp_values[STEP_THREADS / 32];
+    __shared__ int warp_indices[STEP_THREADS / 32];
     __shared__ float sums[THREADS];
     __shared__ float pi[MAX_RANK];
     __shared__ int chosen;
@@ -236,7 +263,7 @@ extern "C" __global__ void speculative_draft(const float* probs_s, const float* 
         float* q = draft_q + (long)s * v;
         float best = NEG_INF;
         int best_index = 0;
-        for (int i = threadIdx.x; i < v; i += THREADS) {
+        for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
             float mixture = 0.0f;
             for (int a = 0; a < r; a++) mixture += pi[a] * p[(long)a * v + i];
             if (mixture > best) {
@@ -251,13 +278,13 @@ extern "C" __global__ void speculative_draft(const float* probs_s, const float* 
         } else {
             float log_max = logf(block_reduce(best, true, warp_values));
             float total = 0.0f;
-            for (int i = threadIdx.x; i < v; i += THREADS) {
+            for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
                 q[i] = tempered(q[i], log_max, inv_temperature);
                 total += q[i];
             }
             total = block_reduce(total, false, warp_values);
             __syncthreads();
-            for (int i = threadIdx.x; i < v; i += THREADS) q[i] /= total;
+            for (int i = threadIdx.x; i < v; i += STEP_THREADS) q[i] /= total;
             d = block_draw(q, v, uniforms[s], sums, &chosen);
         }
         if (threadIdx.x == 0) {

@@ -10,7 +10,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::blas::{Operand, ProductPrecision};
 use crate::constants::{DECODE_THREADS, FUSED_ATTENTION_HEAD_SIZES};
-use crate::device::{block_per_row_config, elementwise_config, warp_per_row_config};
+use crate::device::{block_per_row_config, warp_per_row_config};
 use crate::memory::{Buffer, View};
 use crate::{check, Gpu, Result};
 
@@ -22,7 +22,6 @@ kernel_table! {
     heads_rows: "heads_rows",
     causal_softmax_forward: "causal_softmax_forward",
     causal_softmax_backward: "causal_softmax_backward",
-    append_kv: "append_kv",
     decode_attention: "decode_attention",
 }
 
@@ -116,12 +115,24 @@ impl CacheRows {
     }
 }
 
-/// Checks that every new row's token id, sequence and position lie below their bounds.
+/// Checks that every new row's token id, sequence and position lie below their bounds, and that
+/// each sequence's rows are consecutive, at consecutive positions (`decode_attention` tells a
+/// new key from a cached one by that).
 fn check_cache_rows(rows: &[[u32; 3]], vocab: usize, sequences: usize, positions: usize) -> Result<()> {
-    for &[token, sequence, position] in rows {
+    let mut seen = vec![false; sequences];
+    for (i, &[token, sequence, position]) in rows.iter().enumerate() {
         check((token as usize) < vocab, || format!("token id {token} is outside the vocabulary of {vocab}"))?;
         check((sequence as usize) < sequences, || format!("sequence {sequence} is not one of the {sequences} the caches hold"))?;
         check((position as usize) < positions, || format!("position {position} is past the {positions} a cache holds"))?;
+        match i.checked_sub(1).map(|before| rows[before]) {
+            Some([_, same, previous]) if same == sequence => {
+                check(position == previous + 1, || format!("sequence {sequence}'s new rows are not at consecutive positions"))?
+            }
+            _ => {
+                check(!seen[sequence as usize], || format!("sequence {sequence}'s new rows are not consecutive"))?;
+                seen[sequence as usize] = true;
+            }
+        }
     }
     Ok(())
 }
@@ -334,37 +345,13 @@ impl Gpu {
         Ok([m as i32, h as i32, hs as i32, positions as i32])
     }
 
-    /// Decoding: m new rows of qkv (m, 3C) → q (H, m, hs), keys and values appended to the
-    /// caches (S, H, positions, hs), each row at its sequence and position in `rows`.
-    pub fn append_kv(
-        &self,
-        qkv: View<f32>,
-        q: View<f32>,
-        keys: View<f32>,
-        values: View<f32>,
-        shape: AttentionShape,
-        rows: CacheRows,
-    ) -> Result<()> {
-        let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
-        let dims = Self::cache_dims("append_kv", keys, values, shape, rows)?;
-        check(qkv.len() == 3 * m * h * hs && q.len() == m * h * hs, || format!("append_kv: qkv and q do not hold {m} rows"))?;
-        let mut launch = self.stream.launch_builder(&self.kernels.attention.append_kv);
-        launch.arg(&qkv.ptr).arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr);
-        for d in &dims {
-            launch.arg(d);
-        }
-        launch.arg(&rows.on_device.ptr);
-        // SAFETY: sizes checked; one thread per element of the new rows.
-        unsafe { launch.launch(elementwise_config(3 * m * h * hs)) }?;
-        Ok(())
-    }
-
-    /// Decoding: the attention of m new query rows `q` (H, m, hs), each over its own sequence's
-    /// cache (of the caches (S, H, positions, hs)) up to its own position in `rows`, appended
-    /// before; writes rows `y` (m, C). `shape.seq` is m, `shape.batch` is S.
+    /// Decoding: the attention of m new rows of `qkv` (m, 3C), each over its own sequence's
+    /// cache (of the caches (S, H, positions, hs)) up to its own position in `rows`; writes rows
+    /// `y` (m, C), and appends the rows' keys and values to the caches. `shape.seq` is m,
+    /// `shape.batch` is S.
     pub fn decode_attention(
         &self,
-        q: View<f32>,
+        qkv: View<f32>,
         keys: View<f32>,
         values: View<f32>,
         y: View<f32>,
@@ -374,14 +361,15 @@ impl Gpu {
         let (m, h, hs) = (shape.seq, shape.n_head, shape.head_size);
         let dims = Self::cache_dims("decode_attention", keys, values, shape, rows)?;
         let positions = dims[3] as usize;
-        check(q.len() == m * h * hs && y.len() == q.len(), || format!("decode_attention: q and y do not hold {m} rows"))?;
+        check(qkv.len() == 3 * m * h * hs && y.len() == m * h * hs, || format!("decode_attention: qkv and y do not hold {m} rows"))?;
+        check(hs <= DECODE_THREADS, || format!("decode_attention: a head of {hs} is wider than the {DECODE_THREADS} threads of a block"))?;
         check(
-            4 * (hs + positions) <= 46 << 10, // with the kernel's static arrays, under 48 KiB
+            4 * (hs + positions) <= 42 << 10, // with the kernel's static arrays, under 48 KiB
             || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
         )?;
         let scale = 1.0 / (hs as f32).sqrt();
-        let mut launch = self.stream.launch_builder(&self.kernels.attention.decode_attention);
-        launch.arg(&q.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
+        let mut launch = self.launch_early(&self.kernels.attention.decode_attention);
+        launch.arg(&qkv.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
         for d in &dims {
             launch.arg(d);
         }
@@ -389,7 +377,8 @@ impl Gpu {
         // the query and up to `positions` scores per block
         let shared_mem_bytes = (4 * (hs + positions)) as u32;
         let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS as u32, 1, 1), shared_mem_bytes };
-        // SAFETY: sizes checked; one block per (new row, head).
+        // SAFETY: sizes checked; one block per (new row, head); each sequence's rows are
+        // consecutive, at consecutive positions (`check_cache_rows`), as the kernel needs.
         unsafe { launch.launch(config) }?;
         Ok(())
     }
@@ -406,6 +395,9 @@ mod tests {
         for (vocab, sequences, positions) in [(7, 2, 4), (8, 1, 4), (8, 2, 3)] {
             assert!(check_cache_rows(&rows, vocab, sequences, positions).is_err(), "{vocab} {sequences} {positions}");
         }
+        // a sequence's rows apart, or at positions with a gap
+        assert!(check_cache_rows(&[[5, 0, 3], [6, 1, 0], [7, 0, 4]], 8, 2, 8).is_err());
+        assert!(check_cache_rows(&[[5, 0, 3], [6, 0, 5]], 8, 2, 8).is_err());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
 /// Elements of a tensor per block of the many-tensor AdamW kernel.
 pub(crate) const ADAMW_CHUNK: usize = 4096;
 
+/// Threads of the one block that verifies a speculative step and drafts the next: a whole row
+/// of V probabilities per component is read by it, so as many loads in flight as a block holds.
+pub(crate) const STEP_THREADS: usize = 1024;
 /// Where the speculative step leaves what the host reads back (`kernels/speculative.cu`): how
 /// many drafts were accepted, the next token, 1 where the marginal it came from was not
 /// finite, then the next step's drafts.
@@ -55,7 +58,7 @@ pub const ACCEPT_ALWAYS: usize = 1;
 pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 24] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -72,6 +75,7 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
     ("FEW_ROW_TILE_COLUMNS", FEW_ROW_TILE_COLUMNS),
     ("FEW_ROW_K_CHUNK_MAX", FEW_ROW_K_CHUNK_MAX),
     ("ADAMW_CHUNK", ADAMW_CHUNK),
+    ("STEP_THREADS", STEP_THREADS),
     ("STEP_ACCEPTED", STEP_ACCEPTED),
     ("STEP_NEXT", STEP_NEXT),
     ("STEP_NOT_FINITE", STEP_NOT_FINITE),

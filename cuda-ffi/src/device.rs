@@ -100,6 +100,11 @@ pub struct Gpu {
     /// how the training pass computes attention when set; else by precision and head size
     /// ([`AttentionRoute::default_for`])
     pub attention_route: Option<AttentionRoute>,
+    /// whether [`EarlyLaunch`] lets a kernel start before the one ahead of it has finished: off
+    /// unless `MULTITOKEN_EARLY_LAUNCH=1` on compute capability 9.0 and later (measured on an
+    /// H200 it made autoregressive decoding 5 % slower and speculative 0–2 % faster;
+    /// docs/results.md)
+    pub early_launch: bool,
     name: String,
     /// destroys `stream` after everything above that queues work on it (fields drop in order)
     _stream_owner: OwnedStream,
@@ -180,6 +185,7 @@ impl Gpu {
             few_row_linear: true,
             few_row_blocks,
             attention_route: None,
+            early_launch: major >= 9 && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() == Ok("1"),
             name,
             _stream_owner: stream_owner,
         })
@@ -326,6 +332,70 @@ impl Gpu {
     /// Queues a captured graph's work once more.
     pub fn replay(&self, graph: &Graph) -> Result<()> {
         Ok(graph.0.launch()?)
+    }
+}
+
+/// A launch of a kernel that may start while the kernel ahead of it on the stream still runs
+/// (programmatic dependent launch, compute capability 9.0 on): its blocks are placed as soon as
+/// every block of that kernel has called `let_next_kernel_start()` and there is room, so that
+/// the launch's latency, and whatever the kernel does before `wait_for_previous_kernel()` (a
+/// linear layer's first loads of its weights, which no kernel writes), overlap that kernel's
+/// last blocks. In a captured graph the driver keeps the relation as a programmatic edge.
+///
+/// Only kernels that call `wait_for_previous_kernel()` (common.cuh) before they read what a
+/// kernel before them wrote, or write anything, are launched this way; with
+/// [`Gpu::early_launch`] off it is an ordinary launch.
+pub(crate) struct EarlyLaunch<'a> {
+    gpu: &'a Gpu,
+    function: &'a cudarc::driver::CudaFunction,
+    /// pointers to the arguments, which outlive the launch (`'a`)
+    args: Vec<*mut std::ffi::c_void>,
+}
+
+impl<'a> EarlyLaunch<'a> {
+    /// Appends an argument, as `cudarc`'s `LaunchArgs::arg` does.
+    pub(crate) fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        self.args.push(value as *const T as *mut std::ffi::c_void);
+        self
+    }
+
+    /// Queues the kernel on the device's stream.
+    ///
+    /// # Safety
+    /// As `cudarc`'s `LaunchArgs::launch`: the arguments match the kernel's parameters, and the
+    /// memory they point to holds what the kernel reads and writes; and the kernel waits for
+    /// the previous one as above.
+    pub(crate) unsafe fn launch(&mut self, config: cudarc::driver::LaunchConfig) -> Result<()> {
+        use cudarc::driver::sys;
+        self.gpu.context.bind_to_thread()?;
+        let mut overlap = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+        };
+        let launch = sys::CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: self.gpu.stream.cu_stream(),
+            attrs: &mut overlap,
+            numAttrs: u32::from(self.gpu.early_launch),
+        };
+        // SAFETY: the caller's promise above; `launch`, `overlap` and the arguments live
+        // through the call, which copies them.
+        unsafe { sys::cuLaunchKernelEx(&launch, self.function.cu_function(), self.args.as_mut_ptr(), std::ptr::null_mut()).result()? };
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// An [`EarlyLaunch`] of `function` on this device's stream.
+    pub(crate) fn launch_early<'a>(&'a self, function: &'a cudarc::driver::CudaFunction) -> EarlyLaunch<'a> {
+        EarlyLaunch { gpu: self, function, args: Vec::new() }
     }
 }
 

@@ -85,7 +85,7 @@ impl Gpu {
             || format!("embedding_forward_at: buffers do not fit {m} rows of {c} below position {}", rows.positions_below),
         )?;
         let (rows_i, c_i) = (m as i32, c as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.embedding.forward_at);
+        let mut launch = self.launch_early(&self.kernels.embedding.forward_at);
         launch.arg(&rows.on_device.ptr).arg(&wte.ptr).arg(&wpe.ptr).arg(&out.ptr).arg(&rows_i).arg(&c_i);
         // SAFETY: token ids are checked against the vocabulary by the caller, the rows' positions
         // against wpe above (the device's positions are below rows.positions_below: `CacheRows`).

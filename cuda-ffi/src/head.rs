@@ -141,7 +141,7 @@ impl Gpu {
             return Ok(());
         }
         let v_i = v as i32;
-        let mut launch = self.stream.launch_builder(&self.kernels.head.softmax_rows);
+        let mut launch = self.launch_early(&self.kernels.head.softmax_rows);
         launch.arg(&logits.ptr).arg(&v_i);
         // SAFETY: one block per row of v elements.
         unsafe { launch.launch(block_per_row_config(logits.len() / v)) }?;

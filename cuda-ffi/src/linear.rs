@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
 
 use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_K_CHUNK_MAX, FEW_ROW_TILE_COLUMNS, FEW_ROW_WARPS, THREADS};
 use crate::memory::{View, Workspace};
@@ -120,7 +120,7 @@ impl Gpu {
         let (rows_i, k_i, n_i, k_chunk_i, gelu) =
             (rows as i32, k as i32, n as i32, k_chunk as i32, matches!(epilogue, Epilogue::Gelu) as i32);
         let scratch = &self.few_rows;
-        let mut launch = self.stream.launch_builder(&self.kernels.linear.instances[instance]);
+        let mut launch = self.launch_early(&self.kernels.linear.instances[instance]);
         launch.arg(&x.ptr).arg(&ln_gain).arg(&ln_shift).arg(&weight.ptr).arg(&bias.ptr).arg(&residual_ptr).arg(&out.ptr);
         launch.arg(&scratch.partials.view.ptr).arg(&scratch.arrivals.view.ptr);
         launch.arg(&rows_i).arg(&k_i).arg(&n_i).arg(&k_chunk_i).arg(&gelu);

@@ -2,10 +2,10 @@
 //! drafts' verification and the next token, and the next step's drafts, so that a step sends
 //! the host only tokens.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::attention::CacheRows;
-use crate::constants::{MAX_RANK, STEP_DRAFTS, THREADS};
+use crate::constants::{MAX_RANK, STEP_DRAFTS, STEP_THREADS};
 use crate::device::block_per_row_config;
 use crate::memory::View;
 use crate::{check, Gpu, Result};
@@ -69,7 +69,7 @@ impl Gpu {
         // a null gate: the kernel writes w = 1
         let (weight, bias) = gate.map_or((0u64, 0u64), |(weight, bias)| (weight.ptr, bias.ptr));
         let (c_i, r_i) = (c as i32, r as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.speculative.gate);
+        let mut launch = self.launch_early(&self.kernels.speculative.gate);
         launch.arg(&hidden.ptr).arg(&weight).arg(&bias).arg(&w.ptr).arg(&c_i).arg(&r_i);
         // SAFETY: sizes checked; one block per row.
         unsafe { launch.launch(block_per_row_config(rows)) }?;
@@ -114,7 +114,7 @@ impl Gpu {
         let forced_i = forced.map_or(-1, |token| token as i32);
         let (m_i, v_i, r_i, c_i, n_i, greedy_i, rule_i) =
             (m as i32, v as i32, r as i32, c as i32, n as i32, i32::from(choice.greedy), choice.rule as i32);
-        let mut launch = self.stream.launch_builder(&self.kernels.speculative.verify);
+        let mut launch = self.launch_early(&self.kernels.speculative.verify);
         launch.arg(&probs.ptr).arg(&w.ptr).arg(&rows.on_device.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.uniforms.ptr);
         launch.arg(&buffers.hidden.ptr).arg(&buffers.s_hidden.ptr).arg(&buffers.posterior.ptr).arg(&buffers.work.ptr);
         launch.arg(&buffers.readback.ptr).arg(&m_i).arg(&v_i).arg(&r_i).arg(&c_i).arg(&n_i).arg(&greedy_i);
@@ -151,7 +151,7 @@ impl Gpu {
         )?;
         let uniforms = buffers.uniforms.slice(n, count);
         let (count_i, v_i, r_i, greedy_i, top_i) = (count as i32, v as i32, r as i32, i32::from(choice.greedy), i32::from(top_component));
-        let mut launch = self.stream.launch_builder(&self.kernels.speculative.draft);
+        let mut launch = self.launch_early(&self.kernels.speculative.draft);
         launch.arg(&probs_s.ptr).arg(&buffers.posterior.ptr).arg(&uniforms.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.readback.ptr);
         launch.arg(&count_i).arg(&v_i).arg(&r_i).arg(&greedy_i).arg(&choice.inv_temperature).arg(&top_i);
         // SAFETY: sizes checked; one block.
@@ -160,7 +160,7 @@ impl Gpu {
     }
 }
 
-/// One block of [`THREADS`] threads.
+/// One block of [`STEP_THREADS`] threads.
 fn one_block() -> LaunchConfig {
-    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (STEP_THREADS as u32, 1, 1), shared_mem_bytes: 0 }
 }

@@ -335,7 +335,6 @@ struct Scratch {
     mean: Buffer<f32>,
     rstd: Buffer<f32>,
     qkv: Buffer<f32>,
-    q: Buffer<f32>,
     att_y: Buffer<f32>,
     fc_gelu: Buffer<f32>,
 }
@@ -353,7 +352,6 @@ impl<'a> GpuBackbone<'a> {
             mean: f(rows)?,
             rstd: f(rows)?,
             qkv: f(rows * 3 * c)?,
-            q: f(rows * c)?,
             att_y: f(rows * c)?,
             fc_gelu: f(rows * 4 * c)?,
         };
@@ -480,9 +478,8 @@ impl PassKernels for GpuPassKernels<'_> {
     fn attend(&mut self, layer: usize) -> Result<()> {
         let c = self.config.n_embd;
         let (keys, values) = (self.keys[layer].view(), self.values[layer].view());
-        let (qkv, q, att_y) = (self.rows(&self.s.qkv, 3 * c), self.rows(&self.s.q, c), self.rows(&self.s.att_y, c));
-        self.gpu.append_kv(qkv, q, keys, values, self.shape(), self.rows)?;
-        Ok(self.gpu.decode_attention(q, keys, values, att_y, self.shape(), self.rows)?)
+        let (qkv, att_y) = (self.rows(&self.s.qkv, 3 * c), self.rows(&self.s.att_y, c));
+        Ok(self.gpu.decode_attention(qkv, keys, values, att_y, self.shape(), self.rows)?)
     }
 
     fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
