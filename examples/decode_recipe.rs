@@ -86,7 +86,7 @@ fn train_and_measure(run_dir: &Path, data: &Path, seed: u64, stages: &[u64], row
             Err(e) => return Err(e.into()),
         }
         trained_s += started.elapsed().as_secs_f64();
-        let ckpt = checkpoint::load(&out)?;
+        let ckpt = checkpoint::load_for_resume(&out)?;
         let step = ckpt.resume.as_ref().map_or(0, |resume| resume.step);
         anyhow::ensure!(step == stage, "{} holds step {step}, not the stage {stage} to measure", out.display());
         let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), &out)?;

@@ -119,8 +119,20 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
         const float* key = DECODE_KEY(j);
         float s = 0.0f;
+        if (hs % 4 == 0) {
+            // in float4s, all in flight together (the same sum, in the same order, as below)
+#pragma unroll 16
+            for (int d4 = 0; d4 < hs / 4; d4++) {
+                float4 k4 = ((const float4*)key)[d4], q4 = ((const float4*)query)[d4];
+                s += q4.x * k4.x;
+                s += q4.y * k4.y;
+                s += q4.z * k4.z;
+                s += q4.w * k4.w;
+            }
+        } else {
 #pragma unroll 8
-        for (int d = 0; d < hs; d++) s += query[d] * key[d];
+            for (int d = 0; d < hs; d++) s += query[d] * key[d];
+        }
         s *= scale;
         scores[j] = s;
         local_max = fmaxf(local_max, s);
@@ -139,15 +151,19 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     int width = hs % 4 == 0 ? 4 : 1, team = hs / width, groups = DECODE_THREADS / team;
     int group = threadIdx.x / team, d0 = (threadIdx.x % team) * width;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (group < groups) {
-#pragma unroll 4
+    if (group < groups && width == 4) {
+#pragma unroll 8
         for (int j = group; j < visible; j += groups) {
-            const float* value = DECODE_VALUE(j) + d0;
+            float4 value = *(const float4*)(DECODE_VALUE(j) + d0);
             float p = scores[j];
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (e < width) acc[e] += p * value[e];
+            acc[0] += p * value.x;
+            acc[1] += p * value.y;
+            acc[2] += p * value.z;
+            acc[3] += p * value.w;
         }
+    } else if (group < groups) {
+#pragma unroll 8
+        for (int j = group; j < visible; j += groups) acc[0] += scores[j] * DECODE_VALUE(j)[d0];
     }
 #undef DECODE_KEY
 #undef DECODE_VALUE

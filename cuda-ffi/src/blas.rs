@@ -11,7 +11,6 @@ use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 
-use crate::linear::Epilogue;
 use crate::memory::{Buffer, View, Workspace};
 use crate::{check, CudaError, Gpu, Result};
 
@@ -475,11 +474,8 @@ impl Gpu {
         self.linear_plus(x, weight, bias, Some(residual), out)
     }
 
-    /// `out = gelu(x · weight + bias)`: one kernel on a few rows, else the product then the GELU.
+    /// `out = gelu(x · weight + bias)`: the product, then the GELU.
     pub fn linear_gelu(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
-        if self.linear_few_rows(x, None, weight, bias, Epilogue::Gelu, out)? {
-            return Ok(());
-        }
         self.linear(x, weight, bias, out)?;
         self.gelu_forward(out, out)
     }
@@ -490,10 +486,6 @@ impl Gpu {
         let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
         check(x.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.len()))?;
         if rows == 0 {
-            return Ok(());
-        }
-        let epilogue = residual.map_or(Epilogue::Bias, Epilogue::Residual);
-        if self.linear_few_rows(x, None, weight, bias, epilogue, out)? {
             return Ok(());
         }
         if self.gemm_route == GemmRoute::Blas || n_in == 0 {

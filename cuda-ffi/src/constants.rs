@@ -24,14 +24,13 @@ pub(crate) const ATTENTION_TILE_PADDING: usize = 4;
 pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Threads per block of decoding's attention over the cache.
 pub(crate) const DECODE_THREADS: usize = 256;
-/// The few-row linear kernel: the rows of its two instances (the most either takes is
-/// [`crate::FEW_ROWS_MAX`]); warps per block, columns per block (a warp's lanes × float4), the
-/// most rows of the weight per block.
+/// The few-row product kernel (`kernels/linear.cu`): the rows of its two instances (the most
+/// either takes is [`crate::FEW_ROWS_MAX`]), warps per block, and the longest rows its LayerNorm
+/// prologue stages.
 pub(crate) const FEW_ROWS_SMALL: usize = 4;
 pub(crate) const FEW_ROWS_LARGE: usize = 8;
 pub(crate) const FEW_ROW_WARPS: usize = 8;
-pub(crate) const FEW_ROW_TILE_COLUMNS: usize = 128;
-pub(crate) const FEW_ROW_K_CHUNK_MAX: usize = 128;
+pub(crate) const FEW_ROW_LAYERNORM_K_MAX: usize = 1024;
 /// Elements of a tensor per block of the many-tensor AdamW kernel.
 pub(crate) const ADAMW_CHUNK: usize = 4096;
 
@@ -58,7 +57,7 @@ pub const ACCEPT_ALWAYS: usize = 1;
 pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 24] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -72,8 +71,7 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 24] = [
     ("FEW_ROWS_SMALL", FEW_ROWS_SMALL),
     ("FEW_ROWS_LARGE", FEW_ROWS_LARGE),
     ("FEW_ROW_WARPS", FEW_ROW_WARPS),
-    ("FEW_ROW_TILE_COLUMNS", FEW_ROW_TILE_COLUMNS),
-    ("FEW_ROW_K_CHUNK_MAX", FEW_ROW_K_CHUNK_MAX),
+    ("FEW_ROW_LAYERNORM_K_MAX", FEW_ROW_LAYERNORM_K_MAX),
     ("ADAMW_CHUNK", ADAMW_CHUNK),
     ("STEP_THREADS", STEP_THREADS),
     ("STEP_ACCEPTED", STEP_ACCEPTED),

@@ -8,7 +8,6 @@ use cudarc::driver::{result as driver, CudaContext, CudaModule, CudaStream, Devi
 use crate::attention::AttentionRoute;
 use crate::blas::{Blas, GemmRoute, ProductPrecision};
 use crate::constants::KERNEL_DEFINES;
-use crate::linear::FewRowScratch;
 use crate::memory::{same_lengths, Buffer, MemoryStats, PinnedBuffer, Pool, View};
 use crate::{
     adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, speculative, CudaError, Result,
@@ -87,16 +86,15 @@ pub struct Gpu {
     pub(crate) blas: Blas,
     pub(crate) kernels: Kernels,
     pub(crate) pool: Arc<Pool>,
-    pub(crate) few_rows: FewRowScratch,
     /// the entry point of single matrix products
     pub gemm_route: GemmRoute,
     /// the arithmetic of matrix products (`--precision`)
     pub precision: ProductPrecision,
-    /// linear layers on up to [`crate::FEW_ROWS_MAX`] rows through `linear_few_rows` (else cuBLASLt)
+    /// decoding's products on up to [`crate::FEW_ROWS_MAX`] rows through `linear_few_rows` (else
+    /// the general route)
     pub few_row_linear: bool,
-    /// the most blocks `linear_few_rows` aims for: as many as run at once (of its 4-row
-    /// instance; `examples/gemm_probe.rs` tries others)
-    pub few_row_blocks: usize,
+    /// the device's multiprocessors
+    pub multiprocessors: usize,
     /// how the training pass computes attention when set; else by precision and head size
     /// ([`AttentionRoute::default_for`])
     pub attention_route: Option<AttentionRoute>,
@@ -170,20 +168,17 @@ impl Gpu {
             general: general::Kernels::load(&modules["general"])?,
         };
         let blas = Blas::new(&context, &stream)?;
-        let few_rows = FewRowScratch::new(&context)?;
         let multiprocessors = context.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let few_row_blocks = multiprocessors.max(1) as usize * kernels.linear.resident_blocks()?;
         Ok(Gpu {
             pool: Arc::new(Pool::new(context.clone())),
             context,
             stream,
             blas,
             kernels,
-            few_rows,
             gemm_route: GemmRoute::BlasLt,
             precision: ProductPrecision::F32,
             few_row_linear: true,
-            few_row_blocks,
+            multiprocessors: multiprocessors.max(1) as usize,
             attention_route: None,
             early_launch: major >= 9 && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() == Ok("1"),
             name,

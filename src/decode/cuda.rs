@@ -21,6 +21,7 @@ use crate::decode::pass::{pass, BatchBackbone, Linear, OneSequence, PassKernels}
 use crate::decode::{DecodeRequest, Draft, Generation, SamplingConfig};
 use crate::error::Result;
 use crate::invalid;
+use crate::model::params::BlockParams;
 use crate::model::{ModelConfig, ModelParams};
 use crate::tensor::{Rng, Tensor};
 
@@ -312,6 +313,8 @@ struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
     p: ModelParams<View<f32>>,
+    /// every block's linear weights once more, by output column (the few-row kernel's layout)
+    by_column: ByColumn,
     /// per layer, every sequence's keys and values: (S, H, n_positions, hs) each
     keys: Vec<Buffer<f32>>,
     values: Vec<Buffer<f32>>,
@@ -323,6 +326,49 @@ struct GpuBackbone<'a> {
     use_graphs: bool,
     /// shared with the head: one table for the whole pass
     profile: Rc<PhaseProfile>,
+}
+
+/// A linear layer's weight on the device in two layouts: as trained, (k, n), which the products
+/// over many rows (a prefill) read, and by output column, (n, k), which the few-row kernel reads
+/// with each warp streaming a column's contiguous weights.
+#[derive(Clone, Copy)]
+struct LinearWeight {
+    as_trained: View<f32>,
+    by_column: View<f32>,
+}
+
+/// Every block's four linear weights by output column, transposed on the device once when the
+/// decoder is made (the weights of `base` twice: 340 MB more of device memory).
+struct ByColumn {
+    _weights: Buffer<f32>,
+    /// per block, in the order of [`Linear`]: (n, k) each
+    layers: Vec<[View<f32>; 4]>,
+}
+
+impl ByColumn {
+    fn new(gpu: &Gpu, blocks: &[BlockParams<View<f32>>]) -> Result<Self> {
+        let weights = |block: &BlockParams<View<f32>>| {
+            [block.attn_c_attn_weight, block.attn_c_proj_weight, block.mlp_c_fc_weight, block.mlp_c_proj_weight]
+        };
+        let total: usize = blocks.iter().flat_map(|block| weights(block).map(|w| w.len())).sum();
+        let buffer = gpu.zeros::<f32>(total)?;
+        let biases =
+            |block: &BlockParams<View<f32>>| [block.attn_c_attn_bias, block.attn_c_proj_bias, block.mlp_c_fc_bias, block.mlp_c_proj_bias];
+        let mut offset = 0;
+        let mut layers = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            let mut layer = [buffer.view(); 4];
+            for ((slot, weight), bias) in layer.iter_mut().zip(weights(block)).zip(biases(block)) {
+                // (k, n) → (n, k): n is the bias's length
+                let (n, by_column) = (bias.len(), buffer.view().slice(offset, weight.len()));
+                gpu.transpose_last(weight, by_column, (1, weight.len() / n, n))?;
+                *slot = by_column;
+                offset += weight.len();
+            }
+            layers.push(layer);
+        }
+        Ok(ByColumn { _weights: buffer, layers })
+    }
 }
 
 /// Buffers for the rows of one pass: up to n_positions (a prefill), or n for every sequence.
@@ -361,6 +407,7 @@ impl<'a> GpuBackbone<'a> {
         Ok(GpuBackbone {
             gpu,
             config: config.clone(),
+            by_column: ByColumn::new(gpu, &p.blocks)?,
             p,
             keys: cache()?,
             values: cache()?,
@@ -379,6 +426,7 @@ impl<'a> GpuBackbone<'a> {
             gpu: self.gpu,
             config: &self.config,
             p: &self.p,
+            by_column: &self.by_column.layers,
             keys: &self.keys,
             values: &self.values,
             sequences: self.lens.len(),
@@ -420,6 +468,8 @@ struct GpuPassKernels<'a> {
     gpu: &'a Gpu,
     config: &'a ModelConfig,
     p: &'a ModelParams<View<f32>>,
+    /// per block, its linear weights by output column, in the order of [`Linear`]
+    by_column: &'a [[View<f32>; 4]],
     keys: &'a [Buffer<f32>],
     values: &'a [Buffer<f32>],
     sequences: usize,
@@ -429,6 +479,18 @@ struct GpuPassKernels<'a> {
 }
 
 impl GpuPassKernels<'_> {
+    /// A block's linear weight in both layouts.
+    fn weight(&self, layer: usize, linear: Linear) -> LinearWeight {
+        let block = &self.p.blocks[layer];
+        let as_trained = match linear {
+            Linear::Qkv => block.attn_c_attn_weight,
+            Linear::AttentionOut => block.attn_c_proj_weight,
+            Linear::MlpUp => block.mlp_c_fc_weight,
+            Linear::MlpDown => block.mlp_c_proj_weight,
+        };
+        LinearWeight { as_trained, by_column: self.by_column[layer][linear as usize] }
+    }
+
     /// The first m rows of a scratch buffer of rows `width` wide.
     fn rows(&self, buffer: &Buffer<f32>, width: usize) -> View<f32> {
         buffer.view().prefix(self.m * width)
@@ -454,25 +516,18 @@ impl PassKernels for GpuPassKernels<'_> {
 
     fn layernorm_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
         let (c, block) = (self.config.n_embd, &self.p.blocks[layer]);
-        let (x, norm, weight, bias, gelu, out) = match linear {
+        let (x, norm, bias, gelu, out) = match linear {
             Linear::Qkv => {
                 let out = self.rows(&self.s.qkv, 3 * c);
-                (
-                    self.rows(&self.s.x, c),
-                    (block.ln_1_weight, block.ln_1_bias),
-                    block.attn_c_attn_weight,
-                    block.attn_c_attn_bias,
-                    false,
-                    out,
-                )
+                (self.rows(&self.s.x, c), (block.ln_1_weight, block.ln_1_bias), block.attn_c_attn_bias, false, out)
             }
             Linear::MlpUp => {
                 let out = self.rows(&self.s.fc_gelu, 4 * c);
-                (self.rows(&self.s.x_mid, c), (block.ln_2_weight, block.ln_2_bias), block.mlp_c_fc_weight, block.mlp_c_fc_bias, true, out)
+                (self.rows(&self.s.x_mid, c), (block.ln_2_weight, block.ln_2_bias), block.mlp_c_fc_bias, true, out)
             }
             other => unreachable!("{other:?} is not a sublayer's input"),
         };
-        layernorm_linear(self.gpu, x, norm, weight, bias, gelu, out, self.norm_scratch())
+        layernorm_linear(self.gpu, x, norm, self.weight(layer, linear), bias, gelu, out, self.norm_scratch())
     }
 
     fn attend(&mut self, layer: usize) -> Result<()> {
@@ -485,17 +540,17 @@ impl PassKernels for GpuPassKernels<'_> {
     fn add_linear(&mut self, layer: usize, linear: Linear) -> Result<()> {
         let (c, block) = (self.config.n_embd, &self.p.blocks[layer]);
         let (x, x_mid) = (self.rows(&self.s.x, c), self.rows(&self.s.x_mid, c));
-        match linear {
-            Linear::AttentionOut => {
-                let att_y = self.rows(&self.s.att_y, c);
-                Ok(self.gpu.linear_residual(att_y, block.attn_c_proj_weight, block.attn_c_proj_bias, x, x_mid)?)
-            }
-            Linear::MlpDown => {
-                let fc_gelu = self.rows(&self.s.fc_gelu, 4 * c);
-                Ok(self.gpu.linear_residual(fc_gelu, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x_mid, x)?)
-            }
+        // y · W + b onto the residual stream, from x into x_mid or back
+        let (y, bias, residual, out) = match linear {
+            Linear::AttentionOut => (self.rows(&self.s.att_y, c), block.attn_c_proj_bias, x, x_mid),
+            Linear::MlpDown => (self.rows(&self.s.fc_gelu, 4 * c), block.mlp_c_proj_bias, x_mid, x),
             other => unreachable!("{other:?} is not a sublayer's output"),
+        };
+        let weight = self.weight(layer, linear);
+        if self.gpu.linear_few_rows(y, None, weight.by_column, Some(bias), Epilogue::Residual(residual), out)? {
+            return Ok(());
         }
+        Ok(self.gpu.linear_residual(y, weight.as_trained, bias, residual, out)?)
     }
 
     fn final_layernorm(&mut self) -> Result<()> {
@@ -686,14 +741,13 @@ impl<'d, 'a> GpuStepEngine<'d, 'a> {
         let z = match &self.head.expand_by_horizon {
             Some(expanders) => {
                 let z = step.z.view().prefix(m * r * c);
-                let w_0 = Operand::transposed(expanders.view().prefix(r * c * c));
-                gpu.matmul(Operand::normal(hidden), w_0, z, m, c, r * c, false)?;
+                product_by_column(gpu, hidden, expanders.view().prefix(r * c * c), z, m, c, r * c)?;
                 z
             }
             None => hidden,
         };
         let probs = step.probs.view().prefix(m * r * v);
-        gpu.matmul(Operand::normal(z), Operand::transposed(self.head.wte), probs, m * r, c, v, false)?;
+        product_by_column(gpu, z, self.head.wte, probs, m * r, c, v)?;
         gpu.softmax_rows(probs, v)?;
         let buffers = step.buffers(hidden, self.n, v);
         gpu.speculative_verify(probs, w, rows, buffers, self.n, choice, forced)?;
@@ -701,10 +755,10 @@ impl<'d, 'a> GpuStepEngine<'d, 'a> {
             // S's horizons 1..n: one row against the stacked W[α,s], then P[α,s]
             let count = self.n - 1;
             let z_s = step.z_s.view().prefix(count * r * c);
-            let w_s = Operand::transposed(expanders.view().slice(r * c * c, count * r * c * c));
-            gpu.matmul(Operand::normal(step.s_hidden.view()), w_s, z_s, 1, c, count * r * c, false)?;
+            let w_s = expanders.view().slice(r * c * c, count * r * c * c);
+            product_by_column(gpu, step.s_hidden.view(), w_s, z_s, 1, c, count * r * c)?;
             let probs_s = step.probs_s.view().prefix(count * r * v);
-            gpu.matmul(Operand::normal(z_s), Operand::transposed(self.head.wte), probs_s, count * r, c, v, false)?;
+            product_by_column(gpu, z_s, self.head.wte, probs_s, count * r, c, v)?;
             gpu.softmax_rows(probs_s, v)?;
             gpu.speculative_draft(probs_s, buffers, count, choice, draft == Draft::TopComponent)?;
         }
@@ -800,23 +854,38 @@ impl StepEngine for GpuStepEngine<'_, '_> {
     }
 }
 
-/// `out = LayerNorm(x) · weight + bias`, then GELU when `gelu`: one kernel on a few rows, else
-/// the LayerNorm into `scratch` (normed, mean, rstd) and the product.
+/// The most rows the head's products take the few-row kernel for: on an H200 it streams wte for
+/// 4 rows faster than cuBLAS, for 8 or more slower (`examples/gemm_probe.rs --decoding`).
+const HEAD_FEW_ROWS: usize = 4;
+
+/// `out (rows, n) = x (rows, k) · wᵀ` for w (n, k), no bias (the head's products): the few-row
+/// kernel on up to [`HEAD_FEW_ROWS`] rows where it applies, else a general product.
+fn product_by_column(gpu: &Gpu, x: View<f32>, w: View<f32>, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
+    if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w, None, Epilogue::Bias, out)? {
+        return Ok(());
+    }
+    Ok(gpu.matmul(Operand::normal(x), Operand::transposed(w), out, rows, k, n, false)?)
+}
+
+/// `out = LayerNorm(x) · weight + bias`, then GELU when `gelu`: one kernel on a few rows (which
+/// reads the weight by column, `weight.by_column`), else the LayerNorm into `scratch` (normed,
+/// mean, rstd) and the product.
 #[allow(clippy::too_many_arguments)]
 fn layernorm_linear(
     gpu: &Gpu,
     x: View<f32>,
     (gain, shift): (View<f32>, View<f32>),
-    weight: View<f32>,
+    weight: LinearWeight,
     bias: View<f32>,
     gelu: bool,
     out: View<f32>,
     (normed, mean, rstd): (View<f32>, View<f32>, View<f32>),
 ) -> Result<()> {
     let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::Bias };
-    if gpu.linear_few_rows(x, Some((gain, shift)), weight, bias, epilogue, out)? {
+    if gpu.linear_few_rows(x, Some((gain, shift)), weight.by_column, Some(bias), epilogue, out)? {
         return Ok(());
     }
+    let weight = weight.as_trained;
     gpu.layernorm_forward(x, gain, shift, normed, mean, rstd)?;
     if gelu {
         Ok(gpu.linear_gelu(normed, weight, bias, out)?)
@@ -914,7 +983,7 @@ impl HeadProducts<f32> for GpuHead<'_> {
                         };
                         let w_run = w.view().slice(s * block * c, horizons * block * c);
                         let (h_run, z_run) = (h.slice(first * c, rows * c), z.slice(first * block, run * block));
-                        self.gpu.matmul(Operand::normal(h_run), Operand::transposed(w_run), z_run, rows, c, horizons * block, false)?;
+                        product_by_column(self.gpu, h_run, w_run, z_run, rows, c, horizons * block)?;
                         first += run;
                     }
                     z
@@ -961,7 +1030,7 @@ impl GpuHead<'_> {
     fn distributions(&self, z: View<f32>, rows: usize, block: usize) -> Result<Vec<Vec<f32>>> {
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
         let logits = self.logits.view().prefix(rows * v);
-        self.gpu.matmul(Operand::normal(z.prefix(rows * c)), Operand::transposed(self.wte), logits, rows, c, v, false)?;
+        product_by_column(self.gpu, z.prefix(rows * c), self.wte, logits, rows, c, v)?;
         self.gpu.softmax_rows(logits, v)?;
         self.profile.mark(self.gpu, "head: products + softmax")?;
         let mut staging = self.staging.borrow_mut();
