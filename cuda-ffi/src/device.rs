@@ -98,10 +98,10 @@ pub struct Gpu {
     /// how the training pass computes attention when set; else by precision and head size
     /// ([`AttentionRoute::default_for`])
     pub attention_route: Option<AttentionRoute>,
-    /// whether [`EarlyLaunch`] lets a kernel start before the one ahead of it has finished: off
-    /// unless `MULTITOKEN_EARLY_LAUNCH=1` on compute capability 9.0 and later (measured on an
-    /// H200 it made autoregressive decoding 5 % slower and speculative 0–2 % faster;
-    /// docs/results.md)
+    /// whether decoding's kernels may start before the one ahead of them has finished
+    /// (programmatic dependent launch, `EarlyLaunch` in device.rs): off unless
+    /// `MULTITOKEN_EARLY_LAUNCH=1`, on compute capability 9.0 and later (measured on an H200,
+    /// autoregressive decoding ran as fast with it and speculative 6 % slower; docs/results.md)
     pub early_launch: bool,
     name: String,
     /// destroys `stream` after everything above that queues work on it (fields drop in order)
