@@ -81,9 +81,11 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 // no block reads a new row's key or value from there, only from qkv: a sequence's new rows are
 // consecutive, at consecutive positions (write_cache_rows checks), so the rows i, i − 1, … that
 // hold positions p, p − 1, … of row i's sequence are exactly its new ones.
+//
+// width: 4 where the head size and every pointer allow float4 loads (the launcher checks), else 1.
 extern "C" __global__ void decode_attention(const float* qkv, float* keys, float* values, float* y, int m, int n_head, int hs,
-                                            int positions, const unsigned int* rows, float scale) {
-    extern __shared__ float decode_shared[];
+                                            int positions, const unsigned int* rows, float scale, int width) {
+    extern __shared__ __align__(16) float decode_shared[];
     __shared__ float reduce[DECODE_THREADS / 32];
     __shared__ float group_sums[DECODE_THREADS * 4];
     let_next_kernel_start();
@@ -119,7 +121,7 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
         const float* key = DECODE_KEY(j);
         float s = 0.0f;
-        if (hs % 4 == 0) {
+        if (width == 4) {
             // in float4s, all in flight together (the same sum, in the same order, as below)
 #pragma unroll 16
             for (int d4 = 0; d4 < hs / 4; d4++) {
@@ -145,35 +147,39 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
         local_sum += e;
     }
     float inverse = 1.0f / block_reduce(local_sum, false, reduce);
-    // y = Σ_j p_j v_j: a value row is taken by hs / width threads, `width` neighbouring entries
-    // each; the block holds `groups` such teams, team g taking keys g, g + groups, …; then the
-    // teams' sums are added in order
-    int width = hs % 4 == 0 ? 4 : 1, team = hs / width, groups = DECODE_THREADS / team;
-    int group = threadIdx.x / team, d0 = (threadIdx.x % team) * width;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (group < groups && width == 4) {
+    // y = Σ_j p_j v_j: a value row is taken by a team of threads, `width` neighbouring entries
+    // each, in passes over the head of team · width entries; the block holds `groups` such
+    // teams, team g taking keys g, g + groups, …; then the teams' sums are added in order
+    int team = min(hs / width, DECODE_THREADS), groups = DECODE_THREADS / team;
+    int group = threadIdx.x / team;
+    for (int base = 0; base < hs; base += team * width) {
+        int d0 = base + (threadIdx.x % team) * width;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (group < groups && d0 < hs && width == 4) {
 #pragma unroll 8
-        for (int j = group; j < visible; j += groups) {
-            float4 value = *(const float4*)(DECODE_VALUE(j) + d0);
-            float p = scores[j];
-            acc[0] += p * value.x;
-            acc[1] += p * value.y;
-            acc[2] += p * value.z;
-            acc[3] += p * value.w;
+            for (int j = group; j < visible; j += groups) {
+                float4 value = *(const float4*)(DECODE_VALUE(j) + d0);
+                float p = scores[j];
+                acc[0] += p * value.x;
+                acc[1] += p * value.y;
+                acc[2] += p * value.z;
+                acc[3] += p * value.w;
+            }
+        } else if (group < groups && d0 < hs) {
+#pragma unroll 8
+            for (int j = group; j < visible; j += groups) acc[0] += scores[j] * DECODE_VALUE(j)[d0];
         }
-    } else if (group < groups) {
-#pragma unroll 8
-        for (int j = group; j < visible; j += groups) acc[0] += scores[j] * DECODE_VALUE(j)[d0];
+        __syncthreads();  // the previous pass's sums have been read
+#pragma unroll
+        for (int e = 0; e < 4; e++) group_sums[threadIdx.x * 4 + e] = acc[e];
+        __syncthreads();
+        for (int d = base + threadIdx.x; d < min(hs, base + team * width); d += DECODE_THREADS) {
+            int lane = (d - base) / width, e = (d - base) % width;
+            float sum = 0.0f;
+            for (int g = 0; g < groups; g++) sum += group_sums[(g * team + lane) * 4 + e];
+            y[(long)i * c + h * hs + d] = sum * inverse;
+        }
     }
 #undef DECODE_KEY
 #undef DECODE_VALUE
-#pragma unroll
-    for (int e = 0; e < 4; e++) group_sums[threadIdx.x * 4 + e] = acc[e];
-    __syncthreads();
-    for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
-        int lane = d / width, e = d % width;
-        float sum = 0.0f;
-        for (int g = 0; g < groups; g++) sum += group_sums[(g * team + lane) * 4 + e];
-        y[(long)i * c + h * hs + d] = sum * inverse;
-    }
 }

@@ -9,7 +9,7 @@ extern "C" __global__ void embedding_forward(const unsigned int* idx, const floa
 }
 
 // Decoding: x[row] = wte[token] + wpe[position] for new rows given as (token id, sequence,
-// position) in device memory (see append_kv).
+// position) in device memory (see decode_attention).
 extern "C" __global__ void embedding_forward_at(const unsigned int* new_rows, const float* wte, const float* wpe, float* out, int rows,
                                                 int c) {
     let_next_kernel_start();

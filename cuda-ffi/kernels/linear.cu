@@ -1,7 +1,7 @@
 // Products on a few rows, for decoding: out (rows, n) = x' (rows, k) · wᵀ + b, with w given by
 // output column, (n, k) (the layout of wte, of the head's expanders, and of the copy of each
 // linear layer's weight that decoding keeps), x' either x or its LayerNorm, and a GELU or a
-// residual added last. On one to sixteen rows a product reads every weight once and does a
+// residual added last. On one to eight rows a product reads every weight once and does a
 // handful of multiply-adds with it, so its time is the time to stream w from memory: the kernel
 // spreads w over enough warps to keep every SM's loads in flight, in one launch, and each warp
 // reads whole contiguous spans of a column, so no block waits on another's partial sums.

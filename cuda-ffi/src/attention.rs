@@ -362,18 +362,20 @@ impl Gpu {
         let dims = Self::cache_dims("decode_attention", keys, values, shape, rows)?;
         let positions = dims[3] as usize;
         check(qkv.len() == 3 * m * h * hs && y.len() == m * h * hs, || format!("decode_attention: qkv and y do not hold {m} rows"))?;
-        check(hs <= DECODE_THREADS, || format!("decode_attention: a head of {hs} is wider than the {DECODE_THREADS} threads of a block"))?;
         check(
             4 * (hs + positions) <= 42 << 10, // with the kernel's static arrays, under 48 KiB
             || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
         )?;
         let scale = 1.0 / (hs as f32).sqrt();
+        // float4 loads of keys, values and the query where every row starts 16 bytes aligned
+        let aligned = [qkv.ptr, keys.ptr, values.ptr].iter().all(|p| p.is_multiple_of(16));
+        let width: i32 = if hs.is_multiple_of(4) && aligned { 4 } else { 1 };
         let mut launch = self.launch_early(&self.kernels.attention.decode_attention);
         launch.arg(&qkv.ptr).arg(&keys.ptr).arg(&values.ptr).arg(&y.ptr);
         for d in &dims {
             launch.arg(d);
         }
-        launch.arg(&rows.on_device.ptr).arg(&scale);
+        launch.arg(&rows.on_device.ptr).arg(&scale).arg(&width);
         // the query and up to `positions` scores per block
         let shared_mem_bytes = (4 * (hs + positions)) as u32;
         let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS as u32, 1, 1), shared_mem_bytes };

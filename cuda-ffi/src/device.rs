@@ -307,7 +307,7 @@ impl Gpu {
     }
 
     /// Records the work that `issue` queues on this device, without running it, as a graph that
-    /// [`Gpu::replay`] runs with one launch. A decoding pass is some 80 small kernels; launched
+    /// [`Gpu::replay`] runs with one launch. A decoding pass is some 65 small kernels; launched
     /// one by one, each costs the host microseconds that the device spends waiting. `issue` may
     /// only queue kernels and products (no copies to or from the host, nothing that waits, no
     /// allocation), and what they read at run time (a `CacheRows`' device copy) may change

@@ -303,7 +303,7 @@ impl<'a> GpuDecoder<'a> {
 /// A pass stacks the new tokens of every sequence that has some (m rows in all): the linear
 /// layers run once over all the rows, and one attention kernel runs every row over its own
 /// sequence's cache, each row's sequence and position read from a device table of
-/// (token id, sequence, position) per row. A decoding pass is some 80 small kernels, and
+/// (token id, sequence, position) per row. A decoding pass is some 65 small kernels, and
 /// launching them one by one leaves the device idle for much of the pass, each waiting for the
 /// host's launch of it. So the first pass of each m up to n·S (S sequences; prefills of that
 /// many rows or fewer too) is captured as a graph and every later one replays it: the table is
@@ -313,8 +313,9 @@ struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
     p: ModelParams<View<f32>>,
-    /// every block's linear weights once more, by output column (the few-row kernel's layout)
-    by_column: ByColumn,
+    /// every block's linear weights once more, by output column (the few-row kernel's layout),
+    /// unless that kernel is off or cannot take them (C not a multiple of 4)
+    by_column: Option<ByColumn>,
     /// per layer, every sequence's keys and values: (S, H, n_positions, hs) each
     keys: Vec<Buffer<f32>>,
     values: Vec<Buffer<f32>>,
@@ -334,7 +335,7 @@ struct GpuBackbone<'a> {
 #[derive(Clone, Copy)]
 struct LinearWeight {
     as_trained: View<f32>,
-    by_column: View<f32>,
+    by_column: Option<View<f32>>,
 }
 
 /// Every block's four linear weights by output column, transposed on the device once when the
@@ -367,6 +368,9 @@ impl ByColumn {
             }
             layers.push(layer);
         }
+        // the few-row kernel reads its first weights before it waits for the kernel ahead of it
+        // (`EarlyLaunch`): the copies are complete before any pass
+        gpu.synchronize()?;
         Ok(ByColumn { _weights: buffer, layers })
     }
 }
@@ -407,7 +411,7 @@ impl<'a> GpuBackbone<'a> {
         Ok(GpuBackbone {
             gpu,
             config: config.clone(),
-            by_column: ByColumn::new(gpu, &p.blocks)?,
+            by_column: if gpu.few_row_linear && c.is_multiple_of(4) { Some(ByColumn::new(gpu, &p.blocks)?) } else { None },
             p,
             keys: cache()?,
             values: cache()?,
@@ -426,7 +430,7 @@ impl<'a> GpuBackbone<'a> {
             gpu: self.gpu,
             config: &self.config,
             p: &self.p,
-            by_column: &self.by_column.layers,
+            by_column: self.by_column.as_ref().map(|columns| &columns.layers[..]),
             keys: &self.keys,
             values: &self.values,
             sequences: self.lens.len(),
@@ -469,7 +473,7 @@ struct GpuPassKernels<'a> {
     config: &'a ModelConfig,
     p: &'a ModelParams<View<f32>>,
     /// per block, its linear weights by output column, in the order of [`Linear`]
-    by_column: &'a [[View<f32>; 4]],
+    by_column: Option<&'a [[View<f32>; 4]]>,
     keys: &'a [Buffer<f32>],
     values: &'a [Buffer<f32>],
     sequences: usize,
@@ -488,7 +492,7 @@ impl GpuPassKernels<'_> {
             Linear::MlpUp => block.mlp_c_fc_weight,
             Linear::MlpDown => block.mlp_c_proj_weight,
         };
-        LinearWeight { as_trained, by_column: self.by_column[layer][linear as usize] }
+        LinearWeight { as_trained, by_column: self.by_column.map(|layers| layers[layer][linear as usize]) }
     }
 
     /// The first m rows of a scratch buffer of rows `width` wide.
@@ -547,8 +551,10 @@ impl PassKernels for GpuPassKernels<'_> {
             other => unreachable!("{other:?} is not a sublayer's output"),
         };
         let weight = self.weight(layer, linear);
-        if self.gpu.linear_few_rows(y, None, weight.by_column, Some(bias), Epilogue::Residual(residual), out)? {
-            return Ok(());
+        if let Some(by_column) = weight.by_column {
+            if self.gpu.linear_few_rows(y, None, by_column, Some(bias), Epilogue::Residual(residual), out)? {
+                return Ok(());
+            }
         }
         Ok(self.gpu.linear_residual(y, weight.as_trained, bias, residual, out)?)
     }
@@ -882,8 +888,10 @@ fn layernorm_linear(
     (normed, mean, rstd): (View<f32>, View<f32>, View<f32>),
 ) -> Result<()> {
     let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::Bias };
-    if gpu.linear_few_rows(x, Some((gain, shift)), weight.by_column, Some(bias), epilogue, out)? {
-        return Ok(());
+    if let Some(by_column) = weight.by_column {
+        if gpu.linear_few_rows(x, Some((gain, shift)), by_column, Some(bias), epilogue, out)? {
+            return Ok(());
+        }
     }
     let weight = weight.as_trained;
     gpu.layernorm_forward(x, gain, shift, normed, mean, rstd)?;
