@@ -919,6 +919,47 @@ cuda_test!(gpu_kv_cache_passes_match_the_cpu_cache, |gpu| {
     assert!(hidden[0] == hidden[1], "replayed graphs and kernels launched one by one differ");
 });
 
+cuda_test!(gpu_kv_cache_passes_take_every_head_shape_and_launch_early_to_the_same_bits, |gpu| {
+    // heads wider than a block's 256 threads (384: the attention's weighted sum in passes, float4
+    // loads), heads of a width that is not a multiple of 4 (6: single loads), and a model width
+    // C = 6 that the few-row kernel cannot take (no copies by column: the general products); each
+    // against the CPU, and launched early (where the device can) to the same bits as not
+    for (n_embd, n_head) in [(384, 1), (12, 2), (6, 1)] {
+        let config = ModelConfig { n_embd, n_head, ..ModelConfig::preset("tiny", 97, 3, 4).unwrap() };
+        let mut rng = Rng::new(23);
+        let mut params = gpt2::init_params::<f32>(&config, &mut rng);
+        for tensor in params.values_mut() {
+            tensor.add_assign(&Tensor::randn(tensor.shape(), 0.05, &mut rng)).unwrap();
+        }
+        let tokens: Vec<u32> = (0..40).map(|i| (i * 13 % 97) as u32).collect();
+        let passes = [(0..20, None), (20..21, None), (21..24, Some(22)), (22..25, None), (25..40, None)];
+        let mut runs = Vec::new();
+        for early in [false, true] {
+            if early && !gpu.can_launch_early().unwrap() {
+                continue;
+            }
+            gpu.early_launch = early;
+            let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
+            let mut cpu = CachedBackbone::new(&config, &params);
+            let (mut worst, mut hidden) = (0.0f64, Vec::new());
+            for (range, truncate_to) in passes.clone() {
+                let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
+                let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
+                worst = worst.max(relative_error(&ours, &reference));
+                hidden.extend(ours);
+                if let Some(len) = truncate_to {
+                    decoder.backbone().truncate(len);
+                    cpu.truncate(len);
+                }
+            }
+            report(&format!("KV-cache passes, C {n_embd}, {n_head} heads, early launch {early}: GPU against CPU"), worst, 1e-5);
+            runs.push(hidden);
+        }
+        gpu.early_launch = false;
+        assert!(runs.windows(2).all(|pair| pair[0] == pair[1]), "C {n_embd}: early launch changed the hidden states");
+    }
+});
+
 cuda_test!(gpu_batched_passes_match_the_cpu_batch, |gpu| {
     let (config, params) = noisy_tiny_model(97);
     let mut decoder = GpuDecoder::with_sequences(&gpu, &config, &params, 3).unwrap();

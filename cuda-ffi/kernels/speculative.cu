@@ -21,6 +21,19 @@ __device__ float tempered(float p, float log_max, float inv_temperature) {
     return p > 0.0f ? expf((logf(p) - log_max) * inv_temperature) : 0.0f;
 }
 
+// p[0..v) tempered in place, each entry p^(1/T) relative to the largest (`best`: each thread's
+// largest entry, the block's taken here), by a block of STEP_THREADS threads; returns the sum
+// of the tempered entries (every thread gets it). `shared` holds one float per warp.
+__device__ float temper_in_place(float* p, int v, float best, float inv_temperature, float* shared) {
+    float log_max = logf(block_reduce(best, true, shared));
+    float total = 0.0f;
+    for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
+        p[i] = tempered(p[i], log_max, inv_temperature);
+        total += p[i];
+    }
+    return block_reduce(total, false, shared);
+}
+
 // The index of the largest of each thread's (value, index), the lowest index among equals, as
 // the host's argmax; every thread gets it. `values` and `indices` hold one entry per warp.
 __device__ int block_argmax(float value, int index, float* values, int* indices) {
@@ -189,13 +202,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
             next = block_argmax(best, best_index, warp_values, warp_indices);
             if (!last && (unsigned int)next == draft) continue;
         } else {
-            float log_max = logf(block_reduce(best, true, warp_values));
-            float total = 0.0f;
-            for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
-                work[i] = tempered(work[i], log_max, inv_temperature);
-                total += work[i];
-            }
-            total = block_reduce(total, false, warp_values);
+            float total = temper_in_place(work, v, best, inv_temperature, warp_values);
             if (!last) {
                 const float* q = draft_q + (long)j * v;
                 float ratio = (work[draft] / total) / q[draft];
@@ -276,13 +283,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
         if (greedy) {
             d = block_argmax(best, best_index, warp_values, warp_indices);
         } else {
-            float log_max = logf(block_reduce(best, true, warp_values));
-            float total = 0.0f;
-            for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
-                q[i] = tempered(q[i], log_max, inv_temperature);
-                total += q[i];
-            }
-            total = block_reduce(total, false, warp_values);
+            float total = temper_in_place(q, v, best, inv_temperature, warp_values);
             __syncthreads();
             for (int i = threadIdx.x; i < v; i += STEP_THREADS) q[i] /= total;
             d = block_draw(q, v, uniforms[s], sums, &chosen);

@@ -13,6 +13,9 @@ use crate::{
     adamw, attention, check, elementwise, embedding, fused_attention, general, head, layernorm, linear, speculative, CudaError, Result,
 };
 
+/// The first compute capability (major) with programmatic dependent launch.
+const EARLY_LAUNCH_MAJOR: i32 = 9;
+
 /// The kernel files, by module name, compiled at run time.
 pub(crate) const KERNEL_SOURCES: [(&str, &str); 11] = [
     ("elementwise", elementwise::SOURCE),
@@ -180,10 +183,16 @@ impl Gpu {
             few_row_linear: true,
             multiprocessors: multiprocessors.max(1) as usize,
             attention_route: None,
-            early_launch: major >= 9 && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() == Ok("1"),
+            early_launch: major >= EARLY_LAUNCH_MAJOR && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() == Ok("1"),
             name,
             _stream_owner: stream_owner,
         })
+    }
+
+    /// Whether the device can start a kernel before the one ahead of it ends (compute capability
+    /// 9.0 on), which [`Gpu::early_launch`] asks for.
+    pub fn can_launch_early(&self) -> Result<bool> {
+        Ok(self.context.compute_capability()?.0 >= EARLY_LAUNCH_MAJOR)
     }
 
     /// Makes this device's context the calling thread's current one.

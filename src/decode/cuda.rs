@@ -196,7 +196,7 @@ impl<'a> GpuDecoder<'a> {
             unprimed_s: None,
         };
         let generation = decode_loop(&self.config, &mut engine, request, speculative);
-        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        self.keep_profile(speculative);
         generation
     }
 
@@ -217,7 +217,7 @@ impl<'a> GpuDecoder<'a> {
         let head = Head::with_device(&self.config, params, &self.head);
         let mut first = OneSequence { backbone: &mut self.backbone, sequence: 0 };
         let generation = decode_loop(&self.config, &mut HostEngine::new(&mut first, &head, rule), request, speculative);
-        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        self.keep_profile(speculative);
         generation
     }
 
@@ -237,7 +237,7 @@ impl<'a> GpuDecoder<'a> {
         }
         let head = Head::with_device(&self.config, params, &self.head);
         let generations = decode_batch_on(&self.config, &mut self.backbone, &head, requests, speculative, AcceptanceRule::Exact);
-        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
+        self.keep_profile(speculative);
         generations
     }
 
@@ -264,6 +264,11 @@ impl<'a> GpuDecoder<'a> {
     pub fn profile_report(&self) -> String {
         let [autoregressive, speculative] = &self.profiles;
         format!("autoregressive decoding:\n{}speculative decoding:\n{}", autoregressive.report(), speculative.report())
+    }
+
+    /// Adds the phases of the decode just finished to the autoregressive or speculative table.
+    fn keep_profile(&self, speculative: bool) {
+        self.backbone.profile.move_into(&self.profiles[speculative as usize]);
     }
 
     /// Forgets the phases measured so far (after a warm-up).
