@@ -1048,9 +1048,16 @@ cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
 });
 
 cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
+    // V = 97: the step's kernels read the probabilities one by one; V = 96: in float4s
+    for vocab in [97, 96] {
+        greedy_speculative_decoding_equals_autoregressive(&gpu, vocab);
+    }
+});
+
+fn greedy_speculative_decoding_equals_autoregressive(gpu: &Gpu, vocab: usize) {
     // train the tiny model on a near-deterministic stream first, so that greedy choices are clear
-    let config = ModelConfig::preset("tiny", 97, 3, 4).unwrap();
-    let stream = patterned_stream(97, 0.05, 3);
+    let config = ModelConfig::preset("tiny", vocab, 3, 4).unwrap();
+    let stream = patterned_stream(vocab, 0.05, 3);
     let device = Device::cuda(Gpu::new(0).unwrap());
     let mut rng = Rng::new(3);
     let (mut params, mut optimizer) = fresh_model(&config, &device);
@@ -1060,7 +1067,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
             .unwrap();
     }
     let params = params_to_device(&config, &params, &Device::Cpu).unwrap();
-    let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
+    let mut decoder = GpuDecoder::new(gpu, &config, &params).unwrap();
     let sampling = SamplingConfig::greedy();
     let mut accepted = Vec::new();
     // short prompts, and long ones whose continuation crosses the end of the 128-token context
@@ -1138,7 +1145,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
 
     // the same prompts decoded together, greedy and sampled: each sequence gets the tokens it
     // gets alone
-    let mut batch_decoder = GpuDecoder::with_sequences(&gpu, &config, &params, cases.len()).unwrap();
+    let mut batch_decoder = GpuDecoder::with_sequences(gpu, &config, &params, cases.len()).unwrap();
     for sampling in [SamplingConfig::greedy(), SamplingConfig { greedy: false, ..SamplingConfig::greedy() }] {
         for (speculative, draft) in [(false, Draft::Mixture), (true, Draft::Mixture), (true, Draft::TopComponent)] {
             let mut callbacks: Vec<_> = cases.iter().map(|_| |_: usize| {}).collect();
@@ -1168,7 +1175,7 @@ cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {
         }
     }
     println!("{} prompts decoded together on the GPU: each one's tokens as alone, greedy and sampled, both drafts", cases.len());
-});
+}
 
 cuda_test!(speculative_sampling_on_the_gpu_is_exact_and_a_wrong_acceptance_rule_is_caught, |gpu| {
     use common::exactness::{chi_square, critical_value, exact_pair_distribution};

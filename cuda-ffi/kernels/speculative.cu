@@ -34,28 +34,78 @@ __device__ float temper_in_place(float* p, int v, float best, float inv_temperat
     return block_reduce(total, false, shared);
 }
 
-// The index of the largest of each thread's (value, index), the lowest index among equals, as
-// the host's argmax; every thread gets it. `values` and `indices` hold one entry per warp.
-__device__ int block_argmax(float value, int index, float* values, int* indices) {
+// (value, index) of the largest of a warp's (value, index), the lowest index among equals;
+// every lane gets it.
+__device__ void warp_argmax(float* value, int* index) {
     for (int offset = 16; offset > 0; offset /= 2) {
-        float other = __shfl_xor_sync(0xffffffff, value, offset);
-        int other_index = __shfl_xor_sync(0xffffffff, index, offset);
-        if (other > value || (other == value && other_index < index)) {
-            value = other;
-            index = other_index;
+        float other = __shfl_xor_sync(0xffffffff, *value, offset);
+        int other_index = __shfl_xor_sync(0xffffffff, *index, offset);
+        if (other > *value || (other == *value && other_index < *index)) {
+            *value = other;
+            *index = other_index;
         }
     }
+}
+
+// The index of the largest of each thread's (value, index), the lowest index among equals, as
+// the host's argmax; every thread gets it. The warps' winners meet in warp 0. `values` and
+// `indices` hold one entry per warp (STEP_THREADS / 32 ≤ 32).
+__device__ int block_argmax(float value, int index, float* values, int* indices) {
+    warp_argmax(&value, &index);
     __syncthreads();
-    if (threadIdx.x % 32 == 0) {
-        values[threadIdx.x / 32] = value;
-        indices[threadIdx.x / 32] = index;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        values[warp] = value;
+        indices[warp] = index;
     }
     __syncthreads();
-    int best = 0;
-    for (int w = 1; w < blockDim.x / 32; w++) {
-        if (values[w] > values[best] || (values[w] == values[best] && indices[w] < indices[best])) best = w;
+    if (warp == 0) {
+        bool held = lane < blockDim.x / 32;
+        value = held ? values[lane] : NEG_INF;
+        index = held ? indices[lane] : 0x7fffffff;
+        warp_argmax(&value, &index);
+        if (lane == 0) indices[0] = index;
     }
-    return indices[best];
+    __syncthreads();
+    return indices[0];
+}
+
+// The mixture Σ_α weight[α] · p[α·v + i] of r rows of v probabilities at every entry i, each
+// sum in the order of α, by a block of STEP_THREADS threads: thread t takes entries
+// t·width … t·width + width − 1, then those STEP_THREADS·width further on, and so on (width 4
+// where v and p allow float4 loads, else 1: fewer instructions for the one SM a step runs on).
+// Each thread keeps its largest sum and, among equals, the lowest index (`best`, `best_index`);
+// every sum goes to `out` unless it is null. Returns whether the thread's sums were all finite.
+__device__ bool mixture_row(const float* p, const float* weight, int r, int v, int width, float* out, float* best, int* best_index) {
+    bool finite = true;
+    for (int i0 = threadIdx.x * width; i0 < v; i0 += STEP_THREADS * width) {
+        float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (width == 4) {
+#pragma unroll 4
+            for (int a = 0; a < r; a++) {
+                float wa = weight[a];
+                float4 pa = __ldg((const float4*)(p + (long)a * v + i0));
+                sums[0] += wa * pa.x;
+                sums[1] += wa * pa.y;
+                sums[2] += wa * pa.z;
+                sums[3] += wa * pa.w;
+            }
+        } else {
+            for (int a = 0; a < r; a++) sums[0] += weight[a] * p[(long)a * v + i0];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (e < width) {
+                finite &= isfinite(sums[e]);
+                if (sums[e] > *best) {
+                    *best = sums[e];
+                    *best_index = i0 + e;
+                }
+                if (out != nullptr) out[i0 + e] = sums[e];
+            }
+        }
+    }
+    return finite;
 }
 
 // A draw from weights[0..v) (not normalised) with the uniform u: the first index whose running
@@ -168,7 +218,7 @@ extern "C" __global__ void decode_gate(const float* hidden, const float* gate_we
 extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
                                               const float* uniforms, const float* hidden, float* s_hidden, float* posterior, float* work,
                                               unsigned int* readback, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
-                                              int rule, int forced) {
+                                              int rule, int forced, int width) {
     let_next_kernel_start();
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
@@ -180,21 +230,11 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
         // the previous row's reads of `work` are done before this row writes it
         __syncthreads();
         const float* p = probs + (long)j * r * v;
-        const float* wj = w + (long)j * r;
+        // the marginal; greedy: its argmax; sampling: its largest entry, to temper against
         float best = NEG_INF;
-        int best_index = 0, bad = 0;
-        for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
-            float marginal = 0.0f;
-            for (int a = 0; a < r; a++) marginal += wj[a] * p[(long)a * v + i];
-            bad |= !isfinite(marginal);
-            // greedy: the argmax; sampling: the largest entry, to temper against
-            if (marginal > best) {
-                best = marginal;
-                best_index = i;
-            }
-            if (!greedy) work[i] = marginal;
-        }
-        bad = __syncthreads_or(bad);
+        int best_index = 0;
+        bool finite = mixture_row(p, w + (long)j * r, r, v, width, greedy ? nullptr : work, &best, &best_index);
+        int bad = __syncthreads_or(!finite);
         bool last = j == m - 1;
         unsigned int draft = last ? 0 : rows[3 * (j + 1)];
         k = j;
@@ -241,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
 // draft independently). uniforms: one per draft. The drafts go to readback[STEP_DRAFTS..].
 extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
                                              unsigned int* readback, int count, int v, int r, int greedy, float inv_temperature,
-                                             int top_component) {
+                                             int top_component, int width) {
     let_next_kernel_start();
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
@@ -270,15 +310,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
         float* q = draft_q + (long)s * v;
         float best = NEG_INF;
         int best_index = 0;
-        for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
-            float mixture = 0.0f;
-            for (int a = 0; a < r; a++) mixture += pi[a] * p[(long)a * v + i];
-            if (mixture > best) {
-                best = mixture;
-                best_index = i;
-            }
-            if (!greedy) q[i] = mixture;
-        }
+        mixture_row(p, pi, r, v, width, greedy ? nullptr : q, &best, &best_index);
         int d;
         if (greedy) {
             d = block_argmax(best, best_index, warp_values, warp_indices);

@@ -118,7 +118,8 @@ impl Gpu {
         launch.arg(&probs.ptr).arg(&w.ptr).arg(&rows.on_device.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.uniforms.ptr);
         launch.arg(&buffers.hidden.ptr).arg(&buffers.s_hidden.ptr).arg(&buffers.posterior.ptr).arg(&buffers.work.ptr);
         launch.arg(&buffers.readback.ptr).arg(&m_i).arg(&v_i).arg(&r_i).arg(&c_i).arg(&n_i).arg(&greedy_i);
-        launch.arg(&choice.inv_temperature).arg(&rule_i).arg(&forced_i);
+        let width = float4_width(probs, v);
+        launch.arg(&choice.inv_temperature).arg(&rule_i).arg(&forced_i).arg(&width);
         // SAFETY: sizes checked; the table's token ids were checked as it was written
         // (`write_cache_rows`); one block.
         unsafe { launch.launch(one_block()) }?;
@@ -153,10 +154,21 @@ impl Gpu {
         let (count_i, v_i, r_i, greedy_i, top_i) = (count as i32, v as i32, r as i32, i32::from(choice.greedy), i32::from(top_component));
         let mut launch = self.launch_early(&self.kernels.speculative.draft);
         launch.arg(&probs_s.ptr).arg(&buffers.posterior.ptr).arg(&uniforms.ptr).arg(&buffers.draft_q.ptr).arg(&buffers.readback.ptr);
-        launch.arg(&count_i).arg(&v_i).arg(&r_i).arg(&greedy_i).arg(&choice.inv_temperature).arg(&top_i);
+        let width = float4_width(probs_s, v);
+        launch.arg(&count_i).arg(&v_i).arg(&r_i).arg(&greedy_i).arg(&choice.inv_temperature).arg(&top_i).arg(&width);
         // SAFETY: sizes checked; one block.
         unsafe { launch.launch(one_block()) }?;
         Ok(())
+    }
+}
+
+/// 4 where the rows of V probabilities in `probs` can be read in float4s (V a multiple of 4,
+/// the rows 16-byte aligned), else 1: the step's kernels' `width`.
+fn float4_width(probs: View<f32>, v: usize) -> i32 {
+    if v.is_multiple_of(4) && probs.ptr.is_multiple_of(16) {
+        4
+    } else {
+        1
     }
 }
 
