@@ -68,10 +68,13 @@ __device__ float gelu(float v) {
 // the row; every lane gets both.
 __device__ void warp_row_statistics(const float* xr, int c, float* mean, float* rstd) {
     int lane = threadIdx.x % 32;
+    // (unrolled so that a lane's loads are in flight together; the sums keep their order)
     float s = 0.0f;
+#pragma unroll 8
     for (int j = lane; j < c; j += 32) s += xr[j];
     float m = warp_sum(s) / c;
     float v = 0.0f;
+#pragma unroll 8
     for (int j = lane; j < c; j += 32) { float d = xr[j] - m; v += d * d; }
     *mean = m;
     *rstd = rsqrtf(warp_sum(v) / c + 1e-5f);

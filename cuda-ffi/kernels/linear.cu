@@ -49,7 +49,19 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     // takes row r's statistics, as layernorm_forward does)
     const float4* x_rows = (const float4*)x;
     if (ln_weight != nullptr) {
-        for (int i = threadIdx.x; i < rows * k / 4; i += blockDim.x) staged[i] = __ldg((const float4*)x + i);
+        // x's rows into shared memory, all of a thread's loads in flight at once
+        constexpr int STAGED_PER_THREAD = ROWS_MAX * FEW_ROW_LAYERNORM_K_MAX / 4 / THREADS;
+        float4 loaded[STAGED_PER_THREAD];
+#pragma unroll
+        for (int u = 0; u < STAGED_PER_THREAD; u++) {
+            int i = threadIdx.x + u * THREADS;
+            if (i < rows * k / 4) loaded[u] = __ldg((const float4*)x + i);
+        }
+#pragma unroll
+        for (int u = 0; u < STAGED_PER_THREAD; u++) {
+            int i = threadIdx.x + u * THREADS;
+            if (i < rows * k / 4) staged[i] = loaded[u];
+        }
         __syncthreads();
         float* staged_floats = (float*)staged;
         if (warp < rows) {
@@ -58,9 +70,17 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
             if (lane == 0) { row_mean[warp] = m; row_rstd[warp] = r; }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < rows * k; i += blockDim.x) {
-            int r = i / k, j = i % k;
-            staged_floats[i] = (staged_floats[i] - row_mean[r]) * row_rstd[r] * ln_weight[j] + ln_bias[j];
+        // thread t normalises entries t, t + THREADS, … of every row: each gain and shift loaded
+        // once, all of them at once, and no division to find an entry's row
+#pragma unroll
+        for (int u = 0; u < FEW_ROW_LAYERNORM_K_MAX / THREADS; u++) {
+            int j = threadIdx.x + u * THREADS;
+            if (j < k) {
+                float gain = __ldg(ln_weight + j), shift = __ldg(ln_bias + j);
+#pragma unroll
+                for (int r = 0; r < ROWS_MAX; r++)
+                    if (r < rows) staged_floats[r * k + j] = (staged_floats[r * k + j] - row_mean[r]) * row_rstd[r] * gain + shift;
+            }
         }
         __syncthreads();
         x_rows = staged;
