@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Registers per thread of every kernel in a kernel file, as the driver would build it for a
+device of compute capability 9.0, without a GPU: NVRTC (scripts/fetch-nvrtc.sh) compiles the
+file, after common.cuh and with the constants of cuda-ffi/src/constants.rs, to machine code,
+and the counts are read from its ELF attributes. A block's registers decide how many blocks an
+SM holds (65,536 registers an SM), and for decoding's one-wave grids that decides whether a
+launch needs a second wave: check a kernel change here before spending device time on it.
+
+Usage: scripts/kernel-registers.py cuda-ffi/kernels/linear.cu [more.cu …]
+"""
+import ctypes
+import os
+import re
+import struct
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EIATTR_REGCOUNT = 0x2F
+
+
+def defines():
+    """-DNAME=value for each of KERNEL_DEFINES and the general ops' OP_DEFINES."""
+    constants = open(os.path.join(ROOT, "cuda-ffi/src/constants.rs")).read()
+    values = {name: expr.replace("_", "") for name, expr in re.findall(r"const (\w+): usize = ([^;]+);", constants)}
+    names = re.findall(r'\("(\w+)", \w+\)', constants.split("KERNEL_DEFINES: ")[1])
+    general = open(os.path.join(ROOT, "cuda-ffi/src/general.rs")).read()
+    out = [f"-D{name}={int(eval(values[name], {}, {}))}" for name in names]
+    return out + [f"-D{name}={value}" for name, value in re.findall(r'\("(\w+)", (\d+)\)', general)]
+
+
+def cubin(nvrtc, path):
+    source = open(os.path.join(ROOT, "cuda-ffi/kernels/common.cuh")).read() + "\n" + open(path).read()
+    program = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), os.path.basename(path).encode(), 0, None, None):
+        sys.exit("nvrtcCreateProgram failed")
+    options = [b"--gpu-architecture=sm_90"] + [d.encode() for d in defines()]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    if status:
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        sys.exit(f"{path}: {log.value.decode()}")
+    nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
+    image = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetCUBIN(program, image)
+    return image.raw
+
+
+def register_counts(elf):
+    """{kernel name: registers} from the EIATTR_REGCOUNT attributes of the .nv.info sections."""
+    section_offset = struct.unpack_from("<Q", elf, 0x28)[0]
+    entry_size, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, section_offset + i * entry_size) for i in range(count)]
+
+    def string(table, offset):
+        start = sections[table][4] + offset
+        return elf[start : elf.index(b"\0", start)].decode()
+
+    by_name = {string(names_index, s[0]): (i, s) for i, s in enumerate(sections)}
+    symbols_index, symbols = by_name[".symtab"]
+    symbol_names = [
+        string(symbols[6], struct.unpack_from("<I", elf, symbols[4] + i * 24)[0]) for i in range(symbols[5] // 24)
+    ]
+    counts = {}
+    for name, (_, section) in by_name.items():
+        if not name.startswith(".nv.info"):
+            continue
+        body, at = elf[section[4] : section[4] + section[5]], 0
+        while at < len(body):
+            form, attribute = body[at], body[at + 1]
+            if form == 0x04:  # a sized attribute: (symbol, value) for REGCOUNT
+                length = struct.unpack_from("<H", body, at + 2)[0]
+                if attribute == EIATTR_REGCOUNT:
+                    symbol, registers = struct.unpack_from("<II", body, at + 4)
+                    counts[symbol_names[symbol]] = registers
+                at += 4 + length
+            else:
+                at += {0x01: 2, 0x02: 3, 0x03: 4}.get(form, 2)
+    return counts
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    folder = subprocess.run([os.path.join(ROOT, "scripts/fetch-nvrtc.sh")], check=True, capture_output=True, text=True).stdout.strip()
+    # NVRTC opens its builtins library by name, so the folder goes first in the search path
+    ctypes.CDLL(os.path.join(folder, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+    nvrtc = ctypes.CDLL(os.path.join(folder, "libnvrtc.so.13"))
+    for path in sys.argv[1:]:
+        for kernel, registers in sorted(register_counts(cubin(nvrtc, path)).items()):
+            # registers are given out per warp, 8 a thread at a time
+            blocks = 65536 // (-(-registers // 8) * 8 * 256) if registers else 0
+            print(f"{os.path.basename(path)}: {kernel}: {registers} registers a thread ({blocks} blocks of 256 threads fit an SM's registers)")
+
+
+if __name__ == "__main__":
+    main()
