@@ -6,7 +6,9 @@ and the counts are read from its ELF attributes. A block's registers decide how 
 SM holds (65,536 registers an SM), and for decoding's one-wave grids that decides whether a
 launch needs a second wave: check a kernel change here before spending device time on it.
 
-Usage: scripts/kernel-registers.py cuda-ffi/kernels/linear.cu [more.cu …]
+Usage: scripts/kernel-registers.py [--most KERNEL=REGISTERS …] FILE.cu [FILE.cu …]
+  --most: exit with an error when KERNEL takes more registers than that (CI keeps decoding's
+  kernels within the counts their speed was measured at).
 """
 import ctypes
 import os
@@ -33,7 +35,7 @@ def cubin(nvrtc, path):
     source = open(os.path.join(ROOT, "cuda-ffi/kernels/common.cuh")).read() + "\n" + open(path).read()
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), os.path.basename(path).encode(), 0, None, None):
-        sys.exit("nvrtcCreateProgram failed")
+        sys.exit(f"{path}: NVRTC could not take the source")
     options = [b"--gpu-architecture=sm_90"] + [d.encode() for d in defines()]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
@@ -41,10 +43,12 @@ def cubin(nvrtc, path):
         nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetProgramLog(program, log)
-        sys.exit(f"{path}: {log.value.decode()}")
-    nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
-    image = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetCUBIN(program, image)
+        sys.exit(f"{path}: does not compile: {log.value.decode().strip()}")
+    image = ctypes.create_string_buffer(0)
+    if nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)) == 0:
+        image = ctypes.create_string_buffer(size.value)
+    if size.value == 0 or nvrtc.nvrtcGetCUBIN(program, image):
+        sys.exit(f"{path}: NVRTC gave no machine code")
     return image.raw
 
 
@@ -82,17 +86,36 @@ def register_counts(elf):
 
 
 def main():
-    if len(sys.argv) < 2:
+    args, limits = sys.argv[1:], {}
+    while args[:1] == ["--most"] and len(args) >= 2:
+        kernel, _, most = args[1].partition("=")
+        if not most.isdigit():
+            sys.exit(f"--most {args[1]}: write KERNEL=REGISTERS, e.g. linear_few_rows_small=80")
+        limits[kernel], args = int(most), args[2:]
+    if not args or any(not path.endswith(".cu") for path in args):
         sys.exit(__doc__)
-    folder = subprocess.run([os.path.join(ROOT, "scripts/fetch-nvrtc.sh")], check=True, capture_output=True, text=True).stdout.strip()
-    # NVRTC opens its builtins library by name, so the folder goes first in the search path
-    ctypes.CDLL(os.path.join(folder, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
-    nvrtc = ctypes.CDLL(os.path.join(folder, "libnvrtc.so.13"))
-    for path in sys.argv[1:]:
+    fetched = subprocess.run([os.path.join(ROOT, "scripts/fetch-nvrtc.sh")], capture_output=True, text=True)
+    if fetched.returncode != 0:
+        sys.exit(f"NVRTC could not be fetched (scripts/fetch-nvrtc.sh): {fetched.stderr.strip()}")
+    folder = fetched.stdout.strip()
+    try:
+        # NVRTC opens its builtins library by name: loaded first, it is found among those loaded
+        ctypes.CDLL(os.path.join(folder, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+        nvrtc = ctypes.CDLL(os.path.join(folder, "libnvrtc.so.13"))
+    except OSError as error:
+        sys.exit(f"NVRTC in {folder} does not load: {error}")
+    over = []
+    for path in args:
         for kernel, registers in sorted(register_counts(cubin(nvrtc, path)).items()):
             # registers are given out per warp, 8 a thread at a time
-            blocks = 65536 // (-(-registers // 8) * 8 * 256) if registers else 0
-            print(f"{os.path.basename(path)}: {kernel}: {registers} registers a thread ({blocks} blocks of 256 threads fit an SM's registers)")
+            threads = 65536 // (-(-registers // 8) * 8) if registers else 0
+            print(f"{os.path.basename(path)}: {kernel}: {registers} registers a thread (an SM's registers hold {threads} threads)")
+            if registers > limits.pop(kernel, registers):
+                over.append(kernel)
+    if limits:
+        sys.exit(f"no such kernel in {', '.join(args)}: {', '.join(limits)}")
+    if over:
+        sys.exit(f"more registers than allowed (--most): {', '.join(over)}")
 
 
 if __name__ == "__main__":

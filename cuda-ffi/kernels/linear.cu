@@ -15,6 +15,9 @@
 
 #define LOADS_IN_FLIGHT 8
 
+// the LayerNorm prologue strides over x by THREADS, the launch's block size
+static_assert(FEW_ROW_WARPS * 32 == THREADS, "a few-row block is FEW_ROW_WARPS warps of THREADS threads in all");
+
 // The float4s q, q + 32, … (LOADS_IN_FLIGHT of them, those below `quads`) of a warp's span of
 // its column, all in flight at once
 __device__ __forceinline__ void load_column_quads(float4 (&w_quads)[LOADS_IN_FLIGHT], const float4* span, int q, int quads) {
@@ -50,7 +53,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     const float4* x_rows = (const float4*)x;
     if (ln_weight != nullptr) {
         // x's rows into shared memory, all of a thread's loads in flight at once
-        constexpr int STAGED_PER_THREAD = ROWS_MAX * FEW_ROW_LAYERNORM_K_MAX / 4 / THREADS;
+        constexpr int STAGED_PER_THREAD = (ROWS_MAX * FEW_ROW_LAYERNORM_K_MAX / 4 + THREADS - 1) / THREADS;
         float4 loaded[STAGED_PER_THREAD];
 #pragma unroll
         for (int u = 0; u < STAGED_PER_THREAD; u++) {
@@ -73,7 +76,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
         // thread t normalises entries t, t + THREADS, … of every row: each gain and shift loaded
         // once, all of them at once, and no division to find an entry's row
 #pragma unroll
-        for (int u = 0; u < FEW_ROW_LAYERNORM_K_MAX / THREADS; u++) {
+        for (int u = 0; u < (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS; u++) {
             int j = threadIdx.x + u * THREADS;
             if (j < k) {
                 float gain = __ldg(ln_weight + j), shift = __ldg(ln_bias + j);

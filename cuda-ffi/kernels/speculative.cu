@@ -311,6 +311,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
         float best = NEG_INF;
         int best_index = 0;
         mixture_row(p, pi, r, v, width, greedy ? nullptr : q, &best, &best_index);
+        // (sampling: temper_in_place reads q only after its reduction's barriers)
         int d;
         if (greedy) {
             d = block_argmax(best, best_index, warp_values, warp_indices);
