@@ -1177,6 +1177,55 @@ fn greedy_speculative_decoding_equals_autoregressive(gpu: &Gpu, vocab: usize) {
     println!("{} prompts decoded together on the GPU: each one's tokens as alone, greedy and sampled, both drafts", cases.len());
 }
 
+cuda_test!(the_step_kernels_choose_the_first_of_equal_maxima_past_4096_entries, |gpu| {
+    // V past 4096, so that each of the step block's 1024 threads takes entries from more than
+    // one run of the row, in float4s (V = 8196) and one by one (8197); the largest marginal
+    // planted twice, the lower index in a later warp than the higher one (in both widths for
+    // verification). Verification's next token and the drafts must each be the lowest index
+    // among equal largest entries, as the host's argmax; the last draft's maximum is the last
+    // entry, the end of both loops
+    use multitoken_cuda::{StepBuffers, StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE};
+    let (r, n, c) = (3, 3, 8);
+    for v in [8196usize, 8197] {
+        let mut rng = Rng::new(v as u64);
+        // rows of probabilities (not normalised: the argmax does not care) with planted maxima
+        let mut rows_with_maxima = |count: usize, maxima: &[usize]| -> Vec<f32> {
+            let mut rows = Vec::with_capacity(count * r * v);
+            for _ in 0..count * r {
+                let mut row: Vec<f32> = (0..v).map(|_| 0.1 + 0.5 * rng.uniform() as f32).collect();
+                maxima.iter().for_each(|&i| row[i] = 3.0);
+                rows.extend(row);
+            }
+            rows
+        };
+        let probs = gpu.upload(&rows_with_maxima(1, &[3000, 4200])).unwrap();
+        let mut probs_s = rows_with_maxima(1, &[5100, 6000]);
+        probs_s.extend(rows_with_maxima(1, &[v - 1]));
+        let probs_s = gpu.upload(&probs_s).unwrap();
+        let w = gpu.upload(&[0.2f32, 0.3, 0.5]).unwrap();
+        let table = gpu.zeros::<u32>(3).unwrap();
+        let rows = gpu.write_cache_rows(table.view(), &[[7, 0, 4]], v, 1, 16).unwrap();
+        let (hidden, s_hidden, posterior) = (gpu.upload(&random(c, 31)).unwrap(), gpu.zeros(c).unwrap(), gpu.zeros(r).unwrap());
+        let (draft_q, uniforms, work) = (gpu.zeros((n - 1) * v).unwrap(), gpu.zeros(2 * n - 1).unwrap(), gpu.zeros(v).unwrap());
+        let readback = gpu.zeros::<u32>(STEP_DRAFTS + n - 1).unwrap();
+        let buffers = StepBuffers {
+            hidden: hidden.view(),
+            s_hidden: s_hidden.view(),
+            posterior: posterior.view(),
+            draft_q: draft_q.view(),
+            uniforms: uniforms.view(),
+            work: work.view(),
+            readback: readback.view(),
+        };
+        let greedy = StepChoice { greedy: true, inv_temperature: 1.0, rule: ACCEPT_EXACT };
+        gpu.speculative_verify(probs.view(), w.view(), rows, buffers, n, greedy, None).unwrap();
+        gpu.speculative_draft(probs_s.view(), buffers, n - 1, greedy, false).unwrap();
+        let back = gpu.download(readback.view()).unwrap();
+        assert_eq!((back[STEP_ACCEPTED], back[STEP_NEXT], back[STEP_NOT_FINITE]), (0, 3000, 0), "V = {v}: verification");
+        assert_eq!(back[STEP_DRAFTS..], [5100, v as u32 - 1], "V = {v}: the drafts");
+    }
+});
+
 cuda_test!(speculative_sampling_on_the_gpu_is_exact_and_a_wrong_acceptance_rule_is_caught, |gpu| {
     use common::exactness::{chi_square, critical_value, exact_pair_distribution};
     use multitoken::decode::generate::AcceptanceRule;
