@@ -902,22 +902,38 @@ cuda_test!(gpu_kv_cache_passes_match_the_cpu_cache, |gpu| {
         decoder.use_graphs(graphs);
         decoder.backbone().truncate(0);
         cpu.truncate(0);
-        for (range, truncate_to) in passes.clone() {
-            let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
-            let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
-            worst = worst.max(relative_error(&ours, &reference));
-            hidden.extend(ours);
-            if let Some(len) = truncate_to {
-                decoder.backbone().truncate(len);
-                cpu.truncate(len);
-            }
-        }
+        let (pass_worst, pass_hidden) = passes_against_the_cpu(&mut decoder, &mut cpu, &tokens, &passes);
+        worst = worst.max(pass_worst);
+        *hidden = pass_hidden;
         // passes of 1 and 3 tokens
         assert_eq!(decoder.captured_passes(), if graphs { 2 } else { 0 });
     }
     report("KV-cache backbone passes, GPU against CPU", worst, 1e-5);
     assert!(hidden[0] == hidden[1], "replayed graphs and kernels launched one by one differ");
 });
+
+/// Decoding passes through the GPU decoder's backbone and the CPU's cached one alike: each pass
+/// the tokens of its range, then both caches cut to the length given, if any. Returns the worst
+/// relative error of the GPU's hidden states and those states, pass after pass.
+fn passes_against_the_cpu(
+    decoder: &mut GpuDecoder,
+    cpu: &mut CachedBackbone<f32>,
+    tokens: &[u32],
+    passes: &[(std::ops::Range<usize>, Option<usize>)],
+) -> (f64, Vec<f32>) {
+    let (mut worst, mut hidden) = (0.0f64, Vec::new());
+    for (range, truncate_to) in passes.iter().cloned() {
+        let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
+        let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
+        worst = worst.max(relative_error(&ours, &reference));
+        hidden.extend(ours);
+        if let Some(len) = truncate_to {
+            decoder.backbone().truncate(len);
+            cpu.truncate(len);
+        }
+    }
+    (worst, hidden)
+}
 
 cuda_test!(gpu_kv_cache_passes_take_every_head_shape_and_launch_early_to_the_same_bits, |gpu| {
     // heads wider than a block's 256 threads (384: the attention's weighted sum in passes, float4
@@ -941,17 +957,7 @@ cuda_test!(gpu_kv_cache_passes_take_every_head_shape_and_launch_early_to_the_sam
             gpu.early_launch = early;
             let mut decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
             let mut cpu = CachedBackbone::new(&config, &params);
-            let (mut worst, mut hidden) = (0.0f64, Vec::new());
-            for (range, truncate_to) in passes.clone() {
-                let ours = decoder.backbone().forward(&tokens[range.clone()]).unwrap();
-                let reference: Vec<f64> = cpu.forward(&tokens[range]).iter().map(|&x| x as f64).collect();
-                worst = worst.max(relative_error(&ours, &reference));
-                hidden.extend(ours);
-                if let Some(len) = truncate_to {
-                    decoder.backbone().truncate(len);
-                    cpu.truncate(len);
-                }
-            }
+            let (worst, hidden) = passes_against_the_cpu(&mut decoder, &mut cpu, &tokens, &passes);
             report(&format!("KV-cache passes, C {n_embd}, {n_head} heads, early launch {early}: GPU against CPU"), worst, 1e-5);
             runs.push(hidden);
         }

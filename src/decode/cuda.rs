@@ -351,20 +351,25 @@ struct ByColumn {
     layers: Vec<[View<f32>; 4]>,
 }
 
+/// A block's four linear layers as trained, (weight (k, n), bias (n)), in the order of [`Linear`].
+fn linear_layers(block: &BlockParams<View<f32>>) -> [(View<f32>, View<f32>); 4] {
+    [
+        (block.attn_c_attn_weight, block.attn_c_attn_bias),
+        (block.attn_c_proj_weight, block.attn_c_proj_bias),
+        (block.mlp_c_fc_weight, block.mlp_c_fc_bias),
+        (block.mlp_c_proj_weight, block.mlp_c_proj_bias),
+    ]
+}
+
 impl ByColumn {
     fn new(gpu: &Gpu, blocks: &[BlockParams<View<f32>>]) -> Result<Self> {
-        let weights = |block: &BlockParams<View<f32>>| {
-            [block.attn_c_attn_weight, block.attn_c_proj_weight, block.mlp_c_fc_weight, block.mlp_c_proj_weight]
-        };
-        let total: usize = blocks.iter().flat_map(|block| weights(block).map(|w| w.len())).sum();
+        let total: usize = blocks.iter().flat_map(|block| linear_layers(block).map(|(weight, _)| weight.len())).sum();
         let buffer = gpu.zeros::<f32>(total)?;
-        let biases =
-            |block: &BlockParams<View<f32>>| [block.attn_c_attn_bias, block.attn_c_proj_bias, block.mlp_c_fc_bias, block.mlp_c_proj_bias];
         let mut offset = 0;
         let mut layers = Vec::with_capacity(blocks.len());
         for block in blocks {
             let mut layer = [buffer.view(); 4];
-            for ((slot, weight), bias) in layer.iter_mut().zip(weights(block)).zip(biases(block)) {
+            for (slot, (weight, bias)) in layer.iter_mut().zip(linear_layers(block)) {
                 // (k, n) → (n, k): n is the bias's length
                 let (n, by_column) = (bias.len(), buffer.view().slice(offset, weight.len()));
                 gpu.transpose_last(weight, by_column, (1, weight.len() / n, n))?;
@@ -490,13 +495,7 @@ struct GpuPassKernels<'a> {
 impl GpuPassKernels<'_> {
     /// A block's linear weight in both layouts.
     fn weight(&self, layer: usize, linear: Linear) -> LinearWeight {
-        let block = &self.p.blocks[layer];
-        let as_trained = match linear {
-            Linear::Qkv => block.attn_c_attn_weight,
-            Linear::AttentionOut => block.attn_c_proj_weight,
-            Linear::MlpUp => block.mlp_c_fc_weight,
-            Linear::MlpDown => block.mlp_c_proj_weight,
-        };
+        let (as_trained, _) = linear_layers(&self.p.blocks[layer])[linear as usize];
         LinearWeight { as_trained, by_column: self.by_column.map(|layers| layers[layer][linear as usize]) }
     }
 
