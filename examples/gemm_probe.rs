@@ -132,6 +132,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 time(&gpu, &|| gpu.linear_few_rows(z.view(), None, wte.view(), None, Epilogue::Bias, logits.view()).map(|_| ()))?;
             line += &format!(" | few rows: issued {issue:4.1} µs, done {done:5.1} µs");
         }
+        let (issue, done) = time(&gpu, &|| gpu.linear_column_tiles(z.view(), wte.view(), logits.view()).map(|_| ()))?;
+        line += &format!(" | column tiles: issued {issue:4.1} µs, done {done:5.1} µs");
         println!("{line}");
     }
     let (h, z) = (gpu.upload(&random(c))?, gpu.upload(&random(4 * c))?);

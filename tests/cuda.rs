@@ -584,6 +584,43 @@ cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue
     report("linear on 4 rows: few-row kernel against cuBLASLt", relative_error(&gpu.download(few.view()).unwrap(), &general), 1e-5);
 });
 
+cuda_test!(linear_in_column_tiles_matches_the_cpu_and_the_few_row_kernel_to_the_bit, |gpu| {
+    // the head's tiled products: n a multiple of a block's 32 columns or not (and fewer columns
+    // than one warp's four), k with or without float4s left over past 32 lanes; every row count
+    // up to 16 in some shape
+    for (k, n, row_counts) in [(300, 773, [1, 5, 12]), (40, 3, [2, 7, 16]), (768, 8192, [4, 13, 16])] {
+        let w = random(k * n, 101);
+        let dw = gpu.upload(&w).unwrap(); // (n, k): by output column
+        for rows in row_counts {
+            let x = random(rows * k, 102 + rows as u64);
+            let dx = gpu.upload(&x).unwrap();
+            let reference: Vec<f64> =
+                (0..rows * n).map(|i| (0..k).map(|p| x[(i / n) * k + p] as f64 * w[(i % n) * k + p] as f64).sum::<f64>()).collect();
+            let out = gpu.upload(&vec![f32::NAN; rows * n]).unwrap(); // poisoned: every element must be written
+            assert!(gpu.linear_column_tiles(dx.view(), dw.view(), out.view()).unwrap());
+            let tiled = gpu.download(out.view()).unwrap();
+            report(&format!("linear_column_tiles {rows}×{k}·({n}×{k})ᵀ"), relative_error(&tiled, &reference), 1e-5);
+            if n == 8192 {
+                // wte-sized: the few-row kernel gives a column one warp, and each of its rows,
+                // decoded alone, the same bits
+                for row in 0..rows {
+                    let alone = gpu.upload(&vec![f32::NAN; n]).unwrap();
+                    let epilogue = multitoken_cuda::Epilogue::Bias;
+                    assert!(gpu.linear_few_rows(dx.view().slice(row * k, k), None, dw.view(), None, epilogue, alone.view()).unwrap());
+                    assert_eq!(gpu.download(alone.view()).unwrap(), tiled[row * n..(row + 1) * n], "row {row} of {rows}");
+                }
+            }
+        }
+    }
+    // where it does not apply it does nothing and says so: more than 16 rows, k not a multiple of 4
+    let (w, x) = (gpu.upload(&random(8 * 4, 103)).unwrap(), gpu.upload(&random(17 * 8, 104)).unwrap());
+    let out = gpu.upload(&[7.0f32; 17 * 4]).unwrap();
+    assert!(!gpu.linear_column_tiles(x.view(), w.view(), out.view()).unwrap());
+    let (w, x) = (gpu.upload(&random(6 * 8, 105)).unwrap(), gpu.upload(&random(2 * 6, 106)).unwrap());
+    assert!(!gpu.linear_column_tiles(x.view(), w.view(), out.view().prefix(16)).unwrap());
+    assert_eq!(gpu.download(out.view()).unwrap(), vec![7.0; 17 * 4]);
+});
+
 cuda_test!(layernorm_on_a_few_rows_matches_the_cpu, |gpu| {
     // decoding's LayerNorm takes a block per row
     let c = 100;

@@ -149,3 +149,88 @@ extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_small(FEW_
 extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_ROWS_ARGUMENTS) {
     linear_few_rows<FEW_ROWS_LARGE>(x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu);
 }
+
+// Products on up to TILE_ROWS_MAX rows, with no prologue and no bias: the head's logits, a
+// pass's rows times r components against wte (by output column). There x has too many rows for
+// the kernel above, whose warp reads every row of x once for each float4 of its one column;
+// here a warp takes TILE_COLUMNS neighbouring columns, so that each float4 of x serves that many
+// float4s of w. Lane l sums the float4s l, l + 32, … of each column in order, as the kernel above
+// does with one warp a column (split 1, which it chooses for the head's long n), and the warp's
+// sums meet by the same pairs of lanes: each output is the same bits as it gives.
+//
+// The reduction hands values off instead of every lane summing every value: at each of the five
+// steps a lane keeps half of its values and takes its partner's share of that half (lanes l and
+// l ^ offset pair up, as in warp_sum, and a + b = b + a), so 62 shuffles reduce 64 sums where
+// warp_sum would take 320, and lane l ends with values 2l and 2l + 1.
+#define TILE_SUMS (TILE_ROWS_MAX * TILE_COLUMNS)
+static_assert(TILE_SUMS == 64, "the tiles' reduction takes 64 sums a lane down to 2 in five halvings");
+
+template <int COUNT>
+__device__ __forceinline__ void hand_off_half(float (&values)[TILE_SUMS], int offset) {
+    bool upper = (threadIdx.x & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < COUNT / 2; i++) {
+        float keep = upper ? values[i + COUNT / 2] : values[i];
+        float send = upper ? values[i] : values[i + COUNT / 2];
+        values[i] = keep + __shfl_xor_sync(0xffffffff, send, offset);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+    linear_column_tiles(const float* x, const float* wt, float* out, int rows, int k, int n) {
+    let_next_kernel_start();
+    int lane = threadIdx.x % 32;
+    int first_column = (blockIdx.x * FEW_ROW_WARPS + threadIdx.x / 32) * TILE_COLUMNS;
+    int quads = k / 4;
+    // columns past n read column n − 1 and are not written
+    const float4* columns[TILE_COLUMNS];
+#pragma unroll
+    for (int c = 0; c < TILE_COLUMNS; c++) columns[c] = (const float4*)(wt + (long)min(first_column + c, n - 1) * k);
+
+    // the next float4 of each column, loaded while the current one is used (the first before
+    // the kernel ahead has finished: no kernel writes a weight)
+    float4 next_w[TILE_COLUMNS];
+    if (lane < quads) {
+#pragma unroll
+        for (int c = 0; c < TILE_COLUMNS; c++) next_w[c] = __ldg(columns[c] + lane);
+    }
+    wait_for_previous_kernel();
+
+    float sum[TILE_SUMS];  // sum[r · TILE_COLUMNS + c]: row r, column first_column + c
+#pragma unroll
+    for (int i = 0; i < TILE_SUMS; i++) sum[i] = 0.0f;
+    const float4* x_quads = (const float4*)x;
+    for (int q = lane; q < quads; q += 32) {
+        float4 w[TILE_COLUMNS];
+#pragma unroll
+        for (int c = 0; c < TILE_COLUMNS; c++) w[c] = next_w[c];
+        if (q + 32 < quads) {
+#pragma unroll
+            for (int c = 0; c < TILE_COLUMNS; c++) next_w[c] = __ldg(columns[c] + q + 32);
+        }
+        // every row's sums, rows past `rows` repeating the last one (not written): a branch on
+        // the row count would wait for each row's x before loading the next
+#pragma unroll
+        for (int r = 0; r < TILE_ROWS_MAX; r++) {
+            float4 xv = __ldg(x_quads + (long)min(r, rows - 1) * quads + q);
+#pragma unroll
+            for (int c = 0; c < TILE_COLUMNS; c++) {
+                float& s = sum[r * TILE_COLUMNS + c];
+                s += xv.x * w[c].x;
+                s += xv.y * w[c].y;
+                s += xv.z * w[c].z;
+                s += xv.w * w[c].w;
+            }
+        }
+    }
+    hand_off_half<64>(sum, 16);
+    hand_off_half<32>(sum, 8);
+    hand_off_half<16>(sum, 4);
+    hand_off_half<8>(sum, 2);
+    hand_off_half<4>(sum, 1);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int index = 2 * lane + i, r = index / TILE_COLUMNS, column = first_column + index % TILE_COLUMNS;
+        if (r < rows && column < n) out[(long)r * n + column] = sum[i];
+    }
+}

@@ -31,6 +31,10 @@ pub(crate) const FEW_ROWS_SMALL: usize = 4;
 pub(crate) const FEW_ROWS_LARGE: usize = 8;
 pub(crate) const FEW_ROW_WARPS: usize = 8;
 pub(crate) const FEW_ROW_LAYERNORM_K_MAX: usize = 1024;
+/// The tiled kernel for the head's products (`kernels/linear.cu`): the most rows it takes, and
+/// the neighbouring output columns a warp computes together.
+pub(crate) const TILE_ROWS_MAX: usize = 16;
+pub(crate) const TILE_COLUMNS: usize = 4;
 /// Elements of a tensor per block of the many-tensor AdamW kernel.
 pub(crate) const ADAMW_CHUNK: usize = 4096;
 
@@ -57,7 +61,7 @@ pub const ACCEPT_ALWAYS: usize = 1;
 pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 25] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -72,6 +76,8 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 23] = [
     ("FEW_ROWS_LARGE", FEW_ROWS_LARGE),
     ("FEW_ROW_WARPS", FEW_ROW_WARPS),
     ("FEW_ROW_LAYERNORM_K_MAX", FEW_ROW_LAYERNORM_K_MAX),
+    ("TILE_ROWS_MAX", TILE_ROWS_MAX),
+    ("TILE_COLUMNS", TILE_COLUMNS),
     ("ADAMW_CHUNK", ADAMW_CHUNK),
     ("STEP_THREADS", STEP_THREADS),
     ("STEP_ACCEPTED", STEP_ACCEPTED),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
-use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_LAYERNORM_K_MAX, FEW_ROW_WARPS, THREADS};
+use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_LAYERNORM_K_MAX, FEW_ROW_WARPS, THREADS, TILE_COLUMNS};
 use crate::memory::View;
 use crate::{check, Gpu, Result};
 
@@ -15,9 +15,14 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/linear.cu");
 /// The most rows `linear_few_rows` takes (its largest instance's).
 pub const FEW_ROWS_MAX: usize = FEW_ROWS_LARGE;
 
+/// The most rows `linear_column_tiles` takes.
+pub const TILE_ROWS_MAX: usize = crate::constants::TILE_ROWS_MAX;
+
 pub(crate) struct Kernels {
     /// for up to `FEW_ROWS_SMALL` rows and up to `FEW_ROWS_LARGE`, with those numbers
     instances: [(usize, CudaFunction); 2],
+    /// for up to [`TILE_ROWS_MAX`] rows, no prologue, no bias
+    column_tiles: CudaFunction,
 }
 
 impl Kernels {
@@ -27,8 +32,25 @@ impl Kernels {
                 (FEW_ROWS_SMALL, module.load_function("linear_few_rows_small")?),
                 (FEW_ROWS_LARGE, module.load_function("linear_few_rows_large")?),
             ],
+            column_tiles: module.load_function("linear_column_tiles")?,
         })
     }
+}
+
+/// (rows, k, n) of `out (rows, n) = x (rows, k) · wᵀ` from the three lengths, or `None` where
+/// one is empty.
+fn product_shape(x: View<f32>, weight_by_column: View<f32>, out: View<f32>) -> Result<Option<(usize, usize, usize)>> {
+    let k_times_n = weight_by_column.len();
+    // rows·k = |x|, n·k = |w|, rows·n = |out|
+    let rows = ((x.len() as f64 * out.len() as f64 / k_times_n.max(1) as f64).sqrt().round()) as usize;
+    if rows == 0 || k_times_n == 0 {
+        return Ok(None);
+    }
+    let (k, n) = (x.len() / rows, out.len() / rows);
+    check(rows * k == x.len() && rows * n == out.len() && k * n == k_times_n, || {
+        format!("linear: x ({} elements), weight ({k_times_n}) and out ({}) are not rows×k, n×k and rows×n", x.len(), out.len())
+    })?;
+    Ok(Some((rows, k, n)))
 }
 
 /// What [`Gpu::linear_few_rows`] does to the product before it writes it.
@@ -60,16 +82,9 @@ impl Gpu {
         epilogue: Epilogue,
         out: View<f32>,
     ) -> Result<bool> {
-        let k_times_n = weight_by_column.len();
-        // rows·k = |x|, n·k = |w|, rows·n = |out|
-        let rows = ((x.len() as f64 * out.len() as f64 / k_times_n.max(1) as f64).sqrt().round()) as usize;
-        if rows == 0 || k_times_n == 0 {
+        let Some((rows, k, n)) = product_shape(x, weight_by_column, out)? else {
             return Ok(false);
-        }
-        let (k, n) = (x.len() / rows, out.len() / rows);
-        check(rows * k == x.len() && rows * n == out.len() && k * n == k_times_n, || {
-            format!("linear: x ({} elements), weight ({k_times_n}) and out ({}) are not rows×k, n×k and rows×n", x.len(), out.len())
-        })?;
+        };
         check(bias.is_none_or(|b| b.len() == n), || format!("linear: the bias is not {n} long"))?;
         let Some((_, kernel)) = self.kernels.linear.instances.iter().find(|(most, _)| rows <= *most) else {
             return Ok(false);
@@ -102,6 +117,31 @@ impl Gpu {
         let blocks = n.div_ceil(FEW_ROW_WARPS / split);
         let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: shapes and alignment checked above; k is a multiple of 4·split (column_split).
+        unsafe { launch.launch(config) }?;
+        Ok(true)
+    }
+
+    /// The head's products on up to [`TILE_ROWS_MAX`] rows: `out (rows, n) = x (rows, k) ·
+    /// weight_by_columnᵀ`, weight_by_column (n, k) as for [`Gpu::linear_few_rows`], no bias. A
+    /// warp computes four neighbouring columns, so each load of x serves four of the weight; each
+    /// output is summed in the order `linear_few_rows` sums it when one warp takes a column (as
+    /// it does for n of at least 16 columns an SM), so the two give a row the same bits. Returns
+    /// `Ok(false)`, having done nothing, where it does not apply: more than [`TILE_ROWS_MAX`]
+    /// rows, k not a multiple of 4, x or the weight not 16-byte aligned, or `few_row_linear` off.
+    pub fn linear_column_tiles(&self, x: View<f32>, weight_by_column: View<f32>, out: View<f32>) -> Result<bool> {
+        let Some((rows, k, n)) = product_shape(x, weight_by_column, out)? else {
+            return Ok(false);
+        };
+        let aligned = [x.ptr, weight_by_column.ptr].iter().all(|p| p.is_multiple_of(16));
+        if rows > TILE_ROWS_MAX || !self.few_row_linear || !k.is_multiple_of(4) || !aligned {
+            return Ok(false);
+        }
+        let (rows_i, k_i, n_i) = (rows as i32, k as i32, n as i32);
+        let mut launch = self.launch_early(&self.kernels.linear.column_tiles);
+        launch.arg(&x.ptr).arg(&weight_by_column.ptr).arg(&out.ptr).arg(&rows_i).arg(&k_i).arg(&n_i);
+        let blocks = n.div_ceil(FEW_ROW_WARPS * TILE_COLUMNS);
+        let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: shapes and alignment checked above.
         unsafe { launch.launch(config) }?;
         Ok(true)
     }

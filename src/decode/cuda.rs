@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use multitoken_cuda::{
     AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, StepBuffers, StepChoice, View, ACCEPT_ALWAYS,
-    ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
+    ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE, TILE_ROWS_MAX,
 };
 
 use crate::decode::generate::{decode_batch_on, decode_loop, not_finite, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
@@ -865,13 +865,19 @@ impl StepEngine for GpuStepEngine<'_, '_> {
 }
 
 /// The most rows the head's products take the few-row kernel for: on an H200 it streams wte for
-/// 4 rows faster than cuBLAS, for 8 or more slower (`examples/gemm_probe.rs --decoding`).
+/// 4 rows faster than cuBLAS, for 8 or more slower (`examples/gemm_probe.rs --decoding`); the
+/// tiled kernel takes up to [`TILE_ROWS_MAX`] (a speculative pass's n·r rows).
 const HEAD_FEW_ROWS: usize = 4;
 
 /// `out (rows, n) = x (rows, k) · wᵀ` for w (n, k), no bias (the head's products): the few-row
-/// kernel on up to [`HEAD_FEW_ROWS`] rows where it applies, else a general product.
+/// kernel on up to [`HEAD_FEW_ROWS`] rows, the tiled one on up to [`TILE_ROWS_MAX`], where they
+/// apply, else a general product. Over a vocabulary of at least 16 columns an SM the two sum an
+/// output in one order, so a row's logits are the same bits in a pass of one token and of n.
 fn product_by_column(gpu: &Gpu, x: View<f32>, w: View<f32>, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
     if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w, None, Epilogue::Bias, out)? {
+        return Ok(());
+    }
+    if rows <= TILE_ROWS_MAX && gpu.linear_column_tiles(x, w, out)? {
         return Ok(());
     }
     Ok(gpu.matmul(Operand::normal(x), Operand::transposed(w), out, rows, k, n, false)?)
