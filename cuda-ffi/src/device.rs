@@ -93,8 +93,9 @@ pub struct Gpu {
     pub gemm_route: GemmRoute,
     /// the arithmetic of matrix products (`--precision`)
     pub precision: ProductPrecision,
-    /// decoding's products on up to [`crate::FEW_ROWS_MAX`] rows through `linear_few_rows` (else
-    /// the general route)
+    /// decoding's products on up to [`crate::FEW_ROWS_MAX`] rows through `linear_few_rows`, and
+    /// the head's on up to [`crate::TILE_ROWS_MAX`] through `linear_column_tiles` (else the
+    /// general route)
     pub few_row_linear: bool,
     /// the device's multiprocessors
     pub multiprocessors: usize,
