@@ -70,8 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (_, micros) = time(&gpu, &|| gpu.round_to_bf16(x.view(), copy.view()))?;
         println!("round_to_bf16 of 8192×768: {micros:.1} µs, {:.0} GB/s (6 bytes an element)", 6.0 * x.len() as f64 / micros / 1e3);
     }
-    for ((registers, spilled, blocks), rows) in gpu.few_row_linear_resources()?.into_iter().zip([4, 8]) {
-        println!("decoding: linear_few_rows for {rows} rows: {registers} registers, {spilled} bytes spilled, {blocks} blocks per SM");
+    let kernels = ["linear_few_rows for 4 rows", "linear_few_rows for 8 rows", "linear_column_tiles"];
+    for ((registers, spilled, blocks), kernel) in gpu.few_row_linear_resources()?.into_iter().zip(kernels) {
+        println!("decoding: {kernel}: {registers} registers, {spilled} bytes spilled, {blocks} blocks per SM");
     }
     let (small_in, small_out) = (gpu.upload(&random(256))?, gpu.upload(&random(256))?);
     let (issue, done) = time(&gpu, &|| gpu.gelu_forward(small_in.view(), small_out.view()))?;
@@ -115,8 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // the head at decoding: `base` n = 4, r = 4, V = 8192; a request's r expanded rows against
-    // wte (V, C), as a product with wte transposed, and through the few-row kernel (which reads
-    // wte as it is, by output column)
+    // wte (V, C), as a product with wte transposed, and through the few-row and column-tile
+    // kernels (which read wte as it is, by output column)
     let (c, v) = (768, 8192);
     let wte = gpu.upload(&random(v * c))?;
     let expanders = gpu.upload(&random(4 * c * c))?;

@@ -587,11 +587,12 @@ cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue
 cuda_test!(linear_in_column_tiles_matches_the_cpu_and_the_few_row_kernel_to_the_bit, |gpu| {
     // the head's tiled products: n a multiple of a block's 32 columns or not (and fewer columns
     // than one warp's four), k with or without float4s left over past 32 lanes; every row count
-    // up to 16 in some shape
-    for (k, n, row_counts) in [(300, 773, [1, 5, 12]), (40, 3, [2, 7, 16]), (768, 8192, [4, 13, 16])] {
+    // from 1 to 16 on the smallest shape
+    let every_row_count: Vec<usize> = (1..=16).collect();
+    for (k, n, row_counts) in [(300, 773, &[1, 5, 12][..]), (40, 3, &every_row_count[..]), (768, 8192, &[4, 13, 16][..])] {
         let w = random(k * n, 101);
         let dw = gpu.upload(&w).unwrap(); // (n, k): by output column
-        for rows in row_counts {
+        for &rows in row_counts {
             let x = random(rows * k, 102 + rows as u64);
             let dx = gpu.upload(&x).unwrap();
             let reference: Vec<f64> =

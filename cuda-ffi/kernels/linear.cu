@@ -138,8 +138,8 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 
 // Two instances: up to 4 rows (decoding's usual passes), with registers to spare for more blocks
 // per SM, and up to 8. Both split w alike, so a row's bits do not depend on which runs it. (More
-// rows read x from L1 more often than w arrives: at 8 to 16 rows of the head's logits cuBLAS is
-// faster.)
+// rows read x from L1 more often than w arrives: the head's logits on more than 4 rows take
+// linear_column_tiles below.)
 #define FEW_ROWS_ARGUMENTS                                                                                                            \
     const float *x, const float *ln_weight, const float *ln_bias, const float *wt, const float *b, const float *residual, float *out, \
         int rows, int k, int n, int split, int apply_gelu

@@ -139,7 +139,7 @@ impl Gpu {
         let (rows_i, k_i, n_i) = (rows as i32, k as i32, n as i32);
         let mut launch = self.launch_early(&self.kernels.linear.column_tiles);
         launch.arg(&x.ptr).arg(&weight_by_column.ptr).arg(&out.ptr).arg(&rows_i).arg(&k_i).arg(&n_i);
-        let blocks = n.div_ceil(FEW_ROW_WARPS * TILE_COLUMNS);
+        let blocks = self.column_tile_blocks(n);
         let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: shapes and alignment checked above.
         unsafe { launch.launch(config) }?;
@@ -161,14 +161,20 @@ impl Gpu {
     }
 
     /// (registers per thread, bytes spilled to local memory, blocks per SM) of `linear_few_rows`'s
-    /// instances, for up to 4 and 8 rows.
+    /// instances, for up to 4 and 8 rows, then of `linear_column_tiles`.
     pub fn few_row_linear_resources(&self) -> Result<Vec<(i32, i32, u32)>> {
         use CUfunction_attribute::{CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES as LOCAL, CU_FUNC_ATTRIBUTE_NUM_REGS as REGISTERS};
+        let linear = &self.kernels.linear;
         let mut out = Vec::new();
-        for (_, kernel) in &self.kernels.linear.instances {
+        for kernel in linear.instances.iter().map(|(_, kernel)| kernel).chain([&linear.column_tiles]) {
             let blocks = kernel.occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, 0, None)?;
             out.push((kernel.get_attribute(REGISTERS)?, kernel.get_attribute(LOCAL)?, blocks));
         }
         Ok(out)
+    }
+
+    /// The blocks `linear_column_tiles` launches for n output columns.
+    pub fn column_tile_blocks(&self, n: usize) -> usize {
+        n.div_ceil(FEW_ROW_WARPS * TILE_COLUMNS)
     }
 }

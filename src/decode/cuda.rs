@@ -870,14 +870,17 @@ impl StepEngine for GpuStepEngine<'_, '_> {
 const HEAD_FEW_ROWS: usize = 4;
 
 /// `out (rows, n) = x (rows, k) · wᵀ` for w (n, k), no bias (the head's products): the few-row
-/// kernel on up to [`HEAD_FEW_ROWS`] rows, the tiled one on up to [`TILE_ROWS_MAX`], where they
-/// apply, else a general product. Over a vocabulary of at least 16 columns an SM the two sum an
-/// output in one order, so a row's logits are the same bits in a pass of one token and of n.
+/// kernel on up to [`HEAD_FEW_ROWS`] rows, the tiled one on up to [`TILE_ROWS_MAX`] where it
+/// gives every SM a block (the logits against wte; a narrower product, such as the expanders' on
+/// more than 4 rows, would leave SMs idle and stays with cuBLAS), else a general product. Over a vocabulary of at
+/// least 16 columns an SM the two kernels sum an output in one order, so a row's logits are the
+/// same bits in a pass of one token and of n.
 fn product_by_column(gpu: &Gpu, x: View<f32>, w: View<f32>, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
     if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w, None, Epilogue::Bias, out)? {
         return Ok(());
     }
-    if rows <= TILE_ROWS_MAX && gpu.linear_column_tiles(x, w, out)? {
+    let fills_the_device = gpu.column_tile_blocks(n) >= gpu.multiprocessors;
+    if rows <= TILE_ROWS_MAX && fills_the_device && gpu.linear_column_tiles(x, w, out)? {
         return Ok(());
     }
     Ok(gpu.matmul(Operand::normal(x), Operand::transposed(w), out, rows, k, n, false)?)
