@@ -6,9 +6,14 @@ and the counts are read from its ELF attributes. A block's registers decide how 
 SM holds (65,536 registers an SM), and for decoding's one-wave grids that decides whether a
 launch needs a second wave: check a kernel change here before spending device time on it.
 
-Usage: scripts/kernel-registers.py [--most KERNEL=REGISTERS …] FILE.cu [FILE.cu …]
+Each line also gives the bytes the compiler spilled to local memory (stores and loads, from
+ptxas's report): a kernel held to a register limit by its launch bounds spills rather than
+exceed it, and a spill puts a round trip to memory into the kernel's chain.
+
+Usage: scripts/kernel-registers.py [--most KERNEL=REGISTERS …] [--no-spills] FILE.cu [FILE.cu …]
   --most: exit with an error when KERNEL takes more registers than that (CI keeps decoding's
   kernels within the counts their speed was measured at).
+  --no-spills: exit with an error when any kernel of the files spills.
 """
 import ctypes
 import os
@@ -36,7 +41,7 @@ def cubin(nvrtc, path):
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), os.path.basename(path).encode(), 0, None, None):
         sys.exit(f"{path}: NVRTC could not take the source")
-    options = [b"--gpu-architecture=sm_90"] + [d.encode() for d in defines()]
+    options = [b"--gpu-architecture=sm_90", b"--ptxas-options=--verbose"] + [d.encode() for d in defines()]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     if status:
@@ -44,12 +49,28 @@ def cubin(nvrtc, path):
         log = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetProgramLog(program, log)
         sys.exit(f"{path}: does not compile: {log.value.decode().strip()}")
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
     image = ctypes.create_string_buffer(0)
     if nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)) == 0:
         image = ctypes.create_string_buffer(size.value)
     if size.value == 0 or nvrtc.nvrtcGetCUBIN(program, image):
         sys.exit(f"{path}: NVRTC gave no machine code")
-    return image.raw
+    return image.raw, log.value.decode(errors="replace")
+
+
+def spilled_bytes(log):
+    """{kernel name: bytes of spill stores and loads} from ptxas's verbose report."""
+    spills, kernel = {}, None
+    for line in log.splitlines():
+        named = re.search(r"Function properties for (\w+)", line)
+        if named:
+            kernel = named.group(1)
+        counted = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if counted and kernel:
+            spills[kernel] = int(counted.group(1)) + int(counted.group(2))
+    return spills
 
 
 def register_counts(elf):
@@ -86,8 +107,13 @@ def register_counts(elf):
 
 
 def main():
-    args, limits = sys.argv[1:], {}
-    while args[:1] == ["--most"] and len(args) >= 2:
+    args, limits, no_spills = sys.argv[1:], {}, False
+    while args[:1] in (["--most"], ["--no-spills"]):
+        if args[0] == "--no-spills":
+            no_spills, args = True, args[1:]
+            continue
+        if len(args) < 2:
+            sys.exit(__doc__)
         kernel, _, most = args[1].partition("=")
         if not most.isdigit():
             sys.exit(f"--most {args[1]}: write KERNEL=REGISTERS, e.g. linear_few_rows_small=80")
@@ -104,18 +130,28 @@ def main():
         nvrtc = ctypes.CDLL(os.path.join(folder, "libnvrtc.so.13"))
     except OSError as error:
         sys.exit(f"NVRTC in {folder} does not load: {error}")
-    over = []
+    over, spilling = [], []
     for path in args:
-        for kernel, registers in sorted(register_counts(cubin(nvrtc, path)).items()):
+        image, log = cubin(nvrtc, path)
+        spills = spilled_bytes(log)
+        for kernel, registers in sorted(register_counts(image).items()):
             # registers are given out per warp, 8 a thread at a time
             threads = 65536 // (-(-registers // 8) * 8) if registers else 0
-            print(f"{os.path.basename(path)}: {kernel}: {registers} registers a thread (an SM's registers hold {threads} threads)")
+            spilled = spills.get(kernel, 0)
+            print(
+                f"{os.path.basename(path)}: {kernel}: {registers} registers a thread (an SM's registers hold {threads} threads), "
+                f"{spilled} bytes spilled"
+            )
             if registers > limits.pop(kernel, registers):
                 over.append(kernel)
+            if spilled:
+                spilling.append(kernel)
     if limits:
         sys.exit(f"no such kernel in {', '.join(args)}: {', '.join(limits)}")
     if over:
         sys.exit(f"more registers than allowed (--most): {', '.join(over)}")
+    if no_spills and spilling:
+        sys.exit(f"spills to local memory (--no-spills): {', '.join(spilling)}")
 
 
 if __name__ == "__main__":
