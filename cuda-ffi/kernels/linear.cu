@@ -42,10 +42,23 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     bool active = column < n;
     const float4* span = (const float4*)(wt + (long)column * k) + first_quad;
 
-    // the warp's first float4s of w, loaded before the kernel ahead has finished: no kernel
-    // writes a weight
+    // the warp's first float4s of w, and the LayerNorm's gains and shifts of the entries this
+    // thread normalises, loaded before the kernel ahead has finished (no kernel writes a weight)
+    // and all at once, where loading them as they are used would wait for each in turn
     float4 w_quads[LOADS_IN_FLIGHT];
     if (active) load_column_quads(w_quads, span, lane, quads);
+    constexpr int NORMALISED_PER_THREAD = (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS;
+    float gains[NORMALISED_PER_THREAD], shifts[NORMALISED_PER_THREAD];
+    if (ln_weight != nullptr) {
+#pragma unroll
+        for (int u = 0; u < NORMALISED_PER_THREAD; u++) {
+            int j = threadIdx.x + u * THREADS;
+            if (j < k) {
+                gains[u] = __ldg(ln_weight + j);
+                shifts[u] = __ldg(ln_bias + j);
+            }
+        }
+    }
     wait_for_previous_kernel();
 
     // x's rows as float4s: x itself, or staged in shared memory and layer-normed there (warp r
@@ -73,17 +86,31 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
             if (lane == 0) { row_mean[warp] = m; row_rstd[warp] = r; }
         }
         __syncthreads();
-        // thread t normalises entries t, t + THREADS, … of every row: each gain and shift loaded
-        // once, all of them at once, and no division to find an entry's row
+        // thread t normalises entries t, t + THREADS, … of every row (no division to find an
+        // entry's row), with each row's statistics read once
+        float mean[ROWS_MAX], rstd[ROWS_MAX];
 #pragma unroll
-        for (int u = 0; u < (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS; u++) {
+        for (int r = 0; r < ROWS_MAX; r++) {
+            mean[r] = row_mean[min(r, rows - 1)];
+            rstd[r] = row_rstd[min(r, rows - 1)];
+        }
+        // all of the thread's entries read before any is written back, so that the reads are in
+        // flight together (each write could otherwise alias the next read, as far as the
+        // compiler knows)
+        float entries[NORMALISED_PER_THREAD][ROWS_MAX];
+#pragma unroll
+        for (int u = 0; u < NORMALISED_PER_THREAD; u++) {
             int j = threadIdx.x + u * THREADS;
-            if (j < k) {
-                float gain = __ldg(ln_weight + j), shift = __ldg(ln_bias + j);
 #pragma unroll
-                for (int r = 0; r < ROWS_MAX; r++)
-                    if (r < rows) staged_floats[r * k + j] = (staged_floats[r * k + j] - row_mean[r]) * row_rstd[r] * gain + shift;
-            }
+            for (int r = 0; r < ROWS_MAX; r++)
+                if (j < k && r < rows) entries[u][r] = staged_floats[r * k + j];
+        }
+#pragma unroll
+        for (int u = 0; u < NORMALISED_PER_THREAD; u++) {
+            int j = threadIdx.x + u * THREADS;
+#pragma unroll
+            for (int r = 0; r < ROWS_MAX; r++)
+                if (j < k && r < rows) staged_floats[r * k + j] = (entries[u][r] - mean[r]) * rstd[r] * gains[u] + shifts[u];
         }
         __syncthreads();
         x_rows = staged;
@@ -143,7 +170,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 #define FEW_ROWS_ARGUMENTS                                                                                                            \
     const float *x, const float *ln_weight, const float *ln_bias, const float *wt, const float *b, const float *residual, float *out, \
         int rows, int k, int n, int split, int apply_gelu
-extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
+extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
     linear_few_rows<FEW_ROWS_SMALL>(x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu);
 }
 extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_ROWS_ARGUMENTS) {
