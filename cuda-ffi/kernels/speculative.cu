@@ -114,7 +114,7 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
 // would make; the block shares the walk out. Each of the first THREADS threads sums a contiguous
 // chunk; thread 0 adds the chunks' sums in order, keeping the running sum before each chunk
 // (the last running sum is the total the target is taken of, so that it is the running sum's
-// own); every thread tests its chunk, and thread 0 walks the first chunk whose end passes the
+// own); each of those threads tests its chunk, and thread 0 walks the first chunk whose end passes the
 // target entry by entry (on to the next chunks should rounding keep the target out of it).
 // Loads go DRAW_LOADS at a time, so that a walk waits for memory once per DRAW_LOADS entries,
 // not once per entry. Every thread gets the index. `sums` holds 2·THREADS floats. The weights
