@@ -98,6 +98,14 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     float* v = values + (sequence * n_head + h) * positions * hs;
     float* query = decode_shared;
     float* scores = decode_shared + hs;
+    // the cache's keys and values below position − i are read whichever rows turn out new (at
+    // most i + 1 are): into the L2 now, so that their loads below find them there instead of
+    // waiting on memory after the new rows have been counted
+    long cached_bytes = (long)max(0, position - i) * hs * sizeof(float);
+    for (long line = threadIdx.x; line * L2_LINE < cached_bytes; line += DECODE_THREADS) {
+        prefetch_to_l2((const char*)k + line * L2_LINE);
+        prefetch_to_l2((const char*)v + line * L2_LINE);
+    }
     for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
         query[d] = own[d];
         k[(long)position * hs + d] = own[c + d];

@@ -16,6 +16,12 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// Asks for the L2's line holding `address` (global memory) without waiting for it.
+#define L2_LINE 128
+__device__ __forceinline__ void prefetch_to_l2(const void* address) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+}
+
 __device__ __forceinline__ void let_next_kernel_start() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -26,6 +26,39 @@ __device__ __forceinline__ void load_column_quads(float4 (&w_quads)[LOADS_IN_FLI
         if (q + 32 * u < quads) w_quads[u] = __ldg(span + q + 32 * u);
 }
 
+// The sums over a warp's lanes of each of a lane's N values (N a power of two, at most 64), by
+// handing values off instead of every lane summing every value: at each of warp_sum's steps
+// (offsets 16, 8, …, 1) a lane holding two or more values keeps half of them and adds its
+// partner's share of that half; with one value left it adds its partner's, as warp_sum does.
+// Lanes l and l ^ offset pair up as there, and a + b = b + a, so every sum is the same bits as
+// warp_sum gives it, for fewer shuffles (62 for 64 values where warp_sum takes 320) in one chain
+// of five. Afterwards lane l holds the sums of values l / (32 / N) for N ≤ 32, and of 2l and
+// 2l + 1 (in values[0] and values[1]) for N = 64.
+template <int COUNT, int N>
+__device__ __forceinline__ void hand_off_step(float (&values)[N], int offset) {
+    if (COUNT > 1) {
+        bool upper = (threadIdx.x & offset) != 0;
+#pragma unroll
+        for (int i = 0; i < COUNT / 2; i++) {
+            float keep = upper ? values[i + COUNT / 2] : values[i];
+            float send = upper ? values[i] : values[i + COUNT / 2];
+            values[i] = keep + __shfl_xor_sync(0xffffffff, send, offset);
+        }
+    } else {
+        values[0] += __shfl_xor_sync(0xffffffff, values[0], offset);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void warp_sums_by_hand_off(float (&values)[N]) {
+    static_assert(N >= 1 && N <= 64 && (N & (N - 1)) == 0, "a power of two, at most 64 values");
+    hand_off_step<N>(values, 16);
+    hand_off_step<(N > 2 ? N / 2 : 1)>(values, 8);
+    hand_off_step<(N > 4 ? N / 4 : 1)>(values, 4);
+    hand_off_step<(N > 8 ? N / 8 : 1)>(values, 2);
+    hand_off_step<(N > 16 ? N / 16 : 1)>(values, 1);
+}
+
 // ROWS_MAX: the most rows an instance takes (its sums live in registers). The LayerNorm prologue
 // stages x's rows, normalised, in shared memory: rows of at most FEW_ROW_LAYERNORM_K_MAX entries.
 template <int ROWS_MAX>
@@ -42,10 +75,23 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     bool active = column < n;
     const float4* span = (const float4*)(wt + (long)column * k) + first_quad;
 
-    // the warp's first float4s of w, loaded before the kernel ahead has finished: no kernel
-    // writes a weight
+    // the warp's first float4s of w, and the LayerNorm's gains and shifts of the entries this
+    // thread normalises, loaded before the kernel ahead has finished (no kernel writes a weight)
+    // and all at once, where loading them as they are used would wait for each in turn
     float4 w_quads[LOADS_IN_FLIGHT];
     if (active) load_column_quads(w_quads, span, lane, quads);
+    constexpr int NORMALISED_PER_THREAD = (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS;
+    float gains[NORMALISED_PER_THREAD], shifts[NORMALISED_PER_THREAD];
+    if (ln_weight != nullptr) {
+#pragma unroll
+        for (int u = 0; u < NORMALISED_PER_THREAD; u++) {
+            int j = threadIdx.x + u * THREADS;
+            if (j < k) {
+                gains[u] = __ldg(ln_weight + j);
+                shifts[u] = __ldg(ln_bias + j);
+            }
+        }
+    }
     wait_for_previous_kernel();
 
     // x's rows as float4s: x itself, or staged in shared memory and layer-normed there (warp r
@@ -73,17 +119,26 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
             if (lane == 0) { row_mean[warp] = m; row_rstd[warp] = r; }
         }
         __syncthreads();
-        // thread t normalises entries t, t + THREADS, … of every row: each gain and shift loaded
-        // once, all of them at once, and no division to find an entry's row
+        // thread t normalises entries t, t + THREADS, … of every row (no division to find an
+        // entry's row), with each row's statistics read once
+        float mean[ROWS_MAX], rstd[ROWS_MAX];
 #pragma unroll
-        for (int u = 0; u < (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS; u++) {
+        for (int r = 0; r < ROWS_MAX; r++) {
+            mean[r] = row_mean[min(r, rows - 1)];
+            rstd[r] = row_rstd[min(r, rows - 1)];
+        }
+        // an entry's rows read before any is written back, so that the reads are in flight
+        // together (a write could otherwise alias the next read, as far as the compiler knows)
+#pragma unroll
+        for (int u = 0; u < NORMALISED_PER_THREAD; u++) {
             int j = threadIdx.x + u * THREADS;
-            if (j < k) {
-                float gain = __ldg(ln_weight + j), shift = __ldg(ln_bias + j);
+            float entries[ROWS_MAX];
 #pragma unroll
-                for (int r = 0; r < ROWS_MAX; r++)
-                    if (r < rows) staged_floats[r * k + j] = (staged_floats[r * k + j] - row_mean[r]) * row_rstd[r] * gain + shift;
-            }
+            for (int r = 0; r < ROWS_MAX; r++)
+                if (j < k && r < rows) entries[r] = staged_floats[r * k + j];
+#pragma unroll
+            for (int r = 0; r < ROWS_MAX; r++)
+                if (j < k && r < rows) staged_floats[r * k + j] = (entries[r] - mean[r]) * rstd[r] * gains[u] + shifts[u];
         }
         __syncthreads();
         x_rows = staged;
@@ -114,13 +169,12 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < ROWS_MAX; r++) {
-        if (r < rows) {
-            float total = warp_sum(sum[r]);
-            if (lane == 0) warp_sums[warp][r] = total;
-        }
-    }
+    // the warp's sums of every row at once (rows past `rows` sum zeros), each the bits warp_sum
+    // gives; the first lane holding a row's writes it
+    warp_sums_by_hand_off(sum);
+    constexpr int LANES_PER_ROW = 32 / ROWS_MAX;
+    int held_row = lane / LANES_PER_ROW;
+    if (lane % LANES_PER_ROW == 0 && held_row < rows) warp_sums[warp][held_row] = sum[0];
     __syncthreads();
 
     // thread t < columns_per_block · rows: the block's column t / rows at row t % rows
@@ -143,7 +197,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 #define FEW_ROWS_ARGUMENTS                                                                                                            \
     const float *x, const float *ln_weight, const float *ln_bias, const float *wt, const float *b, const float *residual, float *out, \
         int rows, int k, int n, int split, int apply_gelu
-extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
+extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
     linear_few_rows<FEW_ROWS_SMALL>(x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu);
 }
 extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_ROWS_ARGUMENTS) {
@@ -156,25 +210,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_
 // here a warp takes TILE_COLUMNS neighbouring columns, so that each float4 of x serves that many
 // float4s of w. Lane l sums the float4s l, l + 32, … of each column in order, as the kernel above
 // does with one warp a column (split 1, which it chooses for the head's long n), and the warp's
-// sums meet by the same pairs of lanes: each output is the same bits as it gives.
-//
-// The reduction hands values off instead of every lane summing every value: at each of the five
-// steps a lane keeps half of its values and takes its partner's share of that half (lanes l and
-// l ^ offset pair up, as in warp_sum, and a + b = b + a), so 62 shuffles reduce 64 sums where
-// warp_sum would take 320, and lane l ends with values 2l and 2l + 1.
+// sums meet by the same pairs of lanes (warp_sums_by_hand_off): each output is the same bits as
+// it gives.
 #define TILE_SUMS (TILE_ROWS_MAX * TILE_COLUMNS)
-static_assert(TILE_SUMS == 64, "the tiles' reduction takes 64 sums a lane down to 2 in five halvings");
-
-template <int COUNT>
-__device__ __forceinline__ void hand_off_half(float (&values)[TILE_SUMS], int offset) {
-    bool upper = (threadIdx.x & offset) != 0;
-#pragma unroll
-    for (int i = 0; i < COUNT / 2; i++) {
-        float keep = upper ? values[i + COUNT / 2] : values[i];
-        float send = upper ? values[i] : values[i + COUNT / 2];
-        values[i] = keep + __shfl_xor_sync(0xffffffff, send, offset);
-    }
-}
+static_assert(TILE_SUMS == 64, "a tile's 64 sums a lane end as 2 a lane after warp_sums_by_hand_off");
 
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
     linear_column_tiles(const float* x, const float* wt, float* out, int rows, int k, int n) {
@@ -223,11 +262,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
             }
         }
     }
-    hand_off_half<64>(sum, 16);
-    hand_off_half<32>(sum, 8);
-    hand_off_half<16>(sum, 4);
-    hand_off_half<8>(sum, 2);
-    hand_off_half<4>(sum, 1);
+    warp_sums_by_hand_off(sum);
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         int index = 2 * lane + i, r = index / TILE_COLUMNS, column = first_column + index % TILE_COLUMNS;

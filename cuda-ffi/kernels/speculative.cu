@@ -109,33 +109,66 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
 }
 
 // A draw from weights[0..v) (not normalised) with the uniform u: the first index whose running
-// sum passes u·Σ weights, else (rounding) the last index with weight. Each of the first THREADS
-// threads sums a contiguous chunk; thread 0 adds the chunks' sums in order (the total the target is taken of,
-// so that it is the running sum's own), finds the chunk, then the index in it. Every thread gets
-// the index. `sums` holds THREADS floats. The weights may have just been written by other
-// threads of the block.
+// sum passes u·Σ weights, else (rounding) the last index with weight. Every sum is taken in
+// order, one entry after another, so the draw is the one a single thread walking the entries
+// would make; the block shares the walk out. Each of the first THREADS threads sums a contiguous
+// chunk; thread 0 adds the chunks' sums in order, keeping the running sum before each chunk
+// (the last running sum is the total the target is taken of, so that it is the running sum's
+// own); each of those threads tests its chunk, and thread 0 walks the first chunk whose end passes the
+// target entry by entry (on to the next chunks should rounding keep the target out of it).
+// Loads go DRAW_LOADS at a time, so that a walk waits for memory once per DRAW_LOADS entries,
+// not once per entry. Every thread gets the index. `sums` holds 2·THREADS floats. The weights
+// may have just been written by other threads of the block.
+#define DRAW_LOADS 8
 __device__ int block_draw(const float* weights, int v, float u, float* sums, int* chosen) {
+    __shared__ float target;
+    __shared__ int first_chunk;
     __syncthreads();
     int chunk = (v + THREADS - 1) / THREADS;
+    float* before = sums + THREADS;  // the running sum before chunk t
     if (threadIdx.x < THREADS) {
         int first = threadIdx.x * chunk, last = min(v, first + chunk);
         float s = 0.0f;
-        for (int i = first; i < last; i++) s += weights[i];
+        for (int i0 = first; i0 < last; i0 += DRAW_LOADS) {
+            float loaded[DRAW_LOADS];
+#pragma unroll
+            for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+#pragma unroll
+            for (int e = 0; e < DRAW_LOADS; e++)
+                if (i0 + e < last) s += loaded[e];
+        }
         sums[threadIdx.x] = s;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        float total = 0.0f;
-        for (int t = 0; t < THREADS; t++) total += sums[t];
-        float target = u * total, running = 0.0f;
-        int found = -1;
-        for (int t = 0; t < THREADS && found < 0; t++) {
+        float running = 0.0f;
+        for (int t = 0; t < THREADS; t++) {
+            before[t] = running;
+            running += sums[t];
+        }
+        target = u * running;
+        first_chunk = THREADS;
+    }
+    __syncthreads();
+    if (threadIdx.x < THREADS && before[threadIdx.x] + sums[threadIdx.x] > target) atomicMin(&first_chunk, threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // the chunks before first_chunk end below the target: the walk starts at its running sum
+        int found = -1, t = first_chunk;
+        float running = t < THREADS ? before[t] : 0.0f;
+        for (; t < THREADS && found < 0; t++) {
             if (running + sums[t] > target) {
-                for (int i = t * chunk; i < min(v, (t + 1) * chunk); i++) {
-                    running += weights[i];
-                    if (running > target) {
-                        found = i;
-                        break;
+                int last = min(v, (t + 1) * chunk);
+                for (int i0 = t * chunk; i0 < last && found < 0; i0 += DRAW_LOADS) {
+                    float loaded[DRAW_LOADS];
+#pragma unroll
+                    for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+#pragma unroll
+                    for (int e = 0; e < DRAW_LOADS; e++) {
+                        if (found < 0 && i0 + e < last) {
+                            running += loaded[e];
+                            if (running > target) found = i0 + e;
+                        }
                     }
                 }
                 // rounding within the chunk: go on to the next one
@@ -223,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
     __shared__ int warp_indices[STEP_THREADS / 32];
-    __shared__ float sums[THREADS];
+    __shared__ float sums[2 * THREADS];
     __shared__ int chosen;
     int k = 0, next = forced, not_finite = 0;
     for (int j = 0; j < m && forced < 0; j++) {
@@ -286,18 +319,17 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
     __shared__ int warp_indices[STEP_THREADS / 32];
-    __shared__ float sums[THREADS];
+    __shared__ float sums[2 * THREADS];
     __shared__ float pi[MAX_RANK];
     __shared__ int chosen;
-    if (threadIdx.x == 0) {
+    // thread α < r reads (and, each draft, updates) π[α], so that the r loads wait together
+    if (threadIdx.x < r) pi[threadIdx.x] = posterior[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0 && top_component) {
         int top = 0;
-        for (int a = 0; a < r; a++) {
-            pi[a] = posterior[a];
+        for (int a = 0; a < r; a++)
             if (pi[a] > pi[top]) top = a;
-        }
-        if (top_component) {
-            for (int a = 0; a < r; a++) pi[a] = a == top ? 1.0f : 0.0f;
-        }
+        for (int a = 0; a < r; a++) pi[a] = a == top ? 1.0f : 0.0f;
     }
     for (int s = 0; s < count; s++) {
         if (threadIdx.x == 0) {
@@ -321,10 +353,8 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
             for (int i = threadIdx.x; i < v; i += STEP_THREADS) q[i] /= total;
             d = block_draw(q, v, uniforms[s], sums, &chosen);
         }
-        if (threadIdx.x == 0) {
-            readback[STEP_DRAFTS + s] = d;
-            for (int a = 0; a < r; a++) pi[a] *= p[(long)a * v + d];
-        }
+        if (threadIdx.x == 0) readback[STEP_DRAFTS + s] = d;
+        if (threadIdx.x < r) pi[threadIdx.x] *= p[(long)threadIdx.x * v + d];
         __syncthreads();
     }
 }
