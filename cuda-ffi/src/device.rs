@@ -103,9 +103,9 @@ pub struct Gpu {
     /// ([`AttentionRoute::default_for`])
     pub attention_route: Option<AttentionRoute>,
     /// whether decoding's kernels may start before the one ahead of them has finished
-    /// (programmatic dependent launch, `EarlyLaunch` in device.rs): off unless
-    /// `MULTITOKEN_EARLY_LAUNCH=1`, on compute capability 9.0 and later (measured on an H200,
-    /// autoregressive decoding ran as fast with it and speculative 6 % slower; docs/results.md)
+    /// (programmatic dependent launch, `EarlyLaunch` in device.rs): on compute capability 9.0
+    /// and later unless `MULTITOKEN_EARLY_LAUNCH=0` (measured on an H200, autoregressive
+    /// decoding 11 % faster with it and speculative 5 %; docs/results.md)
     pub early_launch: bool,
     name: String,
     /// destroys `stream` after everything above that queues work on it (fields drop in order)
@@ -184,7 +184,7 @@ impl Gpu {
             few_row_linear: true,
             multiprocessors: multiprocessors.max(1) as usize,
             attention_route: None,
-            early_launch: major >= EARLY_LAUNCH_MAJOR && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() == Ok("1"),
+            early_launch: major >= EARLY_LAUNCH_MAJOR && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() != Ok("0"),
             name,
             _stream_owner: stream_owner,
         })
