@@ -16,6 +16,12 @@ use crate::{
 /// The first compute capability (major) with programmatic dependent launch.
 const EARLY_LAUNCH_MAJOR: i32 = 9;
 
+/// Whether decoding launches early on a device of compute capability `major`.x, given the
+/// setting of `MULTITOKEN_EARLY_LAUNCH`: from 9.0 on unless it is "0".
+fn launches_early(major: i32, setting: Option<&str>) -> bool {
+    major >= EARLY_LAUNCH_MAJOR && setting != Some("0")
+}
+
 /// The kernel files, by module name, compiled at run time.
 pub(crate) const KERNEL_SOURCES: [(&str, &str); 11] = [
     ("elementwise", elementwise::SOURCE),
@@ -184,7 +190,7 @@ impl Gpu {
             few_row_linear: true,
             multiprocessors: multiprocessors.max(1) as usize,
             attention_route: None,
-            early_launch: major >= EARLY_LAUNCH_MAJOR && std::env::var("MULTITOKEN_EARLY_LAUNCH").as_deref() != Ok("0"),
+            early_launch: launches_early(major, std::env::var("MULTITOKEN_EARLY_LAUNCH").ok().as_deref()),
             name,
             _stream_owner: stream_owner,
         })
@@ -430,4 +436,18 @@ pub(crate) fn block_per_row_config(rows: usize) -> cudarc::driver::LaunchConfig 
     debug_assert!(rows > 0, "a launch of no rows");
     let threads = crate::constants::THREADS as u32;
     cudarc::driver::LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launches_early;
+
+    #[test]
+    fn early_launch_is_on_from_hopper_unless_turned_off() {
+        assert!(launches_early(9, None));
+        assert!(launches_early(10, Some("1")));
+        assert!(!launches_early(9, Some("0")));
+        assert!(!launches_early(8, None));
+        assert!(!launches_early(8, Some("1")));
+    }
 }
