@@ -85,19 +85,20 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 // width: 4 where the head size and every pointer allow float4 loads (the launcher checks), else 1.
 extern "C" __global__ void decode_attention(const float* qkv, float* keys, float* values, float* y, int m, int n_head, int hs,
                                             int positions, const unsigned int* rows, float scale, int width) {
-    extern __shared__ __align__(16) float decode_shared[];
-    __shared__ float reduce[DECODE_THREADS / 32];
+    // The block meets at three barriers (for heads wider than a pass of the weighted sum, one
+    // more a pass): after the scores' maxima, after the exponentials, after the weighted sums.
+    // Everything else a warp works out alone, so that no warp waits for another's loads.
+    extern __shared__ __align__(16) float scores[];
+    __shared__ float warp_maxima[DECODE_THREADS / 32], warp_sums[DECODE_THREADS / 32];
     __shared__ float group_sums[DECODE_THREADS * 4];
     let_next_kernel_start();
     wait_for_previous_kernel();
-    int i = blockIdx.x, h = blockIdx.y, c = n_head * hs;
+    int i = blockIdx.x, h = blockIdx.y, c = n_head * hs, lane = threadIdx.x % 32, warps = DECODE_THREADS / 32;
     long sequence = rows[3 * i + 1];
     int position = rows[3 * i + 2], visible = position + 1;
-    const float* own = qkv + (long)i * 3 * c + h * hs;
+    const float* own = qkv + (long)i * 3 * c + h * hs;  // row i's query; its key and value C and 2C on
     float* k = keys + (sequence * n_head + h) * positions * hs;
     float* v = values + (sequence * n_head + h) * positions * hs;
-    float* query = decode_shared;
-    float* scores = decode_shared + hs;
     // the cache's keys and values below position − i are read whichever rows turn out new (at
     // most i + 1 are): into the L2 now, so that their loads below find them there instead of
     // waiting on memory after the new rows have been counted
@@ -107,24 +108,25 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
         prefetch_to_l2((const char*)v + line * L2_LINE);
     }
     for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
-        query[d] = own[d];
         k[(long)position * hs + d] = own[c + d];
         v[(long)position * hs + d] = own[2 * c + d];
     }
     // how many of rows i, i − 1, … hold positions p, p − 1, … of this sequence: those are new
+    // (each warp counts them itself: the same answer in every warp, no barrier)
     int fresh = i + 1;
-    for (int t = threadIdx.x; t <= i; t += DECODE_THREADS) {
+    for (int t = lane; t <= i; t += 32) {
         int r = i - t;
         if (rows[3 * r + 1] != sequence || (int)rows[3 * r + 2] != position - t) fresh = min(fresh, t);
     }
-    fresh = -(int)block_reduce(-(float)fresh, true, reduce);
+    for (int offset = 16; offset > 0; offset /= 2) fresh = min(fresh, __shfl_xor_sync(0xffffffff, fresh, offset));
     int first_new = visible - fresh;
     // position j's key (value one C further on): from qkv when new, else from the cache
 #define DECODE_KEY(j) ((j) >= first_new ? own - (long)(position - (j)) * 3 * c + c : k + (long)(j) * hs)
 #define DECODE_VALUE(j) ((j) >= first_new ? own - (long)(position - (j)) * 3 * c + 2 * c : v + (long)(j) * hs)
 
     // the scores: thread t takes keys t, t + DECODE_THREADS, …, a whole dot product each, so
-    // that all of its loads are independent (the block reduction's barriers published the query)
+    // that all of its loads are independent; the query is read where qkv holds it (the same
+    // float4s in every thread, so the L1 serves all but the first)
     float local_max = NEG_INF;
     for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
         const float* key = DECODE_KEY(j);
@@ -133,7 +135,7 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
             // in float4s, all in flight together (the same sum, in the same order, as below)
 #pragma unroll 16
             for (int d4 = 0; d4 < hs / 4; d4++) {
-                float4 k4 = ((const float4*)key)[d4], q4 = ((const float4*)query)[d4];
+                float4 k4 = ((const float4*)key)[d4], q4 = ((const float4*)own)[d4];
                 s += q4.x * k4.x;
                 s += q4.y * k4.y;
                 s += q4.z * k4.z;
@@ -141,20 +143,30 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
             }
         } else {
 #pragma unroll 8
-            for (int d = 0; d < hs; d++) s += query[d] * key[d];
+            for (int d = 0; d < hs; d++) s += own[d] * key[d];
         }
         s *= scale;
         scores[j] = s;
         local_max = fmaxf(local_max, s);
     }
-    float row_max = block_reduce(local_max, true, reduce);
-    float local_sum = 0.0f;  // (the reduction's barriers have published every score)
+    local_max = warp_max(local_max);
+    if (lane == 0) warp_maxima[threadIdx.x / 32] = local_max;
+    __syncthreads();  // barrier 1: every warp's maximum
+    float row_max = warp_maxima[0];
+    for (int w = 1; w < warps; w++) row_max = fmaxf(row_max, warp_maxima[w]);
+    // a thread's own scores become their exponentials, so no barrier between
+    float local_sum = 0.0f;
     for (int j = threadIdx.x; j < visible; j += DECODE_THREADS) {
         float e = expf(scores[j] - row_max);
         scores[j] = e;
         local_sum += e;
     }
-    float inverse = 1.0f / block_reduce(local_sum, false, reduce);
+    local_sum = warp_sum(local_sum);
+    if (lane == 0) warp_sums[threadIdx.x / 32] = local_sum;
+    __syncthreads();  // barrier 2: every exponential and every warp's sum
+    float total = warp_sums[0];
+    for (int w = 1; w < warps; w++) total += warp_sums[w];
+    float inverse = 1.0f / total;
     // y = Σ_j p_j v_j: a value row is taken by a team of threads, `width` neighbouring entries
     // each, in passes over the head of team · width entries; the block holds `groups` such
     // teams, team g taking keys g, g + groups, …; then the teams' sums are added in order
@@ -177,14 +189,14 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
 #pragma unroll 8
             for (int j = group; j < visible; j += groups) acc[0] += scores[j] * DECODE_VALUE(j)[d0];
         }
-        __syncthreads();  // the previous pass's sums have been read
+        if (base > 0) __syncthreads();  // the previous pass's sums have been read (`base` is the block's)
 #pragma unroll
         for (int e = 0; e < 4; e++) group_sums[threadIdx.x * 4 + e] = acc[e];
-        __syncthreads();
+        __syncthreads();  // barrier 3: every team's sums
         for (int d = base + threadIdx.x; d < min(hs, base + team * width); d += DECODE_THREADS) {
-            int lane = (d - base) / width, e = (d - base) % width;
+            int lane_of_team = (d - base) / width, e = (d - base) % width;
             float sum = 0.0f;
-            for (int g = 0; g < groups; g++) sum += group_sums[(g * team + lane) * 4 + e];
+            for (int g = 0; g < groups; g++) sum += group_sums[(g * team + lane_of_team) * 4 + e];
             y[(long)i * c + h * hs + d] = sum * inverse;
         }
     }

@@ -363,7 +363,7 @@ impl Gpu {
         let positions = dims[3] as usize;
         check(qkv.len() == 3 * m * h * hs && y.len() == m * h * hs, || format!("decode_attention: qkv and y do not hold {m} rows"))?;
         check(
-            4 * (hs + positions) <= 42 << 10, // with the kernel's static arrays, under 48 KiB
+            4 * positions <= 42 << 10, // with the kernel's static arrays, under 48 KiB
             || format!("decode_attention: a context of {positions} positions does not fit in shared memory"),
         )?;
         let scale = 1.0 / (hs as f32).sqrt();
@@ -376,8 +376,8 @@ impl Gpu {
             launch.arg(d);
         }
         launch.arg(&rows.on_device.ptr).arg(&scale).arg(&width);
-        // the query and up to `positions` scores per block
-        let shared_mem_bytes = (4 * (hs + positions)) as u32;
+        // up to `positions` scores per block
+        let shared_mem_bytes = (4 * positions) as u32;
         let config = LaunchConfig { grid_dim: (m as u32, h as u32, 1), block_dim: (DECODE_THREADS as u32, 1, 1), shared_mem_bytes };
         // SAFETY: sizes checked; one block per (new row, head); each sequence's rows are
         // consecutive, at consecutive positions (`check_cache_rows`), as the kernel needs.
