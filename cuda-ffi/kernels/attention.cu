@@ -85,7 +85,7 @@ extern "C" __global__ void causal_softmax_backward(const float* att, float* d, i
 // width: 4 where the head size and every pointer allow float4 loads (the launcher checks), else 1.
 extern "C" __global__ void decode_attention(const float* qkv, float* keys, float* values, float* y, int m, int n_head, int hs,
                                             int positions, const unsigned int* rows, float scale, int width) {
-    // The block meets at three barriers (for heads wider than a pass of the weighted sum, one
+    // The block meets at three barriers (for heads wider than a pass of the weighted sum, two
     // more a pass): after the scores' maxima, after the exponentials, after the weighted sums.
     // Everything else a warp works out alone, so that no warp waits for another's loads.
     extern __shared__ __align__(16) float scores[];
