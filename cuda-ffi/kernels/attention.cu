@@ -92,7 +92,8 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     __shared__ float warp_maxima[DECODE_THREADS / 32], warp_sums[DECODE_THREADS / 32];
     __shared__ float group_sums[DECODE_THREADS * 4];
     let_next_kernel_start();
-    wait_for_previous_kernel();
+    // Before the wait, only what no kernel of this pass writes: the rows' table (the host's, from
+    // before the pass) and the cache below position − i (earlier passes').
     int i = blockIdx.x, h = blockIdx.y, c = n_head * hs, lane = threadIdx.x % 32, warps = DECODE_THREADS / 32;
     long sequence = rows[3 * i + 1];
     int position = rows[3 * i + 2], visible = position + 1;
@@ -100,13 +101,14 @@ extern "C" __global__ void decode_attention(const float* qkv, float* keys, float
     float* k = keys + (sequence * n_head + h) * positions * hs;
     float* v = values + (sequence * n_head + h) * positions * hs;
     // the cache's keys and values below position − i are read whichever rows turn out new (at
-    // most i + 1 are): into the L2 now, so that their loads below find them there instead of
-    // waiting on memory after the new rows have been counted
+    // most i + 1 are): into the L2 now, while the kernel before may still run (early launch), so
+    // that their loads below find them there instead of waiting on memory
     long cached_bytes = (long)max(0, position - i) * hs * sizeof(float);
     for (long line = threadIdx.x; line * L2_LINE < cached_bytes; line += DECODE_THREADS) {
         prefetch_to_l2((const char*)k + line * L2_LINE);
         prefetch_to_l2((const char*)v + line * L2_LINE);
     }
+    wait_for_previous_kernel();
     for (int d = threadIdx.x; d < hs; d += DECODE_THREADS) {
         k[(long)position * hs + d] = own[c + d];
         v[(long)position * hs + d] = own[2 * c + d];
