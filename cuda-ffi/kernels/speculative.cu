@@ -74,9 +74,11 @@ __device__ int block_argmax(float value, int index, float* values, int* indices)
 // sum in the order of α, by a block of STEP_THREADS threads: thread t takes entries
 // t·width … t·width + width − 1, then those STEP_THREADS·width further on, and so on (width 4
 // where v and p allow float4 loads, else 1: fewer instructions for the one SM a step runs on).
-// Each thread keeps its largest sum and, among equals, the lowest index (`best`, `best_index`);
-// every sum goes to `out` unless it is null. Returns whether the thread's sums were all finite.
-__device__ bool mixture_row(const float* p, const float* weight, int r, int v, int width, float* out, float* best, int* best_index) {
+// Each thread keeps its largest sum and, among equals, the lowest index (`best`, `best_index`),
+// and adds its sums to `mass`; every sum goes to `out` unless it is null. Returns whether the
+// thread's sums were all finite.
+__device__ bool mixture_row(const float* p, const float* weight, int r, int v, int width, float* out, float* best, int* best_index,
+                            float* mass) {
     bool finite = true;
     for (int i0 = threadIdx.x * width; i0 < v; i0 += STEP_THREADS * width) {
         float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -97,6 +99,7 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
         for (int e = 0; e < 4; e++) {
             if (e < width) {
                 finite &= isfinite(sums[e]);
+                *mass += sums[e];
                 if (sums[e] > *best) {
                     *best = sums[e];
                     *best_index = i0 + e;
@@ -109,86 +112,79 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
 }
 
 // A draw from weights[0..v) (not normalised) with the uniform u: the first index whose running
-// sum passes u·Σ weights, else (rounding) the last index with weight. Every sum is taken in
-// order, one entry after another, so the draw is the one a single thread walking the entries
-// would make; the block shares the walk out. Each of the first THREADS threads sums a contiguous
-// chunk; thread 0 adds the chunks' sums in order, keeping the running sum before each chunk
-// (the last running sum is the total the target is taken of, so that it is the running sum's
-// own); each of those threads tests its chunk, and thread 0 walks the first chunk whose end passes the
-// target entry by entry (on to the next chunks should rounding keep the target out of it).
-// Loads go DRAW_LOADS at a time, so that a walk waits for memory once per DRAW_LOADS entries,
-// not once per entry. Every thread gets the index. `sums` holds 2·THREADS floats. The weights
-// may have just been written by other threads of the block.
+// sum passes u·Σ weights, else (rounding) the last index with weight. By the whole block of
+// STEP_THREADS threads, so that the draw waits for memory about twice, not once per entry a
+// thread walks: thread t sums a contiguous chunk of the entries, a scan over the block gives the
+// running sum before each chunk (and the total), and the thread whose chunk takes the running
+// sum past the target walks it entry by entry. Rounding may let the running sum at a chunk's
+// end differ from the scan's in the last bits: a thread whose walk ends short of the target
+// claims its last entry with weight, and should two chunks claim, the lower index wins; the
+// mass moved so is of the order of f32 rounding, as any f32 draw's. Every thread gets the
+// index. The weights may have just been written by other threads of the block.
 #define DRAW_LOADS 8
-__device__ int block_draw(const float* weights, int v, float u, float* sums, int* chosen) {
-    __shared__ float target;
-    __shared__ int first_chunk;
+__device__ int block_draw(const float* weights, int v, float u, int* chosen) {
+    __shared__ float warp_sums[STEP_THREADS / 32];
+    __shared__ int last_with_weight;
+    __syncthreads();  // the weights are written, and the previous draw's shared values read
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    int chunk = (v + STEP_THREADS - 1) / STEP_THREADS;
+    int first = min(v, threadIdx.x * chunk), last = min(v, first + chunk);
+    float s = 0.0f;
+    int with_weight = -1;
+    for (int i0 = first; i0 < last; i0 += DRAW_LOADS) {
+        float loaded[DRAW_LOADS];
+#pragma unroll
+        for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+#pragma unroll
+        for (int e = 0; e < DRAW_LOADS; e++) {
+            s += loaded[e];
+            if (loaded[e] > 0.0f) with_weight = i0 + e;
+        }
+    }
+    // the running sum to the end of each thread's chunk: within the warp by shuffles, then the
+    // warps' totals scanned by warp 0
+    float through = s;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        float below = __shfl_up_sync(0xffffffff, through, offset);
+        if (lane >= offset) through += below;
+    }
+    float before = __shfl_up_sync(0xffffffff, through, 1);
+    if (lane == 0) before = 0.0f;
+    if (threadIdx.x == 0) {
+        *chosen = v;
+        last_with_weight = -1;
+    }
+    if (lane == 31) warp_sums[warp] = through;
     __syncthreads();
-    int chunk = (v + THREADS - 1) / THREADS;
-    float* before = sums + THREADS;  // the running sum before chunk t
-    if (threadIdx.x < THREADS) {
-        int first = threadIdx.x * chunk, last = min(v, first + chunk);
-        float s = 0.0f;
-        for (int i0 = first; i0 < last; i0 += DRAW_LOADS) {
+    atomicMax(&last_with_weight, with_weight);
+    if (warp == 0) {
+        float total = lane < warps ? warp_sums[lane] : 0.0f;
+        for (int offset = 1; offset < 32; offset *= 2) {
+            float below = __shfl_up_sync(0xffffffff, total, offset);
+            if (lane >= offset) total += below;
+        }
+        if (lane < warps) warp_sums[lane] = total;
+    }
+    __syncthreads();
+    float running = (warp > 0 ? warp_sums[warp - 1] : 0.0f) + before;
+    float target = u * warp_sums[warps - 1];
+    if (running <= target && running + s > target) {
+        int found = with_weight;
+        for (int i0 = first; i0 < last && found == with_weight; i0 += DRAW_LOADS) {
             float loaded[DRAW_LOADS];
 #pragma unroll
             for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
 #pragma unroll
-            for (int e = 0; e < DRAW_LOADS; e++)
-                if (i0 + e < last) s += loaded[e];
-        }
-        sums[threadIdx.x] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float running = 0.0f;
-        for (int t = 0; t < THREADS; t++) {
-            before[t] = running;
-            running += sums[t];
-        }
-        target = u * running;
-        first_chunk = THREADS;
-    }
-    __syncthreads();
-    if (threadIdx.x < THREADS && before[threadIdx.x] + sums[threadIdx.x] > target) atomicMin(&first_chunk, threadIdx.x);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        // the chunks before first_chunk end below the target: the walk starts at its running sum
-        int found = -1, t = first_chunk;
-        float running = t < THREADS ? before[t] : 0.0f;
-        for (; t < THREADS && found < 0; t++) {
-            if (running + sums[t] > target) {
-                int last = min(v, (t + 1) * chunk);
-                for (int i0 = t * chunk; i0 < last && found < 0; i0 += DRAW_LOADS) {
-                    float loaded[DRAW_LOADS];
-#pragma unroll
-                    for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
-#pragma unroll
-                    for (int e = 0; e < DRAW_LOADS; e++) {
-                        if (found < 0 && i0 + e < last) {
-                            running += loaded[e];
-                            if (running > target) found = i0 + e;
-                        }
-                    }
-                }
-                // rounding within the chunk: go on to the next one
-            } else {
-                running += sums[t];
+            for (int e = 0; e < DRAW_LOADS; e++) {
+                running += loaded[e];
+                if (running > target && i0 + e < found) found = i0 + e;
             }
         }
-        if (found < 0) {
-            found = 0;
-            for (int i = v - 1; i >= 0; i--) {
-                if (weights[i] > 0.0f) {
-                    found = i;
-                    break;
-                }
-            }
-        }
-        *chosen = found;
+        atomicMin(chosen, found);
     }
     __syncthreads();
-    return *chosen;
+    int index = *chosen;
+    return index < v ? index : max(last_with_weight, 0);
 }
 
 // The gate at each of m rows of h (m, C), one block a row: w = softmax(G h + g) (m, r); w = 1
@@ -248,7 +244,7 @@ extern "C" __global__ void decode_gate(const float* hidden, const float* gate_we
 // drafts' first posterior π[α] = w[k,α] P[k,α,0](next) into `posterior` (r).
 // With forced ≥ 0 (m = 1, priming S after a prefill) nothing is verified: next = forced.
 // uniforms: [0, n − 1) the acceptance tests, [n − 1] the draw of the next token.
-extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(const float* probs, const float* w, const unsigned int* rows, const float* draft_q,
+extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(const float* probs, const float* w, const unsigned int* rows, float* draft_q,
                                               const float* uniforms, const float* hidden, float* s_hidden, float* posterior, float* work,
                                               unsigned int* readback, int m, int v, int r, int c, int n, int greedy, float inv_temperature,
                                               int rule, int forced, int width) {
@@ -256,7 +252,6 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
     __shared__ int warp_indices[STEP_THREADS / 32];
-    __shared__ float sums[2 * THREADS];
     __shared__ int chosen;
     int k = 0, next = forced, not_finite = 0;
     for (int j = 0; j < m && forced < 0; j++) {
@@ -264,9 +259,9 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
         __syncthreads();
         const float* p = probs + (long)j * r * v;
         // the marginal; greedy: its argmax; sampling: its largest entry, to temper against
-        float best = NEG_INF;
+        float best = NEG_INF, mass = 0.0f;
         int best_index = 0;
-        bool finite = mixture_row(p, w + (long)j * r, r, v, width, greedy ? nullptr : work, &best, &best_index);
+        bool finite = mixture_row(p, w + (long)j * r, r, v, width, greedy ? nullptr : work, &best, &best_index, &mass);
         int bad = __syncthreads_or(!finite);
         bool last = j == m - 1;
         unsigned int draft = last ? 0 : rows[3 * (j + 1)];
@@ -275,23 +270,28 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
             next = block_argmax(best, best_index, warp_values, warp_indices);
             if (!last && (unsigned int)next == draft) continue;
         } else {
-            float total = temper_in_place(work, v, best, inv_temperature, warp_values);
+            // at T = 1 the marginal stays as it is, its total the sum of its entries
+            float total = inv_temperature == 1.0f ? block_reduce(mass, false, warp_values)
+                                                  : temper_in_place(work, v, best, inv_temperature, warp_values);
+            const float* drawn_from = work;
             if (!last) {
-                const float* q = draft_q + (long)j * v;
+                float* q = draft_q + (long)j * v;
                 float ratio = (work[draft] / total) / q[draft];
                 if (rule == ACCEPT_ALWAYS || uniforms[j] < fminf(1.0f, ratio)) continue;
                 if (rule == ACCEPT_EXACT) {
-                    // the residual max(0, p − q); where it has no mass, p itself
+                    // the residual max(0, p − q), written over q's row (no later step reads it)
+                    // once every thread has read q(d); where it has no mass, p itself
+                    __syncthreads();
                     float residual_total = 0.0f;
-                    for (int i = threadIdx.x; i < v; i += STEP_THREADS) residual_total += fmaxf(0.0f, work[i] / total - q[i]);
-                    residual_total = block_reduce(residual_total, false, warp_values);
-                    if (residual_total > 0.0f) {
-                        __syncthreads();
-                        for (int i = threadIdx.x; i < v; i += STEP_THREADS) work[i] = fmaxf(0.0f, work[i] / total - q[i]);
+                    for (int i = threadIdx.x; i < v; i += STEP_THREADS) {
+                        float residual = fmaxf(0.0f, work[i] / total - q[i]);
+                        q[i] = residual;
+                        residual_total += residual;
                     }
+                    if (block_reduce(residual_total, false, warp_values) > 0.0f) drawn_from = q;
                 }
             }
-            next = block_draw(work, v, uniforms[n - 1], sums, &chosen);
+            next = block_draw(drawn_from, v, uniforms[n - 1], &chosen);
         }
         not_finite = bad;
         break;
@@ -309,7 +309,8 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_verify(co
 // Step 1 of the next step, by one block: `count` drafts after the token just chosen, from S's
 // distributions P[α,s] (`probs_s`, (count, r, V), horizons 1..count) and the posterior π that
 // speculative_verify left: q_s = Σ_α π[α] P[α,s] with π normalised, d_s its argmax (greedy) or
-// a draw from q_s tempered (kept in `draft_q` for the acceptance test), then π[α] *= P[α,s](d_s).
+// a draw from q_s tempered (kept in `draft_q` for the acceptance test; at T = 1 as the mixture
+// is written, not divided by its sum, which is 1 up to rounding), then π[α] *= P[α,s](d_s).
 // top_component: π is one-hot at its largest entry (the top-component draft, whose horizons
 // draft independently). uniforms: one per draft. The drafts go to readback[STEP_DRAFTS..].
 extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(const float* probs_s, const float* posterior, const float* uniforms, float* draft_q,
@@ -319,7 +320,6 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
     wait_for_previous_kernel();
     __shared__ float warp_values[STEP_THREADS / 32];
     __shared__ int warp_indices[STEP_THREADS / 32];
-    __shared__ float sums[2 * THREADS];
     __shared__ float pi[MAX_RANK];
     __shared__ int chosen;
     // thread α < r reads (and, each draft, updates) π[α], so that the r loads wait together
@@ -340,18 +340,21 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS) speculative_draft(con
         __syncthreads();
         const float* p = probs_s + (long)s * r * v;
         float* q = draft_q + (long)s * v;
-        float best = NEG_INF;
+        float best = NEG_INF, mass = 0.0f;
         int best_index = 0;
-        mixture_row(p, pi, r, v, width, greedy ? nullptr : q, &best, &best_index);
-        // (sampling: temper_in_place reads q only after its reduction's barriers)
+        mixture_row(p, pi, r, v, width, greedy ? nullptr : q, &best, &best_index, &mass);
         int d;
         if (greedy) {
             d = block_argmax(best, best_index, warp_values, warp_indices);
         } else {
-            float total = temper_in_place(q, v, best, inv_temperature, warp_values);
-            __syncthreads();
-            for (int i = threadIdx.x; i < v; i += STEP_THREADS) q[i] /= total;
-            d = block_draw(q, v, uniforms[s], sums, &chosen);
+            // at T = 1, q stays the mixture as written: softmax rows weighted by a normalised π
+            // sum to 1 up to f32 rounding. Else tempered and normalised (temper_in_place reads q
+            // only after its reduction's barriers; each thread then divides the entries it wrote).
+            if (inv_temperature != 1.0f) {
+                float total = temper_in_place(q, v, best, inv_temperature, warp_values);
+                for (int i = threadIdx.x; i < v; i += STEP_THREADS) q[i] /= total;
+            }
+            d = block_draw(q, v, uniforms[s], &chosen);
         }
         if (threadIdx.x == 0) readback[STEP_DRAFTS + s] = d;
         if (threadIdx.x < r) pi[threadIdx.x] *= p[(long)threadIdx.x * v + d];

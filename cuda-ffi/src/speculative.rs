@@ -80,7 +80,8 @@ impl Gpu {
     /// marginal from `probs` (m, r, V) and `w` (m, r): how many drafts are accepted, the next
     /// token, and S (its hidden state and the drafts' first posterior) at the row that chose it.
     /// Sampling tempers relative to each distribution's largest entry, so no temperature
-    /// underflows it.
+    /// underflows it, and a rejection's residual `max(0, p − q)` is written over that row of
+    /// `draft_q`, which no later step reads.
     /// With `forced = Some(token)` (m = 1) nothing is verified and the next token is `token`:
     /// priming S after a prefill. `n` is the horizon the buffers are laid out for.
     #[allow(clippy::too_many_arguments)]
