@@ -1272,11 +1272,13 @@ cuda_test!(the_step_kernels_choose_the_first_of_equal_maxima_past_4096_entries, 
 
 cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu| {
     // V past 8192, so that each of the step block's 1024 threads sums a chunk of 9 entries, the
-    // rows in float4s (V = 8196) and one by one (8197). A draft that verification must reject,
-    // then draws across [0, 1): the next token from the residual max(0, p − q), written over q's
-    // row, and the next draft from S's mixture. Each must be the first entry whose running sum
-    // (in f64 here) passes u·Σ, unless u·Σ lies within f32 rounding of an entry's end; the draft's
-    // distribution is kept for the next step's test.
+    // rows in float4s (V = 8196) and one by one (8197), with heavy entries at the chunks' edges
+    // and at the last entry. Verification rejects a draft, then draws the next token across
+    // [0, 1): from the residual max(0, p − q) (written over q's row), at T = 1 and T = 0.6, or from
+    // p itself where q covers p everywhere and the residual has no mass; then the next draft from
+    // S's mixture. Each draw must be the first entry whose running sum (in f64 here) passes u·Σ,
+    // unless u·Σ lies within f32 rounding of an entry's end; the draft's distribution is kept
+    // for the next step's test.
     use multitoken_cuda::{StepBuffers, StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT};
     let (r, n, c) = (2, 2, 8);
     // where the running sum of `weights` passes u·Σ, or None within `margin`·Σ of an entry's end
@@ -1295,15 +1297,24 @@ cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu|
         }
         None
     };
+    // p^(1/T), normalised
+    let tempered = |p: &[f64], temperature: f64| -> Vec<f64> {
+        let powered: Vec<f64> = p.iter().map(|x| x.powf(1.0 / temperature)).collect();
+        let total: f64 = powered.iter().sum();
+        powered.iter().map(|x| x / total).collect()
+    };
     for v in [8196usize, 8197] {
         let mut rng = Rng::new(v as u64 + 1);
-        // distributions with a few heavy entries over a light floor
+        let chunk = v.div_ceil(1024);
+        // distributions with a few heavy entries over a light floor: at a chunk's first and last
+        // entries and either side of them, at the last entry, and anywhere
         let mut distributions = |count: usize| -> Vec<f32> {
             let mut all = Vec::with_capacity(count * v);
             for _ in 0..count {
                 let mut row: Vec<f64> = (0..v).map(|_| rng.uniform() * 1e-4).collect();
-                for _ in 0..6 {
-                    row[rng.below(v)] += rng.uniform();
+                let edge = chunk * (1 + rng.below(v / chunk - 2));
+                for i in [edge - 1, edge, edge + 1, edge + chunk - 1, v - 1, rng.below(v)] {
+                    row[i] += rng.uniform();
                 }
                 let total: f64 = row.iter().sum();
                 all.extend(row.iter().map(|x| (x / total) as f32));
@@ -1312,13 +1323,14 @@ cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu|
         };
         let (probs, probs_s) = (distributions(2 * r), distributions(r));
         let w = [0.3f32, 0.7, 0.6, 0.4];
-        // the draft d: q gives it half its mass, p next to none
-        let draft = 4321;
-        let mut q: Vec<f64> = widen(&distributions(1));
-        q[draft] += 1.0;
-        let q: Vec<f32> = q.iter().map(|x| (x / 2.0) as f32).collect();
         let p0: Vec<f64> = (0..v).map(|i| w[0] as f64 * probs[i] as f64 + w[1] as f64 * probs[v + i] as f64).collect();
-        let residual: Vec<f64> = (0..v).map(|i| (p0[i] - q[i] as f64).max(0.0)).collect();
+        // the draft d: this q gives it half its mass and p next to none; the other q is 2p, above
+        // p everywhere (p(d)/q(d) = 1/2 for every d)
+        let draft = 4321;
+        let mut q_against_d: Vec<f64> = widen(&distributions(1));
+        q_against_d[draft] += 1.0;
+        let q_against_d: Vec<f32> = q_against_d.iter().map(|x| (x / 2.0) as f32).collect();
+        let q_above_p: Vec<f32> = p0.iter().map(|x| (2.0 * x) as f32).collect();
 
         let (probs_d, probs_s_d, w_d) = (gpu.upload(&probs).unwrap(), gpu.upload(&probs_s).unwrap(), gpu.upload(&w).unwrap());
         let table = gpu.zeros::<u32>(6).unwrap();
@@ -1335,34 +1347,43 @@ cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu|
             work: work.view(),
             readback: readback.view(),
         };
-        let sampled = StepChoice { greedy: false, inv_temperature: 1.0, rule: ACCEPT_EXACT };
-        let (mut checked_next, mut checked_drafts, mut worst_kept) = (0, 0, 0.0f64);
-        for i in 0..64 {
-            let (u_next, u_draft) = ((i as f64 + 0.5) / 64.0, rng.uniform());
-            gpu.write(draft_q.view(), &q).unwrap();
-            gpu.write(uniforms.view(), &[0.5, u_next as f32, u_draft as f32]).unwrap();
-            gpu.speculative_verify(probs_d.view(), w_d.view(), rows, buffers, n, sampled, None).unwrap();
-            gpu.speculative_draft(probs_s_d.view(), buffers, n - 1, sampled, false).unwrap();
-            let back = gpu.download(readback.view()).unwrap();
-            assert_eq!(back[STEP_ACCEPTED], 0, "V = {v}: p(d)/q(d) is below the acceptance test's 0.5");
-            let next = back[STEP_NEXT] as usize;
-            if let Some(expected) = first_past(&residual, u_next as f32 as f64, 1e-5) {
-                assert_eq!(next, expected, "V = {v}, u = {u_next}: the next token from the residual");
-                checked_next += 1;
+        for (temperature, q, residual_has_mass) in [(1.0, &q_against_d, true), (0.6, &q_against_d, true), (1.0, &q_above_p, false)] {
+            let target = tempered(&p0, temperature);
+            let residual: Vec<f64> = (0..v).map(|i| (target[i] - q[i] as f64).max(0.0)).collect();
+            assert_eq!(residual.iter().any(|&x| x > 0.0), residual_has_mass);
+            let next_from = if residual_has_mass { &residual } else { &target };
+            let choice = StepChoice { greedy: false, inv_temperature: (1.0 / temperature) as f32, rule: ACCEPT_EXACT };
+            let (mut checked_next, mut checked_drafts, mut worst_kept) = (0, 0, 0.0f64);
+            for i in 0..64 {
+                let (u_next, u_draft) = ((i as f64 + 0.5) / 64.0, rng.uniform());
+                gpu.write(draft_q.view(), q).unwrap();
+                gpu.write(uniforms.view(), &[0.75, u_next as f32, u_draft as f32]).unwrap();
+                gpu.speculative_verify(probs_d.view(), w_d.view(), rows, buffers, n, choice, None).unwrap();
+                gpu.speculative_draft(probs_s_d.view(), buffers, n - 1, choice, false).unwrap();
+                let back = gpu.download(readback.view()).unwrap();
+                let label = format!("V = {v}, T = {temperature}, residual with mass {residual_has_mass}");
+                assert_eq!(back[STEP_ACCEPTED], 0, "{label}: p(d)/q(d) is at most 1/2, below the acceptance test's 0.75");
+                let next = back[STEP_NEXT] as usize;
+                if let Some(expected) = first_past(next_from, u_next as f32 as f64, 1e-5) {
+                    assert_eq!(next, expected, "{label}, u = {u_next}: the next token");
+                    checked_next += 1;
+                }
+                // S's mixture after `next`: π[α] ∝ w[0,α] P[0,α,0](next), then tempered
+                let pi: Vec<f64> = (0..r).map(|a| w[a] as f64 * probs[a * v + next] as f64).collect();
+                let pi_total: f64 = pi.iter().sum();
+                let mixture: Vec<f64> = (0..v).map(|j| (0..r).map(|a| pi[a] / pi_total * probs_s[a * v + j] as f64).sum()).collect();
+                let mixture = tempered(&mixture, temperature);
+                worst_kept = worst_kept.max(relative_error(&gpu.download(draft_q.view()).unwrap(), &mixture));
+                if let Some(expected) = first_past(&mixture, u_draft as f32 as f64, 1e-5) {
+                    assert_eq!(back[STEP_DRAFTS] as usize, expected, "{label}, u = {u_draft}: the draft");
+                    checked_drafts += 1;
+                }
             }
-            // S's mixture after `next`: π[α] ∝ w[0,α] P[0,α,0](next)
-            let pi: Vec<f64> = (0..r).map(|a| w[a] as f64 * probs[a * v + next] as f64).collect();
-            let pi_total: f64 = pi.iter().sum();
-            let mixture: Vec<f64> = (0..v).map(|j| (0..r).map(|a| pi[a] / pi_total * probs_s[a * v + j] as f64).sum()).collect();
-            worst_kept = worst_kept.max(relative_error(&gpu.download(draft_q.view()).unwrap(), &mixture));
-            if let Some(expected) = first_past(&mixture, u_draft as f32 as f64, 1e-5) {
-                assert_eq!(back[STEP_DRAFTS] as usize, expected, "V = {v}, u = {u_draft}: the draft");
-                checked_drafts += 1;
-            }
+            let label = format!("V = {v}, T = {temperature}, residual with mass {residual_has_mass}");
+            report(&format!("{label}: the drafts' distributions kept"), worst_kept, 1e-5);
+            println!("{label}: {checked_next} next tokens and {checked_drafts} drafts where the running sum passes u·Σ");
+            assert!(checked_next >= 40 && checked_drafts >= 40, "{label}: too few draws away from an entry's end to check");
         }
-        report(&format!("V = {v}: the drafts' distributions kept"), worst_kept, 1e-5);
-        println!("V = {v}: {checked_next} next tokens and {checked_drafts} drafts where the running sum passes u·Σ");
-        assert!(checked_next >= 40 && checked_drafts >= 40, "V = {v}: too few draws away from an entry's end to check");
     }
 });
 

@@ -115,12 +115,13 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
 // sum passes u·Σ weights, else (rounding) the last index with weight. By the whole block of
 // STEP_THREADS threads, so that the draw waits for memory about twice, not once per entry a
 // thread walks: thread t sums a contiguous chunk of the entries, a scan over the block gives the
-// running sum before each chunk (and the total), and the thread whose chunk takes the running
-// sum past the target walks it entry by entry. Rounding may let the running sum at a chunk's
-// end differ from the scan's in the last bits: a thread whose walk ends short of the target
-// claims its last entry with weight, and should two chunks claim, the lower index wins; the
-// mass moved so is of the order of f32 rounding, as any f32 draw's. Every thread gets the
-// index. The weights may have just been written by other threads of the block.
+// running sum before each chunk (and the total), and the first chunk with weight whose end
+// passes the target takes the draw: the thread walks it entry by entry. A chunk's end (its start
+// plus its sum) and the next chunk's start are added in different orders and may differ in the
+// last bits, so a target can fall between them, or short of the end of a chunk that claims it:
+// the first case draws the next chunk's first entry with weight, the second the chunk's last;
+// either way the mass moved is of the order of f32 rounding and goes to a neighbour. Every
+// thread gets the index. The weights may have just been written by other threads of the block.
 #define DRAW_LOADS 8
 __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     __shared__ float warp_sums[STEP_THREADS / 32];
@@ -130,7 +131,7 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     int chunk = (v + STEP_THREADS - 1) / STEP_THREADS;
     int first = min(v, threadIdx.x * chunk), last = min(v, first + chunk);
     float s = 0.0f;
-    int with_weight = -1;
+    int first_with_weight = -1, with_weight = -1;
     for (int i0 = first; i0 < last; i0 += DRAW_LOADS) {
         float loaded[DRAW_LOADS];
 #pragma unroll
@@ -138,7 +139,10 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
 #pragma unroll
         for (int e = 0; e < DRAW_LOADS; e++) {
             s += loaded[e];
-            if (loaded[e] > 0.0f) with_weight = i0 + e;
+            if (loaded[e] > 0.0f) {
+                if (first_with_weight < 0) first_with_weight = i0 + e;
+                with_weight = i0 + e;
+            }
         }
     }
     // the running sum to the end of each thread's chunk: within the warp by shuffles, then the
@@ -168,20 +172,26 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     __syncthreads();
     float running = (warp > 0 ? warp_sums[warp - 1] : 0.0f) + before;
     float target = u * warp_sums[warps - 1];
-    if (running <= target && running + s > target) {
-        int found = with_weight;
-        for (int i0 = first; i0 < last && found == with_weight; i0 += DRAW_LOADS) {
-            float loaded[DRAW_LOADS];
+    int claim = v;
+    if (with_weight >= 0 && running + s > target) {
+        claim = first_with_weight;
+        if (running <= target) {
+            claim = with_weight;
+            for (int i0 = first; i0 < last && claim == with_weight; i0 += DRAW_LOADS) {
+                float loaded[DRAW_LOADS];
 #pragma unroll
-            for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+                for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
 #pragma unroll
-            for (int e = 0; e < DRAW_LOADS; e++) {
-                running += loaded[e];
-                if (running > target && i0 + e < found) found = i0 + e;
+                for (int e = 0; e < DRAW_LOADS; e++) {
+                    running += loaded[e];
+                    if (running > target && i0 + e < claim) claim = i0 + e;
+                }
             }
         }
-        atomicMin(chosen, found);
     }
+    // the lowest claim: a warp's by shuffles, then the block's
+    for (int offset = 16; offset > 0; offset /= 2) claim = min(claim, __shfl_xor_sync(0xffffffff, claim, offset));
+    if (lane == 0 && claim < v) atomicMin(chosen, claim);
     __syncthreads();
     int index = *chosen;
     return index < v ? index : max(last_with_weight, 0);

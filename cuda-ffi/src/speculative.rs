@@ -40,11 +40,13 @@ pub struct StepBuffers {
     pub s_hidden: View<f32>,
     /// (r): the drafts' first posterior `w[α]·P[α,0](next)`, written by verification
     pub posterior: View<f32>,
-    /// (n − 1, V): the distribution each draft was drawn from (sampling)
+    /// (n − 1, V): the distribution each draft was drawn from (sampling; at T = 1 the mixture
+    /// as written, whose sum is 1 up to rounding); verification writes a rejection's residual
+    /// over its row
     pub draft_q: View<f32>,
     /// 2n − 1 uniforms in [0, 1): n − 1 acceptance tests, the next token's draw, n − 1 drafts
     pub uniforms: View<f32>,
-    /// (V): room for a tempered marginal or a residual
+    /// (V): room for a row's (tempered) marginal
     pub work: View<f32>,
     /// what the host reads back: [`STEP_DRAFTS`] + n − 1 numbers (the accepted drafts' count,
     /// the next token, a not-finite flag, the next drafts)

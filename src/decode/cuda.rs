@@ -640,7 +640,7 @@ struct DeviceStep {
     draft_q: Buffer<f32>,
     /// 2n − 1 uniforms a step: acceptance tests, the next token's draw, the drafts'
     uniforms: Buffer<f32>,
-    /// (V): a tempered marginal or a residual
+    /// (V): a row's (tempered) marginal
     work: Buffer<f32>,
     /// what the host reads back: accepted count, next token, not-finite flag, drafts
     readback: Buffer<u32>,
