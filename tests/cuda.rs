@@ -1221,6 +1221,44 @@ fn greedy_speculative_decoding_equals_autoregressive(gpu: &Gpu, vocab: usize) {
     println!("{} prompts decoded together on the GPU: each one's tokens as alone, greedy and sampled, both drafts", cases.len());
 }
 
+/// The speculative step's buffers for a run of up to m ≤ n rows, width c, rank r, vocabulary v:
+/// random hidden states, the rest zeros.
+struct StepRoom {
+    hidden: multitoken_cuda::Buffer<f32>,
+    s_hidden: multitoken_cuda::Buffer<f32>,
+    posterior: multitoken_cuda::Buffer<f32>,
+    draft_q: multitoken_cuda::Buffer<f32>,
+    uniforms: multitoken_cuda::Buffer<f32>,
+    work: multitoken_cuda::Buffer<f32>,
+    readback: multitoken_cuda::Buffer<u32>,
+}
+
+impl StepRoom {
+    fn new(gpu: &Gpu, m: usize, c: usize, r: usize, n: usize, v: usize) -> Self {
+        StepRoom {
+            hidden: gpu.upload(&random(m * c, 31)).unwrap(),
+            s_hidden: gpu.zeros(c).unwrap(),
+            posterior: gpu.zeros(r).unwrap(),
+            draft_q: gpu.zeros((n - 1) * v).unwrap(),
+            uniforms: gpu.zeros(2 * n - 1).unwrap(),
+            work: gpu.zeros(v).unwrap(),
+            readback: gpu.zeros(multitoken_cuda::STEP_DRAFTS + n - 1).unwrap(),
+        }
+    }
+
+    fn buffers(&self) -> multitoken_cuda::StepBuffers {
+        multitoken_cuda::StepBuffers {
+            hidden: self.hidden.view(),
+            s_hidden: self.s_hidden.view(),
+            posterior: self.posterior.view(),
+            draft_q: self.draft_q.view(),
+            uniforms: self.uniforms.view(),
+            work: self.work.view(),
+            readback: self.readback.view(),
+        }
+    }
+}
+
 cuda_test!(the_step_kernels_choose_the_first_of_equal_maxima_past_4096_entries, |gpu| {
     // V past 4096, so that each of the step block's 1024 threads takes entries from more than
     // one run of the row, in float4s (V = 8196) and one by one (8197); the largest marginal
@@ -1228,7 +1266,7 @@ cuda_test!(the_step_kernels_choose_the_first_of_equal_maxima_past_4096_entries, 
     // verification). Verification's next token and the drafts must each be the lowest index
     // among equal largest entries, as the host's argmax; the last draft's maximum is the last
     // entry, the end of both loops
-    use multitoken_cuda::{StepBuffers, StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE};
+    use multitoken_cuda::{StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE};
     let (r, n, c) = (3, 3, 8);
     for v in [8196usize, 8197] {
         let mut rng = Rng::new(v as u64);
@@ -1249,22 +1287,12 @@ cuda_test!(the_step_kernels_choose_the_first_of_equal_maxima_past_4096_entries, 
         let w = gpu.upload(&[0.2f32, 0.3, 0.5]).unwrap();
         let table = gpu.zeros::<u32>(3).unwrap();
         let rows = gpu.write_cache_rows(table.view(), &[[7, 0, 4]], v, 1, 16).unwrap();
-        let (hidden, s_hidden, posterior) = (gpu.upload(&random(c, 31)).unwrap(), gpu.zeros(c).unwrap(), gpu.zeros(r).unwrap());
-        let (draft_q, uniforms, work) = (gpu.zeros((n - 1) * v).unwrap(), gpu.zeros(2 * n - 1).unwrap(), gpu.zeros(v).unwrap());
-        let readback = gpu.zeros::<u32>(STEP_DRAFTS + n - 1).unwrap();
-        let buffers = StepBuffers {
-            hidden: hidden.view(),
-            s_hidden: s_hidden.view(),
-            posterior: posterior.view(),
-            draft_q: draft_q.view(),
-            uniforms: uniforms.view(),
-            work: work.view(),
-            readback: readback.view(),
-        };
+        let room = StepRoom::new(&gpu, 1, c, r, n, v);
+        let buffers = room.buffers();
         let greedy = StepChoice { greedy: true, inv_temperature: 1.0, rule: ACCEPT_EXACT };
         gpu.speculative_verify(probs.view(), w.view(), rows, buffers, n, greedy, None).unwrap();
         gpu.speculative_draft(probs_s.view(), buffers, n - 1, greedy, false).unwrap();
-        let back = gpu.download(readback.view()).unwrap();
+        let back = gpu.download(room.readback.view()).unwrap();
         assert_eq!((back[STEP_ACCEPTED], back[STEP_NEXT], back[STEP_NOT_FINITE]), (0, 3000, 0), "V = {v}: verification");
         assert_eq!(back[STEP_DRAFTS..], [5100, v as u32 - 1], "V = {v}: the drafts");
     }
@@ -1279,7 +1307,7 @@ cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu|
     // S's mixture. Each draw must be the first entry whose running sum (in f64 here) passes u·Σ,
     // unless u·Σ lies within f32 rounding of an entry's end; the draft's distribution is kept
     // for the next step's test.
-    use multitoken_cuda::{StepBuffers, StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT};
+    use multitoken_cuda::{StepChoice, ACCEPT_EXACT, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT};
     let (r, n, c) = (2, 2, 8);
     // where the running sum of `weights` passes u·Σ, or None within `margin`·Σ of an entry's end
     let first_past = |weights: &[f64], u: f64, margin: f64| -> Option<usize> {
@@ -1335,18 +1363,9 @@ cuda_test!(the_step_kernels_draw_where_the_running_sum_passes_the_uniform, |gpu|
         let (probs_d, probs_s_d, w_d) = (gpu.upload(&probs).unwrap(), gpu.upload(&probs_s).unwrap(), gpu.upload(&w).unwrap());
         let table = gpu.zeros::<u32>(6).unwrap();
         let rows = gpu.write_cache_rows(table.view(), &[[7, 0, 4], [draft as u32, 0, 5]], v, 1, 16).unwrap();
-        let (hidden, s_hidden, posterior) = (gpu.upload(&random(2 * c, 32)).unwrap(), gpu.zeros(c).unwrap(), gpu.zeros(r).unwrap());
-        let (draft_q, uniforms, work) = (gpu.zeros((n - 1) * v).unwrap(), gpu.zeros(2 * n - 1).unwrap(), gpu.zeros(v).unwrap());
-        let readback = gpu.zeros::<u32>(STEP_DRAFTS + n - 1).unwrap();
-        let buffers = StepBuffers {
-            hidden: hidden.view(),
-            s_hidden: s_hidden.view(),
-            posterior: posterior.view(),
-            draft_q: draft_q.view(),
-            uniforms: uniforms.view(),
-            work: work.view(),
-            readback: readback.view(),
-        };
+        let room = StepRoom::new(&gpu, 2, c, r, n, v);
+        let buffers = room.buffers();
+        let (draft_q, uniforms, readback) = (&room.draft_q, &room.uniforms, &room.readback);
         for (temperature, q, residual_has_mass) in [(1.0, &q_against_d, true), (0.6, &q_against_d, true), (1.0, &q_above_p, false)] {
             let target = tempered(&p0, temperature);
             let residual: Vec<f64> = (0..v).map(|i| (target[i] - q[i] as f64).max(0.0)).collect();
