@@ -343,6 +343,14 @@ pub fn bench_decode(
     if batch == 0 {
         return crate::invalid!("--batch 0: decode at least one sequence (--batch 1 or more)");
     }
+    if seed.checked_add(batch as u64 - 1).is_none() {
+        return crate::invalid!(
+            "--seed {seed} with --batch {batch}: the copies' seeds (--seed + k) would pass the largest seed; choose a smaller --seed"
+        );
+    }
+    if device == DeviceKind::Cpu {
+        crate::decode::generate::check_cache_memory(config, batch, std::mem::size_of::<f32>())?;
+    }
     let on = device.open(Precision::F32)?;
     let mut gpu_decoder = match on.gpu() {
         Some(gpu) => Some(crate::decode::cuda::GpuDecoder::with_sequences(gpu, config, params, batch)?),

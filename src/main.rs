@@ -14,6 +14,7 @@ use multitoken::device::{DeviceKind, Precision};
 use multitoken::distributed::{self, Replica, Topology};
 use multitoken::error::Error;
 use multitoken::model::config::ShapeOverrides;
+use multitoken::model::ModelConfig;
 use multitoken::train::{self, checkpoint, evaluate, TrainSettings};
 
 /// Training allocates and frees the same large activation buffers every step; mimalloc hands
@@ -262,7 +263,7 @@ struct SampleArgs {
     /// own)
     #[arg(long, allow_negative_numbers = true, value_parser = at_least_one, default_value_t = 8)]
     batch: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one, default_value_t = 100)]
     max_new_tokens: usize,
     /// Go on past the tokenizer's end-of-text token instead of stopping at it
     #[arg(long)]
@@ -326,6 +327,29 @@ enum BenchCommand {
 }
 
 /// A count that must be positive (a benchmark of no tokens or no runs has nothing to report).
+/// Refuses, before anything is allocated, a `sample` run whose samples cannot all be kept (each
+/// sample's result holds at least a few hundred bytes until the end, where they are printed), or
+/// whose seeds (`--seed` + k) would pass the largest seed; on the CPU, also one whose batch's KV
+/// caches would not fit.
+fn check_sample_count(prompts: usize, samples: usize, seed: u64, config: &ModelConfig, batch: usize, device: DeviceKind) -> Result<()> {
+    if seed.checked_add(samples as u64 - 1).is_none() {
+        anyhow::bail!("--seed {seed} with --num-samples {samples}: the samples' seeds (--seed + k) would pass the largest seed; choose a smaller --seed");
+    }
+    let total = prompts as u128 * samples as u128;
+    let kept = total * std::mem::size_of::<decode::Generation>() as u128;
+    if let Some(memory) = multitoken::bench::total_memory_bytes().filter(|&m| kept > m as u128) {
+        anyhow::bail!(
+            "{total} samples ({prompts} prompts × --num-samples {samples}) would need more than this machine's {:.1} GiB to keep their results; lower --num-samples",
+            memory as f64 / (1u64 << 30) as f64
+        );
+    }
+    if device == DeviceKind::Cpu {
+        let together = batch.min(total.min(usize::MAX as u128) as usize);
+        multitoken::decode::generate::check_cache_memory(config, together, std::mem::size_of::<f32>())?;
+    }
+    Ok(())
+}
+
 fn at_least_one(text: &str) -> std::result::Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -526,6 +550,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 }
             }
             let (ckpt, tok) = load_checkpoint_with_tokenizer(&args.checkpoint)?;
+            let samples = args.num_samples.unwrap_or(1);
+            check_sample_count(prompts.len(), samples, args.sampling.seed, &ckpt.config, args.batch, device)?;
             let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer::encode(&tok, p)).collect::<Result<_, _>>()?;
             let stop_at = if args.ignore_eos { None } else { tokenizer::end_of_text_id(&tok) };
             let sampling = args.sampling.config();
@@ -538,9 +564,8 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 None => None,
             };
             // every (prompt, seed) pair, prompt by prompt
-            let jobs: Vec<(usize, u64)> = (0..prompts.len())
-                .flat_map(|p| (0..args.num_samples.unwrap_or(1) as u64).map(move |k| (p, args.sampling.seed + k)))
-                .collect();
+            let jobs: Vec<(usize, u64)> =
+                (0..prompts.len()).flat_map(|p| (0..samples as u64).map(move |k| (p, args.sampling.seed + k))).collect();
             // one (prompt, seed) pair's request
             let settings = (args.max_new_tokens, &sampling, stop_at, draft);
             fn request<'a>(

@@ -286,6 +286,43 @@ fn inference_reads_neither_the_optimizer_nor_the_train_state() {
 }
 
 #[test]
+fn decoding_sizes_and_seeds_are_checked_before_anything_is_allocated() {
+    let t = trained("decode-sizes");
+    let sample = |extra: &[&str]| {
+        let mut args = vec!["sample", "--checkpoint", s(&t.ckpt), "--prompt", "the", "--max-new-tokens", "4"];
+        args.extend_from_slice(extra);
+        run_error(&args)
+    };
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "decode", "--checkpoint", s(&t.ckpt), "--prompt", "the", "--max-new-tokens", "4", "--repeats", "1"];
+        args.extend_from_slice(extra);
+        run_error(&args)
+    };
+    // more samples than their results could be kept for, more sequences at once than their KV
+    // caches fit in (the process was killed for memory before)
+    if multitoken::bench::total_memory_bytes().is_some() {
+        let message = sample(&["--num-samples", "100000000000"]);
+        assert!(message.contains("lower --num-samples"), "{message}");
+        let message = bench(&["--batch", "100000000"]);
+        assert!(message.contains("KV caches") && message.contains("lower --batch"), "{message}");
+    }
+    // seeds past the largest: they wrapped round to repeat other samples
+    let message = sample(&["--seed", "18446744073709551615", "--num-samples", "3"]);
+    assert!(message.contains("would pass the largest seed"), "{message}");
+    let message = bench(&["--seed", "18446744073709551615", "--batch", "2"]);
+    assert!(message.contains("would pass the largest seed"), "{message}");
+    // nothing to generate is a mistake for sample as for bench decode
+    let message = run_error(&["sample", "--checkpoint", s(&t.ckpt), "--prompt", "the", "--max-new-tokens", "0"]);
+    assert!(message.contains("--max-new-tokens") && message.contains("at least 1"), "{message}");
+    // a checkpoint without its config.json names that file, not "no checkpoint"
+    std::fs::remove_file(t.ckpt.join("config.json")).unwrap();
+    let message = t.resume_error();
+    assert!(message.contains("config.json") && message.contains("missing"), "{message}");
+    t.restore();
+    t.unchanged_but(&[]);
+}
+
+#[test]
 fn a_failed_resume_leaves_the_metrics_as_they_were() {
     let t = trained("resume-metrics");
     // a kill -9 after the last save leaves rows past the checkpoint's step

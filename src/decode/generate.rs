@@ -324,6 +324,26 @@ pub fn decode_loop(config: &ModelConfig, engine: &mut dyn StepEngine, request: D
     Ok(sequence.finish())
 }
 
+/// Refuses, before anything is allocated, to decode `sequences` sequences together on the CPU
+/// when their KV caches (keys and values of every layer at every position, `float_bytes` an
+/// entry) would not fit this machine's memory.
+pub fn check_cache_memory(config: &ModelConfig, sequences: usize, float_bytes: usize) -> Result<()> {
+    let per_sequence = 2 * config.n_layer as u128 * config.n_positions as u128 * config.n_embd as u128 * float_bytes as u128;
+    let needed = per_sequence * sequences as u128;
+    if let Some(total) = crate::bench::total_memory_bytes() {
+        if needed > total as u128 {
+            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+            return invalid!(
+                "decoding {sequences} sequences together needs {:.1} GiB for their KV caches ({:.1} MiB each), more than this machine's {:.1} GiB; lower --batch",
+                gib(needed),
+                per_sequence as f64 / (1u64 << 20) as f64,
+                gib(total as u128)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Several requests decoded together on the CPU (docs/decoding.md, "Several prompts at once"):
 /// [`decode_batch_on`] with a cache per request. Every sequence gets the tokens that [`decode`]
 /// gives its request alone (the same arithmetic row by row, the same random numbers).
@@ -334,6 +354,7 @@ pub fn decode_batch<T: Float>(
     speculative: bool,
     rule: AcceptanceRule,
 ) -> Result<Vec<Generation>> {
+    check_cache_memory(config, requests.len(), std::mem::size_of::<T>())?;
     let mut backbone = CachedBackbone::with_sequences(config, params, requests.len());
     decode_batch_on(config, &mut backbone, &Head::new(config, params), requests, speculative, rule)
 }

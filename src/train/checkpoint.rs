@@ -211,7 +211,9 @@ fn is_mask_buffer(name: &str, config: &ModelConfig) -> bool {
 /// bytes lie in the file and match its shape.
 fn read_safetensors(path: &Path, skip: impl Fn(&str) -> bool) -> Result<HashMap<String, Tensor<f32>>> {
     let bytes = crate::data::read_file(path)?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::bad_file(path, format!("not a valid safetensors file ({e})")))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::bad_file(path, format!("not a valid safetensors file ({e}); the file is damaged: restore it or train again"))
+    })?;
     let mut out = HashMap::new();
     for (name, view) in file.tensors() {
         if skip(&name) {

@@ -571,6 +571,12 @@ fn resumed_settings(saved: &TrainSettings, given: &TrainSettings, explicit: &[(&
 fn start_run(data: &Dataset, out_dir: &Path, settings: TrainSettings, options: &RunOptions) -> Result<Run> {
     if options.resume {
         if !checkpoint::exists(out_dir) {
+            if [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE, checkpoint::TRAIN_STATE_FILE].iter().any(|f| out_dir.join(f).exists()) {
+                return Err(Error::bad_file(
+                    out_dir.join(checkpoint::CONFIG_FILE),
+                    "missing, so this checkpoint cannot be resumed; restore it (the -best sibling holds the same file) or start a new run with another --out",
+                ));
+            }
             return Err(Error::bad_file(out_dir, "no checkpoint to resume (start a run without --resume)"));
         }
         let saved = checkpoint::load_for_resume(out_dir)?;
