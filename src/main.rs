@@ -328,7 +328,8 @@ enum BenchCommand {
 
 /// A count that must be positive (a benchmark of no tokens or no runs has nothing to report).
 /// Refuses, before anything is allocated, a `sample` run whose samples cannot all be kept (each
-/// sample's result holds at least a few hundred bytes until the end, where they are printed), or
+/// sample's result, a `Generation` and its tokens, is kept until the end, where they are
+/// printed), or
 /// whose seeds (`--seed` + k) would pass the largest seed; on the CPU, also one whose batch's KV
 /// caches would not fit.
 fn check_sample_count(prompts: usize, samples: usize, seed: u64, config: &ModelConfig, batch: usize, device: DeviceKind) -> Result<()> {
