@@ -89,6 +89,17 @@ pub fn total_memory_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// This machine's memory in bytes when `needed` bytes would not fit in it; None when they
+/// would, or when the system does not say. (What the CPU commands check before allocating.)
+pub fn memory_short_of(needed: u128) -> Option<u64> {
+    total_memory_bytes().filter(|&total| needed > total as u128)
+}
+
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: u128) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// The floating-point operations of the matrix products per trained token, forward and backward
 /// (the backward pass does each product twice more), counted as nanoGPT and llm.c count them: the
 /// blocks' linear layers 24·L·C², the head's n·r expanders 2·n·r·C² (when n·r > 1) and its

@@ -329,19 +329,18 @@ enum BenchCommand {
 /// A count that must be positive (a benchmark of no tokens or no runs has nothing to report).
 /// Refuses, before anything is allocated, a `sample` run whose samples cannot all be kept (each
 /// sample's result, a `Generation` and its tokens, is kept until the end, where they are
-/// printed), or
-/// whose seeds (`--seed` + k) would pass the largest seed; on the CPU, also one whose batch's KV
-/// caches would not fit.
+/// printed), or whose seeds (`--seed` + k) would pass the largest seed; on the CPU, also one
+/// whose batch's KV caches would not fit.
 fn check_sample_count(prompts: usize, samples: usize, seed: u64, config: &ModelConfig, batch: usize, device: DeviceKind) -> Result<()> {
     if seed.checked_add(samples as u64 - 1).is_none() {
         anyhow::bail!("--seed {seed} with --num-samples {samples}: the samples' seeds (--seed + k) would pass the largest seed; choose a smaller --seed");
     }
     let total = prompts as u128 * samples as u128;
     let kept = total * std::mem::size_of::<decode::Generation>() as u128;
-    if let Some(memory) = multitoken::bench::total_memory_bytes().filter(|&m| kept > m as u128) {
+    if let Some(memory) = multitoken::bench::memory_short_of(kept) {
         anyhow::bail!(
             "{total} samples ({prompts} prompts × --num-samples {samples}) would need more than this machine's {:.1} GiB to keep their results; lower --num-samples",
-            memory as f64 / (1u64 << 30) as f64
+            multitoken::bench::gib(memory as u128)
         );
     }
     if device == DeviceKind::Cpu {

@@ -266,7 +266,8 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
         std::fs::copy(ckpt.join(f), corrupt.join(f)).unwrap();
     }
     std::fs::write(corrupt.join("model.safetensors"), b"not safetensors").unwrap();
-    assert!(run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]).contains("safetensors"));
+    let message = run_error(&["eval", "--checkpoint", s(&corrupt), "--text-file", s(&ws.corpus)]);
+    assert!(message.contains("not a valid safetensors file") && message.contains("restore it or train again"), "{message}");
     std::fs::copy(ckpt.join("model.safetensors"), corrupt.join("model.safetensors")).unwrap();
     let config = std::fs::read_to_string(ckpt.join("config.json")).unwrap().replace("\"n_embd\": 64", "\"n_embd\": 32");
     std::fs::write(corrupt.join("config.json"), config).unwrap();

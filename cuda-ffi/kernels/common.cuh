@@ -40,6 +40,16 @@ __device__ float warp_sum(float v, int lanes = 32) {
     return v;
 }
 
+// The sum of v over lanes 0 … l of each lane l (an inclusive scan), by shuffles.
+__device__ float warp_inclusive_sum(float v) {
+    int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        float below = __shfl_up_sync(0xffffffff, v, offset);
+        if (lane >= offset) v += below;
+    }
+    return v;
+}
+
 // The maximum (or sum) over a whole block of whole warps; every thread gets it. `shared` holds
 // one float per warp.
 __device__ float block_reduce(float v, bool take_max, float* shared) {

@@ -123,6 +123,13 @@ __device__ bool mixture_row(const float* p, const float* weight, int r, int v, i
 // either way the mass moved is of the order of f32 rounding and goes to a neighbour. Every
 // thread gets the index. The weights may have just been written by other threads of the block.
 #define DRAW_LOADS 8
+
+// weights[i0 … i0 + DRAW_LOADS), all loads in flight together; 0 from `last` on.
+__device__ __forceinline__ void load_draw_run(float (&loaded)[DRAW_LOADS], const float* weights, int i0, int last) {
+#pragma unroll
+    for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+}
+
 __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     __shared__ float warp_sums[STEP_THREADS / 32];
     __shared__ int last_with_weight;
@@ -134,8 +141,7 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     int first_with_weight = -1, with_weight = -1;
     for (int i0 = first; i0 < last; i0 += DRAW_LOADS) {
         float loaded[DRAW_LOADS];
-#pragma unroll
-        for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+        load_draw_run(loaded, weights, i0, last);
 #pragma unroll
         for (int e = 0; e < DRAW_LOADS; e++) {
             s += loaded[e];
@@ -147,11 +153,7 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     }
     // the running sum to the end of each thread's chunk: within the warp by shuffles, then the
     // warps' totals scanned by warp 0
-    float through = s;
-    for (int offset = 1; offset < 32; offset *= 2) {
-        float below = __shfl_up_sync(0xffffffff, through, offset);
-        if (lane >= offset) through += below;
-    }
+    float through = warp_inclusive_sum(s);
     float before = __shfl_up_sync(0xffffffff, through, 1);
     if (lane == 0) before = 0.0f;
     if (threadIdx.x == 0) {
@@ -162,11 +164,7 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
     __syncthreads();
     atomicMax(&last_with_weight, with_weight);
     if (warp == 0) {
-        float total = lane < warps ? warp_sums[lane] : 0.0f;
-        for (int offset = 1; offset < 32; offset *= 2) {
-            float below = __shfl_up_sync(0xffffffff, total, offset);
-            if (lane >= offset) total += below;
-        }
+        float total = warp_inclusive_sum(lane < warps ? warp_sums[lane] : 0.0f);
         if (lane < warps) warp_sums[lane] = total;
     }
     __syncthreads();
@@ -179,8 +177,7 @@ __device__ int block_draw(const float* weights, int v, float u, int* chosen) {
             claim = with_weight;
             for (int i0 = first; i0 < last && claim == with_weight; i0 += DRAW_LOADS) {
                 float loaded[DRAW_LOADS];
-#pragma unroll
-                for (int e = 0; e < DRAW_LOADS; e++) loaded[e] = i0 + e < last ? weights[i0 + e] : 0.0f;
+                load_draw_run(loaded, weights, i0, last);
 #pragma unroll
                 for (int e = 0; e < DRAW_LOADS; e++) {
                     running += loaded[e];

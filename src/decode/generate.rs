@@ -330,16 +330,13 @@ pub fn decode_loop(config: &ModelConfig, engine: &mut dyn StepEngine, request: D
 pub fn check_cache_memory(config: &ModelConfig, sequences: usize, float_bytes: usize) -> Result<()> {
     let per_sequence = 2 * config.n_layer as u128 * config.n_positions as u128 * config.n_embd as u128 * float_bytes as u128;
     let needed = per_sequence * sequences as u128;
-    if let Some(total) = crate::bench::total_memory_bytes() {
-        if needed > total as u128 {
-            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-            return invalid!(
-                "decoding {sequences} sequences together needs {:.1} GiB for their KV caches ({:.1} MiB each), more than this machine's {:.1} GiB; lower --batch",
-                gib(needed),
-                per_sequence as f64 / (1u64 << 20) as f64,
-                gib(total as u128)
-            );
-        }
+    if let Some(total) = crate::bench::memory_short_of(needed) {
+        return invalid!(
+            "decoding {sequences} sequences together needs {:.1} GiB for their KV caches ({:.1} MiB each), more than this machine's {:.1} GiB; lower --batch",
+            crate::bench::gib(needed),
+            per_sequence as f64 / (1u64 << 20) as f64,
+            crate::bench::gib(total as u128)
+        );
     }
     Ok(())
 }

@@ -679,16 +679,13 @@ pub(crate) fn check_memory(config: &ModelConfig, device: DeviceKind) -> Result<(
         return Ok(());
     }
     let needed = config.parameter_count() * 16;
-    if let Some(total) = crate::bench::total_memory_bytes() {
-        if needed > total as u128 {
-            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-            return invalid!(
-                "training this model ({} parameters) needs at least {:.1} GiB for its weights, gradients and AdamW's moments, more than this machine's {:.1} GiB; choose a smaller model",
-                config.parameter_count(),
-                gib(needed),
-                gib(total as u128)
-            );
-        }
+    if let Some(total) = crate::bench::memory_short_of(needed) {
+        return invalid!(
+            "training this model ({} parameters) needs at least {:.1} GiB for its weights, gradients and AdamW's moments, more than this machine's {:.1} GiB; choose a smaller model",
+            config.parameter_count(),
+            crate::bench::gib(needed),
+            crate::bench::gib(total as u128)
+        );
     }
     Ok(())
 }
