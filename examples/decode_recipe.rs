@@ -95,7 +95,9 @@ fn train_and_measure(run_dir: &Path, data: &Path, seed: u64, stages: &[u64], row
         for (decoding, sampling) in [("greedy", SamplingConfig::greedy()), ("sampled, T = 1", sampled)] {
             let runs: Vec<BenchDecodeResult> = prompts
                 .iter()
-                .map(|prompt| bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, &sampling, 0, 1, device, Draft::Mixture, 1))
+                .map(|prompt| {
+                    bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, &sampling, 0, 1, device, Draft::Mixture, 1, Precision::F32)
+                })
                 .collect::<Result<_, _>>()?;
             let of = |key: fn(&BenchDecodeResult) -> f64| runs.iter().map(key).collect::<Vec<f64>>();
             let row = json!({

@@ -71,6 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("round_to_bf16 of 8192×768: {micros:.1} µs, {:.0} GB/s (6 bytes an element)", 6.0 * x.len() as f64 / micros / 1e3);
     }
     let kernels = ["linear_few_rows for 4 rows", "linear_few_rows for 8 rows", "linear_column_tiles"];
+    let kernels = kernels.iter().map(|k| format!("{k}, f32 weights")).chain(kernels.iter().map(|k| format!("{k}, bf16 weights")));
     for ((registers, spilled, blocks), kernel) in gpu.few_row_linear_resources()?.into_iter().zip(kernels) {
         println!("decoding: {kernel}: {registers} registers, {spilled} bytes spilled, {blocks} blocks per SM");
     }

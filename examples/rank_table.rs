@@ -419,7 +419,7 @@ fn decode_row(
     for prompt in &prompts {
         let _ = tokenizer::decode(&tok, prompt)?;
         let run = |sampling: &SamplingConfig| {
-            bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, sampling, 0, 1, study.device, Draft::Mixture, 1)
+            bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, sampling, 0, 1, study.device, Draft::Mixture, 1, Precision::F32)
         };
         greedy.push(run(&SamplingConfig::greedy())?);
         sampled.push(run(&sampled_config)?);

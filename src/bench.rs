@@ -262,9 +262,11 @@ pub struct BenchDecodeResult {
     pub threads: usize,
     /// where the decoders ran
     pub device: DeviceKind,
+    /// the weights the passes streamed: f32, or bf16 copies of the large ones (GPU only)
+    pub precision: Precision,
     /// the bytes of the weights a speculative pass reads: every block, the final LayerNorm, wte
-    /// (the unembedding) and the head's expanders and gate, in f32 (wpe's few rows and the KV
-    /// cache apart)
+    /// (the unembedding) and the head's expanders and gate (wpe's few rows and the KV cache
+    /// apart); in bf16 the blocks' linear weights, wte and the expanders at 2 bytes an element
     pub weight_bytes_per_pass: u64,
     /// `weight_bytes_per_pass` over the median time of a speculative pass
     pub achieved_bandwidth_bytes_per_s: f64,
@@ -284,15 +286,26 @@ pub struct BenchDecodeResult {
 /// The bytes of the weights a decoding pass reads that uses the expanders of the first
 /// `horizons` horizons: all n for a speculative pass, one for an autoregressive pass (see
 /// [`BenchDecodeResult::weight_bytes_per_pass`]).
-pub fn weight_bytes_per_pass(params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>, horizons: usize) -> u64 {
+pub fn weight_bytes_per_pass(params: &crate::model::ModelParams<crate::tensor::Tensor<f32>>, horizons: usize, precision: Precision) -> u64 {
+    let element_bytes = |name: &str| match precision {
+        Precision::Bf16 if streamed_in_bf16(name) => 2,
+        _ => 4,
+    };
     let read = params.named().into_iter().filter(|(name, _)| name != "transformer.wpe.weight");
-    let all: u64 = read.map(|(_, tensor)| tensor.len() as u64 * 4).sum();
+    let all: u64 = read.map(|(name, tensor)| tensor.len() as u64 * element_bytes(&name)).sum();
     // the expanders W (r, n, C, C): of each component, only the horizons used
     let unused = params.head.as_ref().map_or(0, |head| {
         let n = head.expand_weight.shape()[1];
-        head.expand_weight.len() as u64 * 4 / n as u64 * n.saturating_sub(horizons) as u64
+        head.expand_weight.len() as u64 * element_bytes("mtp.expand.weight") / n as u64 * n.saturating_sub(horizons) as u64
     });
     all - unused
+}
+
+/// Whether decoding in bf16 streams the parameter `name` as a bf16 copy: the blocks' linear
+/// weights, wte and the expanders (`decode::cuda`); LayerNorms, biases and the gate stay f32.
+fn streamed_in_bf16(name: &str) -> bool {
+    let linear = [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"];
+    name == "transformer.wte.weight" || name == "mtp.expand.weight" || linear.iter().any(|suffix| name.ends_with(suffix))
 }
 
 /// Bytes per second copied between two buffers of 256 MiB on `device`: the median of five
@@ -347,6 +360,7 @@ pub fn bench_decode(
     device: DeviceKind,
     draft: crate::decode::Draft,
     batch: usize,
+    precision: Precision,
 ) -> Result<BenchDecodeResult> {
     use crate::decode::generate::{decode_batch, AcceptanceRule};
     use crate::decode::{DecodeRequest, Generation};
@@ -362,7 +376,7 @@ pub fn bench_decode(
     if device == DeviceKind::Cpu {
         crate::decode::generate::check_cache_memory(config, batch, std::mem::size_of::<f32>())?;
     }
-    let on = device.open(Precision::F32)?;
+    let on = device.open(precision)?;
     let mut gpu_decoder = match on.gpu() {
         Some(gpu) => Some(crate::decode::cuda::GpuDecoder::with_sequences(gpu, config, params, batch)?),
         None => None,
@@ -415,8 +429,8 @@ pub fn bench_decode(
     let spec_tokens_per_s = median(spec_runs.iter().map(|(g, _)| g.tokens_per_s()).collect());
     let ((ar, _), (spec, _)) = (ar_runs.last().expect("one run"), spec_runs.last().expect("one run"));
     let gpu_profile = gpu_decoder.as_ref().map(|decoder| decoder.profile_report());
-    let weight_bytes = weight_bytes_per_pass(params, config.horizon);
-    let ar_weight_bytes = weight_bytes_per_pass(params, 1);
+    let weight_bytes = weight_bytes_per_pass(params, config.horizon, precision);
+    let ar_weight_bytes = weight_bytes_per_pass(params, 1, precision);
     let copy_bandwidth_bytes_per_s = copy_bandwidth(&on)?;
     // time per backbone pass (of the whole batch)
     let ar_step = median(ar_runs.iter().map(|(g, passes)| g.elapsed_s / (*passes).max(1) as f64).collect());
@@ -438,6 +452,7 @@ pub fn bench_decode(
         repeats: repeats.max(1),
         threads: rayon::current_num_threads(),
         device,
+        precision,
         weight_bytes_per_pass: weight_bytes,
         achieved_bandwidth_bytes_per_s: weight_bytes as f64 / spec_step,
         ar_weight_bytes_per_pass: ar_weight_bytes,
@@ -472,18 +487,24 @@ mod tests {
     }
 
     /// A speculative pass reads every weight but wpe; an autoregressive one, of the expanders W
-    /// (r, n, C, C), only the next-token horizon's r·C·C.
+    /// (r, n, C, C), only the next-token horizon's r·C·C. In bf16 the blocks' linear weights,
+    /// wte and the expanders take 2 bytes an element, the rest 4.
     #[test]
     fn an_autoregressive_pass_reads_one_horizon_of_the_expanders() {
         let config = ModelConfig { vocab_size: 40, n_positions: 8, n_embd: 8, n_layer: 1, n_head: 2, horizon: 4, rank: 3 };
         let params = crate::model::gpt2::init_params::<f32>(&config, &mut crate::tensor::Rng::new(0));
         let all: u64 = params.named().iter().map(|(_, t)| t.len() as u64 * 4).sum();
         let (wpe, expanders) = ((8 * 8 * 4) as u64, (3 * 4 * 8 * 8 * 4) as u64);
-        assert_eq!(weight_bytes_per_pass(&params, 4), all - wpe);
-        assert_eq!(weight_bytes_per_pass(&params, 1), all - wpe - expanders / 4 * 3);
+        assert_eq!(weight_bytes_per_pass(&params, 4, Precision::F32), all - wpe);
+        assert_eq!(weight_bytes_per_pass(&params, 1, Precision::F32), all - wpe - expanders / 4 * 3);
+        // bf16 saves 2 bytes an element of the block's linear weights (12·C·C), wte (V·C) and
+        // the expanders a pass reads (r·C·C a horizon)
+        let (linear, wte, horizon) = ((12 * 8 * 8) as u64, (40 * 8) as u64, (3 * 8 * 8) as u64);
+        assert_eq!(weight_bytes_per_pass(&params, 4, Precision::Bf16), all - wpe - 2 * (linear + wte + 4 * horizon));
+        assert_eq!(weight_bytes_per_pass(&params, 1, Precision::Bf16), all - wpe - expanders / 4 * 3 - 2 * (linear + wte + horizon));
         // without a head (n = r = 1) both passes read the same
         let plain = ModelConfig { horizon: 1, rank: 1, ..config };
         let params = crate::model::gpt2::init_params::<f32>(&plain, &mut crate::tensor::Rng::new(0));
-        assert_eq!(weight_bytes_per_pass(&params, 1), weight_bytes_per_pass(&params, plain.horizon));
+        assert_eq!(weight_bytes_per_pass(&params, 1, Precision::F32), weight_bytes_per_pass(&params, plain.horizon, Precision::F32));
     }
 }

@@ -89,6 +89,18 @@ impl Precision {
         Ok(precision)
     }
 
+    /// Parses decoding's `--precision` (`sample`, `bench decode`): `f32`, or `bf16` where `device`
+    /// is CUDA, the precision of the weights a decoding pass streams.
+    pub fn parse_for_decoding(name: &str, device: DeviceKind) -> Result<Self> {
+        match name {
+            "f32" | "bf16" => Precision::parse(name, device),
+            "tf32" => {
+                invalid!("--precision tf32 is for training: decoding streams its weights in f32 or bf16 (use --precision f32 or bf16)")
+            }
+            other => invalid!("unknown --precision '{other}' for decoding (use f32 or bf16)"),
+        }
+    }
+
     /// The name `--precision` takes.
     pub fn name(self) -> &'static str {
         match self {

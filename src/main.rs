@@ -275,6 +275,9 @@ struct SampleArgs {
     speculative: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 (CUDA only): the weights each decoding pass streams, as bf16 copies
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Subcommand)]
@@ -323,6 +326,9 @@ enum BenchCommand {
         /// Copies of the prompt decoded together, seeded --seed, --seed + 1, ...
         #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = at_least_one)]
         batch: usize,
+        /// f32, or bf16 (CUDA only): the weights each decoding pass streams, as bf16 copies
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
 }
 
@@ -536,6 +542,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
         }
         Command::Sample(args) => {
             let device = DeviceKind::parse(&args.device)?;
+            let precision = Precision::parse_for_decoding(&args.precision, device)?;
             multitoken::device::check_available(device)?;
             args.sampling.config().validate()?;
             let draft = decode::Draft::parse(&args.sampling.draft)?;
@@ -555,7 +562,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer::encode(&tok, p)).collect::<Result<_, _>>()?;
             let stop_at = if args.ignore_eos { None } else { tokenizer::end_of_text_id(&tok) };
             let sampling = args.sampling.config();
-            let gpu = device.open(Precision::F32)?.gpu().cloned();
+            let gpu = device.open(precision)?.gpu().cloned();
             let mut gpu_decoder = match &gpu {
                 Some(gpu) => {
                     let sequences = args.batch.min(prompts.len() * args.num_samples.unwrap_or(1));
@@ -644,8 +651,9 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             };
             Ok((value, texts.join("\n\n---\n\n")))
         }
-        Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device, batch }) => {
+        Command::Bench(BenchCommand::Decode { checkpoint, prompt, max_new_tokens, sampling, repeats, device, batch, precision }) => {
             let device = DeviceKind::parse(device)?;
+            let precision = Precision::parse_for_decoding(precision, device)?;
             sampling.config().validate()?;
             let draft = decode::Draft::parse(&sampling.draft)?;
             multitoken::device::check_available(device)?;
@@ -662,6 +670,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 device,
                 draft,
                 *batch,
+                precision,
             )?;
             if let (true, Some(profile)) = (multitoken::autograd::profiling_enabled(), &result.gpu_profile) {
                 eprint!("{profile}");
@@ -669,7 +678,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let rates: Vec<String> = result.acceptance_rates.iter().map(|r| format!("{r:.2}")).collect();
             let batch = if result.batch > 1 { format!("{} sequences together: ", result.batch) } else { String::new() };
             let text = format!(
-                "{batch}autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | weights read: {:.1} MB an autoregressive pass at {:.1} GB/s, {:.1} MB a speculative pass at {:.1} GB/s, against {:.1} GB/s copied",
+                "{batch}autoregressive {:.1} tokens/s | speculative {:.1} tokens/s | speed-up {:.2}x | mean accepted {:.2} tokens per pass (n = {}, r = {}) | acceptance by draft position [{}] | a speculative pass costs {:.2} autoregressive passes | weights read ({}): {:.1} MB an autoregressive pass at {:.1} GB/s, {:.1} MB a speculative pass at {:.1} GB/s, against {:.1} GB/s copied",
                 result.ar_tokens_per_s,
                 result.spec_tokens_per_s,
                 result.speedup,
@@ -678,6 +687,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                 ckpt.config.rank,
                 rates.join(", "),
                 result.step_cost_ratio,
+                result.precision.name(),
                 result.ar_weight_bytes_per_pass as f64 / 1e6,
                 result.ar_achieved_bandwidth_bytes_per_s / 1e9,
                 result.weight_bytes_per_pass as f64 / 1e6,

@@ -622,6 +622,51 @@ cuda_test!(linear_in_column_tiles_matches_the_cpu_and_the_few_row_kernel_to_the_
     assert_eq!(gpu.download(out.view()).unwrap(), vec![7.0; 17 * 4]);
 });
 
+/// The bf16 copy of a weight as decoding keeps it (each element's 16 bits), and the f32 values it
+/// stands for.
+fn bf16_copy(w: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    w.iter().map(|&v| half::bf16::from_f32(v)).map(|b| (b.to_bits(), b.to_f32())).unzip()
+}
+
+cuda_test!(on_bf16_weights_the_few_row_kernels_give_the_bits_of_f32_weights_of_the_same_values, |gpu| {
+    // bf16 decoding's kernels widen each weight and go on as on f32 weights: the same bits as the
+    // f32 kernels on the rounded values, on shapes that split a column over 1 to 8 warps, every
+    // prologue and epilogue, rows for both instances; then the head's tiled product
+    for (k, n) in [(300, 772), (40, 8192), (768, 768), (3072, 96)] {
+        let (bits, values) = bf16_copy(&random(n * k, 111));
+        let (w_bf16, w_f32) = (gpu.upload(&bits).unwrap(), gpu.upload(&values).unwrap());
+        let (b, gain, shift) =
+            (gpu.upload(&random(n, 112)).unwrap(), gpu.upload(&random(k, 113)).unwrap(), gpu.upload(&random(k, 114)).unwrap());
+        for rows in [1, 4, 8] {
+            let (x, residual) = (gpu.upload(&random(rows * k, 115)).unwrap(), gpu.upload(&random(rows * n, 116)).unwrap());
+            for layernorm in [None, Some((gain.view(), shift.view()))].into_iter().filter(|ln| ln.is_none() || k <= 1024) {
+                for epilogue in [multitoken_cuda::Epilogue::Gelu, multitoken_cuda::Epilogue::Residual(residual.view())] {
+                    let outs = [gpu.zeros::<f32>(rows * n).unwrap(), gpu.zeros::<f32>(rows * n).unwrap()];
+                    assert!(gpu.linear_few_rows(x.view(), layernorm, w_bf16.view(), Some(b.view()), epilogue, outs[0].view()).unwrap());
+                    assert!(gpu.linear_few_rows(x.view(), layernorm, w_f32.view(), Some(b.view()), epilogue, outs[1].view()).unwrap());
+                    let [bf16, f32] = outs.map(|out| gpu.download(out.view()).unwrap());
+                    let label = format!("{rows}×{k}·({n}×{k})ᵀ, layernorm {}, {epilogue:?}", layernorm.is_some());
+                    assert!(bf16.iter().all(|v| v.is_finite()), "{label}");
+                    assert_eq!(bf16, f32, "{label}: bf16 weights and their f32 values differ");
+                }
+            }
+        }
+    }
+    for (k, n) in [(300, 773), (768, 8192)] {
+        let (bits, values) = bf16_copy(&random(n * k, 117));
+        let (w_bf16, w_f32) = (gpu.upload(&bits).unwrap(), gpu.upload(&values).unwrap());
+        for rows in [1, 7, 16] {
+            let x = gpu.upload(&random(rows * k, 118)).unwrap();
+            let outs = [gpu.zeros::<f32>(rows * n).unwrap(), gpu.zeros::<f32>(rows * n).unwrap()];
+            assert!(gpu.linear_column_tiles(x.view(), w_bf16.view(), outs[0].view()).unwrap());
+            assert!(gpu.linear_column_tiles(x.view(), w_f32.view(), outs[1].view()).unwrap());
+            let [bf16, f32] = outs.map(|out| gpu.download(out.view()).unwrap());
+            assert_eq!(bf16, f32, "column tiles {rows}×{k}·({n}×{k})ᵀ: bf16 weights and their f32 values differ");
+        }
+    }
+    println!("few-row kernels and column tiles on bf16 weights: the bits of f32 weights of the same values");
+});
+
 cuda_test!(layernorm_on_a_few_rows_matches_the_cpu, |gpu| {
     // decoding's LayerNorm takes a block per row
     let c = 100;
@@ -1089,6 +1134,90 @@ cuda_test!(gpu_head_products_match_the_cpu_head, |gpu| {
         }
     }
     report("one component's P[α,s], GPU against CPU", worst, 1e-5);
+});
+
+/// `params` with the weights whose names `rounded` picks rounded to bf16 values (kept in f32).
+fn with_bf16_values(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, rounded: &dyn Fn(&str) -> bool) -> ModelParams<Tensor<f32>> {
+    params.map(config, |name, tensor| match rounded(name) {
+        true => Tensor::from_vec(tensor.shape(), bf16_copy(tensor.data()).1),
+        false => tensor.clone(),
+    })
+}
+
+cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_decoding_exact, |gpu| {
+    // V = 8192: the head's products take the few-row and tiled kernels, as at full size
+    let (config, params) = noisy_tiny_model(8192);
+    let mut bf16_gpu = Gpu::new(0).unwrap();
+    bf16_gpu.precision = ProductPrecision::Bf16;
+    let mut bf16 = GpuDecoder::new(&bf16_gpu, &config, &params).unwrap();
+    let linear = |name: &str| {
+        [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"].iter().any(|s| name.ends_with(s))
+    };
+    let head = |name: &str| name == "transformer.wte.weight" || name == "mtp.expand.weight";
+
+    // passes of up to 8 rows read the blocks' bf16 copies: the bits an f32 decoder gives with
+    // those weights rounded (the embedding reads wte in f32 in both); the prefill of 20 rows
+    // takes cuBLAS in bf16, near the CPU in f32
+    let rounded_blocks = with_bf16_values(&config, &params, &linear);
+    let mut f32_of_rounded = GpuDecoder::new(&gpu, &config, &rounded_blocks).unwrap();
+    let mut f32_decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
+    let tokens: Vec<u32> = (0..30).map(|i| (i * 331 % 8192) as u32).collect();
+    for decoder in [&mut bf16, &mut f32_of_rounded, &mut f32_decoder] {
+        decoder.backbone().forward(&tokens[..3]).unwrap();
+    }
+    for run in [&tokens[3..4], &tokens[4..7], &tokens[7..15]] {
+        let ours = bf16.backbone().forward(run).unwrap();
+        assert_eq!(ours, f32_of_rounded.backbone().forward(run).unwrap(), "a pass of {} rows", run.len());
+        assert_ne!(ours, f32_decoder.backbone().forward(run).unwrap(), "bf16 decoding gave f32's bits: no bf16 copies read");
+    }
+    let mut cpu = CachedBackbone::new(&config, &params);
+    bf16.backbone().truncate(0);
+    let reference: Vec<f64> = cpu.forward(&tokens[..20]).iter().map(|&x| x as f64).collect();
+    report(
+        "a bf16 prefill of 20 rows against the CPU in f32",
+        relative_error(&bf16.backbone().forward(&tokens[..20]).unwrap(), &reference),
+        2e-2,
+    );
+
+    // the head's products read bf16 copies of the expanders and wte: the bits of f32 ones of the
+    // same values, for three states' next tokens and one state's three horizons (12 rows of
+    // logits each, the tiled kernel's; past 16, cuBLAS would round the states to bf16 too)
+    let rounded_head = with_bf16_values(&config, &params, &head);
+    let f32_of_rounded = GpuDecoder::new(&gpu, &config, &rounded_head).unwrap();
+    let hidden = Tensor::<f32>::randn(&[3, config.n_embd], 1.0, &mut Rng::new(5));
+    for (states, horizons) in [(hidden.data(), 1), (&hidden.data()[..config.n_embd], 3)] {
+        let (ours, reference) =
+            (bf16.head_states(&params, states, horizons).unwrap(), f32_of_rounded.head_states(&params, states, horizons).unwrap());
+        assert_eq!(ours.len(), reference.len());
+        for (ours, reference) in ours.iter().zip(&reference) {
+            for (alpha, s) in (0..config.rank).flat_map(|alpha| (0..horizons).map(move |s| (alpha, s))) {
+                assert_eq!(ours.prob(alpha, s), reference.prob(alpha, s), "P[{alpha},{s}] of {} states", states.len() / config.n_embd);
+            }
+        }
+    }
+
+    // greedy speculative decoding in bf16 gives autoregressive decoding's tokens, the step on
+    // the device and on the host, both drafts; sampling runs
+    let sampling = SamplingConfig::greedy();
+    let sampled = SamplingConfig { greedy: false, ..SamplingConfig::greedy() };
+    for prompt_len in [1, 5, 17] {
+        let prompt = &tokens[..prompt_len];
+        let mut run = |speculative: bool, draft: Draft, on_host: bool, sampling: &SamplingConfig| {
+            let request = DecodeRequest { prompt, max_new_tokens: 40, sampling, seed: 3, progress: &mut |_| {}, stop_at: None, draft };
+            match on_host {
+                false => bf16.decode(&params, request, speculative).unwrap(),
+                true => bf16.decode_on_host(&params, request, speculative).unwrap(),
+            }
+        };
+        let ar = run(false, Draft::Mixture, false, &sampling);
+        for (draft, on_host) in [(Draft::Mixture, false), (Draft::TopComponent, false), (Draft::Mixture, true)] {
+            let spec = run(true, draft, on_host, &sampling);
+            assert_eq!(ar.tokens, spec.tokens, "prompt of {prompt_len}, {draft:?}, on the host {on_host}: bf16 speculative differs");
+        }
+        let drawn = run(true, Draft::Mixture, false, &sampled);
+        assert!(drawn.tokens.len() == 40 && drawn.tokens.iter().all(|&t| t < 8192), "sampled in bf16: {:?}", drawn.tokens);
+    }
+    println!("decoding in bf16: passes and head products the bits of f32 on rounded weights; greedy speculative == autoregressive");
 });
 
 cuda_test!(speculative_greedy_decoding_on_the_gpu_equals_autoregressive, |gpu| {

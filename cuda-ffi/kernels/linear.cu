@@ -13,16 +13,39 @@
 // split, never by `rows`: a row's result is the same bits whether it is decoded alone or with
 // others, and from run to run.
 
-#define LOADS_IN_FLIGHT 8
-
 // the LayerNorm prologue strides over x by THREADS, the launch's block size
 static_assert(FEW_ROW_WARPS * 32 == THREADS, "a few-row block is FEW_ROW_WARPS warps of THREADS threads in all");
 
-// The float4s q, q + 32, … (LOADS_IN_FLIGHT of them, those below `quads`) of a warp's span of
-// its column, all in flight at once
-__device__ __forceinline__ void load_column_quads(float4 (&w_quads)[LOADS_IN_FLIGHT], const float4* span, int q, int quads) {
+// A weight's four neighbouring entries as stored, W the element: f32 (a float4) or bf16 (four
+// 16-bit halves in a uint2, bf16 decoding's copies). A thread keeps IN_FLIGHT of them loading at
+// once, 128 bytes in either case. Either widens to a float4 exactly (a bf16's bits are the
+// upper half of the f32 it stands for), and everything after the load is the same arithmetic:
+// on bf16 weights a kernel gives the bits it gives on f32 weights holding the same values.
+template <typename W>
+struct WeightQuad;
+template <>
+struct WeightQuad<float> {
+    using type = float4;
+    static constexpr int IN_FLIGHT = 8;
+};
+template <>
+struct WeightQuad<unsigned short> {
+    using type = uint2;
+    static constexpr int IN_FLIGHT = 16;
+};
+
+__device__ __forceinline__ float4 widen(float4 quad) { return quad; }
+__device__ __forceinline__ float4 widen(uint2 quad) {
+    return make_float4(__uint_as_float(quad.x << 16), __uint_as_float(quad.x & 0xffff0000u), __uint_as_float(quad.y << 16),
+                       __uint_as_float(quad.y & 0xffff0000u));
+}
+
+// The quads q, q + 32, … (IN_FLIGHT of them, those below `quads`) of a warp's span of its
+// column, all in flight at once
+template <typename Quad, int IN_FLIGHT>
+__device__ __forceinline__ void load_column_quads(Quad (&w_quads)[IN_FLIGHT], const Quad* span, int q, int quads) {
 #pragma unroll
-    for (int u = 0; u < LOADS_IN_FLIGHT; u++)
+    for (int u = 0; u < IN_FLIGHT; u++)
         if (q + 32 * u < quads) w_quads[u] = __ldg(span + q + 32 * u);
 }
 
@@ -61,8 +84,8 @@ __device__ __forceinline__ void warp_sums_by_hand_off(float (&values)[N]) {
 
 // ROWS_MAX: the most rows an instance takes (its sums live in registers). The LayerNorm prologue
 // stages x's rows, normalised, in shared memory: rows of at most FEW_ROW_LAYERNORM_K_MAX entries.
-template <int ROWS_MAX>
-__device__ void linear_few_rows(const float* x, const float* ln_weight, const float* ln_bias, const float* wt, const float* b,
+template <int ROWS_MAX, typename W>
+__device__ void linear_few_rows(const float* x, const float* ln_weight, const float* ln_bias, const W* wt, const float* b,
                                 const float* residual, float* out, int rows, int k, int n, int split, int apply_gelu) {
     __shared__ float4 staged[ROWS_MAX * FEW_ROW_LAYERNORM_K_MAX / 4];
     __shared__ float row_mean[ROWS_MAX], row_rstd[ROWS_MAX];
@@ -73,12 +96,14 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     int column = blockIdx.x * columns_per_block + warp / split;
     int quads = k / 4 / split, first_quad = (warp % split) * quads;
     bool active = column < n;
-    const float4* span = (const float4*)(wt + (long)column * k) + first_quad;
+    using Quad = typename WeightQuad<W>::type;
+    constexpr int IN_FLIGHT = WeightQuad<W>::IN_FLIGHT;
+    const Quad* span = (const Quad*)(wt + (long)column * k) + first_quad;
 
     // the warp's first float4s of w, and the LayerNorm's gains and shifts of the entries this
     // thread normalises, loaded before the kernel ahead has finished (no kernel writes a weight)
     // and all at once, where loading them as they are used would wait for each in turn
-    float4 w_quads[LOADS_IN_FLIGHT];
+    Quad w_quads[IN_FLIGHT];
     if (active) load_column_quads(w_quads, span, lane, quads);
     constexpr int NORMALISED_PER_THREAD = (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS;
     float gains[NORMALISED_PER_THREAD], shifts[NORMALISED_PER_THREAD];
@@ -149,13 +174,13 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     for (int r = 0; r < ROWS_MAX; r++) sum[r] = 0.0f;
     if (active) {
         int k4 = k / 4;
-        for (int q0 = 0; q0 < quads; q0 += 32 * LOADS_IN_FLIGHT) {
+        for (int q0 = 0; q0 < quads; q0 += 32 * IN_FLIGHT) {
             if (q0 > 0) load_column_quads(w_quads, span, q0 + lane, quads);
 #pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            for (int u = 0; u < IN_FLIGHT; u++) {
                 int q = q0 + lane + 32 * u;
                 if (q >= quads) break;
-                float4 wv = w_quads[u];
+                float4 wv = widen(w_quads[u]);
 #pragma unroll
                 for (int r = 0; r < ROWS_MAX; r++) {
                     if (r < rows) {
@@ -191,17 +216,24 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
 }
 
 // Two instances: up to 4 rows (decoding's usual passes), with registers to spare for more blocks
-// per SM, and up to 8. Both split w alike, so a row's bits do not depend on which runs it. (More
-// rows read x from L1 more often than w arrives: the head's logits on more than 4 rows take
-// linear_column_tiles below.)
-#define FEW_ROWS_ARGUMENTS                                                                                                            \
-    const float *x, const float *ln_weight, const float *ln_bias, const float *wt, const float *b, const float *residual, float *out, \
+// per SM, and up to 8; each on f32 weights and on bf16 (`_bf16`). All split w alike, so a row's
+// bits do not depend on which runs it. (More rows read x from L1 more often than w arrives: the
+// head's logits on more than 4 rows take linear_column_tiles below.)
+#define FEW_ROWS_ARGUMENTS(W)                                                                                                     \
+    const float *x, const float *ln_weight, const float *ln_bias, const W *wt, const float *b, const float *residual, float *out, \
         int rows, int k, int n, int split, int apply_gelu
-extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small(FEW_ROWS_ARGUMENTS) {
-    linear_few_rows<FEW_ROWS_SMALL>(x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu);
+#define FEW_ROWS_CALL x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu
+extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small(FEW_ROWS_ARGUMENTS(float)) {
+    linear_few_rows<FEW_ROWS_SMALL>(FEW_ROWS_CALL);
 }
-extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_ROWS_ARGUMENTS) {
-    linear_few_rows<FEW_ROWS_LARGE>(x, ln_weight, ln_bias, wt, b, residual, out, rows, k, n, split, apply_gelu);
+extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_ROWS_ARGUMENTS(float)) {
+    linear_few_rows<FEW_ROWS_LARGE>(FEW_ROWS_CALL);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 3) linear_few_rows_small_bf16(FEW_ROWS_ARGUMENTS(unsigned short)) {
+    linear_few_rows<FEW_ROWS_SMALL>(FEW_ROWS_CALL);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large_bf16(FEW_ROWS_ARGUMENTS(unsigned short)) {
+    linear_few_rows<FEW_ROWS_LARGE>(FEW_ROWS_CALL);
 }
 
 // Products on up to TILE_ROWS_MAX rows, with no prologue and no bias: the head's logits, a
@@ -215,20 +247,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large(FEW_
 #define TILE_SUMS (TILE_ROWS_MAX * TILE_COLUMNS)
 static_assert(TILE_SUMS == 64, "a tile's 64 sums a lane end as 2 a lane after warp_sums_by_hand_off");
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-    linear_column_tiles(const float* x, const float* wt, float* out, int rows, int k, int n) {
+template <typename W>
+__device__ void column_tiles(const float* x, const W* wt, float* out, int rows, int k, int n) {
+    using Quad = typename WeightQuad<W>::type;
     let_next_kernel_start();
     int lane = threadIdx.x % 32;
     int first_column = (blockIdx.x * FEW_ROW_WARPS + threadIdx.x / 32) * TILE_COLUMNS;
     int quads = k / 4;
     // columns past n read column n − 1 and are not written
-    const float4* columns[TILE_COLUMNS];
+    const Quad* columns[TILE_COLUMNS];
 #pragma unroll
-    for (int c = 0; c < TILE_COLUMNS; c++) columns[c] = (const float4*)(wt + (long)min(first_column + c, n - 1) * k);
+    for (int c = 0; c < TILE_COLUMNS; c++) columns[c] = (const Quad*)(wt + (long)min(first_column + c, n - 1) * k);
 
     // the next float4 of each column, loaded while the current one is used (the first before
     // the kernel ahead has finished: no kernel writes a weight)
-    float4 next_w[TILE_COLUMNS];
+    Quad next_w[TILE_COLUMNS];
     if (lane < quads) {
 #pragma unroll
         for (int c = 0; c < TILE_COLUMNS; c++) next_w[c] = __ldg(columns[c] + lane);
@@ -242,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     for (int q = lane; q < quads; q += 32) {
         float4 w[TILE_COLUMNS];
 #pragma unroll
-        for (int c = 0; c < TILE_COLUMNS; c++) w[c] = next_w[c];
+        for (int c = 0; c < TILE_COLUMNS; c++) w[c] = widen(next_w[c]);
         if (q + 32 < quads) {
 #pragma unroll
             for (int c = 0; c < TILE_COLUMNS; c++) next_w[c] = __ldg(columns[c] + q + 32);
@@ -268,4 +301,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
         int index = 2 * lane + i, r = index / TILE_COLUMNS, column = first_column + index % TILE_COLUMNS;
         if (r < rows && column < n) out[(long)r * n + column] = sum[i];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+    linear_column_tiles(const float* x, const float* wt, float* out, int rows, int k, int n) {
+    column_tiles(x, wt, out, rows, k, n);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+    linear_column_tiles_bf16(const float* x, const unsigned short* wt, float* out, int rows, int k, int n) {
+    column_tiles(x, wt, out, rows, k, n);
 }

@@ -7,12 +7,20 @@
 //! (`decode_batch_on`), the step runs on the host instead, the head's vocabulary-sized products
 //! here; per step that moves hidden states (C floats a token) and the probabilities it reads
 //! (r·V floats a horizon).
+//!
+//! Decoding in bf16 (a [`Gpu`] whose product precision is bf16: `--precision bf16`) streams bf16
+//! copies of the weights that passes of few rows read (every block's linear layers, the head's
+//! expanders and wte as the unembedding), half the bytes of f32; the few-row kernels widen them
+//! and compute in f32, and everything else (the embedding, LayerNorms, the gate, the KV caches,
+//! the step's distributions) stays f32. Products over many rows (a prefill) take cuBLAS in bf16
+//! on the same rounded values.
 
 use std::rc::Rc;
 
 use multitoken_cuda::{
-    AttentionShape, Buffer, CacheRows, Epilogue, Gpu, Graph, Operand, PinnedBuffer, StepBuffers, StepChoice, View, ACCEPT_ALWAYS,
-    ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE, TILE_ROWS_MAX,
+    AttentionShape, Buffer, CacheRows, ColumnWeights, Epilogue, Gpu, Graph, Operand, PinnedBuffer, ProductPrecision, StepBuffers,
+    StepChoice, View, ACCEPT_ALWAYS, ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
+    TILE_ROWS_MAX,
 };
 
 use crate::decode::generate::{decode_batch_on, decode_loop, not_finite, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
@@ -139,7 +147,9 @@ pub struct GpuDecoder<'a> {
 
 impl<'a> GpuDecoder<'a> {
     /// Uploads `params` to `gpu` as one allocation and prepares the backbone (KV cache, scratch
-    /// buffers) and the head for decoding one sequence at a time.
+    /// buffers) and the head for decoding one sequence at a time; with bf16 copies of the
+    /// weights that passes stream where `gpu`'s product precision is bf16 (see the module's
+    /// comment).
     pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
         Self::with_sequences(gpu, config, params, 1)
     }
@@ -318,8 +328,9 @@ struct GpuBackbone<'a> {
     gpu: &'a Gpu,
     config: ModelConfig,
     p: ModelParams<View<f32>>,
-    /// every block's linear weights once more, by output column (the few-row kernel's layout),
-    /// unless that kernel is off or cannot take them (C not a multiple of 4)
+    /// every block's linear weights once more, by output column (the few-row kernel's layout;
+    /// in bf16 when decoding in bf16), unless that kernel is off or cannot take them (C not a
+    /// multiple of 4)
     by_column: Option<ByColumn>,
     /// per layer, every sequence's keys and values: (S, H, n_positions, hs) each
     keys: Vec<Buffer<f32>>,
@@ -340,15 +351,52 @@ struct GpuBackbone<'a> {
 #[derive(Clone, Copy)]
 struct LinearWeight {
     as_trained: View<f32>,
-    by_column: Option<View<f32>>,
+    by_column: Option<ColumnWeights>,
 }
 
 /// Every block's four linear weights by output column, transposed on the device once when the
-/// decoder is made (the weights of `base` twice: 340 MB more of device memory).
+/// decoder is made (in f32, the weights of `base` twice: 340 MB more of device memory; in bf16
+/// 170 MB).
 struct ByColumn {
-    _weights: Buffer<f32>,
+    _weights: CopyBuffer,
     /// per block, in the order of [`Linear`]: (n, k) each
-    layers: Vec<[View<f32>; 4]>,
+    layers: Vec<[ColumnWeights; 4]>,
+}
+
+/// A buffer of weights copied for decoding's kernels: in f32, or rounded to bf16.
+enum CopyBuffer {
+    F32(Buffer<f32>),
+    Bf16(Buffer<u16>),
+}
+
+impl CopyBuffer {
+    /// `len` elements, in bf16 where `gpu` decodes in bf16
+    fn new(gpu: &Gpu, len: usize) -> Result<Self> {
+        Ok(match gpu.precision {
+            ProductPrecision::Bf16 => CopyBuffer::Bf16(gpu.zeros(len)?),
+            _ => CopyBuffer::F32(gpu.zeros(len)?),
+        })
+    }
+
+    fn view(&self) -> ColumnWeights {
+        match self {
+            CopyBuffer::F32(buffer) => buffer.view().into(),
+            CopyBuffer::Bf16(buffer) => buffer.view().into(),
+        }
+    }
+
+    /// Writes `len` elements from `offset` on: `write` fills an f32 view with them, which is
+    /// this buffer's own in f32, and in bf16 a scratch buffer then rounded into it.
+    fn write_with(&self, gpu: &Gpu, offset: usize, len: usize, write: impl FnOnce(View<f32>) -> Result<()>) -> Result<()> {
+        match self {
+            CopyBuffer::F32(buffer) => write(buffer.view().slice(offset, len)),
+            CopyBuffer::Bf16(buffer) => {
+                let scratch = gpu.alloc::<f32>(len)?;
+                write(scratch.view())?;
+                Ok(gpu.round_to_bf16(scratch.view(), buffer.view().slice(offset, len))?)
+            }
+        }
+    }
 }
 
 /// A block's four linear layers as trained, (weight (k, n), bias (n)), in the order of [`Linear`].
@@ -364,16 +412,18 @@ fn linear_layers(block: &BlockParams<View<f32>>) -> [(View<f32>, View<f32>); 4] 
 impl ByColumn {
     fn new(gpu: &Gpu, blocks: &[BlockParams<View<f32>>]) -> Result<Self> {
         let total: usize = blocks.iter().flat_map(|block| linear_layers(block).map(|(weight, _)| weight.len())).sum();
-        let buffer = gpu.zeros::<f32>(total)?;
+        let buffer = CopyBuffer::new(gpu, total)?;
         let mut offset = 0;
         let mut layers = Vec::with_capacity(blocks.len());
         for block in blocks {
             let mut layer = [buffer.view(); 4];
             for (slot, (weight, bias)) in layer.iter_mut().zip(linear_layers(block)) {
                 // (k, n) → (n, k): n is the bias's length
-                let (n, by_column) = (bias.len(), buffer.view().slice(offset, weight.len()));
-                gpu.transpose_last(weight, by_column, (1, weight.len() / n, n))?;
-                *slot = by_column;
+                let n = bias.len();
+                buffer.write_with(gpu, offset, weight.len(), |by_column| {
+                    Ok(gpu.transpose_last(weight, by_column, (1, weight.len() / n, n))?)
+                })?;
+                *slot = buffer.view().slice(offset, weight.len());
                 offset += weight.len();
             }
             layers.push(layer);
@@ -483,7 +533,7 @@ struct GpuPassKernels<'a> {
     config: &'a ModelConfig,
     p: &'a ModelParams<View<f32>>,
     /// per block, its linear weights by output column, in the order of [`Linear`]
-    by_column: Option<&'a [[View<f32>; 4]]>,
+    by_column: Option<&'a [[ColumnWeights; 4]]>,
     keys: &'a [Buffer<f32>],
     values: &'a [Buffer<f32>],
     sequences: usize,
@@ -748,27 +798,27 @@ impl<'d, 'a> GpuStepEngine<'d, 'a> {
         let w = step.w.view().prefix(m * r);
         gpu.decode_gate(hidden, gate, w, c)?;
         // z[α,0] = W[α,0] h for every row (h itself without expanders), then P[α,0]
-        let z = match &self.head.expand_by_horizon {
+        let z = match self.head.expanders() {
             Some(expanders) => {
                 let z = step.z.view().prefix(m * r * c);
-                product_by_column(gpu, hidden, expanders.view().prefix(r * c * c), z, m, c, r * c)?;
+                product_by_column(gpu, hidden, expanders.prefix(r * c * c), z, m, c, r * c)?;
                 z
             }
             None => hidden,
         };
         let probs = step.probs.view().prefix(m * r * v);
-        product_by_column(gpu, z, self.head.wte, probs, m * r, c, v)?;
+        product_by_column(gpu, z, self.head.wte(), probs, m * r, c, v)?;
         gpu.softmax_rows(probs, v)?;
         let buffers = step.buffers(hidden, self.n, v);
         gpu.speculative_verify(probs, w, rows, buffers, self.n, choice, forced)?;
-        if let (Some(expanders), true) = (&self.head.expand_by_horizon, self.n > 1) {
+        if let (Some(expanders), true) = (self.head.expanders(), self.n > 1) {
             // S's horizons 1..n: one row against the stacked W[α,s], then P[α,s]
             let count = self.n - 1;
             let z_s = step.z_s.view().prefix(count * r * c);
-            let w_s = expanders.view().slice(r * c * c, count * r * c * c);
+            let w_s = expanders.slice(r * c * c, count * r * c * c);
             product_by_column(gpu, step.s_hidden.view(), w_s, z_s, 1, c, count * r * c)?;
             let probs_s = step.probs_s.view().prefix(count * r * v);
-            product_by_column(gpu, z_s, self.head.wte, probs_s, count * r, c, v)?;
+            product_by_column(gpu, z_s, self.head.wte(), probs_s, count * r, c, v)?;
             gpu.softmax_rows(probs_s, v)?;
             gpu.speculative_draft(probs_s, buffers, count, choice, draft == Draft::TopComponent)?;
         }
@@ -864,6 +914,39 @@ impl StepEngine for GpuStepEngine<'_, '_> {
     }
 }
 
+/// One of the head's weights by output column, (n, k): as trained, and its bf16 copy when decoding
+/// in bf16.
+#[derive(Clone, Copy)]
+struct HeadWeight {
+    f32: View<f32>,
+    bf16: Option<View<u16>>,
+}
+
+impl HeadWeight {
+    /// `len` elements from `offset` on, of both
+    fn slice(self, offset: usize, len: usize) -> Self {
+        HeadWeight { f32: self.f32.slice(offset, len), bf16: self.bf16.map(|w| w.slice(offset, len)) }
+    }
+
+    fn prefix(self, len: usize) -> Self {
+        self.slice(0, len)
+    }
+
+    /// what the few-row kernels read: the bf16 copy where there is one
+    fn by_column(self) -> ColumnWeights {
+        self.bf16.map_or(self.f32.into(), ColumnWeights::from)
+    }
+
+    /// what cuBLAS reads, transposed (in bf16, the copy already rounded)
+    fn operand(self) -> Operand {
+        let operand = Operand::transposed(self.f32);
+        match self.bf16 {
+            Some(rounded) => operand.rounded(rounded),
+            None => operand,
+        }
+    }
+}
+
 /// The most rows the head's products take the few-row kernel for: on an H200 it streams wte for
 /// 4 rows faster than cuBLAS, for 8 or more slower (`examples/gemm_probe.rs --decoding`); the
 /// tiled kernel takes up to [`TILE_ROWS_MAX`] (a speculative pass's n·r rows).
@@ -875,15 +958,15 @@ const HEAD_FEW_ROWS: usize = 4;
 /// on more than 4 rows, would leave SMs idle and stays with cuBLAS), else a general product.
 /// Over a vocabulary of at least 16 columns an SM the two kernels sum an output in one order, so
 /// a row's logits are the same bits in a pass of one token and of n.
-fn product_by_column(gpu: &Gpu, x: View<f32>, w: View<f32>, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
-    if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w, None, Epilogue::Bias, out)? {
+fn product_by_column(gpu: &Gpu, x: View<f32>, w: HeadWeight, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
+    if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w.by_column(), None, Epilogue::Bias, out)? {
         return Ok(());
     }
     let fills_the_device = gpu.column_tile_blocks(n) >= gpu.multiprocessors;
-    if rows <= TILE_ROWS_MAX && fills_the_device && gpu.linear_column_tiles(x, w, out)? {
+    if rows <= TILE_ROWS_MAX && fills_the_device && gpu.linear_column_tiles(x, w.by_column(), out)? {
         return Ok(());
     }
-    Ok(gpu.matmul(Operand::normal(x), Operand::transposed(w), out, rows, k, n, false)?)
+    Ok(gpu.matmul(Operand::normal(x), w.operand(), out, rows, k, n, false)?)
 }
 
 /// `out = LayerNorm(x) · weight + bias`, then GELU when `gelu`: one kernel on a few rows (which
@@ -923,6 +1006,9 @@ struct GpuHead<'a> {
     wte: View<f32>,
     /// (n, r·C, C): for each horizon, W[α,s] for all α one after the other; absent when n = r = 1
     expand_by_horizon: Option<Buffer<f32>>,
+    /// decoding in bf16: bf16 copies of wte and of `expand_by_horizon`
+    wte_bf16: Option<Buffer<u16>>,
+    expand_bf16: Option<Buffer<u16>>,
     /// room for `rows` hidden states at a time
     rows: usize,
     hidden: Buffer<f32>,
@@ -953,10 +1039,20 @@ impl<'a> GpuHead<'a> {
         // sequence, or one horizon of every sequence's state (the draft's at S, the targets
         // without drafts)
         let rows = (2 * n.max(1)).max(n * sequences);
+        let bf16_copy = |weights: View<f32>| -> Result<Option<Buffer<u16>>> {
+            if gpu.precision != ProductPrecision::Bf16 {
+                return Ok(None);
+            }
+            let copy = gpu.zeros::<u16>(weights.len())?;
+            gpu.round_to_bf16(weights, copy.view())?;
+            Ok(Some(copy))
+        };
         Ok(GpuHead {
             gpu,
             config: config.clone(),
             wte: p.wte,
+            wte_bf16: bf16_copy(p.wte)?,
+            expand_bf16: expand_by_horizon.as_ref().map(|w| bf16_copy(w.view())).transpose()?.flatten(),
             expand_by_horizon,
             rows,
             hidden: gpu.zeros(rows * c)?,
@@ -965,6 +1061,19 @@ impl<'a> GpuHead<'a> {
             staging: std::cell::RefCell::new(gpu.pinned(rows * r * v)?),
             profile,
         })
+    }
+}
+
+impl GpuHead<'_> {
+    /// wte, the unembedding (V, C)
+    fn wte(&self) -> HeadWeight {
+        HeadWeight { f32: self.wte, bf16: self.wte_bf16.as_ref().map(Buffer::view) }
+    }
+
+    /// the expanders by horizon (n, r·C, C), if the head has any
+    fn expanders(&self) -> Option<HeadWeight> {
+        let f32 = self.expand_by_horizon.as_ref()?.view();
+        Some(HeadWeight { f32, bf16: self.expand_bf16.as_ref().map(Buffer::view) })
     }
 }
 
@@ -982,7 +1091,7 @@ impl HeadProducts<f32> for GpuHead<'_> {
             // z rows (request, α): W[α,s] h for the request's own horizon s, one product per
             // run of requests with the same horizon (the verified states all ask for s = 0) or
             // with consecutive horizons of one state (the draft's), as on the CPU
-            let z = match &self.expand_by_horizon {
+            let z = match self.expanders() {
                 Some(w) => {
                     let (z, block) = (self.z.view().prefix(count * r * c), r * c);
                     let mut first = 0;
@@ -1002,7 +1111,7 @@ impl HeadProducts<f32> for GpuHead<'_> {
                             }
                             _ => (one_state, 1, one_state),
                         };
-                        let w_run = w.view().slice(s * block * c, horizons * block * c);
+                        let w_run = w.slice(s * block * c, horizons * block * c);
                         let (h_run, z_run) = (h.slice(first * c, rows * c), z.slice(first * block, run * block));
                         product_by_column(self.gpu, h_run, w_run, z_run, rows, c, horizons * block)?;
                         first += run;
@@ -1051,7 +1160,7 @@ impl GpuHead<'_> {
     fn distributions(&self, z: View<f32>, rows: usize, block: usize) -> Result<Vec<Vec<f32>>> {
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
         let logits = self.logits.view().prefix(rows * v);
-        product_by_column(self.gpu, z.prefix(rows * c), self.wte, logits, rows, c, v)?;
+        product_by_column(self.gpu, z.prefix(rows * c), self.wte(), logits, rows, c, v)?;
         self.gpu.softmax_rows(logits, v)?;
         self.profile.mark(self.gpu, "head: products + softmax")?;
         let mut staging = self.staging.borrow_mut();
