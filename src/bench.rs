@@ -376,9 +376,10 @@ pub fn bench_decode(
     if device == DeviceKind::Cpu {
         crate::decode::generate::check_cache_memory(config, batch, std::mem::size_of::<f32>())?;
     }
-    let on = device.open(precision)?;
+    precision.check_device(device)?;
+    let on = device.open(Precision::F32)?;
     let mut gpu_decoder = match on.gpu() {
-        Some(gpu) => Some(crate::decode::cuda::GpuDecoder::with_sequences(gpu, config, params, batch)?),
+        Some(gpu) => Some(crate::decode::cuda::GpuDecoder::in_precision(gpu, config, params, batch, precision)?),
         None => None,
     };
     // a warm-up run is untimed and shorter: the first passes pay for what is made once (on the

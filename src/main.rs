@@ -562,11 +562,11 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
             let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer::encode(&tok, p)).collect::<Result<_, _>>()?;
             let stop_at = if args.ignore_eos { None } else { tokenizer::end_of_text_id(&tok) };
             let sampling = args.sampling.config();
-            let gpu = device.open(precision)?.gpu().cloned();
+            let gpu = device.open(Precision::F32)?.gpu().cloned();
             let mut gpu_decoder = match &gpu {
                 Some(gpu) => {
                     let sequences = args.batch.min(prompts.len() * args.num_samples.unwrap_or(1));
-                    Some(multitoken::decode::cuda::GpuDecoder::with_sequences(gpu, &ckpt.config, &ckpt.params, sequences)?)
+                    Some(multitoken::decode::cuda::GpuDecoder::in_precision(gpu, &ckpt.config, &ckpt.params, sequences, precision)?)
                 }
                 None => None,
             };

@@ -19,6 +19,7 @@ use multitoken::decode::head::Head;
 use multitoken::decode::kv_cache::CachedBackbone;
 use multitoken::decode::pass::Backbone;
 use multitoken::decode::{DecodeRequest, Draft, SamplingConfig};
+use multitoken::device::Precision;
 use multitoken::error::Result;
 use multitoken::model::{gpt2, loss::model_loss, ModelConfig, ModelParams};
 use multitoken::ops;
@@ -1147,17 +1148,15 @@ fn with_bf16_values(config: &ModelConfig, params: &ModelParams<Tensor<f32>>, rou
 cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_decoding_exact, |gpu| {
     // V = 8192: the head's products take the few-row and tiled kernels, as at full size
     let (config, params) = noisy_tiny_model(8192);
-    let mut bf16_gpu = Gpu::new(0).unwrap();
-    bf16_gpu.precision = ProductPrecision::Bf16;
-    let mut bf16 = GpuDecoder::new(&bf16_gpu, &config, &params).unwrap();
+    let mut bf16 = GpuDecoder::in_precision(&gpu, &config, &params, 1, Precision::Bf16).unwrap();
     let linear = |name: &str| {
         [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"].iter().any(|s| name.ends_with(s))
     };
     let head = |name: &str| name == "transformer.wte.weight" || name == "mtp.expand.weight";
 
     // passes of up to 8 rows read the blocks' bf16 copies: the bits an f32 decoder gives with
-    // those weights rounded (the embedding reads wte in f32 in both); the prefill of 20 rows
-    // takes cuBLAS in bf16, near the CPU in f32
+    // those weights rounded (the embedding reads wte in f32 in both); a prefill of 20 rows takes
+    // cuBLAS in f32 on the f32 weights, as f32 decoding does
     let rounded_blocks = with_bf16_values(&config, &params, &linear);
     let mut f32_of_rounded = GpuDecoder::new(&gpu, &config, &rounded_blocks).unwrap();
     let mut f32_decoder = GpuDecoder::new(&gpu, &config, &params).unwrap();
@@ -1174,9 +1173,9 @@ cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_dec
     bf16.backbone().truncate(0);
     let reference: Vec<f64> = cpu.forward(&tokens[..20]).iter().map(|&x| x as f64).collect();
     report(
-        "a bf16 prefill of 20 rows against the CPU in f32",
+        "a bf16 decoder's prefill of 20 rows against the CPU",
         relative_error(&bf16.backbone().forward(&tokens[..20]).unwrap(), &reference),
-        2e-2,
+        1e-5,
     );
 
     // the head's products read bf16 copies of the expanders and wte: the bits of f32 ones of the
@@ -1217,6 +1216,38 @@ cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_dec
         let drawn = run(true, Draft::Mixture, false, &sampled);
         assert!(drawn.tokens.len() == 40 && drawn.tokens.iter().all(|&t| t < 8192), "sampled in bf16: {:?}", drawn.tokens);
     }
+
+    // three sequences at once: their passes of more than 8 rows, captured in graphs, take
+    // cuBLAS in f32 (rounding there would allocate inside the capture)
+    let mut batch = GpuDecoder::in_precision(&gpu, &config, &params, 3, Precision::Bf16).unwrap();
+    for (speculative, sampling) in [(false, &sampling), (true, &sampling), (true, &sampled)] {
+        let mut callbacks: Vec<_> = (0..3).map(|_| |_: usize| {}).collect();
+        let requests = callbacks
+            .iter_mut()
+            .zip([1, 5, 17])
+            .map(|(progress, len)| DecodeRequest {
+                prompt: &tokens[..len],
+                max_new_tokens: 40,
+                sampling,
+                seed: len as u64,
+                progress,
+                stop_at: None,
+                draft: Draft::Mixture,
+            })
+            .collect();
+        let generations = batch.decode_batch(&params, requests, speculative).unwrap();
+        for generation in &generations {
+            assert!(
+                generation.tokens.len() == 40 && generation.tokens.iter().all(|&t| t < 8192),
+                "a batch in bf16: {:?}",
+                generation.tokens
+            );
+        }
+    }
+    assert!(GpuDecoder::in_precision(&gpu, &config, &params, 1, Precision::Tf32).is_err(), "decoding in tf32 is refused");
+    // and so is a GPU whose cuBLAS products round into bf16 copies (inside a capture)
+    gpu.precision = ProductPrecision::Bf16;
+    assert!(GpuDecoder::new(&gpu, &config, &params).is_err(), "a decoder on a bf16 Gpu is refused");
     println!("decoding in bf16: passes and head products the bits of f32 on rounded weights; greedy speculative == autoregressive");
 });
 

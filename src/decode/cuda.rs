@@ -8,12 +8,13 @@
 //! here; per step that moves hidden states (C floats a token) and the probabilities it reads
 //! (r·V floats a horizon).
 //!
-//! Decoding in bf16 (a [`Gpu`] whose product precision is bf16: `--precision bf16`) streams bf16
-//! copies of the weights that passes of few rows read (every block's linear layers, the head's
-//! expanders and wte as the unembedding), half the bytes of f32; the few-row kernels widen them
-//! and compute in f32, and everything else (the embedding, LayerNorms, the gate, the KV caches,
-//! the step's distributions) stays f32. Products over many rows (a prefill) take cuBLAS in bf16
-//! on the same rounded values.
+//! Decoding in bf16 ([`GpuDecoder::in_precision`], `--precision bf16`) streams bf16 copies of
+//! the weights that passes of few rows read (every block's linear layers, the head's expanders
+//! and wte as the unembedding), half the bytes of f32; the few-row kernels widen them and compute
+//! in f32, and everything else (the embedding, LayerNorms, the gate, the KV caches, the step's
+//! distributions) stays f32. Products over more rows than those kernels take (a prefill, many
+//! sequences at once) run on cuBLAS in f32 with the f32 weights: rounding their inputs would
+//! take memory from the pool inside a graph's capture, where the driver allows no allocation.
 
 use std::rc::Rc;
 
@@ -27,6 +28,7 @@ use crate::decode::generate::{decode_batch_on, decode_loop, not_finite, Acceptan
 use crate::decode::head::{Head, HeadProducts, HeadState};
 use crate::decode::pass::{pass, BatchBackbone, Linear, OneSequence, PassKernels};
 use crate::decode::{DecodeRequest, Draft, Generation, SamplingConfig};
+use crate::device::Precision;
 use crate::error::Result;
 use crate::invalid;
 use crate::model::params::BlockParams;
@@ -147,9 +149,7 @@ pub struct GpuDecoder<'a> {
 
 impl<'a> GpuDecoder<'a> {
     /// Uploads `params` to `gpu` as one allocation and prepares the backbone (KV cache, scratch
-    /// buffers) and the head for decoding one sequence at a time; with bf16 copies of the
-    /// weights that passes stream where `gpu`'s product precision is bf16 (see the module's
-    /// comment).
+    /// buffers) and the head for decoding one sequence at a time, in f32.
     pub fn new(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>) -> Result<Self> {
         Self::with_sequences(gpu, config, params, 1)
     }
@@ -157,8 +157,31 @@ impl<'a> GpuDecoder<'a> {
     /// As [`new`](Self::new), with a KV cache for each of `sequences` sequences decoded together
     /// ([`decode_batch`](Self::decode_batch)).
     pub fn with_sequences(gpu: &'a Gpu, config: &ModelConfig, params: &ModelParams<Tensor<f32>>, sequences: usize) -> Result<Self> {
+        Self::in_precision(gpu, config, params, sequences, Precision::F32)
+    }
+
+    /// As [`with_sequences`](Self::with_sequences), streaming the weights of passes of few rows
+    /// in `precision`: f32, or bf16 copies of the large ones (the module's comment).
+    pub fn in_precision(
+        gpu: &'a Gpu,
+        config: &ModelConfig,
+        params: &ModelParams<Tensor<f32>>,
+        sequences: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         if sequences == 0 {
             return invalid!("a decoder needs room for at least one sequence");
+        }
+        let bf16 = match precision {
+            Precision::F32 => false,
+            Precision::Bf16 => true,
+            Precision::Tf32 => return invalid!("decoding streams its weights in f32 or bf16, not tf32"),
+        };
+        if gpu.precision == ProductPrecision::Bf16 {
+            // its products would round their inputs into memory taken inside a graph's capture
+            return invalid!(
+                "a decoder needs a GPU whose products run in f32 or TF32; to decode in bf16, give GpuDecoder::in_precision bf16"
+            );
         }
         let mut flat: Vec<f32> = Vec::new();
         for (_, tensor) in params.named() {
@@ -169,8 +192,8 @@ impl<'a> GpuDecoder<'a> {
         let profile = Rc::new(PhaseProfile::from_env());
         Ok(GpuDecoder {
             config: config.clone(),
-            backbone: GpuBackbone::new(gpu, config, views.clone(), sequences, profile.clone())?,
-            head: GpuHead::new(gpu, config, views, sequences, profile)?,
+            backbone: GpuBackbone::new(gpu, config, views.clone(), sequences, bf16, profile.clone())?,
+            head: GpuHead::new(gpu, config, views, sequences, bf16, profile)?,
             step: DeviceStep::new(gpu, config)?,
             device_step: std::env::var("MULTITOKEN_DEVICE_STEP").as_deref() != Ok("0"),
             _weights: weights,
@@ -370,11 +393,11 @@ enum CopyBuffer {
 }
 
 impl CopyBuffer {
-    /// `len` elements, in bf16 where `gpu` decodes in bf16
-    fn new(gpu: &Gpu, len: usize) -> Result<Self> {
-        Ok(match gpu.precision {
-            ProductPrecision::Bf16 => CopyBuffer::Bf16(gpu.zeros(len)?),
-            _ => CopyBuffer::F32(gpu.zeros(len)?),
+    /// `len` elements, in bf16 or f32
+    fn new(gpu: &Gpu, len: usize, bf16: bool) -> Result<Self> {
+        Ok(match bf16 {
+            true => CopyBuffer::Bf16(gpu.zeros(len)?),
+            false => CopyBuffer::F32(gpu.zeros(len)?),
         })
     }
 
@@ -410,9 +433,9 @@ fn linear_layers(block: &BlockParams<View<f32>>) -> [(View<f32>, View<f32>); 4] 
 }
 
 impl ByColumn {
-    fn new(gpu: &Gpu, blocks: &[BlockParams<View<f32>>]) -> Result<Self> {
+    fn new(gpu: &Gpu, blocks: &[BlockParams<View<f32>>], bf16: bool) -> Result<Self> {
         let total: usize = blocks.iter().flat_map(|block| linear_layers(block).map(|(weight, _)| weight.len())).sum();
-        let buffer = CopyBuffer::new(gpu, total)?;
+        let buffer = CopyBuffer::new(gpu, total, bf16)?;
         let mut offset = 0;
         let mut layers = Vec::with_capacity(blocks.len());
         for block in blocks {
@@ -450,7 +473,14 @@ struct Scratch {
 }
 
 impl<'a> GpuBackbone<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, sequences: usize, profile: Rc<PhaseProfile>) -> Result<Self> {
+    fn new(
+        gpu: &'a Gpu,
+        config: &ModelConfig,
+        p: ModelParams<View<f32>>,
+        sequences: usize,
+        bf16: bool,
+        profile: Rc<PhaseProfile>,
+    ) -> Result<Self> {
         let (c, positions) = (config.n_embd, config.n_positions);
         let rows = positions.max(sequences * config.horizon);
         let f = |len: usize| gpu.zeros::<f32>(len);
@@ -471,7 +501,7 @@ impl<'a> GpuBackbone<'a> {
         Ok(GpuBackbone {
             gpu,
             config: config.clone(),
-            by_column: if gpu.few_row_linear && c.is_multiple_of(4) { Some(ByColumn::new(gpu, &p.blocks)?) } else { None },
+            by_column: if gpu.few_row_linear && c.is_multiple_of(4) { Some(ByColumn::new(gpu, &p.blocks, bf16)?) } else { None },
             p,
             keys: cache()?,
             values: cache()?,
@@ -914,8 +944,8 @@ impl StepEngine for GpuStepEngine<'_, '_> {
     }
 }
 
-/// One of the head's weights by output column, (n, k): as trained, and its bf16 copy when decoding
-/// in bf16.
+/// One of the head's weights by output column, (n, k): as trained (cuBLAS's, on many rows), and
+/// its bf16 copy when decoding in bf16 (the few-row and tiled kernels').
 #[derive(Clone, Copy)]
 struct HeadWeight {
     f32: View<f32>,
@@ -935,15 +965,6 @@ impl HeadWeight {
     /// what the few-row kernels read: the bf16 copy where there is one
     fn by_column(self) -> ColumnWeights {
         self.bf16.map_or(self.f32.into(), ColumnWeights::from)
-    }
-
-    /// what cuBLAS reads, transposed (in bf16, the copy already rounded)
-    fn operand(self) -> Operand {
-        let operand = Operand::transposed(self.f32);
-        match self.bf16 {
-            Some(rounded) => operand.rounded(rounded),
-            None => operand,
-        }
     }
 }
 
@@ -966,7 +987,7 @@ fn product_by_column(gpu: &Gpu, x: View<f32>, w: HeadWeight, out: View<f32>, row
     if rows <= TILE_ROWS_MAX && fills_the_device && gpu.linear_column_tiles(x, w.by_column(), out)? {
         return Ok(());
     }
-    Ok(gpu.matmul(Operand::normal(x), w.operand(), out, rows, k, n, false)?)
+    Ok(gpu.matmul(Operand::normal(x), Operand::transposed(w.f32), out, rows, k, n, false)?)
 }
 
 /// `out = LayerNorm(x) · weight + bias`, then GELU when `gelu`: one kernel on a few rows (which
@@ -1020,7 +1041,14 @@ struct GpuHead<'a> {
 }
 
 impl<'a> GpuHead<'a> {
-    fn new(gpu: &'a Gpu, config: &ModelConfig, p: ModelParams<View<f32>>, sequences: usize, profile: Rc<PhaseProfile>) -> Result<Self> {
+    fn new(
+        gpu: &'a Gpu,
+        config: &ModelConfig,
+        p: ModelParams<View<f32>>,
+        sequences: usize,
+        bf16: bool,
+        profile: Rc<PhaseProfile>,
+    ) -> Result<Self> {
         let (c, v, r, n) = (config.n_embd, config.vocab_size, config.rank, config.horizon);
         let expand_by_horizon = match &p.head {
             Some(head) => {
@@ -1040,7 +1068,7 @@ impl<'a> GpuHead<'a> {
         // without drafts)
         let rows = (2 * n.max(1)).max(n * sequences);
         let bf16_copy = |weights: View<f32>| -> Result<Option<Buffer<u16>>> {
-            if gpu.precision != ProductPrecision::Bf16 {
+            if !bf16 {
                 return Ok(None);
             }
             let copy = gpu.zeros::<u16>(weights.len())?;
