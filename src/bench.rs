@@ -267,6 +267,8 @@ pub struct BenchDecodeResult {
     /// the bytes of the weights a speculative pass reads: every block, the final LayerNorm, wte
     /// (the unembedding) and the head's expanders and gate (wpe's few rows and the KV cache
     /// apart); in bf16 the blocks' linear weights, wte and the expanders at 2 bytes an element
+    /// (one sequence's passes read those copies; a batch's passes over more than 8 rows read
+    /// the f32 weights, which this count does not follow)
     pub weight_bytes_per_pass: u64,
     /// `weight_bytes_per_pass` over the median time of a speculative pass
     pub achieved_bandwidth_bytes_per_s: f64,

@@ -205,12 +205,15 @@ fn bad_input_gets_a_one_line_error_and_leaves_files_alone() {
     assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "best"])
         .contains("use mixture or top-component"));
     assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--draft", "top-component"]).contains("add --speculative"));
-    // decoding's precision: bf16 on a GPU only, tf32 never, before anything is loaded
-    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--precision", "bf16"])
+    // decoding's precision: bf16 on a GPU only, tf32 never, said before the checkpoint is read
+    // (here one that does not exist)
+    let missing = ws.root.join("no-such-checkpoint");
+    let missing = s(&missing);
+    assert!(run_error(&["sample", "--checkpoint", missing, "--prompt", "a", "--precision", "bf16"])
         .contains("--precision bf16 needs --device cuda"));
-    let tf32 = ["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", "--device", "cuda", "--precision", "tf32"];
+    let tf32 = ["bench", "decode", "--checkpoint", missing, "--prompt", "a", "--device", "cuda", "--precision", "tf32"];
     assert!(run_error(&tf32).contains("tf32 is for training"));
-    assert!(run_error(&["sample", "--checkpoint", s(&ckpt), "--prompt", "a", "--precision", "fp8"]).contains("use f32 or bf16"));
+    assert!(run_error(&["sample", "--checkpoint", missing, "--prompt", "a", "--precision", "fp8"]).contains("use f32 or bf16"));
     for flag in ["--max-new-tokens", "--repeats", "--batch"] {
         assert!(run_error(&["bench", "decode", "--checkpoint", s(&ckpt), "--prompt", "a", flag, "0"]).contains("at least 1"));
     }

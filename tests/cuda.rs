@@ -632,8 +632,10 @@ fn bf16_copy(w: &[f32]) -> (Vec<u16>, Vec<f32>) {
 cuda_test!(on_bf16_weights_the_few_row_kernels_give_the_bits_of_f32_weights_of_the_same_values, |gpu| {
     // bf16 decoding's kernels widen each weight and go on as on f32 weights: the same bits as the
     // f32 kernels on the rounded values, on shapes that split a column over 1 to 8 warps, every
-    // prologue and epilogue, rows for both instances; then the head's tiled product
-    for (k, n) in [(300, 772), (40, 8192), (768, 768), (3072, 96)] {
+    // prologue and epilogue, rows for both instances; 2048 × 4096 gives a warp 512 quads, more
+    // than one round of loads in flight in either precision (256 f32, 512 bf16); then the head's
+    // tiled product
+    for (k, n) in [(300, 772), (40, 8192), (768, 768), (3072, 96), (2048, 4096)] {
         let (bits, values) = bf16_copy(&random(n * k, 111));
         let (w_bf16, w_f32) = (gpu.upload(&bits).unwrap(), gpu.upload(&values).unwrap());
         let (b, gain, shift) =
@@ -641,7 +643,12 @@ cuda_test!(on_bf16_weights_the_few_row_kernels_give_the_bits_of_f32_weights_of_t
         for rows in [1, 4, 8] {
             let (x, residual) = (gpu.upload(&random(rows * k, 115)).unwrap(), gpu.upload(&random(rows * n, 116)).unwrap());
             for layernorm in [None, Some((gain.view(), shift.view()))].into_iter().filter(|ln| ln.is_none() || k <= 1024) {
-                for epilogue in [multitoken_cuda::Epilogue::Gelu, multitoken_cuda::Epilogue::Residual(residual.view())] {
+                let epilogues = [
+                    multitoken_cuda::Epilogue::Bias,
+                    multitoken_cuda::Epilogue::Gelu,
+                    multitoken_cuda::Epilogue::Residual(residual.view()),
+                ];
+                for epilogue in epilogues {
                     let outs = [gpu.zeros::<f32>(rows * n).unwrap(), gpu.zeros::<f32>(rows * n).unwrap()];
                     assert!(gpu.linear_few_rows(x.view(), layernorm, w_bf16.view(), Some(b.view()), epilogue, outs[0].view()).unwrap());
                     assert!(gpu.linear_few_rows(x.view(), layernorm, w_f32.view(), Some(b.view()), epilogue, outs[1].view()).unwrap());
@@ -1180,7 +1187,7 @@ cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_dec
 
     // the head's products read bf16 copies of the expanders and wte: the bits of f32 ones of the
     // same values, for three states' next tokens and one state's three horizons (12 rows of
-    // logits each, the tiled kernel's; past 16, cuBLAS would round the states to bf16 too)
+    // logits each, the tiled kernel's; past 16 both take cuBLAS on the f32 weights)
     let rounded_head = with_bf16_values(&config, &params, &head);
     let f32_of_rounded = GpuDecoder::new(&gpu, &config, &rounded_head).unwrap();
     let hidden = Tensor::<f32>::randn(&[3, config.n_embd], 1.0, &mut Rng::new(5));
@@ -1245,6 +1252,10 @@ cuda_test!(decoding_in_bf16_streams_bf16_copies_and_keeps_greedy_speculative_dec
         }
     }
     assert!(GpuDecoder::in_precision(&gpu, &config, &params, 1, Precision::Tf32).is_err(), "decoding in tf32 is refused");
+    // and so is bf16 where the few-row kernels are off (every product would read f32 weights)
+    gpu.few_row_linear = false;
+    assert!(GpuDecoder::in_precision(&gpu, &config, &params, 1, Precision::Bf16).is_err(), "bf16 without the few-row kernels");
+    gpu.few_row_linear = true;
     // and so is a GPU whose cuBLAS products round into bf16 copies (inside a capture)
     gpu.precision = ProductPrecision::Bf16;
     assert!(GpuDecoder::new(&gpu, &config, &params).is_err(), "a decoder on a bf16 Gpu is refused");

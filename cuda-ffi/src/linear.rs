@@ -16,6 +16,9 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/linear.cu");
 /// The most rows `linear_few_rows` takes (its largest instance's).
 pub const FEW_ROWS_MAX: usize = FEW_ROWS_LARGE;
 
+/// The widest rows `linear_few_rows`'s LayerNorm prologue takes (k at most this).
+pub const FEW_ROW_LAYERNORM_WIDTH_MAX: usize = FEW_ROW_LAYERNORM_K_MAX;
+
 /// The most rows `linear_column_tiles` takes.
 pub const TILE_ROWS_MAX: usize = crate::constants::TILE_ROWS_MAX;
 

@@ -20,8 +20,8 @@ use std::rc::Rc;
 
 use multitoken_cuda::{
     AttentionShape, Buffer, CacheRows, ColumnWeights, Epilogue, Gpu, Graph, Operand, PinnedBuffer, ProductPrecision, StepBuffers,
-    StepChoice, View, ACCEPT_ALWAYS, ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, STEP_ACCEPTED, STEP_DRAFTS, STEP_NEXT, STEP_NOT_FINITE,
-    TILE_ROWS_MAX,
+    StepChoice, View, ACCEPT_ALWAYS, ACCEPT_EXACT, ACCEPT_RESAMPLE_FROM_TARGET, FEW_ROW_LAYERNORM_WIDTH_MAX, STEP_ACCEPTED, STEP_DRAFTS,
+    STEP_NEXT, STEP_NOT_FINITE, TILE_ROWS_MAX,
 };
 
 use crate::decode::generate::{decode_batch_on, decode_loop, not_finite, AcceptanceRule, HostEngine, StepEngine, StepOutcome, StepRequest};
@@ -177,6 +177,14 @@ impl<'a> GpuDecoder<'a> {
             Precision::Bf16 => true,
             Precision::Tf32 => return invalid!("decoding streams its weights in f32 or bf16, not tf32"),
         };
+        let c = config.n_embd;
+        if bf16 && !(gpu.few_row_linear && c.is_multiple_of(4) && c <= FEW_ROW_LAYERNORM_WIDTH_MAX) {
+            // without them every product would read the f32 weights, and bf16 would be a name
+            return invalid!(
+                "--precision bf16 needs decoding's few-row kernels, which take n_embd a multiple of 4 up to {FEW_ROW_LAYERNORM_WIDTH_MAX} \
+                 (this model's: {c}) and are off with MULTITOKEN_FEW_ROW_LINEAR=0; decode with --precision f32"
+            );
+        }
         if gpu.precision == ProductPrecision::Bf16 {
             // its products would round their inputs into memory taken inside a graph's capture
             return invalid!(
@@ -1075,12 +1083,16 @@ impl<'a> GpuHead<'a> {
             gpu.round_to_bf16(weights, copy.view())?;
             Ok(Some(copy))
         };
+        let (wte_bf16, expand_bf16) = (bf16_copy(p.wte)?, expand_by_horizon.as_ref().map(|w| bf16_copy(w.view())).transpose()?.flatten());
+        // the few-row kernels read their first weights before they wait for the kernel ahead
+        // (`EarlyLaunch`): the copies are complete before any pass
+        gpu.synchronize()?;
         Ok(GpuHead {
             gpu,
             config: config.clone(),
             wte: p.wte,
-            wte_bf16: bf16_copy(p.wte)?,
-            expand_bf16: expand_by_horizon.as_ref().map(|w| bf16_copy(w.view())).transpose()?.flatten(),
+            wte_bf16,
+            expand_bf16,
             expand_by_horizon,
             rows,
             hidden: gpu.zeros(rows * c)?,
