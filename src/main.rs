@@ -638,6 +638,7 @@ fn run(cli: &Cli) -> Result<(Value, String)> {
                     "acceptance_rates": generation.acceptance_rates(),
                     "speculative": args.speculative,
                     "draft": draft,
+                    "precision": precision,
                 }));
             }
             if jobs.len() > 1 {

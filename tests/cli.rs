@@ -41,6 +41,7 @@ fn pipeline_trains_evaluates_and_samples_with_the_spec_json_keys() {
         assert!(sample.get(key).is_some(), "sample JSON lacks {key}");
     }
     assert_eq!(sample["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(sample["precision"], "f32");
     let again = run_json(&["sample", "--checkpoint", s(&ckpt), "--prompt", "the whale", "--max-new-tokens", "12", "--greedy"]);
     assert_eq!(sample["tokens"], again["tokens"], "greedy decoding is deterministic");
     let seeded = |seed: &str| {
@@ -82,6 +83,7 @@ fn a_checkpoint_without_optimizer_state_decodes_like_one_from_another_program() 
     for key in ["ar_tokens_per_s", "spec_tokens_per_s", "speedup", "mean_accepted"] {
         assert!(bench.get(key).is_some(), "bench decode JSON lacks {key}");
     }
+    assert_eq!(bench["precision"], "f32");
     // every weight a speculative pass reads, in f32: all parameters but wpe's table
     let config = multitoken::model::ModelConfig::preset("tiny", 300, 3, 2).unwrap();
     let expected_bytes = 4 * (config.parameter_count() - (config.n_positions * config.n_embd) as u128);
