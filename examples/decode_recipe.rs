@@ -12,8 +12,10 @@
 //!
 //! cargo run --release --example decode_recipe -- RUN_DIR DATA_DIR SEED[,SEED…] [STAGE,STAGE,…]
 //! (scripts/decode-recipe.sh prepares the data and runs it. RECIPE_DEVICE=cpu RECIPE_MODEL=tiny
-//! RECIPE_SEQ=64 for a try on the CPU; RUN_DIR alone, or a rows file such as
-//! docs/decode-recipe.jsonl, prints the summary only)
+//! RECIPE_SEQ=64 for a try on the CPU; RECIPE_DECODE_PRECISION=f32,bf16 decodes each stage's
+//! model in both precisions on the GPU (`bench decode --precision`; f32 alone by default, and the
+//! plot draws f32's rows); RUN_DIR alone, or a rows file such as docs/decode-recipe.jsonl, prints
+//! the summary only)
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +59,9 @@ fn numbers(text: &str) -> anyhow::Result<Vec<u64>> {
 fn train_and_measure(run_dir: &Path, data: &Path, seed: u64, stages: &[u64], rows_path: &Path) -> anyhow::Result<()> {
     let device = DeviceKind::parse(&std::env::var("RECIPE_DEVICE").unwrap_or_else(|_| "cuda".into()))?;
     let precision = if device == DeviceKind::Cuda { Precision::Tf32 } else { Precision::F32 };
+    let decode_precisions = std::env::var("RECIPE_DECODE_PRECISION").unwrap_or_else(|_| "f32".into());
+    let decode_precisions: Vec<Precision> =
+        decode_precisions.split(',').map(|name| Precision::parse_for_decoding(name.trim(), device)).collect::<Result<_, _>>()?;
     let settings = TrainSettings {
         model: std::env::var("RECIPE_MODEL").unwrap_or_else(|_| "base".into()),
         horizon: 4,
@@ -92,11 +97,24 @@ fn train_and_measure(run_dir: &Path, data: &Path, seed: u64, stages: &[u64], row
         let tok = tokenizer::from_json(ckpt.tokenizer_json.as_deref().unwrap_or_default(), &out)?;
         let prompts = held_out_prompts(&tok)?;
         let sampled = SamplingConfig { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0 };
-        for (decoding, sampling) in [("greedy", SamplingConfig::greedy()), ("sampled, T = 1", sampled)] {
+        let decodings = [("greedy", SamplingConfig::greedy()), ("sampled, T = 1", sampled)];
+        for ((decoding, sampling), &decode_precision) in decodings.iter().flat_map(|d| decode_precisions.iter().map(move |p| (d, p))) {
             let runs: Vec<BenchDecodeResult> = prompts
                 .iter()
                 .map(|prompt| {
-                    bench_decode(&ckpt.config, &ckpt.params, prompt, NEW_TOKENS, &sampling, 0, 1, device, Draft::Mixture, 1, Precision::F32)
+                    bench_decode(
+                        &ckpt.config,
+                        &ckpt.params,
+                        prompt,
+                        NEW_TOKENS,
+                        sampling,
+                        0,
+                        1,
+                        device,
+                        Draft::Mixture,
+                        1,
+                        decode_precision,
+                    )
                 })
                 .collect::<Result<_, _>>()?;
             let of = |key: fn(&BenchDecodeResult) -> f64| runs.iter().map(key).collect::<Vec<f64>>();
@@ -104,6 +122,7 @@ fn train_and_measure(run_dir: &Path, data: &Path, seed: u64, stages: &[u64], row
                 "seed": seed,
                 "step": stage,
                 "decoding": decoding,
+                "precision": decode_precision,
                 "training_s": trained_s,
                 "median_speedup": median(of(|r| r.speedup)),
                 "median_mean_accepted": median(of(|r| r.mean_accepted)),
@@ -154,24 +173,28 @@ fn summarise(rows_path: &Path) -> anyhow::Result<()> {
         // a seed measured again (its run stopped before every stage was measured) replaces its
         // earlier rows: the training repeats to the bit
         let row: Value = serde_json::from_str(line)?;
-        let same = |other: &Value| ["seed", "step", "decoding"].iter().all(|key| other[key] == row[key]);
+        let same =
+            |other: &Value| ["seed", "step", "decoding"].iter().all(|key| other[key] == row[key]) && precision(other) == precision(&row);
         rows.retain(|other| !same(other));
         rows.push(row);
     }
-    let mut keys: Vec<(u64, String)> =
-        rows.iter().map(|r| (r["step"].as_u64().unwrap_or(0), r["decoding"].as_str().unwrap_or("").into())).collect();
+    let mut keys: Vec<(u64, String, &str)> =
+        rows.iter().map(|r| (r["step"].as_u64().unwrap_or(0), r["decoding"].as_str().unwrap_or("").into(), precision(r))).collect();
     keys.sort();
     keys.dedup();
-    println!("| step | decoding | seeds | median speed-up | median tokens per pass | median spec pass / AR pass | AR tokens/s | each seed's median speed-up |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (step, decoding) in keys {
-        let mine: Vec<&Value> = rows.iter().filter(|r| r["step"].as_u64() == Some(step) && r["decoding"] == decoding.as_str()).collect();
+    println!("| step | decoding | weights | seeds | median speed-up | median tokens per pass | median spec pass / AR pass | AR tokens/s | each seed's median speed-up |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (step, decoding, weights) in keys {
+        let mine: Vec<&Value> = rows
+            .iter()
+            .filter(|r| r["step"].as_u64() == Some(step) && r["decoding"] == decoding.as_str() && precision(r) == weights)
+            .collect();
         let all =
             |key: &str| mine.iter().flat_map(|r| r[key].as_array().into_iter().flatten().filter_map(Value::as_f64)).collect::<Vec<_>>();
         let seeds: Vec<String> = mine.iter().map(|r| format!("{:.2}×", r["median_speedup"].as_f64().unwrap_or(f64::NAN))).collect();
         let ar = median(mine.iter().filter_map(|r| r["median_ar_tokens_per_s"].as_f64()).collect());
         println!(
-            "| {step} | {decoding} | {} | **{:.2}×** | {:.2} | {:.2} | {ar:.0} | {} |",
+            "| {step} | {decoding} | {weights} | {} | **{:.2}×** | {:.2} | {:.2} | {ar:.0} | {} |",
             mine.len(),
             median(all("speedup")),
             median(all("mean_accepted")),
@@ -180,9 +203,16 @@ fn summarise(rows_path: &Path) -> anyhow::Result<()> {
         );
     }
     let svg = rows_path.with_extension("svg");
-    std::fs::write(&svg, plot(&rows))?;
+    let in_f32: Vec<Value> = rows.into_iter().filter(|r| precision(r) == "f32").collect();
+    std::fs::write(&svg, plot(&in_f32))?;
     eprintln!("plot: {}", svg.display());
     Ok(())
+}
+
+/// The weights a row's decoding streamed: "f32" (also for rows written before the key was) or
+/// "bf16".
+fn precision(row: &Value) -> &str {
+    row["precision"].as_str().unwrap_or("f32")
 }
 
 /// (training steps, value) pairs.
