@@ -79,8 +79,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// A bf16 copy of `x` from the pool: a product's input on the bf16 tensor cores. Dropped as
-    /// soon as the product is queued: the pool gives its memory only to work queued after it.
+    /// A bf16 copy of `x` from the pool: a product's input on the bf16 tensor cores (dropped as
+    /// soon as the product is queued: the pool gives its memory only to work queued after it),
+    /// or a weight that decoding in bf16 streams (kept as long as the decoder).
     pub fn bf16_copy(&self, x: View<f32>) -> Result<crate::Buffer<u16>> {
         let copy = self.alloc::<u16>(x.len())?;
         self.round_to_bf16(x, copy.view())?;

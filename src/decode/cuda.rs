@@ -1075,15 +1075,8 @@ impl<'a> GpuHead<'a> {
         // sequence, or one horizon of every sequence's state (the draft's at S, the targets
         // without drafts)
         let rows = (2 * n.max(1)).max(n * sequences);
-        let bf16_copy = |weights: View<f32>| -> Result<Option<Buffer<u16>>> {
-            if !bf16 {
-                return Ok(None);
-            }
-            let copy = gpu.zeros::<u16>(weights.len())?;
-            gpu.round_to_bf16(weights, copy.view())?;
-            Ok(Some(copy))
-        };
-        let (wte_bf16, expand_bf16) = (bf16_copy(p.wte)?, expand_by_horizon.as_ref().map(|w| bf16_copy(w.view())).transpose()?.flatten());
+        let wte_bf16 = bf16.then(|| gpu.bf16_copy(p.wte)).transpose()?;
+        let expand_bf16 = expand_by_horizon.as_ref().filter(|_| bf16).map(|w| gpu.bf16_copy(w.view())).transpose()?;
         // the few-row kernels read their first weights before they wait for the kernel ahead
         // (`EarlyLaunch`): the copies are complete before any pass
         gpu.synchronize()?;
