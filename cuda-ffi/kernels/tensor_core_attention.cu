@@ -35,8 +35,20 @@ struct Row {
     static constexpr int stride = WIDTH + TC_PAD;
 };
 
+// Two floats rounded to bf16 (to nearest, ties to even: bf16_bits's rounding) in one
+// instruction, `lo` in the low half.
 __device__ unsigned int pack_bf16(float lo, float hi) {
-    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+    unsigned int packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+// 2^x in one instruction; 2^−∞ = 0, and results below f32's normal range flush to 0 (weights
+// that small add nothing to a sum of at least 1).
+__device__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ float from_bf16(unsigned int bits) {
@@ -50,43 +62,81 @@ __device__ void mma_bf16(float d[4], const unsigned int a[4], unsigned int b0, u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ unsigned int word(const bf16_t* tile, int offset) {
-    return *reinterpret_cast<const unsigned int*>(tile + offset);
+// Four 8 × 8 bf16 matrices from shared memory, lane l naming row l % 8 of matrix l / 8; lane
+// 4g + t receives row g, elements 2t and 2t + 1, of each (transposed: column g, rows 2t, 2t + 1).
+template <bool TRANSPOSED>
+__device__ void load_matrices(unsigned int r[4], const bf16_t* row) {
+    unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    if (TRANSPOSED)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
 }
 
-// out[j] (16 × 8 tiles j < N) += X rows (x_row .. x_row + 15) · Y rows (8j ..)ᵀ over K columns;
-// X, Y row-major with row strides XS, YS.
+// out[j] (16 × 8 tiles j < N, N even) += X rows (x_row .. x_row + 15) · Y rows (8j ..)ᵀ over K
+// columns; X, Y row-major with row strides XS, YS. One ldmatrix brings X's fragment for 16
+// columns (its matrices: rows 0–7 and 8–15 at column k, then at k + 8: lane l names row l % 16,
+// column k + 8·(l / 16)); one more brings Y's for two output tiles (rows 8j.. at k and k + 8,
+// then rows 8j + 8.. at k and k + 8).
 template <int N, int K, int XS, int YS>
 __device__ void warp_product(float out[N][4], const bf16_t* x, int x_row, const bf16_t* y) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int lane = threadIdx.x % 32;
+    const bf16_t* x_lane = x + (x_row + lane % 16) * XS + 8 * (lane / 16);
+    const bf16_t* y_lane = y + (lane % 8 + 8 * (lane / 16)) * YS + 8 * (lane / 8 % 2);
 #pragma unroll
     for (int k = 0; k < K; k += 16) {
-        unsigned int a[4] = {word(x, (x_row + g) * XS + k + 2 * t), word(x, (x_row + g + 8) * XS + k + 2 * t),
-                             word(x, (x_row + g) * XS + k + 8 + 2 * t), word(x, (x_row + g + 8) * XS + k + 8 + 2 * t)};
+        unsigned int a[4];
+        load_matrices<false>(a, x_lane + k);
 #pragma unroll
-        for (int j = 0; j < N; j++) mma_bf16(out[j], a, word(y, (8 * j + g) * YS + k + 2 * t), word(y, (8 * j + g) * YS + k + 8 + 2 * t));
+        for (int j = 0; j < N; j += 2) {
+            unsigned int b[4];
+            load_matrices<false>(b, y_lane + 8 * j * YS + k);
+            mma_bf16(out[j], a, b[0], b[1]);
+            mma_bf16(out[j + 1], a, b[2], b[3]);
+        }
     }
 }
 
-// out[j] (16 × 8 tiles j < N) += P · Y[.., 8j .. 8j + 7], P (16 × 64) in registers as the Out of
-// an earlier product (8 tiles), rounded to bf16 here; Y (64, ·) row-major with row stride YS.
-// Y's fragment (rows 2t, 2t + 1 and 2t + 8, 2t + 9 of column g) comes from `ldmatrix.trans`:
-// lanes 0–15 name the 16 rows, and each 8 × 8 block arrives transposed.
+// out[j] (16 × 8 tiles j < N, N even) += P · Y[.., 8j .. 8j + 7], P (16 × 64) in registers as
+// the Out of an earlier product (8 tiles), rounded to bf16 here; Y (64, ·) row-major with row
+// stride YS. Y's fragment (rows 2t, 2t + 1 and 2t + 8, 2t + 9 of column g) for two output tiles
+// comes from one transposing ldmatrix: lane l names row 16k + l % 16 at column 8j + 8·(l / 16).
 template <int N, int YS>
 __device__ void warp_product_from_registers(float out[N][4], const float p[8][4], const bf16_t* y) {
     int lane = threadIdx.x % 32;
-    unsigned int base = (unsigned int)__cvta_generic_to_shared(y + (lane % 16) * YS);
+    const bf16_t* y_lane = y + (lane % 16) * YS + 8 * (lane / 16);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         unsigned int a[4] = {pack_bf16(p[2 * k][0], p[2 * k][1]), pack_bf16(p[2 * k][2], p[2 * k][3]),
                              pack_bf16(p[2 * k + 1][0], p[2 * k + 1][1]), pack_bf16(p[2 * k + 1][2], p[2 * k + 1][3])};
 #pragma unroll
-        for (int j = 0; j < N; j++) {
-            unsigned int b0, b1, address = base + 2 * (16 * k * YS + 8 * j);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(address));
-            mma_bf16(out[j], a, b0, b1);
+        for (int j = 0; j < N; j += 2) {
+            unsigned int b[4];
+            load_matrices<true>(b, y_lane + 16 * k * YS + 8 * j);
+            mma_bf16(out[j], a, b[0], b[1]);
+            mma_bf16(out[j + 1], a, b[2], b[3]);
         }
     }
+}
+
+// The causal mask on a diagonal tile (the first row and the first column have the same
+// position): a warp's 16 × 64 tile, rows 16·warp + g and + 8, columns 8j + 2t and + 1, set to
+// `masked` where the column's position is after the row's (KEEP_COLUMNS_BEFORE: keys after
+// their query) or before it (else: queries before their key, in the transposed tiles).
+template <bool KEEP_COLUMNS_BEFORE>
+__device__ void mask_diagonal_tile(float s[8][4], float masked) {
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int row = 16 * warp + g + 8 * (e / 2), column = 8 * j + 2 * t + e % 2;
+            if (KEEP_COLUMNS_BEFORE ? column > row : column < row) s[j][e] = masked;
+        }
 }
 
 // Rows first .. first + 63 of one head's (T, HS) f32 matrix (rows `ld` floats apart) rounded to
@@ -157,29 +207,23 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
         __syncthreads();
         float s[8][4] = {};
         warp_product<8, HS, S, S>(s, q_tile, 16 * warp, k_tile);
+        if (key_tile == query_tile) mask_diagonal_tile<true>(s, NEG_INF);
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            int query = first_query + 16 * warp + g + 8 * half;
             float tile_max = NEG_INF;
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = key_tile * TC_TILE + 8 * j + 2 * t + e;
-                    float v = key <= query ? s[j][2 * half + e] * score_scale : NEG_INF;
-                    s[j][2 * half + e] = v;
-                    tile_max = fmaxf(tile_max, v);
-                }
-            tile_max = warp_max(tile_max, 4);
+            for (int j = 0; j < 8; j++) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+            // the scale is positive, so the largest scaled score is the largest score scaled
+            tile_max = warp_max(tile_max, 4) * score_scale;
             float new_max = fmaxf(running_max[half], tile_max);
             float base = new_max == NEG_INF ? 0.0f : new_max;
-            float correction = exp2f(running_max[half] - base);
+            float correction = fast_exp2(running_max[half] - base);
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; j++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    float p = exp2f(s[j][2 * half + e] - base);
+                    float p = fast_exp2(fmaf(s[j][2 * half + e], score_scale, -base));
                     s[j][2 * half + e] = p;
                     sum += p;
                 }
@@ -216,7 +260,7 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
     bf16_t* dy_tile = q_tile + TC_TILE * S;
     float* lse_tile = reinterpret_cast<float*>(dy_tile + TC_TILE * S);
     float* dot_tile = lse_tile + TC_TILE;
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int warp = threadIdx.x / 32, t = threadIdx.x % 4;
     int key_tile = blockIdx.x, bh = blockIdx.y, query_tiles = gridDim.x;
     HeadColumns head = head_columns<HS>(seq, n_head);
     int c = head.c;
@@ -240,16 +284,18 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
         }
         __syncthreads();
         // pᵀ (16 keys × 64 queries) = exp2(k qᵀ · scale·log2 e − lse), 0 where the query is before the key
+        // (only in the diagonal tile: every other query tile is after the key tile)
         float p[8][4] = {};
         warp_product<8, HS, S, S>(p, k_tile, 16 * warp, q_tile);
         float dp[8][4] = {};
         warp_product<8, HS, S, S>(dp, v_tile, 16 * warp, dy_tile);
+        if (query_tile == key_tile) mask_diagonal_tile<false>(p, NEG_INF);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int key = first_key + 16 * warp + g + 8 * (e / 2), query_in_tile = 8 * j + 2 * t + e % 2;
-                float weight = first_query + query_in_tile >= key ? exp2f(p[j][e] * score_scale - lse_tile[query_in_tile]) : 0.0f;
+                int query_in_tile = 8 * j + 2 * t + e % 2;
+                float weight = fast_exp2(fmaf(p[j][e], score_scale, -lse_tile[query_in_tile]));
                 p[j][e] = weight;
                 dp[j][e] = weight * (dp[j][e] - dot_tile[query_in_tile]);  // dsᵀ, the gradient of the unscaled scores
             }
@@ -272,7 +318,7 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
     bf16_t* dy_tile = q_tile + TC_TILE * S;
     bf16_t* k_tile = dy_tile + TC_TILE * S;
     bf16_t* v_tile = k_tile + TC_TILE * S;
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
     int query_tile = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     HeadColumns head = head_columns<HS>(seq, n_head);
     int c = head.c;
@@ -298,13 +344,13 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
         float p[8][4] = {}, dp[8][4] = {};
         warp_product<8, HS, S, S>(p, q_tile, 16 * warp, k_tile);
         warp_product<8, HS, S, S>(dp, dy_tile, 16 * warp, v_tile);
+        if (key_tile == query_tile) mask_diagonal_tile<true>(p, NEG_INF);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int half = e / 2, query = first_query + 16 * warp + g + 8 * half, key = key_tile * TC_TILE + 8 * j + 2 * t + e % 2;
-                float weight = key <= query ? exp2f(p[j][e] * score_scale - row_lse[half]) : 0.0f;
-                dp[j][e] = weight * (dp[j][e] - row_dot[half]);
+                float weight = fast_exp2(fmaf(p[j][e], score_scale, -row_lse[e / 2]));
+                dp[j][e] = weight * (dp[j][e] - row_dot[e / 2]);
             }
         warp_product_from_registers<NT, S>(dq, dp, k_tile);
     }
