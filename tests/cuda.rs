@@ -157,11 +157,13 @@ cuda_test!(linear_layers_match_the_cpu, |gpu| {
 cuda_test!(layernorm_matches_the_cpu, |gpu| {
     let device = Device::cuda(gpu);
     let mut rng = Rng::new(3);
-    // 333 rows: a warp per row, partial sums over 11 blocks; 8 rows: a block per row
-    for rows in [333, 8] {
-        let (x, w, b) =
-            (Tensor::randn(&[rows, 256], 1.5, &mut rng), Tensor::randn(&[256], 1.0, &mut rng), Tensor::randn(&[256], 1.0, &mut rng));
-        compare_op!(&device, format!("layernorm, {rows} rows"), vec![x, w, b], 1e-5, |tape, v| ops::layernorm(tape, v[0], v[1], v[2]));
+    // forward: more than 64 rows a warp per row, else a block per row; backward: partial sums
+    // over blocks of 32 rows, in one pass with a row in registers where c is a multiple of 4 of at
+    // most 1024 (whole and ragged lanes: 256, 100, 1000), else in two (770, 1028)
+    for (rows, c) in [(333, 256), (8, 256), (333, 100), (70, 1000), (70, 770), (40, 1028)] {
+        let (x, w, b) = (Tensor::randn(&[rows, c], 1.5, &mut rng), Tensor::randn(&[c], 1.0, &mut rng), Tensor::randn(&[c], 1.0, &mut rng));
+        let label = format!("layernorm, {rows} rows of {c}");
+        compare_op!(&device, label, vec![x, w, b], 1e-5, |tape, v| ops::layernorm(tape, v[0], v[1], v[2]));
     }
 });
 

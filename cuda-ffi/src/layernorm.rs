@@ -1,7 +1,9 @@
 //! `kernels/layernorm.cu`: LayerNorm forward (a warp per row, or a block per row on a few rows)
 //! and backward.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::constants::{LAYERNORM_ROWS_PER_BLOCK, THREADS};
 use crate::device::{block_per_row_config, warp_per_row_config};
@@ -13,10 +15,37 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/layernorm.cu");
 /// Up to this many rows, LayerNorm takes a block per row (decoding) instead of a warp.
 const FEW_ROWS: usize = 64;
 
-kernel_table! {
-    forward: "layernorm_forward",
-    forward_wide: "layernorm_forward_wide",
-    backward: "layernorm_backward",
+/// The one-pass backward (`layernorm_backward_rows_VEC`) holds a row in registers, 128·VEC
+/// floats a warp, for VEC up to this.
+const ROWS_IN_REGISTERS_MAX_VEC: usize = 8;
+
+pub(crate) struct Kernels {
+    forward: CudaFunction,
+    forward_wide: CudaFunction,
+    backward: CudaFunction,
+    /// `layernorm_backward_rows_VEC` for VEC = 1 ..= ROWS_IN_REGISTERS_MAX_VEC
+    backward_rows: Vec<CudaFunction>,
+}
+
+impl Kernels {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self> {
+        let backward_rows = (1..=ROWS_IN_REGISTERS_MAX_VEC)
+            .map(|vec| module.load_function(&format!("layernorm_backward_rows_{vec}")))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Kernels {
+            forward: module.load_function("layernorm_forward")?,
+            forward_wide: module.load_function("layernorm_forward_wide")?,
+            backward: module.load_function("layernorm_backward")?,
+            backward_rows,
+        })
+    }
+
+    /// The one-pass backward for rows of `c`, where it applies: c a multiple of 4 of at most
+    /// 128·ROWS_IN_REGISTERS_MAX_VEC, and every buffer on 16 bytes.
+    fn backward_rows(&self, c: usize, views: &[View<f32>]) -> Option<&CudaFunction> {
+        let fits = c.is_multiple_of(4) && c <= 128 * ROWS_IN_REGISTERS_MAX_VEC && views.iter().all(|v| v.ptr.is_multiple_of(16));
+        fits.then(|| &self.backward_rows[c.div_ceil(128) - 1])
+    }
 }
 
 impl Gpu {
@@ -54,7 +83,8 @@ impl Gpu {
     }
 
     /// LayerNorm backward: writes dx, dweight and dbias. The parameters' gradients are summed per
-    /// block of rows, then over the blocks in order.
+    /// block of rows, then over the blocks in order. Rows of up to 1024 floats, a multiple of 4,
+    /// take one pass over x and dout (a warp holds a row in registers); others read them twice.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward(
         &self,
@@ -84,7 +114,8 @@ impl Gpu {
         let partials = self.alloc::<f32>(blocks * 2 * c)?;
         let (rows_i, c_i) = (rows as i32, c as i32);
         let kernels = &self.kernels.layernorm;
-        let mut launch = self.stream.launch_builder(&kernels.backward);
+        let one_pass = kernels.backward_rows(c, &[x, dout, weight, dx, partials.view()]);
+        let mut launch = self.stream.launch_builder(one_pass.unwrap_or(&kernels.backward));
         launch.arg(&x.ptr).arg(&dout.ptr).arg(&weight.ptr).arg(&mean.ptr).arg(&rstd.ptr);
         launch.arg(&dx.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&c_i);
         let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
