@@ -26,7 +26,7 @@ use multitoken::ops;
 use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{params_to_device, train_step, StepConfig};
-use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, FUSED_ATTENTION_HEAD_SIZES};
+use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES};
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
 macro_rules! cuda_test {
@@ -128,8 +128,30 @@ cuda_test!(elementwise_ops_match_the_cpu, |gpu| {
     let mut rng = Rng::new(1);
     let mut randn = |shape: &[usize], std: f64| Tensor::<f64>::randn(shape, std, &mut rng);
     compare_op!(&device, "gelu", vec![randn(&[37, 100], 2.0)], 1e-6, |tape, v| ops::gelu(tape, v[0]));
+    compare_op!(&device, "gelu, a ragged last four", vec![randn(&[37, 101], 2.0)], 1e-6, |tape, v| ops::gelu(tape, v[0]));
     compare_op!(&device, "add", vec![randn(&[37, 10], 1.0), randn(&[37, 10], 1.0)], 1e-6, |tape, v| ops::add(tape, v[0], v[1]));
     compare_op!(&device, "add to itself", vec![randn(&[5, 10], 1.0)], 1e-6, |tape, v| ops::add(tape, v[0], v[0]));
+});
+
+cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
+    // four elements a thread as float4s on 16 bytes; a view one float in takes them singly
+    let n = 1001;
+    let host = |seed: f32| (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect::<Vec<f32>>();
+    let (x, dout) = (gpu.upload(&host(0.37)).unwrap(), gpu.upload(&host(0.11)).unwrap());
+    let (on_16, off_16) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n + 1).unwrap());
+    let shifted = off_16.view().slice(1, n);
+    let runs: [(&str, &dyn Fn(View<f32>)); 4] = [
+        ("gelu", &|out| gpu.gelu_forward(x.view(), out).unwrap()),
+        ("gelu backward", &|out| gpu.gelu_backward(x.view(), dout.view(), out).unwrap()),
+        ("add", &|out| gpu.add(x.view(), dout.view(), out).unwrap()),
+        ("scale", &|out| gpu.scale(x.view(), 0.3, out).unwrap()),
+    ];
+    for (what, run) in runs {
+        run(on_16.view());
+        run(shifted);
+        let (a, b) = (gpu.download(on_16.view()).unwrap(), gpu.download(shifted).unwrap());
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the two paths differ");
+    }
 });
 
 cuda_test!(linear_layers_match_the_cpu, |gpu| {

@@ -5,33 +5,74 @@
 // fixed tree, the blocks' partial sums in block order by a second kernel (or by the host). No
 // atomics, so the same inputs give the same bits on every run.
 
+// gelu, add and scale take four neighbouring elements a thread (`first_of_four`), as float4s
+// where every buffer starts on 16 bytes (the pool's do; a view into one may not), so that each
+// thread has several loads in flight; a thread past the last whole four takes the rest singly.
+__device__ long first_of_four() {
+    return 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+__device__ bool on_16_bytes(const void* a, const void* b, const void* c = nullptr) {
+    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15) == 0;
+}
+
+__device__ float4 load4(const float* p, long i) {
+    return *reinterpret_cast<const float4*>(p + i);
+}
+
+__device__ void store4(float* p, long i, float4 v) {
+    *reinterpret_cast<float4*>(p + i) = v;
+}
+
+// gelu'(v), the derivative of docs/math.md G1
+__device__ float gelu_derivative(float v) {
+    float u = GELU_SCALE * (v + 0.044715f * v * v * v);
+    float t = tanhf(u);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
 extern "C" __global__ void gelu_forward(const float* x, float* out, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = gelu(x[i]);
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(x, out)) {
+        float4 v = load4(x, first);
+        store4(out, first, make_float4(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) out[i] = gelu(x[i]);
+    }
 }
 
 // dx = dout * gelu'(x)
 extern "C" __global__ void gelu_backward(const float* x, const float* dout, float* dx, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        float v = x[i];
-        float u = GELU_SCALE * (v + 0.044715f * v * v * v);
-        float t = tanhf(u);
-        float local = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = dout[i] * local;
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(x, dout, dx)) {
+        float4 v = load4(x, first), d = load4(dout, first);
+        store4(dx, first,
+               make_float4(d.x * gelu_derivative(v.x), d.y * gelu_derivative(v.y), d.z * gelu_derivative(v.z), d.w * gelu_derivative(v.w)));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) dx[i] = dout[i] * gelu_derivative(x[i]);
     }
 }
 
 // out = a + b (the residual connection; out may be a or b)
 extern "C" __global__ void add(const float* a, const float* b, float* out, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(a, b, out)) {
+        float4 u = load4(a, first), v = load4(b, first);
+        store4(out, first, make_float4(u.x + v.x, u.y + v.y, u.z + v.z, u.w + v.w));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) out[i] = a[i] + b[i];
+    }
 }
 
 // out = a · s (out may be a)
 extern "C" __global__ void scale(const float* a, float s, float* out, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] * s;
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(a, out)) {
+        float4 u = load4(a, first);
+        store4(out, first, make_float4(u.x * s, u.y * s, u.z * s, u.w * s));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) out[i] = a[i] * s;
+    }
 }
 
 // out[row, j] = bias[j] for every row: the starting value of a linear layer's output.

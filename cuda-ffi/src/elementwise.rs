@@ -45,8 +45,9 @@ impl Gpu {
             launch.arg(&view.ptr);
         }
         launch.arg(&n);
-        // SAFETY: the kernel touches elements 0..n of each view, and each holds n.
-        unsafe { launch.launch(elementwise_config(len)) }?;
+        // SAFETY: the kernel touches elements 0..n of each view, and each holds n; a thread
+        // takes four.
+        unsafe { launch.launch(elementwise_config(len.div_ceil(4))) }?;
         Ok(())
     }
 
@@ -97,8 +98,8 @@ impl Gpu {
         let n = len as i64;
         let mut launch = self.stream.launch_builder(&self.kernels.elementwise.scale);
         launch.arg(&a.ptr).arg(&factor).arg(&out.ptr).arg(&n);
-        // SAFETY: both views hold n elements.
-        unsafe { launch.launch(elementwise_config(len)) }?;
+        // SAFETY: both views hold n elements; a thread takes four.
+        unsafe { launch.launch(elementwise_config(len.div_ceil(4))) }?;
         Ok(())
     }
 
