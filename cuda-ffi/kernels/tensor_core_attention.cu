@@ -152,6 +152,79 @@ __device__ void load_bf16(bf16_t* tile, const float* source, long ld, int first,
     }
 }
 
+// cp.async: `bytes` (4 or 16) from global to shared memory without passing through registers;
+// zeros instead when `inside` is false (the source is then not read).
+template <int BYTES>
+__device__ void copy_async(void* shared, const void* global, bool inside) {
+    unsigned int address = (unsigned int)__cvta_generic_to_shared(shared);
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 4 : 0));
+}
+
+// Waits for this thread's copies in flight (none: returns at once); a barrier after it makes
+// every thread's visible.
+__device__ void copies_wait() {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// The next two (64, HS) tiles a kernel works on (k and v, or q and dy), rounded to bf16 from f32
+// rows `lda` and `ldb` floats apart, rows past `seq` 0; and, for the key-side backward, the
+// next 64 values of two per-query vectors (lse and the row dots). Up to head size 64, `fetch`
+// starts copying them into f32 staging in shared memory (cp.async), so that they arrive while
+// the block works on the present tiles, and `take`, after copies_wait and a barrier, rounds them
+// into place; at head size 128 the staging would take more shared memory than a block can
+// spare, so `take` loads them itself.
+template <int HS>
+struct NextTiles {
+    static constexpr bool ahead = HS <= 64;
+    static constexpr int per_row = HS / 4;
+    float* staging;  // (2, 64, HS) f32, then 2 × 64 per-query values
+    const float *a, *b, *row_a, *row_b;
+    long lda, ldb;
+    int first, seq;
+
+    __device__ void fetch(const float* a_, long lda_, const float* b_, long ldb_, const float* row_a_, const float* row_b_, int first_,
+                          int seq_) {
+        a = a_, b = b_, row_a = row_a_, row_b = row_b_, lda = lda_, ldb = ldb_, first = first_, seq = seq_;
+        if (!ahead) return;
+        for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
+            int row = i / per_row, col = (i - row * per_row) * 4;
+            bool inside = first + row < seq;
+            long at = inside ? (long)(first + row) : 0;
+            copy_async<16>(staging + row * HS + col, a + at * lda + col, inside);
+            copy_async<16>(staging + (TC_TILE + row) * HS + col, b + at * ldb + col, inside);
+        }
+        if (row_a != nullptr && threadIdx.x < TC_TILE) {
+            bool inside = first + threadIdx.x < seq;
+            long at = inside ? first + threadIdx.x : 0;
+            copy_async<4>(staging + 2 * TC_TILE * HS + threadIdx.x, row_a + at, inside);
+            copy_async<4>(staging + 2 * TC_TILE * HS + TC_TILE + threadIdx.x, row_b + at, inside);
+        }
+    }
+
+    __device__ void take(bf16_t* tile_a, bf16_t* tile_b, float* values_a, float* values_b) const {
+        if (ahead) {
+            for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
+                int row = i / per_row, col = (i - row * per_row) * 4;
+                float4 u = *reinterpret_cast<const float4*>(staging + row * HS + col);
+                float4 v = *reinterpret_cast<const float4*>(staging + (TC_TILE + row) * HS + col);
+                *reinterpret_cast<uint2*>(tile_a + row * Row<HS>::stride + col) = make_uint2(pack_bf16(u.x, u.y), pack_bf16(u.z, u.w));
+                *reinterpret_cast<uint2*>(tile_b + row * Row<HS>::stride + col) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+            }
+        } else {
+            load_bf16<HS>(tile_a, a, lda, first, seq);
+            load_bf16<HS>(tile_b, b, ldb, first, seq);
+        }
+        if (row_a != nullptr && threadIdx.x < TC_TILE) {
+            bool inside = first + threadIdx.x < seq;
+            values_a[threadIdx.x] = ahead ? staging[2 * TC_TILE * HS + threadIdx.x] : inside ? row_a[first + threadIdx.x] : 0.0f;
+            values_b[threadIdx.x] = ahead ? staging[2 * TC_TILE * HS + TC_TILE + threadIdx.x] : inside ? row_b[first + threadIdx.x] : 0.0f;
+        }
+    }
+};
+
 // Writes a warp's 16 rows × HS of f32 results (HS/8 tiles of Out fragments), times `factor`, to
 // rows first + row0 + … of a (T, ·) matrix `ld` floats apart; rows past `seq` are skipped.
 template <int HS>
@@ -200,11 +273,14 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
     load_bf16<HS>(q_tile, q, ld, first_query, seq);
     float o[NT][4] = {}, running_max[2] = {NEG_INF, NEG_INF}, running_sum[2] = {0.0f, 0.0f};
     float score_scale = scale * LOG2E;
+    NextTiles<HS> next{reinterpret_cast<float*>(v_tile + TC_TILE * S)};
+    next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, 0, seq);
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
-        __syncthreads();  // the previous tiles are read
-        load_bf16<HS>(k_tile, q + c, ld, key_tile * TC_TILE, seq);
-        load_bf16<HS>(v_tile, q + 2 * c, ld, key_tile * TC_TILE, seq);
+        copies_wait();
+        __syncthreads();  // the next tiles have arrived, and the previous ones are read
+        next.take(k_tile, v_tile, nullptr, nullptr);
         __syncthreads();
+        if (key_tile < query_tile) next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, (key_tile + 1) * TC_TILE, seq);
         float s[8][4] = {};
         warp_product<8, HS, S, S>(s, q_tile, 16 * warp, k_tile);
         if (key_tile == query_tile) mask_diagonal_tile<true>(s, NEG_INF);
@@ -272,17 +348,15 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
     load_bf16<HS>(v_tile, q + 2 * c, ld, first_key, seq);
     float dk[NT][4] = {}, dv[NT][4] = {};
     float score_scale = scale * LOG2E;
+    NextTiles<HS> next{dot_tile + TC_TILE};
+    const float *head_lse = lse + (long)bh * seq, *head_dot = dot + (long)bh * seq;
+    next.fetch(q, ld, dy_head, c, head_lse, head_dot, first_key, seq);
     for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
-        int first_query = query_tile * TC_TILE;
-        __syncthreads();  // the previous query tile is read
-        load_bf16<HS>(q_tile, q, ld, first_query, seq);
-        load_bf16<HS>(dy_tile, dy_head, c, first_query, seq);
-        for (int i = threadIdx.x; i < TC_TILE; i += TC_THREADS) {
-            bool inside = first_query + i < seq;
-            lse_tile[i] = inside ? lse[(long)bh * seq + first_query + i] : 0.0f;
-            dot_tile[i] = inside ? dot[(long)bh * seq + first_query + i] : 0.0f;
-        }
+        copies_wait();
+        __syncthreads();  // the next query tile has arrived, and the previous one is read
+        next.take(q_tile, dy_tile, lse_tile, dot_tile);
         __syncthreads();
+        if (query_tile + 1 < query_tiles) next.fetch(q, ld, dy_head, c, head_lse, head_dot, (query_tile + 1) * TC_TILE, seq);
         // pᵀ (16 keys × 64 queries) = exp2(k qᵀ · scale·log2 e − lse), 0 where the query is before the key
         // (only in the diagonal tile: every other query tile is after the key tile)
         float p[8][4] = {};
@@ -336,11 +410,14 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
     }
     float dq[NT][4] = {};
     float score_scale = scale * LOG2E;
+    NextTiles<HS> next{reinterpret_cast<float*>(v_tile + TC_TILE * S)};
+    next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, 0, seq);
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
+        copies_wait();
+        __syncthreads();  // the next tiles have arrived, and the previous ones are read
+        next.take(k_tile, v_tile, nullptr, nullptr);
         __syncthreads();
-        load_bf16<HS>(k_tile, q + c, ld, key_tile * TC_TILE, seq);
-        load_bf16<HS>(v_tile, q + 2 * c, ld, key_tile * TC_TILE, seq);
-        __syncthreads();
+        if (key_tile < query_tile) next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, (key_tile + 1) * TC_TILE, seq);
         float p[8][4] = {}, dp[8][4] = {};
         warp_product<8, HS, S, S>(p, q_tile, 16 * warp, k_tile);
         warp_product<8, HS, S, S>(dp, dy_tile, 16 * warp, v_tile);

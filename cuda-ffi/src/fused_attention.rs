@@ -29,16 +29,24 @@ pub(crate) struct Kernels {
 const TC_TILE: usize = 64;
 const TC_THREADS: usize = 128;
 
+/// Up to this head size the tensor-core kernels copy their next tiles into f32 staging while
+/// they work on the present ones (`NextTiles` in the kernel file).
+const TC_STAGED_HEAD_SIZE_MAX: usize = 64;
+
 /// Bytes of shared memory the tensor-core kernels use for head size `hs`: bf16 tiles (64, hs)
 /// padded by 8 elements a row — forward q, k, v; backward_kv k, v, q, dy and two rows of 64
-/// floats; backward_q q, dy, k, v.
+/// floats; backward_q q, dy, k, v — then, up to head size 64, the staging of the next two tiles
+/// in f32 (and of the next 64 log-sum-exps and row dots in backward_kv).
 fn tensor_core_shared_bytes(hs: usize, kernel: usize) -> usize {
     let tile = 2 * TC_TILE * (hs + 8);
-    match kernel {
-        0 => 3 * tile,
-        1 => 4 * tile + 2 * 4 * TC_TILE,
-        _ => 4 * tile,
-    }
+    let rows = 2 * 4 * TC_TILE;
+    let staging = if hs <= TC_STAGED_HEAD_SIZE_MAX { 2 * 4 * TC_TILE * hs + if kernel == 1 { rows } else { 0 } } else { 0 };
+    staging
+        + match kernel {
+            0 => 3 * tile,
+            1 => 4 * tile + rows,
+            _ => 4 * tile,
+        }
 }
 
 /// Floats of shared memory the kernels use for head size `hs`: the forward holds q, k, v and p
