@@ -154,6 +154,17 @@ cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
     }
 });
 
+cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
+    // 600 rows of 70: three chunks of rows, the last ragged, and a ragged block of columns
+    let x = gpu.upload(&random(600 * 70, 5)).unwrap();
+    let (alone, together) = (gpu.alloc::<f32>(70).unwrap(), gpu.alloc::<f32>(70).unwrap());
+    gpu.column_sums(x.view(), alone.view(), false).unwrap();
+    let copy = gpu.column_sums_and_bf16_copy(x.view(), together.view()).unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(gpu.download(alone.view()).unwrap()), bits(gpu.download(together.view()).unwrap()));
+    assert_eq!(gpu.download(copy.view()).unwrap(), gpu.download(gpu.bf16_copy(x.view()).unwrap().view()).unwrap());
+});
+
 cuda_test!(linear_layers_match_the_cpu, |gpu| {
     let device = Device::cuda(gpu);
     let mut rng = Rng::new(2);

@@ -85,15 +85,21 @@ extern "C" __global__ void broadcast_rows(const float* bias, float* out, long ro
 
 // Column sums, first pass: partials[chunk, j] = Σ x[row, j] over the chunk's COLUMN_SUM_CHUNK
 // rows. Block (32, 32) over 32 columns of one chunk: threadIdx.x picks the column, threadIdx.y
-// strides over the chunk's rows, and the 32 partial sums of a column are added in order.
-extern "C" __global__ void column_partial_sums(const float* x, float* partials, int rows, int cols) {
+// strides over the chunk's rows, and the 32 partial sums of a column are added in order. Where
+// `rounded` is not null, each element read is also written there rounded to bf16 (a linear
+// layer's upstream gradient in bf16: its bias's gradient and its products' input in one pass).
+extern "C" __global__ void column_partial_sums(const float* x, float* partials, unsigned short* rounded, int rows, int cols) {
     __shared__ float partial[32][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int first = blockIdx.y * COLUMN_SUM_CHUNK;
     int last = min(first + COLUMN_SUM_CHUNK, rows);
     float s = 0.0f;
     if (col < cols) {
-        for (int row = first + threadIdx.y; row < last; row += 32) s += x[(long)row * cols + col];
+        for (int row = first + threadIdx.y; row < last; row += 32) {
+            float v = x[(long)row * cols + col];
+            s += v;
+            if (rounded != nullptr) rounded[(long)row * cols + col] = (unsigned short)bf16_bits(v);
+        }
     }
     partial[threadIdx.y][threadIdx.x] = s;
     __syncthreads();

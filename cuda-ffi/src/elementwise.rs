@@ -122,6 +122,19 @@ impl Gpu {
     /// `accumulate`. Two passes (chunks of rows, then the chunks in order), so the sum's order
     /// depends on the shape alone.
     pub fn column_sums(&self, x: View<f32>, sums: View<f32>, accumulate: bool) -> Result<()> {
+        self.column_sums_rounding(x, sums, accumulate, None)
+    }
+
+    /// [`Gpu::column_sums`] (`sums` overwritten) and, in the same pass over x, its bf16 copy
+    /// ([`Gpu::bf16_copy`]'s bits): a linear layer's upstream gradient in bf16, whose column sums
+    /// are the bias's gradient and whose copy both products of the backward pass read.
+    pub fn column_sums_and_bf16_copy(&self, x: View<f32>, sums: View<f32>) -> Result<crate::Buffer<u16>> {
+        let copy = self.alloc::<u16>(x.len())?;
+        self.column_sums_rounding(x, sums, false, Some(copy.view()))?;
+        Ok(copy)
+    }
+
+    fn column_sums_rounding(&self, x: View<f32>, sums: View<f32>, accumulate: bool, rounded: Option<View<u16>>) -> Result<()> {
         let cols = sums.len();
         check(cols > 0 && x.len().is_multiple_of(cols), || "column_sums: x is not whole rows".into())?;
         let rows = x.len() / cols;
@@ -129,9 +142,11 @@ impl Gpu {
         let partials = self.alloc::<f32>(chunks * cols)?;
         let (rows_i, cols_i) = (rows as i32, cols as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.elementwise.column_partial_sums);
-        launch.arg(&x.ptr).arg(partials.device_ptr()).arg(&rows_i).arg(&cols_i);
+        let rounded_ptr = rounded.map_or(0u64, |view| view.ptr);
+        launch.arg(&x.ptr).arg(partials.device_ptr()).arg(&rounded_ptr).arg(&rows_i).arg(&cols_i);
         let config = LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), chunks as u32, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
-        // SAFETY: reads x[0..rows·cols], writes partials[0..chunks·cols].
+        // SAFETY: reads x[0..rows·cols], writes partials[0..chunks·cols] and, when given, the
+        // bf16 copy of x (allocated with x's length).
         unsafe { launch.launch(config) }?;
         self.column_sums_finish(partials.view(), sums, chunks, cols, accumulate)
     }

@@ -118,10 +118,17 @@ fn linear_backward_cuda<T: Float>(
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
     let n = input.len() / c_in;
     let (x, w_view, g) = (on_gpu(input), on_gpu(w), on_gpu(grad));
-    // in bf16 both products read the upstream gradient: round it once
-    let g_rounded = match gpu.precision {
-        ProductPrecision::Bf16 if needs[0] && needs[1] => Some(gpu.bf16_copy(g)?),
-        _ => None,
+    // in bf16 both products read the upstream gradient: round it once, in the same pass over it
+    // as the bias's gradient where there is one
+    let db = if has_bias && needs[2] { Some(gpu.alloc::<f32>(c_out)?) } else { None };
+    let g_rounded = match (&db, gpu.precision == ProductPrecision::Bf16 && needs[0] && needs[1]) {
+        (Some(db), true) => Some(gpu.column_sums_and_bf16_copy(g, db.view())?),
+        (None, true) => Some(gpu.bf16_copy(g)?),
+        (Some(db), false) => {
+            gpu.column_sums(g, db.view(), false)?;
+            None
+        }
+        (None, false) => None,
     };
     let g_operand = match &g_rounded {
         Some(rounded) => Operand::normal(g).rounded(rounded.view()),
@@ -141,13 +148,7 @@ fn linear_backward_cuda<T: Float>(
     } else {
         None
     };
-    let db = if has_bias && needs[2] {
-        let db = gpu.alloc::<f32>(c_out)?;
-        gpu.column_sums(g, db.view(), false)?;
-        Some(Tensor::from_cuda(gpu, db, &[c_out]))
-    } else {
-        None
-    };
+    let db = db.map(|db| Tensor::from_cuda(gpu, db, &[c_out]));
     Ok((dx, dw, db))
 }
 
