@@ -26,7 +26,9 @@ use multitoken::ops;
 use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{params_to_device, train_step, StepConfig};
-use multitoken_cuda::{driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES};
+use multitoken_cuda::{
+    driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES,
+};
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
 macro_rules! cuda_test {
@@ -140,15 +142,15 @@ cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
     let (x, dout) = (gpu.upload(&host(0.37)).unwrap(), gpu.upload(&host(0.11)).unwrap());
     let (on_16, off_16) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n + 1).unwrap());
     let shifted = off_16.view().slice(1, n);
-    let runs: [(&str, &dyn Fn(View<f32>)); 4] = [
-        ("gelu", &|out| gpu.gelu_forward(x.view(), out).unwrap()),
-        ("gelu backward", &|out| gpu.gelu_backward(x.view(), dout.view(), out).unwrap()),
-        ("add", &|out| gpu.add(x.view(), dout.view(), out).unwrap()),
-        ("scale", &|out| gpu.scale(x.view(), 0.3, out).unwrap()),
-    ];
-    for (what, run) in runs {
-        run(on_16.view());
-        run(shifted);
+    let run = |what: &str, out: View<f32>| match what {
+        "gelu" => gpu.gelu_forward(x.view(), out),
+        "gelu backward" => gpu.gelu_backward(x.view(), dout.view(), out),
+        "add" => gpu.add(x.view(), dout.view(), out),
+        _ => gpu.scale(x.view(), 0.3, out),
+    };
+    for what in ["gelu", "gelu backward", "add", "scale"] {
+        run(what, on_16.view()).unwrap();
+        run(what, shifted).unwrap();
         let (a, b) = (gpu.download(on_16.view()).unwrap(), gpu.download(shifted).unwrap());
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the two paths differ");
     }
@@ -499,6 +501,18 @@ cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gp
             report(&label, error, product_tolerance(precision));
             if precision == ProductPrecision::Bf16 {
                 assert!(error >= BF16_ROUNDED_AT_LEAST, "{label}: error {error:e}: were the inputs rounded to bf16?");
+            }
+            // a from its bf16 copy alone: the same bits in bf16, refused in the other precisions
+            let a_copy = gpu.bf16_copy(da.view()).unwrap();
+            let again = gpu.upload(&c0).unwrap();
+            let only = Operand::bf16_only(a_copy.view(), a_t).strided(m * k);
+            let result = gpu.matmul_batched(only, operand(db.view(), b_t, k * n), again.view(), m, k, n, batch, true);
+            if precision == ProductPrecision::Bf16 {
+                result.unwrap();
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert_eq!(bits(gpu.download(again.view()).unwrap()), bits(gpu.download(dc.view()).unwrap()), "{label}: from bf16 alone");
+            } else {
+                assert!(result.is_err(), "{label}: an operand only in bf16 was taken");
             }
         }
     }

@@ -5,10 +5,11 @@
 
 // (H2, H7) One block of 256 threads per position t of the block, over its r·n rows of V
 // logits: log_p[t, α, s] = ℓ[y_s] − lse(ℓ); with `gradient`, also the posterior π (H7's
-// weights) and, in place, dℓ = π[α]/N · (P − onehot(y_s)). Two passes over the logits: one
-// for each row's max and sum (online), one to write dℓ.
+// weights) and dℓ = π[α]/N · (P − onehot(y_s)): in place, or where `rounded_gradient` is not
+// null, there in bf16 (in bf16 only the products read dℓ, and they read it rounded). Two passes
+// over the logits: one for each row's max and sum (online), one to write dℓ.
 extern "C" __global__ void head_position(float* logits, const unsigned int* targets, const float* log_w, float* log_p, float* posterior,
-                                         int v, int n, int r, float inv_count, int gradient) {
+                                         unsigned short* rounded_gradient, int v, int n, int r, float inv_count, int gradient) {
     __shared__ float shared[THREADS / 32];
     __shared__ float row_lse[MAX_RANK * MAX_HORIZON];
     __shared__ float row_coef[MAX_RANK];
@@ -59,7 +60,12 @@ extern "C" __global__ void head_position(float* logits, const unsigned int* targ
         float* row = rows + (long)k * v;
         float coef = row_coef[k / n], lse = row_lse[k];
         unsigned int y = targets[t * n + k % n];
-        for (int j = threadIdx.x; j < v; j += THREADS) row[j] = coef * expf(row[j] - lse) - (j == y ? coef : 0.0f);
+        if (rounded_gradient != nullptr) {
+            unsigned short* out = rounded_gradient + t * rn * v + (long)k * v;
+            for (int j = threadIdx.x; j < v; j += THREADS) out[j] = (unsigned short)bf16_bits(coef * expf(row[j] - lse) - (j == y ? coef : 0.0f));
+        } else {
+            for (int j = threadIdx.x; j < v; j += THREADS) row[j] = coef * expf(row[j] - lse) - (j == y ? coef : 0.0f);
+        }
     }
 }
 

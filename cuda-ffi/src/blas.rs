@@ -47,6 +47,12 @@ impl Operand {
         Operand { rounded: Some(rounded), ..self }
     }
 
+    /// A matrix that exists only in bf16, `transposed` or not: what a kernel wrote in bf16 for
+    /// the products alone (the head's dℓ). A product in another precision refuses it.
+    pub fn bf16_only(rounded: View<u16>, transposed: bool) -> Self {
+        Operand { transposed, ..Operand::normal(View::new(NO_F32_ELEMENTS, rounded.len())).rounded(rounded) }
+    }
+
     /// Stored rows are `leading` elements apart.
     pub fn leading(self, leading: usize) -> Self {
         Operand { leading, ..self }
@@ -229,6 +235,10 @@ impl Drop for LtPlan {
     }
 }
 
+/// The address an operand made by [`Operand::bf16_only`] gives for the f32 elements it does not
+/// have.
+const NO_F32_ELEMENTS: u64 = 0;
+
 /// A product's input as cuBLAS reads it: the f32 elements, or in bf16 their bf16 copy (one the
 /// operand brought, or one made for this product and kept alive until it is queued).
 struct ProductInput {
@@ -249,7 +259,10 @@ impl Gpu {
                 let made = self.bf16_copy(data)?;
                 ProductInput { ptr: made.view().ptr, _made: Some(made) }
             }
-            _ => ProductInput { ptr: data.ptr, _made: None },
+            (precision, _) => {
+                check(data.ptr != NO_F32_ELEMENTS, || format!("matmul: an operand that exists only in bf16, in a {precision:?} product"))?;
+                ProductInput { ptr: data.ptr, _made: None }
+            }
         })
     }
 

@@ -47,8 +47,10 @@ impl HeadShape {
 
 impl Gpu {
     /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
-    /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and, in place,
-    /// `dℓ = π[α]·inv_count·(P − onehot(y))`. `targets` (positions, n); `log_w` (positions, r).
+    /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and
+    /// `dℓ = π[α]·inv_count·(P − onehot(y))`: in place, or into `rounded_gradient` in bf16 (the
+    /// bits of [`Gpu::bf16_copy`] of the f32 values), the logits then left as they were.
+    /// `targets` (positions, n); `log_w` (positions, r).
     #[allow(clippy::too_many_arguments)]
     pub fn head_position(
         &self,
@@ -57,6 +59,7 @@ impl Gpu {
         log_w: View<f32>,
         log_p: View<f32>,
         posterior: View<f32>,
+        rounded_gradient: Option<View<u16>>,
         v: usize,
         shape: HeadShape,
         inv_count: f32,
@@ -66,6 +69,7 @@ impl Gpu {
         check(
             shape.fits_kernels()
                 && logits.len() == positions * shape.rn() * v
+                && rounded_gradient.is_none_or(|rounded| rounded.len() == logits.len())
                 && targets.len() == positions * shape.horizon
                 && log_p.len() == positions * shape.rn()
                 && posterior.len() == log_w.len(),
@@ -76,7 +80,8 @@ impl Gpu {
         }
         let (v_i, n_i, r_i, gradient_i) = (v as i32, shape.horizon as i32, shape.rank as i32, i32::from(gradient));
         let mut launch = self.stream.launch_builder(&self.kernels.head.position);
-        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
+        let rounded_ptr = rounded_gradient.map_or(0u64, |view| view.ptr);
+        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr).arg(&rounded_ptr);
         launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i);
         // SAFETY: sizes checked; targets are < v (checked by the caller). One block per position.
         unsafe { launch.launch(block_per_row_config(positions)) }?;

@@ -395,6 +395,8 @@ fn cuda_head<T: Float>(
         None => operand,
     };
     let wte_view = wte_rounded.as_ref().map(Buffer::view);
+    // in bf16, dℓ is written in bf16 alone: only the products read it, and they read it rounded
+    let gradient_bf16 = if bf16 && dz.is_some() { Some(gpu.alloc::<u16>(logits.len())?) } else { None };
     for t0 in (0..positions).step_by(per_block) {
         let count = per_block.min(positions - t0);
         let rows = count * rn;
@@ -406,16 +408,30 @@ fn cuda_head<T: Float>(
         let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
         let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
         let block_log_p = log_p.view().slice(t0 * rn, rows);
-        gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
+        let block_gradient_bf16 = gradient_bf16.as_ref().map(|dl| dl.view().prefix(rows * v));
+        gpu.head_position(
+            block,
+            block_targets,
+            block_log_w,
+            block_log_p,
+            block_posterior,
+            block_gradient_bf16,
+            v,
+            shape,
+            inv_count,
+            gradient,
+        )?;
         if let Some(dz) = &dz {
             // (H8) dz = dℓ wte, dwte += dℓᵀ z
-            let block_rounded = if bf16 && dwte.is_some() { Some(gpu.bf16_copy(block)?) } else { None };
-            let block_view = block_rounded.as_ref().map(Buffer::view);
+            let dl = |transposed: bool| match block_gradient_bf16 {
+                Some(dl) => Operand::bf16_only(dl, transposed),
+                None if transposed => Operand::transposed(block),
+                None => Operand::normal(block),
+            };
             let dz_block = dz.view().slice(t0 * rn * c, rows * c);
-            gpu.matmul(with(Operand::normal(block), block_view), with(Operand::normal(wte), wte_view), dz_block, rows, v, c, false)?;
+            gpu.matmul(dl(false), with(Operand::normal(wte), wte_view), dz_block, rows, v, c, false)?;
             if let Some(dwte) = &dwte {
-                let (block, z_block) = (with(Operand::transposed(block), block_view), with(Operand::normal(z_block), z_block_rounded));
-                gpu.matmul(block, z_block, dwte.view(), v, rows, c, true)?;
+                gpu.matmul(dl(true), with(Operand::normal(z_block), z_block_rounded), dwte.view(), v, rows, c, true)?;
             }
         }
     }
