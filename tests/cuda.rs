@@ -27,7 +27,7 @@ use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{params_to_device, train_step, StepConfig};
 use multitoken_cuda::{
-    driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES,
+    driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, HeadShape, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES,
 };
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
@@ -165,6 +165,26 @@ cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     assert_eq!(bits(gpu.download(alone.view()).unwrap()), bits(gpu.download(together.view()).unwrap()));
     assert_eq!(gpu.download(copy.view()).unwrap(), gpu.download(gpu.bf16_copy(x.view()).unwrap().view()).unwrap());
+});
+
+cuda_test!(the_head_s_gradient_in_bf16_is_the_rounding_of_its_gradient_in_f32, |gpu| {
+    // head_position writing dℓ into a bf16 buffer (in bf16 training) gives the bits of dℓ written
+    // in place in f32 and then rounded, and leaves the logits as they were
+    let (positions, n, r, v) = (5, 3, 2, 1000);
+    let shape = HeadShape { horizon: n, rank: r };
+    let logits = random(positions * r * n * v, 41);
+    let targets: Vec<u32> = (0..positions * n).map(|i| (i * 37 % v) as u32).collect();
+    let (targets, log_w) = (gpu.upload(&targets).unwrap(), gpu.upload(&random(positions * r, 42)).unwrap());
+    let (in_place, kept) = (gpu.upload(&logits).unwrap(), gpu.upload(&logits).unwrap());
+    let rounded = gpu.alloc::<u16>(logits.len()).unwrap();
+    for (block, into) in [(&in_place, None), (&kept, Some(rounded.view()))] {
+        let (log_p, posterior) = (gpu.alloc::<f32>(positions * r * n).unwrap(), gpu.alloc::<f32>(positions * r).unwrap());
+        gpu.head_position(block.view(), targets.view(), log_w.view(), log_p.view(), posterior.view(), into, v, shape, 0.2, true).unwrap();
+    }
+    let expected = gpu.bf16_copy(in_place.view()).unwrap();
+    assert_eq!(gpu.download(rounded.view()).unwrap(), gpu.download(expected.view()).unwrap());
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(gpu.download(kept.view()).unwrap()), bits(logits));
 });
 
 cuda_test!(linear_layers_match_the_cpu, |gpu| {

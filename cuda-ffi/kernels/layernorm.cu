@@ -15,7 +15,8 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
 }
 
 // The backward pass in two kernels, with no atomics, so that its sums run in an order fixed by
-// the shape (docs/math.md LN2):
+// the shape and the buffers' alignment, which choose between this kernel and the one-pass
+// layernorm_backward_rows below (docs/math.md LN2):
 // layernorm_backward: a block of 8 warps takes LAYERNORM_ROWS_PER_BLOCK rows. Each warp writes
 // dx = rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)) for its rows; then each thread takes
 // columns and sums dout·norm and dout over the block's rows in order, into the block's partials

@@ -35,8 +35,8 @@ struct Row {
     static constexpr int stride = WIDTH + TC_PAD;
 };
 
-// Two floats rounded to bf16 (to nearest, ties to even: bf16_bits's rounding) in one
-// instruction, `lo` in the low half.
+// Two floats rounded to bf16 (to nearest, ties to even: bf16_bits's rounding of every number;
+// a NaN becomes the canonical NaN) in one instruction, `lo` in the low half.
 __device__ unsigned int pack_bf16(float lo, float hi) {
     unsigned int packed;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
