@@ -46,6 +46,11 @@ macro_rules! cuda_test {
     };
 }
 
+/// Each float's bits: for comparing two results bit for bit.
+fn bits(values: Vec<f32>) -> Vec<u32> {
+    values.into_iter().map(f32::to_bits).collect()
+}
+
 /// A deterministic pseudo-random vector in [-2, 2).
 fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
@@ -151,8 +156,7 @@ cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
     for what in ["gelu", "gelu backward", "add", "scale"] {
         run(what, on_16.view()).unwrap();
         run(what, shifted).unwrap();
-        let (a, b) = (gpu.download(on_16.view()).unwrap(), gpu.download(shifted).unwrap());
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: the two paths differ");
+        assert_eq!(bits(gpu.download(on_16.view()).unwrap()), bits(gpu.download(shifted).unwrap()), "{what}: the two paths differ");
     }
 });
 
@@ -162,7 +166,6 @@ cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
     let (alone, together) = (gpu.alloc::<f32>(70).unwrap(), gpu.alloc::<f32>(70).unwrap());
     gpu.column_sums(x.view(), alone.view(), false).unwrap();
     let copy = gpu.column_sums_and_bf16_copy(x.view(), together.view()).unwrap();
-    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     assert_eq!(bits(gpu.download(alone.view()).unwrap()), bits(gpu.download(together.view()).unwrap()));
     assert_eq!(gpu.download(copy.view()).unwrap(), gpu.download(gpu.bf16_copy(x.view()).unwrap().view()).unwrap());
 });
@@ -183,7 +186,6 @@ cuda_test!(the_head_s_gradient_in_bf16_is_the_rounding_of_its_gradient_in_f32, |
     }
     let expected = gpu.bf16_copy(in_place.view()).unwrap();
     assert_eq!(gpu.download(rounded.view()).unwrap(), gpu.download(expected.view()).unwrap());
-    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     assert_eq!(bits(gpu.download(kept.view()).unwrap()), bits(logits));
 });
 
@@ -529,7 +531,6 @@ cuda_test!(matmul_matches_the_cpu_for_every_layout_batched_and_accumulating, |gp
             let result = gpu.matmul_batched(only, operand(db.view(), b_t, k * n), again.view(), m, k, n, batch, true);
             if precision == ProductPrecision::Bf16 {
                 result.unwrap();
-                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
                 assert_eq!(bits(gpu.download(again.view()).unwrap()), bits(gpu.download(dc.view()).unwrap()), "{label}: from bf16 alone");
             } else {
                 assert!(result.is_err(), "{label}: an operand only in bf16 was taken");

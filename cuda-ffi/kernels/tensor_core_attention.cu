@@ -171,14 +171,14 @@ __device__ void copies_wait() {
 
 // The next two (64, HS) tiles a kernel works on (k and v, or q and dy), rounded to bf16 from f32
 // rows `lda` and `ldb` floats apart, rows past `seq` 0; and, for the key-side backward, the
-// next 64 values of two per-query vectors (lse and the row dots). Up to head size 64, `fetch`
-// starts copying them into f32 staging in shared memory (cp.async), so that they arrive while
-// the block works on the present tiles, and `take`, after copies_wait and a barrier, rounds them
-// into place; at head size 128 the staging would take more shared memory than a block can
-// spare, so `take` loads them itself.
+// next 64 values of two per-query vectors (lse and the row dots). Up to head size
+// TC_STAGED_HEAD_SIZE_MAX, `fetch` starts copying them into f32 staging in shared memory
+// (cp.async), so that they arrive while the block works on the present tiles, and `take`, after
+// copies_wait and a barrier, rounds them into place; above it the staging would take more shared
+// memory than a block can spare, so `take` loads them itself.
 template <int HS>
 struct NextTiles {
-    static constexpr bool ahead = HS <= 64;
+    static constexpr bool ahead = HS <= TC_STAGED_HEAD_SIZE_MAX;
     static constexpr int per_row = HS / 4;
     float* staging;  // (2, 64, HS) f32, then 2 × 64 per-query values
     const float *a, *b, *row_a, *row_b;

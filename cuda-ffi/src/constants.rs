@@ -22,6 +22,10 @@ pub(crate) const ATTENTION_THREADS: usize = 256;
 pub(crate) const ATTENTION_TILE_PADDING: usize = 4;
 /// Head sizes the fused attention kernels are built for (their instances in the `.cu` file).
 pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
+/// Up to this head size the tensor-core attention kernels copy their next tiles into f32
+/// staging in shared memory while they work on the present ones (`NextTiles`); above it the
+/// staging would take more shared memory than a block can spare.
+pub(crate) const TC_STAGED_HEAD_SIZE_MAX: usize = 64;
 /// Threads per block of decoding's attention over the cache.
 pub(crate) const DECODE_THREADS: usize = 256;
 /// The few-row product kernel (`kernels/linear.cu`): the rows of its two instances (the most
@@ -61,7 +65,7 @@ pub const ACCEPT_ALWAYS: usize = 1;
 pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 25] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 26] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -71,6 +75,7 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 25] = [
     ("ATTENTION_TILE", ATTENTION_TILE),
     ("ATTENTION_THREADS", ATTENTION_THREADS),
     ("ATTENTION_TILE_PADDING", ATTENTION_TILE_PADDING),
+    ("TC_STAGED_HEAD_SIZE_MAX", TC_STAGED_HEAD_SIZE_MAX),
     ("DECODE_THREADS", DECODE_THREADS),
     ("FEW_ROWS_SMALL", FEW_ROWS_SMALL),
     ("FEW_ROWS_LARGE", FEW_ROWS_LARGE),

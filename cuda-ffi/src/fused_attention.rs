@@ -9,7 +9,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use crate::attention::AttentionShape;
-use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, ATTENTION_TILE_PADDING, FUSED_ATTENTION_HEAD_SIZES};
+use crate::constants::{ATTENTION_THREADS, ATTENTION_TILE, ATTENTION_TILE_PADDING, FUSED_ATTENTION_HEAD_SIZES, TC_STAGED_HEAD_SIZE_MAX};
 use crate::device::warp_per_row_config;
 use crate::memory::View;
 use crate::{check, CudaError, Gpu, ProductPrecision, Result};
@@ -28,10 +28,6 @@ pub(crate) struct Kernels {
 /// The tensor-core kernels' rows per tile and threads per block (`kernels/tensor_core_attention.cu`).
 const TC_TILE: usize = 64;
 const TC_THREADS: usize = 128;
-
-/// Up to this head size the tensor-core kernels copy their next tiles into f32 staging while
-/// they work on the present ones (`NextTiles` in the kernel file).
-const TC_STAGED_HEAD_SIZE_MAX: usize = 64;
 
 /// Bytes of shared memory the tensor-core kernels use for head size `hs`: bf16 tiles (64, hs)
 /// padded by 8 elements a row — forward q, k, v; backward_kv k, v, q, dy and two rows of 64
