@@ -160,6 +160,31 @@ cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
     }
 });
 
+cuda_test!(gelu_keeping_bf16_gives_the_bits_of_gelu_and_of_rounding_and_its_backward_those_of_the_rounded_x, |gpu| {
+    // on 16 bytes (four elements a thread, the copy as 8-byte pairs of pairs) and one float in
+    // (one element at a time); 1001 elements, a ragged last four
+    let n = 1001;
+    let host = |seed: f32| (0..n + 1).map(|i| (i as f32 * seed).sin() * 3.0).collect::<Vec<f32>>();
+    let (x_all, dout_all) = (gpu.upload(&host(0.37)).unwrap(), gpu.upload(&host(0.11)).unwrap());
+    for first in [0, 1] {
+        let (x, dout) = (x_all.view().slice(first, n), dout_all.view().slice(first, n));
+        let (out, plain_out, rounded) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<u16>(n + 1).unwrap());
+        let rounded = rounded.view().slice(first, n);
+        gpu.gelu_forward_keeping_bf16(x, out.view(), rounded).unwrap();
+        gpu.gelu_forward(x, plain_out.view()).unwrap();
+        assert_eq!(bits(gpu.download(out.view()).unwrap()), bits(gpu.download(plain_out.view()).unwrap()), "from element {first}");
+        let rounded_bits = gpu.download(rounded).unwrap();
+        assert_eq!(rounded_bits, gpu.download(gpu.bf16_copy(x).unwrap().view()).unwrap(), "from element {first}");
+        // the backward from the rounding is the f32 backward at the rounded values
+        let widened: Vec<f32> = rounded_bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let x_widened = gpu.upload(&widened).unwrap();
+        let (dx, plain_dx) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap());
+        gpu.gelu_backward_from_bf16(rounded, dout, dx.view()).unwrap();
+        gpu.gelu_backward(x_widened.view(), dout, plain_dx.view()).unwrap();
+        assert_eq!(bits(gpu.download(dx.view()).unwrap()), bits(gpu.download(plain_dx.view()).unwrap()), "from element {first}");
+    }
+});
+
 cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
     // 600 rows of 70: three chunks of rows, the last ragged, and a ragged block of columns
     let x = gpu.upload(&random(600 * 70, 5)).unwrap();
@@ -410,6 +435,8 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
     ));
     let (h, wte) = (randn(&[48, 32]), randn(&[50, 32]));
     compare_op!(&device, "bf16 unembed", vec![h, wte], tolerance, |tape, v| ops::unembed(tape, v[0], v[1]));
+    // no product, but its backward evaluates gelu' at x rounded to bf16
+    compare_op!(&device, "bf16 gelu", vec![randn(&[37, 101])], BF16_OP_TOLERANCE, |tape, v| ops::gelu(tape, v[0]));
     let (m, cube, shared, batched) = (randn(&[37, 20]), randn(&[3, 37, 20]), randn(&[20, 11]), randn(&[3, 20, 11]));
     compare_op!(&device, "bf16 matmul (37, 20)·(20, 11)", vec![m, shared.clone()], tolerance, |tape, v| ops::matmul(tape, v[0], v[1]));
     compare_op!(&device, "bf16 matmul (3, 37, 20)·(20, 11)", vec![cube.clone(), shared], tolerance, |tape, v| ops::matmul(
@@ -459,6 +486,35 @@ cuda_test!(the_model_s_gradients_match_the_cpu_in_bf16, |gpu| {
     compare_gradients(&fused, "bf16, fused attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
     compare_gradients(&products, "bf16, products attention", "tiny", 97, 3, 4, 3, 37, BF16_MODEL_TOLERANCE);
     compare_gradients(&fused, "bf16, fused attention", "small", 61, 4, 4, 2, 128, BF16_MODEL_TOLERANCE);
+});
+
+cuda_test!(in_bf16_the_forward_keeps_18_bytes_less_a_row_width_and_layer, |gpu| {
+    drop(gpu);
+    // What the tape's rules hold after the backbone's forward. In f32 a block keeps its eight
+    // outputs, 64·C bytes a row; in bf16 the linear layers keep their inputs rounded, and GELU
+    // its input, so that ln_1's and ln_2's outputs and the MLP's two hidden layers are kept in
+    // half their bytes, and the attention's output, which the attention keeps in f32 too, gains a
+    // rounded copy: 46·C. small at 512 rows: every size is whole units of the pool's classes.
+    let config = ModelConfig::preset("small", 97, 1, 1).unwrap();
+    let (batch_rows, seq) = (2, 256);
+    let batch = random_batch(&config, batch_rows, seq, &mut Rng::new(6));
+    let params = gpt2::init_params::<f32>(&config, &mut Rng::new(5));
+    let kept_by_the_forward = |precision| {
+        let mut gpu = Gpu::new(0).unwrap();
+        gpu.precision = precision;
+        let device = device_with(gpu, Some(AttentionRoute::Fused));
+        let on_gpu = params_to_device(&config, &params, &device).unwrap();
+        let gpu = device.gpu().unwrap().clone();
+        let before = gpu.memory_stats().in_use;
+        let mut tape = Tape::new();
+        let vars = gpt2::params_on_tape(&mut tape, &config, &on_gpu, |_| true);
+        let _h = gpt2::hidden_states(&mut tape, &config, &vars, &batch.inputs, seq).unwrap();
+        gpu.memory_stats().in_use - before
+    };
+    let (f32_bytes, bf16_bytes) = (kept_by_the_forward(ProductPrecision::F32), kept_by_the_forward(ProductPrecision::Bf16));
+    let rows_widths_layers = batch_rows * seq * config.n_embd * config.n_layer;
+    println!("the backbone's forward keeps {f32_bytes} bytes in f32, {bf16_bytes} in bf16 ({rows_widths_layers} rows × widths × layers)");
+    assert_eq!(f32_bytes - bf16_bytes, 18 * rows_widths_layers);
 });
 
 cuda_test!(rounding_to_bf16_matches_the_host_s_rounding, |gpu| {

@@ -114,3 +114,13 @@ __device__ unsigned int bf16_bits(float v) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
+
+// The f32 that a bf16 stands for, given its bits (exact)
+__device__ __forceinline__ float bf16_value(unsigned int bits) {
+    return __uint_as_float(bits << 16);
+}
+
+// Four bf16s, two to a word, the first in the lower half (as round_to_bf16 writes them), as f32s
+__device__ __forceinline__ float4 bf16x4_values(uint2 quad) {
+    return make_float4(bf16_value(quad.x), __uint_as_float(quad.x & 0xffff0000u), bf16_value(quad.y), __uint_as_float(quad.y & 0xffff0000u));
+}

@@ -53,6 +53,36 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dout, floa
     }
 }
 
+// gelu_forward that also writes x rounded to bf16 (common.cuh, bf16_bits): in bf16 training the
+// backward keeps only that rounding of x, half its bytes
+extern "C" __global__ void gelu_forward_keeping_bf16(const float* x, float* out, unsigned short* x_rounded, long n) {
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(x, out) && ((unsigned long long)x_rounded & 7) == 0) {
+        float4 v = load4(x, first);
+        store4(out, first, make_float4(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)));
+        *reinterpret_cast<uint2*>(x_rounded + first) =
+            make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) {
+            out[i] = gelu(x[i]);
+            x_rounded[i] = (unsigned short)bf16_bits(x[i]);
+        }
+    }
+}
+
+// dx = dout * gelu'(x), x given rounded to bf16 (as gelu_forward_keeping_bf16 wrote it)
+extern "C" __global__ void gelu_backward_from_bf16(const unsigned short* x_rounded, const float* dout, float* dx, long n) {
+    long first = first_of_four();
+    if (first + 4 <= n && on_16_bytes(dout, dx) && ((unsigned long long)x_rounded & 7) == 0) {
+        float4 v = bf16x4_values(*reinterpret_cast<const uint2*>(x_rounded + first));
+        float4 d = load4(dout, first);
+        store4(dx, first,
+               make_float4(d.x * gelu_derivative(v.x), d.y * gelu_derivative(v.y), d.z * gelu_derivative(v.z), d.w * gelu_derivative(v.w)));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) dx[i] = dout[i] * gelu_derivative(bf16_value(x_rounded[i]));
+    }
+}
+
 // out = a + b (the residual connection; out may be a or b)
 extern "C" __global__ void add(const float* a, const float* b, float* out, long n) {
     long first = first_of_four();

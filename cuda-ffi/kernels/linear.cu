@@ -35,10 +35,7 @@ struct WeightQuad<unsigned short> {
 };
 
 __device__ __forceinline__ float4 widen(float4 quad) { return quad; }
-__device__ __forceinline__ float4 widen(uint2 quad) {
-    return make_float4(__uint_as_float(quad.x << 16), __uint_as_float(quad.x & 0xffff0000u), __uint_as_float(quad.y << 16),
-                       __uint_as_float(quad.y & 0xffff0000u));
-}
+__device__ __forceinline__ float4 widen(uint2 quad) { return bf16x4_values(quad); }
 
 // The quads q, q + 32, … (IN_FLIGHT of them, those below `quads`) of a warp's span of its
 // column, all in flight at once

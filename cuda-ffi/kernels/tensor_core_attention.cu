@@ -51,10 +51,6 @@ __device__ float fast_exp2(float x) {
     return y;
 }
 
-__device__ float from_bf16(unsigned int bits) {
-    return __uint_as_float(bits << 16);
-}
-
 __device__ void mma_bf16(float d[4], const unsigned int a[4], unsigned int b0, unsigned int b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"

@@ -63,6 +63,11 @@ impl Operand {
         Operand { batch_stride, ..self }
     }
 
+    /// Whether the matrix is dense and stored as it is used: what a linear layer's input must be.
+    fn is_plain(&self) -> bool {
+        !self.transposed && self.leading == 0 && self.batch_stride == 0
+    }
+
     /// The leading dimension of a logical (rows, cols) matrix and the elements that `batch` of
     /// them span, after checking that they fit in the view.
     fn layout(&self, rows: usize, cols: usize, batch: usize) -> Option<(usize, usize)> {
@@ -70,6 +75,12 @@ impl Operand {
         let leading = if self.leading == 0 { stored_cols } else { self.leading };
         let needed = self.batch_stride * (batch - 1) + (stored_rows - 1) * leading + stored_cols;
         (leading >= stored_cols && self.data.len() >= needed).then_some((leading, needed))
+    }
+}
+
+impl From<View<f32>> for Operand {
+    fn from(data: View<f32>) -> Self {
+        Operand::normal(data)
     }
 }
 
@@ -475,16 +486,23 @@ impl Gpu {
 
     /// A linear layer: `out (rows, n_out) = x (rows, n_in) · weight (n_in, n_out) + bias`, the
     /// bias added by the matrix product's epilogue (cuBLASLt) or, on the plain cuBLAS route, by
-    /// filling `out` with it first.
-    pub fn linear(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
-        self.linear_plus(x, weight, bias, None, out)
+    /// filling `out` with it first. `x` is a view, or a plain [`Operand`] carrying its bf16 copy.
+    pub fn linear(&self, x: impl Into<Operand>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
+        self.linear_plus(x.into(), weight, bias, None, out)
     }
 
     /// A linear layer on a residual stream: `out = residual + x · weight + bias`, the residual
     /// added by the product itself (cuBLASLt reads it as C with β = 1 and writes D = out).
-    pub fn linear_residual(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: View<f32>, out: View<f32>) -> Result<()> {
+    pub fn linear_residual(
+        &self,
+        x: impl Into<Operand>,
+        weight: View<f32>,
+        bias: View<f32>,
+        residual: View<f32>,
+        out: View<f32>,
+    ) -> Result<()> {
         check(residual.len() == out.len(), || "linear_residual: residual and out differ in length".into())?;
-        self.linear_plus(x, weight, bias, Some(residual), out)
+        self.linear_plus(x.into(), weight, bias, Some(residual), out)
     }
 
     /// `out = gelu(x · weight + bias)`: the product, then the GELU.
@@ -493,17 +511,18 @@ impl Gpu {
         self.gelu_forward(out, out)
     }
 
-    fn linear_plus(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
+    fn linear_plus(&self, x: Operand, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
         let n_out = bias.len();
         check(n_out > 0 && out.len().is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
         let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
-        check(x.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.len()))?;
+        check(x.is_plain(), || "linear: x must be a dense matrix stored as it is used".into())?;
+        check(x.data.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.data.len()))?;
         if rows == 0 {
             return Ok(());
         }
         if self.gemm_route == GemmRoute::Blas || n_in == 0 {
             self.broadcast_rows(bias, out)?;
-            self.matmul(Operand::normal(x), Operand::normal(weight), out, rows, n_in, n_out, true)?;
+            self.matmul(x, Operand::normal(weight), out, rows, n_in, n_out, true)?;
             return match residual {
                 Some(residual) => self.add(out, residual, out),
                 None => Ok(()),
@@ -514,7 +533,7 @@ impl Gpu {
             Some(residual) => (1.0, residual),
             None => (0.0, out),
         };
-        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x, None, x.len())?);
+        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
         // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
         unsafe { self.lt_matmul(op_n, op_n, n_out, rows, n_in, weight.ptr, n_out as i32, x.ptr, n_in as i32, beta, c, out, Some(bias)) }
     }

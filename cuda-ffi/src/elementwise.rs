@@ -13,6 +13,8 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/elementwise.cu");
 kernel_table! {
     gelu_forward: "gelu_forward",
     gelu_backward: "gelu_backward",
+    gelu_forward_keeping_bf16: "gelu_forward_keeping_bf16",
+    gelu_backward_from_bf16: "gelu_backward_from_bf16",
     add: "add",
     scale: "scale",
     broadcast_rows: "broadcast_rows",
@@ -59,6 +61,37 @@ impl Gpu {
     /// `dx = dout · gelu'(x)`, elementwise.
     pub fn gelu_backward(&self, x: View<f32>, dout: View<f32>, dx: View<f32>) -> Result<()> {
         self.elementwise("gelu_backward", &self.kernels.elementwise.gelu_backward, &[x, dout, dx])
+    }
+
+    /// `out = gelu(x)`, and `x_rounded` = x rounded to bf16: what training in bf16 keeps of x for
+    /// the backward ([`Gpu::gelu_backward_from_bf16`]).
+    pub fn gelu_forward_keeping_bf16(&self, x: View<f32>, out: View<f32>, x_rounded: View<u16>) -> Result<()> {
+        let len = same_lengths("gelu_forward_keeping_bf16", &[x, out])?;
+        check(x_rounded.len() == len, || format!("gelu_forward_keeping_bf16: {len} elements, a bf16 copy of {}", x_rounded.len()))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.gelu_forward_keeping_bf16);
+        launch.arg(&x.ptr).arg(&out.ptr).arg(&x_rounded.ptr).arg(&n);
+        // SAFETY: the three views hold n elements; a thread takes four.
+        unsafe { launch.launch(elementwise_config(len.div_ceil(4))) }?;
+        Ok(())
+    }
+
+    /// `dx = dout · gelu'(x)`, elementwise, from x rounded to bf16.
+    pub fn gelu_backward_from_bf16(&self, x_rounded: View<u16>, dout: View<f32>, dx: View<f32>) -> Result<()> {
+        let len = same_lengths("gelu_backward_from_bf16", &[dout, dx])?;
+        check(x_rounded.len() == len, || format!("gelu_backward_from_bf16: {len} elements, a bf16 x of {}", x_rounded.len()))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.gelu_backward_from_bf16);
+        launch.arg(&x_rounded.ptr).arg(&dout.ptr).arg(&dx.ptr).arg(&n);
+        // SAFETY: the three views hold n elements; a thread takes four.
+        unsafe { launch.launch(elementwise_config(len.div_ceil(4))) }?;
+        Ok(())
     }
 
     /// `out = a + b`, elementwise (out may be a or b).

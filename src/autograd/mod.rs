@@ -24,6 +24,10 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::tensor::{Float, Tensor};
 
+/// A point in a tape's record ([`Tape::mark`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Mark(usize);
+
 /// A handle to a value on a tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(usize);
@@ -49,7 +53,8 @@ struct Step<T: Float> {
 /// The record of one forward pass: every value computed, in order, and the backward rule of
 /// each op whose inputs need a gradient. [`Tape::backward`] consumes it.
 pub struct Tape<T: Float> {
-    values: Vec<Tensor<T>>,
+    /// `None` once released ([`Tape::release_since`])
+    values: Vec<Option<Tensor<T>>>,
     requires_grad: Vec<bool>,
     steps: Vec<Step<T>>,
     grad_enabled: bool,
@@ -82,7 +87,7 @@ impl<T: Float> Tape<T> {
 
     /// Adds a leaf value: a parameter (`requires_grad`) or a constant input.
     pub fn leaf(&mut self, value: Tensor<T>, requires_grad: bool) -> Var {
-        self.values.push(value);
+        self.values.push(Some(value));
         self.requires_grad.push(requires_grad && self.grad_enabled);
         if self.last_op_end.is_some() {
             self.last_op_end = Some(Instant::now());
@@ -91,8 +96,29 @@ impl<T: Float> Tape<T> {
     }
 
     /// The value of `var`.
+    ///
+    /// Panics when the value was released ([`Tape::release_since`]): the caller promised not to
+    /// read it again.
     pub fn value(&self, var: Var) -> &Tensor<T> {
-        &self.values[var.0]
+        self.values[var.0].as_ref().unwrap_or_else(|| panic!("value {} of the tape was read after it was released", var.0))
+    }
+
+    /// Where the tape stands now: [`Tape::release_since`] lets go of what is recorded after it.
+    pub fn mark(&self) -> Mark {
+        Mark(self.values.len())
+    }
+
+    /// Lets go of every value recorded since `mark` except those in `keep`: the forward pass
+    /// will not read them again, as a function's locals go out of scope when it returns. A value
+    /// that a backward rule saved lives on in the rule; the memory of the others is free for
+    /// what the forward computes next. Without this, every intermediate of the forward is held
+    /// until the backward pass begins. Reading a released value panics.
+    pub fn release_since(&mut self, mark: Mark, keep: &[Var]) {
+        for id in mark.0..self.values.len() {
+            if !keep.iter().any(|var| var.0 == id) {
+                self.values[id] = None;
+            }
+        }
     }
 
     /// Whether `var` needs a gradient: a leaf that asked for one, or an op output with such an
@@ -119,7 +145,7 @@ impl<T: Float> Tape<T> {
             self.last_op_end = Some(Instant::now());
         }
         let needs_grad = inputs.iter().any(|v| self.requires_grad[v.0]);
-        self.values.push(output);
+        self.values.push(Some(output));
         self.requires_grad.push(needs_grad);
         let var = Var(self.values.len() - 1);
         if needs_grad {
@@ -131,11 +157,11 @@ impl<T: Float> Tape<T> {
     /// Gradients of the scalar `loss` with respect to every leaf that requires them.
     /// Consumes the tape: activations are released as the walk passes them.
     pub fn backward(self, loss: Var) -> Result<Gradients<T>> {
-        let shape = self.values[loss.0].shape();
-        if self.values[loss.0].len() != 1 {
+        let seed = self.value(loss);
+        if seed.len() != 1 {
+            let shape = seed.shape();
             return crate::invalid!("backward: the loss has shape {shape:?}, not one element; reduce it first (ops::sum or ops::mean), or use backward_with_gradient");
         }
-        let seed = &self.values[loss.0];
         let ones = Tensor::full_on(seed.shape(), T::one(), &seed.device())?;
         self.backward_with_gradient(loss, ones)
     }
@@ -144,14 +170,10 @@ impl<T: Float> Tape<T> {
     /// backward pass started from any output, with `gradient` (of the output's shape, on its
     /// device) as the output's gradient. `backward` is this with a gradient of ones.
     pub fn backward_with_gradient(mut self, output: Var, gradient: Tensor<T>) -> Result<Gradients<T>> {
-        if self.values[output.0].shape() != gradient.shape() {
-            return crate::invalid!(
-                "backward: the gradient has shape {:?}, the output {:?}",
-                gradient.shape(),
-                self.values[output.0].shape()
-            );
+        if self.value(output).shape() != gradient.shape() {
+            return crate::invalid!("backward: the gradient has shape {:?}, the output {:?}", gradient.shape(), self.value(output).shape());
         }
-        let device = self.values[output.0].device();
+        let device = self.value(output).device();
         if gradient.device() != device {
             return crate::invalid!("backward: the output lives on {device} and its gradient on {}", gradient.device());
         }
@@ -160,7 +182,7 @@ impl<T: Float> Tape<T> {
         let produced: Vec<usize> = self.steps.iter().map(|s| s.output.0).collect();
         for id in produced {
             if id != output.0 {
-                self.values[id] = Tensor::zeros(&[0]);
+                self.values[id] = None;
             }
         }
         let mut grads: Vec<Option<Tensor<T>>> = vec![None; self.values.len()];
@@ -219,6 +241,26 @@ mod tests {
         let square = ops::mul(&mut tape, x, x).unwrap();
         let loss = ops::sum(&mut tape, square).unwrap();
         assert_eq!(tape.backward(loss).unwrap().get(x).unwrap().data(), &[6.0, -2.0]);
+    }
+
+    #[test]
+    fn released_intermediates_still_give_their_gradients_and_may_not_be_read() {
+        // y = tanh(x)·x: tanh's and mul's rules saved what they need before y's inputs went
+        let mut tape = Tape::<f64>::new();
+        let x = tape.leaf(Tensor::from_vec(&[2], vec![0.5, -2.0]), true);
+        let start = tape.mark();
+        let t = ops::tanh(&mut tape, x).unwrap();
+        let y = ops::mul(&mut tape, t, x).unwrap();
+        tape.release_since(start, &[y]);
+        assert_eq!(tape.value(y).shape(), &[2]);
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tape.value(t).len()));
+        assert!(read.is_err(), "a released value was read");
+        let loss = ops::sum(&mut tape, y).unwrap();
+        let gradient = tape.backward(loss).unwrap().get(x).unwrap().data().to_vec();
+        for (g, v) in gradient.iter().zip([0.5f64, -2.0]) {
+            let expected = v.tanh() + v * (1.0 - v.tanh().powi(2));
+            assert!((g - expected).abs() < 1e-12, "{g} against {expected}");
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub fn hidden_states<T: Float>(
 ) -> Result<Var> {
     let mut x = ops::embedding(tape, params.wte, params.wpe, tokens, seq, 0)?;
     for block in &params.blocks {
+        let block_start = tape.mark();
         // x += attn(ln_1(x))
         let a = ops::layernorm(tape, x, block.ln_1_weight, block.ln_1_bias)?;
         let qkv = ops::linear(tape, a, block.attn_c_attn_weight, Some(block.attn_c_attn_bias))?;
@@ -66,6 +67,8 @@ pub fn hidden_states<T: Float>(
         let hidden = ops::linear(tape, m, block.mlp_c_fc_weight, Some(block.mlp_c_fc_bias))?;
         let activated = ops::gelu(tape, hidden)?;
         x = ops::linear_residual(tape, activated, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x)?;
+        // the block's intermediates live on only where a backward rule saved them
+        tape.release_since(block_start, &[x]);
     }
     ops::layernorm(tape, x, params.ln_f_weight, params.ln_f_bias)
 }

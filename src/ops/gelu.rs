@@ -1,9 +1,10 @@
 //! GELU, tanh approximation, elementwise; the math is in `kernels::gelu` (and, on the GPU,
 //! `gelu_forward` / `gelu_backward` of `elementwise.cu`).
 
+use multitoken_cuda::ProductPrecision;
 use rayon::prelude::*;
 
-use super::{on_gpu, place, Place};
+use super::{on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::tensor::{Float, Tensor};
@@ -11,35 +12,51 @@ use crate::tensor::{Float, Tensor};
 const CHUNK: usize = 1 << 14;
 
 /// `gelu(x) = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, elementwise (docs/math.md, eq. G1).
+///
+/// Training in bf16 on a GPU, the backward evaluates gelu' at x rounded to bf16, and only that
+/// rounding is kept: half the bytes of x, the largest activation of a block.
 pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
     let input = tape.value(x).clone();
     let placed = place("gelu", &[&input])?;
-    let out = match &placed {
+    let (out, saved_input) = match &placed {
         Place::Cpu => {
             let mut out = vec![T::zero(); input.len()];
             out.par_chunks_mut(CHUNK).zip(input.data().par_chunks(CHUNK)).for_each(|(o, i)| T::gelu_forward(i, o));
-            Tensor::from_vec(input.shape(), out)
+            (Tensor::from_vec(input.shape(), out), SavedInput::F32(input))
         }
         Place::Cuda(gpu) => {
             let out = gpu.alloc::<f32>(input.len())?;
-            gpu.gelu_forward(on_gpu(&input), out.view())?;
-            Tensor::from_cuda(gpu, out, input.shape())
+            let saved = if gpu.precision == ProductPrecision::Bf16 {
+                let rounded = gpu.alloc::<u16>(input.len())?;
+                gpu.gelu_forward_keeping_bf16(on_gpu(&input), out.view(), rounded.view())?;
+                SavedInput::Bf16 { rounded, shape: input.shape().to_vec() }
+            } else {
+                gpu.gelu_forward(on_gpu(&input), out.view())?;
+                SavedInput::F32(input.clone())
+            };
+            (Tensor::from_cuda(gpu, out, input.shape()), saved)
         }
     };
     Ok(tape.record("gelu", out, &[x], move |grad, _| {
         // dx = dout · gelu'(x)   (docs/math.md, eq. G2)
-        let dx = match &placed {
-            Place::Cpu => {
+        let dx = match (&placed, &saved_input) {
+            (Place::Cpu, SavedInput::F32(input)) => {
                 let mut dx = vec![T::zero(); input.len()];
                 dx.par_chunks_mut(CHUNK)
                     .zip(input.data().par_chunks(CHUNK).zip(grad.data().par_chunks(CHUNK)))
                     .for_each(|(d, (i, g))| T::gelu_backward(i, g, d));
                 Tensor::from_vec(input.shape(), dx)
             }
-            Place::Cuda(gpu) => {
+            (Place::Cpu, SavedInput::Bf16 { .. }) => unreachable!("the CPU keeps x in f32"),
+            (Place::Cuda(gpu), SavedInput::F32(input)) => {
                 let dx = gpu.alloc::<f32>(input.len())?;
-                gpu.gelu_backward(on_gpu(&input), on_gpu(grad), dx.view())?;
+                gpu.gelu_backward(on_gpu(input), on_gpu(grad), dx.view())?;
                 Tensor::from_cuda(gpu, dx, input.shape())
+            }
+            (Place::Cuda(gpu), SavedInput::Bf16 { rounded, shape }) => {
+                let dx = gpu.alloc::<f32>(rounded.len())?;
+                gpu.gelu_backward_from_bf16(rounded.view(), on_gpu(grad), dx.view())?;
+                Tensor::from_cuda(gpu, dx, shape)
             }
         };
         Ok(vec![Some(dx)])

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use multitoken_cuda::{Gpu, Operand, ProductPrecision};
 
-use super::{column_sums, on_gpu, place, Place};
+use super::{column_sums, on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
@@ -38,6 +38,14 @@ fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var
     }
     let tensors: Vec<&Tensor<T>> = [Some(&input), Some(&w), b.as_ref(), r.as_ref()].into_iter().flatten().collect();
     let placed = place("linear", &tensors)?;
+    // in bf16 the product reads x rounded, and so does the backward's dW = xᵀ·dout: round it
+    // once, and keep only the rounding for the backward
+    let saved_input = match &placed {
+        Place::Cuda(gpu) if gpu.precision == ProductPrecision::Bf16 => {
+            SavedInput::Bf16 { rounded: gpu.bf16_copy(on_gpu(&input))?, shape: input.shape().to_vec() }
+        }
+        _ => SavedInput::F32(input.clone()),
+    };
     let out = match &placed {
         Place::Cpu => {
             // out starts as r + b (or b, or 0), and the product is added to it
@@ -55,13 +63,15 @@ fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var
             Tensor::from_vec(&out_shape, out)
         }
         Place::Cuda(gpu) => {
+            let x_operand = match &saved_input {
+                SavedInput::Bf16 { rounded, .. } => Operand::normal(on_gpu(&input)).rounded(rounded.view()),
+                SavedInput::F32(_) => Operand::normal(on_gpu(&input)),
+            };
             let out = gpu.alloc::<f32>(n * c_out)?;
             match (&b, &r) {
-                (Some(b), Some(r)) => gpu.linear_residual(on_gpu(&input), on_gpu(&w), on_gpu(b), on_gpu(r), out.view())?,
-                (Some(b), None) => gpu.linear(on_gpu(&input), on_gpu(&w), on_gpu(b), out.view())?,
-                (None, None) => {
-                    gpu.matmul(Operand::normal(on_gpu(&input)), Operand::normal(on_gpu(&w)), out.view(), n, c_in, c_out, false)?
-                }
+                (Some(b), Some(r)) => gpu.linear_residual(x_operand, on_gpu(&w), on_gpu(b), on_gpu(r), out.view())?,
+                (Some(b), None) => gpu.linear(x_operand, on_gpu(&w), on_gpu(b), out.view())?,
+                (None, None) => gpu.matmul(x_operand, Operand::normal(on_gpu(&w)), out.view(), n, c_in, c_out, false)?,
                 (None, Some(_)) => unreachable!("linear_residual always has a bias"),
             }
             Tensor::from_cuda(gpu, out, &out_shape)
@@ -72,9 +82,10 @@ fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var
     inputs.extend(residual);
     let has_bias = bias.is_some();
     Ok(tape.record(if residual.is_some() { "linear_residual" } else { "linear" }, out, &inputs, move |grad, needs| {
-        let (dx, dw, db) = match &placed {
-            Place::Cpu => linear_backward_cpu(&input, &w, grad, needs, has_bias),
-            Place::Cuda(gpu) => linear_backward_cuda(gpu, &input, &w, grad, needs, has_bias)?,
+        let (dx, dw, db) = match (&placed, &saved_input) {
+            (Place::Cpu, SavedInput::F32(input)) => linear_backward_cpu(input, &w, grad, needs, has_bias),
+            (Place::Cpu, SavedInput::Bf16 { .. }) => unreachable!("the CPU keeps x in f32"),
+            (Place::Cuda(gpu), saved) => linear_backward_cuda(gpu, saved, &w, grad, needs, has_bias)?,
         };
         let mut grads = vec![dx, dw];
         if has_bias {
@@ -109,15 +120,15 @@ fn linear_backward_cpu<T: Float>(input: &Tensor<T>, w: &Tensor<T>, grad: &Tensor
 
 fn linear_backward_cuda<T: Float>(
     gpu: &Arc<Gpu>,
-    input: &Tensor<T>,
+    input: &SavedInput<T>,
     w: &Tensor<T>,
     grad: &Tensor<T>,
     needs: &[bool],
     has_bias: bool,
 ) -> Result<LinearGradients<T>> {
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
-    let n = input.len() / c_in;
-    let (x, w_view, g) = (on_gpu(input), on_gpu(w), on_gpu(grad));
+    let n = grad.len() / c_out;
+    let (w_view, g) = (on_gpu(w), on_gpu(grad));
     // in bf16 both products read the upstream gradient: round it once, in the same pass over it
     // as the bias's gradient where there is one
     let db = if has_bias && needs[2] { Some(gpu.alloc::<f32>(c_out)?) } else { None };
@@ -143,7 +154,11 @@ fn linear_backward_cuda<T: Float>(
     };
     let dw = if needs[1] {
         let dw = gpu.alloc::<f32>(c_in * c_out)?;
-        gpu.matmul(Operand::transposed(x), g_operand, dw.view(), c_in, n, c_out, false)?;
+        let x_transposed = match input {
+            SavedInput::F32(x) => Operand::transposed(on_gpu(x)),
+            SavedInput::Bf16 { rounded, .. } => Operand::bf16_only(rounded.view(), true),
+        };
+        gpu.matmul(x_transposed, g_operand, dw.view(), c_in, n, c_out, false)?;
         Some(Tensor::from_cuda(gpu, dw, &[c_in, c_out]))
     } else {
         None

@@ -45,7 +45,7 @@ pub use unembed::unembed;
 
 use std::sync::Arc;
 
-use multitoken_cuda::{Gpu, View};
+use multitoken_cuda::{Buffer, Gpu, View};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -72,6 +72,25 @@ pub(crate) fn place<T: Float>(op: &str, tensors: &[&Tensor<T>]) -> Result<Place>
 /// A GPU tensor's elements, for a kernel; the op has checked where it lives.
 pub(crate) fn on_gpu<T: Float>(tensor: &Tensor<T>) -> View<f32> {
     tensor.cuda().expect("the op checked that its inputs live on the GPU").view()
+}
+
+/// What an op keeps of an input for its backward: the tensor itself or, training in bf16 on a
+/// GPU where the backward reads that input only rounded to bf16 (a product's operand, GELU's
+/// derivative), the rounding alone. Half the bytes are kept, and the f32 elements are free once
+/// the forward is done with them ([`Tape::release_since`](crate::autograd::Tape::release_since)).
+pub(crate) enum SavedInput<T: Float> {
+    F32(Tensor<T>),
+    Bf16 { rounded: Buffer<u16>, shape: Vec<usize> },
+}
+
+impl<T: Float> SavedInput<T> {
+    /// The input's shape.
+    pub(crate) fn shape(&self) -> &[usize] {
+        match self {
+            SavedInput::F32(input) => input.shape(),
+            SavedInput::Bf16 { shape, .. } => shape,
+        }
+    }
 }
 
 /// Rows handled by one parallel task. Fixed, not derived from the thread count, so that
