@@ -1,8 +1,8 @@
 // Causal self-attention on bf16 tensor cores (`--precision bf16`): the FlashAttention-2 scheme
 // of fused_attention.cu, with every product a warp's mma.sync of 16 × 8 × 16 bf16 tiles and f32
-// accumulation. q, k, v are read as f32 where c_attn wrote them, rows (B, T, 3C), and rounded to
-// bf16 as they enter shared memory; y and the gradients are written as f32. The softmax, its
-// running statistics and log-sum-exp are f32. The log-sum-exp saved per query row has the f32
+// accumulation. q, k, v are read in bf16, c_attn's rows (B, T, 3C) rounded (what the backward
+// keeps of them); dy is read as f32 and rounded as it enters shared memory; y and the gradients
+// are written as f32. The softmax, its running statistics and log-sum-exp are f32. The log-sum-exp saved per query row has the f32
 // kernels' meaning (base 2, of s·scale·log2 e), so both backward passes read one format.
 //
 // A block of 4 warps works on 64 rows (queries, or keys in the key-side backward); warp w owns
@@ -135,26 +135,37 @@ __device__ void mask_diagonal_tile(float s[8][4], float masked) {
         }
 }
 
-// Rows first .. first + 63 of one head's (T, HS) f32 matrix (rows `ld` floats apart) rounded to
-// bf16 into `tile` (64, HS); rows past `seq` are 0.
-template <int HS>
-__device__ void load_bf16(bf16_t* tile, const float* source, long ld, int first, int seq) {
+// Four neighbouring elements as four bf16s, two to a word: f32s rounded, or bf16s as they are.
+__device__ uint2 quad_as_bf16(const float* p) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    return make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+}
+__device__ uint2 quad_as_bf16(const bf16_t* p) {
+    return *reinterpret_cast<const uint2*>(p);
+}
+
+// Rows first .. first + 63 of one head's (T, HS) matrix of f32s or bf16s (rows `ld` elements
+// apart) in bf16 into `tile` (64, HS); rows past `seq` are 0.
+template <int HS, typename E>
+__device__ void load_bf16(bf16_t* tile, const E* source, long ld, int first, int seq) {
     constexpr int per_row = HS / 4;
     for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
         int row = i / per_row, col = (i - row * per_row) * 4;
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (first + row < seq) v = *reinterpret_cast<const float4*>(source + (long)(first + row) * ld + col);
-        *reinterpret_cast<uint2*>(tile + row * Row<HS>::stride + col) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+        uint2 quad = make_uint2(0u, 0u);
+        if (first + row < seq) quad = quad_as_bf16(source + (long)(first + row) * ld + col);
+        *reinterpret_cast<uint2*>(tile + row * Row<HS>::stride + col) = quad;
     }
 }
 
-// cp.async: `bytes` (4 or 16) from global to shared memory without passing through registers;
-// zeros instead when `inside` is false (the source is then not read).
+// cp.async: `bytes` (4, 8 or 16) from global to shared memory without passing through
+// registers; zeros instead when `inside` is false (the source is then not read).
 template <int BYTES>
 __device__ void copy_async(void* shared, const void* global, bool inside) {
     unsigned int address = (unsigned int)__cvta_generic_to_shared(shared);
     if (BYTES == 16)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 16 : 0));
+    else if (BYTES == 8)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 8 : 0));
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 4 : 0));
 }
@@ -165,38 +176,43 @@ __device__ void copies_wait() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// The next two (64, HS) tiles a kernel works on (k and v, or q and dy), rounded to bf16 from f32
-// rows `lda` and `ldb` floats apart, rows past `seq` 0; and, for the key-side backward, the
-// next 64 values of two per-query vectors (lse and the row dots). Up to head size
-// TC_STAGED_HEAD_SIZE_MAX, `fetch` starts copying them into f32 staging in shared memory
-// (cp.async), so that they arrive while the block works on the present tiles, and `take`, after
-// copies_wait and a barrier, rounds them into place; above it the staging would take more shared
-// memory than a block can spare, so `take` loads them itself.
-template <int HS>
+// The next two (64, HS) tiles a kernel works on (k and v, or q and dy), in bf16 from rows of A
+// and of B (bf16 or f32) `lda` and `ldb` elements apart, rows past `seq` 0; and, for the
+// key-side backward, the next 64 values of two per-query vectors (lse and the row dots). Up to
+// head size TC_STAGED_HEAD_SIZE_MAX, `fetch` starts copying them as they are into staging in
+// shared memory (cp.async), so that they arrive while the block works on the present tiles, and
+// `take`, after copies_wait and a barrier, puts them in place in bf16; above it the staging
+// would take more shared memory than a block can spare, so `take` loads them itself.
+template <int HS, typename A, typename B>
 struct NextTiles {
     static constexpr bool ahead = HS <= TC_STAGED_HEAD_SIZE_MAX;
     static constexpr int per_row = HS / 4;
-    float* staging;  // (2, 64, HS) f32, then 2 × 64 per-query values
-    const float *a, *b, *row_a, *row_b;
+    unsigned char* staging;  // (64, HS) of A, (64, HS) of B, then 2 × 64 per-query floats
+    const A* a;
+    const B* b;
+    const float *row_a, *row_b;
     long lda, ldb;
     int first, seq;
 
-    __device__ void fetch(const float* a_, long lda_, const float* b_, long ldb_, const float* row_a_, const float* row_b_, int first_,
-                          int seq_) {
+    __device__ A* staged_a() const { return reinterpret_cast<A*>(staging); }
+    __device__ B* staged_b() const { return reinterpret_cast<B*>(staging + TC_TILE * HS * sizeof(A)); }
+    __device__ float* staged_rows() const { return reinterpret_cast<float*>(staging + TC_TILE * HS * (sizeof(A) + sizeof(B))); }
+
+    __device__ void fetch(const A* a_, long lda_, const B* b_, long ldb_, const float* row_a_, const float* row_b_, int first_, int seq_) {
         a = a_, b = b_, row_a = row_a_, row_b = row_b_, lda = lda_, ldb = ldb_, first = first_, seq = seq_;
         if (!ahead) return;
         for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
             int row = i / per_row, col = (i - row * per_row) * 4;
             bool inside = first + row < seq;
             long at = inside ? (long)(first + row) : 0;
-            copy_async<16>(staging + row * HS + col, a + at * lda + col, inside);
-            copy_async<16>(staging + (TC_TILE + row) * HS + col, b + at * ldb + col, inside);
+            copy_async<4 * sizeof(A)>(staged_a() + row * HS + col, a + at * lda + col, inside);
+            copy_async<4 * sizeof(B)>(staged_b() + row * HS + col, b + at * ldb + col, inside);
         }
         if (row_a != nullptr && threadIdx.x < TC_TILE) {
             bool inside = first + threadIdx.x < seq;
             long at = inside ? first + threadIdx.x : 0;
-            copy_async<4>(staging + 2 * TC_TILE * HS + threadIdx.x, row_a + at, inside);
-            copy_async<4>(staging + 2 * TC_TILE * HS + TC_TILE + threadIdx.x, row_b + at, inside);
+            copy_async<4>(staged_rows() + threadIdx.x, row_a + at, inside);
+            copy_async<4>(staged_rows() + TC_TILE + threadIdx.x, row_b + at, inside);
         }
     }
 
@@ -204,10 +220,8 @@ struct NextTiles {
         if (ahead) {
             for (int i = threadIdx.x; i < TC_TILE * per_row; i += TC_THREADS) {
                 int row = i / per_row, col = (i - row * per_row) * 4;
-                float4 u = *reinterpret_cast<const float4*>(staging + row * HS + col);
-                float4 v = *reinterpret_cast<const float4*>(staging + (TC_TILE + row) * HS + col);
-                *reinterpret_cast<uint2*>(tile_a + row * Row<HS>::stride + col) = make_uint2(pack_bf16(u.x, u.y), pack_bf16(u.z, u.w));
-                *reinterpret_cast<uint2*>(tile_b + row * Row<HS>::stride + col) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+                *reinterpret_cast<uint2*>(tile_a + row * Row<HS>::stride + col) = quad_as_bf16(staged_a() + row * HS + col);
+                *reinterpret_cast<uint2*>(tile_b + row * Row<HS>::stride + col) = quad_as_bf16(staged_b() + row * HS + col);
             }
         } else {
             load_bf16<HS>(tile_a, a, lda, first, seq);
@@ -215,8 +229,8 @@ struct NextTiles {
         }
         if (row_a != nullptr && threadIdx.x < TC_TILE) {
             bool inside = first + threadIdx.x < seq;
-            values_a[threadIdx.x] = ahead ? staging[2 * TC_TILE * HS + threadIdx.x] : inside ? row_a[first + threadIdx.x] : 0.0f;
-            values_b[threadIdx.x] = ahead ? staging[2 * TC_TILE * HS + TC_TILE + threadIdx.x] : inside ? row_b[first + threadIdx.x] : 0.0f;
+            values_a[threadIdx.x] = ahead ? staged_rows()[threadIdx.x] : inside ? row_a[first + threadIdx.x] : 0.0f;
+            values_b[threadIdx.x] = ahead ? staged_rows()[TC_TILE + threadIdx.x] : inside ? row_b[first + threadIdx.x] : 0.0f;
         }
     }
 };
@@ -253,7 +267,7 @@ __device__ HeadColumns head_columns(int seq, int n_head) {
 
 // Grid (⌈T/64⌉, B·H): block (x, bh) computes query tile ⌈T/64⌉ − 1 − x of head bh.
 template <int HS>
-__device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int seq, int n_head, float scale) {
+__device__ void tc_attention_forward(const bf16_t* qkv, float* y, float* lse, int seq, int n_head, float scale) {
     constexpr int S = Row<HS>::stride, NT = HS / 8;
     extern __shared__ float4 shared4[];
     bf16_t* q_tile = reinterpret_cast<bf16_t*>(shared4);
@@ -264,12 +278,12 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
     HeadColumns head = head_columns<HS>(seq, n_head);
     int c = head.c;
     long ld = head.ld;
-    const float* q = qkv + head.in_qkv;
+    const bf16_t* q = qkv + head.in_qkv;
     int first_query = query_tile * TC_TILE;
     load_bf16<HS>(q_tile, q, ld, first_query, seq);
     float o[NT][4] = {}, running_max[2] = {NEG_INF, NEG_INF}, running_sum[2] = {0.0f, 0.0f};
     float score_scale = scale * LOG2E;
-    NextTiles<HS> next{reinterpret_cast<float*>(v_tile + TC_TILE * S)};
+    NextTiles<HS, bf16_t, bf16_t> next{reinterpret_cast<unsigned char*>(v_tile + TC_TILE * S)};
     next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, 0, seq);
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         copies_wait();
@@ -322,7 +336,7 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
 // Grid (⌈T/64⌉, B·H): block (x, bh) owns key tile x of head bh and writes its dK and dV whole,
 // over the query tiles x .. last. `dot` (B·H, T) holds Σ_d y·dy of each query row.
 template <int HS>
-__device__ void tc_attention_backward_kv(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
+__device__ void tc_attention_backward_kv(const bf16_t* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
                                          int n_head, float scale) {
     constexpr int S = Row<HS>::stride, NT = HS / 8;
     extern __shared__ float4 shared4[];
@@ -337,14 +351,14 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
     HeadColumns head = head_columns<HS>(seq, n_head);
     int c = head.c;
     long ld = head.ld;
-    const float* q = qkv + head.in_qkv;
+    const bf16_t* q = qkv + head.in_qkv;
     const float* dy_head = dy + head.in_rows;
     int first_key = key_tile * TC_TILE;
     load_bf16<HS>(k_tile, q + c, ld, first_key, seq);
     load_bf16<HS>(v_tile, q + 2 * c, ld, first_key, seq);
     float dk[NT][4] = {}, dv[NT][4] = {};
     float score_scale = scale * LOG2E;
-    NextTiles<HS> next{dot_tile + TC_TILE};
+    NextTiles<HS, bf16_t, float> next{reinterpret_cast<unsigned char*>(dot_tile + TC_TILE)};
     const float *head_lse = lse + (long)bh * seq, *head_dot = dot + (long)bh * seq;
     next.fetch(q, ld, dy_head, c, head_lse, head_dot, first_key, seq);
     for (int query_tile = key_tile; query_tile < query_tiles; query_tile++) {
@@ -380,7 +394,7 @@ __device__ void tc_attention_backward_kv(const float* qkv, const float* dy, cons
 // Grid (⌈T/64⌉, B·H): block (x, bh) owns query tile ⌈T/64⌉ − 1 − x of head bh and writes its dQ
 // whole, over the key tiles 0 .. its own.
 template <int HS>
-__device__ void tc_attention_backward_q(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
+__device__ void tc_attention_backward_q(const bf16_t* qkv, const float* dy, const float* lse, const float* dot, float* dqkv, int seq,
                                         int n_head, float scale) {
     constexpr int S = Row<HS>::stride, NT = HS / 8;
     extern __shared__ float4 shared4[];
@@ -393,7 +407,7 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
     HeadColumns head = head_columns<HS>(seq, n_head);
     int c = head.c;
     long ld = head.ld;
-    const float* q = qkv + head.in_qkv;
+    const bf16_t* q = qkv + head.in_qkv;
     int first_query = query_tile * TC_TILE;
     load_bf16<HS>(q_tile, q, ld, first_query, seq);
     load_bf16<HS>(dy_tile, dy + head.in_rows, c, first_query, seq);
@@ -406,7 +420,7 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
     }
     float dq[NT][4] = {};
     float score_scale = scale * LOG2E;
-    NextTiles<HS> next{reinterpret_cast<float*>(v_tile + TC_TILE * S)};
+    NextTiles<HS, bf16_t, bf16_t> next{reinterpret_cast<unsigned char*>(v_tile + TC_TILE * S)};
     next.fetch(q + c, ld, q + 2 * c, ld, nullptr, nullptr, 0, seq);
     for (int key_tile = 0; key_tile <= query_tile; key_tile++) {
         copies_wait();
@@ -431,17 +445,17 @@ __device__ void tc_attention_backward_q(const float* qkv, const float* dy, const
 }
 
 #define TC_ATTENTION(HS)                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_attention_forward_##HS(const float* qkv, float* y, float* lse, \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_attention_forward_##HS(const bf16_t* qkv, float* y, float* lse, \
                                                                                       int seq, int n_head, float scale) {     \
         tc_attention_forward<HS>(qkv, y, lse, seq, n_head, scale);                                                           \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                                 \
-        tc_attention_backward_kv_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,   \
+        tc_attention_backward_kv_##HS(const bf16_t* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,   \
                                       int seq, int n_head, float scale) {                                                    \
         tc_attention_backward_kv<HS>(qkv, dy, lse, dot, dqkv, seq, n_head, scale);                                           \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                                 \
-        tc_attention_backward_q_##HS(const float* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,    \
+        tc_attention_backward_q_##HS(const bf16_t* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,    \
                                      int seq, int n_head, float scale) {                                                     \
         tc_attention_backward_q<HS>(qkv, dy, lse, dot, dqkv, seq, n_head, scale);                                            \
     }

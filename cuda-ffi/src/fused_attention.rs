@@ -32,11 +32,16 @@ const TC_THREADS: usize = 128;
 /// Bytes of shared memory the tensor-core kernels use for head size `hs`: bf16 tiles (64, hs)
 /// padded by 8 elements a row — forward q, k, v; backward_kv k, v, q, dy and two rows of 64
 /// floats; backward_q q, dy, k, v — then, up to head size 64, the staging of the next two tiles
-/// in f32 (and of the next 64 log-sum-exps and row dots in backward_kv).
+/// as they are read (k and v in bf16; in backward_kv q in bf16, dy in f32 and the next 64
+/// log-sum-exps and row dots).
 fn tensor_core_shared_bytes(hs: usize, kernel: usize) -> usize {
     let tile = 2 * TC_TILE * (hs + 8);
     let rows = 2 * 4 * TC_TILE;
-    let staging = if hs <= TC_STAGED_HEAD_SIZE_MAX { 2 * 4 * TC_TILE * hs + if kernel == 1 { rows } else { 0 } } else { 0 };
+    let staging = match (hs <= TC_STAGED_HEAD_SIZE_MAX, kernel) {
+        (false, _) => 0,
+        (true, 1) => TC_TILE * hs * (2 + 4) + rows,
+        (true, _) => TC_TILE * hs * (2 + 2),
+    };
     staging
         + match kernel {
             0 => 3 * tile,
@@ -54,6 +59,26 @@ fn shared_floats(hs: usize, backward: bool) -> usize {
         4 * head_tile + 2 * score_tile + 2 * ATTENTION_TILE
     } else {
         3 * head_tile + score_tile
+    }
+}
+
+/// The q, k, v rows (B, T, 3C) that c_attn wrote, as the fused kernels read them: in f32, or
+/// rounded to bf16 for the tensor-core kernels (`--precision bf16`), which is then all that the
+/// backward pass needs to keep of them.
+#[derive(Clone, Copy, Debug)]
+pub enum QkvRows {
+    /// f32, for the f32 kernels
+    F32(View<f32>),
+    /// rounded to bf16 (`Gpu::bf16_copy`), for the tensor-core kernels
+    Bf16(View<u16>),
+}
+
+impl QkvRows {
+    fn ptr(self) -> u64 {
+        match self {
+            QkvRows::F32(rows) => rows.ptr,
+            QkvRows::Bf16(rows) => rows.ptr,
+        }
     }
 }
 
@@ -146,7 +171,21 @@ impl Gpu {
         Ok(out)
     }
 
-    fn fused_attention_check(what: &str, views: &[(View<f32>, usize)], shape: AttentionShape) -> Result<()> {
+    fn fused_attention_check(&self, what: &str, qkv: QkvRows, views: &[(View<f32>, usize)], shape: AttentionShape) -> Result<()> {
+        let tensor_cores = self.precision == ProductPrecision::Bf16;
+        let (qkv_len, qkv_ptr) = match qkv {
+            QkvRows::F32(rows) if !tensor_cores => (rows.len(), rows.ptr),
+            QkvRows::Bf16(rows) if tensor_cores => (rows.len(), rows.ptr),
+            _ => {
+                return Err(CudaError::Shape(format!(
+                    "{what}: the {:?} kernels read qkv in {} (QkvRows)",
+                    self.precision,
+                    if tensor_cores { "bf16" } else { "f32" }
+                )))
+            }
+        };
+        shape.check(what, qkv_len, 3)?;
+        check(qkv_ptr.is_multiple_of(16), || format!("{what}: buffers must start on 16-byte boundaries"))?;
         for (view, factor) in views {
             shape.check(what, view.len(), *factor)?;
             check(view.ptr.is_multiple_of(16), || format!("{what}: buffers must start on 16-byte boundaries"))?;
@@ -159,17 +198,18 @@ impl Gpu {
 
     /// Causal attention in one kernel: q, k, v read from c_attn's rows `qkv` (B, T, 3C), the
     /// output written to rows `y` (B, T, C), and each query row's log-sum-exp of its scaled
-    /// scores, in base 2, to `lse` (B·H, T) for the backward pass. On bf16 tensor cores when
-    /// `self.precision` is bf16, else in f32.
-    pub fn fused_attention_forward(&self, qkv: View<f32>, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
+    /// scores, in base 2, to `lse` (B·H, T) for the backward pass. On bf16 tensor cores from qkv
+    /// rounded to bf16 when `self.precision` is bf16, else in f32 from qkv in f32.
+    pub fn fused_attention_forward(&self, qkv: QkvRows, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
         let (_, forward, _) = self.kernels.fused_attention.pair(shape.head_size)?;
-        Self::fused_attention_check("fused_attention_forward", &[(qkv, 3), (y, 1)], shape)?;
+        self.fused_attention_check("fused_attention_forward", qkv, &[(y, 1)], shape)?;
         check(lse.len() == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
         let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
         let tensor_cores = self.precision == ProductPrecision::Bf16;
         let kernel = if tensor_cores { &self.kernels.fused_attention.tensor_core(shape.head_size)?[0] } else { forward };
+        let qkv = qkv.ptr();
         let mut launch = self.stream.launch_builder(kernel);
-        launch.arg(&qkv.ptr).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        launch.arg(&qkv).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
         let config = if tensor_cores { tensor_core_config(shape, 0) } else { launch_config(shape, false) };
         // SAFETY: sizes and alignment checked; one block per (query tile, head).
         unsafe { launch.launch(config) }?;
@@ -180,7 +220,7 @@ impl Gpu {
     /// overwritten with the gradients of q, k and v.
     pub fn fused_attention_backward(
         &self,
-        qkv: View<f32>,
+        qkv: QkvRows,
         y: View<f32>,
         dy: View<f32>,
         lse: View<f32>,
@@ -188,7 +228,8 @@ impl Gpu {
         shape: AttentionShape,
     ) -> Result<()> {
         let (_, _, backward) = self.kernels.fused_attention.pair(shape.head_size)?;
-        Self::fused_attention_check("fused_attention_backward", &[(qkv, 3), (y, 1), (dy, 1), (dqkv, 3)], shape)?;
+        self.fused_attention_check("fused_attention_backward", qkv, &[(y, 1), (dy, 1), (dqkv, 3)], shape)?;
+        let qkv = qkv.ptr();
         let heads_rows = shape.batch * shape.n_head * shape.seq;
         check(lse.len() == heads_rows, || "fused_attention_backward: lse is not (B·H, T)".into())?;
         let [_, seq, n_head, hs] = shape.dims();
@@ -204,7 +245,7 @@ impl Gpu {
             let kernels = self.kernels.fused_attention.tensor_core(shape.head_size)?;
             for (i, kernel) in kernels.iter().enumerate().skip(1) {
                 let mut launch = self.stream.launch_builder(kernel);
-                launch.arg(&qkv.ptr).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(&seq).arg(&n_head).arg(&scale);
+                launch.arg(&qkv).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(&seq).arg(&n_head).arg(&scale);
                 // SAFETY: sizes and alignment checked; one block per (tile, head).
                 unsafe { launch.launch(tensor_core_config(shape, i)) }?;
             }
@@ -216,14 +257,7 @@ impl Gpu {
         let heads = shape.batch * shape.n_head;
         let (turns, tickets) = (self.zeros::<i32>(heads * shape.seq.div_ceil(ATTENTION_TILE))?, self.zeros::<i32>(heads)?);
         let mut launch = self.stream.launch_builder(backward);
-        launch
-            .arg(&qkv.ptr)
-            .arg(&dy.ptr)
-            .arg(&lse.ptr)
-            .arg(dots.device_ptr())
-            .arg(&dqkv.ptr)
-            .arg(turns.device_ptr())
-            .arg(tickets.device_ptr());
+        launch.arg(&qkv).arg(&dy.ptr).arg(&lse.ptr).arg(dots.device_ptr()).arg(&dqkv.ptr).arg(turns.device_ptr()).arg(tickets.device_ptr());
         launch.arg(&seq).arg(&n_head).arg(&scale);
         // SAFETY: sizes and alignment checked; one block per (key tile, head), one turn counter
         // per (head, query tile), one ticket counter per head.

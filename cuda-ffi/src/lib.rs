@@ -58,6 +58,7 @@ pub use constants::{
 };
 pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
+pub use fused_attention::QkvRows;
 pub use general::{Binary, Unary};
 pub use head::HeadShape;
 pub use linear::{ColumnWeights, Epilogue, FEW_ROWS_MAX, FEW_ROW_LAYERNORM_WIDTH_MAX, TILE_ROWS_MAX};

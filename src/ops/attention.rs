@@ -9,14 +9,15 @@
 //! 0..r1, so the masked upper triangle is (mostly) never computed, and the probabilities P are
 //! kept for backward. On a GPU the attention route of the device decides
 //! (`multitoken_cuda::AttentionRoute`): a fused kernel that keeps only each row's log-sum-exp
-//! (f32), or cuBLAS products that keep P (TF32).
+//! (f32; in bf16, on tensor cores, from q, k, v rounded, which is all it keeps of them), or
+//! cuBLAS products that keep P (TF32).
 
 use std::sync::Arc;
 
-use multitoken_cuda::{AttentionRoute, AttentionShape, Gpu};
+use multitoken_cuda::{AttentionRoute, AttentionShape, Gpu, ProductPrecision, QkvRows};
 use rayon::prelude::*;
 
-use super::{on_gpu, place, Place};
+use super::{on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::kernels::SharedMut;
@@ -85,14 +86,24 @@ fn attention_cuda<T: Float>(tape: &mut Tape<T>, qkv: Var, gpu: &Arc<Gpu>, input:
     let gpu = gpu.clone();
     match gpu.attention_route_for(shape.head_size) {
         AttentionRoute::Fused => {
+            // on bf16 tensor cores the kernels read q, k, v rounded, and the backward keeps only that
+            let saved_qkv = if gpu.precision == ProductPrecision::Bf16 {
+                SavedInput::Bf16 { rounded: gpu.bf16_copy(on_gpu(&input))?, shape: input.shape().to_vec() }
+            } else {
+                SavedInput::F32(input)
+            };
+            let qkv_rows = |saved: &SavedInput<T>| match saved {
+                SavedInput::F32(input) => QkvRows::F32(on_gpu(input)),
+                SavedInput::Bf16 { rounded, .. } => QkvRows::Bf16(rounded.view()),
+            };
             let lse = gpu.alloc::<f32>(shape.batch * shape.n_head * shape.seq)?;
-            gpu.fused_attention_forward(on_gpu(&input), y.view(), lse.view(), shape)?;
+            gpu.fused_attention_forward(qkv_rows(&saved_qkv), y.view(), lse.view(), shape)?;
             let out = Tensor::from_cuda(&gpu, y, &[rows, width]);
             let y = out.clone();
             Ok(tape.record("attention", out, &[qkv], move |grad, _| {
-                let dqkv = gpu.alloc::<f32>(input.len())?;
-                gpu.fused_attention_backward(on_gpu(&input), on_gpu(&y), on_gpu(grad), lse.view(), dqkv.view(), shape)?;
-                Ok(vec![Some(Tensor::from_cuda(&gpu, dqkv, input.shape()))])
+                let dqkv = gpu.alloc::<f32>(3 * rows * width)?;
+                gpu.fused_attention_backward(qkv_rows(&saved_qkv), on_gpu(&y), on_gpu(grad), lse.view(), dqkv.view(), shape)?;
+                Ok(vec![Some(Tensor::from_cuda(&gpu, dqkv, saved_qkv.shape()))])
             }))
         }
         AttentionRoute::Products => {
