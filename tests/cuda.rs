@@ -27,7 +27,8 @@ use multitoken::tensor::{Device, Float, Rng, Tensor};
 use multitoken::train::adamw::{AdamW, AdamWConfig};
 use multitoken::train::{params_to_device, train_step, StepConfig};
 use multitoken_cuda::{
-    driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, HeadShape, Operand, ProductPrecision, View, FUSED_ATTENTION_HEAD_SIZES,
+    driver_present, AttentionRoute, CudaError, GemmRoute, Gpu, HeadShape, Operand, ProductPrecision, QkvRows, View,
+    FUSED_ATTENTION_HEAD_SIZES,
 };
 
 /// Defines a test that receives an open `Gpu`, or reports itself skipped without a driver.
@@ -160,6 +161,49 @@ cuda_test!(elementwise_kernels_give_the_same_bits_on_views_off_16_bytes, |gpu| {
     }
 });
 
+cuda_test!(layernorm_and_attention_write_their_outputs_rounding_and_writing_a_tensor_in_place_drops_it, |gpu| {
+    // LayerNorm on a few rows (a block a row) and on many (a warp a row)
+    let c = 100;
+    let (gain, shift) = (gpu.upload(&random(c, 51)).unwrap(), gpu.upload(&random(c, 52)).unwrap());
+    for rows in [3, 300] {
+        let x = gpu.upload(&random(rows * c, 53)).unwrap();
+        let (out, rounded) = (gpu.alloc::<f32>(rows * c).unwrap(), gpu.alloc::<u16>(rows * c).unwrap());
+        let (mean, rstd) = (gpu.alloc::<f32>(rows).unwrap(), gpu.alloc::<f32>(rows).unwrap());
+        gpu.layernorm_forward_rounding(x.view(), gain.view(), shift.view(), out.view(), Some(rounded.view()), mean.view(), rstd.view())
+            .unwrap();
+        let expected = gpu.download(gpu.bf16_copy(out.view()).unwrap().view()).unwrap();
+        assert_eq!(gpu.download(rounded.view()).unwrap(), expected, "layernorm on {rows} rows");
+    }
+    // the tensor-core attention, every head size, T = 130 (a ragged last tile)
+    gpu.precision = ProductPrecision::Bf16;
+    for hs in FUSED_ATTENTION_HEAD_SIZES {
+        let shape = multitoken_cuda::AttentionShape { batch: 2, seq: 130, n_head: 2, head_size: hs };
+        let qkv = gpu.upload(&random(2 * 130 * 3 * 2 * hs, 54)).unwrap();
+        let qkv = gpu.bf16_copy(qkv.view()).unwrap();
+        let (y, y_rounded) = (gpu.alloc::<f32>(2 * 130 * 2 * hs).unwrap(), gpu.alloc::<u16>(2 * 130 * 2 * hs).unwrap());
+        let lse = gpu.alloc::<f32>(4 * 130).unwrap();
+        gpu.fused_attention_forward(QkvRows::Bf16(qkv.view()), y.view(), Some(y_rounded.view()), lse.view(), shape).unwrap();
+        let expected = gpu.download(gpu.bf16_copy(y.view()).unwrap().view()).unwrap();
+        assert_eq!(gpu.download(y_rounded.view()).unwrap(), expected, "attention, head size {hs}");
+    }
+    // a tensor carries its rounding into its views of rows, and loses it when written in place
+    let device = Device::cuda(gpu);
+    let gpu = device.gpu().unwrap().clone();
+    let values = random(6 * 4, 55);
+    let rounding = gpu.bf16_copy(gpu.upload(&values).unwrap().view()).unwrap();
+    let expected = gpu.download(rounding.view()).unwrap();
+    let mut tensor = Tensor::<f32>::from_cuda_with_rounding(&gpu, gpu.upload(&values).unwrap(), rounding, &[6, 4]);
+    let rows = tensor.rows(2, 3);
+    let rows_rounded = rows.cuda().unwrap().rounded().expect("a view of rows keeps the rounding");
+    assert_eq!(gpu.download(rows_rounded.view()).unwrap(), expected[8..20].to_vec());
+    let mut other = tensor.clone();
+    tensor.add_assign(&Tensor::from_vec(&[6, 4], vec![1.0; 24]).to_device(&device).unwrap()).unwrap();
+    assert!(tensor.cuda().unwrap().rounded().is_none(), "a sum written in place kept the old rounding");
+    assert!(other.cuda().unwrap().rounded().is_some(), "the tensor that shares the elements keeps them and their rounding");
+    other.cuda_mut().unwrap();
+    assert!(other.cuda().unwrap().rounded().is_none(), "a tensor handed out for writing kept its rounding");
+});
+
 cuda_test!(gelu_keeping_bf16_gives_the_bits_of_gelu_and_of_rounding_and_its_backward_those_of_the_rounded_x, |gpu| {
     // on 16 bytes (four elements a thread, the copy as 8-byte pairs of pairs) and one float in
     // (one element at a time); 1001 elements, a ragged last four
@@ -168,13 +212,19 @@ cuda_test!(gelu_keeping_bf16_gives_the_bits_of_gelu_and_of_rounding_and_its_back
     let (x_all, dout_all) = (gpu.upload(&host(0.37)).unwrap(), gpu.upload(&host(0.11)).unwrap());
     for first in [0, 1] {
         let (x, dout) = (x_all.view().slice(first, n), dout_all.view().slice(first, n));
-        let (out, plain_out, rounded) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<u16>(n + 1).unwrap());
-        let rounded = rounded.view().slice(first, n);
-        gpu.gelu_forward_keeping_bf16(x, out.view(), rounded).unwrap();
+        let (out, plain_out) = (gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap());
+        let (rounded, out_rounded) = (gpu.alloc::<u16>(n + 1).unwrap(), gpu.alloc::<u16>(n + 1).unwrap());
+        let (rounded, out_rounded) = (rounded.view().slice(first, n), out_rounded.view().slice(first, n));
+        gpu.gelu_forward_keeping_bf16(x, out.view(), rounded, out_rounded).unwrap();
         gpu.gelu_forward(x, plain_out.view()).unwrap();
         assert_eq!(bits(gpu.download(out.view()).unwrap()), bits(gpu.download(plain_out.view()).unwrap()), "from element {first}");
         let rounded_bits = gpu.download(rounded).unwrap();
         assert_eq!(rounded_bits, gpu.download(gpu.bf16_copy(x).unwrap().view()).unwrap(), "from element {first}");
+        assert_eq!(
+            gpu.download(out_rounded).unwrap(),
+            gpu.download(gpu.bf16_copy(out.view()).unwrap().view()).unwrap(),
+            "from element {first}"
+        );
         // the backward from the rounding is the f32 backward at the rounded values
         let widened: Vec<f32> = rounded_bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let x_widened = gpu.upload(&widened).unwrap();
@@ -494,8 +544,9 @@ cuda_test!(in_bf16_the_forward_keeps_24_bytes_less_a_row_width_and_layer, |gpu| 
     // outputs, 64·C bytes a row; in bf16 the linear layers keep their inputs rounded, GELU its
     // input, and the attention q, k, v, so that ln_1's and ln_2's outputs, qkv and the MLP's two
     // hidden layers are kept in half their bytes, and the attention's output, which the attention
-    // keeps in f32 too, gains a rounded copy: 40·C. small at 4096 rows: every size is whole
-    // units of the pool's classes.
+    // keeps in f32 too, gains a rounded copy: 40·C. ln_f's output carries its rounding for the
+    // head: 2·C a row more in bf16. small at 4096 rows: every size is whole units of the pool's
+    // classes.
     let config = ModelConfig::preset("small", 97, 1, 1).unwrap();
     let (batch_rows, seq) = (16, 256);
     let batch = random_batch(&config, batch_rows, seq, &mut Rng::new(6));
@@ -515,7 +566,7 @@ cuda_test!(in_bf16_the_forward_keeps_24_bytes_less_a_row_width_and_layer, |gpu| 
     let (f32_bytes, bf16_bytes) = (kept_by_the_forward(ProductPrecision::F32), kept_by_the_forward(ProductPrecision::Bf16));
     let rows_widths_layers = batch_rows * seq * config.n_embd * config.n_layer;
     println!("the backbone's forward keeps {f32_bytes} bytes in f32, {bf16_bytes} in bf16 ({rows_widths_layers} rows × widths × layers)");
-    assert_eq!(f32_bytes - bf16_bytes, 24 * rows_widths_layers);
+    assert_eq!(f32_bytes - bf16_bytes, 24 * rows_widths_layers - 2 * batch_rows * seq * config.n_embd);
 });
 
 cuda_test!(rounding_to_bf16_matches_the_host_s_rounding, |gpu| {

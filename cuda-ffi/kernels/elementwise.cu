@@ -53,19 +53,28 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dout, floa
     }
 }
 
-// gelu_forward that also writes x rounded to bf16 (common.cuh, bf16_bits): in bf16 training the
-// backward keeps only that rounding of x, half its bytes
-extern "C" __global__ void gelu_forward_keeping_bf16(const float* x, float* out, unsigned short* x_rounded, long n) {
+// Four floats rounded to bf16 (common.cuh, bf16_bits), two to a word, the first in the lower half
+__device__ uint2 bf16_quad(float4 v) {
+    return make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+}
+
+// gelu_forward that also writes x and out rounded to bf16: in bf16 training the backward keeps
+// only that rounding of x (half its bytes), and the next product reads out's
+extern "C" __global__ void gelu_forward_keeping_bf16(const float* x, float* out, unsigned short* x_rounded, unsigned short* out_rounded,
+                                                     long n) {
     long first = first_of_four();
-    if (first + 4 <= n && on_16_bytes(x, out) && ((unsigned long long)x_rounded & 7) == 0) {
+    if (first + 4 <= n && on_16_bytes(x, out) && (((unsigned long long)x_rounded | (unsigned long long)out_rounded) & 7) == 0) {
         float4 v = load4(x, first);
-        store4(out, first, make_float4(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w)));
-        *reinterpret_cast<uint2*>(x_rounded + first) =
-            make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+        float4 y = make_float4(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w));
+        store4(out, first, y);
+        *reinterpret_cast<uint2*>(x_rounded + first) = bf16_quad(v);
+        *reinterpret_cast<uint2*>(out_rounded + first) = bf16_quad(y);
     } else {
         for (long i = first; i < min(first + 4, n); i++) {
-            out[i] = gelu(x[i]);
+            float y = gelu(x[i]);
+            out[i] = y;
             x_rounded[i] = (unsigned short)bf16_bits(x[i]);
+            out_rounded[i] = (unsigned short)bf16_bits(y);
         }
     }
 }

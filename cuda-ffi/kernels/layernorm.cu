@@ -1,7 +1,10 @@
 // LayerNorm over rows of C (docs/math.md LN1, LN2). One warp per row; sums by warp shuffles.
 
-// out = (x − mean)·rstd·w + b; keeps mean and rstd of each row for the backward pass
-extern "C" __global__ void layernorm_forward(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int rows, int c) {
+// out = (x − mean)·rstd·w + b; keeps mean and rstd of each row for the backward pass, and writes
+// out rounded to bf16 into `rounded` too unless it is null (bf16 training: what the next product
+// reads)
+extern "C" __global__ void layernorm_forward(const float* x, const float* w, const float* b, float* out, unsigned short* rounded, float* mean,
+                                             float* rstd, int rows, int c) {
     let_next_kernel_start();
     wait_for_previous_kernel();
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -10,7 +13,11 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
     const float* xr = x + (long)row * c;
     float m, r;
     warp_row_statistics(xr, c, &m, &r);
-    for (int j = lane; j < c; j += 32) out[(long)row * c + j] = (xr[j] - m) * r * w[j] + b[j];
+    for (int j = lane; j < c; j += 32) {
+        float v = (xr[j] - m) * r * w[j] + b[j];
+        out[(long)row * c + j] = v;
+        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(v);
+    }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
@@ -154,7 +161,8 @@ LAYERNORM_BACKWARD_ROWS(8)
 
 // The forward for a few rows (decoding): one block of 256 threads per row, so that a row's
 // three passes run wide instead of one warp walking it alone.
-extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w, const float* b, float* out, float* mean, float* rstd, int c) {
+extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w, const float* b, float* out, unsigned short* rounded, float* mean,
+                                                  float* rstd, int c) {
     let_next_kernel_start();
     wait_for_previous_kernel();
     __shared__ float shared[32];
@@ -166,6 +174,10 @@ extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w
     float v = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x) { float d = xr[j] - m; v += d * d; }
     float r = rsqrtf(block_reduce(v, false, shared) / c + 1e-5f);
-    for (int j = threadIdx.x; j < c; j += blockDim.x) out[(long)row * c + j] = (xr[j] - m) * r * w[j] + b[j];
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float v = (xr[j] - m) * r * w[j] + b[j];
+        out[(long)row * c + j] = v;
+        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(v);
+    }
     if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
 }

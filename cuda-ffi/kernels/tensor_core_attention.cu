@@ -252,6 +252,20 @@ __device__ void store_rows(float* target, long ld, int first, int seq, const flo
     }
 }
 
+// store_rows without a factor, rounded to bf16: the rounding of what store_rows writes
+template <int HS>
+__device__ void store_rows_bf16(bf16_t* target, long ld, int first, int seq, const float acc[HS / 8][4]) {
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int row = first + 16 * warp + g + 8 * half;
+        if (row >= seq) continue;
+#pragma unroll
+        for (int j = 0; j < HS / 8; j++)
+            *reinterpret_cast<unsigned int*>(target + (long)row * ld + 8 * j + 2 * t) = pack_bf16(acc[j][2 * half], acc[j][2 * half + 1]);
+    }
+}
+
 // The head of block (x, bh): C, the row stride of qkv (3C), and where the head's columns start
 // in rows (B, T, 3C) (its q; k is C further, v 2C) and in rows (B, T, C) (y, dy).
 struct HeadColumns {
@@ -267,7 +281,7 @@ __device__ HeadColumns head_columns(int seq, int n_head) {
 
 // Grid (⌈T/64⌉, B·H): block (x, bh) computes query tile ⌈T/64⌉ − 1 − x of head bh.
 template <int HS>
-__device__ void tc_attention_forward(const bf16_t* qkv, float* y, float* lse, int seq, int n_head, float scale) {
+__device__ void tc_attention_forward(const bf16_t* qkv, float* y, bf16_t* y_rounded, float* lse, int seq, int n_head, float scale) {
     constexpr int S = Row<HS>::stride, NT = HS / 8;
     extern __shared__ float4 shared4[];
     bf16_t* q_tile = reinterpret_cast<bf16_t*>(shared4);
@@ -324,6 +338,7 @@ __device__ void tc_attention_forward(const bf16_t* qkv, float* y, float* lse, in
 #pragma unroll
     for (int j = 0; j < NT; j++) o[j][0] *= inverse[0], o[j][1] *= inverse[0], o[j][2] *= inverse[1], o[j][3] *= inverse[1];
     store_rows<HS>(y + head.in_rows, c, first_query, seq, o, 1.0f);
+    if (y_rounded != nullptr) store_rows_bf16<HS>(y_rounded + head.in_rows, c, first_query, seq, o);
     if (t == 0) {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
@@ -445,9 +460,9 @@ __device__ void tc_attention_backward_q(const bf16_t* qkv, const float* dy, cons
 }
 
 #define TC_ATTENTION(HS)                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_attention_forward_##HS(const bf16_t* qkv, float* y, float* lse, \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_attention_forward_##HS(const bf16_t* qkv, float* y, bf16_t* y_rounded, float* lse, \
                                                                                       int seq, int n_head, float scale) {     \
-        tc_attention_forward<HS>(qkv, y, lse, seq, n_head, scale);                                                           \
+        tc_attention_forward<HS>(qkv, y, y_rounded, lse, seq, n_head, scale);                                                           \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                                 \
         tc_attention_backward_kv_##HS(const bf16_t* qkv, const float* dy, const float* lse, const float* dot, float* dqkv,   \

@@ -63,18 +63,20 @@ impl Gpu {
         self.elementwise("gelu_backward", &self.kernels.elementwise.gelu_backward, &[x, dout, dx])
     }
 
-    /// `out = gelu(x)`, and `x_rounded` = x rounded to bf16: what training in bf16 keeps of x for
-    /// the backward ([`Gpu::gelu_backward_from_bf16`]).
-    pub fn gelu_forward_keeping_bf16(&self, x: View<f32>, out: View<f32>, x_rounded: View<u16>) -> Result<()> {
+    /// `out = gelu(x)`, and x and out rounded to bf16: what training in bf16 keeps of x for the
+    /// backward ([`Gpu::gelu_backward_from_bf16`]), and what the next product reads of out.
+    pub fn gelu_forward_keeping_bf16(&self, x: View<f32>, out: View<f32>, x_rounded: View<u16>, out_rounded: View<u16>) -> Result<()> {
         let len = same_lengths("gelu_forward_keeping_bf16", &[x, out])?;
-        check(x_rounded.len() == len, || format!("gelu_forward_keeping_bf16: {len} elements, a bf16 copy of {}", x_rounded.len()))?;
+        check(x_rounded.len() == len && out_rounded.len() == len, || {
+            format!("gelu_forward_keeping_bf16: {len} elements, bf16 copies of {} and {}", x_rounded.len(), out_rounded.len())
+        })?;
         if len == 0 {
             return Ok(());
         }
         let n = len as i64;
         let mut launch = self.stream.launch_builder(&self.kernels.elementwise.gelu_forward_keeping_bf16);
-        launch.arg(&x.ptr).arg(&out.ptr).arg(&x_rounded.ptr).arg(&n);
-        // SAFETY: the three views hold n elements; a thread takes four.
+        launch.arg(&x.ptr).arg(&out.ptr).arg(&x_rounded.ptr).arg(&out_rounded.ptr).arg(&n);
+        // SAFETY: the four views hold n elements; a thread takes four.
         unsafe { launch.launch(elementwise_config(len.div_ceil(4))) }?;
         Ok(())
     }

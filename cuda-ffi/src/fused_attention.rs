@@ -199,17 +199,32 @@ impl Gpu {
     /// Causal attention in one kernel: q, k, v read from c_attn's rows `qkv` (B, T, 3C), the
     /// output written to rows `y` (B, T, C), and each query row's log-sum-exp of its scaled
     /// scores, in base 2, to `lse` (B·H, T) for the backward pass. On bf16 tensor cores from qkv
-    /// rounded to bf16 when `self.precision` is bf16, else in f32 from qkv in f32.
-    pub fn fused_attention_forward(&self, qkv: QkvRows, y: View<f32>, lse: View<f32>, shape: AttentionShape) -> Result<()> {
+    /// rounded to bf16 when `self.precision` is bf16, and then y rounded to bf16 into `y_rounded`
+    /// too where given (what the next product reads); else in f32 from qkv in f32.
+    pub fn fused_attention_forward(
+        &self,
+        qkv: QkvRows,
+        y: View<f32>,
+        y_rounded: Option<View<u16>>,
+        lse: View<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
         let (_, forward, _) = self.kernels.fused_attention.pair(shape.head_size)?;
         self.fused_attention_check("fused_attention_forward", qkv, &[(y, 1)], shape)?;
+        check(y_rounded.is_none_or(|r| r.len() == y.len() && self.precision == ProductPrecision::Bf16), || {
+            "fused_attention_forward: y rounded to bf16 is written in bf16 only, as long as y".into()
+        })?;
         check(lse.len() == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
         let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
         let tensor_cores = self.precision == ProductPrecision::Bf16;
         let kernel = if tensor_cores { &self.kernels.fused_attention.tensor_core(shape.head_size)?[0] } else { forward };
-        let qkv = qkv.ptr();
+        let (qkv, y_rounded) = (qkv.ptr(), y_rounded.map_or(0, |r| r.ptr));
         let mut launch = self.stream.launch_builder(kernel);
-        launch.arg(&qkv).arg(&y.ptr).arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
+        launch.arg(&qkv).arg(&y.ptr);
+        if tensor_cores {
+            launch.arg(&y_rounded);
+        }
+        launch.arg(&lse.ptr).arg(&seq).arg(&n_head).arg(&scale);
         let config = if tensor_cores { tensor_core_config(shape, 0) } else { launch_config(shape, false) };
         // SAFETY: sizes and alignment checked; one block per (query tile, head).
         unsafe { launch.launch(config) }?;

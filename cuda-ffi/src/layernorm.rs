@@ -59,10 +59,28 @@ impl Gpu {
         mean: View<f32>,
         rstd: View<f32>,
     ) -> Result<()> {
+        self.layernorm_forward_rounding(x, weight, bias, out, None, mean, rstd)
+    }
+
+    /// [`Gpu::layernorm_forward`], writing out rounded to bf16 into `rounded` too where given (bf16
+    /// training: what the next product reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward_rounding(
+        &self,
+        x: View<f32>,
+        weight: View<f32>,
+        bias: View<f32>,
+        out: View<f32>,
+        rounded: Option<View<u16>>,
+        mean: View<f32>,
+        rstd: View<f32>,
+    ) -> Result<()> {
         let (c, rows) = (weight.len(), mean.len());
         check(x.len() == rows * c && out.len() == rows * c && bias.len() == c && rstd.len() == rows, || {
             format!("layernorm_forward: buffers do not fit {rows} rows of {c}")
         })?;
+        check(rounded.is_none_or(|r| r.len() == rows * c), || format!("layernorm_forward: the bf16 copy does not fit {rows} rows of {c}"))?;
+        let rounded = rounded.map_or(0, |r| r.ptr);
         if rows == 0 {
             return Ok(());
         }
@@ -70,13 +88,13 @@ impl Gpu {
         let kernels = &self.kernels.layernorm;
         if rows <= FEW_ROWS {
             let mut launch = self.stream.launch_builder(&kernels.forward_wide);
-            launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&c_i);
+            launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&rounded).arg(&mean.ptr).arg(&rstd.ptr).arg(&c_i);
             // SAFETY: sizes checked above; one block per row.
             unsafe { launch.launch(block_per_row_config(rows)) }?;
             return Ok(());
         }
         let mut launch = self.stream.launch_builder(&kernels.forward);
-        launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows_i).arg(&c_i);
+        launch.arg(&x.ptr).arg(&weight.ptr).arg(&bias.ptr).arg(&out.ptr).arg(&rounded).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows_i).arg(&c_i);
         // SAFETY: sizes checked above; one warp per row.
         unsafe { launch.launch(warp_per_row_config(rows)) }?;
         Ok(())

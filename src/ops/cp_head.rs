@@ -37,7 +37,7 @@ use super::{column_sums, on_gpu, place, Place};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, Rounded, Tensor};
 
 /// Rows (t, α, s) of logits per block: 1024 × V floats at a time.
 const BLOCK_ROWS: usize = 1024;
@@ -361,11 +361,23 @@ fn cuda_head<T: Float>(
     let (gradient, need_dz) = (inputs.any_gradient(), inputs.need_dz());
     let inv_count = 1.0 / positions as f32;
     let targets_on_gpu = gpu.upload(targets)?;
+    // in bf16, what several products read is rounded once: h (where its LayerNorm wrote the
+    // rounding, that), wte and z here, each block's dℓ below
+    let bf16 = gpu.precision == ProductPrecision::Bf16;
+    let with = |operand: Operand, rounded: Option<View<u16>>| match rounded {
+        Some(rounded) => operand.rounded(rounded),
+        None => operand,
+    };
+    let hidden_rounded = match inputs.hidden.cuda() {
+        Some(h) if bf16 => Some(h.rounded_or_round()?),
+        _ => None,
+    };
+    let hidden_view = hidden_rounded.as_ref().map(Rounded::view);
     // (H1) z (positions, r·n·C) = h Wᵀ; z = h when there are no expanders
     let z_owned = match &inputs.expand {
         Some(w) => {
             let z = gpu.alloc::<f32>(positions * rn * c)?;
-            gpu.matmul(Operand::normal(hidden), Operand::transposed(on_gpu(w)), z.view(), positions, c, rn * c, false)?;
+            gpu.matmul(with(Operand::normal(hidden), hidden_view), Operand::transposed(on_gpu(w)), z.view(), positions, c, rn * c, false)?;
             Some(z)
         }
         None => None,
@@ -376,7 +388,8 @@ fn cuda_head<T: Float>(
     match &inputs.gate {
         Some((g_weight, g_bias)) => {
             gpu.broadcast_rows(on_gpu(g_bias), log_w.view())?;
-            gpu.matmul(Operand::normal(hidden), Operand::transposed(on_gpu(g_weight)), log_w.view(), positions, c, r, true)?;
+            let h = with(Operand::normal(hidden), hidden_view);
+            gpu.matmul(h, Operand::transposed(on_gpu(g_weight)), log_w.view(), positions, c, r, true)?;
             gpu.gate_log_softmax(log_w.view(), r)?;
         }
         None => gpu.fill_zero(log_w.view())?,
@@ -387,13 +400,9 @@ fn cuda_head<T: Float>(
     let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
     let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
     let logits = gpu.alloc::<f32>(per_block.min(positions) * rn * v)?;
-    // in bf16, what several products read is rounded once: wte and z here, each block's dℓ below
-    let bf16 = gpu.precision == ProductPrecision::Bf16;
-    let (wte_rounded, z_rounded) = if bf16 { (Some(gpu.bf16_copy(wte)?), Some(gpu.bf16_copy(z)?)) } else { (None, None) };
-    let with = |operand: Operand, rounded: Option<View<u16>>| match rounded {
-        Some(rounded) => operand.rounded(rounded),
-        None => operand,
-    };
+    let wte_rounded = if bf16 { Some(gpu.bf16_copy(wte)?) } else { None };
+    let z_rounded_owned = if bf16 && z_owned.is_some() { Some(gpu.bf16_copy(z)?) } else { None };
+    let z_rounded = if z_owned.is_some() { z_rounded_owned.as_ref().map(Buffer::view) } else { hidden_view };
     let wte_view = wte_rounded.as_ref().map(Buffer::view);
     // in bf16, dℓ is written in bf16 alone: only the products read it, and they read it rounded
     let gradient_bf16 = if bf16 && dz.is_some() { Some(gpu.alloc::<u16>(logits.len())?) } else { None };
@@ -402,7 +411,7 @@ fn cuda_head<T: Float>(
         let rows = count * rn;
         let block = logits.view().prefix(rows * v);
         let z_block = z.slice(t0 * rn * c, rows * c);
-        let z_block_rounded = z_rounded.as_ref().map(|z| z.view().slice(t0 * rn * c, rows * c));
+        let z_block_rounded = z_rounded.map(|z| z.slice(t0 * rn * c, rows * c));
         // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
         gpu.matmul(with(Operand::normal(z_block), z_block_rounded), with(Operand::transposed(wte), wte_view), block, rows, c, v, false)?;
         let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
@@ -462,7 +471,8 @@ fn cuda_head<T: Float>(
     // (H9) dh = dz W (or dz itself); dW = dzᵀ h
     if let (Some(dz), true) = (&dz, inputs.need_expand) {
         let dw = gpu.alloc::<f32>(rn * c * c)?;
-        gpu.matmul(Operand::transposed(dz.view()), Operand::normal(hidden), dw.view(), rn * c, positions, c, false)?;
+        let h = with(Operand::normal(hidden), hidden_view);
+        gpu.matmul(Operand::transposed(dz.view()), h, dw.view(), rn * c, positions, c, false)?;
         grads[2] = Some(Tensor::from_cuda(gpu, dw, &[r, n, c, c]));
     }
     let dhidden = match (&inputs.expand, dz) {
@@ -483,7 +493,7 @@ fn cuda_head<T: Float>(
             gpu.matmul(Operand::normal(da.view()), Operand::normal(on_gpu(g_weight)), dh.view(), positions, r, c, true)?;
         }
         let (dg, dg_bias) = (gpu.alloc::<f32>(r * c)?, gpu.alloc::<f32>(r)?);
-        gpu.matmul(Operand::transposed(da.view()), Operand::normal(hidden), dg.view(), r, positions, c, false)?;
+        gpu.matmul(Operand::transposed(da.view()), with(Operand::normal(hidden), hidden_view), dg.view(), r, positions, c, false)?;
         gpu.column_sums(da.view(), dg_bias.view(), false)?;
         let gate_at = grads.len() - 2;
         grads[gate_at] = Some(Tensor::from_cuda(gpu, dg, &[r, c]));

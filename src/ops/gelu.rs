@@ -7,14 +7,15 @@ use rayon::prelude::*;
 use super::{on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, Rounded, Tensor};
 
 const CHUNK: usize = 1 << 14;
 
 /// `gelu(x) = ½ x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, elementwise (docs/math.md, eq. G1).
 ///
 /// Training in bf16 on a GPU, the backward evaluates gelu' at x rounded to bf16, and only that
-/// rounding is kept: half the bytes of x, the largest activation of a block.
+/// rounding is kept: half the bytes of x, the largest activation of a block. The output carries
+/// its rounding too, which the next linear layer reads.
 pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
     let input = tape.value(x).clone();
     let placed = place("gelu", &[&input])?;
@@ -26,15 +27,15 @@ pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
         }
         Place::Cuda(gpu) => {
             let out = gpu.alloc::<f32>(input.len())?;
-            let saved = if gpu.precision == ProductPrecision::Bf16 {
-                let rounded = gpu.alloc::<u16>(input.len())?;
-                gpu.gelu_forward_keeping_bf16(on_gpu(&input), out.view(), rounded.view())?;
-                SavedInput::Bf16 { rounded, shape: input.shape().to_vec() }
+            if gpu.precision == ProductPrecision::Bf16 {
+                let (x_rounded, out_rounded) = (gpu.alloc::<u16>(input.len())?, gpu.alloc::<u16>(input.len())?);
+                gpu.gelu_forward_keeping_bf16(on_gpu(&input), out.view(), x_rounded.view(), out_rounded.view())?;
+                let saved = SavedInput::Bf16 { rounded: Rounded::new(x_rounded), shape: input.shape().to_vec() };
+                (Tensor::from_cuda_with_rounding(gpu, out, out_rounded, input.shape()), saved)
             } else {
                 gpu.gelu_forward(on_gpu(&input), out.view())?;
-                SavedInput::F32(input.clone())
-            };
-            (Tensor::from_cuda(gpu, out, input.shape()), saved)
+                (Tensor::from_cuda(gpu, out, input.shape()), SavedInput::F32(input.clone()))
+            }
         }
     };
     Ok(tape.record("gelu", out, &[x], move |grad, _| {
@@ -54,7 +55,7 @@ pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
                 Tensor::from_cuda(gpu, dx, input.shape())
             }
             (Place::Cuda(gpu), SavedInput::Bf16 { rounded, shape }) => {
-                let dx = gpu.alloc::<f32>(rounded.len())?;
+                let dx = gpu.alloc::<f32>(grad.len())?;
                 gpu.gelu_backward_from_bf16(rounded.view(), on_gpu(grad), dx.view())?;
                 Tensor::from_cuda(gpu, dx, shape)
             }

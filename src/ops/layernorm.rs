@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use multitoken_cuda::{Buffer, Gpu};
+use multitoken_cuda::{Buffer, Gpu, ProductPrecision};
 use rayon::prelude::*;
 
 use super::{on_gpu, place, Place, ROWS_PER_TASK};
@@ -37,8 +37,14 @@ fn layernorm_cuda<T: Float>(
     let c = w.len();
     let rows = input.len() / c;
     let (out, mean, rstd) = (gpu.alloc::<f32>(input.len())?, gpu.alloc::<f32>(rows)?, gpu.alloc::<f32>(rows)?);
-    gpu.layernorm_forward(on_gpu(&input), on_gpu(&w), on_gpu(&b), out.view(), mean.view(), rstd.view())?;
-    let out = Tensor::from_cuda(gpu, out, input.shape());
+    // in bf16 training the output's rounding is written with it, for the product that reads it
+    let rounded = if gpu.precision == ProductPrecision::Bf16 { Some(gpu.alloc::<u16>(input.len())?) } else { None };
+    let (x, gain, shift) = (on_gpu(&input), on_gpu(&w), on_gpu(&b));
+    gpu.layernorm_forward_rounding(x, gain, shift, out.view(), rounded.as_ref().map(|r| r.view()), mean.view(), rstd.view())?;
+    let out = match rounded {
+        Some(rounded) => Tensor::from_cuda_with_rounding(gpu, out, rounded, input.shape()),
+        None => Tensor::from_cuda(gpu, out, input.shape()),
+    };
     let gpu = gpu.clone();
     Ok(tape.record("layernorm", out, &vars, move |grad, _| {
         let [dx, dw, db]: [Buffer<f32>; 3] = [gpu.alloc(input.len())?, gpu.alloc(c)?, gpu.alloc(c)?];

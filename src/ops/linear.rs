@@ -39,10 +39,10 @@ fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var
     let tensors: Vec<&Tensor<T>> = [Some(&input), Some(&w), b.as_ref(), r.as_ref()].into_iter().flatten().collect();
     let placed = place("linear", &tensors)?;
     // in bf16 the product reads x rounded, and so does the backward's dW = xᵀ·dout: round it
-    // once, and keep only the rounding for the backward
-    let saved_input = match &placed {
-        Place::Cuda(gpu) if gpu.precision == ProductPrecision::Bf16 => {
-            SavedInput::Bf16 { rounded: gpu.bf16_copy(on_gpu(&input))?, shape: input.shape().to_vec() }
+    // once (unless the kernel that wrote x did), and keep only the rounding for the backward
+    let saved_input = match (&placed, input.cuda()) {
+        (Place::Cuda(gpu), Some(x)) if gpu.precision == ProductPrecision::Bf16 => {
+            SavedInput::Bf16 { rounded: x.rounded_or_round()?, shape: input.shape().to_vec() }
         }
         _ => SavedInput::F32(input.clone()),
     };

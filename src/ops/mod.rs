@@ -45,11 +45,11 @@ pub use unembed::unembed;
 
 use std::sync::Arc;
 
-use multitoken_cuda::{Buffer, Gpu, View};
+use multitoken_cuda::{Gpu, View};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, Rounded, Tensor};
 
 /// Where an op runs: where all of its inputs live.
 pub(crate) enum Place {
@@ -80,7 +80,7 @@ pub(crate) fn on_gpu<T: Float>(tensor: &Tensor<T>) -> View<f32> {
 /// the forward is done with them ([`Tape::release_since`](crate::autograd::Tape::release_since)).
 pub(crate) enum SavedInput<T: Float> {
     F32(Tensor<T>),
-    Bf16 { rounded: Buffer<u16>, shape: Vec<usize> },
+    Bf16 { rounded: Rounded, shape: Vec<usize> },
 }
 
 impl<T: Float> SavedInput<T> {

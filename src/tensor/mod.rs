@@ -34,13 +34,38 @@ enum Storage<T: Float> {
     Cuda(CudaTensor),
 }
 
-/// A tensor's elements on a GPU: `len` f32s at `offset` in a shared buffer, and the device.
+/// A tensor's elements on a GPU: `len` f32s at `offset` in a shared buffer, and the device; in
+/// bf16 training, where the kernel that wrote them also wrote them rounded to bf16 (for the
+/// products that read them), that rounding too, indexed as the buffer is.
 #[derive(Clone)]
 pub struct CudaTensor {
     gpu: Arc<Gpu>,
     buffer: Arc<Buffer<f32>>,
+    rounded: Option<Arc<Buffer<u16>>>,
     offset: usize,
     shape: Vec<usize>,
+}
+
+/// A GPU tensor's elements rounded to bf16: what a bf16 product reads, and all that a backward
+/// rule keeps of an input it reads only rounded (a window into a shared buffer).
+#[derive(Clone)]
+pub struct Rounded {
+    buffer: Arc<Buffer<u16>>,
+    offset: usize,
+    len: usize,
+}
+
+impl Rounded {
+    /// The whole of `buffer`.
+    pub fn new(buffer: Buffer<u16>) -> Self {
+        let len = buffer.len();
+        Rounded { buffer: Arc::new(buffer), offset: 0, len }
+    }
+
+    /// The bf16 elements, as a device view for a kernel or a product.
+    pub fn view(&self) -> View<u16> {
+        self.buffer.view().slice(self.offset, self.len)
+    }
 }
 
 impl std::fmt::Debug for CudaTensor {
@@ -70,7 +95,21 @@ impl CudaTensor {
         self.buffer.view().slice(self.offset, self.len())
     }
 
-    /// Whether no other tensor shares the buffer (then it may be written in place).
+    /// The elements rounded to bf16, where the kernel that wrote them wrote that too.
+    pub fn rounded(&self) -> Option<Rounded> {
+        self.rounded.as_ref().map(|buffer| Rounded { buffer: buffer.clone(), offset: self.offset, len: self.len() })
+    }
+
+    /// The elements rounded to bf16: the rounding the tensor carries, or a new one.
+    pub fn rounded_or_round(&self) -> Result<Rounded> {
+        match self.rounded() {
+            Some(rounded) => Ok(rounded),
+            None => Ok(Rounded::new(self.gpu.bf16_copy(self.view())?)),
+        }
+    }
+
+    /// Whether no other tensor shares the buffer (then it may be written in place). Writing in
+    /// place outdates the rounding, so a caller that will write drops it.
     fn unique(&mut self) -> bool {
         Arc::get_mut(&mut self.buffer).is_some()
     }
@@ -105,7 +144,26 @@ impl<T: Float> Tensor<T> {
     /// A tensor on `gpu` holding `buffer` (of exactly the shape's size).
     pub fn from_cuda(gpu: &Arc<Gpu>, buffer: Buffer<f32>, shape: &[usize]) -> Self {
         assert_eq!(buffer.len(), elements(shape), "a device buffer of {} elements for shape {shape:?}", buffer.len());
-        Tensor { storage: Storage::Cuda(CudaTensor { gpu: gpu.clone(), buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec() }) }
+        Tensor {
+            storage: Storage::Cuda(CudaTensor {
+                gpu: gpu.clone(),
+                buffer: Arc::new(buffer),
+                rounded: None,
+                offset: 0,
+                shape: shape.to_vec(),
+            }),
+        }
+    }
+
+    /// A tensor on `gpu` holding `buffer`, and `rounded`, the same elements rounded to bf16 by
+    /// the kernel that wrote them (of the same size).
+    pub fn from_cuda_with_rounding(gpu: &Arc<Gpu>, buffer: Buffer<f32>, rounded: Buffer<u16>, shape: &[usize]) -> Self {
+        assert_eq!(rounded.len(), buffer.len(), "a rounding of {} elements for {}", rounded.len(), buffer.len());
+        let mut tensor = Self::from_cuda(gpu, buffer, shape);
+        if let Storage::Cuda(cuda) = &mut tensor.storage {
+            cuda.rounded = Some(Arc::new(rounded));
+        }
+        tensor
     }
 
     /// Zeros of the given shape, on the CPU.
@@ -182,6 +240,7 @@ impl<T: Float> Tensor<T> {
             let copy = cuda.gpu.duplicate(cuda.view())?;
             *cuda = CudaTensor { buffer: Arc::new(copy), offset: 0, ..cuda.clone() };
         }
+        cuda.rounded = None;
         Ok(Some(cuda))
     }
 
@@ -301,10 +360,11 @@ impl<T: Float> Tensor<T> {
                 let gpu = ours.gpu.clone();
                 if ours.unique() {
                     gpu.add(ours.view(), theirs.view(), ours.view())?;
+                    ours.rounded = None;
                 } else {
                     let sum = gpu.alloc::<f32>(ours.len())?;
                     gpu.add(ours.view(), theirs.view(), sum.view())?;
-                    *ours = CudaTensor { gpu: gpu.clone(), buffer: Arc::new(sum), offset: 0, shape: ours.shape.clone() };
+                    *ours = CudaTensor { gpu: gpu.clone(), buffer: Arc::new(sum), rounded: None, offset: 0, shape: ours.shape.clone() };
                 }
                 Ok(())
             }
