@@ -192,16 +192,28 @@ cuda_test!(layernorm_and_attention_write_their_outputs_rounding_and_writing_a_te
     let values = random(6 * 4, 55);
     let rounding = gpu.bf16_copy(gpu.upload(&values).unwrap().view()).unwrap();
     let expected = gpu.download(rounding.view()).unwrap();
-    let mut tensor = Tensor::<f32>::from_cuda_with_rounding(&gpu, gpu.upload(&values).unwrap(), rounding, &[6, 4]);
+    let with_rounding = || {
+        let rounding = gpu.bf16_copy(gpu.upload(&values).unwrap().view()).unwrap();
+        Tensor::<f32>::from_cuda_with_rounding(&gpu, gpu.upload(&values).unwrap(), Some(rounding), &[6, 4])
+    };
+    let ones = Tensor::from_vec(&[6, 4], vec![1.0; 24]).to_device(&device).unwrap();
+    let mut tensor = with_rounding();
     let rows = tensor.rows(2, 3);
     let rows_rounded = rows.cuda().unwrap().rounded().expect("a view of rows keeps the rounding");
     assert_eq!(gpu.download(rows_rounded.view()).unwrap(), expected[8..20].to_vec());
-    let mut other = tensor.clone();
-    tensor.add_assign(&Tensor::from_vec(&[6, 4], vec![1.0; 24]).to_device(&device).unwrap()).unwrap();
-    assert!(tensor.cuda().unwrap().rounded().is_none(), "a sum written in place kept the old rounding");
-    assert!(other.cuda().unwrap().rounded().is_some(), "the tensor that shares the elements keeps them and their rounding");
-    other.cuda_mut().unwrap();
-    assert!(other.cuda().unwrap().rounded().is_none(), "a tensor handed out for writing kept its rounding");
+    drop((rows, rows_rounded));
+    // shared elements: the sum goes to a copy, and the other tensor keeps them and their rounding
+    let shared = tensor.clone();
+    tensor.add_assign(&ones).unwrap();
+    assert!(tensor.cuda().unwrap().rounded().is_none(), "a sum into a copy kept the old rounding");
+    assert!(shared.cuda().unwrap().rounded().is_some(), "the tensor that shares the elements lost their rounding");
+    // its own elements: the sum is written in place, and the rounding goes
+    let mut alone = shared;
+    alone.add_assign(&ones).unwrap();
+    assert!(alone.cuda().unwrap().rounded().is_none(), "a sum written in place kept the old rounding");
+    let mut alone = with_rounding();
+    alone.cuda_mut().unwrap();
+    assert!(alone.cuda().unwrap().rounded().is_none(), "a tensor handed out for writing kept its rounding");
 });
 
 cuda_test!(gelu_keeping_bf16_gives_the_bits_of_gelu_and_of_rounding_and_its_backward_those_of_the_rounded_x, |gpu| {

@@ -115,6 +115,16 @@ __device__ unsigned int bf16_bits(float v) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// Two floats rounded to bf16, two to a word, the first in the lower half
+__device__ __forceinline__ unsigned int bf16x2_bits(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+
+// Four floats rounded to bf16, as bf16x4_values reads them
+__device__ __forceinline__ uint2 bf16x4_bits(float4 v) {
+    return make_uint2(bf16x2_bits(v.x, v.y), bf16x2_bits(v.z, v.w));
+}
+
 // The f32 that a bf16 stands for, given its bits (exact)
 __device__ __forceinline__ float bf16_value(unsigned int bits) {
     return __uint_as_float(bits << 16);

@@ -53,11 +53,6 @@ extern "C" __global__ void gelu_backward(const float* x, const float* dout, floa
     }
 }
 
-// Four floats rounded to bf16 (common.cuh, bf16_bits), two to a word, the first in the lower half
-__device__ uint2 bf16_quad(float4 v) {
-    return make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
-}
-
 // gelu_forward that also writes x and out rounded to bf16: in bf16 training the backward keeps
 // only that rounding of x (half its bytes), and the next product reads out's
 extern "C" __global__ void gelu_forward_keeping_bf16(const float* x, float* out, unsigned short* x_rounded, unsigned short* out_rounded,
@@ -67,8 +62,8 @@ extern "C" __global__ void gelu_forward_keeping_bf16(const float* x, float* out,
         float4 v = load4(x, first);
         float4 y = make_float4(gelu(v.x), gelu(v.y), gelu(v.z), gelu(v.w));
         store4(out, first, y);
-        *reinterpret_cast<uint2*>(x_rounded + first) = bf16_quad(v);
-        *reinterpret_cast<uint2*>(out_rounded + first) = bf16_quad(y);
+        *reinterpret_cast<uint2*>(x_rounded + first) = bf16x4_bits(v);
+        *reinterpret_cast<uint2*>(out_rounded + first) = bf16x4_bits(y);
     } else {
         for (long i = first; i < min(first + 4, n); i++) {
             float y = gelu(x[i]);
@@ -198,7 +193,7 @@ extern "C" __global__ void round_to_bf16(const float* x, unsigned short* out, lo
     bool aligned = ((unsigned long long)x % 8 == 0) && ((unsigned long long)out % 4 == 0);
     if (aligned && i + 1 < n) {
         float2 v = reinterpret_cast<const float2*>(x)[pair];
-        reinterpret_cast<unsigned int*>(out)[pair] = bf16_bits(v.x) | (bf16_bits(v.y) << 16);
+        reinterpret_cast<unsigned int*>(out)[pair] = bf16x2_bits(v.x, v.y);
     } else {
         if (i < n) out[i] = (unsigned short)bf16_bits(x[i]);
         if (i + 1 < n) out[i + 1] = (unsigned short)bf16_bits(x[i + 1]);

@@ -14,9 +14,9 @@ extern "C" __global__ void layernorm_forward(const float* x, const float* w, con
     float m, r;
     warp_row_statistics(xr, c, &m, &r);
     for (int j = lane; j < c; j += 32) {
-        float v = (xr[j] - m) * r * w[j] + b[j];
-        out[(long)row * c + j] = v;
-        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(v);
+        float normed = (xr[j] - m) * r * w[j] + b[j];
+        out[(long)row * c + j] = normed;
+        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(normed);
     }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
@@ -175,9 +175,9 @@ extern "C" __global__ void layernorm_forward_wide(const float* x, const float* w
     for (int j = threadIdx.x; j < c; j += blockDim.x) { float d = xr[j] - m; v += d * d; }
     float r = rsqrtf(block_reduce(v, false, shared) / c + 1e-5f);
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        float v = (xr[j] - m) * r * w[j] + b[j];
-        out[(long)row * c + j] = v;
-        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(v);
+        float normed = (xr[j] - m) * r * w[j] + b[j];
+        out[(long)row * c + j] = normed;
+        if (rounded != nullptr) rounded[(long)row * c + j] = (unsigned short)bf16_bits(normed);
     }
     if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
 }

@@ -2,7 +2,8 @@
 // of fused_attention.cu, with every product a warp's mma.sync of 16 × 8 × 16 bf16 tiles and f32
 // accumulation. q, k, v are read in bf16, c_attn's rows (B, T, 3C) rounded (what the backward
 // keeps of them); dy is read as f32 and rounded as it enters shared memory; y and the gradients
-// are written as f32. The softmax, its running statistics and log-sum-exp are f32. The log-sum-exp saved per query row has the f32
+// are written as f32, and y rounded to bf16 too where asked (what c_proj reads). The softmax,
+// its running statistics and log-sum-exp are f32. The log-sum-exp saved per query row has the f32
 // kernels' meaning (base 2, of s·scale·log2 e), so both backward passes read one format.
 //
 // A block of 4 warps works on 64 rows (queries, or keys in the key-side backward); warp w owns

@@ -48,7 +48,8 @@ impl Operand {
     }
 
     /// A matrix that exists only in bf16, `transposed` or not: what a kernel wrote in bf16 for
-    /// the products alone (the head's dℓ). A product in another precision refuses it.
+    /// the products alone (the head's dℓ), or all that a backward rule kept of an input (a linear
+    /// layer's x). A product in another precision refuses it.
     pub fn bf16_only(rounded: View<u16>, transposed: bool) -> Self {
         Operand { transposed, ..Operand::normal(View::new(NO_F32_ELEMENTS, rounded.len())).rounded(rounded) }
     }
@@ -85,7 +86,9 @@ impl From<View<f32>> for Operand {
 }
 
 /// The arithmetic of matrix products (`--precision`). Every other kernel computes in f32 whatever
-/// this says, and every buffer outside a product's inputs is f32.
+/// this says; in bf16 the buffers a product reads are bf16 copies (rounded by the kernel that
+/// wrote the f32 values, or just before the product), and so is what a backward rule keeps of an
+/// input it reads only rounded; every other buffer is f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProductPrecision {
     /// f32 inputs and arithmetic, on the CUDA cores

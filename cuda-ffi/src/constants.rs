@@ -22,9 +22,10 @@ pub(crate) const ATTENTION_THREADS: usize = 256;
 pub(crate) const ATTENTION_TILE_PADDING: usize = 4;
 /// Head sizes the fused attention kernels are built for (their instances in the `.cu` file).
 pub const FUSED_ATTENTION_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
-/// Up to this head size the tensor-core attention kernels copy their next tiles into f32
-/// staging in shared memory while they work on the present ones (`NextTiles`); above it the
-/// staging would take more shared memory than a block can spare.
+/// Up to this head size the tensor-core attention kernels copy their next tiles, as they are read
+/// (q, k, v in bf16, dy in f32), into staging in shared memory while they work on the present
+/// ones (`NextTiles`); above it the staging would take more shared memory than a block can spare
+/// (as measured when the staging was all f32; not measured again since q, k, v are bf16).
 pub(crate) const TC_STAGED_HEAD_SIZE_MAX: usize = 64;
 /// Threads per block of decoding's attention over the cache.
 pub(crate) const DECODE_THREADS: usize = 256;

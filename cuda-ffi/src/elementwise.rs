@@ -116,8 +116,9 @@ impl Gpu {
     }
 
     /// A bf16 copy of `x` from the pool: a product's input on the bf16 tensor cores (dropped as
-    /// soon as the product is queued: the pool gives its memory only to work queued after it),
-    /// or a weight that decoding in bf16 streams (kept as long as the decoder).
+    /// soon as the product is queued, the pool giving its memory only to work queued after it,
+    /// or kept by a backward rule that reads x only rounded), or a weight that decoding in bf16
+    /// streams (kept as long as the decoder).
     pub fn bf16_copy(&self, x: View<f32>) -> Result<crate::Buffer<u16>> {
         let copy = self.alloc::<u16>(x.len())?;
         self.round_to_bf16(x, copy.view())?;

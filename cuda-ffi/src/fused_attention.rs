@@ -211,9 +211,10 @@ impl Gpu {
     ) -> Result<()> {
         let (_, forward, _) = self.kernels.fused_attention.pair(shape.head_size)?;
         self.fused_attention_check("fused_attention_forward", qkv, &[(y, 1)], shape)?;
-        check(y_rounded.is_none_or(|r| r.len() == y.len() && self.precision == ProductPrecision::Bf16), || {
-            "fused_attention_forward: y rounded to bf16 is written in bf16 only, as long as y".into()
-        })?;
+        check(
+            y_rounded.is_none_or(|r| r.len() == y.len() && r.ptr.is_multiple_of(16) && self.precision == ProductPrecision::Bf16),
+            || "fused_attention_forward: y rounded to bf16 is written in bf16 only, as long as y, from a 16-byte boundary".into(),
+        )?;
         check(lse.len() == shape.batch * shape.n_head * shape.seq, || "fused_attention_forward: lse is not (B·H, T)".into())?;
         let (seq, n_head, scale) = (shape.seq as i32, shape.n_head as i32, 1.0 / (shape.head_size as f32).sqrt());
         let tensor_cores = self.precision == ProductPrecision::Bf16;

@@ -21,7 +21,7 @@ use super::{on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::kernels::SharedMut;
-use crate::tensor::{Float, Rounded, Tensor};
+use crate::tensor::{Float, Tensor};
 
 const BLOCK: usize = 64;
 
@@ -87,10 +87,11 @@ fn attention_cuda<T: Float>(tape: &mut Tape<T>, qkv: Var, gpu: &Arc<Gpu>, input:
     match gpu.attention_route_for(shape.head_size) {
         AttentionRoute::Fused => {
             // on bf16 tensor cores the kernels read q, k, v rounded, and the backward keeps only that
-            let saved_qkv = if gpu.precision == ProductPrecision::Bf16 {
-                SavedInput::Bf16 { rounded: Rounded::new(gpu.bf16_copy(on_gpu(&input))?), shape: input.shape().to_vec() }
-            } else {
-                SavedInput::F32(input)
+            let saved_qkv = match input.cuda() {
+                Some(qkv) if gpu.precision == ProductPrecision::Bf16 => {
+                    SavedInput::Bf16 { rounded: qkv.rounded_or_round()?, shape: input.shape().to_vec() }
+                }
+                _ => SavedInput::F32(input),
             };
             let qkv_rows = |saved: &SavedInput<T>| match saved {
                 SavedInput::F32(input) => QkvRows::F32(on_gpu(input)),
@@ -100,10 +101,7 @@ fn attention_cuda<T: Float>(tape: &mut Tape<T>, qkv: Var, gpu: &Arc<Gpu>, input:
             // in bf16 the output's rounding is written with it, for the product that reads it
             let y_rounded = if gpu.precision == ProductPrecision::Bf16 { Some(gpu.alloc::<u16>(rows * width)?) } else { None };
             gpu.fused_attention_forward(qkv_rows(&saved_qkv), y.view(), y_rounded.as_ref().map(|r| r.view()), lse.view(), shape)?;
-            let out = match y_rounded {
-                Some(y_rounded) => Tensor::from_cuda_with_rounding(&gpu, y, y_rounded, &[rows, width]),
-                None => Tensor::from_cuda(&gpu, y, &[rows, width]),
-            };
+            let out = Tensor::from_cuda_with_rounding(&gpu, y, y_rounded, &[rows, width]);
             let y = out.clone();
             Ok(tape.record("attention", out, &[qkv], move |grad, _| {
                 let dqkv = gpu.alloc::<f32>(3 * rows * width)?;

@@ -1,5 +1,6 @@
 //! GELU, tanh approximation, elementwise; the math is in `kernels::gelu` (and, on the GPU,
-//! `gelu_forward` / `gelu_backward` of `elementwise.cu`).
+//! `gelu_forward` / `gelu_backward` of `elementwise.cu`, in bf16 training
+//! `gelu_forward_keeping_bf16` / `gelu_backward_from_bf16`).
 
 use multitoken_cuda::ProductPrecision;
 use rayon::prelude::*;
@@ -31,7 +32,7 @@ pub fn gelu<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
                 let (x_rounded, out_rounded) = (gpu.alloc::<u16>(input.len())?, gpu.alloc::<u16>(input.len())?);
                 gpu.gelu_forward_keeping_bf16(on_gpu(&input), out.view(), x_rounded.view(), out_rounded.view())?;
                 let saved = SavedInput::Bf16 { rounded: Rounded::new(x_rounded), shape: input.shape().to_vec() };
-                (Tensor::from_cuda_with_rounding(gpu, out, out_rounded, input.shape()), saved)
+                (Tensor::from_cuda_with_rounding(gpu, out, Some(out_rounded), input.shape()), saved)
             } else {
                 gpu.gelu_forward(on_gpu(&input), out.view())?;
                 (Tensor::from_cuda(gpu, out, input.shape()), SavedInput::F32(input.clone()))

@@ -41,10 +41,7 @@ fn layernorm_cuda<T: Float>(
     let rounded = if gpu.precision == ProductPrecision::Bf16 { Some(gpu.alloc::<u16>(input.len())?) } else { None };
     let (x, gain, shift) = (on_gpu(&input), on_gpu(&w), on_gpu(&b));
     gpu.layernorm_forward_rounding(x, gain, shift, out.view(), rounded.as_ref().map(|r| r.view()), mean.view(), rstd.view())?;
-    let out = match rounded {
-        Some(rounded) => Tensor::from_cuda_with_rounding(gpu, out, rounded, input.shape()),
-        None => Tensor::from_cuda(gpu, out, input.shape()),
-    };
+    let out = Tensor::from_cuda_with_rounding(gpu, out, rounded, input.shape());
     let gpu = gpu.clone();
     Ok(tape.record("layernorm", out, &vars, move |grad, _| {
         let [dx, dw, db]: [Buffer<f32>; 3] = [gpu.alloc(input.len())?, gpu.alloc(c)?, gpu.alloc(c)?];

@@ -1,11 +1,12 @@
 //! `Tensor<T>`: a shape, and elements that live on the CPU or on one GPU.
 //!
 //! On the CPU the elements are an `ndarray::ArcArray` in standard (row-major) layout: cloning a
-//! tensor is cheap (the autograd tape keeps the inputs an op's backward needs by cloning them),
+//! tensor is cheap (an op's backward rule keeps the inputs it needs by cloning them),
 //! kernels see a plain slice, and writing to a shared tensor copies it first. On a GPU they are
-//! a window into a reference-counted device buffer, f32 only ([`CudaTensor`]); the same rules
-//! hold, and [`Tensor::data`] is not available there: bring the tensor to the host first with
-//! [`Tensor::to_host`]. Ops look at where their inputs live and run the kernel of that device
+//! a window into a reference-counted device buffer, f32 only ([`CudaTensor`]), which in bf16
+//! training may carry the same elements rounded to bf16 (written by the kernel that wrote them,
+//! dropped when the tensor is written in place); the same rules hold, and [`Tensor::data`] is not
+//! available there: bring the tensor to the host first with [`Tensor::to_host`]. Ops look at where their inputs live and run the kernel of that device
 //! (`ops/`); nothing else in the crate needs to know.
 
 mod device;
@@ -155,13 +156,15 @@ impl<T: Float> Tensor<T> {
         }
     }
 
-    /// A tensor on `gpu` holding `buffer`, and `rounded`, the same elements rounded to bf16 by
-    /// the kernel that wrote them (of the same size).
-    pub fn from_cuda_with_rounding(gpu: &Arc<Gpu>, buffer: Buffer<f32>, rounded: Buffer<u16>, shape: &[usize]) -> Self {
-        assert_eq!(rounded.len(), buffer.len(), "a rounding of {} elements for {}", rounded.len(), buffer.len());
+    /// A tensor on `gpu` holding `buffer`, and `rounded` where given: the same elements rounded
+    /// to bf16 by the kernel that wrote them (of the same size).
+    pub fn from_cuda_with_rounding(gpu: &Arc<Gpu>, buffer: Buffer<f32>, rounded: Option<Buffer<u16>>, shape: &[usize]) -> Self {
+        if let Some(rounded) = &rounded {
+            assert_eq!(rounded.len(), buffer.len(), "a rounding of {} elements for {}", rounded.len(), buffer.len());
+        }
         let mut tensor = Self::from_cuda(gpu, buffer, shape);
         if let Storage::Cuda(cuda) = &mut tensor.storage {
-            cuda.rounded = Some(Arc::new(rounded));
+            cuda.rounded = rounded.map(Arc::new);
         }
         tensor
     }
