@@ -236,26 +236,19 @@ struct NextTiles {
     }
 };
 
-// Writes a warp's 16 rows × HS of f32 results (HS/8 tiles of Out fragments), times `factor`, to
-// rows first + row0 + … of a (T, ·) matrix `ld` floats apart; rows past `seq` are skipped.
-template <int HS>
-__device__ void store_rows(float* target, long ld, int first, int seq, const float acc[HS / 8][4], float factor) {
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        int row = first + 16 * warp + g + 8 * half;
-        if (row >= seq) continue;
-#pragma unroll
-        for (int j = 0; j < HS / 8; j++) {
-            float2 v = make_float2(acc[j][2 * half] * factor, acc[j][2 * half + 1] * factor);
-            *reinterpret_cast<float2*>(target + (long)row * ld + 8 * j + 2 * t) = v;
-        }
-    }
+// Two neighbouring results, as f32s or rounded to bf16 (one 4-byte word)
+__device__ void store_pair(float* target, float a, float b) {
+    *reinterpret_cast<float2*>(target) = make_float2(a, b);
+}
+__device__ void store_pair(bf16_t* target, float a, float b) {
+    *reinterpret_cast<unsigned int*>(target) = pack_bf16(a, b);
 }
 
-// store_rows without a factor, rounded to bf16: the rounding of what store_rows writes
-template <int HS>
-__device__ void store_rows_bf16(bf16_t* target, long ld, int first, int seq, const float acc[HS / 8][4]) {
+// Writes a warp's 16 rows × HS of f32 results (HS/8 tiles of Out fragments), times `factor`, as
+// f32s or rounded to bf16, to rows first + row0 + … of a (T, ·) matrix `ld` elements apart; rows
+// past `seq` are skipped.
+template <int HS, typename E>
+__device__ void store_rows(E* target, long ld, int first, int seq, const float acc[HS / 8][4], float factor) {
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
@@ -263,7 +256,7 @@ __device__ void store_rows_bf16(bf16_t* target, long ld, int first, int seq, con
         if (row >= seq) continue;
 #pragma unroll
         for (int j = 0; j < HS / 8; j++)
-            *reinterpret_cast<unsigned int*>(target + (long)row * ld + 8 * j + 2 * t) = pack_bf16(acc[j][2 * half], acc[j][2 * half + 1]);
+            store_pair(target + (long)row * ld + 8 * j + 2 * t, acc[j][2 * half] * factor, acc[j][2 * half + 1] * factor);
     }
 }
 
@@ -339,7 +332,7 @@ __device__ void tc_attention_forward(const bf16_t* qkv, float* y, bf16_t* y_roun
 #pragma unroll
     for (int j = 0; j < NT; j++) o[j][0] *= inverse[0], o[j][1] *= inverse[0], o[j][2] *= inverse[1], o[j][3] *= inverse[1];
     store_rows<HS>(y + head.in_rows, c, first_query, seq, o, 1.0f);
-    if (y_rounded != nullptr) store_rows_bf16<HS>(y_rounded + head.in_rows, c, first_query, seq, o);
+    if (y_rounded != nullptr) store_rows<HS>(y_rounded + head.in_rows, c, first_query, seq, o, 1.0f);
     if (t == 0) {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
