@@ -257,23 +257,58 @@ cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
     assert_eq!(gpu.download(copy.view()).unwrap(), gpu.download(gpu.bf16_copy(x.view()).unwrap().view()).unwrap());
 });
 
-cuda_test!(the_head_s_gradient_in_bf16_is_the_rounding_of_its_gradient_in_f32, |gpu| {
-    // head_position writing dℓ into a bf16 buffer (in bf16 training) gives the bits of dℓ written
-    // in place in f32 and then rounded, and leaves the logits as they were
-    let (positions, n, r, v) = (5, 3, 2, 1000);
-    let shape = HeadShape { horizon: n, rank: r };
-    let logits = random(positions * r * n * v, 41);
-    let targets: Vec<u32> = (0..positions * n).map(|i| (i * 37 % v) as u32).collect();
-    let (targets, log_w) = (gpu.upload(&targets).unwrap(), gpu.upload(&random(positions * r, 42)).unwrap());
-    let (in_place, kept) = (gpu.upload(&logits).unwrap(), gpu.upload(&logits).unwrap());
-    let rounded = gpu.alloc::<u16>(logits.len()).unwrap();
-    for (block, into) in [(&in_place, None), (&kept, Some(rounded.view()))] {
-        let (log_p, posterior) = (gpu.alloc::<f32>(positions * r * n).unwrap(), gpu.alloc::<f32>(positions * r).unwrap());
-        gpu.head_position(block.view(), targets.view(), log_w.view(), log_p.view(), posterior.view(), into, v, shape, 0.2, true).unwrap();
+cuda_test!(the_head_on_bf16_logits_gives_what_it_gives_on_f32_logits_of_their_values_its_gradient_rounded, |gpu| {
+    // in bf16 training the product writes the head's logits rounded: head_position_bf16 must give
+    // the log-likelihoods and posterior that head_position gives on f32 logits holding the same
+    // values, bit for bit, and write over the logits the rounding of that kernel's dℓ
+    // rows in runs of 8 (V = 1000) and one by one (1003); r·n = 6, and 1 (a row shared by warps)
+    for (positions, n, r, v) in [(5, 3, 2, 1000), (5, 3, 2, 1003), (4, 1, 1, 1000)] {
+        let shape = HeadShape { horizon: n, rank: r };
+        let (rounded, values) = bf16_copy(&random(positions * r * n * v, 41));
+        let targets: Vec<u32> = (0..positions * n).map(|i| (i * 37 % v) as u32).collect();
+        let (targets, log_w) = (gpu.upload(&targets).unwrap(), gpu.upload(&random(positions * r, 42)).unwrap());
+        let (in_f32, in_bf16) = (gpu.upload(&values).unwrap(), gpu.upload(&rounded).unwrap());
+        let outputs = || (gpu.alloc::<f32>(positions * r * n).unwrap(), gpu.alloc::<f32>(positions * r).unwrap());
+        let ((log_p, posterior), (log_p_bf16, posterior_bf16)) = (outputs(), outputs());
+        gpu.head_position(in_f32.view(), targets.view(), log_w.view(), log_p.view(), posterior.view(), v, shape, 0.2, true).unwrap();
+        let (view, targets) = (in_bf16.view(), targets.view());
+        gpu.head_position_bf16(view, targets, log_w.view(), log_p_bf16.view(), posterior_bf16.view(), v, shape, 0.2, true).unwrap();
+        for (f32_kernel, bf16_kernel) in [(&log_p, &log_p_bf16), (&posterior, &posterior_bf16)] {
+            assert_eq!(bits(gpu.download(f32_kernel.view()).unwrap()), bits(gpu.download(bf16_kernel.view()).unwrap()));
+        }
+        let expected = gpu.bf16_copy(in_f32.view()).unwrap();
+        assert_eq!(gpu.download(in_bf16.view()).unwrap(), gpu.download(expected.view()).unwrap());
     }
-    let expected = gpu.bf16_copy(in_place.view()).unwrap();
-    assert_eq!(gpu.download(rounded.view()).unwrap(), gpu.download(expected.view()).unwrap());
-    assert_eq!(bits(gpu.download(kept.view()).unwrap()), bits(logits));
+});
+
+cuda_test!(a_product_written_in_bf16_is_the_rounding_of_the_product, |gpu| {
+    // the head's logits in bf16 training: (rows, c) · wteᵀ written in bf16 by cuBLASLt, against
+    // the same bf16 product written in f32; and refused outside bf16
+    drop(gpu);
+    let mut gpu = Gpu::new(0).unwrap();
+    let (x, wte) = (gpu.upload(&random(70 * 48, 43)).unwrap(), gpu.upload(&random(500 * 48, 44)).unwrap());
+    let out = gpu.alloc::<u16>(70 * 500).unwrap();
+    let (a, b) = (multitoken_cuda::Operand::normal(x.view()), multitoken_cuda::Operand::transposed(wte.view()));
+    assert!(gpu.matmul_into_bf16(a, b, out.view(), 70, 48, 500).is_err(), "an f32 device writes no bf16 product");
+    gpu.precision = ProductPrecision::Bf16;
+    let in_f32 = gpu.alloc::<f32>(70 * 500).unwrap();
+    gpu.matmul(a, b, in_f32.view(), 70, 48, 500, false).unwrap();
+    gpu.matmul_into_bf16(a, b, out.view(), 70, 48, 500).unwrap();
+    let (written, exact) = (gpu.download(out.view()).unwrap(), gpu.download(in_f32.view()).unwrap());
+    // each within the rounding's half unit in the last place (at most 2⁻⁸ of its value) of its
+    // f32 value, and nearly all (those whose f32 sums agree) exactly its rounding to nearest
+    let worst = written
+        .iter()
+        .zip(&exact)
+        .map(|(&bits, &exact)| (half::bf16::from_bits(bits).to_f32() as f64 - exact as f64).abs() - 2f64.powi(-8) * (exact as f64).abs())
+        .fold(f64::MIN, f64::max);
+    let rounded_alike = written.iter().zip(&exact).filter(|(&bits, &exact)| half::bf16::from_f32(exact).to_bits() == bits).count();
+    assert!(worst <= 1e-4, "a bf16 product written {worst:e} past its rounding from its f32 value");
+    assert!(rounded_alike * 100 >= written.len() * 99, "{rounded_alike} of {} the nearest bf16 of the f32 product", written.len());
+    println!(
+        "a product written in bf16: {rounded_alike} of {} the nearest bf16 of the f32 product, none further than its rounding",
+        written.len()
+    );
 });
 
 cuda_test!(linear_layers_match_the_cpu, |gpu| {
@@ -323,10 +358,15 @@ cuda_test!(embedding_and_unembedding_match_the_cpu, |gpu| {
 });
 
 cuda_test!(cross_entropy_matches_the_cpu, |gpu| {
+    // rows read one by one (70) and in runs of 8 (72, and 1000: several runs a lane)
     let device = Device::cuda(gpu);
-    let logits = Tensor::<f64>::randn(&[33, 70], 2.0, &mut Rng::new(5));
-    let targets: Vec<u32> = (0..33).map(|i| (i * 11 % 70) as u32).collect();
-    compare_op!(&device, "cross_entropy", vec![logits], 1e-5, |tape, v| ops::cross_entropy(tape, v[0], &targets));
+    for v in [70, 72, 1000] {
+        let logits = Tensor::<f64>::randn(&[33, v], 2.0, &mut Rng::new(5));
+        let targets: Vec<u32> = (0..33).map(|i| (i * 11 % v) as u32).collect();
+        compare_op!(&device, format!("cross_entropy, V = {v}"), vec![logits], 1e-5, |tape, vars| ops::cross_entropy(
+            tape, vars[0], &targets
+        ));
+    }
 });
 
 /// Attention on `device` in f32 against the CPU in f64: y, and the gradients of q, k and v each
@@ -378,9 +418,10 @@ cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
 });
 
 cuda_test!(the_cp_head_matches_the_cpu, |gpu| {
+    // V = 45: rows read one by one; 1000: in runs of 8
     let device = Device::cuda(gpu);
-    let (positions, c, v) = (37, 16, 45);
-    for (n, r) in [(3, 4), (2, 1), (1, 3), (1, 1)] {
+    let (positions, c) = (37, 16);
+    for (n, r, v) in [(3, 4, 45), (2, 1, 45), (1, 3, 45), (1, 1, 45), (3, 4, 1000), (1, 1, 1000)] {
         let mut rng = Rng::new(60 + 10 * n as u64 + r as u64);
         let mut inputs = vec![Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng), Tensor::randn(&[v, c], 0.7, &mut rng)];
         if n * r > 1 {
@@ -391,7 +432,7 @@ cuda_test!(the_cp_head_matches_the_cpu, |gpu| {
             inputs.push(Tensor::randn(&[r], 0.5, &mut rng));
         }
         let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
-        compare_op!(&device, format!("cp_head n = {n}, r = {r}"), inputs, 1e-5, |tape, vars| {
+        compare_op!(&device, format!("cp_head n = {n}, r = {r}, V = {v}"), inputs, 1e-5, |tape, vars| {
             let head = ops::CpHeadVars {
                 hidden: vars[0],
                 wte: vars[1],

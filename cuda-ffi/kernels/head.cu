@@ -3,41 +3,101 @@
 // of consecutive positions t: row i of the block belongs to position i / (r·n), component
 // (i mod r·n) / n and horizon i mod n.
 
-// (H2, H7) One block of 256 threads per position t of the block, over its r·n rows of V
+// (H2, H7) One block of THREADS threads per position t of the block, over its r·n rows of V
 // logits: log_p[t, α, s] = ℓ[y_s] − lse(ℓ); with `gradient`, also the posterior π (H7's
-// weights) and dℓ = π[α]/N · (P − onehot(y_s)): in place, or where `rounded_gradient` is not
-// null, there in bf16 (in bf16 only the products read dℓ, and they read it rounded). Two passes
-// over the logits: one for each row's max and sum (online), one to write dℓ.
-extern "C" __global__ void head_position(float* logits, const unsigned int* targets, const float* log_w, float* log_p, float* posterior,
-                                         unsigned short* rounded_gradient, int v, int n, int r, float inv_count, int gradient) {
-    __shared__ float shared[THREADS / 32];
+// weights) and dℓ = π[α]/N · (P − onehot(y_s)), written in place. The logits are f32, or bf16
+// (L = unsigned short: bf16 training, where the product writes them rounded, as autocast does,
+// and only the products read dℓ, rounded); every sum is f32 and runs in the same order either
+// way, so on bf16 logits the kernel gives what it gives on f32 logits of the same values, dℓ
+// then rounded. Two passes over the logits: one for each row's max and sum (online), one to
+// write dℓ. A row is taken by `part_count` warps (8 / r·n of them, so that a plain cross
+// entropy, r·n = 1, keeps every warp busy), each lane by runs of HEAD_RUN neighbouring entries
+// (one or two 16-byte loads) where `vector` says the rows allow it, else one by one.
+#define HEAD_RUN 8
+#define HEAD_WARPS (THREADS / 32)
+
+__device__ __forceinline__ float logit_value(float x) { return x; }
+__device__ __forceinline__ float logit_value(unsigned short bits) { return bf16_value(bits); }
+__device__ __forceinline__ void store_logit(float* at, float x) { *at = x; }
+__device__ __forceinline__ void store_logit(unsigned short* at, float x) { *at = (unsigned short)bf16_bits(x); }
+
+// HEAD_RUN neighbouring logits from a 16-byte aligned address, and back
+__device__ __forceinline__ void load_run(const float* at, float (&x)[HEAD_RUN]) {
+    float4 lo = *(const float4*)at, hi = *(const float4*)(at + 4);
+    x[0] = lo.x; x[1] = lo.y; x[2] = lo.z; x[3] = lo.w; x[4] = hi.x; x[5] = hi.y; x[6] = hi.z; x[7] = hi.w;
+}
+__device__ __forceinline__ void load_run(const unsigned short* at, float (&x)[HEAD_RUN]) {
+    uint4 q = *(const uint4*)at;
+    float4 lo = bf16x4_values(make_uint2(q.x, q.y)), hi = bf16x4_values(make_uint2(q.z, q.w));
+    x[0] = lo.x; x[1] = lo.y; x[2] = lo.z; x[3] = lo.w; x[4] = hi.x; x[5] = hi.y; x[6] = hi.z; x[7] = hi.w;
+}
+__device__ __forceinline__ void store_run(float* at, const float (&x)[HEAD_RUN]) {
+    *(float4*)at = make_float4(x[0], x[1], x[2], x[3]);
+    *(float4*)(at + 4) = make_float4(x[4], x[5], x[6], x[7]);
+}
+__device__ __forceinline__ void store_run(unsigned short* at, const float (&x)[HEAD_RUN]) {
+    *(uint4*)at = make_uint4(bf16x2_bits(x[0], x[1]), bf16x2_bits(x[2], x[3]), bf16x2_bits(x[4], x[5]), bf16x2_bits(x[6], x[7]));
+}
+
+// The running (max m, sum s of exp(x − m)) with x added
+__device__ __forceinline__ void online_add(float x, float* m, float* s) {
+    if (x > *m) {
+        *s = *s * expf(*m - x) + 1.0f;
+        *m = x;
+    } else {
+        *s += expf(x - *m);
+    }
+}
+
+template <typename L>
+__device__ void head_position_rows(L* logits, const unsigned int* targets, const float* log_w, float* log_p, float* posterior, int v,
+                                   int n, int r, float inv_count, int gradient, int vector) {
+    __shared__ float part_max[HEAD_WARPS], part_sum[HEAD_WARPS];
     __shared__ float row_lse[MAX_RANK * MAX_HORIZON];
     __shared__ float row_coef[MAX_RANK];
     long t = blockIdx.x;
-    int rn = r * n;
-    float* rows = logits + t * rn * v;
-    for (int k = 0; k < rn; k++) {
-        const float* row = rows + (long)k * v;
+    int rn = r * n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int part_count = max(1, HEAD_WARPS / rn), rows_at_once = HEAD_WARPS / part_count;
+    int part = warp % part_count;
+    L* rows = logits + t * rn * v;
+    for (int k0 = 0; k0 < rn; k0 += rows_at_once) {
+        int k = k0 + warp / part_count;
         float m = NEG_INF, s = 0.0f;
-        for (int j = threadIdx.x; j < v; j += THREADS) {
-            float x = row[j];
-            if (x > m) {
-                s = s * expf(m - x) + 1.0f;
-                m = x;
+        if (k < rn) {
+            const L* row = rows + (long)k * v;
+            if (vector) {
+#pragma unroll 4
+                for (int j = (part * 32 + lane) * HEAD_RUN; j < v; j += part_count * 32 * HEAD_RUN) {
+                    float x[HEAD_RUN];
+                    load_run(row + j, x);
+#pragma unroll
+                    for (int e = 0; e < HEAD_RUN; e++) online_add(x[e], &m, &s);
+                }
             } else {
-                s += expf(x - m);
+                for (int j = part * 32 + lane; j < v; j += part_count * 32) online_add(logit_value(row[j]), &m, &s);
             }
         }
-        float block_max = block_reduce(m, true, shared);
-        float block_sum = block_reduce(s * expf(m - block_max), false, shared);
-        if (threadIdx.x == 0) {
-            float lse = block_max + logf(block_sum);
-            row_lse[k] = lse;
-            log_p[t * rn + k] = row[targets[t * n + k % n]] - lse;
+        // the warp's (max, sum), then the row's parts', in order
+        float warp_m = warp_max(m);
+        s = warp_sum(m == NEG_INF ? 0.0f : s * expf(m - warp_m));
+        if (lane == 0) {
+            part_max[warp] = warp_m;
+            part_sum[warp] = s;
         }
+        __syncthreads();
+        if (threadIdx.x < rows_at_once && k0 + threadIdx.x < rn) {
+            int row_k = k0 + threadIdx.x, first = threadIdx.x * part_count;
+            float row_m = NEG_INF, row_s = 0.0f;
+            for (int p = 0; p < part_count; p++) row_m = fmaxf(row_m, part_max[first + p]);
+            for (int p = 0; p < part_count; p++)
+                if (part_max[first + p] != NEG_INF) row_s += part_sum[first + p] * expf(part_max[first + p] - row_m);
+            float lse = row_m + logf(row_s);
+            row_lse[row_k] = lse;
+            log_p[t * rn + row_k] = logit_value(rows[(long)row_k * v + targets[t * n + row_k % n]]) - lse;
+        }
+        __syncthreads();
     }
     if (!gradient) return;
-    __syncthreads();
     if (threadIdx.x == 0) {
         float score[MAX_RANK];
         float m = NEG_INF;
@@ -56,18 +116,31 @@ extern "C" __global__ void head_position(float* logits, const unsigned int* targ
         }
     }
     __syncthreads();
-    for (int k = 0; k < rn; k++) {
-        float* row = rows + (long)k * v;
+    for (int k = warp / part_count; k < rn; k += rows_at_once) {
+        L* row = rows + (long)k * v;
         float coef = row_coef[k / n], lse = row_lse[k];
-        unsigned int y = targets[t * n + k % n];
-        if (rounded_gradient != nullptr) {
-            unsigned short* out = rounded_gradient + t * rn * v + (long)k * v;
-            for (int j = threadIdx.x; j < v; j += THREADS) out[j] = (unsigned short)bf16_bits(coef * expf(row[j] - lse) - (j == y ? coef : 0.0f));
+        int y = targets[t * n + k % n];
+        if (vector) {
+#pragma unroll 4
+            for (int j = (part * 32 + lane) * HEAD_RUN; j < v; j += part_count * 32 * HEAD_RUN) {
+                float x[HEAD_RUN];
+                load_run(row + j, x);
+#pragma unroll
+                for (int e = 0; e < HEAD_RUN; e++) x[e] = coef * expf(x[e] - lse) - (j + e == y ? coef : 0.0f);
+                store_run(row + j, x);
+            }
         } else {
-            for (int j = threadIdx.x; j < v; j += THREADS) row[j] = coef * expf(row[j] - lse) - (j == y ? coef : 0.0f);
+            for (int j = part * 32 + lane; j < v; j += part_count * 32) store_logit(row + j, coef * expf(logit_value(row[j]) - lse) - (j == y ? coef : 0.0f));
         }
     }
 }
+
+#define HEAD_POSITION_ARGUMENTS(L) \
+    L *logits, const unsigned int *targets, const float *log_w, float *log_p, float *posterior, int v, int n, int r, float inv_count, \
+        int gradient, int vector
+#define HEAD_POSITION_CALL logits, targets, log_w, log_p, posterior, v, n, r, inv_count, gradient, vector
+extern "C" __global__ void head_position(HEAD_POSITION_ARGUMENTS(float)) { head_position_rows(HEAD_POSITION_CALL); }
+extern "C" __global__ void head_position_bf16(HEAD_POSITION_ARGUMENTS(unsigned short)) { head_position_rows(HEAD_POSITION_CALL); }
 
 // (H3) log_softmax of each position's r gate logits, in place.
 extern "C" __global__ void gate_log_softmax(float* a, int positions, int r) {

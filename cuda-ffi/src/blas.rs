@@ -171,6 +171,15 @@ struct LtKey {
     /// the bias epilogue
     bias: bool,
     precision: ProductPrecision,
+    /// whether D (and C) are bf16, not f32
+    output_bf16: bool,
+}
+
+/// Where a cuBLASLt product reads C and writes D: both f32 (they may be one view), or D in bf16
+/// (β = 0, nothing read).
+enum LtOutput {
+    F32 { c: View<f32>, d: View<f32> },
+    Bf16(View<u16>),
 }
 
 /// A cuBLASLt product made ready: descriptor, matrix layouts, and the heuristic's algorithm.
@@ -201,7 +210,12 @@ impl LtPlan {
             desc: lt::create_matmul_desc(compute, f32_type)?,
             a_layout: lt::create_matrix_layout(input_type, a_rows, a_cols, key.lda as i64)?,
             b_layout: lt::create_matrix_layout(input_type, b_rows, b_cols, key.ldb as i64)?,
-            c_layout: lt::create_matrix_layout(f32_type, m, n, m as i64)?,
+            c_layout: lt::create_matrix_layout(
+                if key.output_bf16 { lt_sys::cudaDataType_t::CUDA_R_16BF } else { f32_type },
+                m,
+                n,
+                m as i64,
+            )?,
             algo: std::mem::zeroed(),
         };
         let set_desc =
@@ -305,6 +319,29 @@ impl Gpu {
         self.matmul_general(a, b, c, m, k, n, batch, accumulate)
     }
 
+    /// `c (m,n) = a (m,k) · b (k,n)`, row-major, written in bf16: a bf16 product (the device's
+    /// precision must be [`ProductPrecision::Bf16`]) whose f32 sums cuBLASLt rounds to nearest
+    /// as it writes them, so that what only reads the result (the CP head's logits) moves half
+    /// the bytes. One dense matrix each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_into_bf16(&self, a: Operand, b: Operand, c: View<u16>, m: usize, k: usize, n: usize) -> Result<()> {
+        check(self.precision == ProductPrecision::Bf16, || format!("matmul_into_bf16: a bf16 product, not {:?}", self.precision))?;
+        let shapes = (a.leading == 0 && b.leading == 0).then(|| Some((a.layout(m, k, 1)?, b.layout(k, n, 1)?))).flatten();
+        let Some(((a_leading, a_span), (b_leading, b_span))) = shapes.filter(|_| c.len() == m * n && m > 0 && n > 0 && k > 0) else {
+            return Err(CudaError::Shape(format!(
+                "matmul_into_bf16: operands do not hold {m}×{k} · {k}×{n} (a {}, b {}, c {})",
+                a.data.len(),
+                b.data.len(),
+                c.len()
+            )));
+        };
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (a_in, b_in) = (self.product_input(a.data, a.rounded, a_span)?, self.product_input(b.data, b.rounded, b_span)?);
+        let (lda, ldb) = (b_leading as i32, a_leading as i32);
+        // SAFETY: the sizes were checked above; as in matmul_general, the column-major Cᵀ = Bᵀ·Aᵀ.
+        unsafe { self.lt_matmul(op(b.transposed), op(a.transposed), n, m, k, b_in.ptr, lda, a_in.ptr, ldb, 0.0, LtOutput::Bf16(c), None) }
+    }
+
     /// As [`Gpu::matmul_batched`], with `c` given as an operand too (its own batch stride and
     /// leading dimension; not transposed): products written into blocks of larger matrices.
     #[allow(clippy::too_many_arguments)]
@@ -352,7 +389,7 @@ impl Gpu {
         let (a_in, b_in) = (self.product_input(a.data, a.rounded, a_span)?, self.product_input(b.data, b.rounded, b_span)?);
         if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
             // SAFETY: the sizes were checked above.
-            return unsafe { self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, c, c, None) };
+            return unsafe { self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, LtOutput::F32 { c, d: c }, None) };
         }
         if self.precision == ProductPrecision::Bf16 {
             use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
@@ -427,9 +464,9 @@ impl Gpu {
     /// Column-major `D (m,n) = op(A) (m,k) · op(B) (k,n) + beta·C (+ bias)` through cuBLASLt.
     /// The descriptors and the heuristic's algorithm are made once per shape and kept
     /// ([`LtPlan`]): asking the heuristic costs more host time than a small product takes on
-    /// the device, which is what decoding does, token after token. `c` is read with `beta` and
-    /// `d` written (they may be one view); `a` and `b` point at elements of `self.precision`'s
-    /// input type (bf16 copies in bf16).
+    /// the device, which is what decoding does, token after token. C is read with `beta` and D
+    /// written (`output`); `a` and `b` point at elements of `self.precision`'s input type (bf16
+    /// copies in bf16).
     #[allow(clippy::too_many_arguments)]
     unsafe fn lt_matmul(
         &self,
@@ -443,13 +480,16 @@ impl Gpu {
         b: u64,
         ldb: i32,
         beta: f32,
-        c: View<f32>,
-        d: View<f32>,
+        output: LtOutput,
         bias: Option<View<f32>>,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
-        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), precision: self.precision };
+        let (c, d, output_bf16) = match output {
+            LtOutput::F32 { c, d } => (c.ptr, d.ptr, false),
+            LtOutput::Bf16(d) => (d.ptr, d.ptr, true),
+        };
+        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), precision: self.precision, output_bf16 };
 
         let blas = &self.blas;
         let mut plans = blas.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -475,9 +515,9 @@ impl Gpu {
             plan.a_layout,
             b as *const _,
             plan.b_layout,
-            c.ptr as *const _,
+            c as *const _,
             plan.c_layout,
-            d.ptr as *mut _,
+            d as *mut _,
             plan.c_layout,
             (&plan.algo) as *const _,
             blas.lt_workspace.view.ptr as *mut _,
@@ -538,6 +578,21 @@ impl Gpu {
         };
         let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
         // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
-        unsafe { self.lt_matmul(op_n, op_n, n_out, rows, n_in, weight.ptr, n_out as i32, x.ptr, n_in as i32, beta, c, out, Some(bias)) }
+        unsafe {
+            self.lt_matmul(
+                op_n,
+                op_n,
+                n_out,
+                rows,
+                n_in,
+                weight.ptr,
+                n_out as i32,
+                x.ptr,
+                n_in as i32,
+                beta,
+                LtOutput::F32 { c, d: out },
+                Some(bias),
+            )
+        }
     }
 }

@@ -12,6 +12,7 @@ pub(crate) const SOURCE: &str = include_str!("../kernels/head.cu");
 
 kernel_table! {
     position: "head_position",
+    position_bf16: "head_position_bf16",
     softmax_rows: "softmax_rows",
     gate_log_softmax: "gate_log_softmax",
     statistics: "head_statistics",
@@ -45,12 +46,19 @@ impl HeadShape {
     }
 }
 
+/// What [`Gpu::head_position`] reads besides the logits, and writes.
+struct PositionOutputs {
+    targets: View<u32>,
+    log_w: View<f32>,
+    log_p: View<f32>,
+    posterior: View<f32>,
+}
+
 impl Gpu {
     /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
     /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and
-    /// `dℓ = π[α]·inv_count·(P − onehot(y))`: in place, or into `rounded_gradient` in bf16 (the
-    /// bits of [`Gpu::bf16_copy`] of the f32 values), the logits then left as they were.
-    /// `targets` (positions, n); `log_w` (positions, r).
+    /// `dℓ = π[α]·inv_count·(P − onehot(y))`, in place. `targets` (positions, n); `log_w`
+    /// (positions, r).
     #[allow(clippy::too_many_arguments)]
     pub fn head_position(
         &self,
@@ -59,7 +67,43 @@ impl Gpu {
         log_w: View<f32>,
         log_p: View<f32>,
         posterior: View<f32>,
-        rounded_gradient: Option<View<u16>>,
+        v: usize,
+        shape: HeadShape,
+        inv_count: f32,
+        gradient: bool,
+    ) -> Result<()> {
+        let outputs = PositionOutputs { targets, log_w, log_p, posterior };
+        self.launch_head_position(&self.kernels.head.position, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
+    }
+
+    /// [`Gpu::head_position`] on logits in bf16 (bf16 training: the product writes them
+    /// rounded), dℓ written over them in bf16. Every sum runs in f32 as on f32 logits: the
+    /// results are what [`Gpu::head_position`] gives on f32 logits of the same values, dℓ
+    /// rounded as [`Gpu::bf16_copy`] rounds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_position_bf16(
+        &self,
+        logits: View<u16>,
+        targets: View<u32>,
+        log_w: View<f32>,
+        log_p: View<f32>,
+        posterior: View<f32>,
+        v: usize,
+        shape: HeadShape,
+        inv_count: f32,
+        gradient: bool,
+    ) -> Result<()> {
+        let outputs = PositionOutputs { targets, log_w, log_p, posterior };
+        self.launch_head_position(&self.kernels.head.position_bf16, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_head_position(
+        &self,
+        kernel: &cudarc::driver::CudaFunction,
+        logits: u64,
+        logits_len: usize,
+        PositionOutputs { targets, log_w, log_p, posterior }: PositionOutputs,
         v: usize,
         shape: HeadShape,
         inv_count: f32,
@@ -68,8 +112,7 @@ impl Gpu {
         let positions = log_w.len() / shape.rank;
         check(
             shape.fits_kernels()
-                && logits.len() == positions * shape.rn() * v
-                && rounded_gradient.is_none_or(|rounded| rounded.len() == logits.len())
+                && logits_len == positions * shape.rn() * v
                 && targets.len() == positions * shape.horizon
                 && log_p.len() == positions * shape.rn()
                 && posterior.len() == log_w.len(),
@@ -79,10 +122,11 @@ impl Gpu {
             return Ok(());
         }
         let (v_i, n_i, r_i, gradient_i) = (v as i32, shape.horizon as i32, shape.rank as i32, i32::from(gradient));
-        let mut launch = self.stream.launch_builder(&self.kernels.head.position);
-        let rounded_ptr = rounded_gradient.map_or(0u64, |view| view.ptr);
-        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr).arg(&rounded_ptr);
-        launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i);
+        // rows read in runs of 8 logits, one or two 16-byte loads, where every row starts aligned
+        let vector = i32::from(v.is_multiple_of(8) && logits.is_multiple_of(16));
+        let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&logits).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
+        launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i).arg(&vector);
         // SAFETY: sizes checked; targets are < v (checked by the caller). One block per position.
         unsafe { launch.launch(block_per_row_config(positions)) }?;
         Ok(())

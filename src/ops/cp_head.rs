@@ -342,6 +342,13 @@ const CUDA_BLOCK_ROWS: usize = 16384;
 
 /// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
 /// over positions: statistics (without `aux`) and the gradients.
+/// A block of dℓ on the device, where the head's logits were.
+#[derive(Clone, Copy)]
+enum DlBlock {
+    F32(View<f32>),
+    Bf16(View<u16>),
+}
+
 fn cuda_head<T: Float>(
     gpu: &Arc<Gpu>,
     inputs: &HeadInputs<T>,
@@ -399,43 +406,45 @@ fn cuda_head<T: Float>(
     let dwte = if inputs.need_wte { Some(gpu.zeros::<f32>(v * c)?) } else { None };
     let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
     let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
-    let logits = gpu.alloc::<f32>(per_block.min(positions) * rn * v)?;
+    // a block's logits, written over by dℓ: f32, or in bf16 the product's rounding (as autocast
+    // has them; the head's sums still run in f32), which only the products read as dℓ
+    let block_len = per_block.min(positions) * rn * v;
+    let (logits, logits_bf16) = if bf16 { (None, Some(gpu.alloc::<u16>(block_len)?)) } else { (Some(gpu.alloc::<f32>(block_len)?), None) };
     let wte_rounded = if bf16 { Some(gpu.bf16_copy(wte)?) } else { None };
     let z_rounded_owned = if bf16 && z_owned.is_some() { Some(gpu.bf16_copy(z)?) } else { None };
     let z_rounded = if z_owned.is_some() { z_rounded_owned.as_ref().map(Buffer::view) } else { hidden_view };
     let wte_view = wte_rounded.as_ref().map(Buffer::view);
-    // in bf16, dℓ is written in bf16 alone: only the products read it, and they read it rounded
-    let gradient_bf16 = if bf16 && dz.is_some() { Some(gpu.alloc::<u16>(logits.len())?) } else { None };
     for t0 in (0..positions).step_by(per_block) {
         let count = per_block.min(positions - t0);
         let rows = count * rn;
-        let block = logits.view().prefix(rows * v);
         let z_block = z.slice(t0 * rn * c, rows * c);
         let z_block_rounded = z_rounded.map(|z| z.slice(t0 * rn * c, rows * c));
-        // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
-        gpu.matmul(with(Operand::normal(z_block), z_block_rounded), with(Operand::transposed(wte), wte_view), block, rows, c, v, false)?;
+        let (z_operand, wte_operand) = (with(Operand::normal(z_block), z_block_rounded), with(Operand::transposed(wte), wte_view));
         let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
         let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
         let block_log_p = log_p.view().slice(t0 * rn, rows);
-        let block_gradient_bf16 = gradient_bf16.as_ref().map(|dl| dl.view().prefix(rows * v));
-        gpu.head_position(
-            block,
-            block_targets,
-            block_log_w,
-            block_log_p,
-            block_posterior,
-            block_gradient_bf16,
-            v,
-            shape,
-            inv_count,
-            gradient,
-        )?;
+        // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
+        let dl = match (&logits, &logits_bf16) {
+            (Some(logits), _) => {
+                let block = logits.view().prefix(rows * v);
+                gpu.matmul(z_operand, wte_operand, block, rows, c, v, false)?;
+                gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
+                DlBlock::F32(block)
+            }
+            (None, Some(logits)) => {
+                let block = logits.view().prefix(rows * v);
+                gpu.matmul_into_bf16(z_operand, wte_operand, block, rows, c, v)?;
+                gpu.head_position_bf16(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
+                DlBlock::Bf16(block)
+            }
+            (None, None) => unreachable!("one of the two is allocated"),
+        };
         if let Some(dz) = &dz {
             // (H8) dz = dℓ wte, dwte += dℓᵀ z
-            let dl = |transposed: bool| match block_gradient_bf16 {
-                Some(dl) => Operand::bf16_only(dl, transposed),
-                None if transposed => Operand::transposed(block),
-                None => Operand::normal(block),
+            let dl = |transposed: bool| match dl {
+                DlBlock::Bf16(dl) => Operand::bf16_only(dl, transposed),
+                DlBlock::F32(dl) if transposed => Operand::transposed(dl),
+                DlBlock::F32(dl) => Operand::normal(dl),
             };
             let dz_block = dz.view().slice(t0 * rn * c, rows * c);
             gpu.matmul(dl(false), with(Operand::normal(wte), wte_view), dz_block, rows, v, c, false)?;
@@ -444,7 +453,7 @@ fn cuda_head<T: Float>(
             }
         }
     }
-    drop(logits);
+    drop((logits, logits_bf16));
     // (H4–H6) the sums over positions, on the device in a fixed order
     let sums = gpu.alloc::<f64>(shape.statistics_len())?;
     gpu.head_statistics(log_p.view(), log_w.view(), sums.view(), shape)?;

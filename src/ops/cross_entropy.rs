@@ -50,7 +50,7 @@ pub fn cross_entropy<T: Float>(tape: &mut Tape<T>, logits: Var, targets: &[u32])
             let d = gpu.duplicate(on_gpu(&scores))?;
             let (ids, log_w, log_p, posterior) = (gpu.upload(targets)?, gpu.zeros::<f32>(n)?, gpu.alloc::<f32>(n)?, gpu.alloc::<f32>(n)?);
             let one = HeadShape { horizon: 1, rank: 1 };
-            gpu.head_position(d.view(), ids.view(), log_w.view(), log_p.view(), posterior.view(), None, v, one, 1.0 / n as f32, true)?;
+            gpu.head_position(d.view(), ids.view(), log_w.view(), log_p.view(), posterior.view(), v, one, 1.0 / n as f32, true)?;
             let loss = -gpu.download(log_p.view())?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
             let d = Tensor::<T>::from_cuda(&gpu, d, &shape);
             Ok(tape.record("cross_entropy", Tensor::scalar(T::of(loss)), &[logits], move |grad, _| {
