@@ -342,6 +342,14 @@ const CUDA_BLOCK_ROWS: usize = 16384;
 
 /// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
 /// over positions: statistics (without `aux`) and the gradients.
+/// z or dz on the device: f32, or in bf16 the rounding alone (only products read them); z is h
+/// itself without expanders.
+enum ProductOnly {
+    F32(Buffer<f32>),
+    Bf16(Buffer<u16>),
+    Hidden,
+}
+
 /// A block of dℓ on the device, where the head's logits were.
 #[derive(Clone, Copy)]
 enum DlBlock {
@@ -380,16 +388,29 @@ fn cuda_head<T: Float>(
         _ => None,
     };
     let hidden_view = hidden_rounded.as_ref().map(Rounded::view);
-    // (H1) z (positions, r·n·C) = h Wᵀ; z = h when there are no expanders
-    let z_owned = match &inputs.expand {
+    // (H1) z (positions, r·n·C) = h Wᵀ; z = h when there are no expanders. In bf16 only products
+    // read z, and they read it rounded: the product writes it in bf16 alone.
+    let z = match &inputs.expand {
         Some(w) => {
-            let z = gpu.alloc::<f32>(positions * rn * c)?;
-            gpu.matmul(with(Operand::normal(hidden), hidden_view), Operand::transposed(on_gpu(w)), z.view(), positions, c, rn * c, false)?;
-            Some(z)
+            let (h, w) = (with(Operand::normal(hidden), hidden_view), Operand::transposed(on_gpu(w)));
+            if bf16 {
+                let z = gpu.alloc::<u16>(positions * rn * c)?;
+                gpu.matmul_into_bf16(h, w, z.view(), positions, c, rn * c)?;
+                ProductOnly::Bf16(z)
+            } else {
+                let z = gpu.alloc::<f32>(positions * rn * c)?;
+                gpu.matmul(h, w, z.view(), positions, c, rn * c, false)?;
+                ProductOnly::F32(z)
+            }
         }
-        None => None,
+        None => ProductOnly::Hidden,
     };
-    let z = z_owned.as_ref().map_or(hidden, Buffer::view);
+    // rows [from, from + count) of z as a product reads them
+    let z_rows = |from: usize, count: usize| match &z {
+        ProductOnly::F32(z) => Operand::normal(z.view().slice(from * c, count * c)),
+        ProductOnly::Bf16(z) => Operand::bf16_only(z.view().slice(from * c, count * c), false),
+        ProductOnly::Hidden => with(Operand::normal(hidden.slice(from * c, count * c)), hidden_view.map(|h| h.slice(from * c, count * c))),
+    };
     // (H3) log w (positions, r)
     let log_w = gpu.alloc::<f32>(positions * r)?;
     match &inputs.gate {
@@ -401,8 +422,13 @@ fn cuda_head<T: Float>(
         }
         None => gpu.fill_zero(log_w.view())?,
     }
-    // dz (positions, r·n·C), or dh itself without expanders
-    let dz = if need_dz { Some(gpu.alloc::<f32>(positions * rn * c)?) } else { None };
+    // dz (positions, r·n·C), or dh itself without expanders; with expanders in bf16 only
+    // products read it, rounded: written in bf16 alone
+    let dz = match (need_dz, &z) {
+        (false, _) => None,
+        (true, ProductOnly::Bf16(_)) => Some(ProductOnly::Bf16(gpu.alloc::<u16>(positions * rn * c)?)),
+        (true, _) => Some(ProductOnly::F32(gpu.alloc::<f32>(positions * rn * c)?)),
+    };
     let dwte = if inputs.need_wte { Some(gpu.zeros::<f32>(v * c)?) } else { None };
     let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
     let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
@@ -411,15 +437,11 @@ fn cuda_head<T: Float>(
     let block_len = per_block.min(positions) * rn * v;
     let (logits, logits_bf16) = if bf16 { (None, Some(gpu.alloc::<u16>(block_len)?)) } else { (Some(gpu.alloc::<f32>(block_len)?), None) };
     let wte_rounded = if bf16 { Some(gpu.bf16_copy(wte)?) } else { None };
-    let z_rounded_owned = if bf16 && z_owned.is_some() { Some(gpu.bf16_copy(z)?) } else { None };
-    let z_rounded = if z_owned.is_some() { z_rounded_owned.as_ref().map(Buffer::view) } else { hidden_view };
     let wte_view = wte_rounded.as_ref().map(Buffer::view);
     for t0 in (0..positions).step_by(per_block) {
         let count = per_block.min(positions - t0);
         let rows = count * rn;
-        let z_block = z.slice(t0 * rn * c, rows * c);
-        let z_block_rounded = z_rounded.map(|z| z.slice(t0 * rn * c, rows * c));
-        let (z_operand, wte_operand) = (with(Operand::normal(z_block), z_block_rounded), with(Operand::transposed(wte), wte_view));
+        let (z_operand, wte_operand) = (z_rows(t0 * rn, rows), with(Operand::transposed(wte), wte_view));
         let (block_log_w, block_posterior) = (log_w.view().slice(t0 * r, count * r), posterior.view().slice(t0 * r, count * r));
         let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
         let block_log_p = log_p.view().slice(t0 * rn, rows);
@@ -446,10 +468,15 @@ fn cuda_head<T: Float>(
                 DlBlock::F32(dl) if transposed => Operand::transposed(dl),
                 DlBlock::F32(dl) => Operand::normal(dl),
             };
-            let dz_block = dz.view().slice(t0 * rn * c, rows * c);
-            gpu.matmul(dl(false), with(Operand::normal(wte), wte_view), dz_block, rows, v, c, false)?;
+            let (from, len) = (t0 * rn * c, rows * c);
+            let wte_operand = with(Operand::normal(wte), wte_view);
+            match dz {
+                ProductOnly::F32(dz) => gpu.matmul(dl(false), wte_operand, dz.view().slice(from, len), rows, v, c, false)?,
+                ProductOnly::Bf16(dz) => gpu.matmul_into_bf16(dl(false), wte_operand, dz.view().slice(from, len), rows, v, c)?,
+                ProductOnly::Hidden => unreachable!("dz has its own buffer"),
+            }
             if let Some(dwte) = &dwte {
-                gpu.matmul(dl(true), with(Operand::normal(z_block), z_block_rounded), dwte.view(), v, rows, c, true)?;
+                gpu.matmul(dl(true), z_rows(t0 * rn, rows), dwte.view(), v, rows, c, true)?;
             }
         }
     }
@@ -478,20 +505,27 @@ fn cuda_head<T: Float>(
         return Ok((stats, grads));
     }
     // (H9) dh = dz W (or dz itself); dW = dzᵀ h
+    let dz_operand = |dz: &ProductOnly, transposed: bool| match dz {
+        ProductOnly::F32(dz) if transposed => Operand::transposed(dz.view()),
+        ProductOnly::F32(dz) => Operand::normal(dz.view()),
+        ProductOnly::Bf16(dz) => Operand::bf16_only(dz.view(), transposed),
+        ProductOnly::Hidden => unreachable!("dz has its own buffer"),
+    };
     if let (Some(dz), true) = (&dz, inputs.need_expand) {
         let dw = gpu.alloc::<f32>(rn * c * c)?;
         let h = with(Operand::normal(hidden), hidden_view);
-        gpu.matmul(Operand::transposed(dz.view()), h, dw.view(), rn * c, positions, c, false)?;
+        gpu.matmul(dz_operand(dz, true), h, dw.view(), rn * c, positions, c, false)?;
         grads[2] = Some(Tensor::from_cuda(gpu, dw, &[r, n, c, c]));
     }
     let dhidden = match (&inputs.expand, dz) {
         _ if !inputs.need_hidden => None,
         (Some(w), Some(dz)) => {
             let dh = gpu.alloc::<f32>(positions * c)?;
-            gpu.matmul(Operand::normal(dz.view()), Operand::normal(on_gpu(w)), dh.view(), positions, rn * c, c, false)?;
+            gpu.matmul(dz_operand(&dz, false), Operand::normal(on_gpu(w)), dh.view(), positions, rn * c, c, false)?;
             Some(dh)
         }
-        (None, Some(dz)) => Some(dz),
+        (None, Some(ProductOnly::F32(dz))) => Some(dz),
+        (None, Some(_)) => unreachable!("without expanders dz is dh, in f32"),
         (_, None) => Some(gpu.zeros::<f32>(positions * c)?),
     };
     // (H10, H11) the gate
