@@ -258,9 +258,9 @@ cuda_test!(column_sums_with_a_bf16_copy_give_the_bits_of_each_alone, |gpu| {
 });
 
 cuda_test!(the_head_on_bf16_logits_gives_what_it_gives_on_f32_logits_of_their_values_its_gradient_rounded, |gpu| {
-    // in bf16 training the product writes the head's logits rounded: head_position_bf16 must give
-    // the log-likelihoods and posterior that head_position gives on f32 logits holding the same
-    // values, bit for bit, and write over the logits the rounding of that kernel's dℓ
+    // in bf16 training the product writes the head's logits rounded: head_position on them must
+    // give the log-likelihoods and posterior it gives on f32 logits holding the same values, bit
+    // for bit, and write over the logits the rounding of the f32 kernel's dℓ
     // rows in runs of 8 (V = 1000) and one by one (1003); r·n = 6, and 1 (a row shared by warps)
     for (positions, n, r, v) in [(5, 3, 2, 1000), (5, 3, 2, 1003), (4, 1, 1, 1000)] {
         let shape = HeadShape { horizon: n, rank: r };
@@ -272,7 +272,7 @@ cuda_test!(the_head_on_bf16_logits_gives_what_it_gives_on_f32_logits_of_their_va
         let ((log_p, posterior), (log_p_bf16, posterior_bf16)) = (outputs(), outputs());
         gpu.head_position(in_f32.view(), targets.view(), log_w.view(), log_p.view(), posterior.view(), v, shape, 0.2, true).unwrap();
         let (view, targets) = (in_bf16.view(), targets.view());
-        gpu.head_position_bf16(view, targets, log_w.view(), log_p_bf16.view(), posterior_bf16.view(), v, shape, 0.2, true).unwrap();
+        gpu.head_position(view, targets, log_w.view(), log_p_bf16.view(), posterior_bf16.view(), v, shape, 0.2, true).unwrap();
         for (f32_kernel, bf16_kernel) in [(&log_p, &log_p_bf16), (&posterior, &posterior_bf16)] {
             assert_eq!(bits(gpu.download(f32_kernel.view()).unwrap()), bits(gpu.download(bf16_kernel.view()).unwrap()));
         }

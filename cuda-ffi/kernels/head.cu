@@ -130,7 +130,8 @@ __device__ void head_position_rows(L* logits, const unsigned int* targets, const
                 store_run(row + j, x);
             }
         } else {
-            for (int j = part * 32 + lane; j < v; j += part_count * 32) store_logit(row + j, coef * expf(logit_value(row[j]) - lse) - (j == y ? coef : 0.0f));
+            for (int j = part * 32 + lane; j < v; j += part_count * 32)
+                store_logit(row + j, coef * expf(logit_value(row[j]) - lse) - (j == y ? coef : 0.0f));
         }
     }
 }

@@ -46,6 +46,26 @@ impl HeadShape {
     }
 }
 
+/// What the head's logits are stored as: f32, or bf16 (its bits in a `u16`).
+pub trait LogitElement: Copy + sealed::Sealed {
+    /// whether the element is bf16
+    const BF16: bool;
+}
+
+impl LogitElement for f32 {
+    const BF16: bool = false;
+}
+
+impl LogitElement for u16 {
+    const BF16: bool = true;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
 /// What [`Gpu::head_position`] reads besides the logits, and writes.
 struct PositionOutputs {
     targets: View<u32>,
@@ -58,11 +78,14 @@ impl Gpu {
     /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
     /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and
     /// `dℓ = π[α]·inv_count·(P − onehot(y))`, in place. `targets` (positions, n); `log_w`
-    /// (positions, r).
+    /// (positions, r). The logits in f32, or in bf16 (`View<u16>`: bf16 training, where the
+    /// product writes them rounded): every sum runs in f32 in the same order either way, so on
+    /// bf16 logits the results are what f32 logits of the same values give, dℓ rounded as
+    /// [`Gpu::bf16_copy`] rounds.
     #[allow(clippy::too_many_arguments)]
-    pub fn head_position(
+    pub fn head_position<L: LogitElement>(
         &self,
-        logits: View<f32>,
+        logits: View<L>,
         targets: View<u32>,
         log_w: View<f32>,
         log_p: View<f32>,
@@ -72,29 +95,9 @@ impl Gpu {
         inv_count: f32,
         gradient: bool,
     ) -> Result<()> {
+        let kernel = if L::BF16 { &self.kernels.head.position_bf16 } else { &self.kernels.head.position };
         let outputs = PositionOutputs { targets, log_w, log_p, posterior };
-        self.launch_head_position(&self.kernels.head.position, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
-    }
-
-    /// [`Gpu::head_position`] on logits in bf16 (bf16 training: the product writes them
-    /// rounded), dℓ written over them in bf16. Every sum runs in f32 as on f32 logits: the
-    /// results are what [`Gpu::head_position`] gives on f32 logits of the same values, dℓ
-    /// rounded as [`Gpu::bf16_copy`] rounds.
-    #[allow(clippy::too_many_arguments)]
-    pub fn head_position_bf16(
-        &self,
-        logits: View<u16>,
-        targets: View<u32>,
-        log_w: View<f32>,
-        log_p: View<f32>,
-        posterior: View<f32>,
-        v: usize,
-        shape: HeadShape,
-        inv_count: f32,
-        gradient: bool,
-    ) -> Result<()> {
-        let outputs = PositionOutputs { targets, log_w, log_p, posterior };
-        self.launch_head_position(&self.kernels.head.position_bf16, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
+        self.launch_head_position(kernel, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -60,7 +60,7 @@ pub use device::{Gpu, Graph};
 pub use embedding::TokenGroups;
 pub use fused_attention::QkvRows;
 pub use general::{Binary, Unary};
-pub use head::HeadShape;
+pub use head::{HeadShape, LogitElement};
 pub use linear::{ColumnWeights, Epilogue, FEW_ROWS_MAX, FEW_ROW_LAYERNORM_WIDTH_MAX, TILE_ROWS_MAX};
 pub use memory::{Buffer, MemoryStats, PinnedBuffer, View};
 pub use speculative::{StepBuffers, StepChoice};

@@ -456,7 +456,7 @@ fn cuda_head<T: Float>(
             (None, Some(logits)) => {
                 let block = logits.view().prefix(rows * v);
                 gpu.matmul_into_bf16(z_operand, wte_operand, block, rows, c, v)?;
-                gpu.head_position_bf16(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
+                gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
                 DlBlock::Bf16(block)
             }
             (None, None) => unreachable!("one of the two is allocated"),
