@@ -418,10 +418,11 @@ cuda_test!(attention_matches_the_cpu_on_both_routes_for_every_head_size, |gpu| {
 });
 
 cuda_test!(the_cp_head_matches_the_cpu, |gpu| {
-    // V = 45: rows read one by one; 1000: in runs of 8
+    // V = 45: rows read one by one; 1000: in runs of 8, a row taken by 1, 2, 4 and 8 warps
+    // (r·n = 12, 3, 2, 1)
     let device = Device::cuda(gpu);
     let (positions, c) = (37, 16);
-    for (n, r, v) in [(3, 4, 45), (2, 1, 45), (1, 3, 45), (1, 1, 45), (3, 4, 1000), (1, 1, 1000)] {
+    for (n, r, v) in [(3, 4, 45), (2, 1, 45), (1, 3, 45), (1, 1, 45), (3, 4, 1000), (1, 3, 1000), (2, 1, 1000), (1, 1, 1000)] {
         let mut rng = Rng::new(60 + 10 * n as u64 + r as u64);
         let mut inputs = vec![Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng), Tensor::randn(&[v, c], 0.7, &mut rng)];
         if n * r > 1 {
@@ -565,20 +566,23 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
     for (hs, registers, spilled) in fused.gpu().unwrap().tensor_core_attention_resources().unwrap() {
         println!("tensor-core attention hs = {hs}: {registers:?} registers per thread (forward, dk dv, dq), {spilled} bytes spilled");
     }
-    let (positions, c, v, n, r) = (37, 16, 45, 3, 4);
-    let mut rng = Rng::new(82);
-    let inputs = vec![
-        Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng),
-        Tensor::randn(&[v, c], 0.7, &mut rng),
-        Tensor::randn(&[r, n, c, c], 0.5, &mut rng),
-        Tensor::randn(&[r, c], 0.8, &mut rng),
-        Tensor::randn(&[r], 0.5, &mut rng),
-    ];
-    let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
-    compare_op!(&device, "bf16 cp_head n = 3, r = 4", inputs, BF16_OP_TOLERANCE, |tape, vars| {
-        let head = ops::CpHeadVars { hidden: vars[0], wte: vars[1], expand: Some(vars[2]), gate: Some((vars[3], vars[4])) };
-        Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
-    });
+    // the head's logits in bf16, read one by one (V = 45) and in runs of 8 (48)
+    for v in [45, 48] {
+        let (positions, c, n, r) = (37, 16, 3, 4);
+        let mut rng = Rng::new(82);
+        let inputs = vec![
+            Tensor::<f64>::randn(&[positions, c], 1.0, &mut rng),
+            Tensor::randn(&[v, c], 0.7, &mut rng),
+            Tensor::randn(&[r, n, c, c], 0.5, &mut rng),
+            Tensor::randn(&[r, c], 0.8, &mut rng),
+            Tensor::randn(&[r], 0.5, &mut rng),
+        ];
+        let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
+        compare_op!(&device, format!("bf16 cp_head n = 3, r = 4, V = {v}"), inputs, BF16_OP_TOLERANCE, |tape, vars| {
+            let head = ops::CpHeadVars { hidden: vars[0], wte: vars[1], expand: Some(vars[2]), gate: Some((vars[3], vars[4])) };
+            Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
+        });
+    }
 });
 
 cuda_test!(the_model_s_gradients_match_the_cpu_in_bf16, |gpu| {

@@ -326,8 +326,9 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_into_bf16(&self, a: Operand, b: Operand, c: View<u16>, m: usize, k: usize, n: usize) -> Result<()> {
         check(self.precision == ProductPrecision::Bf16, || format!("matmul_into_bf16: a bf16 product, not {:?}", self.precision))?;
+        check(m > 0 && k > 0 && n > 0, || format!("matmul_into_bf16: an empty product {m}×{k} · {k}×{n}"))?;
         let shapes = (a.leading == 0 && b.leading == 0).then(|| Some((a.layout(m, k, 1)?, b.layout(k, n, 1)?))).flatten();
-        let Some(((a_leading, a_span), (b_leading, b_span))) = shapes.filter(|_| c.len() == m * n && m > 0 && n > 0 && k > 0) else {
+        let Some(((a_leading, a_span), (b_leading, b_span))) = shapes.filter(|_| c.len() == m * n) else {
             return Err(CudaError::Shape(format!(
                 "matmul_into_bf16: operands do not hold {m}×{k} · {k}×{n} (a {}, b {}, c {})",
                 a.data.len(),

@@ -340,8 +340,6 @@ fn cpu_head<T: Float>(inputs: &HeadInputs<T>, targets: &[u32], n: usize, r: usiz
 /// Rows (t, α, s) of logits per block of the head on a GPU: 16384 × V floats at a time.
 const CUDA_BLOCK_ROWS: usize = 16384;
 
-/// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
-/// over positions: statistics (without `aux`) and the gradients.
 /// z or dz on the device: f32, or in bf16 the rounding alone (only products read them); z is h
 /// itself without expanders.
 enum ProductOnly {
@@ -357,6 +355,8 @@ enum DlBlock {
     Bf16(View<u16>),
 }
 
+/// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
+/// over positions: statistics (without `aux`) and the gradients.
 fn cuda_head<T: Float>(
     gpu: &Arc<Gpu>,
     inputs: &HeadInputs<T>,
@@ -377,7 +377,8 @@ fn cuda_head<T: Float>(
     let inv_count = 1.0 / positions as f32;
     let targets_on_gpu = gpu.upload(targets)?;
     // in bf16, what several products read is rounded once: h (where its LayerNorm wrote the
-    // rounding, that), wte and z here, each block's dℓ below
+    // rounding, that) and wte; z, each block's logits (then dℓ) and dz are written by their
+    // products in bf16 alone
     let bf16 = gpu.precision == ProductPrecision::Bf16;
     let with = |operand: Operand, rounded: Option<View<u16>>| match rounded {
         Some(rounded) => operand.rounded(rounded),
