@@ -340,19 +340,52 @@ fn cpu_head<T: Float>(inputs: &HeadInputs<T>, targets: &[u32], n: usize, r: usiz
 /// Rows (t, α, s) of logits per block of the head on a GPU: 16384 × V floats at a time.
 const CUDA_BLOCK_ROWS: usize = 16384;
 
-/// z or dz on the device: f32, or in bf16 the rounding alone (only products read them); z is h
-/// itself without expanders.
+/// What only the head's products read (z, a block's logits then dℓ, dz): f32, or in bf16 the
+/// rounding alone, which the product that computes it writes.
 enum ProductOnly {
     F32(Buffer<f32>),
     Bf16(Buffer<u16>),
-    Hidden,
 }
 
-/// A block of dℓ on the device, where the head's logits were.
-#[derive(Clone, Copy)]
-enum DlBlock {
-    F32(View<f32>),
-    Bf16(View<u16>),
+impl ProductOnly {
+    /// Room for `len` elements in the device's precision.
+    fn alloc(gpu: &Gpu, len: usize) -> Result<Self> {
+        Ok(if gpu.precision == ProductPrecision::Bf16 { ProductOnly::Bf16(gpu.alloc(len)?) } else { ProductOnly::F32(gpu.alloc(len)?) })
+    }
+
+    /// out (m, n) = a (m, k) · b (k, n) into elements [from, from + m·n)
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, gpu: &Gpu, a: Operand, b: Operand, from: usize, m: usize, k: usize, n: usize) -> Result<()> {
+        match self {
+            ProductOnly::F32(out) => gpu.matmul(a, b, out.view().slice(from, m * n), m, k, n, false)?,
+            ProductOnly::Bf16(out) => gpu.matmul_into_bf16(a, b, out.view().slice(from, m * n), m, k, n)?,
+        }
+        Ok(())
+    }
+
+    /// elements [from, from + len) as a product's operand, as stored or transposed
+    fn operand(&self, from: usize, len: usize, transposed: bool) -> Operand {
+        match self {
+            ProductOnly::F32(x) if transposed => Operand::transposed(x.view().slice(from, len)),
+            ProductOnly::F32(x) => Operand::normal(x.view().slice(from, len)),
+            ProductOnly::Bf16(x) => Operand::bf16_only(x.view().slice(from, len), transposed),
+        }
+    }
+}
+
+/// (H2, H7) on a block of logits of either element type: [`Gpu::head_position`] with the
+/// block's targets, log w, and where log p and the posterior go.
+#[allow(clippy::too_many_arguments)]
+fn position<L: multitoken_cuda::LogitElement>(
+    gpu: &Gpu,
+    logits: View<L>,
+    (targets, log_w, log_p, posterior): (View<u32>, View<f32>, View<f32>, View<f32>),
+    v: usize,
+    shape: HeadShape,
+    inv_count: f32,
+    gradient: bool,
+) -> Result<()> {
+    Ok(gpu.head_position(logits, targets, log_w, log_p, posterior, v, shape, inv_count, gradient)?)
 }
 
 /// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
@@ -393,24 +426,16 @@ fn cuda_head<T: Float>(
     // read z, and they read it rounded: the product writes it in bf16 alone.
     let z = match &inputs.expand {
         Some(w) => {
-            let (h, w) = (with(Operand::normal(hidden), hidden_view), Operand::transposed(on_gpu(w)));
-            if bf16 {
-                let z = gpu.alloc::<u16>(positions * rn * c)?;
-                gpu.matmul_into_bf16(h, w, z.view(), positions, c, rn * c)?;
-                ProductOnly::Bf16(z)
-            } else {
-                let z = gpu.alloc::<f32>(positions * rn * c)?;
-                gpu.matmul(h, w, z.view(), positions, c, rn * c, false)?;
-                ProductOnly::F32(z)
-            }
+            let z = ProductOnly::alloc(gpu, positions * rn * c)?;
+            z.product(gpu, with(Operand::normal(hidden), hidden_view), Operand::transposed(on_gpu(w)), 0, positions, c, rn * c)?;
+            Some(z)
         }
-        None => ProductOnly::Hidden,
+        None => None,
     };
     // rows [from, from + count) of z as a product reads them
     let z_rows = |from: usize, count: usize| match &z {
-        ProductOnly::F32(z) => Operand::normal(z.view().slice(from * c, count * c)),
-        ProductOnly::Bf16(z) => Operand::bf16_only(z.view().slice(from * c, count * c), false),
-        ProductOnly::Hidden => with(Operand::normal(hidden.slice(from * c, count * c)), hidden_view.map(|h| h.slice(from * c, count * c))),
+        Some(z) => z.operand(from * c, count * c, false),
+        None => with(Operand::normal(hidden.slice(from * c, count * c)), hidden_view.map(|h| h.slice(from * c, count * c))),
     };
     // (H3) log w (positions, r)
     let log_w = gpu.alloc::<f32>(positions * r)?;
@@ -423,20 +448,19 @@ fn cuda_head<T: Float>(
         }
         None => gpu.fill_zero(log_w.view())?,
     }
-    // dz (positions, r·n·C), or dh itself without expanders; with expanders in bf16 only
-    // products read it, rounded: written in bf16 alone
-    let dz = match (need_dz, &z) {
+    // dz (positions, r·n·C): with expanders only products read it, rounded in bf16; without,
+    // it is dh itself, f32
+    let dz = match (need_dz, &inputs.expand) {
         (false, _) => None,
-        (true, ProductOnly::Bf16(_)) => Some(ProductOnly::Bf16(gpu.alloc::<u16>(positions * rn * c)?)),
-        (true, _) => Some(ProductOnly::F32(gpu.alloc::<f32>(positions * rn * c)?)),
+        (true, Some(_)) => Some(ProductOnly::alloc(gpu, positions * rn * c)?),
+        (true, None) => Some(ProductOnly::F32(gpu.alloc(positions * rn * c)?)),
     };
     let dwte = if inputs.need_wte { Some(gpu.zeros::<f32>(v * c)?) } else { None };
     let (log_p, posterior) = (gpu.alloc::<f32>(positions * rn)?, gpu.alloc::<f32>(positions * r)?);
     let per_block = (CUDA_BLOCK_ROWS / rn).max(1);
     // a block's logits, written over by dℓ: f32, or in bf16 the product's rounding (as autocast
     // has them; the head's sums still run in f32), which only the products read as dℓ
-    let block_len = per_block.min(positions) * rn * v;
-    let (logits, logits_bf16) = if bf16 { (None, Some(gpu.alloc::<u16>(block_len)?)) } else { (Some(gpu.alloc::<f32>(block_len)?), None) };
+    let logits = ProductOnly::alloc(gpu, per_block.min(positions) * rn * v)?;
     let wte_rounded = if bf16 { Some(gpu.bf16_copy(wte)?) } else { None };
     let wte_view = wte_rounded.as_ref().map(Buffer::view);
     for t0 in (0..positions).step_by(per_block) {
@@ -447,41 +471,22 @@ fn cuda_head<T: Float>(
         let block_targets = targets_on_gpu.view().slice(t0 * n, count * n);
         let block_log_p = log_p.view().slice(t0 * rn, rows);
         // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
-        let dl = match (&logits, &logits_bf16) {
-            (Some(logits), _) => {
-                let block = logits.view().prefix(rows * v);
-                gpu.matmul(z_operand, wte_operand, block, rows, c, v, false)?;
-                gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
-                DlBlock::F32(block)
-            }
-            (None, Some(logits)) => {
-                let block = logits.view().prefix(rows * v);
-                gpu.matmul_into_bf16(z_operand, wte_operand, block, rows, c, v)?;
-                gpu.head_position(block, block_targets, block_log_w, block_log_p, block_posterior, v, shape, inv_count, gradient)?;
-                DlBlock::Bf16(block)
-            }
-            (None, None) => unreachable!("one of the two is allocated"),
-        };
+        logits.product(gpu, z_operand, wte_operand, 0, rows, c, v)?;
+        let (outputs, len) = ((block_targets, block_log_w, block_log_p, block_posterior), rows * v);
+        match &logits {
+            ProductOnly::F32(block) => position(gpu, block.view().prefix(len), outputs, v, shape, inv_count, gradient)?,
+            ProductOnly::Bf16(block) => position(gpu, block.view().prefix(len), outputs, v, shape, inv_count, gradient)?,
+        }
         if let Some(dz) = &dz {
             // (H8) dz = dℓ wte, dwte += dℓᵀ z
-            let dl = |transposed: bool| match dl {
-                DlBlock::Bf16(dl) => Operand::bf16_only(dl, transposed),
-                DlBlock::F32(dl) if transposed => Operand::transposed(dl),
-                DlBlock::F32(dl) => Operand::normal(dl),
-            };
-            let (from, len) = (t0 * rn * c, rows * c);
-            let wte_operand = with(Operand::normal(wte), wte_view);
-            match dz {
-                ProductOnly::F32(dz) => gpu.matmul(dl(false), wte_operand, dz.view().slice(from, len), rows, v, c, false)?,
-                ProductOnly::Bf16(dz) => gpu.matmul_into_bf16(dl(false), wte_operand, dz.view().slice(from, len), rows, v, c)?,
-                ProductOnly::Hidden => unreachable!("dz has its own buffer"),
-            }
+            let dl = |transposed: bool| logits.operand(0, rows * v, transposed);
+            dz.product(gpu, dl(false), with(Operand::normal(wte), wte_view), t0 * rn * c, rows, v, c)?;
             if let Some(dwte) = &dwte {
                 gpu.matmul(dl(true), z_rows(t0 * rn, rows), dwte.view(), v, rows, c, true)?;
             }
         }
     }
-    drop((logits, logits_bf16));
+    drop(logits);
     // (H4–H6) the sums over positions, on the device in a fixed order
     let sums = gpu.alloc::<f64>(shape.statistics_len())?;
     gpu.head_statistics(log_p.view(), log_w.view(), sums.view(), shape)?;
@@ -506,12 +511,7 @@ fn cuda_head<T: Float>(
         return Ok((stats, grads));
     }
     // (H9) dh = dz W (or dz itself); dW = dzᵀ h
-    let dz_operand = |dz: &ProductOnly, transposed: bool| match dz {
-        ProductOnly::F32(dz) if transposed => Operand::transposed(dz.view()),
-        ProductOnly::F32(dz) => Operand::normal(dz.view()),
-        ProductOnly::Bf16(dz) => Operand::bf16_only(dz.view(), transposed),
-        ProductOnly::Hidden => unreachable!("dz has its own buffer"),
-    };
+    let dz_operand = |dz: &ProductOnly, transposed: bool| dz.operand(0, positions * rn * c, transposed);
     if let (Some(dz), true) = (&dz, inputs.need_expand) {
         let dw = gpu.alloc::<f32>(rn * c * c)?;
         let h = with(Operand::normal(hidden), hidden_view);
