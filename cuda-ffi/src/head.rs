@@ -66,14 +66,6 @@ mod sealed {
     impl Sealed for u16 {}
 }
 
-/// What [`Gpu::head_position`] reads besides the logits, and writes.
-struct PositionOutputs {
-    targets: View<u32>,
-    log_w: View<f32>,
-    log_p: View<f32>,
-    posterior: View<f32>,
-}
-
 impl Gpu {
     /// (H2, H7) For a block of positions, each with r·n rows of V logits: `log_p` (positions,
     /// r·n) = `log P[α,s](y_s)`; with `gradient`, also the posterior π (positions, r) and
@@ -95,27 +87,10 @@ impl Gpu {
         inv_count: f32,
         gradient: bool,
     ) -> Result<()> {
-        let kernel = if L::BF16 { &self.kernels.head.position_bf16 } else { &self.kernels.head.position };
-        let outputs = PositionOutputs { targets, log_w, log_p, posterior };
-        self.launch_head_position(kernel, logits.ptr, logits.len(), outputs, v, shape, inv_count, gradient)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch_head_position(
-        &self,
-        kernel: &cudarc::driver::CudaFunction,
-        logits: u64,
-        logits_len: usize,
-        PositionOutputs { targets, log_w, log_p, posterior }: PositionOutputs,
-        v: usize,
-        shape: HeadShape,
-        inv_count: f32,
-        gradient: bool,
-    ) -> Result<()> {
         let positions = log_w.len() / shape.rank;
         check(
             shape.fits_kernels()
-                && logits_len == positions * shape.rn() * v
+                && logits.len() == positions * shape.rn() * v
                 && targets.len() == positions * shape.horizon
                 && log_p.len() == positions * shape.rn()
                 && posterior.len() == log_w.len(),
@@ -126,9 +101,10 @@ impl Gpu {
         }
         let (v_i, n_i, r_i, gradient_i) = (v as i32, shape.horizon as i32, shape.rank as i32, i32::from(gradient));
         // rows read in runs of 8 logits, one or two 16-byte loads, where every row starts aligned
-        let vector = i32::from(v.is_multiple_of(8) && logits.is_multiple_of(16));
+        let vector = i32::from(v.is_multiple_of(8) && logits.ptr.is_multiple_of(16));
+        let kernel = if L::BF16 { &self.kernels.head.position_bf16 } else { &self.kernels.head.position };
         let mut launch = self.stream.launch_builder(kernel);
-        launch.arg(&logits).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
+        launch.arg(&logits.ptr).arg(&targets.ptr).arg(&log_w.ptr).arg(&log_p.ptr).arg(&posterior.ptr);
         launch.arg(&v_i).arg(&n_i).arg(&r_i).arg(&inv_count).arg(&gradient_i).arg(&vector);
         // SAFETY: sizes checked; targets are < v (checked by the caller). One block per position.
         unsafe { launch.launch(block_per_row_config(positions)) }?;

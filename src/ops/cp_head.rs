@@ -373,21 +373,6 @@ impl ProductOnly {
     }
 }
 
-/// (H2, H7) on a block of logits of either element type: [`Gpu::head_position`] with the
-/// block's targets, log w, and where log p and the posterior go.
-#[allow(clippy::too_many_arguments)]
-fn position<L: multitoken_cuda::LogitElement>(
-    gpu: &Gpu,
-    logits: View<L>,
-    (targets, log_w, log_p, posterior): (View<u32>, View<f32>, View<f32>, View<f32>),
-    v: usize,
-    shape: HeadShape,
-    inv_count: f32,
-    gradient: bool,
-) -> Result<()> {
-    Ok(gpu.head_position(logits, targets, log_w, log_p, posterior, v, shape, inv_count, gradient)?)
-}
-
 /// The head on a GPU, the same equations as [`cpu_head`] over device buffers, block by block
 /// over positions: statistics (without `aux`) and the gradients.
 fn cuda_head<T: Float>(
@@ -472,10 +457,14 @@ fn cuda_head<T: Float>(
         let block_log_p = log_p.view().slice(t0 * rn, rows);
         // (H2) logits, log P[α,s](y_s); (H7) the posterior and dℓ in place
         logits.product(gpu, z_operand, wte_operand, 0, rows, c, v)?;
-        let (outputs, len) = ((block_targets, block_log_w, block_log_p, block_posterior), rows * v);
+        let (targets, log_w, log_p, posterior) = (block_targets, block_log_w, block_log_p, block_posterior);
         match &logits {
-            ProductOnly::F32(block) => position(gpu, block.view().prefix(len), outputs, v, shape, inv_count, gradient)?,
-            ProductOnly::Bf16(block) => position(gpu, block.view().prefix(len), outputs, v, shape, inv_count, gradient)?,
+            ProductOnly::F32(all) => {
+                gpu.head_position(all.view().prefix(rows * v), targets, log_w, log_p, posterior, v, shape, inv_count, gradient)?
+            }
+            ProductOnly::Bf16(all) => {
+                gpu.head_position(all.view().prefix(rows * v), targets, log_w, log_p, posterior, v, shape, inv_count, gradient)?
+            }
         }
         if let Some(dz) = &dz {
             // (H8) dz = dℓ wte, dwte += dℓᵀ z
