@@ -102,8 +102,13 @@ fn run_op<T: Float>(
 /// within `tolerance` (relative, over the whole tensor). The op is written once and run at both
 /// element types.
 macro_rules! compare_op {
-    ($device:expr, $name:expr, $inputs:expr, $tolerance:expr, |$tape:ident, $v:ident| $body:expr) => {{
+    ($device:expr, $name:expr, $inputs:expr, $tolerance:expr, |$tape:ident, $v:ident| $body:expr) => {
+        compare_op!($device, $name, $inputs, $tolerance, gradients: |_| $tolerance, |$tape, $v| $body)
+    };
+    // `gradients`: input i's gradient's tolerance, where one differs from the forward's
+    ($device:expr, $name:expr, $inputs:expr, $tolerance:expr, gradients: $gradient_tolerance:expr, |$tape:ident, $v:ident| $body:expr) => {{
         let inputs: Vec<Tensor<f64>> = $inputs;
+        let gradient_tolerance: &dyn Fn(usize) -> f64 = &$gradient_tolerance;
         let (reference, reference_grads) = run_op::<f64>(&Device::Cpu, &inputs, |$tape, $v| $body);
         let (ours, our_grads) = run_op::<f32>($device, &inputs, |$tape, $v| $body);
         let as_f32 = |t: &Tensor<f64>| t.cast::<f32>();
@@ -111,7 +116,7 @@ macro_rules! compare_op {
         for (i, (ours, reference)) in our_grads.iter().zip(&reference_grads).enumerate() {
             match (ours, reference) {
                 (Some(ours), Some(reference)) => {
-                    report(&format!("{} d input {i}", $name), relative_error(as_f32(ours).data(), reference.data()), $tolerance)
+                    report(&format!("{} d input {i}", $name), relative_error(as_f32(ours).data(), reference.data()), gradient_tolerance(i))
                 }
                 (None, None) => {}
                 _ => panic!("{}: input {i} has a gradient on one device only", $name),
@@ -505,6 +510,10 @@ const BF16_PRODUCT_TOLERANCE: f64 = 5e-3;
 /// chained products add.
 const BF16_OP_TOLERANCE: f64 = 2e-2;
 
+/// A gradient whose entries are small differences of larger bf16-computed terms (the CP head's
+/// gate bias: posterior minus gate weight, summed over positions).
+const BF16_CANCELLING_TOLERANCE: f64 = 5e-2;
+
 /// Below this a bf16 product's error would mean its inputs were not rounded (f32 errs by 1e-7).
 const BF16_ROUNDED_AT_LEAST: f64 = 1e-4;
 
@@ -578,7 +587,12 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
             Tensor::randn(&[r], 0.5, &mut rng),
         ];
         let targets: Vec<u32> = (0..positions * n).map(|_| rng.below(v) as u32).collect();
-        compare_op!(&device, format!("bf16 cp_head n = 3, r = 4, V = {v}"), inputs, BF16_OP_TOLERANCE, |tape, vars| {
+        // the gate bias's gradient Σ_t (π[t] − w[t]) / N sums to zero over α, so its few entries are
+        // small differences and err relatively more than the rest (1.2e-2 at V = 45, 2.5e-2 at 48
+        // on the H200, where the others err by 0.9–1.4e-2)
+        let tolerances = |input: usize| if input == 4 { BF16_CANCELLING_TOLERANCE } else { BF16_OP_TOLERANCE };
+        let name = format!("bf16 cp_head n = 3, r = 4, V = {v}");
+        compare_op!(&device, name, inputs, BF16_OP_TOLERANCE, gradients: tolerances, |tape, vars| {
             let head = ops::CpHeadVars { hidden: vars[0], wte: vars[1], expand: Some(vars[2]), gate: Some((vars[3], vars[4])) };
             Ok(ops::cp_head(tape, head, &targets, n, r, 0.05)?.0)
         });
@@ -725,10 +739,11 @@ cuda_test!(linear_with_bias_matches_the_cpu_on_both_routes, |gpu| {
 });
 
 cuda_test!(linear_on_a_few_rows_matches_the_cpu_with_every_prologue_and_epilogue, |gpu| {
-    // decoding's kernel, on weights by output column: shapes whose k allows one warp per column
-    // only (300, 1020, 40), and shapes split over 4 and 8 warps (768 × 768, 3072 × 96); rows for
-    // both instances (8 rows of k = 1020 are about as many as the LayerNorm prologue takes)
-    for (k, n) in [(300, 772), (1020, 96), (40, 8192), (768, 768), (3072, 96)] {
+    // decoding's kernel, on weights by output column: shapes whose k allows one warp per group of
+    // columns only (300, 1020, 40), and shapes split over 4 and 8 warps (768 × 1536, 768 × 768,
+    // 3072 × 96); n odd, so that a warp's second column is past the end; rows for both instances
+    // (8 rows of k = 1020 are about as many as the LayerNorm prologue takes)
+    for (k, n) in [(300, 772), (1020, 95), (40, 8192), (768, 1536), (768, 768), (3072, 96)] {
         let (w, b, gain, shift) = (random(k * n, 61), random(n, 62), random(k, 63), random(k, 64));
         let by_column: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
         let (dw, db, dgain, dshift) =
@@ -866,11 +881,11 @@ fn bf16_copy(w: &[f32]) -> (Vec<u16>, Vec<f32>) {
 
 cuda_test!(on_bf16_weights_the_few_row_kernels_give_the_bits_of_f32_weights_of_the_same_values, |gpu| {
     // bf16 decoding's kernels widen each weight and go on as on f32 weights: the same bits as the
-    // f32 kernels on the rounded values, on shapes that split a column over 1 to 8 warps, every
-    // prologue and epilogue, rows for both instances; 2048 × 4096 gives a warp 512 quads, more
-    // than one round of loads in flight in either precision (256 f32, 512 bf16); then the head's
-    // tiled product
-    for (k, n) in [(300, 772), (40, 8192), (768, 768), (3072, 96), (2048, 4096)] {
+    // f32 kernels on the rounded values, on shapes that split a group of columns over 1 to 8
+    // warps, every prologue and epilogue, rows for both instances; 4096 × 4096 (split 2) gives a
+    // warp 512 quads of each of its two columns, more than one round of loads in flight in
+    // either precision (96 f32, 256 bf16); then the head's tiled product
+    for (k, n) in [(300, 772), (40, 8192), (768, 1536), (768, 768), (3072, 96), (4096, 4096)] {
         let (bits, values) = bf16_copy(&random(n * k, 111));
         let (w_bf16, w_f32) = (gpu.upload(&bits).unwrap(), gpu.upload(&values).unwrap());
         let (b, gain, shift) =

@@ -6,19 +6,22 @@
 // spreads w over enough warps to keep every SM's loads in flight, in one launch, and each warp
 // reads whole contiguous spans of a column, so no block waits on another's partial sums.
 //
-// Block of FEW_ROW_WARPS warps; `split` warps share an output column (a power of two, chosen by
-// the launcher from n and k so that there are enough blocks), warp p of a column taking the p-th
-// of its k weights in float4s, lane l the float4s l, l + 32, …. A warp's sums meet by shuffles,
-// the column's warps' sums in shared memory, in order. Every sum runs in an order fixed by k and
-// split, never by `rows`: a row's result is the same bits whether it is decoded alone or with
-// others, and from run to run.
+// Block of FEW_ROW_WARPS warps; a warp takes FEW_ROW_COLUMNS neighbouring output columns, so
+// that each float4 of x it reads serves that many float4s of w (on four rows x outweighs w: with
+// one column a warp, reading x from L1 took longer than w took to arrive). `split` warps share a
+// group of columns (a power of two, chosen by the launcher from n and k so that there are enough
+// blocks), warp p of a group taking the p-th of its k weights in float4s, lane l the float4s l,
+// l + 32, … of each column. A warp's sums meet by shuffles, the group's warps' sums in shared
+// memory, in order. Every sum runs in an order fixed by k and split, never by `rows`: a row's
+// result is the same bits whether it is decoded alone or with others, and from run to run.
 
 // the LayerNorm prologue strides over x by THREADS, the launch's block size
 static_assert(FEW_ROW_WARPS * 32 == THREADS, "a few-row block is FEW_ROW_WARPS warps of THREADS threads in all");
 
 // A weight's four neighbouring entries as stored, W the element: f32 (a float4) or bf16 (four
 // 16-bit halves in a uint2, bf16 decoding's copies). A thread keeps IN_FLIGHT of them loading at
-// once, 128 bytes in either case. Either widens to a float4 exactly (a bf16's bits are the
+// once, shared among its columns: 96 bytes of f32 (128 spilled past the 80 registers that leave
+// room for three blocks an SM), 128 of bf16. Either widens to a float4 exactly (a bf16's bits are the
 // upper half of the f32 it stands for), and everything after the load is the same arithmetic:
 // on bf16 weights a kernel gives the bits it gives on f32 weights holding the same values.
 template <typename W>
@@ -26,7 +29,7 @@ struct WeightQuad;
 template <>
 struct WeightQuad<float> {
     using type = float4;
-    static constexpr int IN_FLIGHT = 8;
+    static constexpr int IN_FLIGHT = 6;
 };
 template <>
 struct WeightQuad<unsigned short> {
@@ -84,24 +87,31 @@ __device__ __forceinline__ void warp_sums_by_hand_off(float (&values)[N]) {
 template <int ROWS_MAX, typename W>
 __device__ void linear_few_rows(const float* x, const float* ln_weight, const float* ln_bias, const W* wt, const float* b,
                                 const float* residual, float* out, int rows, int k, int n, int split, int apply_gelu) {
+    constexpr int COLUMNS = FEW_ROW_COLUMNS, SUMS = ROWS_MAX * COLUMNS;
     __shared__ float4 staged[ROWS_MAX * FEW_ROW_LAYERNORM_K_MAX / 4];
     __shared__ float row_mean[ROWS_MAX], row_rstd[ROWS_MAX];
-    __shared__ float warp_sums[FEW_ROW_WARPS][ROWS_MAX];
+    __shared__ float warp_sums[FEW_ROW_WARPS][SUMS];
     let_next_kernel_start();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int columns_per_block = FEW_ROW_WARPS / split;
-    int column = blockIdx.x * columns_per_block + warp / split;
+    int groups_per_block = FEW_ROW_WARPS / split;
+    int first_column = (blockIdx.x * groups_per_block + warp / split) * COLUMNS;
     int quads = k / 4 / split, first_quad = (warp % split) * quads;
-    bool active = column < n;
+    bool active = first_column < n;
     using Quad = typename WeightQuad<W>::type;
-    constexpr int IN_FLIGHT = WeightQuad<W>::IN_FLIGHT;
-    const Quad* span = (const Quad*)(wt + (long)column * k) + first_quad;
+    constexpr int IN_FLIGHT = WeightQuad<W>::IN_FLIGHT / COLUMNS;  // a column's
+    // columns past n read column n − 1 and are not written
+    const Quad* spans[COLUMNS];
+#pragma unroll
+    for (int c = 0; c < COLUMNS; c++) spans[c] = (const Quad*)(wt + (long)min(first_column + c, n - 1) * k) + first_quad;
 
     // the warp's first float4s of w, and the LayerNorm's gains and shifts of the entries this
     // thread normalises, loaded before the kernel ahead has finished (no kernel writes a weight)
     // and all at once, where loading them as they are used would wait for each in turn
-    Quad w_quads[IN_FLIGHT];
-    if (active) load_column_quads(w_quads, span, lane, quads);
+    Quad w_quads[COLUMNS][IN_FLIGHT];
+    if (active) {
+#pragma unroll
+        for (int c = 0; c < COLUMNS; c++) load_column_quads(w_quads[c], spans[c], lane, quads);
+    }
     constexpr int NORMALISED_PER_THREAD = (FEW_ROW_LAYERNORM_K_MAX + THREADS - 1) / THREADS;
     float gains[NORMALISED_PER_THREAD], shifts[NORMALISED_PER_THREAD];
     if (ln_weight != nullptr) {
@@ -166,46 +176,57 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
         x_rows = staged;
     }
 
-    float sum[ROWS_MAX];
+    float sum[SUMS];  // sum[r · COLUMNS + c]: row r, column first_column + c
 #pragma unroll
-    for (int r = 0; r < ROWS_MAX; r++) sum[r] = 0.0f;
+    for (int i = 0; i < SUMS; i++) sum[i] = 0.0f;
     if (active) {
         int k4 = k / 4;
         for (int q0 = 0; q0 < quads; q0 += 32 * IN_FLIGHT) {
-            if (q0 > 0) load_column_quads(w_quads, span, q0 + lane, quads);
+            if (q0 > 0) {
+#pragma unroll
+                for (int c = 0; c < COLUMNS; c++) load_column_quads(w_quads[c], spans[c], q0 + lane, quads);
+            }
 #pragma unroll
             for (int u = 0; u < IN_FLIGHT; u++) {
                 int q = q0 + lane + 32 * u;
                 if (q >= quads) break;
-                float4 wv = widen(w_quads[u]);
+                float4 wv[COLUMNS];
+#pragma unroll
+                for (int c = 0; c < COLUMNS; c++) wv[c] = widen(w_quads[c][u]);
 #pragma unroll
                 for (int r = 0; r < ROWS_MAX; r++) {
                     if (r < rows) {
                         float4 xv = x_rows[(long)r * k4 + first_quad + q];
-                        sum[r] += xv.x * wv.x;
-                        sum[r] += xv.y * wv.y;
-                        sum[r] += xv.z * wv.z;
-                        sum[r] += xv.w * wv.w;
+#pragma unroll
+                        for (int c = 0; c < COLUMNS; c++) {
+                            float& s = sum[r * COLUMNS + c];
+                            s += xv.x * wv[c].x;
+                            s += xv.y * wv[c].y;
+                            s += xv.z * wv[c].z;
+                            s += xv.w * wv[c].w;
+                        }
                     }
                 }
             }
         }
     }
-    // the warp's sums of every row at once (rows past `rows` sum zeros), each the bits warp_sum
-    // gives; the first lane holding a row's writes it
+    // the warp's sums at once (rows past `rows` sum zeros), each the bits warp_sum gives; the
+    // first lane holding one writes it
     warp_sums_by_hand_off(sum);
-    constexpr int LANES_PER_ROW = 32 / ROWS_MAX;
-    int held_row = lane / LANES_PER_ROW;
-    if (lane % LANES_PER_ROW == 0 && held_row < rows) warp_sums[warp][held_row] = sum[0];
+    constexpr int LANES_PER_SUM = 32 / SUMS;
+    int held = lane / LANES_PER_SUM;
+    if (lane % LANES_PER_SUM == 0 && held / COLUMNS < rows) warp_sums[warp][held] = sum[0];
     __syncthreads();
 
     // thread t < columns_per_block · rows: the block's column t / rows at row t % rows
+    int columns_per_block = groups_per_block * COLUMNS;
     if (threadIdx.x >= columns_per_block * rows) return;
-    int r = threadIdx.x % rows, group = threadIdx.x / rows;
-    int o = blockIdx.x * columns_per_block + group;
+    int r = threadIdx.x % rows, column_in_block = threadIdx.x / rows;
+    int group = column_in_block / COLUMNS, c = column_in_block % COLUMNS;
+    int o = blockIdx.x * columns_per_block + column_in_block;
     if (o >= n) return;
     float y = 0.0f;
-    for (int p = 0; p < split; p++) y += warp_sums[group * split + p][r];
+    for (int p = 0; p < split; p++) y += warp_sums[group * split + p][r * COLUMNS + c];
     if (b != nullptr) y += b[o];
     if (residual != nullptr) y += residual[(long)r * n + o];
     if (apply_gelu) y = gelu(y);

@@ -30,11 +30,12 @@ pub(crate) const TC_STAGED_HEAD_SIZE_MAX: usize = 64;
 /// Threads per block of decoding's attention over the cache.
 pub(crate) const DECODE_THREADS: usize = 256;
 /// The few-row product kernel (`kernels/linear.cu`): the rows of its two instances (the most
-/// either takes is [`crate::FEW_ROWS_MAX`]), warps per block, and the longest rows its LayerNorm
-/// prologue stages.
+/// either takes is [`crate::FEW_ROWS_MAX`]), warps per block, the neighbouring output columns a
+/// warp computes together, and the longest rows its LayerNorm prologue stages.
 pub(crate) const FEW_ROWS_SMALL: usize = 4;
 pub(crate) const FEW_ROWS_LARGE: usize = 8;
 pub(crate) const FEW_ROW_WARPS: usize = 8;
+pub(crate) const FEW_ROW_COLUMNS: usize = 2;
 pub(crate) const FEW_ROW_LAYERNORM_K_MAX: usize = 1024;
 /// The tiled kernel for the head's products (`kernels/linear.cu`): the most rows it takes, and
 /// the neighbouring output columns a warp computes together.
@@ -66,7 +67,7 @@ pub const ACCEPT_ALWAYS: usize = 1;
 pub const ACCEPT_RESAMPLE_FROM_TARGET: usize = 2;
 
 /// What every kernel file is compiled with: `-DNAME=value` for each.
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 26] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 27] = [
     ("THREADS", THREADS),
     ("MAX_HORIZON", MAX_HORIZON),
     ("MAX_RANK", MAX_RANK),
@@ -81,6 +82,7 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 26] = [
     ("FEW_ROWS_SMALL", FEW_ROWS_SMALL),
     ("FEW_ROWS_LARGE", FEW_ROWS_LARGE),
     ("FEW_ROW_WARPS", FEW_ROW_WARPS),
+    ("FEW_ROW_COLUMNS", FEW_ROW_COLUMNS),
     ("FEW_ROW_LAYERNORM_K_MAX", FEW_ROW_LAYERNORM_K_MAX),
     ("TILE_ROWS_MAX", TILE_ROWS_MAX),
     ("TILE_COLUMNS", TILE_COLUMNS),

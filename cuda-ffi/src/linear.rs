@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 
-use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_LAYERNORM_K_MAX, FEW_ROW_WARPS, THREADS, TILE_COLUMNS};
+use crate::constants::{FEW_ROWS_LARGE, FEW_ROWS_SMALL, FEW_ROW_COLUMNS, FEW_ROW_LAYERNORM_K_MAX, FEW_ROW_WARPS, THREADS, TILE_COLUMNS};
 use crate::memory::View;
 use crate::{check, Gpu, Result};
 
@@ -201,7 +201,7 @@ impl Gpu {
         let w_ptr = weight_by_column.ptr();
         launch.arg(&x.ptr).arg(&ln_gain).arg(&ln_shift).arg(&w_ptr).arg(&bias_ptr).arg(&residual_ptr).arg(&out.ptr);
         launch.arg(&rows_i).arg(&k_i).arg(&n_i).arg(&split_i).arg(&gelu);
-        let blocks = n.div_ceil(FEW_ROW_WARPS / split);
+        let blocks = n.div_ceil(few_row_columns_per_block(split));
         let config = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: shapes and alignment checked above; k is a multiple of 4·split (column_split).
         unsafe { launch.launch(config) }?;
@@ -212,7 +212,7 @@ impl Gpu {
     /// weight_by_columnᵀ`, weight_by_column (n, k) as for [`Gpu::linear_few_rows`], no bias. A
     /// warp computes four neighbouring columns, so each load of x serves four of the weight; each
     /// output is summed in the order `linear_few_rows` sums it when one warp takes a column (as
-    /// it does for n of at least 16 columns an SM), so the two give a row the same bits. Returns
+    /// it does for n of at least 32 columns an SM), so the two give a row the same bits. Returns
     /// `Ok(false)`, having done nothing, where it does not apply: more than [`TILE_ROWS_MAX`]
     /// rows, k not a multiple of 4, x or the weight not 16-byte aligned, or `few_row_linear` off.
     /// The weight in f32 or bf16, as for [`Gpu::linear_few_rows`].
@@ -235,17 +235,17 @@ impl Gpu {
         Ok(true)
     }
 
-    /// How many warps share an output column: the fewest (1, 2, 4 or 8) that give two blocks
-    /// for every multiprocessor, so that enough loads are in flight, with k still a multiple of
-    /// 4·split (a warp's span in whole float4s). Depends on (k, n) and the device only, so that a
-    /// row's sums run in the same order however many rows come with it.
+    /// How many warps share a group of output columns: the fewest (1, 2, 4 or 8) that give two
+    /// blocks for every multiprocessor, so that enough loads are in flight, with k still a
+    /// multiple of 4·split (a warp's span in whole float4s). Depends on (k, n) and the device
+    /// only, so that a row's sums run in the same order however many rows come with it.
     fn column_split(&self, k: usize, n: usize) -> usize {
         let wanted_blocks = 2 * self.multiprocessors;
         let valid = |split: &usize| k.is_multiple_of(4 * split);
         [1, 2, 4, 8]
             .into_iter()
             .filter(valid)
-            .find(|&split| n.div_ceil(FEW_ROW_WARPS / split) >= wanted_blocks)
+            .find(|&split| n.div_ceil(few_row_columns_per_block(split)) >= wanted_blocks)
             .unwrap_or_else(|| [8, 4, 2, 1].into_iter().find(valid).unwrap_or(1))
     }
 
@@ -271,4 +271,10 @@ impl Gpu {
     pub fn column_tile_blocks(&self, n: usize) -> usize {
         n.div_ceil(FEW_ROW_WARPS * TILE_COLUMNS)
     }
+}
+
+/// The output columns a block of `linear_few_rows` computes when `split` warps share a group of
+/// columns.
+fn few_row_columns_per_block(split: usize) -> usize {
+    FEW_ROW_WARPS / split * FEW_ROW_COLUMNS
 }
