@@ -546,6 +546,20 @@ cuda_test!(the_ops_with_products_match_the_cpu_in_bf16, |gpu| {
     compare_op!(&device, "bf16 linear on a residual", vec![x, w, b, r], tolerance, |tape, v| ops::linear_residual(
         tape, v[0], v[1], v[2], v[3]
     ));
+    // GPT-2's MLP up to its projection: in bf16 one product with the GELU epilogue, one record on
+    // the tape after the three leaves (not linear's and gelu's), within the rounding of its output
+    // of the two ops apart
+    let (x, w, b) = (randn(&[333, 96]), randn(&[96, 80]), randn(&[80]));
+    let inputs = vec![x.clone(), w.clone(), b.clone()];
+    compare_op!(&device, "bf16 linear_gelu", inputs, BF16_OP_TOLERANCE, |tape, v| ops::linear_gelu(tape, v[0], v[1], v[2]));
+    let mut tape = Tape::<f32>::new();
+    let vars: Vec<Var> = [x, w, b].iter().map(|t| tape.leaf(t.cast::<f32>().to_device(&device).unwrap(), true)).collect();
+    let fused = ops::linear_gelu(&mut tape, vars[0], vars[1], vars[2]).unwrap();
+    assert_eq!(fused.id(), vars[2].id() + 1, "linear_gelu in bf16 is one op on the tape");
+    let hidden = ops::linear(&mut tape, vars[0], vars[1], Some(vars[2])).unwrap();
+    let apart = ops::gelu(&mut tape, hidden).unwrap();
+    let [fused, apart] = [fused, apart].map(|v| tape.value(v).to_host().unwrap().data().to_vec());
+    report("bf16 linear_gelu against linear then gelu", relative_error(&fused, &widen(&apart)), 4e-3);
     let (h, wte) = (randn(&[48, 32]), randn(&[50, 32]));
     compare_op!(&device, "bf16 unembed", vec![h, wte], tolerance, |tape, v| ops::unembed(tape, v[0], v[1]));
     // no product, but its backward evaluates gelu' at x rounded to bf16

@@ -199,3 +199,15 @@ extern "C" __global__ void round_to_bf16(const float* x, unsigned short* out, lo
         if (i + 1 < n) out[i + 1] = (unsigned short)bf16_bits(x[i + 1]);
     }
 }
+
+// out = x for x given as bf16 bits, each the f32 it stands for (the bits' upper half): the f32
+// elements of a tensor that a product wrote in bf16 alone. Four elements per thread when both
+// are aligned for it.
+extern "C" __global__ void widen_bf16(const unsigned short* x, float* out, long n) {
+    long first = first_of_four();
+    if (first + 4 <= n && ((unsigned long long)x & 7) == 0 && ((unsigned long long)out & 15) == 0) {
+        store4(out, first, bf16x4_values(*reinterpret_cast<const uint2*>(x + first)));
+    } else {
+        for (long i = first; i < min(first + 4, n); i++) out[i] = bf16_value(x[i]);
+    }
+}

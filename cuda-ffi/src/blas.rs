@@ -168,11 +168,22 @@ struct LtKey {
     k: usize,
     lda: i32,
     ldb: i32,
-    /// the bias epilogue
-    bias: bool,
+    epilogue: LtEpilogue,
     precision: ProductPrecision,
     /// whether D (and C) are bf16, not f32
     output_bf16: bool,
+}
+
+/// What a cuBLASLt product does to its sums before it writes D.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum LtEpilogue {
+    /// nothing
+    None,
+    /// adds the bias to every column
+    Bias,
+    /// adds the bias, writes the sums so far to the aux matrix (bf16 here: what GELU's backward
+    /// keeps), and writes GELU of them (the tanh form, GPT-2's) as D
+    GeluAuxBias,
 }
 
 /// Where a cuBLASLt product reads C and writes D: both f32 (they may be one view), or D in bf16
@@ -227,11 +238,25 @@ impl LtPlan {
             let op = if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N } as i32;
             set_desc(attribute, (&op) as *const i32 as *const _, std::mem::size_of::<i32>())?;
         }
-        if key.bias {
+        use lt_sys::cublasLtMatmulDescAttributes_t as Attribute;
+        let epilogue = match key.epilogue {
+            LtEpilogue::None => None,
             // D = op(A)·op(B) + bias, the bias added to every column (a row of the row-major result)
-            let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-            let attribute = lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE;
-            set_desc(attribute, (&epilogue) as *const _ as *const _, std::mem::size_of_val(&epilogue))?;
+            LtEpilogue::Bias => Some(lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+            LtEpilogue::GeluAuxBias => Some(lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_AUX_BIAS),
+        };
+        if let Some(epilogue) = epilogue {
+            // (the bias is read as D's type: f32, or bf16)
+            set_desc(Attribute::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epilogue) as *const _ as *const _, std::mem::size_of_val(&epilogue))?;
+        }
+        if key.epilogue == LtEpilogue::GeluAuxBias {
+            // the aux matrix is laid out as D (and is of D's type)
+            let aux_leading = m as i64;
+            set_desc(
+                Attribute::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                (&aux_leading) as *const i64 as *const _,
+                std::mem::size_of::<i64>(),
+            )?;
         }
         let preference = lt::create_matmul_pref()?;
         let heuristic = lt::set_matmul_pref_attribute(
@@ -340,7 +365,9 @@ impl Gpu {
         let (a_in, b_in) = (self.product_input(a.data, a.rounded, a_span)?, self.product_input(b.data, b.rounded, b_span)?);
         let (lda, ldb) = (b_leading as i32, a_leading as i32);
         // SAFETY: the sizes were checked above; as in matmul_general, the column-major Cᵀ = Bᵀ·Aᵀ.
-        unsafe { self.lt_matmul(op(b.transposed), op(a.transposed), n, m, k, b_in.ptr, lda, a_in.ptr, ldb, 0.0, LtOutput::Bf16(c), None) }
+        unsafe {
+            self.lt_matmul(op(b.transposed), op(a.transposed), n, m, k, b_in.ptr, lda, a_in.ptr, ldb, 0.0, LtOutput::Bf16(c), None, None)
+        }
     }
 
     /// As [`Gpu::matmul_batched`], with `c` given as an operand too (its own batch stride and
@@ -390,7 +417,9 @@ impl Gpu {
         let (a_in, b_in) = (self.product_input(a.data, a.rounded, a_span)?, self.product_input(b.data, b.rounded, b_span)?);
         if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
             // SAFETY: the sizes were checked above.
-            return unsafe { self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, LtOutput::F32 { c, d: c }, None) };
+            return unsafe {
+                self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, LtOutput::F32 { c, d: c }, None, None)
+            };
         }
         if self.precision == ProductPrecision::Bf16 {
             use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
@@ -482,7 +511,8 @@ impl Gpu {
         ldb: i32,
         beta: f32,
         output: LtOutput,
-        bias: Option<View<f32>>,
+        bias: Option<u64>,
+        gelu_aux: Option<View<u16>>,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
@@ -490,7 +520,12 @@ impl Gpu {
             LtOutput::F32 { c, d } => (c.ptr, d.ptr, false),
             LtOutput::Bf16(d) => (d.ptr, d.ptr, true),
         };
-        let key = LtKey { transposed, m, n, k, lda, ldb, bias: bias.is_some(), precision: self.precision, output_bf16 };
+        let epilogue = match (bias, gelu_aux) {
+            (None, _) => LtEpilogue::None,
+            (Some(_), None) => LtEpilogue::Bias,
+            (Some(_), Some(_)) => LtEpilogue::GeluAuxBias,
+        };
+        let key = LtKey { transposed, m, n, k, lda, ldb, epilogue, precision: self.precision, output_bf16 };
 
         let blas = &self.blas;
         let mut plans = blas.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -502,7 +537,15 @@ impl Gpu {
             lt::set_matmul_desc_attribute(
                 plan.desc,
                 lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                (&bias.ptr) as *const u64 as *const _,
+                (&bias) as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )?;
+        }
+        if let Some(aux) = gelu_aux {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                (&aux.ptr) as *const u64 as *const _,
                 std::mem::size_of::<u64>(),
             )?;
         }
@@ -549,6 +592,61 @@ impl Gpu {
         self.linear_plus(x.into(), weight, bias, Some(residual), out)
     }
 
+    /// A linear layer and the GELU after it in one bf16 product, as bf16 training runs GPT-2's
+    /// MLP: `out = gelu(x · weight + bias)` and `pre = x · weight + bias`, both written in bf16
+    /// alone (cuBLASLt's GELU_AUX_BIAS epilogue, whose GELU is the tanh form GPT-2 uses, on the
+    /// f32 sums; the bias rounded to bf16 first, as autocast rounds it): what the next product
+    /// reads, and what GELU's backward keeps. The device must be
+    /// in bf16. Returns `Ok(false)`, having done nothing, where the product would not go through
+    /// cuBLASLt (the plain cuBLAS route) or the output's width is not a multiple of 8 (the aux
+    /// matrix's alignment).
+    pub fn linear_gelu_bf16(&self, x: Operand, weight: View<f32>, bias: View<f32>, out: View<u16>, pre: View<u16>) -> Result<bool> {
+        check(self.precision == ProductPrecision::Bf16, || format!("linear_gelu_bf16: a bf16 product, not {:?}", self.precision))?;
+        let n_out = bias.len();
+        check(n_out > 0 && out.len().is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || {
+            "linear_gelu_bf16: shapes do not fit".into()
+        })?;
+        let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
+        check(x.is_plain() && x.data.len() == rows * n_in && pre.len() == out.len(), || {
+            format!(
+                "linear_gelu_bf16: x ({} elements), out ({}) and pre ({}) do not fit {rows}×{n_in} · {n_in}×{n_out}",
+                x.data.len(),
+                out.len(),
+                pre.len()
+            )
+        })?;
+        if self.gemm_route != GemmRoute::BlasLt || !n_out.is_multiple_of(8) || n_in == 0 {
+            return Ok(false);
+        }
+        if rows == 0 {
+            return Ok(true);
+        }
+        let op_n = cublasOperation_t::CUBLAS_OP_N;
+        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
+        // cuBLASLt reads the bias of a bf16 D in bf16 (an f32 one it refused), as autocast rounds it
+        let bias = self.bf16_copy(bias)?;
+        // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows),
+        // pre laid out as out.
+        unsafe {
+            self.lt_matmul(
+                op_n,
+                op_n,
+                n_out,
+                rows,
+                n_in,
+                weight.ptr,
+                n_out as i32,
+                x.ptr,
+                n_in as i32,
+                0.0,
+                LtOutput::Bf16(out),
+                Some(bias.view().ptr),
+                Some(pre),
+            )
+        }?;
+        Ok(true)
+    }
+
     /// `out = gelu(x · weight + bias)`: the product, then the GELU.
     pub fn linear_gelu(&self, x: View<f32>, weight: View<f32>, bias: View<f32>, out: View<f32>) -> Result<()> {
         self.linear(x, weight, bias, out)?;
@@ -592,7 +690,8 @@ impl Gpu {
                 n_in as i32,
                 beta,
                 LtOutput::F32 { c, d: out },
-                Some(bias),
+                Some(bias.ptr),
+                None,
             )
         }
     }

@@ -22,6 +22,7 @@ kernel_table! {
     column_sums_finish: "column_sums_finish",
     chunk_dots: "chunk_dots",
     round_to_bf16: "round_to_bf16",
+    widen_bf16: "widen_bf16",
 }
 
 /// For a launch over several tensors in chunks of `chunk` elements, a block per chunk: the first
@@ -112,6 +113,20 @@ impl Gpu {
         launch.arg(&x.ptr).arg(&out.ptr).arg(&n);
         // SAFETY: both views hold n elements; a thread takes a pair.
         unsafe { launch.launch(elementwise_config(x.len().div_ceil(2))) }?;
+        Ok(())
+    }
+
+    /// `out = x` for x given as bf16 bits: each the f32 it stands for, exactly.
+    pub fn widen_bf16(&self, x: View<u16>, out: View<f32>) -> Result<()> {
+        check(x.len() == out.len(), || format!("widen_bf16: {} elements into {}", x.len(), out.len()))?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        let n = x.len() as i64;
+        let mut launch = self.stream.launch_builder(&self.kernels.elementwise.widen_bf16);
+        launch.arg(&x.ptr).arg(&out.ptr).arg(&n);
+        // SAFETY: both views hold n elements; a thread takes four.
+        unsafe { launch.launch(elementwise_config(x.len().div_ceil(4))) }?;
         Ok(())
     }
 

@@ -64,8 +64,7 @@ pub fn hidden_states<T: Float>(
         x = ops::linear_residual(tape, attended, block.attn_c_proj_weight, block.attn_c_proj_bias, x)?;
         // x += mlp(ln_2(x))
         let m = ops::layernorm(tape, x, block.ln_2_weight, block.ln_2_bias)?;
-        let hidden = ops::linear(tape, m, block.mlp_c_fc_weight, Some(block.mlp_c_fc_bias))?;
-        let activated = ops::gelu(tape, hidden)?;
+        let activated = ops::linear_gelu(tape, m, block.mlp_c_fc_weight, block.mlp_c_fc_bias)?;
         x = ops::linear_residual(tape, activated, block.mlp_c_proj_weight, block.mlp_c_proj_bias, x)?;
         // the block's intermediates live on only where a backward rule saved them
         tape.release_since(block_start, &[x]);

@@ -1,5 +1,7 @@
 //! Linear layer in GPT-2's Conv1D layout: `out = x · W + b`, W stored (in, out); and the same on
-//! a residual stream, `out = r + x · W + b`, as one op (the product's epilogue adds r on the GPU).
+//! a residual stream, `out = r + x · W + b`, as one op (the product's epilogue adds r on the GPU);
+//! and GPT-2's MLP up to its projection, `gelu(x · W + b)`, one op in bf16 on a GPU (the
+//! product's epilogue applies GELU), else the two.
 //!
 //! backward: `dx = dout · Wᵀ`, `dW = xᵀ · dout`, `db = Σ_rows dout`, `dr = dout`   (docs/math.md, eq. L1)
 
@@ -11,7 +13,7 @@ use super::{column_sums, on_gpu, place, Place, SavedInput};
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::kernels::gemm::{matmul, Layout};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, Rounded, Tensor};
 
 /// x (N, Cin), weight (Cin, Cout), bias (Cout) → out (N, Cout)
 pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>) -> Result<Var> {
@@ -21,6 +23,57 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Va
 /// x (N, Cin), weight (Cin, Cout), bias (Cout), residual (N, Cout) → residual + x · weight + bias
 pub fn linear_residual<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var, residual: Var) -> Result<Var> {
     linear_op(tape, x, weight, Some(bias), Some(residual))
+}
+
+/// x (N, Cin), weight (Cin, Cout), bias (Cout) → gelu(x · weight + bias): `linear` then `gelu`,
+/// except in bf16 on a GPU, where one product computes both and writes, in bf16 alone, what the
+/// two would keep and pass on: the output's rounding (all the next product reads; the output's
+/// f32 elements are that rounding widened) and the GELU's input's rounding (all its backward
+/// reads). In the other precisions GELU's own kernel gives the bits the tests compare with the
+/// CPU, so they keep the two ops.
+pub fn linear_gelu<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Result<Var> {
+    match linear_gelu_in_bf16(tape, x, weight, bias)? {
+        Some(out) => Ok(out),
+        None => {
+            let hidden = linear(tape, x, weight, Some(bias))?;
+            super::gelu::gelu(tape, hidden)
+        }
+    }
+}
+
+/// [`linear_gelu`] as one product, where the inputs are on a GPU in bf16 and the product can
+/// take the GELU epilogue; else `None`, having recorded nothing.
+fn linear_gelu_in_bf16<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Result<Option<Var>> {
+    let (input, w, b) = (tape.value(x).clone(), tape.value(weight).clone(), tape.value(bias).clone());
+    let gpu = match place("linear_gelu", &[&input, &w, &b])? {
+        Place::Cuda(gpu) if gpu.precision == ProductPrecision::Bf16 => gpu,
+        _ => return Ok(None),
+    };
+    let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
+    assert_eq!(input.shape().last(), Some(&c_in), "linear_gelu: x width differs from the weight's input size");
+    let n = input.len() / c_in;
+    let mut out_shape = input.shape().to_vec();
+    *out_shape.last_mut().unwrap() = c_out;
+    let x_rounded = input.cuda().expect("placed on the GPU").rounded_or_round()?;
+    let (out_rounded, pre_rounded) = (gpu.alloc::<u16>(n * c_out)?, gpu.alloc::<u16>(n * c_out)?);
+    let x_operand = Operand::normal(on_gpu(&input)).rounded(x_rounded.view());
+    if !gpu.linear_gelu_bf16(x_operand, on_gpu(&w), on_gpu(&b), out_rounded.view(), pre_rounded.view())? {
+        return Ok(None);
+    }
+    let out = gpu.alloc::<f32>(n * c_out)?;
+    gpu.widen_bf16(out_rounded.view(), out.view())?;
+    let out = Tensor::from_cuda_with_rounding(&gpu, out, Some(out_rounded), &out_shape);
+    let saved_input = SavedInput::Bf16 { rounded: x_rounded, shape: input.shape().to_vec() };
+    let pre_rounded = Rounded::new(pre_rounded);
+    Ok(Some(tape.record("linear_gelu", out, &[x, weight, bias], move |grad, needs| {
+        // d pre = dout · gelu'(pre), pre as its rounding   (docs/math.md, eq. G2); then the
+        // linear layer's backward on it
+        let d_pre = gpu.alloc::<f32>(grad.len())?;
+        gpu.gelu_backward_from_bf16(pre_rounded.view(), on_gpu(grad), d_pre.view())?;
+        let d_pre = Tensor::from_cuda(&gpu, d_pre, grad.shape());
+        let (dx, dw, db) = linear_backward_cuda(&gpu, &saved_input, &w, &d_pre, needs, true)?;
+        Ok(vec![dx, dw, db])
+    })))
 }
 
 fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>, residual: Option<Var>) -> Result<Var> {
@@ -181,6 +234,16 @@ mod tests {
         let b = Tensor::randn(&[5], 1.0, &mut rng);
         assert!(check_op(&[x.clone(), w.clone(), b], |tape, v| linear(tape, v[0], v[1], Some(v[2]))).unwrap().max_relative_error < 1e-6);
         assert!(check_op(&[x, w], |tape, v| linear(tape, v[0], v[1], None)).unwrap().max_relative_error < 1e-6);
+    }
+
+    #[test]
+    fn linear_then_gelu_gradient_matches_finite_differences() {
+        let mut rng = Rng::new(4);
+        let x = Tensor::randn(&[2, 3, 4], 1.0, &mut rng);
+        let w = Tensor::randn(&[4, 8], 1.0, &mut rng);
+        let b = Tensor::randn(&[8], 1.0, &mut rng);
+        let report = check_op(&[x, w, b], |tape, v| linear_gelu(tape, v[0], v[1], v[2])).unwrap();
+        assert!(report.max_relative_error < 1e-6, "{report}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use elementwise::{add, div, exp, log, mul, neg, powf, relu, scale, sigmoid, 
 pub use embedding::embedding;
 pub use gelu::gelu;
 pub use layernorm::layernorm;
-pub use linear::{linear, linear_residual};
+pub use linear::{linear, linear_gelu, linear_residual};
 pub use matmul::matmul;
 pub use reduce::{mean, mean_axis, sum, sum_axis, weighted_sum};
 pub use shape::{reshape, transpose};
