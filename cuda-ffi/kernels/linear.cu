@@ -98,7 +98,9 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     int quads = k / 4 / split, first_quad = (warp % split) * quads;
     bool active = first_column < n;
     using Quad = typename WeightQuad<W>::type;
-    constexpr int IN_FLIGHT = WeightQuad<W>::IN_FLIGHT / COLUMNS;  // a column's
+    constexpr int IN_FLIGHT_PER_COLUMN = WeightQuad<W>::IN_FLIGHT / COLUMNS;
+    static_assert(WeightQuad<W>::IN_FLIGHT % COLUMNS == 0, "a thread's loads in flight shared evenly among its columns");
+    static_assert(FEW_ROW_WARPS * COLUMNS * ROWS_MAX <= THREADS, "the last step gives each of a block's outputs a thread");
     // columns past n read column n − 1 and are not written
     const Quad* spans[COLUMNS];
 #pragma unroll
@@ -107,7 +109,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     // the warp's first float4s of w, and the LayerNorm's gains and shifts of the entries this
     // thread normalises, loaded before the kernel ahead has finished (no kernel writes a weight)
     // and all at once, where loading them as they are used would wait for each in turn
-    Quad w_quads[COLUMNS][IN_FLIGHT];
+    Quad w_quads[COLUMNS][IN_FLIGHT_PER_COLUMN];
     if (active) {
 #pragma unroll
         for (int c = 0; c < COLUMNS; c++) load_column_quads(w_quads[c], spans[c], lane, quads);
@@ -181,13 +183,13 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
     for (int i = 0; i < SUMS; i++) sum[i] = 0.0f;
     if (active) {
         int k4 = k / 4;
-        for (int q0 = 0; q0 < quads; q0 += 32 * IN_FLIGHT) {
+        for (int q0 = 0; q0 < quads; q0 += 32 * IN_FLIGHT_PER_COLUMN) {
             if (q0 > 0) {
 #pragma unroll
                 for (int c = 0; c < COLUMNS; c++) load_column_quads(w_quads[c], spans[c], q0 + lane, quads);
             }
 #pragma unroll
-            for (int u = 0; u < IN_FLIGHT; u++) {
+            for (int u = 0; u < IN_FLIGHT_PER_COLUMN; u++) {
                 int q = q0 + lane + 32 * u;
                 if (q >= quads) break;
                 float4 wv[COLUMNS];
@@ -256,12 +258,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) linear_few_rows_large_bf16
 
 // Products on up to TILE_ROWS_MAX rows, with no prologue and no bias: the head's logits, a
 // pass's rows times r components against wte (by output column). There x has too many rows for
-// the kernel above, whose warp reads every row of x once for each float4 of its one column;
+// the kernel above, whose warp reads every row of x once for each float4 of its two columns;
 // here a warp takes TILE_COLUMNS neighbouring columns, so that each float4 of x serves that many
 // float4s of w. Lane l sums the float4s l, l + 32, … of each column in order, as the kernel above
-// does with one warp a column (split 1, which it chooses for the head's long n), and the warp's
-// sums meet by the same pairs of lanes (warp_sums_by_hand_off): each output is the same bits as
-// it gives.
+// does with one warp a column group (split 1, which its launcher chooses wherever this kernel
+// takes the logits), and the warp's sums meet by the same pairs of lanes
+// (warp_sums_by_hand_off): each output is the same bits as it gives.
 #define TILE_SUMS (TILE_ROWS_MAX * TILE_COLUMNS)
 static_assert(TILE_SUMS == 64, "a tile's 64 sums a lane end as 2 a lane after warp_sums_by_hand_off");
 

@@ -174,7 +174,7 @@ struct LtKey {
     output_bf16: bool,
 }
 
-/// What a cuBLASLt product does to its sums before it writes D.
+/// What a cuBLASLt product does to its sums before it writes D (its plan's part).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum LtEpilogue {
     /// nothing
@@ -184,6 +184,25 @@ enum LtEpilogue {
     /// adds the bias, writes the sums so far to the aux matrix (bf16 here: what GELU's backward
     /// keeps), and writes GELU of them (the tanh form, GPT-2's) as D
     GeluAuxBias,
+}
+
+/// An epilogue with the device addresses it reads and writes (a call's part). The bias is of
+/// D's type: f32, or bf16.
+#[derive(Clone, Copy)]
+enum LtEpilogueOperands {
+    None,
+    Bias(u64),
+    GeluAuxBias { bias: u64, aux: View<u16> },
+}
+
+impl LtEpilogueOperands {
+    fn kind(&self) -> LtEpilogue {
+        match self {
+            LtEpilogueOperands::None => LtEpilogue::None,
+            LtEpilogueOperands::Bias(_) => LtEpilogue::Bias,
+            LtEpilogueOperands::GeluAuxBias { .. } => LtEpilogue::GeluAuxBias,
+        }
+    }
 }
 
 /// Where a cuBLASLt product reads C and writes D: both f32 (they may be one view), or D in bf16
@@ -366,7 +385,20 @@ impl Gpu {
         let (lda, ldb) = (b_leading as i32, a_leading as i32);
         // SAFETY: the sizes were checked above; as in matmul_general, the column-major Cᵀ = Bᵀ·Aᵀ.
         unsafe {
-            self.lt_matmul(op(b.transposed), op(a.transposed), n, m, k, b_in.ptr, lda, a_in.ptr, ldb, 0.0, LtOutput::Bf16(c), None, None)
+            self.lt_matmul(
+                op(b.transposed),
+                op(a.transposed),
+                n,
+                m,
+                k,
+                b_in.ptr,
+                lda,
+                a_in.ptr,
+                ldb,
+                0.0,
+                LtOutput::Bf16(c),
+                LtEpilogueOperands::None,
+            )
         }
     }
 
@@ -418,7 +450,7 @@ impl Gpu {
         if batch == 1 && dense && self.gemm_route == GemmRoute::BlasLt {
             // SAFETY: the sizes were checked above.
             return unsafe {
-                self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, LtOutput::F32 { c, d: c }, None, None)
+                self.lt_matmul(op_b, op_a, n, m, k, b_in.ptr, lda, a_in.ptr, ldb, beta, LtOutput::F32 { c, d: c }, LtEpilogueOperands::None)
             };
         }
         if self.precision == ProductPrecision::Bf16 {
@@ -511,8 +543,7 @@ impl Gpu {
         ldb: i32,
         beta: f32,
         output: LtOutput,
-        bias: Option<u64>,
-        gelu_aux: Option<View<u16>>,
+        epilogue: LtEpilogueOperands,
     ) -> Result<()> {
         use cudarc::cublaslt::{result as lt, sys as lt_sys};
         let transposed = [op_a, op_b].map(|op| op == cublasOperation_t::CUBLAS_OP_T);
@@ -520,18 +551,18 @@ impl Gpu {
             LtOutput::F32 { c, d } => (c.ptr, d.ptr, false),
             LtOutput::Bf16(d) => (d.ptr, d.ptr, true),
         };
-        let epilogue = match (bias, gelu_aux) {
-            (None, _) => LtEpilogue::None,
-            (Some(_), None) => LtEpilogue::Bias,
-            (Some(_), Some(_)) => LtEpilogue::GeluAuxBias,
-        };
-        let key = LtKey { transposed, m, n, k, lda, ldb, epilogue, precision: self.precision, output_bf16 };
+        let key = LtKey { transposed, m, n, k, lda, ldb, epilogue: epilogue.kind(), precision: self.precision, output_bf16 };
 
         let blas = &self.blas;
         let mut plans = blas.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => entry.insert(LtPlan::new(blas.lt.0, key, blas.lt_workspace.view.len())?),
+        };
+        let (bias, aux) = match epilogue {
+            LtEpilogueOperands::None => (None, None),
+            LtEpilogueOperands::Bias(bias) => (Some(bias), None),
+            LtEpilogueOperands::GeluAuxBias { bias, aux } => (Some(bias), Some(aux)),
         };
         if let Some(bias) = bias {
             lt::set_matmul_desc_attribute(
@@ -541,7 +572,7 @@ impl Gpu {
                 std::mem::size_of::<u64>(),
             )?;
         }
-        if let Some(aux) = gelu_aux {
+        if let Some(aux) = aux {
             lt::set_matmul_desc_attribute(
                 plan.desc,
                 lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
@@ -592,59 +623,35 @@ impl Gpu {
         self.linear_plus(x.into(), weight, bias, Some(residual), out)
     }
 
+    /// Whether [`Gpu::linear_gelu_bf16`] takes a layer of `n_in` inputs and `n_out` outputs: in
+    /// bf16, through cuBLASLt (not the plain cuBLAS route), with n_out a multiple of 8 (the aux
+    /// matrix's alignment) and a product to run (n_in > 0).
+    pub fn fuses_linear_gelu(&self, n_in: usize, n_out: usize) -> bool {
+        let lt_bf16 = self.precision == ProductPrecision::Bf16 && self.gemm_route == GemmRoute::BlasLt;
+        lt_bf16 && n_in > 0 && n_out.is_multiple_of(8)
+    }
+
     /// A linear layer and the GELU after it in one bf16 product, as bf16 training runs GPT-2's
     /// MLP: `out = gelu(x · weight + bias)` and `pre = x · weight + bias`, both written in bf16
     /// alone (cuBLASLt's GELU_AUX_BIAS epilogue, whose GELU is the tanh form GPT-2 uses, on the
     /// f32 sums; the bias rounded to bf16 first, as autocast rounds it): what the next product
-    /// reads, and what GELU's backward keeps. The device must be
-    /// in bf16. Returns `Ok(false)`, having done nothing, where the product would not go through
-    /// cuBLASLt (the plain cuBLAS route) or the output's width is not a multiple of 8 (the aux
-    /// matrix's alignment).
-    pub fn linear_gelu_bf16(&self, x: Operand, weight: View<f32>, bias: View<f32>, out: View<u16>, pre: View<u16>) -> Result<bool> {
-        check(self.precision == ProductPrecision::Bf16, || format!("linear_gelu_bf16: a bf16 product, not {:?}", self.precision))?;
-        let n_out = bias.len();
-        check(n_out > 0 && out.len().is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || {
-            "linear_gelu_bf16: shapes do not fit".into()
-        })?;
-        let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
-        check(x.is_plain() && x.data.len() == rows * n_in && pre.len() == out.len(), || {
+    /// reads, and what GELU's backward keeps. Where [`Gpu::fuses_linear_gelu`] says no, an error.
+    pub fn linear_gelu_bf16(&self, x: Operand, weight: View<f32>, bias: View<f32>, out: View<u16>, pre: View<u16>) -> Result<()> {
+        check(pre.len() == out.len(), || format!("linear_gelu_bf16: pre ({}) and out ({}) differ in length", pre.len(), out.len()))?;
+        let shape @ (rows, n_in, n_out) = linear_shape(&x, weight, bias, out.len())?;
+        check(self.fuses_linear_gelu(n_in, n_out), || {
             format!(
-                "linear_gelu_bf16: x ({} elements), out ({}) and pre ({}) do not fit {rows}×{n_in} · {n_in}×{n_out}",
-                x.data.len(),
-                out.len(),
-                pre.len()
+                "linear_gelu_bf16: needs bf16 products through cuBLASLt, and widths that are not 0 and a multiple of 8 ({n_in}, {n_out})"
             )
         })?;
-        if self.gemm_route != GemmRoute::BlasLt || !n_out.is_multiple_of(8) || n_in == 0 {
-            return Ok(false);
-        }
         if rows == 0 {
-            return Ok(true);
+            return Ok(());
         }
-        let op_n = cublasOperation_t::CUBLAS_OP_N;
-        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
         // cuBLASLt reads the bias of a bf16 D in bf16 (an f32 one it refused), as autocast rounds it
         let bias = self.bf16_copy(bias)?;
-        // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows),
-        // pre laid out as out.
-        unsafe {
-            self.lt_matmul(
-                op_n,
-                op_n,
-                n_out,
-                rows,
-                n_in,
-                weight.ptr,
-                n_out as i32,
-                x.ptr,
-                n_in as i32,
-                0.0,
-                LtOutput::Bf16(out),
-                Some(bias.view().ptr),
-                Some(pre),
-            )
-        }?;
-        Ok(true)
+        let epilogue = LtEpilogueOperands::GeluAuxBias { bias: bias.view().ptr, aux: pre };
+        // SAFETY: shapes checked by linear_shape; pre laid out as out, of its length.
+        unsafe { self.linear_through_lt(x, weight, shape, 0.0, LtOutput::Bf16(out), epilogue) }
     }
 
     /// `out = gelu(x · weight + bias)`: the product, then the GELU.
@@ -654,11 +661,7 @@ impl Gpu {
     }
 
     fn linear_plus(&self, x: Operand, weight: View<f32>, bias: View<f32>, residual: Option<View<f32>>, out: View<f32>) -> Result<()> {
-        let n_out = bias.len();
-        check(n_out > 0 && out.len().is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
-        let (rows, n_in) = (out.len() / n_out, weight.len() / n_out);
-        check(x.is_plain(), || "linear: x must be a dense matrix stored as it is used".into())?;
-        check(x.data.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.data.len()))?;
+        let shape @ (rows, n_in, n_out) = linear_shape(&x, weight, bias, out.len())?;
         if rows == 0 {
             return Ok(());
         }
@@ -670,29 +673,42 @@ impl Gpu {
                 None => Ok(()),
             };
         }
-        let op_n = cublasOperation_t::CUBLAS_OP_N;
         let (beta, c) = match residual {
             Some(residual) => (1.0, residual),
             None => (0.0, out),
         };
-        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
-        // SAFETY: sizes checked above; column-major out (n_out, rows) = weight (n_out, n_in) · x (n_in, rows).
-        unsafe {
-            self.lt_matmul(
-                op_n,
-                op_n,
-                n_out,
-                rows,
-                n_in,
-                weight.ptr,
-                n_out as i32,
-                x.ptr,
-                n_in as i32,
-                beta,
-                LtOutput::F32 { c, d: out },
-                Some(bias.ptr),
-                None,
-            )
-        }
+        // SAFETY: shapes checked by linear_shape; c is out, or the residual of out's length.
+        unsafe { self.linear_through_lt(x, weight, shape, beta, LtOutput::F32 { c, d: out }, LtEpilogueOperands::Bias(bias.ptr)) }
     }
+
+    /// A linear layer's product through cuBLASLt, in column-major terms out (n_out, rows) =
+    /// weight (n_out, n_in) · x (n_in, rows), then `epilogue`.
+    ///
+    /// # Safety
+    /// `shape` is (rows, n_in, n_out) as [`linear_shape`] checked it for x, the weight and the
+    /// output; C and D hold rows·n_out elements.
+    unsafe fn linear_through_lt(
+        &self,
+        x: Operand,
+        weight: View<f32>,
+        (rows, n_in, n_out): (usize, usize, usize),
+        beta: f32,
+        output: LtOutput,
+        epilogue: LtEpilogueOperands,
+    ) -> Result<()> {
+        let op_n = cublasOperation_t::CUBLAS_OP_N;
+        let (weight, x) = (self.product_input(weight, None, weight.len())?, self.product_input(x.data, x.rounded, x.data.len())?);
+        self.lt_matmul(op_n, op_n, n_out, rows, n_in, weight.ptr, n_out as i32, x.ptr, n_in as i32, beta, output, epilogue)
+    }
+}
+
+/// (rows, n_in, n_out) of a linear layer `out (rows, n_out) = x (rows, n_in) · weight (n_in,
+/// n_out) + bias` from its operands' lengths, x a dense matrix stored as it is used.
+fn linear_shape(x: &Operand, weight: View<f32>, bias: View<f32>, out_len: usize) -> Result<(usize, usize, usize)> {
+    let n_out = bias.len();
+    check(n_out > 0 && out_len.is_multiple_of(n_out) && weight.len().is_multiple_of(n_out), || "linear: shapes do not fit".into())?;
+    let (rows, n_in) = (out_len / n_out, weight.len() / n_out);
+    check(x.is_plain(), || "linear: x must be a dense matrix stored as it is used".into())?;
+    check(x.data.len() == rows * n_in, || format!("linear: x has {} elements, not {rows}×{n_in}", x.data.len()))?;
+    Ok((rows, n_in, n_out))
 }

@@ -211,8 +211,9 @@ impl Gpu {
     /// The head's products on up to [`TILE_ROWS_MAX`] rows: `out (rows, n) = x (rows, k) ·
     /// weight_by_columnᵀ`, weight_by_column (n, k) as for [`Gpu::linear_few_rows`], no bias. A
     /// warp computes four neighbouring columns, so each load of x serves four of the weight; each
-    /// output is summed in the order `linear_few_rows` sums it when one warp takes a column (as
-    /// it does for n of at least 32 columns an SM), so the two give a row the same bits. Returns
+    /// output is summed in the order `linear_few_rows` sums it when one warp takes a column group
+    /// (as it does wherever this kernel's blocks fill the device), so the two give a row the same
+    /// bits. Returns
     /// `Ok(false)`, having done nothing, where it does not apply: more than [`TILE_ROWS_MAX`]
     /// rows, k not a multiple of 4, x or the weight not 16-byte aligned, or `few_row_linear` off.
     /// The weight in f32 or bf16, as for [`Gpu::linear_few_rows`].
@@ -237,9 +238,14 @@ impl Gpu {
 
     /// How many warps share a group of output columns: the fewest (1, 2, 4 or 8) that give two
     /// blocks for every multiprocessor, so that enough loads are in flight, with k still a
-    /// multiple of 4·split (a warp's span in whole float4s). Depends on (k, n) and the device
-    /// only, so that a row's sums run in the same order however many rows come with it.
+    /// multiple of 4·split (a warp's span in whole float4s); and 1 wherever the tiled kernel
+    /// gives every multiprocessor a block, so that the two sum a column in one order (a few rows
+    /// of logits here, more in tiles). Depends on (k, n) and the device only, so that a row's
+    /// sums run in the same order however many rows come with it.
     fn column_split(&self, k: usize, n: usize) -> usize {
+        if self.column_tile_blocks(n) >= self.multiprocessors {
+            return 1;
+        }
         let wanted_blocks = 2 * self.multiprocessors;
         let valid = |split: &usize| k.is_multiple_of(4 * split);
         [1, 2, 4, 8]

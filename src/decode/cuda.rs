@@ -985,8 +985,9 @@ const HEAD_FEW_ROWS: usize = 4;
 /// kernel on up to [`HEAD_FEW_ROWS`] rows, the tiled one on up to [`TILE_ROWS_MAX`] where it
 /// gives every SM a block (the logits against wte; a narrower product, such as the expanders'
 /// on more than 4 rows, would leave SMs idle and stays with cuBLAS), else a general product.
-/// Over a vocabulary of at least 32 columns an SM the two kernels sum an output in one order, so
-/// a row's logits are the same bits in a pass of one token and of n.
+/// Where the tiled kernel takes the logits the few-row kernel gives a column group one warp too
+/// (`Gpu::linear_few_rows`), so the two sum an output in one order and a row's logits are the
+/// same bits in a pass of one token and of n.
 fn product_by_column(gpu: &Gpu, x: View<f32>, w: HeadWeight, out: View<f32>, rows: usize, k: usize, n: usize) -> Result<()> {
     if rows <= HEAD_FEW_ROWS && gpu.linear_few_rows(x, None, w.by_column(), None, Epilogue::Bias, out)? {
         return Ok(());

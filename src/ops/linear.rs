@@ -42,24 +42,18 @@ pub fn linear_gelu<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var)
 }
 
 /// [`linear_gelu`] as one product, where the inputs are on a GPU in bf16 and the product can
-/// take the GELU epilogue; else `None`, having recorded nothing.
+/// take the GELU epilogue ([`Gpu::fuses_linear_gelu`]); else `None`, having recorded nothing.
 fn linear_gelu_in_bf16<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Result<Option<Var>> {
     let (input, w, b) = (tape.value(x).clone(), tape.value(weight).clone(), tape.value(bias).clone());
+    let (n, c_out, out_shape) = output_shape("linear_gelu", &input, &w);
     let gpu = match place("linear_gelu", &[&input, &w, &b])? {
-        Place::Cuda(gpu) if gpu.precision == ProductPrecision::Bf16 => gpu,
+        Place::Cuda(gpu) if gpu.fuses_linear_gelu(w.shape()[0], c_out) => gpu,
         _ => return Ok(None),
     };
-    let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
-    assert_eq!(input.shape().last(), Some(&c_in), "linear_gelu: x width differs from the weight's input size");
-    let n = input.len() / c_in;
-    let mut out_shape = input.shape().to_vec();
-    *out_shape.last_mut().unwrap() = c_out;
     let x_rounded = input.cuda().expect("placed on the GPU").rounded_or_round()?;
     let (out_rounded, pre_rounded) = (gpu.alloc::<u16>(n * c_out)?, gpu.alloc::<u16>(n * c_out)?);
     let x_operand = Operand::normal(on_gpu(&input)).rounded(x_rounded.view());
-    if !gpu.linear_gelu_bf16(x_operand, on_gpu(&w), on_gpu(&b), out_rounded.view(), pre_rounded.view())? {
-        return Ok(None);
-    }
+    gpu.linear_gelu_bf16(x_operand, on_gpu(&w), on_gpu(&b), out_rounded.view(), pre_rounded.view())?;
     let out = gpu.alloc::<f32>(n * c_out)?;
     gpu.widen_bf16(out_rounded.view(), out.view())?;
     let out = Tensor::from_cuda_with_rounding(&gpu, out, Some(out_rounded), &out_shape);
@@ -76,16 +70,22 @@ fn linear_gelu_in_bf16<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: 
     })))
 }
 
+/// (rows, Cout, the output's shape) of x (…, Cin) times weight (Cin, Cout).
+fn output_shape<T: Float>(op: &str, input: &Tensor<T>, w: &Tensor<T>) -> (usize, usize, Vec<usize>) {
+    let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
+    assert_eq!(input.shape().last(), Some(&c_in), "{op}: x width differs from the weight's input size");
+    let mut out_shape = input.shape().to_vec();
+    *out_shape.last_mut().unwrap() = c_out;
+    (input.len() / c_in, c_out, out_shape)
+}
+
 fn linear_op<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Option<Var>, residual: Option<Var>) -> Result<Var> {
     let input = tape.value(x).clone();
     let w = tape.value(weight).clone();
     let b = bias.map(|b| tape.value(b).clone());
     let r = residual.map(|r| tape.value(r).clone());
     let (c_in, c_out) = (w.shape()[0], w.shape()[1]);
-    assert_eq!(input.shape().last(), Some(&c_in), "linear: x width differs from the weight's input size");
-    let n = input.len() / c_in;
-    let mut out_shape = input.shape().to_vec();
-    *out_shape.last_mut().unwrap() = c_out;
+    let (n, _, out_shape) = output_shape("linear", &input, &w);
     if let Some(r) = &r {
         assert_eq!(r.shape(), out_shape.as_slice(), "linear_residual: the residual differs from the output's shape");
     }
