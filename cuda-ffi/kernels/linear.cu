@@ -49,6 +49,14 @@ __device__ __forceinline__ void load_column_quads(Quad (&w_quads)[IN_FLIGHT], co
         if (q + 32 * u < quads) w_quads[u] = __ldg(span + q + 32 * u);
 }
 
+// s += x · w over a float4's four entries, in order (every product sums a column in this order)
+__device__ __forceinline__ void add_dot(float& s, float4 x, float4 w) {
+    s += x.x * w.x;
+    s += x.y * w.y;
+    s += x.z * w.z;
+    s += x.w * w.w;
+}
+
 // The sums over a warp's lanes of each of a lane's N values (N a power of two, at most 64), by
 // handing values off instead of every lane summing every value: at each of warp_sum's steps
 // (offsets 16, 8, …, 1) a lane holding two or more values keeps half of them and adds its
@@ -200,13 +208,7 @@ __device__ void linear_few_rows(const float* x, const float* ln_weight, const fl
                     if (r < rows) {
                         float4 xv = x_rows[(long)r * k4 + first_quad + q];
 #pragma unroll
-                        for (int c = 0; c < COLUMNS; c++) {
-                            float& s = sum[r * COLUMNS + c];
-                            s += xv.x * wv[c].x;
-                            s += xv.y * wv[c].y;
-                            s += xv.z * wv[c].z;
-                            s += xv.w * wv[c].w;
-                        }
+                        for (int c = 0; c < COLUMNS; c++) add_dot(sum[r * COLUMNS + c], xv, wv[c]);
                     }
                 }
             }
@@ -306,13 +308,7 @@ __device__ void column_tiles(const float* x, const W* wt, float* out, int rows, 
         for (int r = 0; r < TILE_ROWS_MAX; r++) {
             float4 xv = __ldg(x_quads + (long)min(r, rows - 1) * quads + q);
 #pragma unroll
-            for (int c = 0; c < TILE_COLUMNS; c++) {
-                float& s = sum[r * TILE_COLUMNS + c];
-                s += xv.x * w[c].x;
-                s += xv.y * w[c].y;
-                s += xv.z * w[c].z;
-                s += xv.w * w[c].w;
-            }
+            for (int c = 0; c < TILE_COLUMNS; c++) add_dot(sum[r * TILE_COLUMNS + c], xv, w[c]);
         }
     }
     warp_sums_by_hand_off(sum);
