@@ -213,10 +213,9 @@ impl Gpu {
     /// warp computes four neighbouring columns, so each load of x serves four of the weight; each
     /// output is summed in the order `linear_few_rows` sums it when one warp takes a column group
     /// (as it does wherever this kernel's blocks fill the device), so the two give a row the same
-    /// bits. Returns
-    /// `Ok(false)`, having done nothing, where it does not apply: more than [`TILE_ROWS_MAX`]
-    /// rows, k not a multiple of 4, x or the weight not 16-byte aligned, or `few_row_linear` off.
-    /// The weight in f32 or bf16, as for [`Gpu::linear_few_rows`].
+    /// bits. Returns `Ok(false)`, having done nothing, where it does not apply: more than
+    /// [`TILE_ROWS_MAX`] rows, k not a multiple of 4, x or the weight not 16-byte aligned, or
+    /// `few_row_linear` off. The weight in f32 or bf16, as for [`Gpu::linear_few_rows`].
     pub fn linear_column_tiles(&self, x: View<f32>, weight_by_column: impl Into<ColumnWeights>, out: View<f32>) -> Result<bool> {
         let weight_by_column = weight_by_column.into();
         let Some((rows, k, n)) = product_shape(x, weight_by_column, out)? else {

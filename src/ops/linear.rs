@@ -29,8 +29,8 @@ pub fn linear_residual<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: 
 /// except in bf16 on a GPU, where one product computes both and writes, in bf16 alone, what the
 /// two would keep and pass on: the output's rounding (all the next product reads; the output's
 /// f32 elements are that rounding widened) and the GELU's input's rounding (all its backward
-/// reads). In the other precisions GELU's own kernel gives the bits the tests compare with the
-/// CPU, so they keep the two ops.
+/// reads). Elsewhere it records the two ops: the fused product is built for bf16, where it also
+/// spares the separate passes that wrote those roundings.
 pub fn linear_gelu<T: Float>(tape: &mut Tape<T>, x: Var, weight: Var, bias: Var) -> Result<Var> {
     match linear_gelu_in_bf16(tape, x, weight, bias)? {
         Some(out) => Ok(out),
