@@ -655,10 +655,12 @@ cuda_test!(in_bf16_the_forward_keeps_24_bytes_less_a_row_width_and_layer, |gpu| 
     assert_eq!(f32_bytes - bf16_bytes, 24 * rows_widths_layers - 2 * batch_rows * seq * config.n_embd);
 });
 
-cuda_test!(rounding_to_bf16_matches_the_host_s_rounding, |gpu| {
+cuda_test!(rounding_to_bf16_matches_the_host_s_rounding_and_widening_gives_its_value, |gpu| {
     // ties to even (1 + 2⁻⁸ down, 1 + 3·2⁻⁸ up), NaN, infinities, the largest finite value (past
     // bf16's largest: to infinity), bf16's own largest, subnormals, and plain values; 21 of them,
-    // so the last pair is a single element, and again from the second, off the 8-byte alignment
+    // so the last pair is a single element, and again from the second, off the 8-byte alignment;
+    // widened back, each rounding is the f32 it stands for, bit for bit (four at a time, and the
+    // last one alone)
     let mut values = vec![
         0.0,
         -0.0,
@@ -686,6 +688,11 @@ cuda_test!(rounding_to_bf16_matches_the_host_s_rounding, |gpu| {
         for (&value, &bits) in values[first..].iter().zip(&ours) {
             assert_eq!(bits, half::bf16::from_f32(value).to_bits(), "{value:e} (from element {first})");
         }
+        let widened = gpu.alloc::<f32>(view.len()).unwrap();
+        gpu.widen_bf16(out.view(), widened.view()).unwrap();
+        let widened: Vec<u32> = gpu.download(widened.view()).unwrap().iter().map(|v| v.to_bits()).collect();
+        let expected: Vec<u32> = ours.iter().map(|&bits| half::bf16::from_bits(bits).to_f32().to_bits()).collect();
+        assert_eq!(widened, expected, "widened from element {first}");
     }
 });
 
